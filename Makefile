@@ -1,0 +1,55 @@
+# unplugd: the two commands that matter are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CACHE ?= $(HOME)/.cache/unplugd
+PROTOC_VENV := $(CACHE)/protoc-venv-1.51.3
+export UNPLUGD_CACHE := $(CACHE)
+export UNPLUGD_PROTOC_PYTHON := $(PROTOC_VENV)/bin/python
+
+.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench clean
+
+help:
+	@echo "make demo     build the guest image, boot a VM, show unplugd and unplugctl at work"
+	@echo "make test     lint, type-check and run every test (unit, integration, e2e)"
+	@echo "make inspect  run 'unplugd inspect' on this machine"
+	@echo "make bench    speed and memory figures against lsblk, lsof, fuser, qemu-guest-agent"
+	@echo "make proto    regenerate proto/unplugd/v1/*_pb2*.py"
+
+system-deps:
+	@packaging/dev/system-deps.sh
+
+$(VENV)/.stamp: pyproject.toml packaging/dev/venv.sh
+	packaging/dev/venv.sh
+
+dev: system-deps $(VENV)/.stamp protoc-venv
+
+# grpcio-tools 1.51.3: its output loads on Debian 12's protobuf 3.21 and on current PyPI.
+protoc-venv: $(PROTOC_VENV)/.stamp
+$(PROTOC_VENV)/.stamp:
+	python3 -m venv $(PROTOC_VENV)
+	$(PROTOC_VENV)/bin/pip install -q grpcio-tools==1.51.3 mypy-protobuf==3.5.0
+	touch $@
+
+proto: protoc-venv
+	PATH=$(PROTOC_VENV)/bin:$$PATH $(PROTOC_VENV)/bin/python proto/generate.py
+
+lint: dev
+	$(VENV)/bin/ruff check .
+
+typecheck: dev
+	$(VENV)/bin/mypy -p unplugd
+
+pytest: dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+inspect: dev
+	$(VENV)/bin/unplugd inspect
+
+bench: dev
+	$(PY) tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) .dev build dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""The guest agent: collectors -> model -> readiness policy -> Report."""

@@ -1,0 +1,88 @@
+"""The agent's exception root.
+
+    AgentError
+     +-- ReadError              a file in /sys, /proc or /dev could not be read
+     |    +-- Vanished          it disappeared mid-scan (ENOENT, ESRCH)
+     |    +-- NotPermitted      EACCES / EPERM
+     +-- ParseError             its content is not what the kernel writes
+     +-- UnknownDevice          a name matched nothing in the inventory
+     +-- InvalidArgument        a request is malformed
+     +-- MutationDisabled       a mutating call while the config forbids it
+     +-- ClaimConflict          PrepareUnplug could not claim every device
+     +-- LeaseNotFound          release/renew of a lease that does not exist
+
+rpc/errors.py maps each to one gRPC status code; the CLI maps them to exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AgentError",
+    "ClaimConflict",
+    "InvalidArgument",
+    "LeaseNotFound",
+    "MutationDisabled",
+    "NotPermitted",
+    "ParseError",
+    "ReadError",
+    "UnknownDevice",
+    "Vanished",
+]
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+
+class ReadError(AgentError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class Vanished(ReadError):
+    pass
+
+
+class NotPermitted(ReadError):
+    pass
+
+
+class ParseError(AgentError):
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"malformed {source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
+class UnknownDevice(AgentError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no PCI function, interface or block device matches {name!r}")
+        self.name = name
+
+
+class InvalidArgument(AgentError):
+    pass
+
+
+class MutationDisabled(AgentError):
+    def __init__(self, call: str) -> None:
+        super().__init__(
+            f"{call} changes guest state and is disabled; set [mutations] enabled = true "
+            "in /etc/unplugd/config.toml to allow it"
+        )
+
+
+class ClaimConflict(AgentError):
+    def __init__(self, message: str, reasons: Sequence[str]) -> None:
+        super().__init__(message + ("" if not reasons else ": " + "; ".join(reasons)))
+        self.reasons = list(reasons)
+
+
+class LeaseNotFound(AgentError):
+    def __init__(self, lease_id: str) -> None:
+        super().__init__(f"no lease {lease_id!r} (released or expired)")
+        self.lease_id = lease_id

@@ -1,0 +1,307 @@
+"""The agent's model: frozen dataclasses that collectors produce and the policy reads.
+
+No I/O here and no protobuf: report.py is the one place the model meets the wire.
+Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, eth0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Address",
+    "BlockDevice",
+    "DevNo",
+    "DeviceNode",
+    "Inventory",
+    "Mount",
+    "NetInterface",
+    "OpenRef",
+    "PciAddress",
+    "PciFunction",
+    "PciPath",
+    "Route",
+    "ScanProblem",
+    "Socket",
+    "Swap",
+    "format_devno",
+    "parse_devno",
+]
+
+DevNo = tuple[int, int]
+
+_BDF = re.compile(r"^([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])$")
+_PATH = re.compile(r"^([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2})((?:/[0-9a-fA-F]{2}\.[0-7])+)$")
+_HOP = re.compile(r"^([0-9a-fA-F]{2})\.([0-7])$")
+
+
+def format_devno(devno: DevNo) -> str:
+    return f"{devno[0]}:{devno[1]}"
+
+
+def parse_devno(text: str) -> DevNo:
+    """'252:16' -> (252, 16); ValueError on anything else."""
+    major, sep, minor = text.strip().partition(":")
+    if not sep or not major.isdigit() or not minor.isdigit():
+        raise ValueError(f"not a device number: {text!r}")
+    return int(major), int(minor)
+
+
+@dataclass(frozen=True, order=True)
+class PciAddress:
+    """A guest bus/device/function address, e.g. 0000:00:06.1."""
+
+    domain: int
+    bus: int
+    slot: int
+    function: int
+
+    @classmethod
+    def parse(cls, text: str) -> PciAddress:
+        m = _BDF.match(text.strip())
+        if not m:
+            raise ValueError(f"not a PCI address (DDDD:BB:SS.F): {text!r}")
+        d, b, s, f = m.groups()
+        if int(s, 16) > 0x1F:
+            raise ValueError(f"PCI slot out of range in {text!r}")
+        return cls(int(d, 16), int(b, 16), int(s, 16), int(f))
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function:x}"
+
+    @property
+    def slot_key(self) -> str:
+        """domain:bus:slot, shared by the functions of one slot."""
+        return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}"
+
+
+@dataclass(frozen=True, order=True)
+class PciPath:
+    """Path from the root bus: domain, root bus number, then (slot, function) hops.
+
+    `0000:00/03.0/05.0` is function 0 of slot 5 on the bus behind the bridge at
+    slot 3 function 0 of root bus 0. Guest and host agree on it; bus numbers
+    behind bridges they do not.
+    """
+
+    domain: int
+    root_bus: int
+    hops: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def parse(cls, text: str) -> PciPath:
+        m = _PATH.match(text.strip())
+        if not m:
+            raise ValueError(f"not a PCI path (DDDD:BB/SS.F[/SS.F...]): {text!r}")
+        hops: list[tuple[int, int]] = []
+        for hop in m.group(3).strip("/").split("/"):
+            hm = _HOP.match(hop)
+            assert hm is not None  # the outer pattern guarantees the form
+            slot = int(hm.group(1), 16)
+            if slot > 0x1F:
+                raise ValueError(f"PCI slot out of range in {text!r}")
+            hops.append((slot, int(hm.group(2))))
+        return cls(int(m.group(1), 16), int(m.group(2), 16), tuple(hops))
+
+    def __str__(self) -> str:
+        return f"{self.domain:04x}:{self.root_bus:02x}" + "".join(f"/{s:02x}.{f:x}" for s, f in self.hops)
+
+    @property
+    def slot_path(self) -> str:
+        """The path without the last function: `0000:00/03.0/05`."""
+        head = f"{self.domain:04x}:{self.root_bus:02x}" + "".join(
+            f"/{s:02x}.{f:x}" for s, f in self.hops[:-1]
+        )
+        return f"{head}/{self.hops[-1][0]:02x}"
+
+    @property
+    def function(self) -> int:
+        return self.hops[-1][1]
+
+    @property
+    def parent(self) -> PciPath | None:
+        """The bridge this function sits behind, None on a root bus."""
+        if len(self.hops) < 2:
+            return None
+        return PciPath(self.domain, self.root_bus, self.hops[:-1])
+
+
+@dataclass(frozen=True)
+class DeviceNode:
+    """A /dev node that belongs to a PCI function (its disk, partitions, char devices)."""
+
+    path: str  # as the kernel names it: /dev/vda1
+    devno: DevNo
+    kind: str  # "block" | "char"
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    address: PciAddress
+    path: PciPath
+    vendor_id: int
+    device_id: int
+    class_code: int  # 24-bit: class, subclass, prog-if
+    driver: str | None
+    is_bridge: bool
+    # /sys/bus/pci/slots/NAME whose address is this function's slot; None: no
+    # hotplug controller in the guest drives the slot.
+    hotplug_slot: str | None
+    # Kernel objects below the function, by name.
+    block_devices: tuple[str, ...] = ()  # whole disks: vda, nvme0n1
+    net_interfaces: tuple[str, ...] = ()
+    device_nodes: tuple[DeviceNode, ...] = ()
+    vendor_name: str | None = None
+    device_name: str | None = None
+    class_name: str | None = None
+    sysfs_path: str = ""  # /sys/devices/pci0000:00/0000:00:03.0/...
+
+    @property
+    def base_class(self) -> int:
+        return (self.class_code >> 16) & 0xFF
+
+
+@dataclass(frozen=True)
+class BlockDevice:
+    name: str  # vda, vda1, dm-0, md0, loop3
+    kind: str  # "disk" | "part" | "dm" | "md" | "loop"
+    devno: DevNo
+    size_bytes: int
+    parent: str | None = None  # the disk of a partition
+    holders: tuple[str, ...] = ()  # /sys/block/X/holders
+    slaves: tuple[str, ...] = ()  # /sys/block/X/slaves
+    dm_name: str | None = None  # /sys/block/dm-N/dm/name (vg-lv, luks-...)
+    dm_uuid: str | None = None  # CRYPT-..., LVM-...
+    backing_file: str | None = None  # loop devices
+    md_level: str | None = None  # raid1, ...
+
+    @property
+    def label(self) -> str:
+        """A name for people: dm devices by their mapper name."""
+        return f"{self.name} ({self.dm_name})" if self.dm_name else self.name
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    devno: DevNo
+    root: str  # path inside the filesystem; not "/" for bind mounts of a subtree
+    mount_point: str
+    fstype: str
+    source: str
+    options: str
+    # Mount namespace inode ("mnt:[4026531840]" -> 4026531840); 0 if unknown.
+    namespace: int = 0
+    # A pid living in that namespace, for people to find it.
+    namespace_pid: int = 0
+
+
+@dataclass(frozen=True)
+class Swap:
+    path: str  # /dev/vdb2 or /swapfile
+    kind: str  # "partition" | "file"
+    # The device that holds the swap: the partition itself, or the
+    # filesystem's device a swap file lives on (resolved by the collector).
+    devno: DevNo | None
+    size_kib: int = 0
+    used_kib: int = 0
+
+
+@dataclass(frozen=True)
+class OpenRef:
+    """A process holding a device node open (fd, or mapped through maps/cwd/root)."""
+
+    pid: int
+    command: str
+    devno: DevNo
+    kind: str  # "block" | "char"
+    target: str  # /dev/vdb1 as the fd link names it
+    fd: int | None = None  # None for cwd/root/mmap references
+
+
+@dataclass(frozen=True)
+class Address:
+    family: int  # socket.AF_INET | socket.AF_INET6
+    address: str
+    prefixlen: int
+    scope: str = "global"  # "global" | "link" | "host"
+
+    def __str__(self) -> str:
+        return f"{self.address}/{self.prefixlen}"
+
+
+@dataclass(frozen=True)
+class Route:
+    family: int
+    destination: str  # "0.0.0.0/0", "::/0", "10.0.0.0/8"
+    gateway: str | None
+    ifname: str
+    table: int = 254
+
+    @property
+    def is_default(self) -> bool:
+        return self.destination.endswith("/0")
+
+
+@dataclass(frozen=True)
+class Socket:
+    proto: str  # tcp | tcp6 | udp | udp6
+    local: str
+    local_port: int
+    remote: str
+    remote_port: int
+    state: str  # ESTABLISHED, LISTEN, ...
+    inode: int = 0
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class NetInterface:
+    name: str
+    ifindex: int
+    admin_up: bool  # IFF_UP
+    operstate: str  # up, down, dormant, unknown, lowerlayerdown
+    carrier: bool | None  # None when unreadable (interface down)
+    mac: str = ""
+    kind: str = ""  # bond, bridge, vlan, macvlan, veth, team, "" for plain NICs
+    master: str | None = None  # bond0/br0 this interface is enslaved to
+    uppers: tuple[str, ...] = ()  # every upper device (vlan, macvlan, master)
+    lowers: tuple[str, ...] = ()
+    addresses: tuple[Address, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScanProblem:
+    """Something the agent could not read; the functions it touches are UNKNOWN."""
+
+    object: str  # /proc/812/fd, mountinfo of mnt:[4026532] ...
+    detail: str
+    # Which kernel objects this problem leaves undecided: block device names,
+    # interface names, or "*" when it may touch any of them (e.g. /proc/PID/fd
+    # unreadable: the process could hold any device).
+    affects: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Everything the collectors saw in one scan."""
+
+    functions: tuple[PciFunction, ...]
+    block_devices: dict[str, BlockDevice] = field(default_factory=dict)
+    mounts: tuple[Mount, ...] = ()
+    swaps: tuple[Swap, ...] = ()
+    open_refs: tuple[OpenRef, ...] = ()
+    interfaces: dict[str, NetInterface] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    sockets: tuple[Socket, ...] = ()
+    # Device number of the filesystem mounted on / in the agent's namespace.
+    root_devno: DevNo | None = None
+    # Block devices (disks) for which an O_EXCL open failed with EBUSY: the
+    # kernel says someone holds them. Empty on captured trees.
+    exclusive_busy: frozenset[str] = frozenset()
+    problems: tuple[ScanProblem, ...] = ()
+    hostname: str = ""
+    kernel: str = ""
+    live: bool = True

@@ -1,0 +1,1 @@
+"""Pure readiness policy: model -> per-function state and reasons."""

@@ -1,0 +1,43 @@
+"""Roots: the only place that knows where sysfs, procfs and /dev live.
+
+Every collector reads through a Roots, so the same code inspects the live
+system (Roots.live()) or a captured tree (Roots.under(DIR), with DIR/sys,
+DIR/proc, DIR/dev and DIR/netlink.json as written by `unplugd capture`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Roots"]
+
+
+@dataclass(frozen=True)
+class Roots:
+    sys: Path
+    proc: Path
+    dev: Path
+    # A captured tree has no kernel behind it: no O_EXCL probe, no netlink
+    # socket; network state comes from netlink.json instead.
+    live: bool
+    base: Path
+
+    @classmethod
+    def live_system(cls) -> Roots:
+        return cls(sys=Path("/sys"), proc=Path("/proc"), dev=Path("/dev"), live=True, base=Path("/"))
+
+    @classmethod
+    def under(cls, base: Path | str) -> Roots:
+        b = Path(base)
+        return cls(sys=b / "sys", proc=b / "proc", dev=b / "dev", live=False, base=b)
+
+    @property
+    def netlink_snapshot(self) -> Path:
+        """Where a captured tree keeps links, addresses and routes (JSON)."""
+        return self.base / "netlink.json"
+
+    def dev_path(self, live_path: str) -> Path:
+        """Map a path as the kernel names it ("/dev/vda1") into this root."""
+        rel = live_path[len("/dev/") :] if live_path.startswith("/dev/") else live_path.lstrip("/")
+        return self.dev / rel

@@ -1,0 +1,1 @@
+"""gRPC service layer: thin conversion and error mapping."""

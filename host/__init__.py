@@ -1,0 +1,1 @@
+"""The host side: agent client, hypervisor backends, planner, orchestrator, unplugctl."""

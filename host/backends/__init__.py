@@ -1,0 +1,1 @@
+"""Hypervisor backends: QMP (qemu.qmp) and libvirt (libvirt-python)."""

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Build the development venv: the project's dependencies from pyproject.toml,
+# and the package itself importable live from the work tree through .dev/,
+# a tree of symlinks that mirrors the installed layout (unplugd.agent <- agent/).
+set -eu
+cd "$(dirname "$0")/../.."
+PY=${PY:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" - >"$VENV/requirements.txt" <<'PYEOF'
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = p["optional-dependencies"]
+print("\n".join(p["dependencies"] + extras["dev"] + extras["host"]))
+PYEOF
+"$VENV/bin/pip" install -q -r "$VENV/requirements.txt"
+rm -rf .dev && mkdir -p .dev/unplugd
+ln -s ../../proto/unplugd/__init__.py .dev/unplugd/__init__.py
+ln -s ../../proto/unplugd/py.typed .dev/unplugd/py.typed
+ln -s ../../proto/unplugd/v1 .dev/unplugd/v1
+ln -s ../../agent .dev/unplugd/agent
+ln -s ../../host .dev/unplugd/host
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$(pwd)/.dev" >"$site/unplugd-dev.pth"
+for tool in unplugd:agent unplugctl:host; do
+    name=${tool%%:*}; pkg=${tool#*:}
+    printf '#!%s\nfrom unplugd.%s.cli import main\nraise SystemExit(main())\n' \
+        "$(pwd)/$VENV/bin/python" "$pkg" >"$VENV/bin/$name"
+    chmod +x "$VENV/bin/$name"
+done
+touch "$VENV/.stamp"
