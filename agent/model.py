@@ -156,6 +156,9 @@ class PciFunction:
     device_name: str | None = None
     class_name: str | None = None
     sysfs_path: str = ""  # /sys/devices/pci0000:00/0000:00:03.0/...
+    # Drivers bound to child devices on other buses: virtio-pci binds every
+    # virtio function, the class driver (virtio_blk, virtio_net) sits on virtioN.
+    subdrivers: tuple[str, ...] = ()
 
     @property
     def base_class(self) -> int:
@@ -278,9 +281,10 @@ class ScanProblem:
 
     object: str  # /proc/812/fd, mountinfo of mnt:[4026532] ...
     detail: str
-    # Which kernel objects this problem leaves undecided: block device names,
-    # interface names, or "*" when it may touch any of them (e.g. /proc/PID/fd
-    # unreadable: the process could hold any device).
+    # Which kernel objects this problem leaves undecided: kernel names (vdb1,
+    # eth0, 0000:00:03.0), "devno:MAJ:MIN" when only the number is known, or
+    # "*" when it may touch any of them (e.g. /proc/PID/fd unreadable: the
+    # process could hold any device node).
     affects: tuple[str, ...] = ("*",)
 
 
