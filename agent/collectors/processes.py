@@ -1,0 +1,261 @@
+"""Which processes hold device nodes (and sockets) open: one pass over /proc/PID/fd.
+
+Live system: every fd whose link names something under /dev/ is stat()ed
+through the fd entry itself, which follows to the inode actually opened, so
+the match is by (device number, block|char) and never by name: a node renamed,
+recreated elsewhere or seen through another mount namespace's /dev still
+matches. Captured trees keep only the link text, so there the text is resolved
+inside roots.dev (following the tree's own symlinks, /dev/mapper/x -> dm-0)
+and matched by node path.
+
+What vanishes mid-scan (a pid, an fd) is skipped: it no longer holds anything.
+What cannot be read (EACCES under hidepid or a non-root agent) becomes a
+ScanProblem that affects everything, so the policy says UNKNOWN, not READY.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
+from unplugd.agent.roots import Roots
+
+__all__ = ["ProcessScan", "resolve_dev_link", "scan_processes"]
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the process or fd is gone": skip silently.
+_GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
+_DENIED = frozenset({errno.EACCES, errno.EPERM})
+_SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class ProcessScan:
+    open_refs: list[OpenRef]  # only for the wanted device numbers
+    # socket inode -> [(pid, command)], only for the wanted inodes
+    socket_owners: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+    problems: list[ScanProblem] = field(default_factory=list)
+
+
+def resolve_dev_link(dev_root: Path, target: str) -> str | None:
+    """Resolve '/dev/...' link text inside a captured dev tree to the node's kernel path.
+
+    Follows the tree's symlinks (relative ones, and absolute ones into /dev/)
+    without ever leaving dev_root: '/dev/mapper/vg-lv' with mapper/vg-lv ->
+    ../dm-0 gives '/dev/dm-0'. The final node need not exist in the tree.
+    None when the text leaves /dev or loops.
+    """
+    if not target.startswith("/dev/"):
+        return None
+    pending = [p for p in reversed(target[len("/dev/") :].split("/"))]
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return None  # climbs out of /dev
+            resolved.pop()
+            continue
+        candidate = dev_root.joinpath(*resolved, part)
+        try:
+            link = os.readlink(candidate)
+        except OSError:
+            resolved.append(part)  # not a symlink, or absent: take the name as it is
+            continue
+        hops += 1
+        if hops > _SYMLINK_HOPS:
+            return None
+        if link.startswith("/"):
+            if not link.startswith("/dev/"):
+                return None
+            resolved = []
+            link = link[len("/dev/") :]
+        pending.extend(reversed(link.split("/")))
+    if not resolved:
+        return None
+    return "/dev/" + "/".join(resolved)
+
+
+def _socket_inode(target: str) -> int | None:
+    # "socket:[12345]"
+    if target.endswith("]"):
+        digits = target[len("socket:[") : -1]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+class _Scanner:
+    """State of one pass; split out so the per-fd loop stays flat and fast."""
+
+    def __init__(self, roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int]) -> None:
+        self.roots = roots
+        self.live = roots.live
+        self.by_devno: dict[tuple[DevNo, str], DeviceNode] = {(n.devno, n.kind): n for n in wanted}
+        self.by_path: dict[str, DeviceNode] = {}
+        self.resolved: dict[str, str | None] = {}
+        if not self.live:
+            for node in wanted:
+                self.by_path[node.path] = node
+                canonical = resolve_dev_link(roots.dev, node.path)
+                if canonical is not None:
+                    self.by_path.setdefault(canonical, node)
+        self.sockets = frozenset(socket_inodes)
+        self.want_devices = bool(wanted)
+        self.open_refs: list[OpenRef] = []
+        self.socket_owners: dict[int, list[tuple[int, str]]] = {}
+        self.problems: list[ScanProblem] = []
+
+    def problem(self, pid: int, exc: OSError) -> None:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        self.problems.append(
+            ScanProblem(
+                object=f"/proc/{pid}/fd",
+                detail=f"cannot read the open files of pid {pid}: {reason}; it may hold any device",
+                affects=("*",),
+            )
+        )
+
+    def scan_pid(self, pid: int, proc_dir: str) -> None:
+        try:
+            dfd = os.open(f"{proc_dir}/{pid}/fd", _O_DIR)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self.problem(pid, exc)
+            return
+        try:
+            self._scan_fds(pid, dfd, proc_dir)
+        finally:
+            os.close(dfd)
+
+    def _scan_fds(self, pid: int, dfd: int, proc_dir: str) -> None:
+        try:
+            names = os.listdir(dfd)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self.problem(pid, exc)
+            return
+        refs: list[OpenRef] = []
+        inodes: list[int] = []
+        for name in names:
+            try:
+                target = os.readlink(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    continue  # fd closed since the listing
+                if exc.errno == errno.EINVAL and not self.live:
+                    text = self._read_captured_fd(pid, name, dfd)
+                    if text is None:
+                        continue
+                    target = text
+                else:
+                    self.problem(pid, exc)
+                    return
+            if target.startswith("/dev/"):
+                if self.want_devices:
+                    ref = self._match_device(pid, name, dfd, target)
+                    if ref is not None:
+                        refs.append(ref)
+            elif self.sockets and target.startswith("socket:["):
+                inode = _socket_inode(target)
+                if inode is not None and inode in self.sockets:
+                    inodes.append(inode)
+        if not refs and not inodes:
+            return
+        command = self._command(pid, proc_dir)
+        if command is None:
+            return  # exited meanwhile: it holds nothing any more
+        for ref in refs:
+            self.open_refs.append(
+                OpenRef(pid=pid, command=command, devno=ref.devno, kind=ref.kind, target=ref.target, fd=ref.fd)
+            )
+        for inode in inodes:
+            self.socket_owners.setdefault(inode, []).append((pid, command))
+
+    def _read_captured_fd(self, pid: int, name: str, dfd: int) -> str | None:
+        # A capture may store an fd as a small file holding the link text.
+        try:
+            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                self.problem(pid, exc)
+            return None
+        return data.decode("utf-8", "surrogateescape").strip()
+
+    def _match_device(self, pid: int, name: str, dfd: int, target: str) -> OpenRef | None:
+        fd_num = int(name) if name.isdigit() else None
+        if self.live:
+            try:
+                st = os.stat(name, dir_fd=dfd)  # follows the fd to the opened inode
+            except OSError:
+                return None  # closed or unreachable: nothing held through it any more
+            if stat.S_ISBLK(st.st_mode):
+                kind = "block"
+            elif stat.S_ISCHR(st.st_mode):
+                kind = "char"
+            else:
+                return None
+            devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if (devno, kind) not in self.by_devno:
+                return None
+            return OpenRef(pid=pid, command="", devno=devno, kind=kind, target=target, fd=fd_num)
+        node = self.by_path.get(target)
+        if node is None:
+            if target in self.resolved:
+                canonical = self.resolved[target]
+            else:
+                canonical = self.resolved[target] = resolve_dev_link(self.roots.dev, target)
+            if canonical is not None:
+                node = self.by_path.get(canonical)
+        if node is None:
+            return None
+        return OpenRef(pid=pid, command="", devno=node.devno, kind=node.kind, target=target, fd=fd_num)
+
+    @staticmethod
+    def _command(pid: int, proc_dir: str) -> str | None:
+        try:
+            with open(f"{proc_dir}/{pid}/comm", "rb") as f:
+                return f.read().decode("utf-8", "replace").rstrip("\n")
+        except OSError as exc:
+            if exc.errno in _GONE:
+                return None
+            return "?"
+
+
+def scan_processes(roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int] = ()) -> ProcessScan:
+    """Every process holding one of `wanted` open, and the owners of `socket_inodes`."""
+    scanner = _Scanner(roots, wanted, socket_inodes)
+    proc_dir = str(roots.proc)
+    try:
+        pids = [int(name) for name in os.listdir(proc_dir) if name.isdigit()]
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return ProcessScan(
+            open_refs=[],
+            socket_owners={},
+            problems=[ScanProblem(object="/proc", detail=f"cannot list processes: {reason}", affects=("*",))],
+        )
+    if not scanner.want_devices and not scanner.sockets:
+        return ProcessScan(open_refs=[], socket_owners={}, problems=[])
+    for pid in pids:
+        scanner.scan_pid(pid, proc_dir)
+    if scanner.problems:
+        log.debug("process scan: %d unreadable fd tables", len(scanner.problems))
+    scanner.open_refs.sort(key=lambda r: (r.pid, r.fd if r.fd is not None else -1))
+    return ProcessScan(open_refs=scanner.open_refs, socket_owners=scanner.socket_owners, problems=scanner.problems)
