@@ -1,0 +1,170 @@
+"""Section 1 (issue 2): `unplugd inspect --json` against the tools a user would run instead.
+
+Same machine, same moment: qemu-guest-agent's three calls (run locally on a
+unix socket), `lsblk --json`, `fuser -m` and `lsof` on /dev/vda (the root disk)
+and on a mounted loop partition.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.bench import landed
+from tests.bench.loopdev import loop_disk
+from tests.bench.measure import Timing, proc_status_kib, rusage_helper, time_call, time_command
+from tests.bench.qga import QGA_CALLS, QgaClient, running_qga
+from tests.bench.results import Row, SectionResult, Skipped, compare
+
+__all__ = ["run"]
+
+KEY = "inspect"
+TITLE = "1. unplugd inspect vs the usual tools, on this machine (issue 2)"
+
+
+@dataclass
+class _Ctx:
+    runs: int
+    result: SectionResult
+    reference_s: float | None = None  # unplugd inspect (venv) median
+
+
+def _row(what: str, t: Timing, ctx: _Ctx, note: str = "") -> Row:
+    versus = compare(ctx.reference_s, t.median_s) if ctx.reference_s is not None else ""
+    return Row(
+        what,
+        median_ms=t.median_ms,
+        min_ms=t.min_ms,
+        runs=t.runs,
+        rss_mib=t.rss_mib if t.peak_rss_kib else None,
+        versus=versus,
+        note=note,
+        raw={"samples_s": t.samples_s, "peak_rss_kib": t.peak_rss_kib},
+    )
+
+
+def _unplugd_rows(ctx: _Ctx) -> None:
+    try:
+        argv = landed.unplugd_argv("inspect")
+        t = time_command([*argv, "--json"], ctx.runs)
+        ctx.reference_s = t.median_s
+        ctx.result.rows.append(_row("unplugd inspect --json (venv)", t, ctx, note="reference"))
+    except (Skipped, RuntimeError) as exc:
+        ctx.result.skip_row("unplugd inspect --json (venv)", str(exc))
+    try:
+        argv = landed.unplugd_debian_argv("inspect")
+        t = time_command([*argv, "--json"], ctx.runs, env=landed.debian_env())
+        ctx.result.rows.append(_row("unplugd inspect --json (Debian python3)", t, ctx))
+    except (Skipped, RuntimeError) as exc:
+        ctx.result.skip_row("unplugd inspect --json (Debian python3)", str(exc))
+    try:
+        inspect = landed.engine_inspect()
+        roots_mod = landed.module("unplugd.agent.roots")
+        roots = roots_mod.Roots.live_system()
+        t = time_call(lambda: inspect(roots), ctx.runs)
+        ctx.result.rows.append(_row("engine.inspect() in-process", t, ctx, note="no interpreter start"))
+    except Skipped as exc:
+        ctx.result.skip_row("engine.inspect() in-process", str(exc))
+
+
+def _qga_rows(ctx: _Ctx) -> float | None:
+    what = "qemu-ga: " + " + ".join(c.removeprefix("guest-") for c in QGA_CALLS)
+    try:
+        with running_qga() as (proc, sock):
+            client = QgaClient(sock)
+            try:
+
+                def three_calls() -> None:
+                    for command in QGA_CALLS:
+                        client.call(command)
+
+                t = time_call(three_calls, ctx.runs)
+                hwm = proc_status_kib(proc.pid, "VmHWM")
+            finally:
+                client.close()
+            # A fresh connection each time, as a host tool run once would do.
+            t_connect = time_call(lambda: _connect_and_call(sock), ctx.runs)
+    except (OSError, RuntimeError) as exc:
+        ctx.result.skip_row(what, str(exc))
+        return None
+    t.peak_rss_kib = hwm
+    ctx.result.rows.append(_row(what, t, ctx, note="open connection; RSS = running qemu-ga"))
+    t_connect.peak_rss_kib = hwm
+    ctx.result.rows.append(_row("qemu-ga: connect + sync + the three calls", t_connect, ctx))
+    return t_connect.median_s
+
+
+def _connect_and_call(sock: Path) -> None:
+    client = QgaClient(sock)
+    try:
+        for command in QGA_CALLS:
+            client.call(command)
+    finally:
+        client.close()
+
+
+def _tool_rows(ctx: _Ctx, loop_part: str | None) -> float:
+    """lsblk, fuser -m, lsof; returns the summed medians of the /dev/vda trio."""
+    total = 0.0
+    for what, argv, ok in [
+        ("lsblk --json", ["lsblk", "--json"], (0,)),
+        ("fuser -m /dev/vda", ["fuser", "-m", "/dev/vda"], (0, 1)),
+        ("lsof /dev/vda", ["lsof", "/dev/vda"], (0, 1)),
+    ]:
+        try:
+            t = time_command(argv, ctx.runs, ok_codes=ok)
+        except (OSError, RuntimeError) as exc:
+            ctx.result.skip_row(what, str(exc))
+            continue
+        total += t.median_s
+        ctx.result.rows.append(_row(what, t, ctx))
+    if loop_part is None:
+        return total
+    for what, argv in [
+        (f"fuser -m {loop_part} (mounted loop)", ["fuser", "-m", loop_part]),
+        (f"lsof {loop_part} (mounted loop)", ["lsof", loop_part]),
+    ]:
+        try:
+            t = time_command(argv, ctx.runs, ok_codes=(0, 1))
+        except (OSError, RuntimeError) as exc:
+            ctx.result.skip_row(what, str(exc))
+            continue
+        ctx.result.rows.append(_row(what, t, ctx))
+    return total
+
+
+def run(quick: bool) -> SectionResult:
+    result = SectionResult(KEY, TITLE)
+    t0 = time.monotonic()
+    ctx = _Ctx(runs=3 if quick else 10, result=result)
+    _unplugd_rows(ctx)
+    qga_s = _qga_rows(ctx)
+    with contextlib.ExitStack() as stack:
+        loop_part: str | None = None
+        try:
+            disk = stack.enter_context(loop_disk(64))
+            loop_part = disk.part(1)
+        except (OSError, RuntimeError) as exc:
+            result.notes.append(f"no loop device: {exc}")
+        tools_s = _tool_rows(ctx, loop_part)
+    if qga_s is not None and tools_s:
+        combined = qga_s + tools_s
+        result.rows.append(
+            Row(
+                "sum: qemu-ga calls + lsblk + fuser -m + lsof (/dev/vda)",
+                median_ms=combined * 1000,
+                versus=compare(ctx.reference_s, combined) if ctx.reference_s else "",
+                note="what a user pieces together, still without a verdict",
+            )
+        )
+    result.notes.append("median/min over the runs after one warm-up")
+    result.notes.append(
+        "peak RSS: the command's own ru_maxrss (tests/bench/rusage_run.c)"
+        if rusage_helper()
+        else "peak RSS: wait4() ru_maxrss, an upper bound (no C compiler for rusage_run.c)"
+    )
+    result.notes.append("ratio: unplugd inspect (venv, one CLI run) against each tool's median")
+    result.seconds = time.monotonic() - t0
+    return result
