@@ -1,0 +1,255 @@
+"""Block devices from /sys/class/block, and the kernel's own "is it claimed?" answer.
+
+Per device: dev (MAJ:MIN), size (512-byte sectors), partition (partitions only;
+the parent disk is the directory the partition sits in), dm/name + dm/uuid,
+md/level, loop/backing_file, holders/ and slaves/ (symlinks named after the
+kernel names of the devices stacked on / under it).
+
+probe_exclusive asks the kernel directly: an open(O_EXCL) of a block device
+fails with EBUSY while anyone holds an exclusive claim on it. Mounted
+filesystems, active swap, dm/md members and other O_EXCL openers all claim.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+
+from unplugd.agent.errors import ReadError, Vanished
+from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
+from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import listdir, read_text, read_text_or, readlink_or
+
+__all__ = [
+    "collect_block",
+    "devno_index",
+    "find_block_node",
+    "parse_sectors",
+    "probe_exclusive",
+    "resolve_dev_path",
+]
+
+log = logging.getLogger(__name__)
+
+_LOOP_MAJOR = 7
+_MAX_LINK_HOPS = 40
+
+
+def parse_sectors(text: str) -> int:
+    """sysfs `size` (always in 512-byte sectors, whatever the logical block size) -> bytes."""
+    value = text.strip()
+    if not value.isdigit():
+        raise ValueError(f"not a sector count: {text!r}")
+    return int(value) * 512
+
+
+def devno_index(block: Mapping[str, BlockDevice]) -> dict[DevNo, str]:
+    return {dev.devno: name for name, dev in block.items()}
+
+
+def _read_device(sysdir: Path, name: str, parent: str | None) -> BlockDevice:
+    """One device; raises ReadError/ValueError for the caller to turn into a ScanProblem."""
+    devno = parse_devno(read_text(sysdir / "dev"))
+    size_text = read_text_or(sysdir / "size")
+    size = parse_sectors(size_text) if size_text is not None else 0
+    holders = tuple(listdir(sysdir / "holders"))
+    slaves = tuple(listdir(sysdir / "slaves"))
+    if (sysdir / "partition").exists():
+        return BlockDevice(name, "part", devno, size, parent=parent, holders=holders, slaves=slaves)
+    dm_name = read_text_or(sysdir / "dm" / "name")
+    if dm_name is not None:
+        dm_uuid = read_text_or(sysdir / "dm" / "uuid")
+        return BlockDevice(
+            name, "dm", devno, size, holders=holders, slaves=slaves, dm_name=dm_name, dm_uuid=dm_uuid or None
+        )
+    md_level = read_text_or(sysdir / "md" / "level")
+    if md_level is not None:
+        return BlockDevice(name, "md", devno, size, holders=holders, slaves=slaves, md_level=md_level or None)
+    backing = read_text_or(sysdir / "loop" / "backing_file")
+    if backing is not None or devno[0] == _LOOP_MAJOR:
+        # An unbound loop device has no loop/ directory; it is still a loop device.
+        return BlockDevice(name, "loop", devno, size, holders=holders, slaves=slaves, backing_file=backing or None)
+    return BlockDevice(name, "disk", devno, size, holders=holders, slaves=slaves)
+
+
+def _class_block_entries(roots: Roots) -> list[tuple[str, Path, str | None]]:
+    """(name, sysfs dir, parent disk) from /sys/class/block; parent from the link text, not the filesystem."""
+    base = roots.sys / "class" / "block"
+    out: list[tuple[str, Path, str | None]] = []
+    for name in listdir(base):
+        link = readlink_or(base / name)
+        parent: str | None = None
+        if link is not None:
+            parts = Path(link).parts
+            # .../block/vda/vda1 -> vda; .../block/vda -> the grandparent is "block": no parent
+            if len(parts) >= 2 and parts[-2] not in ("block", "..", "."):
+                parent = parts[-2]
+        out.append((name, base / name, parent))
+    return out
+
+
+def _sys_block_entries(roots: Roots) -> list[tuple[str, Path, str | None]]:
+    """Fallback without /sys/class/block: /sys/block/DISK and its partition subdirectories."""
+    base = roots.sys / "block"
+    out: list[tuple[str, Path, str | None]] = []
+    for disk in listdir(base):
+        out.append((disk, base / disk, None))
+        for sub in listdir(base / disk):
+            if (base / disk / sub / "partition").exists():
+                out.append((sub, base / disk / sub, disk))
+    return out
+
+
+def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProblem]]:
+    problems: list[ScanProblem] = []
+    try:
+        entries = _class_block_entries(roots) or _sys_block_entries(roots)
+    except ReadError as exc:
+        return {}, [ScanProblem(exc.path, str(exc))]
+    devices: dict[str, BlockDevice] = {}
+    for name, sysdir, parent in entries:
+        try:
+            devices[name] = _read_device(sysdir, name, parent)
+        except Vanished as exc:
+            # Gone mid-scan (loop detached, disk unplugged): say so; it may have mattered.
+            log.debug("block device %s vanished: %s", name, exc)
+            problems.append(ScanProblem(str(sysdir), f"vanished during the scan: {exc}", (name,)))
+        except ReadError as exc:
+            problems.append(ScanProblem(str(sysdir), str(exc), (name,)))
+        except ValueError as exc:
+            problems.append(ScanProblem(str(sysdir), f"malformed: {exc}", (name,)))
+    return devices, problems
+
+
+def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
+    """Follow symlinks of a /dev path without leaving dev_root; the resolved path relative to it.
+
+    /dev/mapper/x -> ../dm-0 gives "dm-0". None when the path or a link in it
+    points outside /dev (.. above the root, an absolute link elsewhere), loops,
+    or a component does not exist.
+    """
+    if live_path == "/dev" or not live_path.startswith("/dev/"):
+        return None
+    todo = [p for p in live_path[len("/dev/") :].split("/") if p][::-1]
+    done: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if not done:
+                return None
+            done.pop()
+            continue
+        here = dev_root.joinpath(*done, part)
+        try:
+            st = os.lstat(here)
+        except OSError:
+            return None
+        if not stat.S_ISLNK(st.st_mode):
+            done.append(part)
+            continue
+        hops += 1
+        if hops > _MAX_LINK_HOPS:
+            return None
+        try:
+            target = os.readlink(here)
+        except OSError:
+            return None
+        if target.startswith("/"):
+            if target != "/dev" and not target.startswith("/dev/"):
+                return None
+            done = []
+            target = target[len("/dev") :]
+        todo.extend([p for p in target.split("/") if p][::-1])
+    return "/".join(done) if done else None
+
+
+def find_block_node(roots: Roots, dev: BlockDevice) -> Path | None:
+    """A block node in roots.dev whose st_rdev is dev's number, found by number first, never trusting a name."""
+    want = os.makedev(*dev.devno)
+    for live_path in (f"/dev/block/{format_devno(dev.devno)}", f"/dev/{dev.name}"):
+        rel = resolve_dev_path(roots.dev, live_path)
+        if rel is None:
+            continue
+        node = roots.dev / rel
+        try:
+            st = os.lstat(node)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == want:
+            return node
+        log.debug("%s is not block device %s", node, format_devno(dev.devno))
+    return None
+
+
+# What the kernel answers, measured on this machine (6.18, loop devices, partitions via BLKPG;
+# tests/integration/test_block_live.py asserts each line):
+# - a partition mounted: O_EXCL on the partition fails with EBUSY, and so does O_EXCL on the
+#   whole disk (bd_may_claim: a claimed partition marks its disk as claimed by a partition).
+# - a partition swapped on (swapon opens it exclusively): the same, EBUSY on partition and disk.
+# - the whole disk opened without O_EXCL by another process: O_EXCL still succeeds; plain
+#   opens are not claims (processes.py finds those by device number).
+# - after umount/swapoff: O_EXCL succeeds again on both.
+# The probe itself claims for a few microseconds: a mount or swapon racing with it can fail
+# with EBUSY, so it runs once per scan and closes at once.
+_PROBE_FLAGS = os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
+
+
+def _probe_one(node: Path, dev: BlockDevice) -> bool:
+    """True when the kernel refuses an exclusive open (EBUSY); OSError for anything else."""
+    try:
+        fd = os.open(node, _PROBE_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return True
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISBLK(st.st_mode) or st.st_rdev != os.makedev(*dev.devno):
+            # Replaced between lstat and open: not the device we meant. Report, do not guess.
+            raise OSError(errno.ESTALE, f"{node} changed under the probe")
+    finally:
+        os.close(fd)
+    return False
+
+
+def probe_exclusive(
+    roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
+) -> tuple[frozenset[str], list[ScanProblem]]:
+    """Names of devices for which an O_EXCL open fails with EBUSY. Empty on captured trees.
+
+    `skip`: devices the agent itself holds (lease claims), which would always answer EBUSY.
+    """
+    if not roots.live:
+        return frozenset(), []
+    busy: set[str] = set()
+    problems: list[ScanProblem] = []
+    for dev in devices:
+        if dev.name in skip:
+            continue
+        node = find_block_node(roots, dev)
+        if node is None:
+            if not (roots.sys / "dev" / "block" / format_devno(dev.devno)).exists():
+                continue  # the device went away since collect_block
+            problems.append(
+                ScanProblem(
+                    f"/dev/{dev.name}",
+                    f"no block node with device number {format_devno(dev.devno)} in {roots.dev}",
+                    (dev.name,),
+                )
+            )
+            continue
+        try:
+            if _probe_one(node, dev):
+                busy.add(dev.name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+                continue  # vanished between lookup and open
+            problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {exc.strerror or exc}", (dev.name,)))
+    return frozenset(busy), problems

@@ -1,0 +1,251 @@
+"""Mounts from every mount namespace: /proc/PID/mountinfo, one per distinct /proc/PID/ns/mnt.
+
+A filesystem mounted only inside a container or a service's private namespace
+still pins its device, so reading the agent's own mountinfo is not enough.
+parse_mountinfo is pure; collect_mounts does the reading and never raises for
+what it cannot read: it returns ScanProblems instead (fail closed, affects "*").
+
+Line format (proc(5)):
+  36 35 98:0 /mnt1 /mnt/parent rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+  id parent maj:min root mount-point options [optional...] - fstype source super-options
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
+from unplugd.agent.model import DevNo, Mount, ScanProblem, parse_devno
+from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import listdir, read_text, readlink
+
+__all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
+
+log = logging.getLogger(__name__)
+
+_NS = re.compile(r"^mnt:\[(\d+)\]$")
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def unescape_octal(text: str) -> str:
+    """Undo the kernel's \\ooo escaping (space, tab, newline, backslash in paths).
+
+    Raises ValueError on a backslash that does not start a three-digit octal escape:
+    the kernel always escapes a literal backslash as \\134.
+    """
+    if "\\" not in text:
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    if raw.count(b"\\") != len(_ESCAPE.findall(raw)):
+        raise ValueError(f"bad escape in {text!r}")
+    out = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), raw)
+    return out.decode("utf-8", "surrogateescape")
+
+
+def parse_mnt_ns(link: str) -> int:
+    """'mnt:[4026531840]' -> 4026531840; ValueError otherwise."""
+    m = _NS.match(link.strip())
+    if not m:
+        raise ValueError(f"not a mount namespace link: {link!r}")
+    return int(m.group(1))
+
+
+def _parse_line(line: str, namespace: int, namespace_pid: int) -> Mount:
+    # Split on single spaces: an empty source shows as two spaces in a row.
+    fields = line.split(" ")
+    try:
+        sep = fields.index("-", 6)
+    except ValueError:
+        raise ValueError("no '-' separator after the optional fields") from None
+    if len(fields) - sep - 1 < 3:
+        raise ValueError("fewer than 3 fields after '-'")
+    mount_id, parent_id, devno, root, mount_point, options = fields[:6]
+    if not mount_id.isdigit() or not parent_id.isdigit():
+        raise ValueError(f"non-numeric mount id {mount_id!r} or parent id {parent_id!r}")
+    fstype, source = fields[sep + 1], fields[sep + 2]
+    return Mount(
+        mount_id=int(mount_id),
+        parent_id=int(parent_id),
+        devno=parse_devno(devno),
+        root=unescape_octal(root),
+        mount_point=unescape_octal(mount_point),
+        fstype=unescape_octal(fstype),
+        source=unescape_octal(source),
+        options=options,
+        namespace=namespace,
+        namespace_pid=namespace_pid,
+    )
+
+
+def parse_mountinfo(text: str, namespace: int = 0, namespace_pid: int = 0, source: str = "mountinfo") -> list[Mount]:
+    """Parse a whole mountinfo; ParseError(source, "line N: ...") on the first malformed line."""
+    mounts: list[Mount] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            mounts.append(_parse_line(line, namespace, namespace_pid))
+        except ValueError as exc:
+            raise ParseError(source, f"line {lineno}: {exc}: {line[:200]!r}") from None
+    return mounts
+
+
+@dataclass(frozen=True)
+class MountScan:
+    mounts: list[Mount]  # every namespace's mounts, own namespace first
+    own_namespace: int  # 0 when the agent's own namespace link was unreadable
+    root_devno: DevNo | None  # device of "/" in the agent's namespace
+    root_source: str  # its mountinfo source (/dev/vda1), for btrfs/overlay 0:NN devnos
+    problems: list[ScanProblem] = field(default_factory=list)
+
+    def own_mounts(self) -> list[Mount]:
+        return [m for m in self.mounts if m.namespace == self.own_namespace]
+
+
+def _root_mount(mounts: list[Mount]) -> Mount | None:
+    """The visible "/" mount: the top of the stack when several are mounted over each other."""
+    roots = [m for m in mounts if m.mount_point == "/"]
+    covered = {m.parent_id for m in roots}
+    top = [m for m in roots if m.mount_id not in covered] or roots
+    return top[-1] if top else None
+
+
+def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[ScanProblem]]:
+    """Mount namespace inode -> its pids (ascending), and the pids whose ns link is denied."""
+    problems: list[ScanProblem] = []
+    by_ns: dict[int, list[int]] = {}
+    denied: list[int] = []
+    try:
+        entries = listdir(roots.proc)
+    except ReadError as exc:
+        return {}, [], [ScanProblem(str(roots.proc), str(exc))]
+    for pid in sorted(int(e) for e in entries if e.isdigit()):
+        link = roots.proc / str(pid) / "ns" / "mnt"
+        try:
+            ns = parse_mnt_ns(readlink(link))
+        except Vanished:
+            continue  # the process exited
+        except NotPermitted:
+            denied.append(pid)
+            continue
+        except (ReadError, ValueError) as exc:
+            problems.append(ScanProblem(str(link), str(exc)))
+            continue
+        by_ns.setdefault(ns, []).append(pid)
+    return by_ns, denied, problems
+
+
+def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -> tuple[list[Mount], list[ScanProblem]]:
+    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self)."""
+    label = f"mountinfo of mnt:[{ns}]"
+    for pid in pids:
+        path = roots.proc / (str(pid) if pid else "self") / "mountinfo"
+        where = f"{label} (pid {pid or self_pid or 'self'})"
+        try:
+            text = read_text(path)
+        except Vanished:
+            continue  # try the next process of that namespace
+        except ReadError as exc:
+            return [], [ScanProblem(where, str(exc))]
+        try:
+            return parse_mountinfo(text, ns, pid or self_pid, source=where), []
+        except ParseError as exc:
+            log.warning("%s", exc)
+            return [], [ScanProblem(where, str(exc))]
+    log.debug("every process of mnt:[%d] exited during the scan", ns)
+    return [], []
+
+
+def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> tuple[list[Mount], list[ScanProblem]]:
+    """Mounts of processes whose ns link is denied (ptrace rules) but whose mountinfo is readable.
+
+    /proc/PID/mountinfo is world-readable while ns/mnt needs ptrace access, e.g.
+    for a pid 1 holding capabilities the agent lacks. Mount ids are unique
+    system-wide, so the set of ids tells which namespace a table belongs to:
+    a table already seen is skipped, a new one is kept with namespace 0.
+    """
+    mounts: list[Mount] = []
+    problems: list[ScanProblem] = []
+    unreadable: list[int] = []
+    for pid in pids:
+        path = roots.proc / str(pid) / "mountinfo"
+        where = f"mountinfo of pid {pid} (namespace unknown)"
+        try:
+            found = parse_mountinfo(read_text(path), 0, pid, source=where)
+        except Vanished:
+            continue
+        except ReadError:
+            unreadable.append(pid)
+            continue
+        except ParseError as exc:
+            problems.append(ScanProblem(where, str(exc)))
+            continue
+        key = frozenset(m.mount_id for m in found)
+        if key not in seen:
+            seen.add(key)
+            mounts.extend(found)
+    if unreadable:
+        # A process whose mounts we cannot see may have anything mounted.
+        shown = ", ".join(map(str, unreadable[:10])) + (" ..." if len(unreadable) > 10 else "")
+        problems.append(
+            ScanProblem(
+                f"{roots.proc}/PID/mountinfo",
+                f"mounts of {len(unreadable)} process(es) not readable: {shown}",
+            )
+        )
+    return mounts, problems
+
+
+def collect_mounts(roots: Roots) -> MountScan:
+    problems: list[ScanProblem] = []
+    own_link = roots.proc / "self" / "ns" / "mnt"
+    own_ns = 0
+    try:
+        own_ns = parse_mnt_ns(readlink(own_link))
+    except (ReadError, ValueError) as exc:
+        problems.append(ScanProblem(str(own_link), f"cannot tell the agent's mount namespace: {exc}"))
+    # proc/self: the agent itself, or in a captured tree a link to the pid that captured it.
+    target = _readlink_quiet(roots.proc / "self")
+    self_pid = int(target) if target is not None and target.isdigit() else 0
+
+    by_ns, denied, scan_problems = _scan_pids(roots)
+    problems.extend(scan_problems)
+
+    mounts: list[Mount] = []
+    own: list[Mount] = []
+    seen: set[frozenset[int]] = set()
+    if own_ns:
+        pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
+        own, own_problems = _read_namespace(roots, own_ns, pids, self_pid)
+        problems.extend(own_problems)
+        mounts.extend(own)
+        seen.add(frozenset(m.mount_id for m in own))
+    for ns in sorted(by_ns):
+        found, ns_problems = _read_namespace(roots, ns, by_ns[ns])
+        mounts.extend(found)
+        problems.extend(ns_problems)
+        seen.add(frozenset(m.mount_id for m in found))
+    found, unlabelled_problems = _read_unlabelled(roots, denied, seen)
+    mounts.extend(found)
+    problems.extend(unlabelled_problems)
+
+    root = _root_mount(own)
+    if own_ns and root is None and not any(p.object.startswith(f"mountinfo of mnt:[{own_ns}]") for p in problems):
+        problems.append(ScanProblem(f"mountinfo of mnt:[{own_ns}]", "no mount on / in the agent's namespace"))
+    return MountScan(
+        mounts=mounts,
+        own_namespace=own_ns,
+        root_devno=root.devno if root else None,
+        root_source=root.source if root else "",
+        problems=problems,
+    )
+
+
+def _readlink_quiet(path: Path) -> str | None:
+    try:
+        return readlink(path)
+    except ReadError:
+        return None

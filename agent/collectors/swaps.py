@@ -1,0 +1,131 @@
+"""Active swap areas from /proc/swaps, each tied to the device number that holds it.
+
+  Filename                                Type            Size            Used            Priority
+  /dev/vdb2                               partition       1048572         0               -2
+  /swap\\040file                           file            524284          0               -3
+
+Paths are octal-escaped like mountinfo (space, tab, newline, backslash). A
+partition swap is the block device itself; a swap file pins the filesystem it
+lives on, found as the own-namespace mount with the longest matching prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from collections.abc import Mapping, Sequence
+
+from unplugd.agent.collectors.block import devno_index, resolve_dev_path
+from unplugd.agent.collectors.mounts import unescape_octal
+from unplugd.agent.errors import ParseError, ReadError
+from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap
+from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import read_text
+
+__all__ = ["collect_swaps", "parse_swaps", "swap_file_mount"]
+
+log = logging.getLogger(__name__)
+
+SwapLine = tuple[str, str, int, int]
+
+
+def _parse_line(line: str) -> SwapLine:
+    fields = line.split()
+    if len(fields) < 4:
+        raise ValueError(f"expected at least 4 fields, got {len(fields)}")
+    path, kind, size, used = fields[:4]
+    if not size.isdigit() or not used.isdigit():
+        raise ValueError(f"non-numeric size {size!r} or used {used!r}")
+    return unescape_octal(path), kind, int(size), int(used)
+
+
+def _is_header(line: str) -> bool:
+    return line.startswith("Filename")
+
+
+def parse_swaps(text: str) -> list[SwapLine]:
+    """(path, type, size_kib, used_kib) per swap area; ParseError naming the first malformed line."""
+    out: list[SwapLine] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or (lineno == 1 and _is_header(line)):
+            continue
+        try:
+            out.append(_parse_line(line))
+        except ValueError as exc:
+            raise ParseError("/proc/swaps", f"line {lineno}: {exc}: {line[:200]!r}") from None
+    return out
+
+
+def swap_file_mount(path: str, own_mounts: Sequence[Mount]) -> Mount | None:
+    """The mount whose mount point is the longest component-wise prefix of path.
+
+    Among mounts stacked on the same point, the last listed is the visible one.
+    """
+    best: Mount | None = None
+    for m in own_mounts:
+        mp = m.mount_point
+        inside = mp in ("/", path) or path.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mount_point)):
+            best = m
+    return best
+
+
+def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) -> DevNo | None:
+    """Device number of a swap partition: its kernel name in /dev, else (live) the node's st_rdev."""
+    if not path.startswith("/dev/"):
+        return None
+    rel = resolve_dev_path(roots.dev, path)
+    if rel is not None:
+        dev = block.get(os.path.basename(rel))
+        if dev is not None:
+            return dev.devno
+        if roots.live:
+            try:
+                st = os.stat(roots.dev / rel)
+            except OSError:
+                return None
+            if stat.S_ISBLK(st.st_mode):
+                devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if devno in devno_index(block):
+                    return devno
+    # /proc/swaps names the node the kernel opened; its name usually is the kernel name.
+    dev = block.get(os.path.basename(path))
+    return dev.devno if dev is not None else None
+
+
+def collect_swaps(
+    roots: Roots, own_mounts: Sequence[Mount], block: Mapping[str, BlockDevice]
+) -> tuple[list[Swap], list[ScanProblem]]:
+    source = roots.proc / "swaps"
+    try:
+        text = read_text(source)
+    except ReadError as exc:
+        return [], [ScanProblem(str(source), str(exc))]
+    swaps: list[Swap] = []
+    problems: list[ScanProblem] = []
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip() or (lineno == 1 and _is_header(line)):
+            continue
+        try:
+            path, kind, size, used = _parse_line(line)
+        except ValueError as exc:
+            # An unreadable entry could be swap on any device: fail closed.
+            problems.append(ScanProblem(f"{source} line {lineno}", f"malformed: {exc}: {line[:200]!r}"))
+            continue
+        devno: DevNo | None
+        if kind == "partition":
+            devno = _partition_devno(roots, path, block)
+            if devno is None:
+                problems.append(ScanProblem(path, "swap partition matches no block device"))
+            swaps.append(Swap(path=path, kind="partition", devno=devno, size_kib=size, used_kib=used))
+        elif kind == "file":
+            mount = swap_file_mount(path, own_mounts)
+            if mount is None:
+                problems.append(ScanProblem(path, "no mount in the agent's namespace holds this swap file"))
+            devno = mount.devno if mount else None
+            swaps.append(Swap(path=path, kind="file", devno=devno, size_kib=size, used_kib=used))
+        else:
+            problems.append(ScanProblem(path, f"unknown swap type {kind!r}"))
+            swaps.append(Swap(path=path, kind=kind, devno=None, size_kib=size, used_kib=used))
+    return swaps, problems
