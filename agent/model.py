@@ -302,6 +302,9 @@ class Inventory:
     sockets: tuple[Socket, ...] = ()
     # Device number of the filesystem mounted on / in the agent's namespace.
     root_devno: DevNo | None = None
+    # The agent's own mount namespace inode (Mount.namespace of its mounts);
+    # reasons name the namespace of mounts seen only elsewhere. 0 if unknown.
+    mount_namespace: int = 0
     # Block devices (disks) for which an O_EXCL open failed with EBUSY: the
     # kernel says someone holds them. Empty on captured trees.
     exclusive_busy: frozenset[str] = frozenset()

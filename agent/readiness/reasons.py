@@ -70,3 +70,6 @@ class FunctionVerdict:
     path: PciPath
     state: State
     reasons: tuple[Reason, ...] = field(default_factory=tuple)
+    # The block devices the verdict covers: the function's disks, their
+    # partitions and every holder stacked on them (the report lists them).
+    block_devices: tuple[str, ...] = ()

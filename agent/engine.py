@@ -1,0 +1,158 @@
+"""The readiness engine: run every collector, evaluate, build the Report.
+
+scan() is the only place that knows the order the collectors depend on
+(swaps need mounts and block devices; the process scan needs the device
+nodes and the sockets). A collector that fails outright does not stop the
+scan: its failure becomes a ScanProblem touching every function, so the
+report says UNKNOWN instead of READY, and the agent keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from unplugd.agent.collectors.block import collect_block, probe_exclusive
+from unplugd.agent.collectors.mounts import MountScan, collect_mounts
+from unplugd.agent.collectors.net import NetScan, collect_net
+from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
+from unplugd.agent.collectors.processes import ProcessScan, scan_processes
+from unplugd.agent.collectors.swaps import collect_swaps
+from unplugd.agent.errors import AgentError, ReadError
+from unplugd.agent.model import (
+    BlockDevice,
+    DeviceNode,
+    Inventory,
+    PciAddress,
+    PciFunction,
+    ScanProblem,
+    Socket,
+    Swap,
+)
+from unplugd.agent.readiness.policy import evaluate
+from unplugd.agent.report import build_report, keep_functions
+from unplugd.agent.roots import Roots
+from unplugd.agent.selection import select
+from unplugd.agent.sysio import read_text_or
+from unplugd.v1 import report_pb2
+
+__all__ = ["inspect", "scan"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+def _guarded(what: str, problems: list[ScanProblem], fallback: _T, run: Callable[[], _T]) -> _T:
+    """Run one collector; a failure is a problem touching everything, not a crash."""
+    try:
+        return run()
+    except AgentError as exc:
+        problems.append(ScanProblem(what, str(exc)))
+    except Exception as exc:  # a collector bug must not make the agent say READY or die
+        log.exception("collector %s failed", what)
+        problems.append(ScanProblem(what, f"internal error: {type(exc).__name__}: {exc}"))
+    return fallback
+
+
+def _first_line(roots: Roots, *parts: str) -> str:
+    try:
+        text = read_text_or(roots.proc.joinpath(*parts), "") or ""
+    except ReadError:
+        return ""
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _active(sock: Socket) -> bool:
+    return sock.state == "ESTABLISHED" or (sock.proto.startswith("udp") and sock.remote_port != 0)
+
+
+def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
+    """Everything the collectors see under roots, in one Inventory.
+
+    own_claims: block devices the agent itself holds with an exclusive open
+    (a PrepareUnplug lease); they are not probed, they would answer EBUSY.
+    """
+    problems: list[ScanProblem] = []
+    pci_ids = default_pci_ids()
+    no_pci: tuple[list[PciFunction], list[ScanProblem]] = ([], [])
+    functions, found = _guarded("PCI devices", problems, no_pci, lambda: collect_pci(roots, pci_ids))
+    problems.extend(found)
+    no_block: tuple[dict[str, BlockDevice], list[ScanProblem]] = ({}, [])
+    block, found = _guarded("block devices", problems, no_block, lambda: collect_block(roots))
+    problems.extend(found)
+    no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
+    ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
+    problems.extend(ms.problems)
+    own_mounts = [m for m in ms.mounts if m.namespace == ms.own_namespace]
+    no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])
+    swaps, found = _guarded("swaps", problems, no_swaps, lambda: collect_swaps(roots, own_mounts, block))
+    problems.extend(found)
+    net = _guarded("network", problems, NetScan({}, [], [], []), lambda: collect_net(roots))
+    problems.extend(net.problems)
+
+    wanted = _wanted_nodes(block, [n for f in functions for n in f.device_nodes])
+    inodes = [s.inode for s in net.sockets if s.inode and _active(s)]
+    ps = _guarded("processes", problems, ProcessScan([]), lambda: scan_processes(roots, wanted, inodes))
+    problems.extend(ps.problems)
+    sockets = [
+        replace(s, pids=tuple(sorted({pid for pid, _ in ps.socket_owners[s.inode]})))
+        if s.inode in ps.socket_owners
+        else s
+        for s in net.sockets
+    ]
+
+    disks = [block[d] for f in functions for d in f.block_devices if d in block]
+    not_busy: tuple[frozenset[str], list[ScanProblem]] = (frozenset(), [])
+    busy, found = _guarded(
+        "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
+    )
+    problems.extend(found)
+
+    return Inventory(
+        functions=tuple(functions),
+        block_devices=dict(block),
+        mounts=tuple(ms.mounts),
+        swaps=tuple(swaps),
+        open_refs=tuple(ps.open_refs),
+        interfaces=dict(net.interfaces),
+        routes=tuple(net.routes),
+        sockets=tuple(sockets),
+        root_devno=ms.root_devno,
+        mount_namespace=ms.own_namespace,
+        exclusive_busy=busy,
+        problems=tuple(problems),
+        hostname=_first_line(roots, "sys", "kernel", "hostname"),
+        kernel=_first_line(roots, "sys", "kernel", "osrelease"),
+        live=roots.live,
+    )
+
+
+def _wanted_nodes(block: Mapping[str, BlockDevice], nodes: Sequence[DeviceNode]) -> list[DeviceNode]:
+    """Every block device's node plus the functions' own nodes, each once."""
+    out = {(bd.devno, "block"): DeviceNode(f"/dev/{bd.name}", bd.devno, "block") for bd in block.values()}
+    for node in nodes:
+        out.setdefault((node.devno, node.kind), node)
+    return list(out.values())
+
+
+def inspect(
+    roots: Roots,
+    devices: Sequence[str] = (),
+    *,
+    leased: Mapping[PciAddress, str] = {},
+    own_claims: Collection[str] = (),
+) -> report_pb2.Report:
+    """scan + evaluate + build_report, keeping only the functions `devices` name (all for none).
+
+    UnknownDevice when a name matches nothing. Every function is evaluated
+    even when filtering: bridges and slots depend on their neighbours.
+    """
+    inventory = scan(roots, own_claims=own_claims)
+    chosen = select(inventory, devices)
+    report = build_report(inventory, evaluate(inventory, leased))
+    if devices:
+        report = keep_functions(report, {str(f.address) for f in chosen})
+    return report

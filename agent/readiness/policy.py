@@ -1,0 +1,637 @@
+"""The readiness policy: Inventory -> one FunctionVerdict per PCI function.
+
+Pure: no I/O and no protobuf. The rules (DESIGN.md: reasons taxonomy):
+
+* a block function owns its disks, their partitions and everything stacked on
+  them (holders/ chains: dm, LVM, dm-crypt, md, bcache; loop devices backed by
+  one of their nodes). A mount, swap area, holder chain, open fd or the root
+  filesystem anywhere in that set makes the function BUSY.
+* a network function is BUSY while its interface is up, has global
+  addresses, carries a default route, has upper devices or live connections.
+* a bridge is BUSY while anything behind it is busy.
+* what the agent could not read (ScanProblem) leaves the functions it may
+  touch UNKNOWN, unless they are BUSY anyway. Doubt is never READY.
+
+State precedence: BUSY > UNKNOWN > READY.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from unplugd.agent.model import (
+    BlockDevice,
+    DevNo,
+    Inventory,
+    Mount,
+    NetInterface,
+    OpenRef,
+    PciAddress,
+    PciFunction,
+    Swap,
+    format_devno,
+)
+from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
+
+__all__ = ["evaluate", "state_of"]
+
+# Drivers that only provide a transport: the class driver sits on a child bus
+# (virtio-pci binds every virtio function; virtio_blk/virtio_net are on virtioN).
+_TRANSPORT_DRIVERS = frozenset({"virtio-pci"})
+
+# A bridge cares whether its children are *in use*, not whether they could be
+# unplugged on their own: removing the bridge removes them regardless.
+_NOT_USAGE = frozenset({Code.NO_HOTPLUG_DRIVER, Code.LEASED, Code.BRIDGE_WITH_CHILDREN})
+
+# Reasons that explain why the kernel refuses an exclusive open.
+_EXPLAINS_EXCL = frozenset(
+    {Code.MOUNTED, Code.SWAP, Code.HOLDER, Code.ROOT_FILESYSTEM, Code.OPEN_BY_PROCESS}
+)
+
+_MAX_CHAINS = 32
+_MAX_LISTED = 5
+
+
+def state_of(reasons: Iterable[Reason]) -> State:
+    """BUSY if anything blocks for sure, UNKNOWN if anything is undecided, else READY."""
+    undecided = False
+    for r in reasons:
+        if r.undecided:
+            undecided = True
+        elif r.blocking:
+            return State.BUSY
+    return State.UNKNOWN if undecided else State.READY
+
+
+def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> list[FunctionVerdict]:
+    """One verdict per function of the inventory, in its order.
+
+    leased: functions held by an unplug lease (lease id): a LEASED warning.
+    """
+    idx = _Index.build(inventory)
+    stacks = {f.address: _block_closure(idx, f.block_devices)[0] for f in inventory.functions}
+    usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
+    verdicts: list[FunctionVerdict] = []
+    for f in inventory.functions:
+        reasons = list(usage[f.address])
+        if f.is_bridge:
+            reasons.extend(_bridge_reasons(inventory, f, usage))
+        if f.hotplug_slot is None:
+            # Blocking, not a warning: without acpiphp/pciehp driving the slot the
+            # guest never acts on the eject request, so the host's device_del
+            # stays pending forever and the device is never released.
+            reasons.append(
+                Reason(
+                    Code.NO_HOTPLUG_DRIVER,
+                    f"no hotplug slot drives {f.address.slot_key} in the guest (acpiphp/pciehp/shpchp): "
+                    "an unplug request would never complete",
+                    object=str(f.address),
+                )
+            )
+        lease = leased.get(f.address)
+        if lease is not None:
+            reasons.append(
+                Reason(Code.LEASED, f"held for unplug by lease {lease}", blocking=False, object=lease)
+            )
+        verdicts.append(
+            FunctionVerdict(f.address, f.path, state_of(reasons), tuple(reasons), tuple(stacks[f.address]))
+        )
+    return verdicts
+
+
+# --------------------------------------------------------------------------- indexes
+
+
+@dataclass
+class _Index:
+    inv: Inventory
+    partitions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    loops_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    by_dm_name: dict[str, str] = field(default_factory=dict)
+    mounts_by_devno: dict[DevNo, list[Mount]] = field(default_factory=lambda: defaultdict(list))
+    mounts_by_source: dict[str, list[Mount]] = field(default_factory=lambda: defaultdict(list))
+    refs: dict[tuple[str, DevNo], list[OpenRef]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def build(cls, inv: Inventory) -> _Index:
+        idx = cls(inv)
+        for bd in inv.block_devices.values():
+            if bd.parent:
+                idx.partitions[bd.parent].append(bd.name)
+            if bd.dm_name:
+                idx.by_dm_name[bd.dm_name] = bd.name
+        for bd in inv.block_devices.values():
+            if bd.backing_file:
+                backing = idx.name_of_source(bd.backing_file)
+                if backing is not None:
+                    idx.loops_on[backing].append(bd.name)
+        seen: set[tuple[int, int]] = set()
+        for m in inv.mounts:
+            # The same mount may be reported twice (two pids in one namespace).
+            key = (m.namespace, m.mount_id)
+            if key in seen:
+                continue
+            seen.add(key)
+            if m.devno[0] != 0:
+                idx.mounts_by_devno[m.devno].append(m)
+            else:
+                # btrfs and friends report an anonymous device number: only the
+                # source names the device.
+                name = idx.name_of_source(m.source)
+                if name is not None:
+                    idx.mounts_by_source[name].append(m)
+        for ref in inv.open_refs:
+            idx.refs[(ref.kind, ref.devno)].append(ref)
+        return idx
+
+    def name_of_source(self, source: str) -> str | None:
+        """Kernel name of a block device named by a /dev path, or None.
+
+        Compared with the inventory only: /dev/vdb1, /dev/mapper/NAME, /dev/VG/LV.
+        """
+        if not source.startswith("/dev/"):
+            return None
+        rest = source[len("/dev/") :]
+        devs = self.inv.block_devices
+        if "/" not in rest:
+            return rest if rest in devs else None
+        head, _, tail = rest.partition("/")
+        if "/" in tail or tail in ("", ".", ".."):
+            return None
+        if head == "mapper":
+            return self.by_dm_name.get(tail)
+        # /dev/VG/LV: device-mapper names it VG-LV with '-' doubled inside names.
+        return self.by_dm_name.get(head.replace("-", "--") + "-" + tail.replace("-", "--"))
+
+    def upward(self, name: str) -> list[str]:
+        """What sits directly on a block device: partitions, holders, loops."""
+        bd = self.inv.block_devices.get(name)
+        out = list(self.partitions.get(name, ()))
+        if bd is not None:
+            out.extend(h for h in bd.holders if h not in out)
+        out.extend(lo for lo in self.loops_on.get(name, ()) if lo not in out)
+        return out
+
+
+# --------------------------------------------------------------------------- per function
+
+
+def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[Reason]:
+    """Everything that uses the function itself (no bridge, hotplug or lease reasons)."""
+    reasons: list[Reason] = []
+    for name in (d for d in f.block_devices if d not in idx.inv.block_devices):
+        reasons.append(
+            Reason(
+                Code.UNREADABLE,
+                f"block device {name} is listed under {f.address} but was not found (vanished mid-scan?)",
+                object=name,
+                undecided=True,
+            )
+        )
+    block = [idx.inv.block_devices[n] for n in closure]
+    reasons.extend(_root_reasons(idx, block))
+    reasons.extend(_mount_reasons(idx, block))
+    reasons.extend(_swap_reasons(idx, block))
+    reasons.extend(_holder_reasons(idx, f.block_devices))
+    reasons.extend(_open_reasons(idx, f, block))
+    if any(n in idx.inv.exclusive_busy for n in closure) and not any(
+        r.code in _EXPLAINS_EXCL for r in reasons
+    ):
+        held = [n for n in closure if n in idx.inv.exclusive_busy]
+        reasons.append(
+            Reason(
+                Code.EXCLUSIVE_CLAIM,
+                f"the kernel refuses an exclusive open of {', '.join(held)} (EBUSY): "
+                "something in the kernel holds it that the agent cannot name",
+                object=held[0],
+            )
+        )
+    net_names: set[str] = set()
+    for ifname in f.net_interfaces:
+        iface = idx.inv.interfaces.get(ifname)
+        if iface is None:
+            reasons.append(
+                Reason(
+                    Code.UNREADABLE,
+                    f"interface {ifname} is listed under {f.address} but was not found (vanished mid-scan?)",
+                    object=ifname,
+                    undecided=True,
+                )
+            )
+            continue
+        net_names |= _upper_closure(idx.inv.interfaces, ifname)
+        reasons.extend(_net_reasons(idx.inv, iface))
+    reasons.extend(_class_reasons(f))
+    if state_of(reasons) is not State.BUSY:
+        reasons.extend(_problem_reasons(idx.inv, f, block, net_names))
+    return reasons
+
+
+def _block_closure(idx: _Index, disks: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The disks and everything stacked on them, in discovery order; and missing disks."""
+    devs = idx.inv.block_devices
+    found: list[str] = []
+    seen: set[str] = set()
+    missing = [d for d in disks if d not in devs]
+    queue = [d for d in disks if d in devs]
+    while queue:
+        name = queue.pop(0)
+        if name in seen or name not in devs:
+            continue
+        seen.add(name)
+        found.append(name)
+        queue.extend(n for n in idx.upward(name) if n not in seen)
+    return found, missing
+
+
+def _devnos(block: Sequence[BlockDevice]) -> dict[DevNo, str]:
+    return {bd.devno: bd.name for bd in block}
+
+
+def _label(idx: _Index, name: str) -> str:
+    bd = idx.inv.block_devices.get(name)
+    return bd.label if bd is not None else name
+
+
+def _root_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
+    root = idx.inv.root_devno
+    if root is None:
+        return []
+    names = {bd.name for bd in block}
+    hit = _devnos(block).get(root)
+    if hit is None and root[0] == 0:
+        # Anonymous device number (btrfs): the mount of / names the device.
+        for m in idx.inv.mounts:
+            if m.mount_point == "/" and m.devno == root and m.namespace == idx.inv.mount_namespace:
+                src = idx.name_of_source(m.source)
+                if src in names:
+                    hit = src
+                    break
+    if hit is None:
+        return []
+    return [
+        Reason(
+            Code.ROOT_FILESYSTEM,
+            f"the root filesystem (/) is on {_label(idx, hit)}",
+            object=hit,
+            mount_point="/",
+        )
+    ]
+
+
+def _mount_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
+    inv = idx.inv
+    # One reason per (device, mount point, subtree, fstype); the namespaces
+    # where it is seen are listed in the detail.
+    groups: dict[tuple[str, str, str, str], list[Mount]] = {}
+    for bd in block:
+        for m in [*idx.mounts_by_devno.get(bd.devno, ()), *idx.mounts_by_source.get(bd.name, ())]:
+            groups.setdefault((bd.name, m.mount_point, m.root, m.fstype), []).append(m)
+    reasons: list[Reason] = []
+    for (name, mount_point, root, fstype), mounts in groups.items():
+        detail = f"{_label(idx, name)} is mounted on {mount_point} ({fstype}"
+        if root not in ("/", ""):
+            detail += f", bind mount of {root}"
+        detail += ")"
+        own = any(m.namespace == inv.mount_namespace for m in mounts)
+        others = sorted({m.namespace_pid for m in mounts if m.namespace != inv.mount_namespace})
+        if others and not own:
+            detail += " in the mount namespace of " + _pids(others)
+        elif others:
+            detail += f" (also in {len(others)} other mount namespace{'s' if len(others) > 1 else ''}: {_pids(others)})"
+        reasons.append(Reason(Code.MOUNTED, detail, object=name, mount_point=mount_point))
+    return reasons
+
+
+def _pids(pids: Sequence[int]) -> str:
+    shown = ", ".join(str(p) for p in pids[:_MAX_LISTED])
+    more = f" and {len(pids) - _MAX_LISTED} more" if len(pids) > _MAX_LISTED else ""
+    return ("pid " if len(pids) == 1 else "pids ") + shown + more
+
+
+def _swap_device(idx: _Index, swap: Swap) -> str | None:
+    """Kernel name of the device holding a swap area, or None if it cannot be told."""
+    if swap.devno is not None and swap.devno[0] != 0:
+        for bd in idx.inv.block_devices.values():
+            if bd.devno == swap.devno:
+                return bd.name
+        return None
+    if swap.devno is not None:
+        # A swap file on a filesystem with an anonymous device number.
+        for m in idx.inv.mounts:
+            if m.devno == swap.devno:
+                name = idx.name_of_source(m.source)
+                if name is not None:
+                    return name
+        return None
+    return idx.name_of_source(swap.path)
+
+
+def _swap_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
+    names = {bd.name for bd in block}
+    reasons: list[Reason] = []
+    for swap in idx.inv.swaps:
+        dev = _swap_device(idx, swap)
+        if dev is None:
+            reported = any(p.object == swap.path for p in idx.inv.problems)
+            if block and not reported and not (swap.devno is not None and swap.devno[0] != 0):
+                # Fail closed: the swap area may live on any of our devices.
+                reasons.append(
+                    Reason(
+                        Code.UNREADABLE,
+                        f"cannot tell which device holds swap area {swap.path}",
+                        object=swap.path,
+                        undecided=True,
+                    )
+                )
+            continue
+        if dev not in names:
+            continue
+        if swap.kind == "file":
+            detail = f"swap file {swap.path} is active on {_label(idx, dev)}"
+        else:
+            detail = f"{_label(idx, dev)} is in use as swap ({swap.path})"
+        reasons.append(Reason(Code.SWAP, detail, object=dev))
+    return reasons
+
+
+def _holder_kind(bd: BlockDevice) -> str:
+    if bd.kind == "dm":
+        uuid = bd.dm_uuid or ""
+        if uuid.startswith("CRYPT-"):
+            return "dm-crypt"
+        if uuid.startswith("LVM-"):
+            return "LVM"
+        return "device-mapper"
+    if bd.kind == "md":
+        return f"md {bd.md_level}" if bd.md_level else "md"
+    if bd.kind == "loop":
+        return "loop"
+    if bd.name.startswith("bcache"):
+        return "bcache"
+    return bd.kind
+
+
+def _holder_reasons(idx: _Index, disks: Sequence[str]) -> list[Reason]:
+    """One HOLDER reason per chain from a disk to the top of its stack."""
+    devs = idx.inv.block_devices
+    chains: list[tuple[str, ...]] = []
+
+    def walk(chain: tuple[str, ...], stacked: bool) -> None:
+        if len(chains) >= _MAX_CHAINS:
+            return
+        ups = [n for n in idx.upward(chain[-1]) if n not in chain and n in devs]
+        if not ups:
+            if stacked:
+                chains.append(chain)
+            return
+        for up in ups:
+            is_part = devs[up].parent == chain[-1] and devs[up].kind == "part"
+            walk((*chain, up), stacked or not is_part)
+
+    for disk in disks:
+        if disk in devs:
+            walk((disk,), False)
+    reasons: list[Reason] = []
+    for chain in chains:
+        top = devs[chain[-1]]
+        shown = " -> ".join(_label(idx, n) for n in chain)
+        reasons.append(
+            Reason(
+                Code.HOLDER,
+                f"held by {_holder_kind(top)} {top.label}: {shown}",
+                object=top.name,
+                chain=chain,
+            )
+        )
+    return reasons
+
+
+def _open_reasons(idx: _Index, f: PciFunction, block: Sequence[BlockDevice]) -> list[Reason]:
+    wanted: set[tuple[str, DevNo]] = {("block", bd.devno) for bd in block}
+    wanted |= {(node.kind, node.devno) for node in f.device_nodes}
+    by_pid: dict[int, list[OpenRef]] = {}
+    for key in sorted(wanted):
+        for ref in idx.refs.get(key, ()):
+            by_pid.setdefault(ref.pid, []).append(ref)
+    reasons: list[Reason] = []
+    for pid in sorted(by_pid):
+        refs = by_pid[pid]
+        uses = tuple(dict.fromkeys(f"{r.target} ({'fd ' + str(r.fd) if r.fd is not None else 'mapped'})" for r in refs))
+        command = refs[0].command
+        reasons.append(
+            Reason(
+                Code.OPEN_BY_PROCESS,
+                f"pid {pid} ({command}) holds {', '.join(uses)}",
+                object=refs[0].target,
+                processes=(ProcessRef(pid, command, uses),),
+            )
+        )
+    return reasons
+
+
+# --------------------------------------------------------------------------- network
+
+
+def _upper_closure(interfaces: Mapping[str, NetInterface], name: str) -> set[str]:
+    """The interface and every device stacked on it (master, vlan, macvlan, ...)."""
+    seen = {name}
+    queue = [name]
+    while queue:
+        iface = interfaces.get(queue.pop())
+        if iface is None:
+            continue
+        for up in (*iface.uppers, *((iface.master,) if iface.master else ())):
+            if up not in seen:
+                seen.add(up)
+                queue.append(up)
+    return seen
+
+
+def _family(family: int) -> str:
+    return "IPv6" if family == socket.AF_INET6 else "IPv4"
+
+
+def _norm_ip(text: str) -> str:
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return text
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _is_active(sock_proto: str, state: str, remote_port: int) -> bool:
+    if sock_proto.startswith("tcp"):
+        return state == "ESTABLISHED"
+    # UDP has no connections; a connect()ed socket shows state 01 and a peer.
+    return sock_proto.startswith("udp") and (state == "ESTABLISHED" or remote_port != 0)
+
+
+def _net_reasons(inv: Inventory, iface: NetInterface) -> list[Reason]:
+    name = iface.name
+    reasons: list[Reason] = []
+    if iface.admin_up:
+        detail = f"{name} is administratively up (operstate {iface.operstate})"
+        reasons.append(Reason(Code.LINK_UP, detail, object=name))
+    global_addrs = [a for a in iface.addresses if a.scope not in ("link", "host")]
+    link_local = [a for a in iface.addresses if a.scope == "link"]
+    if global_addrs:
+        shown = tuple(str(a) for a in global_addrs)
+        reasons.append(Reason(Code.HAS_ADDRESS, f"{name} has {', '.join(shown)}", object=name, addresses=shown))
+    elif link_local:
+        shown = tuple(str(a) for a in link_local)
+        reasons.append(
+            Reason(
+                Code.HAS_ADDRESS,
+                f"{name} has only link-local {', '.join(shown)}",
+                blocking=False,
+                object=name,
+                addresses=shown,
+            )
+        )
+    stack = _upper_closure(inv.interfaces, name)
+    for route in inv.routes:
+        if route.is_default and route.ifname in stack:
+            via = f" via {route.gateway}" if route.gateway else ""
+            over = f" (on top of {name})" if route.ifname != name else ""
+            reasons.append(
+                Reason(
+                    Code.DEFAULT_ROUTE,
+                    f"{_family(route.family)} default route{via} dev {route.ifname}{over}",
+                    object=route.ifname,
+                )
+            )
+    uppers = list(dict.fromkeys([*((iface.master,) if iface.master else ()), *iface.uppers]))
+    for up in uppers:
+        upper = inv.interfaces.get(up)
+        kind = upper.kind if upper is not None and upper.kind else "upper device"
+        if up == iface.master:
+            detail = f"{name} is enslaved to {up} ({kind})"
+        else:
+            detail = f"{up} ({kind}) sits on top of {name}"
+        reasons.append(Reason(Code.UPPER_DEVICE, detail, object=up, chain=(name, up)))
+    local = {_norm_ip(a.address) for n in stack if (i := inv.interfaces.get(n)) for a in i.addresses}
+    active = [
+        s for s in inv.sockets if _is_active(s.proto, s.state, s.remote_port) and _norm_ip(s.local) in local
+    ]
+    if active:
+        pids = sorted({p for s in active for p in s.pids})
+        conns = [f"{s.proto} {s.local}:{s.local_port} <-> {s.remote}:{s.remote_port}" for s in active[:3]]
+        more = f" and {len(active) - 3} more" if len(active) > 3 else ""
+        owners = f" ({_pids(pids)})" if pids else ""
+        reasons.append(
+            Reason(
+                Code.ACTIVE_CONNECTIONS,
+                f"{len(active)} active connection{'s' if len(active) > 1 else ''} on {name}{owners}: "
+                + "; ".join(conns)
+                + more,
+                object=name,
+                processes=tuple(ProcessRef(p, "") for p in pids),
+                addresses=tuple(dict.fromkeys(s.local for s in active)),
+            )
+        )
+    return reasons
+
+
+# --------------------------------------------------------------------------- class, problems, bridges
+
+
+def _class_reasons(f: PciFunction) -> list[Reason]:
+    if f.block_devices or f.net_interfaces or f.is_bridge:
+        return []
+    drivers: tuple[str, ...]
+    if f.subdrivers:
+        drivers = f.subdrivers
+    elif f.driver and f.driver not in _TRANSPORT_DRIVERS:
+        drivers = (f.driver,)
+    else:
+        return []  # nothing bound, nothing below: nothing in the guest uses it
+    what = f.class_name or f"class {f.class_code:06x}"
+    return [
+        Reason(
+            Code.DRIVER_BOUND_UNKNOWN_CLASS,
+            f"driver {', '.join(drivers)} is bound to a device the agent does not inspect ({what})",
+            object=drivers[0],
+            undecided=True,
+        )
+    ]
+
+
+def _objects(f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[str]) -> set[str]:
+    keys = {"*", str(f.address), str(f.path), *net_names}
+    for bd in block:
+        keys.add(bd.name)
+        keys.add("devno:" + format_devno(bd.devno))
+    for node in f.device_nodes:
+        keys.add(node.path)
+        keys.add(node.path.removeprefix("/dev/"))
+        keys.add("devno:" + format_devno(node.devno))
+    return keys
+
+
+def _problem_reasons(
+    inv: Inventory, f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[str]
+) -> list[Reason]:
+    keys = _objects(f, block, net_names)
+    return [
+        Reason(Code.UNREADABLE, f"{p.object}: {p.detail}", object=p.object, undecided=True)
+        for p in inv.problems
+        if any(a in keys for a in p.affects)
+    ]
+
+
+def _bridge_reasons(inv: Inventory, bridge: PciFunction, usage: Mapping[PciAddress, list[Reason]]) -> list[Reason]:
+    hops = bridge.path.hops
+    behind = [
+        f
+        for f in inv.functions
+        if f.path.domain == bridge.path.domain
+        and f.path.root_bus == bridge.path.root_bus
+        and len(f.path.hops) > len(hops)
+        and f.path.hops[: len(hops)] == hops
+    ]
+    if not behind:
+        return []
+    states = {f.address: state_of(r for r in usage[f.address] if r.code not in _NOT_USAGE) for f in behind}
+    busy = [f for f in behind if states[f.address] is State.BUSY]
+    unknown = [f for f in behind if states[f.address] is State.UNKNOWN]
+    if busy:
+        names = [f"{f.address} ({_codes(usage[f.address])})" for f in busy]
+        return [
+            Reason(
+                Code.BRIDGE_WITH_CHILDREN,
+                f"busy behind this bridge: {', '.join(names)}",
+                object=str(busy[0].address),
+                chain=tuple(str(f.address) for f in busy),
+            )
+        ]
+    if unknown:
+        return [
+            Reason(
+                Code.BRIDGE_WITH_CHILDREN,
+                "cannot tell whether these are in use behind this bridge: "
+                + ", ".join(str(f.address) for f in unknown),
+                object=str(unknown[0].address),
+                chain=tuple(str(f.address) for f in unknown),
+                undecided=True,
+            )
+        ]
+    return [
+        Reason(
+            Code.BRIDGE_WITH_CHILDREN,
+            f"unplugging this bridge also removes {', '.join(str(f.address) for f in behind)}",
+            blocking=False,
+            object=str(behind[0].address),
+            chain=tuple(str(f.address) for f in behind),
+        )
+    ]
+
+
+def _codes(reasons: Sequence[Reason]) -> str:
+    return ", ".join(dict.fromkeys(r.code.value for r in reasons if r.code not in _NOT_USAGE and r.blocking))
