@@ -1,0 +1,541 @@
+"""QEMU through QMP (qemu.qmp): topology from query-pci + QOM, device_del, DEVICE_DELETED.
+
+query-pci says what the guest sees: root buses, and behind every bridge its
+`pci_bridge.devices`. PCI paths come from that nesting (slot.function hops),
+never from bus numbers, which are 0 until firmware enumerates the buses.
+
+QOM says what query-pci does not: the device type, whether the device type
+allows hot-unplug (`hotpluggable`), whether a bus has a hotplug handler (the
+`hotplug-handler` link of the bus: empty means no hotplug, e.g. pcie.0 or a
+pcie-root-port with hotplug=off) and of which kind (ACPI, pciehp, SHPC).
+The QOM tree is walked from the root buses through `child[N]` links of each
+bus and the `child<PCI*>` buses of each bridge, and joined to query-pci by
+(bus, devfn).
+
+Reading is separated from talking: build_topology() takes an `execute`
+coroutine, so tests replay captured QEMU answers (tests/fixtures/qmp/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from unplugd.agent.model import PciAddress
+from unplugd.host.errors import (
+    BackendError,
+    DeviceGone,
+    DomainNotFound,
+    GuestBusy,
+    HotplugUnsupported,
+    TopologyError,
+    UnplugInProgress,
+    UnplugRefused,
+)
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+
+__all__ = [
+    "Execute",
+    "PciNode",
+    "QmpBackend",
+    "QmpCommandError",
+    "build_topology",
+    "classify_unplug_error",
+    "parse_query_pci",
+    "removal_from_event",
+]
+
+log = logging.getLogger(__name__)
+
+Execute = Callable[[str, Mapping[str, Any] | None], Awaitable[Any]]
+
+_PCI_BRIDGE_CLASS = 0x0604
+_HOST_BRIDGE_CLASS = 0x0600
+
+
+class QmpCommandError(Exception):
+    """A QMP command answered with an error (the `desc` QEMU sent)."""
+
+    def __init__(self, command: str, desc: str, klass: str = "GenericError") -> None:
+        super().__init__(f"{command}: {desc}")
+        self.command = command
+        self.desc = desc
+        self.klass = klass
+
+
+# ---------------------------------------------------------------- query-pci
+
+
+@dataclass(frozen=True)
+class PciNode:
+    """One function in query-pci, with where it sits in the bridge chain."""
+
+    chain: tuple[tuple[int, int], ...]  # (slot, function) hops of the bridges above it
+    root_bus: int
+    bus_number: int  # as firmware assigned it (0 before enumeration)
+    slot: int
+    function: int
+    qdev_id: str
+    class_code: int
+    description: str
+    vendor_id: int
+    device_id: int
+    is_bridge: bool
+    secondary: int | None = None  # a bridge's secondary bus number
+    children: tuple[PciNode, ...] = field(default=(), repr=False)
+
+    @property
+    def devfn(self) -> int:
+        return (self.slot << 3) | self.function
+
+    @property
+    def hops(self) -> tuple[tuple[int, int], ...]:
+        return (*self.chain, (self.slot, self.function))
+
+
+def _int(obj: Mapping[str, Any], key: str, where: str) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TopologyError(f"query-pci: {where} has no integer {key!r}")
+    return value
+
+
+def _parse_device(dev: Any, chain: tuple[tuple[int, int], ...], root: int) -> PciNode:
+    if not isinstance(dev, Mapping):
+        raise TopologyError(f"query-pci: device entry is {type(dev).__name__}, not an object")
+    slot, function = _int(dev, "slot", "a device"), _int(dev, "function", "a device")
+    if not (0 <= slot <= 0x1F and 0 <= function <= 7):
+        raise TopologyError(f"query-pci: impossible address slot {slot} function {function}")
+    where = f"device {slot:02x}.{function}"
+    cls = dev.get("class_info") or {}
+    ids = dev.get("id") or {}
+    if not isinstance(cls, Mapping) or not isinstance(ids, Mapping):
+        raise TopologyError(f"query-pci: {where} has malformed class_info or id")
+    class_code = _int(cls, "class", where)
+    bridge = dev.get("pci_bridge")
+    children: tuple[PciNode, ...] = ()
+    secondary: int | None = None
+    if bridge is not None:
+        if not isinstance(bridge, Mapping):
+            raise TopologyError(f"query-pci: {where} has a malformed pci_bridge")
+        below = (*chain, (slot, function))
+        sub = bridge.get("devices") or []
+        if not isinstance(sub, list):
+            raise TopologyError(f"query-pci: {where}: pci_bridge.devices is not a list")
+        children = tuple(_parse_device(d, below, root) for d in sub)
+        bus = bridge.get("bus")
+        if isinstance(bus, Mapping) and isinstance(bus.get("secondary"), int):
+            secondary = bus["secondary"]
+    qdev_id = dev.get("qdev_id") or ""
+    return PciNode(
+        chain=chain,
+        root_bus=root,
+        bus_number=_int(dev, "bus", where),
+        slot=slot,
+        function=function,
+        qdev_id=qdev_id if isinstance(qdev_id, str) else "",
+        class_code=class_code,
+        description=str(cls.get("desc") or ""),
+        vendor_id=_int(ids, "vendor", where),
+        device_id=_int(ids, "device", where),
+        is_bridge=bridge is not None,
+        secondary=secondary,
+        children=children,
+    )
+
+
+def parse_query_pci(data: Any) -> list[tuple[int, list[PciNode]]]:
+    """query-pci's answer -> [(root bus number, its devices as trees)]. Pure.
+
+    Each top-level entry is a root bus (pcie.0 / pci.0, and one per pxb
+    expander with its bus_nr); bridges nest their buses in pci_bridge.devices.
+    """
+    if not isinstance(data, list):
+        raise TopologyError("query-pci: the answer is not a list of buses")
+    out: list[tuple[int, list[PciNode]]] = []
+    for entry in data:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("devices"), list):
+            raise TopologyError("query-pci: a bus entry has no device list")
+        root = _int(entry, "bus", "a root bus")
+        out.append((root, [_parse_device(d, (), root) for d in entry["devices"]]))
+    return out
+
+
+# ---------------------------------------------------------------- QOM
+
+
+@dataclass
+class _QomDevice:
+    path: str
+    type: str
+    devfn: int | None
+    hotpluggable: bool | None
+    multifunction: bool
+    buses: list[_QomBus]
+
+
+@dataclass
+class _QomBus:
+    path: str
+    type: str
+    handler: str | None  # hotplug handler's QOM path, "" if none, None if unreadable
+    handler_type: str
+    devices: list[_QomDevice]
+
+
+_PCI_BUS_TYPES = ("PCI", "PCIE", "pxb-bus", "pxb-pcie-bus", "pxb-cxl-bus")
+
+
+def _is_bus_type(t: str) -> bool:
+    # Only PCI buses: a virtio-blk-pci also has a child virtio-pci-bus.
+    return t in _PCI_BUS_TYPES
+
+
+class _Qom:
+    """Reads the QOM tree below the PCI root buses; tolerant: a failed read is None."""
+
+    def __init__(self, execute: Execute) -> None:
+        self.execute = execute
+
+    async def get(self, path: str, prop: str) -> Any:
+        try:
+            return await self.execute("qom-get", {"path": path, "property": prop})
+        except QmpCommandError as e:
+            log.debug("qom-get %s %s: %s", path, prop, e.desc)
+            return None
+
+    async def children(self, path: str) -> list[tuple[str, str]]:
+        """(name, type) of a QOM object's properties; [] when it cannot be listed."""
+        try:
+            props = await self.execute("qom-list", {"path": path})
+        except QmpCommandError as e:
+            log.debug("qom-list %s: %s", path, e.desc)
+            return []
+        if not isinstance(props, list):
+            return []
+        return [(str(p.get("name", "")), str(p.get("type", ""))) for p in props if isinstance(p, Mapping)]
+
+    async def root_buses(self) -> list[str]:
+        """QOM paths of the PCI host bridges' root buses (/machine/q35/pcie.0, /machine/i440fx/pci.0)."""
+        buses: list[str] = []
+        for name, typ in await self.children("/machine"):
+            if not (typ.startswith("child<") and "host" in typ.lower()):
+                continue
+            host = f"/machine/{name}"
+            for sub, subtype in await self.children(host):
+                if subtype in ("child<PCI>", "child<PCIE>"):
+                    buses.append(f"{host}/{sub}")
+        return buses
+
+    async def bus(self, path: str) -> _QomBus:
+        props = await self.children(path)
+        links = [name for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
+        btype, handler = await asyncio.gather(self.get(path, "type"), self.get(path, "hotplug-handler"))
+        handler = handler if isinstance(handler, str) else None
+        handler_type = await self.get(handler, "type") if handler else ""
+        targets = await asyncio.gather(*(self.get(path, name) for name in links))
+        devices = await asyncio.gather(*(self.device(t) for t in targets if isinstance(t, str) and t))
+        return _QomBus(path, str(btype or ""), handler, str(handler_type or ""), list(devices))
+
+    async def device(self, path: str) -> _QomDevice:
+        props = await self.children(path)
+        dtype, addr, hot, multi = await asyncio.gather(
+            self.get(path, "type"),
+            self.get(path, "addr"),
+            self.get(path, "hotpluggable"),
+            self.get(path, "multifunction"),
+        )
+        sub = [name for name, typ in props if typ.startswith("child<") and _is_bus_type(typ[6:-1])]
+        buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}") for name in sub)))
+        return _QomDevice(
+            path=path,
+            type=str(dtype or ""),
+            devfn=addr if isinstance(addr, int) and addr >= 0 else None,
+            hotpluggable=hot if isinstance(hot, bool) else None,
+            multifunction=multi is True,
+            buses=buses,
+        )
+
+
+_BRIDGE_KINDS = {
+    "pcie-root-port": BusKind.PCIE_ROOT_PORT,
+    "ioh3420": BusKind.PCIE_ROOT_PORT,
+    "x3130-upstream": BusKind.PCIE_SWITCH_UPSTREAM_PORT,
+    "xio3130-downstream": BusKind.PCIE_SWITCH_DOWNSTREAM_PORT,
+    "pci-bridge": BusKind.PCI_BRIDGE,
+    "pci-bridge-seat": BusKind.PCI_BRIDGE,
+    "pcie-pci-bridge": BusKind.PCI_BRIDGE,
+    "i82801b11-bridge": BusKind.DMI_TO_PCI_BRIDGE,
+}
+
+
+def _mechanism(handler_type: str) -> str:
+    t = handler_type.lower()
+    if not t:
+        return ""
+    if "lpc" in t or "piix4" in t or "acpi" in t or "ich9" in t:
+        return "acpi"
+    if "root-port" in t or "downstream" in t or "ioh3420" in t:
+        return "pciehp"
+    if "bridge" in t:
+        return "shpc"
+    return t
+
+
+def _has_handler(bus: _QomBus | None) -> bool | None:
+    """A bus supports hotplug iff QEMU gave it a hotplug handler; None when we could not tell."""
+    if bus is None or bus.handler is None:
+        return None
+    return bool(bus.handler)
+
+
+def _root_kind(bus: _QomBus | None) -> BusKind:
+    if bus is None:
+        return BusKind.UNKNOWN
+    return {
+        "PCIE": BusKind.PCIE_ROOT,
+        "PCI": BusKind.PCI_ROOT,
+        "pxb-bus": BusKind.PCI_EXPANDER,
+        "pxb-pcie-bus": BusKind.PCIE_EXPANDER,
+        "pxb-cxl-bus": BusKind.PCIE_EXPANDER,
+    }.get(bus.type, BusKind.UNKNOWN)
+
+
+def _qdev_id(qom_path: str) -> str | None:
+    prefix = "/machine/peripheral/"
+    if qom_path.startswith(prefix) and "/" not in qom_path[len(prefix) :]:
+        return qom_path[len(prefix) :]
+    return None
+
+
+class _Builder:
+    def __init__(self, machine: str) -> None:
+        self.machine = machine
+        self.slots: list[Slot] = []
+        self.buses: list[Bus] = []
+
+    def add_bus(self, nodes: Sequence[PciNode], qbus: _QomBus | None, bus: Bus) -> None:
+        """Slots on one bus: query-pci's functions joined with QOM's by devfn.
+
+        Before firmware numbered the buses, query-pci lists nothing behind a
+        bridge; QOM still has those devices, so they come from QOM alone.
+        """
+        self.buses.append(bus)
+        by_devfn = {d.devfn: d for d in qbus.devices if d.devfn is not None} if qbus else {}
+        seen: set[int] = set()
+        slots: dict[int, list[Function]] = {}
+        for node in nodes:
+            seen.add(node.devfn)
+            qdev = by_devfn.get(node.devfn)
+            if qbus is not None and qdev is None:
+                log.warning("query-pci lists %s but QOM has no device there on %s", node.hops, qbus.path)
+            slots.setdefault(node.slot, []).append(self.function(node, qdev, bus))
+            if node.is_bridge:
+                self.add_bridge(
+                    node.slot, node.function, children=node.children, secondary=node.secondary, qdev=qdev, parent=bus
+                )
+        for devfn, qdev in sorted(by_devfn.items()):
+            if devfn in seen:
+                continue
+            slot, function = devfn >> 3, devfn & 7
+            slots.setdefault(slot, []).append(self.qom_function(slot, function, qdev, bus))
+            if qdev.buses:
+                self.add_bridge(slot, function, children=(), secondary=None, qdev=qdev, parent=bus)
+        for number, funcs in sorted(slots.items()):
+            funcs.sort(key=lambda f: f.path.function)
+            self.slots.append(Slot(bus, number, tuple(funcs), self.machine))
+
+    def qom_function(self, slot: int, function: int, qdev: _QomDevice, bus: Bus) -> Function:
+        return Function(
+            path=bus.path_of(slot, function),
+            model=qdev.type,
+            qemu_id=_qdev_id(qdev.path),
+            qom_path=qdev.path,
+            is_bridge=bool(qdev.buses),
+            hotpluggable=qdev.hotpluggable,
+            multifunction=qdev.multifunction,
+            guest_address=PciAddress(0, bus.number, slot, function) if bus.number else None,
+        )
+
+    def function(self, node: PciNode, qdev: _QomDevice | None, bus: Bus) -> Function:
+        qom_path = qdev.path if qdev else None
+        qemu_id = node.qdev_id or (_qdev_id(qom_path) if qom_path else None) or None
+        return Function(
+            path=bus.path_of(node.slot, node.function),
+            model=qdev.type if qdev and qdev.type else node.description,
+            qemu_id=qemu_id,
+            qom_path=qom_path,
+            vendor_id=node.vendor_id,
+            device_id=node.device_id,
+            class_code=node.class_code,
+            description=node.description,
+            is_bridge=node.is_bridge,
+            hotpluggable=qdev.hotpluggable if qdev else None,
+            multifunction=qdev.multifunction if qdev else False,
+            guest_address=PciAddress(0, node.bus_number, node.slot, node.function),
+        )
+
+    def add_bridge(
+        self,
+        slot: int,
+        function: int,
+        *,
+        children: Sequence[PciNode],
+        secondary: int | None,
+        qdev: _QomDevice | None,
+        parent: Bus,
+    ) -> None:
+        qbus = qdev.buses[0] if qdev and qdev.buses else None
+        bridge = parent.path_of(slot, function)
+        kind = _BRIDGE_KINDS.get(qdev.type, BusKind.UNKNOWN) if qdev else BusKind.UNKNOWN
+        bus = Bus(
+            kind=kind,
+            domain=parent.domain,
+            root_bus=parent.root_bus,
+            bridge=bridge,
+            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"bus behind {bridge}",
+            hotplug=_has_handler(qbus),
+            mechanism=_mechanism(qbus.handler_type) if qbus else "",
+            number=secondary or None,
+        )
+        self.add_bus(children, qbus, bus)
+
+
+async def build_topology(execute: Execute, vm: str) -> Topology:
+    """Read query-pci and the QOM tree through `execute` and join them."""
+    roots = parse_query_pci(await execute("query-pci", None))
+    qom = _Qom(execute)
+    machine = await qom.get("/machine", "type")
+    machine = str(machine or "").removesuffix("-machine")
+    qbuses = list(await asyncio.gather(*(qom.bus(p) for p in await qom.root_buses())))
+    # The machine's host bridge owns root bus 0. A pxb expander's root bus hangs
+    # off an anonymous host object; reach it through a named device on it.
+    by_number: dict[int, _QomBus] = {0: qbuses[0]} if qbuses else {}
+    for number, nodes in roots:
+        named = next((n.qdev_id for n in nodes if n.qdev_id), None)
+        if number in by_number or named is None:
+            continue
+        parent = await qom.get(f"/machine/peripheral/{named}", "parent_bus")
+        if isinstance(parent, str) and parent:
+            by_number[number] = await qom.bus(parent)
+    builder = _Builder(machine)
+    for number, nodes in roots:
+        qbus = by_number.get(number)
+        kind = _root_kind(qbus)
+        bus = Bus(
+            kind=kind,
+            domain=0,
+            root_bus=number,
+            bridge=None,
+            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"root bus {number:02x}",
+            hotplug=_has_handler(qbus),
+            mechanism=_mechanism(qbus.handler_type) if qbus else "",
+            number=number,
+        )
+        builder.add_bus(nodes, qbus, bus)
+    builder.slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+    return Topology(source="qmp", vm=vm, machine=machine, slots=tuple(builder.slots), buses=tuple(builder.buses))
+
+
+# ---------------------------------------------------------------- unplug
+
+
+def classify_unplug_error(device: str, desc: str) -> UnplugRefused:
+    """QEMU's device_del error text -> a typed refusal. Pure."""
+    d = desc.lower()
+    if "already in the process of unplug" in d or "already in progress" in d:
+        return UnplugInProgress(device, desc)
+    if "power indicator blinking" in d or "guest is busy" in d:
+        return GuestBusy(device, desc)
+    if "does not support hotplugging" in d or "unsupported by the port" in d or "not hotpluggable" in d:
+        return HotplugUnsupported(device, desc)
+    if "not found" in d:
+        return DeviceGone(device, desc)
+    return UnplugRefused(device, desc)
+
+
+def removal_from_event(data: Mapping[str, Any]) -> Removal:
+    """DEVICE_DELETED's data -> Removal. `device` is absent for devices without an id."""
+    device, path = data.get("device"), data.get("path")
+    return Removal(device if isinstance(device, str) and device else None, path if isinstance(path, str) else None)
+
+
+class QmpBackend:
+    """One QEMU process through its QMP socket. Use as `async with QmpBackend(path) as be:`."""
+
+    source = "qmp"
+
+    def __init__(self, socket_path: str, *, timeout: float = 10.0) -> None:
+        from qemu.qmp import QMPClient
+
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._client = QMPClient("unplugctl")
+        self._connected = False
+
+    async def __aenter__(self) -> QmpBackend:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        try:
+            await asyncio.wait_for(self._client.connect(self.socket_path), self.timeout)
+        except (OSError, TimeoutError) as e:
+            raise DomainNotFound(f"cannot connect to QMP socket {self.socket_path}: {e}") from e
+        except Exception as e:  # qemu.qmp wraps socket errors in ConnectError
+            raise DomainNotFound(f"cannot connect to QMP socket {self.socket_path}: {e}") from e
+        self._connected = True
+
+    async def close(self) -> None:
+        if self._connected:
+            self._connected = False
+            with contextlib.suppress(Exception):
+                await self._client.disconnect()
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        from qemu.qmp import ExecuteError
+
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), self.timeout)
+        except ExecuteError as e:
+            raise QmpCommandError(command, str(e.error.error.desc), str(e.error.error.class_)) from e
+        except TimeoutError as e:
+            raise BackendError(f"QMP {command} got no answer within {self.timeout:g}s") from e
+        except (OSError, EOFError) as e:
+            raise BackendError(f"QMP connection lost during {command}: {e}") from e
+
+    async def topology(self) -> Topology:
+        return await build_topology(self.execute, self.socket_path)
+
+    async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
+        """device_del; returns once QEMU accepted the request (the guest acts later)."""
+        target = fn.qemu_id or fn.qom_path
+        if not target:
+            raise HotplugUnsupported(str(fn.path), "QEMU knows no id or QOM path for this function")
+        try:
+            await self.execute("device_del", {"id": target})
+        except QmpCommandError as e:
+            raise classify_unplug_error(target, e.desc) from e
+
+    @contextlib.asynccontextmanager
+    async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
+        """Listen for DEVICE_DELETED; enter before device_del so no event is missed."""
+        from qemu.qmp import EventListener
+
+        listener = EventListener("DEVICE_DELETED")
+
+        async def events() -> AsyncIterator[Removal]:
+            async for msg in listener:
+                data = msg.get("data")
+                if isinstance(data, Mapping):
+                    yield removal_from_event(data)
+
+        with self._client.listen(listener):
+            yield events()

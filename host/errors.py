@@ -1,0 +1,97 @@
+"""The host side's exception root.
+
+    HostError
+     +-- BackendError            the hypervisor could not be asked (connection, protocol)
+     |    +-- DomainNotFound     no such libvirt domain / QMP socket
+     |    +-- TopologyError      its answer (query-pci, domain XML) is not what it should be
+     |    +-- UnplugRefused      the hypervisor said no to device_del / detach
+     |         +-- UnplugInProgress     an unplug of the device is already pending
+     |         +-- GuestBusy            "guest is busy (power indicator blinking)"
+     |         +-- HotplugUnsupported   bus or device without hotplug support
+     |         +-- MultifunctionRefused libvirt: device shares a multifunction slot
+     |         +-- DeviceGone           the device no longer exists
+     +-- DeviceNotFound          a DEVICE selector matches nothing in the topology
+     +-- AmbiguousDevice         ... or more than one slot
+
+The agent client (host/client.py) has its own AgentUnreachable; the orchestrator
+turns both families into outcomes, the CLI into exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AmbiguousDevice",
+    "BackendError",
+    "DeviceGone",
+    "DeviceNotFound",
+    "DomainNotFound",
+    "GuestBusy",
+    "HostError",
+    "HotplugUnsupported",
+    "MultifunctionRefused",
+    "TopologyError",
+    "UnplugInProgress",
+    "UnplugRefused",
+]
+
+
+class HostError(Exception):
+    """Root of every error the host side raises on purpose."""
+
+
+class BackendError(HostError):
+    pass
+
+
+class DomainNotFound(BackendError):
+    pass
+
+
+class TopologyError(BackendError):
+    pass
+
+
+class UnplugRefused(BackendError):
+    """The hypervisor refused the unplug request; `device` is what was asked for."""
+
+    def __init__(self, device: str, message: str) -> None:
+        super().__init__(f"unplug of {device} refused: {message}")
+        self.device = device
+        self.hypervisor_message = message
+
+
+class UnplugInProgress(UnplugRefused):
+    pass
+
+
+class GuestBusy(UnplugRefused):
+    pass
+
+
+class HotplugUnsupported(UnplugRefused):
+    pass
+
+
+class MultifunctionRefused(UnplugRefused):
+    pass
+
+
+class DeviceGone(UnplugRefused):
+    pass
+
+
+class DeviceNotFound(HostError):
+    def __init__(self, selector: str) -> None:
+        super().__init__(
+            f"no device matches {selector!r} (try an id or alias, a target such as vdb, a PCI path or guest address)"
+        )
+        self.selector = selector
+
+
+class AmbiguousDevice(HostError):
+    def __init__(self, selector: str, candidates: Sequence[str]) -> None:
+        super().__init__(f"{selector!r} matches more than one slot: {', '.join(candidates)}")
+        self.selector = selector
+        self.candidates = list(candidates)
