@@ -8,6 +8,11 @@ matches. Captured trees keep only the link text, so there the text is resolved
 inside roots.dev (following the tree's own symlinks, /dev/mapper/x -> dm-0)
 and matched by node path.
 
+Only fds whose link text names a dev/ directory are stat()ed (and sockets
+looked up): regular files, pipes and anon inodes are skipped on the text
+alone, which keeps a pass over tens of thousands of fds cheap. A device node
+opened from a path outside any dev/ directory (mknod in /tmp) is not seen.
+
 What vanishes mid-scan (a pid, an fd) is skipped: it no longer holds anything.
 What cannot be read (EACCES under hidepid or a non-root agent) becomes a
 ScanProblem that affects everything, so the policy says UNKNOWN, not READY.
@@ -163,7 +168,9 @@ class _Scanner:
                 else:
                     self.problem(pid, exc)
                     return
-            if target.startswith("/dev/"):
+            # Live, a node may also show under another root's dev/ (a container's
+            # rootfs seen from here); stat() decides, the text only pre-filters.
+            if target.startswith("/dev/") or (self.live and "/dev/" in target):
                 if self.want_devices:
                     ref = self._match_device(pid, name, dfd, target)
                     if ref is not None:

@@ -1,0 +1,217 @@
+"""scan_processes on tmp trees: captured mode (fd links as text), live matching by devno, vanishing and denial."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from unplugd.agent.collectors.processes import resolve_dev_link, scan_processes
+from unplugd.agent.model import DeviceNode
+from unplugd.agent.roots import Roots
+
+VDB1 = DeviceNode("/dev/vdb1", (252, 17), "block")
+DM0 = DeviceNode("/dev/dm-0", (253, 0), "block")
+HIDRAW = DeviceNode("/dev/hidraw0", (241, 0), "char")
+
+
+def add_process(base: Path, pid: int, comm: str, fds: dict[int, str], *, as_text: bool = False) -> Path:
+    """proc/PID with comm and fd/N links whose text is the given target (or small files holding it)."""
+    piddir = base / "proc" / str(pid)
+    fd_dir = piddir / "fd"
+    fd_dir.mkdir(parents=True)
+    (piddir / "comm").write_text(comm + "\n")
+    for n, target in fds.items():
+        if as_text:
+            (fd_dir / str(n)).write_text(target + "\n")
+        else:
+            (fd_dir / str(n)).symlink_to(target)
+    return piddir
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    dev = tmp_path / "dev"
+    (dev / "mapper").mkdir(parents=True)
+    (dev / "disk" / "by-uuid").mkdir(parents=True)
+    (dev / "vdb1").touch()
+    (dev / "dm-0").touch()
+    (dev / "mapper" / "vg-data").symlink_to("../dm-0")
+    (dev / "disk" / "by-uuid" / "1234").symlink_to("../../vdb1")
+    (dev / "escape").symlink_to("../../etc")
+    (dev / "loop-a").symlink_to("loop-b")
+    (dev / "loop-b").symlink_to("loop-a")
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc" / "self").symlink_to("1")  # not numeric: never scanned
+    return tmp_path
+
+
+def test_captured_tree_matches_by_resolved_node_path(tree: Path) -> None:
+    add_process(tree, 100, "postgres", {0: "/dev/null", 3: "/dev/vdb1", 4: "/var/lib/pg/base/1", 5: "pipe:[9]"})
+    add_process(tree, 101, "lvm-user", {7: "/dev/mapper/vg-data"})
+    add_process(tree, 102, "by-uuid", {9: "/dev/disk/by-uuid/1234"})
+    add_process(tree, 103, "decoy", {1: "/dev/vdb11", 2: "/dev/vdb", 3: "/dev/../dev/escape/vdb1", 4: "/dev/loop-a"})
+    scan = scan_processes(Roots.under(tree), [VDB1, DM0])
+    got = [(r.pid, r.command, r.fd, r.devno, r.kind, r.target) for r in scan.open_refs]
+    assert got == [
+        (100, "postgres", 3, (252, 17), "block", "/dev/vdb1"),
+        (101, "lvm-user", 7, (253, 0), "block", "/dev/mapper/vg-data"),
+        (102, "by-uuid", 9, (252, 17), "block", "/dev/disk/by-uuid/1234"),
+    ]
+    assert scan.problems == []
+
+
+def test_captured_fds_stored_as_text_files(tree: Path) -> None:
+    add_process(tree, 200, "dd", {3: "/dev/vdb1", 4: "socket:[555]"}, as_text=True)
+    scan = scan_processes(Roots.under(tree), [VDB1], socket_inodes={555})
+    assert [(r.pid, r.fd) for r in scan.open_refs] == [(200, 3)]
+    assert scan.socket_owners == {555: [(200, "dd")]}
+
+
+def test_socket_owners_only_for_wanted_inodes(tree: Path) -> None:
+    add_process(tree, 300, "nginx", {3: "socket:[1001]", 4: "socket:[1002]", 5: "socket:[junk]"})
+    add_process(tree, 301, "worker", {3: "socket:[1001]"})
+    scan = scan_processes(Roots.under(tree), [], socket_inodes=[1001])
+    assert scan.socket_owners == {1001: [(300, "nginx"), (301, "worker")]}
+    assert scan.open_refs == []
+
+
+def test_nothing_wanted_reads_no_fds(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_process(tree, 100, "x", {3: "/dev/vdb1"})
+
+    def fail(*_a: object, **_k: object) -> str:
+        raise AssertionError("readlink called although nothing is wanted")
+
+    monkeypatch.setattr(os, "readlink", fail)
+    scan = scan_processes(Roots.under(tree), [])
+    assert (scan.open_refs, scan.socket_owners, scan.problems) == ([], {}, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("/dev/vdb1", "/dev/vdb1"),
+        ("/dev/mapper/vg-data", "/dev/dm-0"),
+        ("/dev/disk/by-uuid/1234", "/dev/vdb1"),
+        ("/dev//./vdb1", "/dev/vdb1"),
+        ("/dev/mapper/../vdb1", "/dev/vdb1"),
+        ("/dev/not-in-tree", "/dev/not-in-tree"),
+        ("/dev/escape/passwd", None),
+        ("/dev/../etc/shadow", None),
+        ("/dev/loop-a", None),
+        ("/etc/passwd", None),
+        ("/dev/", None),
+    ],
+)
+def test_resolve_dev_link(tree: Path, text: str, expected: str | None) -> None:
+    assert resolve_dev_link(tree / "dev", text) == expected
+
+
+def test_absolute_symlink_inside_dev_is_followed(tree: Path) -> None:
+    (tree / "dev" / "root").symlink_to("/dev/vdb1")
+    assert resolve_dev_link(tree / "dev", "/dev/root") == "/dev/vdb1"
+
+
+def test_pid_vanishing_before_its_fd_dir_opens_is_skipped(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_process(tree, 100, "gone", {3: "/dev/vdb1"})
+    add_process(tree, 101, "stays", {3: "/dev/vdb1"})
+    real_open = os.open
+
+    def flaky_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if str(path).endswith("/100/fd"):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", flaky_open)
+    scan = scan_processes(Roots.under(tree), [VDB1])
+    assert [r.pid for r in scan.open_refs] == [101]
+    assert scan.problems == []
+
+
+def test_fd_closed_between_listing_and_readlink_is_skipped(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_process(tree, 100, "busy", {3: "/dev/vdb1", 4: "/dev/dm-0"})
+    real_readlink = os.readlink
+
+    def flaky_readlink(path: str, *, dir_fd: int | None = None) -> str:
+        if path == "3":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_readlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", flaky_readlink)
+    scan = scan_processes(Roots.under(tree), [VDB1, DM0])
+    assert [(r.pid, r.fd) for r in scan.open_refs] == [(100, 4)]
+    assert scan.problems == []
+
+
+def test_process_exiting_before_comm_is_read_holds_nothing(tree: Path) -> None:
+    piddir = add_process(tree, 100, "exiting", {3: "/dev/vdb1"})
+    (piddir / "comm").unlink()
+    assert scan_processes(Roots.under(tree), [VDB1]).open_refs == []
+
+
+@pytest.mark.parametrize("where", ["open", "listdir", "readlink"])
+def test_permission_denied_is_a_problem_affecting_everything(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    add_process(tree, 100, "hidden", {3: "/dev/vdb1"})
+    add_process(tree, 101, "visible", {3: "/dev/vdb1"})
+    real = getattr(os, where)
+
+    def denied(path: object, *args: object, **kwargs: object) -> object:
+        target = str(path)
+        in_100 = "/100/" in target or (where != "open" and _fd_dir_of(args, kwargs, path) == "100")
+        if in_100:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, where, denied)
+    scan = scan_processes(Roots.under(tree), [VDB1])
+    assert [r.pid for r in scan.open_refs] == [101]
+    assert [(p.object, p.affects) for p in scan.problems] == [("/proc/100/fd", ("*",))]
+    assert "Permission denied" in scan.problems[0].detail
+
+
+def _fd_dir_of(args: tuple[object, ...], kwargs: dict[str, object], path: object) -> str:
+    """For listdir(fd) / readlink(name, dir_fd=fd): which pid directory the descriptor is open on."""
+    fd = kwargs.get("dir_fd", path if isinstance(path, int) else None)
+    if not isinstance(fd, int):
+        return ""
+    return Path(os.readlink(f"/proc/self/fd/{fd}")).parent.name
+
+
+def test_unlistable_proc_is_a_problem(tmp_path: Path) -> None:
+    scan = scan_processes(Roots.under(tmp_path / "nothing"), [VDB1])
+    assert scan.open_refs == []
+    assert [(p.object, p.affects) for p in scan.problems] == [("/proc", ("*",))]
+
+
+def _live_roots(base: Path) -> Roots:
+    return Roots(sys=base / "sys", proc=base / "proc", dev=base / "dev", live=True, base=base)
+
+
+def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
+    # Live, the fd entry is stat()ed: it follows to the node actually opened. Here the "fd links"
+    # point at this machine's /dev/null, whatever name they carry in the wanted list.
+    st = os.stat("/dev/null")
+    null_devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
+    add_process(tmp_path, 400, "holder", {0: "/dev/null", 1: "/dev/does-not-exist"})
+    add_process(tmp_path, 401, "elsewhere", {5: str(tmp_path / "dev" / "null")})
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "null").symlink_to("/dev/null")  # a container root's dev/: text differs, node is the same
+    roots = _live_roots(tmp_path)
+
+    renamed = DeviceNode("/dev/some-other-name", null_devno, "char")
+    scan = scan_processes(roots, [renamed])
+    assert [(r.pid, r.fd, r.devno, r.kind) for r in scan.open_refs] == [
+        (400, 0, null_devno, "char"),
+        (401, 5, null_devno, "char"),
+    ]
+    assert scan.open_refs[0].target == "/dev/null"
+
+    # The same number as a block device is another device.
+    assert scan_processes(roots, [DeviceNode("/dev/null", null_devno, "block")]).open_refs == []
+    # A name alone never matches: /dev/does-not-exist cannot be stat()ed.
+    ghost = DeviceNode("/dev/does-not-exist", (252, 99), "block")
+    assert scan_processes(roots, [ghost]).open_refs == []
