@@ -1,0 +1,63 @@
+"""Network namespace helpers for integration tests: a fresh netns per test, deleted even on failure."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_root
+
+# Runs inside the namespace (ip netns exec also remounts /sys for it) and prints the scan as JSON.
+_COLLECT = """
+import dataclasses, json
+from unplugd.agent.collectors.net import collect_net
+from unplugd.agent.roots import Roots
+print(json.dumps(dataclasses.asdict(collect_net(Roots.live_system()))))
+"""
+
+
+class NetNS:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def ip(self, *args: str) -> None:
+        """Run `ip ARGS` inside the namespace; fail the test with ip's message."""
+        proc = subprocess.run(["ip", "-n", self.name, *args], capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            pytest.fail(f"ip -n {self.name} {' '.join(args)}: {proc.stderr.strip()}")
+
+    def run(self, *argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, check=False, timeout=timeout
+        )
+
+    def collect(self) -> dict[str, Any]:
+        """collect_net() as seen from inside the namespace, decoded from JSON."""
+        proc = self.run(sys.executable, "-c", _COLLECT)
+        if proc.returncode != 0:
+            pytest.fail(f"collect_net in {self.name} failed: {proc.stderr.strip()}")
+        result: dict[str, Any] = json.loads(proc.stdout)
+        return result
+
+
+@pytest.fixture
+def netns() -> Iterator[NetNS]:
+    require_root()
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 missing")
+    name = f"unplugd-t-{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, check=False)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
+    try:
+        yield NetNS(name)
+    finally:
+        # Deleting the namespace also destroys every link created inside it.
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
