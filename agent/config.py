@@ -1,0 +1,242 @@
+"""The agent's configuration: /etc/unplugd/config.toml, read with tomllib.
+
+Every key has a default (packaging/config.toml documents them); a file only
+states what differs. Unknown keys and wrong types are errors that name the
+key, so a typo never silently leaves a default (say, mutations) in force.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from unplugd.agent.errors import AgentError
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "ConfigError",
+    "MutationsConfig",
+    "ServerConfig",
+    "TcpConfig",
+    "TransportsConfig",
+    "VirtioSerialConfig",
+    "VsockConfig",
+    "WatchConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_PATH = Path("/etc/unplugd/config.toml")
+
+
+class ConfigError(AgentError):
+    """The configuration file is unreadable or states something invalid."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # The gRPC server always listens here; bridges connect to it.
+    socket: Path = Path("/run/unplugd/agent.sock")
+    # Root only: whoever reaches the socket can ask for leases.
+    socket_mode: int = 0o600
+    # Worker threads; each WatchReport stream holds one while it lasts.
+    max_workers: int = 16
+    max_watchers: int = 8
+
+
+@dataclass(frozen=True)
+class MutationsConfig:
+    # PrepareUnplug / ReleaseUnplug are refused unless this is true.
+    enabled: bool = False
+    default_lease_seconds: int = 60
+    max_lease_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    # Open file descriptors have no event: rescan them this often while
+    # someone watches.
+    fd_rescan_seconds: float = 5.0
+    # Events within this window are answered by one scan.
+    debounce_seconds: float = 0.1
+
+
+@dataclass(frozen=True)
+class VsockConfig:
+    enabled: bool = False
+    # Below 1024: only root may bind it in the guest.
+    port: int = 1000
+    # Peers allowed to connect; CID 2 is the host.
+    allowed_cids: tuple[int, ...] = (2,)
+
+
+@dataclass(frozen=True)
+class VirtioSerialConfig:
+    enabled: bool = False
+    # /dev/virtio-ports/<name>
+    name: str = "org.unplugd.agent.0"
+
+
+@dataclass(frozen=True)
+class TcpConfig:
+    # Mutual TLS is required: enabling TCP without all three files is an error.
+    enabled: bool = False
+    listen: str = ""
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class TransportsConfig:
+    vsock: VsockConfig = field(default_factory=VsockConfig)
+    virtio_serial: VirtioSerialConfig = field(default_factory=VirtioSerialConfig)
+    tcp: TcpConfig = field(default_factory=TcpConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    mutations: MutationsConfig = field(default_factory=MutationsConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    transports: TransportsConfig = field(default_factory=TransportsConfig)
+    # Where the values came from, for log lines; not a key in the file.
+    source: str = field(default="defaults", compare=False)
+
+    def with_overrides(self, *, socket: Path | None = None, enable_mutations: bool = False) -> Config:
+        """Apply command-line flags: they win over the file."""
+        cfg = self
+        if socket is not None:
+            cfg = replace(cfg, server=replace(cfg.server, socket=socket))
+        if enable_mutations:
+            cfg = replace(cfg, mutations=replace(cfg.mutations, enabled=True))
+        return cfg
+
+
+_T = TypeVar("_T")
+
+
+def load_config(path: Path | None = None, *, missing_ok: bool | None = None) -> Config:
+    """Read a config file. Without a path the default one is read if present.
+
+    An explicitly named file must exist (missing_ok defaults to False then).
+    """
+    explicit = path is not None
+    target = path if path is not None else DEFAULT_PATH
+    if missing_ok is None:
+        missing_ok = not explicit
+    try:
+        raw = target.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return Config()
+        raise ConfigError(f"{target}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{target}: {exc.strerror or exc}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{target}: not valid TOML: {exc}") from exc
+    return parse_config(data, source=str(target))
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:
+    """Build a Config from parsed TOML; ConfigError names the offending key."""
+    cfg = _build(Config, data, prefix="", source=source, skip={"source"})
+    cfg = replace(cfg, source=source)
+    _validate(cfg, source)
+    return cfg
+
+
+def _build(cls: type[_T], data: Mapping[str, Any], *, prefix: str, source: str, skip: set[str] = frozenset()) -> _T:  # type: ignore[assignment]
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table")
+    assert is_dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name not in skip}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!s} (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for name in known:
+        if name not in data:
+            continue
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if is_dataclass(hint):
+            values[name] = _build(typing.cast(type[Any], hint), data[name], prefix=key + ".", source=source)
+        else:
+            values[name] = _convert(hint, data[name], key, source)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} must be {expected}, not {type(value).__name__} {value!r}")
+
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        # Only `X | None` is used: TOML has no null, so the key is just X.
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _convert(inner, value, key, source)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise bad("a non-empty path string")
+        return Path(value)
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list):
+            raise bad("a list")
+        return tuple(_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    raise ConfigError(f"{source}: {key}: unsupported setting type {hint!r}")  # a bug in this module
+
+
+def _validate(cfg: Config, source: str) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key} {why}")
+
+    srv, mut, watch, tr = cfg.server, cfg.mutations, cfg.watch, cfg.transports
+    need(srv.socket.is_absolute(), "server.socket", "must be an absolute path")
+    need(0 <= srv.socket_mode <= 0o777, "server.socket_mode", "must be a permission mode like 0o600")
+    need(srv.socket_mode & 0o007 == 0, "server.socket_mode", "must not give access to others")
+    need(1 <= srv.max_workers <= 256, "server.max_workers", "must be between 1 and 256")
+    need(0 <= srv.max_watchers < srv.max_workers, "server.max_watchers", "must leave workers for other calls")
+    need(mut.default_lease_seconds >= 1, "mutations.default_lease_seconds", "must be at least 1")
+    need(mut.max_lease_seconds >= mut.default_lease_seconds, "mutations.max_lease_seconds",
+         "must not be below default_lease_seconds")
+    need(watch.fd_rescan_seconds >= 0.5, "watch.fd_rescan_seconds", "must be at least 0.5")
+    need(0 <= watch.debounce_seconds <= 0.5, "watch.debounce_seconds",
+         "must be between 0 and 0.5 (changes must arrive within a second)")
+    need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
+    need(all(c >= 0 for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids", "must be CIDs (>= 0)")
+    name = tr.virtio_serial.name
+    need(bool(name) and "/" not in name and name not in (".", ".."), "transports.virtio_serial.name",
+         "must be a port name without '/'")
+    if tr.tcp.enabled:
+        need(bool(tr.tcp.listen), "transports.tcp.listen", "is required when TCP is enabled (host:port)")
+        for attr in ("cert", "key", "client_ca"):
+            need(getattr(tr.tcp, attr) is not None, f"transports.tcp.{attr}",
+                 "is required when TCP is enabled: TCP is served only with mutual TLS")

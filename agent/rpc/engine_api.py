@@ -1,0 +1,54 @@
+"""What the service needs from the readiness engine, as a Protocol.
+
+The servicer, leases and the watcher take an EngineApi, so tests hand them a
+fake and `serve` hands them ModuleEngine, which calls agent.engine and
+agent.selection. Names from requests are only ever matched against an
+inspected inventory there, never turned into paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Protocol
+
+from unplugd.agent import engine, selection
+from unplugd.agent.model import Inventory, PciAddress, PciFunction
+from unplugd.agent.roots import Roots
+from unplugd.v1 import report_pb2
+
+__all__ = ["EngineApi", "ModuleEngine"]
+
+
+class EngineApi(Protocol):
+    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory: ...
+
+    def inspect(
+        self,
+        roots: Roots,
+        devices: Sequence[str] = (),
+        *,
+        leased: Mapping[PciAddress, str] = {},
+        own_claims: Collection[str] = (),
+    ) -> report_pb2.Report: ...
+
+    def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]: ...
+
+
+class ModuleEngine:
+    """The real engine: agent/engine.py and agent/selection.py."""
+
+    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
+        return engine.scan(roots, own_claims=own_claims)
+
+    def inspect(
+        self,
+        roots: Roots,
+        devices: Sequence[str] = (),
+        *,
+        leased: Mapping[PciAddress, str] = {},
+        own_claims: Collection[str] = (),
+    ) -> report_pb2.Report:
+        return engine.inspect(roots, devices, leased=leased, own_claims=own_claims)
+
+    def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
+        return selection.select(inventory, names)

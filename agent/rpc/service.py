@@ -1,0 +1,222 @@
+"""AgentService: converts requests, calls the engine, leases and watcher, maps errors.
+
+Thin on purpose: every decision lives in the engine (readiness), leases.py
+(claims) or watch.py (changes). Every method runs inside `_guard`, so any
+exception becomes a status through rpc/errors.py and the server lives on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+import unplugd
+from unplugd.agent.config import Config
+from unplugd.agent.errors import InvalidArgument, MutationDisabled
+from unplugd.agent.roots import Roots
+from unplugd.agent.rpc.engine_api import EngineApi
+from unplugd.agent.rpc.errors import status_for
+from unplugd.agent.rpc.leases import LeaseGrant, LeaseManager, targets_for
+from unplugd.agent.rpc.watch import ReportHub, Subscription, changed_between, filter_report, function_keys
+from unplugd.v1 import agent_service_pb2 as pb
+from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
+
+__all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "Listener", "validate_names"]
+
+log = logging.getLogger(__name__)
+
+MAX_NAMES = 512
+MAX_NAME_LENGTH = 256
+
+_R = TypeVar("_R")
+
+
+@dataclass(frozen=True)
+class Listener:
+    transport: str  # unix | vsock | virtio-serial | tcp-mtls
+    address: str
+
+
+def validate_names(names: Sequence[str]) -> list[str]:
+    """Reject what cannot be a device name; matching is the engine's job."""
+    if len(names) > MAX_NAMES:
+        raise InvalidArgument(f"too many devices ({len(names)}; at most {MAX_NAMES})")
+    out: list[str] = []
+    for name in names:
+        if not name or not name.strip():
+            raise InvalidArgument("empty device name")
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidArgument(f"device name longer than {MAX_NAME_LENGTH} characters")
+        if not name.isprintable():
+            raise InvalidArgument(f"device name with control characters: {name!r}")
+        out.append(name.strip())
+    return out
+
+
+class AgentServicer(pb_grpc.AgentServiceServicer):
+    def __init__(
+        self,
+        *,
+        roots: Roots,
+        engine: EngineApi,
+        config: Config,
+        leases: LeaseManager,
+        hub: ReportHub,
+        listeners: Callable[[], Sequence[Listener]] = lambda: (),
+    ) -> None:
+        self._roots = roots
+        self._engine = engine
+        self._config = config
+        self._leases = leases
+        self._hub = hub
+        self._listeners = listeners
+        self._watchers = threading.BoundedSemaphore(max(config.server.max_watchers, 1))
+
+    # -- read-only ------------------------------------------------------------------
+
+    def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext) -> pb.GetReportResponse:
+        def call() -> pb.GetReportResponse:
+            names = validate_names(request.devices)
+            report = self._engine.inspect(self._roots, names, leased=self._leases.leased(),
+                                          own_claims=self._leases.own_claims())
+            return pb.GetReportResponse(report=report)
+
+        return _guard("GetReport", context, call)
+
+    def GetAgentInfo(self, request: pb.GetAgentInfoRequest,
+                     context: grpc.ServicerContext) -> pb.GetAgentInfoResponse:
+        def call() -> pb.GetAgentInfoResponse:
+            uname = os.uname()
+            caps = ["report", "watch"]
+            if self._config.mutations.enabled:
+                caps += ["prepare", "interfaces-down"]
+            return pb.GetAgentInfoResponse(
+                version=unplugd.__version__,
+                capabilities=caps,
+                kernel=uname.release,
+                hostname=uname.nodename,
+                listeners=[pb.Listener(transport=lst.transport, address=lst.address) for lst in self._listeners()],
+                mutating_enabled=self._config.mutations.enabled,
+            )
+
+        return _guard("GetAgentInfo", context, call)
+
+    def WatchReport(self, request: pb.WatchReportRequest,
+                    context: grpc.ServicerContext) -> Iterator[pb.WatchReportResponse]:
+        # A generator: errors before the first message still end as a status.
+        try:
+            names = validate_names(request.devices)
+            addresses = None
+            if names:
+                inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
+                addresses = {str(f.address) for f in self._engine.select(inventory, names)}
+        except Exception as exc:
+            _abort("WatchReport", context, exc)
+        if not self._watchers.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"at most {self._config.server.max_watchers} WatchReport streams at a time")
+        try:
+            sub = self._hub.subscribe()
+            context.add_callback(sub.close)
+            try:
+                yield from self._stream(sub, addresses, context)
+            finally:
+                sub.close()
+        finally:
+            self._watchers.release()
+
+    def _stream(self, sub: Subscription, addresses: set[str] | None,
+                context: grpc.ServicerContext) -> Iterator[pb.WatchReportResponse]:
+        sent: dict[str, Hashable] | None = None
+        while context.is_active():
+            update = sub.next()
+            if update is None:  # closed: the client left, or the server stops
+                return
+            if isinstance(update, Exception):
+                _abort("WatchReport", context, update)
+            report = filter_report(update.report, addresses)
+            keys = function_keys(report)
+            changed = changed_between(sent, keys)
+            if sent is not None and not changed:
+                continue
+            yield pb.WatchReportResponse(report=report, changed=changed, initial=sent is None)
+            sent = keys
+
+    # -- mutating -------------------------------------------------------------------
+
+    def PrepareUnplug(self, request: pb.PrepareUnplugRequest,
+                      context: grpc.ServicerContext) -> pb.PrepareUnplugResponse:
+        def call() -> pb.PrepareUnplugResponse:
+            self._require_mutations("PrepareUnplug")
+            names = validate_names(request.devices)
+            if request.lease_id:
+                grant = self._leases.renew(request.lease_id, request.lease_seconds)
+                if names:
+                    inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
+                    wanted = {f.address for f in self._engine.select(inventory, names)}
+                    if wanted != set(grant.functions):
+                        raise InvalidArgument("lease_id renews a lease as it is; its devices cannot change "
+                                              "(release it and prepare a new one)")
+            else:
+                if not names:
+                    raise InvalidArgument("name at least one device to prepare")
+                inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
+                functions = self._engine.select(inventory, names)
+                grant = self._leases.prepare(targets_for(inventory, functions), request.lease_seconds,
+                                             take_interfaces_down=request.take_interfaces_down)
+            self._hub.poke()
+            return _grant_response(grant)
+
+        return _guard("PrepareUnplug", context, call)
+
+    def ReleaseUnplug(self, request: pb.ReleaseUnplugRequest,
+                      context: grpc.ServicerContext) -> pb.ReleaseUnplugResponse:
+        def call() -> pb.ReleaseUnplugResponse:
+            self._require_mutations("ReleaseUnplug")
+            if not request.lease_id:
+                raise InvalidArgument("lease_id is required")
+            restored = self._leases.release(request.lease_id)
+            self._hub.poke()
+            return pb.ReleaseUnplugResponse(released=True, interfaces_restored=list(restored))
+
+        return _guard("ReleaseUnplug", context, call)
+
+    def _require_mutations(self, call: str) -> None:
+        if not self._config.mutations.enabled:
+            raise MutationDisabled(call)
+
+
+def _grant_response(grant: LeaseGrant) -> pb.PrepareUnplugResponse:
+    expires = timestamp_pb2.Timestamp()
+    expires.FromNanoseconds(int(grant.expires_at * 1e9))
+    return pb.PrepareUnplugResponse(
+        lease_id=grant.lease_id,
+        expires_at=expires,
+        functions=[str(a) for a in grant.functions],
+        claimed=list(grant.claimed),
+        interfaces_down=list(grant.interfaces_down),
+    )
+
+
+def _guard(call: str, context: grpc.ServicerContext, fn: Callable[[], _R]) -> _R:
+    try:
+        return fn()
+    except Exception as exc:
+        _abort(call, context, exc)
+
+
+def _abort(call: str, context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    status = status_for(exc, call=call)
+    if status.metadata:
+        context.set_trailing_metadata(status.metadata)
+    log.info("call refused", extra={"call": call, "code": status.code.name, "error": status.message})
+    context.abort(status.code, status.message)
+    raise AssertionError("context.abort returned")  # it raises; keeps type checkers honest
+
