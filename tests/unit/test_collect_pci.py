@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors import pci
 from unplugd.agent.collectors.pci import (
     class_name,
     collect_pci,
@@ -292,7 +291,7 @@ def test_unlistable_child_directory_marks_the_function(tree: Tree, monkeypatch: 
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
 
-    monkeypatch.setattr(pci.os, "scandir", scandir)
+    monkeypatch.setattr("os.scandir", scandir)
     functions, problems = collect_pci(tree.roots)
 
     assert len(functions) == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors import mounts
+from unplugd.agent import sysio
 from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo, unescape_octal
 from unplugd.agent.errors import NotPermitted, ParseError
 from unplugd.agent.model import Mount
@@ -216,14 +216,14 @@ def test_denied_ns_link_still_reads_the_mountinfo(proc: Proc, monkeypatch: pytes
     proc.pid(3, None, OTHER_TABLE)  # the same one again
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
-    real = mounts.readlink
+    real = sysio.readlink
 
     def readlink(path: Path) -> str:
         if path.parent.parent.name in ("1", "2", "3"):
             raise NotPermitted(str(path), "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(mounts, "readlink", readlink)
+    monkeypatch.setattr("unplugd.agent.collectors.mounts.readlink", readlink)
     scan = collect_mounts(proc.roots)
 
     assert scan.problems == []
@@ -241,14 +241,14 @@ def test_denied_ns_link_and_mountinfo_fail_closed(proc: Proc, monkeypatch: pytes
     (proc.proc / "1" / "mountinfo").mkdir()
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
-    real = mounts.readlink
+    real = sysio.readlink
 
     def readlink(path: Path) -> str:
         if path.parent.parent.name == "1":
             raise NotPermitted(str(path), "Permission denied")
         return real(path)
 
-    monkeypatch.setattr(mounts, "readlink", readlink)
+    monkeypatch.setattr("unplugd.agent.collectors.mounts.readlink", readlink)
     scan = collect_mounts(proc.roots)
 
     (problem,) = scan.problems
