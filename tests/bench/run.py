@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import signal
 import sys
 import time
@@ -61,6 +62,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _run_section(key: str, module_name: str, quick: bool) -> SectionResult:
     t0 = time.monotonic()
+    load_before = os.getloadavg()[0]
     try:
         mod = importlib.import_module(module_name)
         result: SectionResult = mod.run(quick)
@@ -70,6 +72,8 @@ def _run_section(key: str, module_name: str, quick: bool) -> SectionResult:
         traceback.print_exc(file=sys.stderr)
         result = SectionResult(key, module_name, skipped=f"section failed: {type(exc).__name__}: {exc}")
     result.seconds = result.seconds or time.monotonic() - t0
+    # The machine is shared (2 cores): say how busy it was, figures move with it.
+    result.notes.append(f"load average (1 min) {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
     return result
 
 
