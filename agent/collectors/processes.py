@@ -154,13 +154,18 @@ class _Scanner:
             return
         refs: list[OpenRef] = []
         inodes: list[int] = []
+        # The hot loop of a scan (tens of thousands of fds): locals only, text tests first.
+        readlink = os.readlink
+        live = self.live
+        want_devices = self.want_devices
+        sockets = self.sockets
         for name in names:
             try:
-                target = os.readlink(name, dir_fd=dfd)
+                target = readlink(name, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno in _GONE:
                     continue  # fd closed since the listing
-                if exc.errno == errno.EINVAL and not self.live:
+                if exc.errno == errno.EINVAL and not live:
                     text = self._read_captured_fd(pid, name, dfd)
                     if text is None:
                         continue
@@ -170,14 +175,14 @@ class _Scanner:
                     return
             # Live, a node may also show under another root's dev/ (a container's
             # rootfs seen from here); stat() decides, the text only pre-filters.
-            if target.startswith("/dev/") or (self.live and "/dev/" in target):
-                if self.want_devices:
+            if target.startswith("/dev/") or (live and "/dev/" in target):
+                if want_devices:
                     ref = self._match_device(pid, name, dfd, target)
                     if ref is not None:
                         refs.append(ref)
-            elif self.sockets and target.startswith("socket:["):
+            elif sockets and target.startswith("socket:["):
                 inode = _socket_inode(target)
-                if inode is not None and inode in self.sockets:
+                if inode is not None and inode in sockets:
                     inodes.append(inode)
         if not refs and not inodes:
             return
