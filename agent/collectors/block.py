@@ -195,7 +195,10 @@ def find_block_node(roots: Roots, dev: BlockDevice) -> Path | None:
 # - a partition swapped on (swapon opens it exclusively): the same, EBUSY on partition and disk.
 # - the whole disk opened without O_EXCL by another process: O_EXCL still succeeds; plain
 #   opens are not claims (processes.py finds those by device number).
-# - after umount/swapoff: O_EXCL succeeds again on both.
+# - after umount/swapoff: O_EXCL succeeds again on both (for a mount in a namespace that
+#   died with its last process, a moment later: the teardown is asynchronous).
+# - the other way round, what leases rely on: while the disk is held O_EXCL, O_EXCL on a
+#   partition fails with EBUSY and mounting the partition fails.
 # The probe itself claims for a few microseconds: a mount or swapon racing with it can fail
 # with EBUSY, so it runs once per scan and closes at once.
 _PROBE_FLAGS = os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
