@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_root
+from tests.conftest import REPO, require_root
 
 # Runs inside the namespace (ip netns exec also remounts /sys for it) and prints the scan as JSON.
 _COLLECT = """
@@ -38,9 +39,14 @@ class NetNS:
             ["ip", "netns", "exec", self.name, *argv], capture_output=True, text=True, check=False, timeout=timeout
         )
 
-    def collect(self) -> dict[str, Any]:
-        """collect_net() as seen from inside the namespace, decoded from JSON."""
-        proc = self.run(sys.executable, "-c", _COLLECT)
+    def collect(self, python: str = sys.executable) -> dict[str, Any]:
+        """collect_net() as seen from inside the namespace, decoded from JSON.
+
+        `python` may be another interpreter (Debian's /usr/bin/python3 with its
+        own pyroute2); the work tree is put on its path through .dev/.
+        """
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO / ".dev")}
+        proc = self.run("env", "-i", *(f"{k}={v}" for k, v in env.items()), python, "-c", _COLLECT)
         if proc.returncode != 0:
             pytest.fail(f"collect_net in {self.name} failed: {proc.stderr.strip()}")
         result: dict[str, Any] = json.loads(proc.stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,45 @@ def test_ipv6_loopback_connection_is_established() -> None:
     finally:
         for s in (accepted, client, server):
             s.close()
+
+
+DEBIAN_PYTHON = "/usr/bin/python3"
+
+
+def _debian_pyroute2() -> str | None:
+    probe = subprocess.run(
+        [DEBIAN_PYTHON, "-c", "import pyroute2, importlib.metadata as m; print(m.version('pyroute2'))"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+@pytest.mark.debian
+def test_debian_pyroute2_dumps_the_same(netns: NetNS) -> None:
+    """The guest package runs on Debian 12's python3-pyroute2 (0.7): same links, addresses, routes."""
+    if not Path(DEBIAN_PYTHON).exists() or _debian_pyroute2() is None:
+        pytest.skip("Debian's python3-pyroute2 is not installed")
+    netns.ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
+    netns.ip("link", "add", "br0", "type", "bridge")
+    netns.ip("link", "set", "va", "master", "br0")
+    for link in ("lo", "va", "vb", "br0"):
+        netns.ip("link", "set", link, "up")
+    netns.ip("addr", "add", "198.51.100.2/24", "dev", "vb")
+    netns.ip("-6", "addr", "add", "2001:db8:5::2/64", "dev", "vb", "nodad")
+    netns.ip("route", "add", "default", "nexthop", "via", "198.51.100.1", "dev", "vb", "nexthop", "via", "198.51.100.3")
+    netns.ip("-6", "route", "add", "default", "via", "2001:db8:5::1", "dev", "vb")
+    netns.ip("route", "add", "203.0.113.0/24", "via", "198.51.100.9", "table", "100")
+
+    ours, debian = netns.collect(), netns.collect(DEBIAN_PYTHON)
+    assert debian["problems"] == [] == ours["problems"]
+    for key in ("interfaces", "routes"):
+        assert debian[key] == ours[key], key
+    # Both hops of the multipath default route, each through vb.
+    assert defaults(ours) == [
+        (AF_INET, "0.0.0.0/0", "198.51.100.1", "vb"),
+        (AF_INET, "0.0.0.0/0", "198.51.100.3", "vb"),
+        (AF_INET6, "::/0", "2001:db8:5::1", "vb"),
+    ]
+    assert ["203.0.113.0/24", 100] in [[r["destination"], r["table"]] for r in ours["routes"]]
