@@ -281,12 +281,13 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("journal", "text"), default=None,
                    help="journal (structured, for systemd) or text; default: journal under systemd")
     p.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)  # serve a captured tree (tests)
-    p.set_defaults(func=run_serve)
+    # `run` is what agent/cli.py dispatches on; `func` serves main() below.
+    p.set_defaults(func=run_serve, run=run_serve)
     return p
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    setup_logging(args.log_format)
+    setup_logging(args.log_format, level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
         config = load_config(args.config).with_overrides(socket=args.socket, enable_mutations=args.enable_mutations)
     except ConfigError as exc:
