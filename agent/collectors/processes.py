@@ -123,12 +123,14 @@ class _Scanner:
         self.socket_owners: dict[int, list[tuple[int, str]]] = {}
         self.problems: list[ScanProblem] = []
 
-    def problem(self, pid: int, exc: OSError) -> None:
+    def problem(self, pid: int, exc: OSError, proc_dir: str) -> None:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        command = self._command(pid, proc_dir)
+        who = f"pid {pid} ({command})" if command else f"pid {pid}"
         self.problems.append(
             ScanProblem(
                 object=f"/proc/{pid}/fd",
-                detail=f"cannot read the open files of pid {pid}: {reason}; it may hold any device",
+                detail=f"cannot read the open files of {who}: {reason}; it may hold any device",
                 affects=("*",),
             )
         )
@@ -138,7 +140,7 @@ class _Scanner:
             dfd = os.open(f"{proc_dir}/{pid}/fd", _O_DIR)
         except OSError as exc:
             if exc.errno not in _GONE:
-                self.problem(pid, exc)
+                self.problem(pid, exc, proc_dir)
             return
         try:
             self._scan_fds(pid, dfd, proc_dir)
@@ -150,7 +152,7 @@ class _Scanner:
             names = os.listdir(dfd)
         except OSError as exc:
             if exc.errno not in _GONE:
-                self.problem(pid, exc)
+                self.problem(pid, exc, proc_dir)
             return
         refs: list[OpenRef] = []
         inodes: list[int] = []
@@ -166,12 +168,12 @@ class _Scanner:
                 if exc.errno in _GONE:
                     continue  # fd closed since the listing
                 if exc.errno == errno.EINVAL and not live:
-                    text = self._read_captured_fd(pid, name, dfd)
+                    text = self._read_captured_fd(pid, name, dfd, proc_dir)
                     if text is None:
                         continue
                     target = text
                 else:
-                    self.problem(pid, exc)
+                    self.problem(pid, exc, proc_dir)
                     return
             # Live, a node may also show under another root's dev/ (a container's
             # rootfs seen from here); stat() decides, the text only pre-filters.
@@ -196,7 +198,7 @@ class _Scanner:
         for inode in inodes:
             self.socket_owners.setdefault(inode, []).append((pid, command))
 
-    def _read_captured_fd(self, pid: int, name: str, dfd: int) -> str | None:
+    def _read_captured_fd(self, pid: int, name: str, dfd: int, proc_dir: str) -> str | None:
         # A capture may store an fd as a small file holding the link text.
         try:
             fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
@@ -206,7 +208,7 @@ class _Scanner:
                 os.close(fd)
         except OSError as exc:
             if exc.errno not in _GONE:
-                self.problem(pid, exc)
+                self.problem(pid, exc, proc_dir)
             return None
         return data.decode("utf-8", "surrogateescape").strip()
 

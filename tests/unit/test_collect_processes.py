@@ -171,6 +171,7 @@ def test_permission_denied_is_a_problem_affecting_everything(
     assert [r.pid for r in scan.open_refs] == [101]
     assert [(p.object, p.affects) for p in scan.problems] == [("/proc/100/fd", ("*",))]
     assert "Permission denied" in scan.problems[0].detail
+    assert "pid 100 (hidden)" in scan.problems[0].detail
 
 
 def _fd_dir_of(args: tuple[object, ...], kwargs: dict[str, object], path: object) -> str:
