@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import grpc
 
 from unplugd.agent.model import PciAddress, PciPath
-from unplugd.host.topology import Bus, BusKind, Function, Slot, Topology
+from unplugd.host.client import AgentCallFailed, AgentUnreachable
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 
 ROOT_Q35 = Bus(BusKind.PCIE_ROOT, 0, 0, None, "pcie.0", hotplug=False)
@@ -84,3 +90,107 @@ def report(*functions: report_pb2.PciFunction) -> report_pb2.Report:
     r = report_pb2.Report(hostname="guest")
     r.functions.extend(functions)
     return r
+
+
+# ---------------------------------------------------------------- fake backend and agent
+
+
+class FakeBackend:
+    """A hypervisor whose unplug behaviour the test chooses.
+
+    on_unplug(fn) returns the Removals to emit (the whole slot, say), or raises.
+    After a removal the function also disappears from topology().
+    """
+
+    source = "qmp"
+
+    def __init__(self, topo: Topology, on_unplug: Callable[[Function], list[Removal]] | None = None) -> None:
+        self.topo = topo
+        self.on_unplug = on_unplug or (lambda fn: [])
+        self.calls: list[str] = []
+        self.gone: set[str] = set()
+        self._queues: list[asyncio.Queue[Removal]] = []
+
+    async def topology(self) -> Topology:
+        self.calls.append("topology")
+        slots = []
+        for s in self.topo.slots:
+            fs = tuple(f for f in s.functions if f.qemu_id not in self.gone)
+            if fs:
+                slots.append(Slot(s.bus, s.number, fs, s.machine))
+        return Topology(self.topo.source, self.topo.vm, self.topo.machine, tuple(slots))
+
+    async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
+        self.calls.append(f"unplug {fn.name}{' via monitor' if via_monitor else ''}")
+        for removal in self.on_unplug(fn):
+            self.gone.add(removal.device or "")
+            for q in self._queues:
+                q.put_nowait(removal)
+
+    @contextlib.asynccontextmanager
+    async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
+        q: asyncio.Queue[Removal] = asyncio.Queue()
+        self._queues.append(q)
+
+        async def events() -> AsyncIterator[Removal]:
+            while True:
+                yield await q.get()
+
+        try:
+            yield events()
+        finally:
+            self._queues.remove(q)
+
+
+class FakeAgent:
+    """Serves `reports` in turn (the last one repeats); `dead` makes every call unreachable."""
+
+    def __init__(self, *reports: report_pb2.Report) -> None:
+        self.reports = list(reports)
+        self.calls: list[str] = []
+        self.dead = False
+        self.die_after_prepare = False
+        self.prepare_error: Exception | None = None
+        self.watch_reports: list[report_pb2.Report] = []
+
+    def _check(self, call: str) -> None:
+        self.calls.append(call)
+        if self.dead:
+            raise AgentUnreachable("unix:/fake", "connection refused")
+
+    async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
+        self._check("get_report")
+        return self.reports.pop(0) if len(self.reports) > 1 else self.reports[0]
+
+    async def prepare_unplug(
+        self,
+        devices: Sequence[str],
+        lease_seconds: int,
+        take_interfaces_down: bool = False,
+        *,
+        lease_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.PrepareUnplugResponse:
+        self._check(f"prepare {','.join(devices)}")
+        if self.prepare_error is not None:
+            raise self.prepare_error
+        if self.die_after_prepare:
+            self.dead = True
+        return pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
+
+    async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
+        self._check(f"release {lease_id}")
+        return pb.ReleaseUnplugResponse(released=True)
+
+    async def watch_report(
+        self, devices: Sequence[str] = (), *, timeout: float | None = None
+    ) -> AsyncIterator[pb.WatchReportResponse]:
+        self._check("watch")
+        for r in self.watch_reports:
+            await asyncio.sleep(0)
+            yield pb.WatchReportResponse(report=r)
+        await asyncio.sleep(3600)  # a stream that stays open, like the real one
+
+
+def claim_conflict() -> AgentCallFailed:
+    return AgentCallFailed("unix:/fake", "PrepareUnplug", grpc.StatusCode.FAILED_PRECONDITION, "vdb1 is mounted")
