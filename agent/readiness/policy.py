@@ -579,6 +579,10 @@ def _problem_reasons(
     inv: Inventory, f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[str]
 ) -> list[Reason]:
     keys = _objects(f, block, net_names)
+    if not (block or f.net_interfaces or f.device_nodes or f.driver or f.subdrivers):
+        # Nothing bound and nothing below: no fd, mount or route can involve it,
+        # so only problems that name it leave it undecided.
+        keys.discard("*")
     return [
         Reason(Code.UNREADABLE, f"{p.object}: {p.detail}", object=p.object, undecided=True)
         for p in inv.problems

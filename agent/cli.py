@@ -1,0 +1,321 @@
+"""`unplugd`: the guest agent's command line (inspect, check, capture; serve).
+
+Each subcommand is a pair: an `_add_NAME(subparsers)` that declares its
+arguments and sets `run=` to a function taking the parsed arguments and
+returning an exit code, listed in SUBCOMMANDS. Adding one (serve) is a new
+pair and one line in that list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
+from unplugd.agent.report import state_name, to_json
+from unplugd.agent.roots import Roots
+from unplugd.v1 import report_pb2
+
+__all__ = [
+    "EXIT_BUSY",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_UNKNOWN",
+    "EXIT_USAGE",
+    "SUBCOMMANDS",
+    "build_parser",
+    "main",
+    "open_roots",
+    "render_table",
+]
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BUSY = 3
+EXIT_UNKNOWN = 4
+
+
+_DESCRIPTION = """\
+Is it safe to hot-unplug a PCI device from this VM right now, and if not, why?
+
+unplugd looks at every PCI function of this guest: the disks, partitions,
+device-mapper/LVM/md/loop stacks and mounts (in every mount namespace) below
+it, swap, processes holding its device nodes open, and the state of its
+network interfaces. Each function is READY (nothing uses it), BUSY (with the
+reasons) or UNKNOWN (something could not be read: never treated as ready).
+"""
+
+_EPILOG = """\
+examples:
+  unplugd inspect                      every slot and function, as a table
+  unplugd inspect --json               the same as JSON (protobuf's mapping)
+  unplugd inspect --device vdb         only the function below vdb
+  unplugd check eth1 && echo free      exit 0 ready, 3 busy, 4 unknown
+  unplugd capture /tmp/tree --text /tmp/tree.txt
+  unplugd inspect --root /tmp/tree.txt what the captured machine looked like
+
+exit codes: 0 ok/ready, 1 failure, 2 usage error (bad arguments, unknown
+device), 3 busy, 4 unknown
+"""
+
+
+def _add_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--root",
+        metavar="DIR|FILE",
+        help="inspect a captured tree instead of this system: a directory written by "
+        "`unplugd capture` (DIR/sys, DIR/proc, DIR/dev, DIR/netlink.json) or its text archive",
+    )
+
+
+def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show every PCI function's readiness",
+        description="Show every PCI function, grouped by slot, with its state and the reasons.",
+        epilog="""\
+examples:
+  unplugd inspect
+  unplugd inspect --device 0000:00:06.0 --device eth1
+  unplugd inspect --json | jq '.functions[] | {address, state}'
+  unplugd inspect --root tests/fixtures/scenarios/bond.tree
+
+--device takes a guest PCI address (0000:00:06.1 or 00:06.1), a PCI path
+(0000:00/03.0/05.0), an interface (eth1, bond0) or a block device (vdb,
+vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print the Report as JSON")
+    p.add_argument("--device", action="append", default=[], metavar="NAME", help="only these functions (repeatable)")
+    _add_root(p)
+    p.set_defaults(run=_run_inspect)
+
+
+def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "check",
+        help="exit 0 if a device may be unplugged now, 3 if busy, 4 if unknown",
+        description="Say whether DEVICE's PCI function(s) may be unplugged now, and why not.",
+        epilog="""\
+exit codes: 0 ready, 3 busy, 4 unknown, 2 usage error (bad arguments,
+unknown device), 1 failure.
+
+examples:
+  unplugd check vdb || echo "vdb is in use"
+  unplugd check 0000:00:07.0 --json
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("device", metavar="DEVICE", help="PCI address, PCI path, interface or block device name")
+    p.add_argument("--json", action="store_true", help="print the Report as JSON")
+    _add_root(p)
+    p.set_defaults(run=_run_check)
+
+
+def _add_capture(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "capture",
+        help="copy what inspect reads from this system into a directory",
+        description="Write the parts of /sys, /proc and /dev that inspect reads, plus netlink.json, "
+        "into DIR, so `unplugd inspect --root DIR` reproduces this system's report.",
+        epilog="""\
+examples:
+  unplugd capture /tmp/guest
+  unplugd capture /tmp/guest --text guest.tree   also pack it as a text archive
+""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("dir", metavar="DIR", help="a directory that does not exist yet or is empty")
+    p.add_argument("--text", metavar="FILE", help="also write the tree as a reviewable text archive")
+    p.set_defaults(run=_run_capture)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_inspect,
+    _add_check,
+    _add_capture,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unplugd",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the collectors do (to stderr)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- roots
+
+
+@contextlib.contextmanager
+def open_roots(root: str | None) -> Iterator[Roots]:
+    """The live system, a captured directory, or a text archive unpacked for the duration."""
+    if root is None:
+        yield Roots.live_system()
+        return
+    path = Path(root)
+    if path.is_dir():
+        yield Roots.under(path)
+        return
+    if not path.is_file():
+        raise InvalidArgument(f"--root {root}: no such directory or file")
+    from unplugd.agent import treetext
+
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    with tempfile.TemporaryDirectory(prefix="unplugd-root-") as tmp:
+        treetext.unpack(text, tmp)
+        yield Roots.under(tmp)
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _objects(f: report_pb2.PciFunction) -> str:
+    names = [b.name for b in f.block_devices] + [n.name for n in f.net_interfaces]
+    if not names:
+        names = [n.path.removeprefix("/dev/") for n in f.device_nodes]
+    return ",".join(names) or "-"
+
+
+def _what(f: report_pb2.PciFunction) -> str:
+    kind = f.class_name or f"class {f.class_code}"
+    name = f.device_name or ""
+    text = f"{kind}: {name}" if name else kind
+    return f"{text} [{f.driver}]" if f.driver else text
+
+
+def render_table(report: report_pb2.Report, out: TextIO) -> None:
+    """A table per slot and function, like lsblk's, with the reasons indented below."""
+    head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
+    rows: list[tuple[list[str], report_pb2.PciFunction]] = []
+    by_slot: dict[str, list[report_pb2.PciFunction]] = {}
+    for f in report.functions:
+        by_slot.setdefault(f.slot, []).append(f)
+    for slot, functions in by_slot.items():
+        for i, f in enumerate(functions):
+            cells = [slot if i == 0 else "", f.address, f.pci_path, _what(f), _objects(f), state_name(f.state)]
+            rows.append((cells, f))
+    widths = [max([len(head[c])] + [len(r[0][c]) for r in rows]) for c in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    where = report.hostname or "this system"
+    if report.from_capture:
+        where += " (captured tree)"
+    out.write(f"{where}, kernel {report.kernel or '?'}\n")
+    out.write(line(head) + "\n")
+    indent = " " * (widths[0] + 2)
+    for cells, f in rows:
+        out.write(line(cells) + "\n")
+        for n, r in enumerate(f.reasons):
+            branch = "└─" if n == len(f.reasons) - 1 else "├─"
+            code = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
+            note = "" if r.blocking else " (warning)"
+            out.write(f"{indent}{branch} {code}{note}: {r.detail}\n")
+    if report.problems:
+        out.write("\ncould not read (functions they touch are UNKNOWN unless busy):\n")
+        for p in report.problems:
+            out.write(f"  {p.object}: {p.detail}\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _inspect(root: str | None, devices: Sequence[str]) -> report_pb2.Report:
+    from unplugd.agent import engine
+
+    with open_roots(root) as roots:
+        return engine.inspect(roots, devices)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    report = _inspect(args.root, args.device)
+    if args.json:
+        sys.stdout.write(to_json(report) + "\n")
+    else:
+        render_table(report, sys.stdout)
+    return EXIT_OK
+
+
+_EXIT_FOR_STATE = {
+    report_pb2.FUNCTION_STATE_READY: EXIT_OK,
+    report_pb2.FUNCTION_STATE_BUSY: EXIT_BUSY,
+    report_pb2.FUNCTION_STATE_UNKNOWN: EXIT_UNKNOWN,
+}
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    report = _inspect(args.root, [args.device])
+    states = [f.state for f in report.functions]
+    if report_pb2.FUNCTION_STATE_BUSY in states:
+        code = EXIT_BUSY
+    elif any(s != report_pb2.FUNCTION_STATE_READY for s in states) or not states:
+        code = EXIT_UNKNOWN
+    else:
+        code = EXIT_OK
+    if args.json:
+        sys.stdout.write(to_json(report) + "\n")
+        return code
+    for f in report.functions:
+        sys.stdout.write(f"{f.address} ({_objects(f)}): {state_name(f.state)}\n")
+        for r in f.reasons:
+            code_name = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
+            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {r.detail}\n")
+    return code
+
+
+def _run_capture(args: argparse.Namespace) -> int:
+    from unplugd.agent import treetext
+    from unplugd.agent.capture import capture
+
+    dest = Path(args.dir)
+    stats = capture(dest)
+    sys.stderr.write(f"captured {stats.files} files, {stats.links} links into {dest}\n")
+    if args.text:
+        Path(args.text).write_text(treetext.pack(dest), encoding="utf-8", errors="surrogateescape")
+        sys.stderr.write(f"packed into {args.text}\n")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="unplugd: %(levelname)s %(name)s: %(message)s",
+    )
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (UnknownDevice, InvalidArgument) as exc:
+        parser.exit(EXIT_USAGE, f"unplugd: error: {exc}\n")
+    except AgentError as exc:
+        sys.stderr.write(f"unplugd: {exc}\n")
+        return EXIT_FAILURE
+    except OSError as exc:
+        sys.stderr.write(f"unplugd: {exc}\n")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""The readiness policy on model objects: every reason code, every state."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.model_builders import (
+    OTHER_NS,
+    default_route,
+    disk,
+    dm,
+    fn,
+    iface,
+    inventory,
+    loop,
+    md,
+    mount,
+    part,
+    v4,
+    v6,
+)
+from unplugd.agent.model import DeviceNode, Inventory, OpenRef, PciAddress, ScanProblem, Socket, Swap
+from unplugd.agent.readiness.policy import evaluate, state_of
+from unplugd.agent.readiness.reasons import Code, FunctionVerdict, Reason, State
+
+VDB = fn("0000:00:06.0", block=["vdb"])
+VDC = fn("0000:00:07.0", block=["vdc"])
+ETH1 = fn("0000:00:08.0", nets=["eth1"])
+ETH2 = fn("0000:00:09.0", nets=["eth2"])
+VDB_DISKS = [disk("vdb", (252, 16)), part("vdb1", (252, 17), "vdb"), part("vdb2", (252, 18), "vdb")]
+
+
+def verdict(inv: Inventory, bdf: str = "0000:00:06.0", **kw: object) -> FunctionVerdict:
+    by = {str(v.address): v for v in evaluate(inv, **kw)}  # type: ignore[arg-type]
+    return by[bdf]
+
+
+def codes(v: FunctionVerdict) -> list[Code]:
+    return [r.code for r in v.reasons]
+
+
+def only(v: FunctionVerdict, code: Code) -> Reason:
+    found = [r for r in v.reasons if r.code is code]
+    assert len(found) == 1, v.reasons
+    return found[0]
+
+
+# --------------------------------------------------------------------------- state_of
+
+
+@pytest.mark.parametrize(
+    ("reasons", "state"),
+    [
+        ((), State.READY),
+        ((Reason(Code.LEASED, "x", blocking=False),), State.READY),
+        ((Reason(Code.MOUNTED, "x"),), State.BUSY),
+        ((Reason(Code.UNREADABLE, "x", undecided=True),), State.UNKNOWN),
+        ((Reason(Code.UNREADABLE, "x", undecided=True), Reason(Code.SWAP, "x")), State.BUSY),
+        ((Reason(Code.SWAP, "x"), Reason(Code.UNREADABLE, "x", undecided=True)), State.BUSY),
+        ((Reason(Code.HAS_ADDRESS, "x", blocking=False), Reason(Code.UNREADABLE, "x", undecided=True)), State.UNKNOWN),
+    ],
+)
+def test_state_precedence(reasons: tuple[Reason, ...], state: State) -> None:
+    assert state_of(reasons) is state
+
+
+# --------------------------------------------------------------------------- block
+
+
+def test_idle_disk_is_ready() -> None:
+    v = verdict(inventory([VDB], block=VDB_DISKS))
+    assert v.state is State.READY
+    assert v.reasons == ()
+    assert v.block_devices == ("vdb", "vdb1", "vdb2")
+
+
+def test_mounted_partition_in_own_namespace() -> None:
+    v = verdict(inventory([VDB], block=VDB_DISKS, mounts=[mount((252, 17), "/data", "/dev/vdb1")]))
+    assert v.state is State.BUSY
+    r = only(v, Code.MOUNTED)
+    assert r.object == "vdb1" and r.mount_point == "/data" and r.blocking
+    assert r.detail == "vdb1 is mounted on /data (ext4)"
+
+
+def test_mount_only_in_another_namespace_names_its_pid() -> None:
+    m = mount((252, 17), "/srv", "/dev/vdb1", ns=OTHER_NS, ns_pid=4242)
+    r = only(verdict(inventory([VDB], block=VDB_DISKS, mounts=[m])), Code.MOUNTED)
+    assert "mount namespace of pid 4242" in r.detail
+
+
+def test_same_mount_in_two_namespaces_is_one_reason() -> None:
+    own = mount((252, 17), "/data", "/dev/vdb1", mount_id=100)
+    copy = mount((252, 17), "/data", "/dev/vdb1", mount_id=300, ns=OTHER_NS, ns_pid=77)
+    r = only(verdict(inventory([VDB], block=VDB_DISKS, mounts=[own, copy])), Code.MOUNTED)
+    assert "also in 1 other mount namespace: pid 77" in r.detail
+
+
+def test_duplicate_mount_records_are_deduplicated() -> None:
+    m = mount((252, 17), "/data", "/dev/vdb1")
+    v = verdict(inventory([VDB], block=VDB_DISKS, mounts=[m, m]))
+    assert codes(v) == [Code.MOUNTED]
+
+
+def test_bind_mount_is_its_own_reason() -> None:
+    mounts = [
+        mount((252, 17), "/data", "/dev/vdb1", mount_id=100),
+        mount((252, 17), "/srv/www", "/dev/vdb1", root="/www", mount_id=101),
+    ]
+    v = verdict(inventory([VDB], block=VDB_DISKS, mounts=mounts))
+    details = [r.detail for r in v.reasons if r.code is Code.MOUNTED]
+    assert details == ["vdb1 is mounted on /data (ext4)", "vdb1 is mounted on /srv/www (ext4, bind mount of /www)"]
+
+
+def test_anonymous_devno_falls_back_to_source_path() -> None:
+    m = mount((0, 45), "/pool", "/dev/vdb2", fstype="btrfs")
+    assert only(verdict(inventory([VDB], block=VDB_DISKS, mounts=[m])), Code.MOUNTED).object == "vdb2"
+
+
+def test_anonymous_devno_with_foreign_source_is_not_ours() -> None:
+    m = mount((0, 45), "/pool", "/dev/vdc1", fstype="btrfs")
+    assert verdict(inventory([VDB], block=VDB_DISKS, mounts=[m])).state is State.READY
+
+
+def test_mount_of_another_disk_does_not_touch_ours() -> None:
+    m = mount((252, 33), "/other", "/dev/vdc1")
+    assert verdict(inventory([VDB], block=VDB_DISKS, mounts=[m])).state is State.READY
+
+
+def test_root_filesystem() -> None:
+    inv = inventory([VDB], block=VDB_DISKS, mounts=[mount((252, 18), "/", "/dev/vdb2")], root_devno=(252, 18))
+    v = verdict(inv)
+    assert codes(v) == [Code.ROOT_FILESYSTEM, Code.MOUNTED]
+    assert only(v, Code.ROOT_FILESYSTEM).object == "vdb2"
+
+
+def test_root_on_btrfs_found_through_the_root_mount_source() -> None:
+    inv = inventory(
+        [VDB], block=VDB_DISKS, mounts=[mount((0, 30), "/", "/dev/vdb2", fstype="btrfs")], root_devno=(0, 30)
+    )
+    assert Code.ROOT_FILESYSTEM in codes(verdict(inv))
+
+
+def test_swap_partition() -> None:
+    inv = inventory([VDB], block=VDB_DISKS, swaps=[Swap("/dev/vdb2", "partition", (252, 18))])
+    r = only(verdict(inv), Code.SWAP)
+    assert r.object == "vdb2" and "swap" in r.detail
+
+
+def test_swap_file_on_a_filesystem_of_the_disk() -> None:
+    inv = inventory(
+        [VDB],
+        block=VDB_DISKS,
+        mounts=[mount((252, 17), "/data", "/dev/vdb1")],
+        swaps=[Swap("/data/swapfile", "file", (252, 17))],
+    )
+    r = only(verdict(inv), Code.SWAP)
+    assert "/data/swapfile" in r.detail
+
+
+def test_swap_that_cannot_be_placed_is_unknown_not_ready() -> None:
+    inv = inventory([VDB], block=VDB_DISKS, swaps=[Swap("/mystery/swap", "file", None)])
+    v = verdict(inv)
+    assert v.state is State.UNKNOWN
+    assert only(v, Code.UNREADABLE).undecided
+
+
+def test_swap_elsewhere_leaves_disk_ready() -> None:
+    zram = disk("zram0", (253, 0))
+    inv = inventory([VDB], block=[*VDB_DISKS, zram], swaps=[Swap("/dev/zram0", "partition", (253, 0))])
+    assert verdict(inv).state is State.READY
+
+
+CRYPT_LVM = [
+    disk("vdb", (252, 16)),
+    part("vdb1", (252, 17), "vdb"),
+    part("vdb2", (252, 18), "vdb", holders=["dm-0"]),
+    dm("dm-0", (254, 0), "luks-1234", "CRYPT-LUKS2-1234-luks-1234", slaves=["vdb2"], holders=["dm-1"]),
+    dm("dm-1", (254, 1), "vg0-data", "LVM-abcdef", slaves=["dm-0"]),
+]
+
+
+def test_holder_chain_crypt_lvm_mounted() -> None:
+    inv = inventory([VDB], block=CRYPT_LVM, mounts=[mount((254, 1), "/srv", "/dev/mapper/vg0-data")])
+    v = verdict(inv)
+    assert v.state is State.BUSY
+    holder = only(v, Code.HOLDER)
+    assert holder.chain == ("vdb", "vdb2", "dm-0", "dm-1")
+    assert "LVM" in holder.detail and "luks-1234" in holder.detail
+    assert only(v, Code.MOUNTED).object == "dm-1"
+    assert v.block_devices == ("vdb", "vdb1", "vdb2", "dm-0", "dm-1")
+
+
+def test_unmounted_holder_still_blocks() -> None:
+    v = verdict(inventory([VDB], block=CRYPT_LVM))
+    assert codes(v) == [Code.HOLDER]
+
+
+def test_mount_via_dev_vg_lv_source_with_anonymous_devno() -> None:
+    inv = inventory([VDB], block=CRYPT_LVM, mounts=[mount((0, 50), "/x", "/dev/vg0/data", fstype="btrfs")])
+    assert only(verdict(inv), Code.MOUNTED).object == "dm-1"
+
+
+def test_md_across_two_slots_makes_both_busy() -> None:
+    block = [
+        disk("vdb", (252, 16)),
+        part("vdb1", (252, 17), "vdb", holders=["md0"]),
+        disk("vdc", (252, 32)),
+        part("vdc1", (252, 33), "vdc", holders=["md0"]),
+        md("md0", (9, 0), slaves=["vdb1", "vdc1"]),
+    ]
+    inv = inventory([VDB, VDC], block=block, mounts=[mount((9, 0), "/raid", "/dev/md0")])
+    for bdf, chain in (("0000:00:06.0", ("vdb", "vdb1", "md0")), ("0000:00:07.0", ("vdc", "vdc1", "md0"))):
+        v = verdict(inv, bdf)
+        assert v.state is State.BUSY
+        assert only(v, Code.HOLDER).chain == chain
+        assert "md raid1" in only(v, Code.HOLDER).detail
+        assert only(v, Code.MOUNTED).object == "md0"
+
+
+def test_loop_backed_by_a_partition_node_is_a_holder() -> None:
+    inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/dev/vdb1")])
+    assert only(verdict(inv), Code.HOLDER).chain == ("vdb", "vdb1", "loop0")
+
+
+def test_loop_backed_by_a_file_is_not_a_holder() -> None:
+    inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/var/lib/img.raw")])
+    assert verdict(inv).state is State.READY
+
+
+def test_open_by_process_on_a_partition() -> None:
+    refs = [
+        OpenRef(812, "dd", (252, 17), "block", "/dev/vdb1", 3),
+        OpenRef(812, "dd", (252, 17), "block", "/dev/vdb1", 4),
+        OpenRef(900, "bash", (252, 33), "block", "/dev/vdc1", 5),
+    ]
+    v = verdict(inventory([VDB], block=VDB_DISKS, refs=refs))
+    r = only(v, Code.OPEN_BY_PROCESS)
+    assert r.processes[0].pid == 812 and r.processes[0].command == "dd"
+    assert r.processes[0].fds == ("/dev/vdb1 (fd 3)", "/dev/vdb1 (fd 4)")
+
+
+def test_open_char_node_of_any_class() -> None:
+    node = DeviceNode("/dev/vport0p1", (243, 1), "char")
+    f = fn("0000:00:0a.0", nodes=[node], subdrivers=["virtio_console"])
+    refs = [
+        OpenRef(55, "agent", (243, 1), "char", "/dev/vport0p1", 7),
+        OpenRef(56, "x", (243, 1), "block", "/dev/x", 1),  # same numbers, other kind: not ours
+    ]
+    v = verdict(inventory([f], refs=refs), "0000:00:0a.0")
+    assert v.state is State.BUSY  # OPEN_BY_PROCESS blocks; the unknown class alone would be UNKNOWN
+    assert only(v, Code.OPEN_BY_PROCESS).processes[0].pid == 55
+
+
+def test_exclusive_claim_when_nothing_else_explains_it() -> None:
+    v = verdict(inventory([VDB], block=VDB_DISKS, exclusive_busy=["vdb"]))
+    assert v.state is State.BUSY
+    assert codes(v) == [Code.EXCLUSIVE_CLAIM]
+
+
+def test_exclusive_claim_hidden_when_a_mount_explains_it() -> None:
+    inv = inventory([VDB], block=VDB_DISKS, mounts=[mount((252, 17), "/data", "/dev/vdb1")], exclusive_busy=["vdb"])
+    assert codes(verdict(inv)) == [Code.MOUNTED]
+
+
+def test_disk_listed_but_missing_is_unknown() -> None:
+    v = verdict(inventory([VDB], block=[]))
+    assert v.state is State.UNKNOWN
+    assert only(v, Code.UNREADABLE).object == "vdb"
+
+
+# --------------------------------------------------------------------------- network
+
+
+def test_nic_down_without_addresses_is_ready() -> None:
+    v = verdict(inventory([ETH1], ifaces=[iface("eth1", up=False)]), "0000:00:08.0")
+    assert v.state is State.READY and v.reasons == ()
+
+
+def test_nic_up_with_addresses_and_default_route() -> None:
+    inv = inventory(
+        [ETH1],
+        ifaces=[iface("eth1", addrs=[v4("192.0.2.5"), v6("fe80::1", scope="link")])],
+        routes=[default_route("eth1")],
+    )
+    v = verdict(inv, "0000:00:08.0")
+    assert codes(v) == [Code.LINK_UP, Code.HAS_ADDRESS, Code.DEFAULT_ROUTE]
+    assert only(v, Code.HAS_ADDRESS).addresses == ("192.0.2.5/24",)
+    assert only(v, Code.DEFAULT_ROUTE).detail == "IPv4 default route via 192.0.2.1 dev eth1"
+
+
+def test_link_local_only_is_a_warning() -> None:
+    inv = inventory([ETH1], ifaces=[iface("eth1", up=False, addrs=[v6("fe80::1", scope="link")])])
+    v = verdict(inv, "0000:00:08.0")
+    assert v.state is State.READY
+    assert not only(v, Code.HAS_ADDRESS).blocking
+
+
+def test_ipv6_only_default_route() -> None:
+    inv = inventory(
+        [ETH1],
+        ifaces=[iface("eth1", up=False, addrs=[v6("2001:db8::5")])],
+        routes=[default_route("eth1", "fe80::1", v6_route=True)],
+    )
+    r = only(verdict(inv, "0000:00:08.0"), Code.DEFAULT_ROUTE)
+    assert r.detail.startswith("IPv6 default route via fe80::1")
+
+
+def test_non_default_route_is_not_a_reason() -> None:
+    from unplugd.agent.model import Route
+
+    inv = inventory([ETH1], ifaces=[iface("eth1", up=False)], routes=[Route(2, "10.0.0.0/8", None, "eth1")])
+    assert verdict(inv, "0000:00:08.0").state is State.READY
+
+
+def test_bond_over_two_nics_in_different_slots() -> None:
+    ifaces = [
+        iface("eth1", up=True, master="bond0", uppers=["bond0"]),
+        iface("eth2", up=True, master="bond0", uppers=["bond0"]),
+        iface("bond0", kind="bond", lowers=["eth1", "eth2"], addrs=[v4("192.0.2.9")]),
+    ]
+    socks = [Socket("tcp", "192.0.2.9", 22, "192.0.2.1", 50000, "ESTABLISHED", 999, (123,))]
+    inv = inventory([ETH1, ETH2], ifaces=ifaces, routes=[default_route("bond0")], sockets=socks)
+    for bdf, name in (("0000:00:08.0", "eth1"), ("0000:00:09.0", "eth2")):
+        v = verdict(inv, bdf)
+        assert v.state is State.BUSY
+        up = only(v, Code.UPPER_DEVICE)
+        assert up.detail == f"{name} is enslaved to bond0 (bond)"
+        assert "(on top of" in only(v, Code.DEFAULT_ROUTE).detail
+        conn = only(v, Code.ACTIVE_CONNECTIONS)
+        assert conn.processes[0].pid == 123 and "192.0.2.9:22" in conn.detail
+
+
+def test_vlan_on_top_is_an_upper_device() -> None:
+    ifaces = [iface("eth1", up=False, uppers=["eth1.100"]), iface("eth1.100", kind="vlan", lowers=["eth1"])]
+    r = only(verdict(inventory([ETH1], ifaces=ifaces), "0000:00:08.0"), Code.UPPER_DEVICE)
+    assert r.detail == "eth1.100 (vlan) sits on top of eth1"
+
+
+@pytest.mark.parametrize(
+    ("sock", "active"),
+    [
+        (Socket("tcp", "192.0.2.5", 22, "192.0.2.1", 4000, "ESTABLISHED"), True),
+        (Socket("tcp", "192.0.2.5", 22, "0.0.0.0", 0, "LISTEN"), False),
+        (Socket("tcp6", "::ffff:192.0.2.5", 22, "::ffff:192.0.2.1", 4000, "ESTABLISHED"), True),
+        (Socket("udp", "192.0.2.5", 5353, "192.0.2.7", 53, "ESTABLISHED"), True),
+        (Socket("udp", "192.0.2.5", 5353, "0.0.0.0", 0, "UNCONN"), False),
+        (Socket("tcp", "198.51.100.1", 22, "192.0.2.1", 4000, "ESTABLISHED"), False),
+    ],
+)
+def test_active_connections(sock: Socket, active: bool) -> None:
+    inv = inventory([ETH1], ifaces=[iface("eth1", up=False, addrs=[v4("192.0.2.5")])], sockets=[sock])
+    v = verdict(inv, "0000:00:08.0")
+    assert (Code.ACTIVE_CONNECTIONS in codes(v)) is active
+
+
+def test_interface_listed_but_missing_is_unknown() -> None:
+    v = verdict(inventory([ETH1]), "0000:00:08.0")
+    assert v.state is State.UNKNOWN
+
+
+# --------------------------------------------------------------------------- any class
+
+
+def test_no_hotplug_driver_blocks() -> None:
+    f = fn("0000:00:06.0", block=["vdb"], hotplug=None)
+    v = verdict(inventory([f], block=VDB_DISKS))
+    assert v.state is State.BUSY
+    assert codes(v) == [Code.NO_HOTPLUG_DRIVER]
+
+
+@pytest.mark.parametrize(
+    ("driver", "subdrivers", "state"),
+    [
+        (None, (), State.READY),  # nothing bound, nothing below
+        ("virtio-pci", (), State.READY),  # transport only: no class driver probed
+        ("virtio-pci", ("virtio_balloon",), State.UNKNOWN),
+        ("vfio-pci", (), State.UNKNOWN),
+        ("snd_hda_intel", (), State.UNKNOWN),
+    ],
+)
+def test_driver_bound_unknown_class(driver: str | None, subdrivers: tuple[str, ...], state: State) -> None:
+    f = fn("0000:00:0b.0", driver=driver, subdrivers=subdrivers)
+    v = verdict(inventory([f]), "0000:00:0b.0")
+    assert v.state is state
+    if state is State.UNKNOWN:
+        r = only(v, Code.DRIVER_BOUND_UNKNOWN_CLASS)
+        assert r.undecided and (subdrivers[0] if subdrivers else driver) in r.detail
+
+
+def test_leased_is_a_warning() -> None:
+    inv = inventory([VDB], block=VDB_DISKS)
+    v = verdict(inv, leased={PciAddress.parse("0000:00:06.0"): "lease-1"})
+    assert v.state is State.READY
+    r = only(v, Code.LEASED)
+    assert not r.blocking and "lease-1" in r.detail
+
+
+# --------------------------------------------------------------------------- bridges
+
+
+BRIDGE = fn("0000:00:03.0", bridge=True, driver="shpchp")
+BEHIND = fn("0000:01:05.0", "0000:00/03.0/05.0", block=["vdb"])
+
+
+def test_bridge_busy_when_a_child_is_busy() -> None:
+    inv = inventory([BRIDGE, BEHIND], block=VDB_DISKS, mounts=[mount((252, 17), "/data", "/dev/vdb1")])
+    v = verdict(inv, "0000:00:03.0")
+    assert v.state is State.BUSY
+    r = only(v, Code.BRIDGE_WITH_CHILDREN)
+    assert r.chain == ("0000:01:05.0",) and "MOUNTED" in r.detail
+
+
+def test_bridge_with_idle_children_warns() -> None:
+    v = verdict(inventory([BRIDGE, BEHIND], block=VDB_DISKS), "0000:00:03.0")
+    assert v.state is State.READY
+    assert not only(v, Code.BRIDGE_WITH_CHILDREN).blocking
+
+
+def test_bridge_ignores_childrens_own_hotplug_slot() -> None:
+    child = fn("0000:01:05.0", "0000:00/03.0/05.0", block=["vdb"], hotplug=None)
+    inv = inventory([BRIDGE, child], block=VDB_DISKS)
+    assert verdict(inv, "0000:01:05.0").state is State.BUSY
+    assert verdict(inv, "0000:00:03.0").state is State.READY
+
+
+def test_bridge_unknown_when_a_child_is_unknown() -> None:
+    child = fn("0000:01:05.0", "0000:00/03.0/05.0", subdrivers=["virtio_balloon"])
+    v = verdict(inventory([BRIDGE, child]), "0000:00:03.0")
+    assert v.state is State.UNKNOWN
+
+
+def test_nested_bridges_see_grandchildren() -> None:
+    inner = fn("0000:01:01.0", "0000:00/03.0/01.0", bridge=True, driver="shpchp")
+    leaf = fn("0000:02:00.0", "0000:00/03.0/01.0/00.0", block=["vdb"])
+    inv = inventory([BRIDGE, inner, leaf], block=VDB_DISKS, swaps=[Swap("/dev/vdb1", "partition", (252, 17))])
+    assert verdict(inv, "0000:00:03.0").state is State.BUSY
+    assert verdict(inv, "0000:01:01.0").state is State.BUSY
+
+
+def test_sibling_slot_is_not_behind_the_bridge() -> None:
+    other = fn("0000:00:04.0", block=["vdb"])
+    inv = inventory([BRIDGE, other], block=VDB_DISKS, mounts=[mount((252, 17), "/data", "/dev/vdb1")])
+    assert verdict(inv, "0000:00:03.0").reasons == ()
+
+
+# --------------------------------------------------------------------------- scan problems
+
+
+@pytest.mark.parametrize(
+    ("affects", "state"),
+    [
+        (("*",), State.UNKNOWN),
+        (("vdb1",), State.UNKNOWN),
+        (("devno:252:18",), State.UNKNOWN),
+        (("0000:00:06.0",), State.UNKNOWN),
+        (("vdc",), State.READY),
+        (("devno:8:0",), State.READY),
+        (("eth9",), State.READY),
+    ],
+)
+def test_problems_make_touched_functions_unknown(affects: tuple[str, ...], state: State) -> None:
+    inv = inventory([VDB], block=VDB_DISKS, problems=[ScanProblem("/proc/812/fd", "Permission denied", affects)])
+    v = verdict(inv)
+    assert v.state is state
+    if state is State.UNKNOWN:
+        assert only(v, Code.UNREADABLE).detail == "/proc/812/fd: Permission denied"
+
+
+def test_problem_naming_an_idle_nic_makes_it_unknown() -> None:
+    inv = inventory(
+        [ETH1], ifaces=[iface("eth1", up=False)], problems=[ScanProblem("/sys/class/net/eth1", "gone", ("eth1",))]
+    )
+    assert verdict(inv, "0000:00:08.0").state is State.UNKNOWN
+
+
+def test_problem_does_not_downgrade_busy() -> None:
+    inv = inventory(
+        [VDB], block=VDB_DISKS, mounts=[mount((252, 17), "/d", "/dev/vdb1")], problems=[ScanProblem("/proc", "x")]
+    )
+    v = verdict(inv)
+    assert v.state is State.BUSY and Code.UNREADABLE not in codes(v)
+
+
+def test_function_with_nothing_bound_ignores_wildcard_problems() -> None:
+    host_bridge = fn("0000:00:00.0", driver=None, class_code=0x060000)
+    inv = inventory([host_bridge], problems=[ScanProblem("/proc/1/fd", "denied")])
+    assert verdict(inv, "0000:00:00.0").state is State.READY
+
+
+def test_every_function_gets_one_verdict_in_order() -> None:
+    inv = inventory([VDB, VDC, ETH1], block=VDB_DISKS)
+    assert [str(v.address) for v in evaluate(inv)] == ["0000:00:06.0", "0000:00:07.0", "0000:00:08.0"]
+
+
+def test_every_code_is_exercised_here() -> None:
+    """Guard: a new Code needs a test in this file."""
+    import pathlib
+
+    text = pathlib.Path(__file__).read_text()
+    missing = [c.name for c in Code if f"Code.{c.name}" not in text]
+    assert missing == []
