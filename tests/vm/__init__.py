@@ -1,0 +1,48 @@
+"""VM test harness: boot the unplugd guest image under QEMU and drive it.
+
+    from tests.vm import GuestVM, build_image, disk_on_root_port, virtio_net
+
+See guest.py for what every VM gets, devices.py for the device helpers.
+"""
+
+from tests.vm.devices import (
+    DataDisk,
+    Device,
+    disk_on_root_port,
+    multifunction_slot,
+    net_on_root_port,
+    pci_bridge,
+    pcie_pci_bridge,
+    pcie_root_port,
+    root_ports,
+    virtio_disk,
+    virtio_net,
+)
+from tests.vm.guest import SERIAL_ADDR, BootTimeout, GuestVM, VMError
+from tests.vm.image import GuestImage, build_deb, build_image, cache_dir
+from tests.vm.qga import ExecResult, GuestAgentError, GuestExecTimeout
+
+__all__ = [
+    "SERIAL_ADDR",
+    "BootTimeout",
+    "DataDisk",
+    "Device",
+    "ExecResult",
+    "GuestAgentError",
+    "GuestExecTimeout",
+    "GuestImage",
+    "GuestVM",
+    "VMError",
+    "build_deb",
+    "build_image",
+    "cache_dir",
+    "disk_on_root_port",
+    "multifunction_slot",
+    "net_on_root_port",
+    "pci_bridge",
+    "pcie_pci_bridge",
+    "pcie_root_port",
+    "root_ports",
+    "virtio_disk",
+    "virtio_net",
+]

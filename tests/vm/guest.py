@@ -1,0 +1,429 @@
+"""GuestVM: boot the unplugd guest image under QEMU (TCG) for end-to-end tests.
+
+    with GuestVM("q35", devices=[disk_on_root_port("data0", chassis=1)]) as vm:
+        vm.wait_booted()
+        rc, out, err = vm.exec("unplugd inspect --json")
+        ...  # vm.qmp_socket for a qemu.qmp client, vm.agent_socket for unplugctl
+
+What a VM gets, besides the devices a test asks for:
+- the root disk: a throwaway qcow2 overlay on the cached image, on the chipset's built-in
+  AHCI (q35) or IDE (pc) controller, so it is no hotpluggable PCI function;
+- a virtio-serial controller `vser0` (q35: integrated on pcie.0, pc: pci.0, both at SERIAL_ADDR)
+  with the ports org.qemu.guest_agent.0 (qga_socket) and org.unplugd.agent.0 (agent_socket);
+- two QMP monitors: qmp_socket for the test, a private one for the harness (quit, powerdown,
+  device_del helpers);
+- the serial console on console_socket, logged to serial_log;
+- the agent .deb (built from the work tree) and an optional config through fw_cfg, installed
+  by the image's unplugd-fwcfg.service at boot.
+
+QEMU never outlives the harness: besides the context manager and an atexit hook, a small watcher
+process kills QEMU's process group as soon as the process that started it dies, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+from tests.vm.devices import Device
+from tests.vm.image import GuestImage, build_deb, build_image
+from tests.vm.monitor import Monitor, MonitorError
+from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
+
+__all__ = ["SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError"]
+
+log = logging.getLogger(__name__)
+
+QEMU = os.environ.get("UNPLUGD_QEMU", "qemu-system-x86_64")
+SERIAL_ADDR = "0x1e"
+QGA_PORT = "org.qemu.guest_agent.0"
+AGENT_PORT = "org.unplugd.agent.0"
+PROGRESS_EVERY = 15.0
+
+_live: weakref.WeakSet[GuestVM] = weakref.WeakSet()
+
+# Reads stdin until EOF (the harness process died or closed the pipe), then kills QEMU's group.
+_WATCHER = (
+    "import os, signal, sys\n"
+    "pgid = int(sys.argv[1])\n"
+    "while os.read(0, 1):\n"
+    "    pass\n"
+    "try:\n"
+    "    os.killpg(pgid, signal.SIGKILL)\n"
+    "except OSError:\n"
+    "    pass\n"
+)
+
+
+class VMError(Exception):
+    """QEMU failed to start, died, or the guest misbehaved."""
+
+
+class BootTimeout(VMError):
+    """The guest did not become ready in time."""
+
+
+def progress(msg: str) -> None:
+    print(f"[vm] {msg}", file=sys.stderr, flush=True)
+
+
+class GuestVM:
+    def __init__(
+        self,
+        machine: Literal["q35", "pc"] = "q35",
+        extra_args: Sequence[str] = (),
+        devices: Iterable[Device] = (),
+        *,
+        memory_mb: int = 1024,
+        cpus: int = 1,
+        image: GuestImage | None = None,
+        deb: Path | Literal["build"] | None = "build",
+        config: str | Path | None = None,
+        name: str = "unplugd-guest",
+        keep_workdir: bool | None = None,
+    ) -> None:
+        """Describe a VM; nothing runs until start() or `with`.
+
+        deb: "build" packs the current work tree (once per test process), a Path uses that file,
+        None boots without the agent. config: TOML text or a file, installed as
+        /etc/unplugd/config.toml. keep_workdir: keep logs and sockets after exit (default: only
+        when UNPLUGD_VM_KEEP=1).
+        """
+        if machine not in ("q35", "pc"):
+            raise ValueError(f"machine must be q35 or pc, not {machine!r}")
+        self.machine = machine
+        self.extra_args = tuple(extra_args)
+        self.device = Device.join(devices)
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.name = name
+        self._image = image
+        self._deb = deb
+        self._config = config
+        self.keep_workdir = keep_workdir if keep_workdir is not None else os.environ.get("UNPLUGD_VM_KEEP") == "1"
+        self.workdir = Path(tempfile.mkdtemp(prefix="unplugd-vm-"))
+        self.qmp_socket = self.workdir / "qmp.sock"
+        self.qga_socket = self.workdir / "qga.sock"
+        self.agent_socket = self.workdir / "agent.sock"
+        self.console_socket = self.workdir / "console.sock"
+        self.serial_log = self.workdir / "serial.log"
+        self.qemu_log = self.workdir / "qemu.log"
+        self.boot_seconds: float | None = None
+        self._monitor_socket = self.workdir / "monitor.sock"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watcher: subprocess.Popen[bytes] | None = None
+        self._watch_fd: int | None = None
+        self._monitor: Monitor | None = None
+        self._qga = GuestAgent(self.qga_socket)
+        self._started_at = 0.0
+
+    # -- lifecycle --
+
+    def __enter__(self) -> GuestVM:
+        try:
+            self.start()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(failed=exc_type is not None)
+
+    @property
+    def image(self) -> GuestImage:
+        if self._image is None:
+            self._image = build_image()
+        return self._image
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command_line(self) -> list[str]:
+        """The full QEMU command line (after start() has prepared the work directory)."""
+        img = self.image
+        w = self.workdir
+        bus = "pcie.0" if self.machine == "q35" else "pci.0"
+        cmd = [
+            QEMU, "-name", f"{self.name},debug-threads=on",
+            "-machine", self.machine, "-accel", "tcg",
+            "-m", str(self.memory_mb), "-smp", str(self.cpus),
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot",
+            "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", img.cmdline,
+            "-drive", f"file={w}/root.qcow2,if=ide,index=0,format=qcow2,cache=unsafe",
+            "-chardev", f"socket,id=con0,path={self.console_socket},server=on,wait=off,logfile={self.serial_log}",
+            "-serial", "chardev:con0",
+            "-chardev", f"socket,id=mon0,path={self._monitor_socket},server=on,wait=off",
+            "-mon", "chardev=mon0,mode=control",
+            "-chardev", f"socket,id=qmp0,path={self.qmp_socket},server=on,wait=off",
+            "-mon", "chardev=qmp0,mode=control",
+            "-device", f"virtio-serial-pci,id=vser0,bus={bus},addr={SERIAL_ADDR}",
+            "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=qga0,name={QGA_PORT}",
+            "-chardev", f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
+            "-device", f"virtserialport,bus=vser0.0,nr=2,chardev=agent0,name={AGENT_PORT}",
+            "-pidfile", str(w / "qemu.pid"),
+        ]
+        if (w / "unplugd.deb").exists():
+            cmd += ["-fw_cfg", f"name=opt/org.unplugd/deb,file={w}/unplugd.deb"]
+        if (w / "config.toml").exists():
+            cmd += ["-fw_cfg", f"name=opt/org.unplugd/config,file={w}/config.toml"]
+        cmd += [arg.replace("{workdir}", str(w)) for arg in self.device.args]
+        cmd += list(self.extra_args)
+        return cmd
+
+    def _prepare(self) -> None:
+        w = self.workdir
+        img = self.image
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.disk), "-F", "raw", str(w / "root.qcow2")])
+        for disk in self.device.disks:
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
+        if self._deb == "build":
+            shutil.copy2(build_deb(), w / "unplugd.deb")
+        elif self._deb is not None:
+            shutil.copy2(self._deb, w / "unplugd.deb")
+        if isinstance(self._config, Path):
+            shutil.copy2(self._config, w / "config.toml")
+        elif isinstance(self._config, str):
+            (w / "config.toml").write_text(self._config)
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise VMError("already started")
+        self._prepare()
+        cmd = self.command_line()
+        (self.workdir / "cmdline.txt").write_text(" ".join(cmd) + "\n")
+        log.info("starting %s", " ".join(cmd))
+        with open(self.qemu_log, "wb") as out:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self._started_at = time.monotonic()
+        _live.add(self)
+        self._start_watcher(self._proc.pid)
+        self._monitor = self._connect_monitor(timeout=30.0)
+        progress(f"started QEMU pid {self._proc.pid} ({self.machine}, TCG), workdir {self.workdir}")
+
+    def _start_watcher(self, pgid: int) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-c", _WATCHER, str(pgid)], stdin=read_fd, start_new_session=True
+            )
+        finally:
+            os.close(read_fd)
+        self._watch_fd = write_fd
+
+    def _connect_monitor(self, timeout: float) -> Monitor:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if self._monitor_socket.exists():
+                try:
+                    return Monitor(self._monitor_socket)
+                except MonitorError as exc:
+                    last = exc
+            time.sleep(0.05)
+        raise VMError(f"QEMU monitor did not come up in {timeout:.0f}s: {last}")
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise VMError(
+                f"QEMU exited with code {self._proc.returncode}:\n{_tail(self.qemu_log, 20)}\n"
+                f"--- serial console ---\n{_tail(self.serial_log, 30)}"
+            )
+
+    def wait_booted(self, timeout: float = 300.0) -> float:
+        """Wait until qemu-ga answers and systemd finished booting; return seconds since start.
+
+        A degraded boot (some unit failed, e.g. an agent still under construction) counts as booted;
+        the failed units are logged.
+        """
+        deadline = self._started_at + timeout if self._started_at else time.monotonic() + timeout
+        last_report = time.monotonic()
+        while True:
+            self._check_alive()
+            if self._qga.ping(timeout=2.0):
+                break
+            now = time.monotonic()
+            if now > deadline:
+                raise BootTimeout(
+                    f"qemu-ga not answering after {timeout:.0f}s\n--- serial console ---\n{_tail(self.serial_log, 30)}"
+                )
+            if now - last_report >= PROGRESS_EVERY:
+                last_report = now
+                progress(f"booting: {now - self._started_at:.0f}s, console: {_last_line(self.serial_log)}")
+            time.sleep(0.5)
+        ga_seconds = time.monotonic() - self._started_at
+        remaining = max(5.0, deadline - time.monotonic())
+        rc, out, _ = self.exec(["systemctl", "is-system-running", "--wait"], timeout=remaining)
+        state = out.strip()
+        if state not in ("running", "degraded"):
+            raise BootTimeout(f"systemd state {state!r} (rc {rc}) after {timeout:.0f}s")
+        if state == "degraded":
+            _, failed, _ = self.exec(["systemctl", "--failed", "--no-legend", "--plain"], timeout=30)
+            log.warning("guest booted degraded; failed units: %s", failed.strip())
+            progress(f"guest booted degraded; failed units: {' '.join(failed.split()[:1]) or '?'}")
+        self.boot_seconds = time.monotonic() - self._started_at
+        progress(f"booted: qemu-ga after {ga_seconds:.1f}s, systemd {state} after {self.boot_seconds:.1f}s")
+        return self.boot_seconds
+
+    # -- inside the guest --
+
+    def exec(
+        self,
+        cmd: str | Sequence[str],
+        timeout: float = 60.0,
+        *,
+        input: bytes | str | None = None,
+        env: Sequence[str] | None = None,
+        check: bool = False,
+    ) -> ExecResult:
+        """Run a command in the guest through qemu-guest-agent: (rc, stdout, stderr).
+
+        A string runs under /bin/sh -c; a sequence is run as argv. check=True raises VMError on rc != 0.
+        """
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        data = input.encode() if isinstance(input, str) else input
+        self._check_alive()
+        try:
+            result = self._qga.exec(argv, timeout=timeout, input=data, env=env)
+        except GuestAgentError as exc:
+            self._check_alive()
+            raise VMError(f"guest exec {argv!r}: {exc}") from exc
+        if check and result.rc != 0:
+            raise VMError(f"guest command {argv!r} failed with {result.rc}:\n{result.stdout}{result.stderr}")
+        return result
+
+    def qga(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """Any qemu-guest-agent command, e.g. qga("guest-get-fsinfo")."""
+        return self._qga.call(command, arguments, timeout)
+
+    def read_file(self, path: str, timeout: float = 30.0) -> str:
+        return self.exec(["cat", path], timeout=timeout, check=True).stdout
+
+    # -- the harness' own monitor --
+
+    def qmp(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+        """A QMP command on the harness' private monitor (tests may use qmp_socket with their own client)."""
+        if self._monitor is None:
+            raise VMError("VM not started")
+        return self._monitor.execute(command, arguments, timeout)
+
+    def wait_event(self, name: str, timeout: float = 60.0, **data: Any) -> dict[str, Any]:
+        """Wait for a QMP event on the private monitor whose data contains every given key/value."""
+        if self._monitor is None:
+            raise VMError("VM not started")
+        return self._monitor.wait_event(
+            name, timeout, lambda ev: all(ev.get("data", {}).get(k) == v for k, v in data.items())
+        )
+
+    def device_del(self, qid: str, timeout: float = 60.0) -> float:
+        """device_del and wait for its DEVICE_DELETED; return the seconds it took."""
+        start = time.monotonic()
+        self.qmp("device_del", {"id": qid})
+        self.wait_event("DEVICE_DELETED", timeout, device=qid)
+        return time.monotonic() - start
+
+    # -- teardown --
+
+    def shutdown(self, timeout: float = 60.0) -> bool:
+        """ACPI power-off and wait for QEMU to exit; kill it if it does not. True if it powered off."""
+        if not self.running:
+            return True
+        with contextlib.suppress(MonitorError, OSError):
+            self.qmp("system_powerdown")
+        assert self._proc is not None
+        try:
+            self._proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return False
+
+    def kill(self) -> None:
+        """Stop QEMU now (no guest shutdown: the root disk is a throwaway overlay anyway)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(MonitorError, OSError):
+                self.qmp("quit", timeout=2.0)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+    def close(self, failed: bool = False) -> None:
+        """Kill QEMU, stop the watcher, remove the work directory (kept on request)."""
+        self.kill()
+        self._qga.close()
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        if self._watcher is not None:
+            with contextlib.suppress(OSError):
+                self._watcher.kill()
+            self._watcher.wait(5)
+            self._watcher = None
+        if self._watch_fd is not None:
+            os.close(self._watch_fd)
+            self._watch_fd = None
+        _live.discard(self)
+        if failed:
+            progress(f"VM failed; last console lines:\n{_tail(self.serial_log, 25)}")
+        if self.keep_workdir or (failed and os.environ.get("UNPLUGD_VM_KEEP_FAILED") == "1"):
+            progress(f"kept {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def serial_text(self) -> str:
+        return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_bytes()[-16384:].decode(errors="replace")
+    except OSError:
+        return "(none)"
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+def _last_line(path: Path) -> str:
+    lines = [ln for ln in _tail(path, 5).splitlines() if ln.strip()]
+    return lines[-1][:100] if lines else "(nothing yet)"
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for vm in list(_live):
+        with contextlib.suppress(Exception):
+            vm.close()
+
