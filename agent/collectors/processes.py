@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "the process or fd is gone": skip silently.
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
-_DENIED = frozenset({errno.EACCES, errno.EPERM})
 _SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
@@ -179,7 +178,11 @@ class _Scanner:
             # rootfs seen from here); stat() decides, the text only pre-filters.
             if target.startswith("/dev/") or (live and "/dev/" in target):
                 if want_devices:
-                    ref = self._match_device(pid, name, dfd, target)
+                    try:
+                        ref = self._match_device(pid, name, dfd, target)
+                    except OSError as exc:
+                        self.problem(pid, exc, proc_dir)
+                        return
                     if ref is not None:
                         refs.append(ref)
             elif sockets and target.startswith("socket:["):
@@ -217,8 +220,10 @@ class _Scanner:
         if self.live:
             try:
                 st = os.stat(name, dir_fd=dfd)  # follows the fd to the opened inode
-            except OSError:
-                return None  # closed or unreachable: nothing held through it any more
+            except OSError as exc:
+                if exc.errno in _GONE:
+                    return None  # closed meanwhile: nothing held through it any more
+                raise  # unreadable: the caller records it, never a silent "not held"
             if stat.S_ISBLK(st.st_mode):
                 kind = "block"
             elif stat.S_ISCHR(st.st_mode):

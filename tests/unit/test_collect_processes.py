@@ -216,3 +216,24 @@ def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
     # A name alone never matches: /dev/does-not-exist cannot be stat()ed.
     ghost = DeviceNode("/dev/does-not-exist", (252, 99), "block")
     assert scan_processes(roots, [ghost]).open_refs == []
+
+
+def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    add_process(tmp_path, 500, "guarded", {0: "/dev/null"})
+    add_process(tmp_path, 501, "gone-fd", {0: "/dev/null"})
+    real_stat = os.stat
+
+    def flaky_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        owner = _fd_dir_of(args, kwargs, path)
+        if owner == "500":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        if owner == "501":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", flaky_stat)
+    scan = scan_processes(_live_roots(tmp_path), [null])
+    assert scan.open_refs == []
+    assert [(p.object, p.affects) for p in scan.problems] == [("/proc/500/fd", ("*",))]
