@@ -13,6 +13,7 @@ Line format (proc(5)):
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
 from unplugd.agent.model import DevNo, Mount, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import listdir, read_text, readlink
+from unplugd.agent.sysio import as_read_error, listdir, read_text, readlink
 
 __all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
 
@@ -122,18 +123,28 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
         entries = listdir(roots.proc)
     except ReadError as exc:
         return {}, [], [ScanProblem(str(roots.proc), str(exc))]
+    base = str(roots.proc)
+    parsed: dict[str, int] = {}  # link text -> inode: thousands of pids share a handful of namespaces
     for pid in sorted(int(e) for e in entries if e.isdigit()):
-        link = roots.proc / str(pid) / "ns" / "mnt"
+        link = f"{base}/{pid}/ns/mnt"
         try:
-            ns = parse_mnt_ns(readlink(link))
-        except Vanished:
-            continue  # the process exited
-        except NotPermitted:
-            denied.append(pid)
+            text = os.readlink(link)
+        except OSError as exc:
+            err = as_read_error(link, exc)
+            if isinstance(err, Vanished):
+                continue  # the process exited
+            if isinstance(err, NotPermitted):
+                denied.append(pid)
+            else:
+                problems.append(ScanProblem(link, str(err)))
             continue
-        except (ReadError, ValueError) as exc:
-            problems.append(ScanProblem(str(link), str(exc)))
-            continue
+        ns = parsed.get(text)
+        if ns is None:
+            try:
+                ns = parsed[text] = parse_mnt_ns(text)
+            except ValueError as exc:
+                problems.append(ScanProblem(link, str(exc)))
+                continue
         by_ns.setdefault(ns, []).append(pid)
     return by_ns, denied, problems
 

@@ -22,10 +22,11 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, PciAddress, PciFunction, PciPath, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import listdir, read_text, read_text_or, readlink, readlink_or
+from unplugd.agent.sysio import as_read_error, read_text
 
 __all__ = [
     "PCI_IDS_LOCATIONS",
@@ -247,18 +248,19 @@ def parse_slot_address(text: str) -> str | None:
 
 def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
     """slot_key -> slot directory name, for slots a hotplug driver controls."""
-    base = roots.sys / "bus" / "pci" / "slots"
+    base = f"{roots.sys}/bus/pci/slots"
     slots: dict[str, str] = {}
     problems: list[ScanProblem] = []
     try:
-        names = listdir(base)
+        names = list_dir(base)
     except ReadError as exc:
-        return {}, [ScanProblem(str(base), str(exc))]
+        return {}, [ScanProblem(base, str(exc))]
     for name in names:
         try:
-            text = read_text_or(base / name / "address")
+            text = read_attr_or(f"{base}/{name}/address")
         except ReadError as exc:
-            problems.append(ScanProblem(str(base / name), str(exc)))
+            # Which functions that slot drives is unknown: any of them may lack (or have) a driver.
+            problems.append(ScanProblem(f"{base}/{name}", str(exc)))
             continue
         if text is None:
             continue
@@ -266,7 +268,7 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
         if key is None:
             log.debug("slot %s: address %r names no single slot", name, text)
             continue
-        if not any(os.path.lexists(base / name / f) for f in _HOTPLUG_FILES):
+        if not any(os.path.lexists(f"{base}/{name}/{f}") for f in _HOTPLUG_FILES):
             log.debug("slot %s (%s) has no hotplug controls: informational only", name, key)
             continue
         slots.setdefault(key, name)
@@ -293,21 +295,21 @@ def _uevent(text: str) -> dict[str, str]:
     return out
 
 
-def _node(d: Path, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
+def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
     """A directory with a `dev` file: a device node (and maybe a whole disk)."""
     try:
-        devno = parse_devno(read_text(d / "dev"))
-        uevent = _uevent(read_text_or(d / "uevent", "") or "")
+        devno = parse_devno(read_attr(f"{d}/dev"))
+        uevent = _uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
     except Vanished:
         log.debug("%s vanished during the scan", d)
         return
     except ReadError as exc:
-        below.problems.append(ScanProblem(str(d), str(exc), (bdf,)))
+        below.problems.append(ScanProblem(d, str(exc), (bdf,)))
         return
     except ValueError as exc:
-        below.problems.append(ScanProblem(str(d / "dev"), f"malformed: {exc}", (bdf,)))
+        below.problems.append(ScanProblem(f"{d}/dev", f"malformed: {exc}", (bdf,)))
         return
-    subsystem = readlink_or(d / "subsystem") if "subsystem" in names else None
+    subsystem = _readlink_or_none(f"{d}/subsystem") if "subsystem" in names else None
     devtype = uevent.get("DEVTYPE")
     is_block = (
         (subsystem is not None and os.path.basename(subsystem) == "block")
@@ -320,9 +322,16 @@ def _node(d: Path, rel: tuple[str, ...], names: set[str], bdf: str, below: _Belo
         below.disks.append(rel[-1])
 
 
-def _walk(fdir: Path, bdf: str) -> _Below:
+def _readlink_or_none(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None  # vanished or not a link: the caller falls back to other evidence
+
+
+def _walk(fdir: str, bdf: str) -> _Below:
     below = _Below()
-    stack: list[tuple[Path, tuple[str, ...]]] = [(fdir, ())]
+    stack: list[tuple[str, tuple[str, ...]]] = [(fdir, ())]
     while stack:
         d, rel = stack.pop()
         try:
@@ -331,12 +340,12 @@ def _walk(fdir: Path, bdf: str) -> _Below:
         except FileNotFoundError:
             continue  # vanished mid-walk
         except OSError as exc:
-            below.problems.append(ScanProblem(str(d), f"cannot list: {exc.strerror or exc}", (bdf,)))
+            below.problems.append(ScanProblem(d, f"cannot list: {exc.strerror or exc}", (bdf,)))
             continue
         names = {e.name for e in entries}
         if rel:
             if "driver" in names:
-                drv = readlink_or(d / "driver")
+                drv = _readlink_or_none(f"{d}/driver")
                 if drv is not None:
                     below.subdrivers.append(os.path.basename(drv))
             if "dev" in names:
@@ -348,48 +357,53 @@ def _walk(fdir: Path, bdf: str) -> _Below:
             continue
         subdirs = []
         for e in entries:
-            if e.name in _NOISE or _BDF.match(e.name):
-                continue  # child PCI functions are functions of their own
             try:
-                if e.is_dir(follow_symlinks=False):
-                    subdirs.append(e.name)
+                if not e.is_dir(follow_symlinks=False):  # d_type from getdents: no extra syscall
+                    continue
             except OSError:
                 continue
-        stack.extend((d / s, (*rel, s)) for s in sorted(subdirs, reverse=True))
+            if e.name in _NOISE or _BDF.match(e.name):
+                continue  # child PCI functions are functions of their own
+            subdirs.append(e.name)
+        stack.extend((f"{d}/{sub}", (*rel, sub)) for sub in sorted(subdirs, reverse=True))
     return below
 
 
-def _read_ids(fdir: Path) -> tuple[int, int, int]:
+def _read_ids(fdir: str) -> tuple[int, int, int]:
     return (
-        parse_hex_id(read_text(fdir / "vendor")),
-        parse_hex_id(read_text(fdir / "device")),
-        parse_hex_id(read_text(fdir / "class")),
+        parse_hex_id(read_attr(f"{fdir}/vendor")),
+        parse_hex_id(read_attr(f"{fdir}/device")),
+        parse_hex_id(read_attr(f"{fdir}/class")),
     )
 
 
-def _function_dir(roots: Roots, base: Path, name: str) -> tuple[Path, str]:
+def _function_dir(sys_root: str, base: str, name: str) -> tuple[str, str]:
     """(directory inside roots.sys, sysfs-relative path "devices/...") from the link, as text."""
-    link = readlink(base / name)
-    if link.startswith("/"):
+    link = f"{base}/{name}"
+    try:
+        target = os.readlink(link)
+    except OSError as exc:
+        raise as_read_error(link, exc) from exc
+    if target.startswith("/"):
         # An absolute link in a captured tree still names the live /sys.
-        if not link.startswith("/sys/"):
-            raise ValueError(f"link {link!r} leaves /sys")
-        joined = os.path.normpath(str(roots.sys) + link[len("/sys") :])
+        if not target.startswith("/sys/"):
+            raise ValueError(f"link {target!r} leaves /sys")
+        joined = os.path.normpath(sys_root + target[len("/sys") :])
     else:
-        joined = os.path.normpath(os.path.join(str(base), link))
-    rel = os.path.relpath(joined, str(roots.sys))
-    if rel == ".." or rel.startswith("../"):
-        raise ValueError(f"link {link!r} leaves the sysfs root")
-    return Path(joined), rel
+        joined = os.path.normpath(f"{base}/{target}")
+    if not joined.startswith(sys_root + "/"):
+        raise ValueError(f"link {target!r} leaves the sysfs root")
+    return joined, joined[len(sys_root) + 1 :]
 
 
 def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunction], list[ScanProblem]]:
-    base = roots.sys / "bus" / "pci" / "devices"
+    sys_root = os.path.normpath(str(roots.sys))
+    base = f"{sys_root}/bus/pci/devices"
     problems: list[ScanProblem] = []
     try:
-        names = listdir(base)
+        names = list_dir(base)
     except ReadError as exc:
-        return [], [ScanProblem(str(base), str(exc))]
+        return [], [ScanProblem(base, str(exc))]
     slots, slot_problems = _hotplug_slots(roots)
     problems.extend(slot_problems)
 
@@ -398,35 +412,31 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
         try:
             address = PciAddress.parse(name)
         except ValueError as exc:
-            problems.append(ScanProblem(str(base / name), str(exc), (name,)))
+            problems.append(ScanProblem(f"{base}/{name}", str(exc), (name,)))
             continue
         bdf = str(address)
         try:
-            fdir, rel = _function_dir(roots, base, name)
+            fdir, rel = _function_dir(sys_root, base, name)
             path = parse_pci_path(rel)
         except Vanished:
-            problems.append(ScanProblem(str(base / name), "vanished during the scan", (bdf,)))
+            problems.append(ScanProblem(f"{base}/{name}", "vanished during the scan", (bdf,)))
             continue
         except (ReadError, ValueError) as exc:
-            problems.append(ScanProblem(str(base / name), str(exc), (bdf,)))
+            problems.append(ScanProblem(f"{base}/{name}", str(exc), (bdf,)))
             continue
         if path.hops[-1] != (address.slot, address.function):
-            problems.append(ScanProblem(str(base / name), f"sysfs path {rel} does not end in {name}", (bdf,)))
+            problems.append(ScanProblem(f"{base}/{name}", f"sysfs path {rel} does not end in {name}", (bdf,)))
             continue
         try:
             vendor, device, klass = _read_ids(fdir)
         except Vanished:
-            problems.append(ScanProblem(str(fdir), "vanished during the scan", (bdf,)))
+            problems.append(ScanProblem(fdir, "vanished during the scan", (bdf,)))
             continue
         except (ReadError, ValueError) as exc:
             # Keep the function so the report shows it, UNKNOWN through the problem.
-            problems.append(ScanProblem(str(fdir), f"vendor/device/class unreadable: {exc}", (bdf,)))
+            problems.append(ScanProblem(fdir, f"vendor/device/class unreadable: {exc}", (bdf,)))
             vendor, device, klass = 0xFFFF, 0xFFFF, 0
-        try:
-            drv = readlink_or(fdir / "driver")
-        except ReadError as exc:
-            problems.append(ScanProblem(str(fdir / "driver"), str(exc), (bdf,)))
-            drv = None
+        drv = _readlink_or_none(f"{fdir}/driver")
         below = _walk(fdir, bdf)
         problems.extend(below.problems)
         functions.append(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from unplugd.agent import sysio
 from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo, unescape_octal
-from unplugd.agent.errors import NotPermitted, ParseError
+from unplugd.agent.errors import ParseError
 from unplugd.agent.model import Mount
 from unplugd.agent.roots import Roots
 
@@ -209,6 +209,19 @@ def test_unreadable_mountinfo_is_a_problem(proc: Proc) -> None:
     assert f"mnt:[{OTHER}]" in problem.object
 
 
+def _deny_ns_links(monkeypatch: pytest.MonkeyPatch, pids: set[str]) -> None:
+    """readlink of /proc/PID/ns/mnt fails with EACCES for pids, as ptrace rules make it."""
+    real = os.readlink
+
+    def readlink(path: str | os.PathLike[str]) -> str:
+        p = Path(path)
+        if p.name == "mnt" and p.parent.parent.name in pids:
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real(path)
+
+    monkeypatch.setattr("os.readlink", readlink)
+
+
 def test_denied_ns_link_still_reads_the_mountinfo(proc: Proc, monkeypatch: pytest.MonkeyPatch) -> None:
     """ns/mnt needs ptrace access, mountinfo does not: group by mount ids instead."""
     proc.pid(1, None, OWN_TABLE)  # same namespace as ours (same mount ids)
@@ -216,14 +229,7 @@ def test_denied_ns_link_still_reads_the_mountinfo(proc: Proc, monkeypatch: pytes
     proc.pid(3, None, OTHER_TABLE)  # the same one again
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
-    real = sysio.readlink
-
-    def readlink(path: Path) -> str:
-        if path.parent.parent.name in ("1", "2", "3"):
-            raise NotPermitted(str(path), "Permission denied")
-        return real(path)
-
-    monkeypatch.setattr("unplugd.agent.collectors.mounts.readlink", readlink)
+    _deny_ns_links(monkeypatch, {"1", "2", "3"})
     scan = collect_mounts(proc.roots)
 
     assert scan.problems == []
@@ -241,14 +247,7 @@ def test_denied_ns_link_and_mountinfo_fail_closed(proc: Proc, monkeypatch: pytes
     (proc.proc / "1" / "mountinfo").mkdir()
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
-    real = sysio.readlink
-
-    def readlink(path: Path) -> str:
-        if path.parent.parent.name == "1":
-            raise NotPermitted(str(path), "Permission denied")
-        return real(path)
-
-    monkeypatch.setattr("unplugd.agent.collectors.mounts.readlink", readlink)
+    _deny_ns_links(monkeypatch, {"1"})
     scan = collect_mounts(proc.roots)
 
     (problem,) = scan.problems
