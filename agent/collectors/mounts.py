@@ -145,6 +145,9 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
             except ValueError as exc:
                 problems.append(ScanProblem(link, str(exc)))
                 continue
+        if ns == 0:
+            denied.append(pid)  # "mnt:[0]": a capture that could not tell the namespace either
+            continue
         by_ns.setdefault(ns, []).append(pid)
     return by_ns, denied, problems
 

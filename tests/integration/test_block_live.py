@@ -26,7 +26,7 @@ from unplugd.agent.collectors.block import collect_block, find_block_node, probe
 from unplugd.agent.collectors.mounts import collect_mounts
 from unplugd.agent.collectors.pci import collect_pci
 from unplugd.agent.collectors.swaps import collect_swaps
-from unplugd.agent.model import BlockDevice, DevNo
+from unplugd.agent.model import BlockDevice, DevNo, Mount
 from unplugd.agent.roots import Roots
 
 LIVE = Roots.live_system()
@@ -202,3 +202,36 @@ def test_live_pci_functions_list_their_disks() -> None:
         checked += 1
     if not checked:
         pytest.skip("no PCI-attached disk on this machine")
+
+
+def test_captured_tree_gives_the_collectors_the_same_answers(disk: LoopDisk, tmp_path: Path) -> None:
+    """`unplugd capture` then the collectors on the copy: the same functions, devices, mounts and swaps."""
+    capture_mod = pytest.importorskip("unplugd.agent.capture")
+    with (
+        mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt"),
+        swapped_on(disk.part_node(1)),
+    ):
+        capture_mod.capture(tmp_path / "tree")
+        live_block = collect_block(LIVE)
+        live_mounts = collect_mounts(LIVE)
+        live_swaps = collect_swaps(LIVE, live_mounts.own_mounts(), live_block[0])
+    captured = Roots.under(tmp_path / "tree")
+
+    assert collect_pci(captured) == collect_pci(LIVE)
+    cap_block = collect_block(captured)
+    assert cap_block[0][disk.disk] == live_block[0][disk.disk]
+    assert cap_block[0][disk.parts[0]] == live_block[0][disk.parts[0]]
+    cap_mounts = collect_mounts(captured)
+    assert cap_mounts.own_namespace == live_mounts.own_namespace
+    assert cap_mounts.root_devno == live_mounts.root_devno
+    p1 = live_block[0][disk.parts[0]].devno
+
+    def private(scan_mounts: list[Mount]) -> list[tuple[str, int]]:
+        return [(m.mount_point, m.namespace) for m in scan_mounts if m.devno == p1]
+
+    assert private(cap_mounts.mounts) == private(live_mounts.mounts) != []
+    cap_swaps = collect_swaps(captured, cap_mounts.own_mounts(), cap_block[0])
+    p2 = live_block[0][disk.parts[1]].devno
+    assert [s for s in cap_swaps[0] if s.devno == p2] == [s for s in live_swaps[0] if s.devno == p2] != []
+    # No kernel behind a captured tree: the probe says nothing.
+    assert probe_exclusive(captured, cap_block[0].values()) == (frozenset(), [])

@@ -459,3 +459,20 @@ def test_parse_slot_address(text: str, key: str | None) -> None:
 )
 def test_class_name(code: int, name: str | None) -> None:
     assert class_name(code) == name
+
+
+def test_walk_follows_no_symlinks_and_stops_at_depth(tree: Tree) -> None:
+    fdir = tree.function("0000:00:02.0")
+    other = tree.function("0000:00:03.0")
+    tree.node(tree.child(other, "virtio2/block") / "vdb", "254:16", "disk", block=True)
+    virtio = tree.child(fdir, "virtio1")
+    os.symlink("..", virtio / "device")  # a cycle, as sysfs has everywhere
+    os.symlink("../../0000:00:03.0/virtio2", virtio / "sibling")  # another function's objects
+    deep = virtio / "/".join(f"d{i}" for i in range(14))
+    tree.node(deep, "240:0", None, block=False)
+
+    by = _by_bdf(collect_pci(tree.roots)[0])
+
+    assert by["0000:00:02.0"].device_nodes == ()
+    assert by["0000:00:02.0"].block_devices == ()
+    assert by["0000:00:03.0"].block_devices == ("vdb",)

@@ -314,3 +314,19 @@ def test_live_system_reads_own_namespace() -> None:
     assert scan.own_namespace == parse_mnt_ns(os.readlink("/proc/self/ns/mnt"))
     assert scan.root_devno == (os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev))
     assert any(m.mount_point == "/" and m.namespace == scan.own_namespace for m in scan.mounts)
+
+
+def test_namespace_zero_from_a_capture_is_read_per_pid(proc: Proc) -> None:
+    """A capture writes mnt:[0] when it could not tell; each such pid's table is read and deduplicated."""
+    proc.pid(1, 0, OWN_TABLE)  # really our namespace
+    proc.pid(2, 0, OTHER_TABLE)  # really another one
+    proc.pid(100, OWN, OWN_TABLE)
+    proc.self_is(100)
+
+    scan = collect_mounts(proc.roots)
+
+    assert scan.problems == []
+    assert [(m.mount_id, m.namespace, m.namespace_pid) for m in scan.mounts if m.namespace != OWN] == [
+        (500, 0, 2),
+        (501, 0, 2),
+    ]
