@@ -30,6 +30,10 @@ elif str(REPO) not in sys.path:
 
 from tests.bench.results import SectionResult, render, to_json  # noqa: E402
 
+# gRPC's C core logs a line whenever the bench forks while a channel is open
+# (fork_posix.cc "skipping fork() handlers"): noise in the tables.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 SECTIONS: list[tuple[str, str]] = [
     ("inspect", "tests.bench.sec_inspect_tools"),
     ("tree", "tests.bench.sec_large_tree"),
