@@ -238,7 +238,15 @@ def parse_pci_path(sysfs_rel: str) -> PciPath:
 
 
 def parse_slot_address(text: str) -> str | None:
-    """A slot's `address` ("0000:00:03") as a PciAddress.slot_key; None for a bus-wide placeholder."""
+    """A slot's `address` ("0000:00:03") as a PciAddress.slot_key; None for a bus-wide placeholder.
+
+    drivers/pci/slot.c prints DDDD:BB for placeholder slots (number -1) and
+    DDDD:BB:SS otherwise. pciehp registers its slot on the bus behind the port
+    for all devices (PCI_SLOT_ALL_DEVICES in newer kernels) yet still prints
+    device 00, so its one function-0 device matches. Known gap: ARI functions
+    at device numbers above 0 on such a bus get no slot (reported as no hotplug
+    driver, the cautious side).
+    """
     m = _SLOT_ADDRESS.match(text.strip())
     if not m:
         return None
