@@ -1,0 +1,52 @@
+"""Copy bytes both ways between two asyncio streams until both sides are done."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+__all__ = ["close_writer", "splice"]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    while data := await src.read(CHUNK):
+        dst.write(data)
+        await dst.drain()
+    # half-close: the peer may still answer
+    if dst.can_write_eof():
+        with contextlib.suppress(OSError):
+            dst.write_eof()
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        await writer.wait_closed()
+
+
+async def splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    *,
+    label: str = "",
+) -> None:
+    """Pump a->b and b->a; an error on either side closes both."""
+    tasks = [asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1]))]
+    try:
+        pending: set[asyncio.Future[None]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(t.exception() is not None for t in done):
+                log.debug("splice %s ended: %s", label, next(t.exception() for t in done if t.exception()))
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_writer(a[1])
+        await close_writer(b[1])

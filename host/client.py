@@ -1,0 +1,381 @@
+"""AgentClient: the host's gRPC client of the guest agent, over any transport.
+
+Addresses:
+    unix:/path                    the agent's unix socket (local tools, tests)
+    vsock:CID:PORT                AF_VSOCK to the guest
+    hvsock:/path/to/vmm.sock:PORT Firecracker / cloud-hypervisor hybrid vsock
+    serial:/path/to/chardev.sock  QEMU chardev socket of the virtio-serial port
+                                  (libvirt <channel type='unix'> path)
+    tcp:HOST:PORT                 TCP, only with mutual TLS (TlsFiles)
+
+grpcio dials only unix and TCP; the others go through a relay (relays.py) on
+a private unix socket. Every call has a deadline; an agent that cannot be
+reached or does not answer in time raises AgentUnreachable, any other failure
+AgentCallFailed with the gRPC status code.
+
+    AgentClientError
+     +-- AgentUnreachable     address + cause (connect, relay, deadline)
+     +-- AgentCallFailed      the agent answered with an error status
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, TypeVar, cast
+
+import grpc
+import grpc.aio
+
+from unplugd.host.relays import HybridVsockRelay, Relay, SerialRelay, VsockRelay
+from unplugd.v1 import agent_service_pb2 as pb
+from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
+from unplugd.v1 import report_pb2
+
+__all__ = [
+    "AgentAddress",
+    "AgentCallFailed",
+    "AgentClient",
+    "AgentClientError",
+    "AgentUnreachable",
+    "SyncAgentClient",
+    "TlsFiles",
+    "parse_address",
+]
+
+Kind = Literal["unix", "vsock", "hvsock", "serial", "tcp"]
+_T = TypeVar("_T")
+
+# Reconnect quickly: a guest agent restarts in about a second. (Not
+# grpc.min_reconnect_backoff_ms: grpc also uses it as the connect timeout,
+# and a relay's handshake with the guest is part of connecting.)
+_CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class AgentClientError(Exception):
+    """Root of the agent client's errors."""
+
+
+class AgentUnreachable(AgentClientError):
+    def __init__(self, address: str, cause: str) -> None:
+        super().__init__(f"agent at {address} is unreachable: {cause}")
+        self.address = address
+        self.cause = cause
+
+
+class AgentCallFailed(AgentClientError):
+    """The agent answered with an error; `code` is the grpc.StatusCode."""
+
+    def __init__(self, address: str, method: str, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{method} on {address} failed: {code.name}: {details}")
+        self.address = address
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    kind: Kind
+    path: str = ""  # unix socket, hybrid-vsock socket or chardev socket
+    cid: int = 0
+    port: int = 0
+    host: str = ""
+
+    def __str__(self) -> str:
+        if self.kind in ("unix", "serial"):
+            return f"{self.kind}:{self.path}"
+        if self.kind == "vsock":
+            return f"vsock:{self.cid}:{self.port}"
+        if self.kind == "hvsock":
+            return f"hvsock:{self.path}:{self.port}"
+        return f"tcp:{self.host}:{self.port}"
+
+
+def _number(text: str, what: str, address: str, limit: int) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= limit:
+        raise ValueError(f"{address!r}: {what} must be a number up to {limit}, not {text!r}")
+    return int(text)
+
+
+def parse_address(text: str) -> AgentAddress:
+    """Parse an agent address (see the module docstring); ValueError says what is wrong."""
+    kind, sep, rest = text.partition(":")
+    if not sep or not rest:
+        raise ValueError(
+            f"{text!r}: expected unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT, serial:PATH or tcp:HOST:PORT")
+    if kind in ("unix", "serial"):
+        return AgentAddress(kind, path=rest)  # type: ignore[arg-type]
+    if kind == "vsock":
+        cid, _, port = rest.partition(":")
+        return AgentAddress("vsock", cid=_number(cid, "CID", text, 0xFFFFFFFF),
+                            port=_number(port, "port", text, 0xFFFFFFFF))
+    if kind in ("hvsock", "tcp"):
+        head, _, port = rest.rpartition(":")
+        if not head:
+            raise ValueError(f"{text!r}: expected {kind}:{'PATH' if kind == 'hvsock' else 'HOST'}:PORT")
+        number = _number(port, "port", text, 0xFFFFFFFF if kind == "hvsock" else 65535)
+        if kind == "hvsock":
+            return AgentAddress("hvsock", path=head, port=number)
+        return AgentAddress("tcp", host=head.removeprefix("[").removesuffix("]"), port=number)
+    raise ValueError(f"{text!r}: unknown transport {kind!r} (unix, vsock, hvsock, serial, tcp)")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for mutual TLS: the CA that signed the agent's certificate, our chain and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            return grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes(),
+                certificate_chain=self.cert.read_bytes(),
+            )
+        except OSError as exc:
+            raise ValueError(f"TLS file {exc.filename}: {exc.strerror}") from exc
+
+
+def _relay_for(address: AgentAddress, connect_timeout: float) -> Relay | None:
+    if address.kind == "vsock":
+        return VsockRelay(address.cid, address.port, connect_timeout=connect_timeout)
+    if address.kind == "hvsock":
+        return HybridVsockRelay(address.path, address.port, connect_timeout=connect_timeout)
+    if address.kind == "serial":
+        return SerialRelay(address.path, connect_timeout=connect_timeout)
+    return None
+
+
+class AgentClient:
+    """Async client of one agent. Use as `async with AgentClient(addr) as c:`."""
+
+    def __init__(
+        self,
+        address: str | AgentAddress,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        tls: TlsFiles | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        self.address = parse_address(address) if isinstance(address, str) else address
+        if self.address.kind == "tcp" and tls is None:
+            raise ValueError(f"{self.address}: the agent serves TCP only with mutual TLS: give the CA, cert and key")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._tls = tls
+        self._tls_server_name = tls_server_name
+        self._relay: Relay | None = None
+        self._relay_dir: Path | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.AgentServiceAsyncStub | None = None
+
+    async def __aenter__(self) -> AgentClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- connection -----------------------------------------------------
+    async def connect(self) -> None:
+        """Set up the channel (and relay); cheap, does not contact the agent."""
+        if self._stub is not None:
+            return
+        addr = self.address
+        options = list(_CHANNEL_OPTIONS)
+        if addr.kind == "tcp":
+            assert self._tls is not None
+            if self._tls_server_name:
+                options.append(("grpc.ssl_target_name_override", self._tls_server_name))
+            host = f"[{addr.host}]" if ":" in addr.host else addr.host
+            channel = grpc.aio.secure_channel(f"{host}:{addr.port}", self._tls.credentials(), options=options)
+        else:
+            target = addr.path
+            relay = _relay_for(addr, self.connect_timeout)
+            if relay is not None:
+                self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
+                try:
+                    target = str(await relay.start(self._relay_dir))
+                except BaseException:
+                    shutil.rmtree(self._relay_dir, ignore_errors=True)
+                    self._relay_dir = None
+                    raise
+                self._relay = relay
+            # the authority is irrelevant on a unix socket; keep it stable
+            options.append(("grpc.default_authority", "unplugd-agent"))
+            channel = grpc.aio.insecure_channel(f"unix:{Path(target).absolute()}", options=options)
+        self._channel = channel
+        # the generated class serves both APIs; the .pyi types the aio one separately
+        self._stub = cast("pb_grpc.AgentServiceAsyncStub", pb_grpc.AgentServiceStub(channel))
+
+    async def close(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(None)
+        relay, self._relay = self._relay, None
+        if relay is not None:
+            await relay.stop()
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
+            self._relay_dir = None
+
+    async def _ready_stub(self) -> pb_grpc.AgentServiceAsyncStub:
+        await self.connect()
+        assert self._channel is not None and self._stub is not None
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
+        except TimeoutError:
+            raise self._unreachable(f"no connection within {self.connect_timeout:g}s") from None
+        return self._stub
+
+    def _unreachable(self, cause: str) -> AgentUnreachable:
+        relay_error = self._relay.last_error if self._relay is not None else None
+        if relay_error:
+            cause = f"{relay_error} ({cause})"
+        return AgentUnreachable(str(self.address), cause)
+
+    def _translate(self, method: str, exc: grpc.aio.AioRpcError, timeout: float) -> AgentClientError:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return self._unreachable(exc.details() or "unavailable")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return self._unreachable(f"{method} got no answer within {timeout:g}s")
+        return AgentCallFailed(str(self.address), method, code, exc.details() or "")
+
+    async def _unary(self, method: str, call: Callable[[pb_grpc.AgentServiceAsyncStub, float], Awaitable[_T]],
+                     timeout: float | None) -> _T:
+        stub = await self._ready_stub()
+        deadline = self.timeout if timeout is None else timeout
+        try:
+            return await call(stub, deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate(method, exc, deadline) from exc
+
+    # -- calls ----------------------------------------------------------
+    async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
+        request = pb.GetReportRequest(devices=list(devices))
+        response: pb.GetReportResponse = await self._unary(
+            "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout)
+        return response.report
+
+    async def get_agent_info(self, *, timeout: float | None = None) -> pb.GetAgentInfoResponse:
+        request = pb.GetAgentInfoRequest()
+        return await self._unary("GetAgentInfo", lambda s, t: s.GetAgentInfo(request, timeout=t), timeout)
+
+    async def prepare_unplug(
+        self,
+        devices: Sequence[str],
+        lease_seconds: int,
+        take_interfaces_down: bool = False,
+        *,
+        lease_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.PrepareUnplugResponse:
+        """Claim the functions' block devices for `lease_seconds`; renew with `lease_id`."""
+        request = pb.PrepareUnplugRequest(devices=list(devices), lease_seconds=lease_seconds,
+                                          lease_id=lease_id, take_interfaces_down=take_interfaces_down)
+        return await self._unary("PrepareUnplug", lambda s, t: s.PrepareUnplug(request, timeout=t), timeout)
+
+    async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
+        request = pb.ReleaseUnplugRequest(lease_id=lease_id)
+        return await self._unary("ReleaseUnplug", lambda s, t: s.ReleaseUnplug(request, timeout=t), timeout)
+
+    async def watch_report(
+        self, devices: Sequence[str] = (), *, timeout: float | None = None
+    ) -> AsyncIterator[pb.WatchReportResponse]:
+        """The current report, then each change. The first message must come
+        within the client's call timeout; `timeout` bounds the whole stream
+        (None: until the caller stops iterating)."""
+        stub = await self._ready_stub()
+        call = stub.WatchReport(pb.WatchReportRequest(devices=list(devices)), timeout=timeout)
+        first = True
+        try:
+            while True:
+                try:
+                    if first:
+                        message = await asyncio.wait_for(call.read(), self.timeout)
+                        first = False
+                    else:
+                        message = await call.read()
+                except TimeoutError:
+                    raise self._unreachable(f"WatchReport sent nothing within {self.timeout:g}s") from None
+                except grpc.aio.AioRpcError as exc:
+                    raise self._translate("WatchReport", exc, timeout or self.timeout) from exc
+                if not isinstance(message, pb.WatchReportResponse):  # grpc.aio.EOF
+                    return
+                yield message
+        finally:
+            call.cancel()
+
+
+class SyncAgentClient:
+    """Blocking facade over AgentClient for scripts (not for use inside an event loop)."""
+
+    def __init__(
+        self,
+        address: str | AgentAddress,
+        *,
+        timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        tls: TlsFiles | None = None,
+        tls_server_name: str | None = None,
+    ) -> None:
+        self._client = AgentClient(address, timeout=timeout, connect_timeout=connect_timeout, tls=tls,
+                                   tls_server_name=tls_server_name)
+        self._loop = asyncio.new_event_loop()
+        self.address = self._client.address
+
+    def __enter__(self) -> SyncAgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, coro: Awaitable[_T]) -> _T:
+        return self._loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._run(self._client.close())
+            self._loop.close()
+
+    def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
+        return self._run(self._client.get_report(devices, timeout=timeout))
+
+    def get_agent_info(self, *, timeout: float | None = None) -> pb.GetAgentInfoResponse:
+        return self._run(self._client.get_agent_info(timeout=timeout))
+
+    def prepare_unplug(self, devices: Sequence[str], lease_seconds: int, take_interfaces_down: bool = False, *,
+                       lease_id: str = "", timeout: float | None = None) -> pb.PrepareUnplugResponse:
+        return self._run(self._client.prepare_unplug(devices, lease_seconds, take_interfaces_down,
+                                                     lease_id=lease_id, timeout=timeout))
+
+    def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
+        return self._run(self._client.release_unplug(lease_id, timeout=timeout))
+
+    def watch_report(self, devices: Sequence[str] = (), *, timeout: float | None = None
+                     ) -> Iterator[pb.WatchReportResponse]:
+        stream = cast(AsyncGenerator[pb.WatchReportResponse, None], self._client.watch_report(devices, timeout=timeout))
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._run(stream.aclose())

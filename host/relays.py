@@ -1,0 +1,302 @@
+"""Local relays: a private unix socket that grpcio can dial, carried to the agent.
+
+grpcio dials unix sockets and TCP only. Each relay listens on a unix socket in
+a private directory and carries every accepted connection over the real path:
+- VsockRelay:        AF_VSOCK to (CID, port)
+- HybridVsockRelay:  Firecracker / cloud-hypervisor: the VMM's unix socket,
+                     "CONNECT <port>\\n" answered by "OK <n>\\n"
+- SerialRelay:       QEMU's chardev socket of a virtio-serial port (libvirt's
+                     <channel type='unix'> path is the same), speaking the
+                     framed session protocol of agent/transports/PROTOCOL.md
+
+A relay remembers why its last attempt failed (`last_error`), so the client
+can say more than "connection closed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+from unplugd.agent.transports.framing import (
+    MAX_PAYLOAD,
+    Frame,
+    FrameDecoder,
+    FrameKind,
+    data_frames,
+    encode_frame,
+    sync_preamble,
+)
+from unplugd.agent.transports.splice import close_writer, splice
+
+__all__ = ["HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay"]
+
+log = logging.getLogger(__name__)
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class RelayError(Exception):
+    """The relay could not reach the agent; the message says where and why."""
+
+
+class Relay(ABC):
+    """Accepts on a private unix socket and carries each connection onward."""
+
+    def __init__(self, *, connect_timeout: float = 5.0) -> None:
+        self.connect_timeout = connect_timeout
+        self.path: Path | None = None
+        self.last_error: str | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    @abstractmethod
+    def target(self) -> str:
+        """Where the relay goes, for messages."""
+
+    async def start(self, directory: Path) -> Path:
+        path = directory / "relay.sock"
+        self._server = await asyncio.start_unix_server(self._accepted, path=str(path))
+        os.chmod(path, 0o600)
+        self.path = path
+        return path
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._before_carry()
+            await self._carry((reader, writer))
+        except RelayError as exc:
+            self.last_error = str(exc)
+            log.info("relay to %s: %s", self.target, exc)
+        except OSError as exc:
+            self.last_error = f"{self.target}: {exc.strerror or exc}"
+            log.info("relay to %s: %s", self.target, exc)
+        except asyncio.CancelledError:
+            # stopped or superseded; asyncio's server callback would log a
+            # cancelled handler task as an error
+            log.debug("relay to %s: connection cancelled", self.target)
+        finally:
+            self._tasks.discard(task)
+            await close_writer(writer)
+
+    async def _before_carry(self) -> None:  # noqa: B027  (a hook, not abstract)
+        """Runs before each connection is carried; SerialRelay supersedes the current one."""
+
+    @abstractmethod
+    async def _carry(self, client: Streams) -> None: ...
+
+
+class VsockRelay(Relay):
+    def __init__(
+        self,
+        cid: int,
+        port: int,
+        *,
+        socket_factory: Callable[[], socket.socket] | None = None,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(connect_timeout=connect_timeout)
+        self.cid, self.port = cid, port
+        self._socket_factory = socket_factory or (lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+
+    @property
+    def target(self) -> str:
+        return f"vsock CID {self.cid} port {self.port}"
+
+    async def _carry(self, client: Streams) -> None:
+        sock = self._socket_factory()
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().sock_connect(sock, (self.cid, self.port)), self.connect_timeout
+            )
+        except TimeoutError:
+            sock.close()
+            raise RelayError(f"{self.target}: no answer within {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            sock.close()
+            raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+        upstream = await asyncio.open_connection(sock=sock)
+        self.last_error = None
+        await splice(client, upstream, label=self.target)
+
+
+class HybridVsockRelay(Relay):
+    """Firecracker / cloud-hypervisor: connect to the VMM's socket, then CONNECT <port>."""
+
+    def __init__(self, uds_path: str | Path, port: int, *, connect_timeout: float = 5.0) -> None:
+        super().__init__(connect_timeout=connect_timeout)
+        self.uds_path, self.port = str(uds_path), port
+
+    @property
+    def target(self) -> str:
+        return f"hybrid vsock {self.uds_path} port {self.port}"
+
+    async def _carry(self, client: Streams) -> None:
+        try:
+            upstream = await asyncio.wait_for(asyncio.open_unix_connection(self.uds_path), self.connect_timeout)
+        except TimeoutError:
+            raise RelayError(f"{self.target}: the VMM socket does not answer") from None
+        except OSError as exc:
+            raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+        reader, writer = upstream
+        try:
+            writer.write(f"CONNECT {self.port}\n".encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), self.connect_timeout)
+        except TimeoutError:
+            await close_writer(writer)
+            raise RelayError(f"{self.target}: no answer to CONNECT within {self.connect_timeout:g}s") from None
+        except (OSError, ValueError) as exc:
+            await close_writer(writer)
+            raise RelayError(f"{self.target}: CONNECT failed: {exc}") from exc
+        if not line.startswith(b"OK ") or not line.endswith(b"\n"):
+            await close_writer(writer)
+            # the VMM closes the connection when nothing listens on the port
+            got = "the connection was closed" if not line else f"it answered {line[:80]!r}"
+            raise RelayError(f"{self.target}: CONNECT refused ({got}); is unplugd listening on vsock port {self.port}?")
+        self.last_error = None
+        await splice(client, upstream, label=self.target)
+
+
+class SerialRelay(Relay):
+    """QEMU's chardev socket of the agent's virtio-serial port.
+
+    One session at a time: the port is a single stream. A new client
+    supersedes the current one (grpc only dials again when it believes the
+    old connection is dead).
+    """
+
+    def __init__(
+        self,
+        chardev_path: str | Path,
+        *,
+        connect_timeout: float = 5.0,
+        open_retry: float = 0.5,
+    ) -> None:
+        super().__init__(connect_timeout=connect_timeout)
+        self.chardev_path = str(chardev_path)
+        self.open_retry = open_retry
+        self._lock = asyncio.Lock()
+        self._current: asyncio.Task[None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"virtio-serial chardev {self.chardev_path}"
+
+    async def _before_carry(self) -> None:
+        old, self._current = self._current, asyncio.current_task()
+        if old is not None and not old.done():
+            old.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await old
+
+    async def _carry(self, client: Streams) -> None:
+        async with self._lock:
+            try:
+                chardev = await asyncio.wait_for(asyncio.open_unix_connection(self.chardev_path), self.connect_timeout)
+            except TimeoutError:
+                raise RelayError(f"{self.target}: QEMU does not accept the connection") from None
+            except OSError as exc:
+                raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+            try:
+                session = secrets.randbits(32) or 1
+                decoder = FrameDecoder()
+                early = await self._open(chardev, session, decoder)
+                self.last_error = None
+                await self._pump(client, chardev, session, decoder, early)
+            finally:
+                await close_writer(chardev[1])
+
+    async def _open(self, chardev: Streams, session: int, decoder: FrameDecoder) -> list[Frame]:
+        """Start the session; returns frames that came right behind the ACCEPT."""
+        reader, writer = chardev
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        open_frame = encode_frame(Frame(FrameKind.OPEN, session))
+        writer.write(sync_preamble() + open_frame)
+        await writer.drain()
+        while (left := deadline - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(reader.read(65536), min(self.open_retry, left))
+            except TimeoutError:
+                # the guest may have missed it (not reading yet): say it again
+                writer.write(open_frame)
+                await asyncio.wait_for(writer.drain(), max(left, 0.01))
+                continue
+            if not data:
+                raise RelayError(f"{self.target}: QEMU closed the connection")
+            frames = decoder.feed(data)
+            for i, frame in enumerate(frames):
+                if frame.session != session:
+                    continue
+                if frame.kind is FrameKind.ACCEPT:
+                    return frames[i + 1 :]
+                if frame.kind is FrameKind.CLOSE:
+                    why = frame.payload.decode(errors="replace") or "no reason given"
+                    raise RelayError(f"{self.target}: the guest bridge refused the session: {why}")
+        raise RelayError(
+            f"{self.target}: no answer from the guest within {self.connect_timeout:g}s "
+            "(is unplugd running with [transports.virtio_serial] enabled? is another client connected?)"
+        )
+
+    async def _pump(self, client: Streams, chardev: Streams, session: int, decoder: FrameDecoder,
+                    early: list[Frame]) -> None:
+        async def host_to_guest() -> None:
+            while data := await client[0].read(MAX_PAYLOAD):
+                chardev[1].writelines(data_frames(session, data))
+                await chardev[1].drain()
+            chardev[1].write(encode_frame(Frame(FrameKind.CLOSE, session, b"host client closed")))
+            await chardev[1].drain()
+
+        def deliver(frames: list[Frame]) -> bool:
+            """Write our session's data to the client; False once the guest closed it."""
+            for frame in frames:
+                if frame.session != session:
+                    continue
+                if frame.kind is FrameKind.DATA:
+                    client[1].write(frame.payload)
+                elif frame.kind is FrameKind.CLOSE:
+                    log.info("%s: session closed by the guest: %s", self.target,
+                             frame.payload.decode(errors="replace"))
+                    return False
+            return True
+
+        async def guest_to_host() -> None:
+            if not deliver(early):
+                return
+            while data := await chardev[0].read(65536):
+                if not deliver(decoder.feed(data)):
+                    return
+                await client[1].drain()
+
+        tasks = [asyncio.ensure_future(host_to_guest()), asyncio.ensure_future(guest_to_host())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks[0].cancelled():
+                # leaving without the CLOSE from host_to_guest: tell the guest anyway
+                with contextlib.suppress(OSError, RuntimeError):
+                    chardev[1].write(encode_frame(Frame(FrameKind.CLOSE, session, b"host relay stopped")))
