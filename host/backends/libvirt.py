@@ -1,0 +1,456 @@
+"""libvirt (libvirt-python): topology from the live domain XML, detach, device-removed events.
+
+Every PCI controller has an `index`; a device's `<address bus=N>` names the
+controller whose bus it sits on. Following those from each device up to
+pci-root/pcie-root (or an expander bus, whose `<target busNr>` is the guest's
+root bus number) gives the chain of slot.function hops: the PCI path.
+
+Detach goes through detachDeviceFlags(xml, VIR_DOMAIN_AFFECT_LIVE) with the
+device's own live XML. libvirt refuses any device in a multifunction slot
+("cannot hot unplug multifunction PCI device"); the opt-in path sends
+`device_del` for function 0 through libvirt's QEMU monitor passthrough
+(libvirt_qemu.qemuMonitorCommand). QEMU then removes the whole slot, libvirt
+handles each DEVICE_DELETED and drops the functions from the live XML, but
+it marks the domain *tainted* (custom-monitor) for the rest of its life.
+
+Removal events come from VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED on libvirt's
+default event loop implementation (virEventRegisterDefaultImpl), run by one
+daemon thread per process and bridged into asyncio with call_soon_threadsafe.
+libvirt-python's calls block, so they run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from unplugd.agent.model import PciAddress, PciPath
+from unplugd.host.backends.qmp import classify_unplug_error
+from unplugd.host.errors import (
+    BackendError,
+    DeviceGone,
+    DomainNotFound,
+    HotplugUnsupported,
+    MultifunctionRefused,
+    TopologyError,
+    UnplugRefused,
+)
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+
+__all__ = [
+    "AGENT_CHANNEL",
+    "DomainLayout",
+    "LibvirtBackend",
+    "classify_detach_error",
+    "parse_domain_xml",
+]
+
+log = logging.getLogger(__name__)
+
+AGENT_CHANNEL = "org.unplugd.agent.0"
+_T = TypeVar("_T")
+
+_BUS_KINDS = {
+    "pci-root": BusKind.PCI_ROOT,
+    "pcie-root": BusKind.PCIE_ROOT,
+    "pcie-root-port": BusKind.PCIE_ROOT_PORT,
+    "pcie-switch-upstream-port": BusKind.PCIE_SWITCH_UPSTREAM_PORT,
+    "pcie-switch-downstream-port": BusKind.PCIE_SWITCH_DOWNSTREAM_PORT,
+    "pci-bridge": BusKind.PCI_BRIDGE,
+    "pcie-to-pci-bridge": BusKind.PCI_BRIDGE,
+    "dmi-to-pci-bridge": BusKind.DMI_TO_PCI_BRIDGE,
+    "pci-expander-bus": BusKind.PCI_EXPANDER,
+    "pcie-expander-bus": BusKind.PCIE_EXPANDER,
+}
+
+# Device elements libvirt can hot-unplug (qemuDomainDetachDeviceLive); others it refuses.
+_DETACHABLE = {"disk", "interface", "hostdev", "rng", "watchdog", "input", "vsock", "shmem", "redirdev", "memory"}
+_DETACHABLE_CONTROLLERS = {"scsi"}
+
+
+@dataclass(frozen=True)
+class _Controller:
+    index: int
+    model: str
+    alias: str | None
+    address: tuple[int, int, int, int] | None  # domain, bus (parent index), slot, function
+    hotplug: str | None  # <target hotplug='on|off'>
+    bus_nr: int | None  # expander buses: <target busNr>
+
+
+@dataclass(frozen=True)
+class DomainLayout:
+    topology: Topology
+    # alias -> the device element's live XML, what detachDeviceFlags wants
+    device_xml: dict[str, str]
+    agent_channel: str | None
+
+
+def _hex(text: str | None, what: str) -> int:
+    if text is None:
+        raise TopologyError(f"domain XML: <address> without {what}")
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise TopologyError(f"domain XML: bad {what} {text!r} in <address>") from None
+
+
+def _pci_address(el: ET.Element) -> tuple[tuple[int, int, int, int], bool] | None:
+    addr = el.find("address")
+    if addr is None or addr.get("type") != "pci":
+        return None
+    a = (
+        _hex(addr.get("domain", "0"), "domain"),
+        _hex(addr.get("bus"), "bus"),
+        _hex(addr.get("slot"), "slot"),
+        _hex(addr.get("function", "0"), "function"),
+    )
+    if not (0 <= a[2] <= 0x1F and 0 <= a[3] <= 7):
+        raise TopologyError(f"domain XML: impossible PCI address {a}")
+    return a, addr.get("multifunction") == "on"
+
+
+def _alias(el: ET.Element) -> str | None:
+    a = el.find("alias")
+    return a.get("name") if a is not None else None
+
+
+def _describe(el: ET.Element) -> tuple[str, tuple[str, ...], bool | None]:
+    """(model, targets, hotpluggable) of a device element, by libvirt's rules."""
+    tag = el.tag
+    model = tag
+    targets: list[str] = []
+    t = el.find("target")
+    if t is not None and t.get("dev"):
+        targets.append(t.get("dev", ""))
+    if tag == "disk":
+        model = f"disk {t.get('bus', '') if t is not None else ''}".strip()
+    elif tag == "interface":
+        m = el.find("model")
+        model = f"interface {m.get('type', '') if m is not None else ''}".strip()
+    elif tag == "controller":
+        model = f"controller {el.get('type', '')} {el.get('model', '')}".strip()
+        return model, tuple(targets), el.get("type") in _DETACHABLE_CONTROLLERS
+    elif el.get("model"):
+        model = f"{tag} {el.get('model')}"
+    return model, tuple(targets), tag in _DETACHABLE
+
+
+def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
+    """The live domain XML -> topology, device XML by alias, agent channel path. Pure."""
+    try:
+        # The XML comes from the local libvirtd (root-only socket), not from the guest.
+        root = ET.fromstring(xml)  # noqa: S314
+    except ET.ParseError as e:
+        raise TopologyError(f"domain XML does not parse: {e}") from e
+    devices = root.find("devices")
+    if devices is None:
+        raise TopologyError("domain XML has no <devices>")
+    os_type = root.find("os/type")
+    machine = os_type.get("machine", "") if os_type is not None else ""
+    acpi = root.find("features/acpi") is not None
+
+    controllers: dict[int, _Controller] = {}
+    for c in devices.findall("controller"):
+        if c.get("type") != "pci":
+            continue
+        try:
+            index = int(c.get("index", ""))
+        except ValueError:
+            raise TopologyError(f"domain XML: pci controller with index {c.get('index')!r}") from None
+        pa = _pci_address(c)
+        target = c.find("target")
+        bus_nr = target.get("busNr") if target is not None else None
+        controllers[index] = _Controller(
+            index=index,
+            model=c.get("model", ""),
+            alias=_alias(c),
+            address=pa[0] if pa else None,
+            hotplug=target.get("hotplug") if target is not None else None,
+            bus_nr=int(bus_nr) if bus_nr and bus_nr.isdigit() else None,
+        )
+
+    buses: dict[int, Bus] = {}
+
+    def bus_of(index: int, seen: tuple[int, ...] = ()) -> Bus:
+        """The Bus that controller `index` provides, resolving its chain upwards."""
+        if index in buses:
+            return buses[index]
+        if index in seen:
+            raise TopologyError(f"domain XML: pci controllers form a loop at index {index}")
+        c = controllers.get(index)
+        if c is None:
+            raise TopologyError(f"domain XML: an address names bus {index:#x} but no pci controller has that index")
+        kind = _BUS_KINDS.get(c.model, BusKind.UNKNOWN)
+        name = c.alias or f"pci.{index}"
+        if kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
+            bus = Bus(
+                kind,
+                0,
+                0,
+                None,
+                name,
+                hotplug=(kind is BusKind.PCI_ROOT and acpi),
+                mechanism="acpi" if kind is BusKind.PCI_ROOT and acpi else "",
+                number=0,
+            )
+        elif kind in (BusKind.PCI_EXPANDER, BusKind.PCIE_EXPANDER):
+            if c.bus_nr is None:
+                raise TopologyError(f"domain XML: expander bus {name} without <target busNr>")
+            bus = Bus(kind, 0, c.bus_nr, None, name, hotplug=False, number=c.bus_nr)
+        else:
+            if c.address is None:
+                raise TopologyError(f"domain XML: pci controller {name} has no PCI address")
+            parent = bus_of(c.address[1], (*seen, index))
+            bridge = parent.path_of(c.address[2], c.address[3])
+            hotplug: bool = {
+                BusKind.PCIE_ROOT_PORT: c.hotplug != "off",
+                BusKind.PCIE_SWITCH_DOWNSTREAM_PORT: c.hotplug != "off",
+                BusKind.PCI_BRIDGE: True,
+            }.get(kind, False)
+            bus = Bus(kind, parent.domain, parent.root_bus, bridge, name, hotplug=hotplug)
+        buses[index] = bus
+        return bus
+
+    functions: dict[PciPath, tuple[Bus, Function]] = {}
+    device_xml: dict[str, str] = {}
+    for el in devices:
+        pa = _pci_address(el)
+        if pa is None:
+            continue
+        (domain, bus_index, slot, fn), multi = pa
+        bus = bus_of(bus_index)
+        model, targets, hotpluggable = _describe(el)
+        is_bridge = el.tag == "controller" and el.get("type") == "pci"
+        if is_bridge and el.get("model") in ("pci-expander-bus", "pcie-expander-bus"):
+            is_bridge = False  # an expander is a host bridge: its bus is a root bus, not behind it
+        alias = _alias(el)
+        f = Function(
+            path=bus.path_of(slot, fn),
+            model=model,
+            qemu_id=alias,
+            alias=alias,
+            targets=targets,
+            is_bridge=is_bridge,
+            hotpluggable=False if is_bridge else hotpluggable,
+            multifunction=multi,
+            guest_address=PciAddress(domain, bus.number, slot, fn) if bus.number is not None else None,
+        )
+        if f.path in functions:
+            raise TopologyError(f"domain XML: two devices at {f.path}")
+        functions[f.path] = (bus, f)
+        if alias:
+            device_xml[alias] = ET.tostring(el, encoding="unicode")
+
+    grouped: dict[tuple[str, int], list[Function]] = {}
+    bus_by_key: dict[str, Bus] = {}
+    for bus, f in functions.values():
+        bus_by_key[bus.key] = bus
+        grouped.setdefault((bus.key, f.path.hops[-1][0]), []).append(f)
+    slots = [
+        Slot(bus_by_key[key], number, tuple(sorted(fs, key=lambda f: f.path.function)), machine)
+        for (key, number), fs in grouped.items()
+    ]
+    slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+
+    channel = None
+    for ch in devices.findall("channel"):
+        target, source = ch.find("target"), ch.find("source")
+        if (
+            ch.get("type") == "unix"
+            and target is not None
+            and target.get("name") == AGENT_CHANNEL
+            and source is not None
+            and source.get("path")
+        ):
+            channel = source.get("path")
+    topo = Topology("libvirt", vm, machine, tuple(slots), tuple(buses.values()), agent_channel=channel)
+    return DomainLayout(topo, device_xml, channel)
+
+
+def classify_detach_error(device: str, message: str) -> UnplugRefused:
+    """libvirt's detach error -> a typed refusal. Pure."""
+    m = message.lower()
+    if "multifunction" in m:
+        return MultifunctionRefused(device, message)
+    if "not found" in m or "no device" in m or "matching device" in m:
+        return DeviceGone(device, message)
+    if "hot unplug" in m and ("not supported" in m or "unsupported" in m or "cannot" in m):
+        return HotplugUnsupported(device, message)
+    return classify_unplug_error(device, message)
+
+
+# ---------------------------------------------------------------- the event loop thread
+
+class _EventLoop:
+    lock = threading.Lock()
+    thread: threading.Thread | None = None
+
+
+def _ensure_event_loop() -> None:
+    """Register libvirt's default event implementation and run it in a daemon thread, once per process.
+
+    Must happen before the connection is opened, or that connection gets no events.
+    """
+    import libvirt
+
+    with _EventLoop.lock:
+        if _EventLoop.thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; they reach callers as exceptions.
+        libvirt.registerErrorHandler(lambda _ctx, err: log.debug("libvirt: %s", err), None)
+
+        def run() -> None:
+            while True:
+                if libvirt.virEventRunDefaultImpl() < 0:
+                    log.error("libvirt event loop iteration failed")
+
+        _EventLoop.thread = threading.Thread(target=run, name="libvirt-events", daemon=True)
+        _EventLoop.thread.start()
+
+
+class LibvirtBackend:
+    """One running libvirt domain. Use as `async with LibvirtBackend(name, uri=...) as be:`."""
+
+    source = "libvirt"
+
+    def __init__(self, domain: str, *, uri: str = "qemu:///system", timeout: float = 10.0) -> None:
+        self.domain_name = domain
+        self.uri = uri
+        self.timeout = timeout
+        self._conn: Any = None
+        self._dom: Any = None
+        self._layout: DomainLayout | None = None
+
+    async def _call(self, fn: Callable[[], _T], what: str) -> _T:
+        import libvirt
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn), self.timeout)
+        except TimeoutError as e:
+            raise BackendError(f"libvirt {what} got no answer within {self.timeout:g}s") from e
+        except libvirt.libvirtError as e:
+            raise BackendError(f"libvirt {what}: {e.get_error_message()}") from e
+
+    async def __aenter__(self) -> LibvirtBackend:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        import libvirt
+
+        _ensure_event_loop()
+        try:
+            self._conn = await self._call(lambda: libvirt.open(self.uri), f"open {self.uri}")
+        except BackendError as e:
+            raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
+        try:
+            self._dom = await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
+        except libvirt.libvirtError as e:
+            await self.close()
+            raise DomainNotFound(f"no domain {self.domain_name!r} on {self.uri}: {e.get_error_message()}") from e
+        if not await self._call(self._dom.isActive, "isActive"):
+            await self.close()
+            raise DomainNotFound(f"domain {self.domain_name!r} is not running")
+
+    async def close(self) -> None:
+        conn, self._conn, self._dom = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(conn.close)
+
+    async def layout(self) -> DomainLayout:
+        xml = await self._call(lambda: str(self._dom.XMLDesc(0)), "dumpxml")
+        self._layout = parse_domain_xml(xml, self.domain_name)
+        return self._layout
+
+    async def topology(self) -> Topology:
+        return (await self.layout()).topology
+
+    async def agent_channel(self) -> str | None:
+        return (await self.layout()).agent_channel
+
+    async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
+        """detachDeviceFlags(LIVE), or device_del through the QEMU monitor for a multifunction slot.
+
+        libvirt's detach waits a few seconds for the guest itself; it runs in
+        a worker thread, so removal events keep flowing meanwhile.
+        """
+        import libvirt
+
+        alias = fn.alias
+        if not alias:
+            raise HotplugUnsupported(str(fn.path), "libvirt has no alias for this function")
+        if via_monitor:
+            await self._monitor_device_del(alias)
+            return
+        layout = self._layout or await self.layout()
+        xml = layout.device_xml.get(alias)
+        if xml is None:
+            raise DeviceGone(alias, "not in the live domain XML")
+        try:
+            await asyncio.to_thread(self._dom.detachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as e:
+            raise classify_detach_error(alias, e.get_error_message() or str(e)) from e
+
+    async def _monitor_device_del(self, alias: str) -> None:
+        import libvirt
+        import libvirt_qemu  # type: ignore[import-untyped]
+
+        log.warning("device_del %s through the QEMU monitor: libvirt marks domain %s tainted", alias, self.domain_name)
+        cmd = json.dumps({"execute": "device_del", "arguments": {"id": alias}})
+        try:
+            reply = await self._call(lambda: str(libvirt_qemu.qemuMonitorCommand(self._dom, cmd, 0)), "monitor")
+        except BackendError as e:
+            cause = e.__cause__
+            msg = cause.get_error_message() if isinstance(cause, libvirt.libvirtError) else str(e)
+            raise classify_unplug_error(alias, msg or str(e)) from e
+        try:
+            answer = json.loads(reply)
+        except ValueError:
+            raise BackendError(f"QEMU monitor answered with something that is not JSON: {reply[:200]!r}") from None
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            raise classify_unplug_error(alias, str(answer["error"].get("desc", answer["error"])))
+
+    @contextlib.asynccontextmanager
+    async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
+        """libvirt's device-removed events for this domain; enter before detaching."""
+        import libvirt
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Removal] = asyncio.Queue()
+
+        def removed(_conn: Any, _dom: Any, alias: str, _opaque: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, Removal(device=alias))
+
+        def failed(_conn: Any, _dom: Any, alias: str, _opaque: Any) -> None:
+            log.warning("libvirt: the guest refused the removal of %s", alias)
+
+        ids = [
+            self._conn.domainEventRegisterAny(self._dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None),
+            self._conn.domainEventRegisterAny(
+                self._dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, failed, None
+            ),
+        ]
+
+        async def events() -> AsyncIterator[Removal]:
+            while True:
+                yield await queue.get()
+
+        try:
+            yield events()
+        finally:
+            for cb in ids:
+                with contextlib.suppress(Exception):
+                    self._conn.domainEventDeregisterAny(cb)

@@ -1,0 +1,403 @@
+"""unplugctl: is it safe to hot-unplug this PCI device from the VM, and do it.
+
+Library code lives in planner/orchestrator; this module parses arguments,
+opens the hypervisor backend and the agent client, prints, and maps results
+to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
+from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
+from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+
+__all__ = ["EXIT", "main", "open_session"]
+
+log = logging.getLogger(__name__)
+
+# check / wait-ready / a refused unplug exit with the verdict's code.
+EXIT = {
+    Verdict.UNPLUGGABLE: 0,
+    Verdict.BLOCKED_BY_GUEST: 3,
+    Verdict.GUEST_UNREACHABLE: 4,
+    Verdict.NOT_HOTPLUGGABLE: 5,
+    Verdict.NEEDS_COMPANIONS: 6,
+}
+EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = 1, 2, 7, 8
+
+EPILOG = """\
+VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
+found through the domain's <channel> named org.unplugd.agent.0), or a QEMU
+process given as --qmp SOCKET with --agent ADDRESS (then VM may be omitted).
+
+DEVICE is a libvirt alias or target (virtio-disk1, vdb, net1), a QEMU id or QOM
+path, a guest PCI address (0000:01:00.0, the guest's numbering) or a PCI path
+(0000:00/02.0/00.0 for a function, 0000:00/02.0/00 for the whole slot).
+
+Agent addresses: unix:/path  vsock:CID:PORT  hvsock:/vmm.sock:PORT
+serial:/chardev.sock  tcp:HOST:PORT (mutual TLS).
+
+exit codes (check, wait-ready, and unplug when refused):
+  0 unpluggable / unplugged      3 blocked by the guest     4 guest unreachable or unknown
+  5 not hotpluggable             6 needs companions         2 usage     1 failure
+  7 unplug still pending at --timeout   8 unplugged, but the guest did not confirm
+
+examples:
+  unplugctl status web1
+  unplugctl check web1 vdb; echo $?
+  unplugctl unplug web1 vdb --prepare --timeout 60
+  unplugctl unplug web1 0000:00/02.1/00 --with-companions --json
+  unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
+  unplugctl --qmp /run/vm.qmp --agent vsock:42:1024 status
+
+Multifunction slots under libvirt: libvirt refuses to detach a device that shares
+a slot. With --with-companions unplugctl issues device_del on function 0 through
+libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
+"tainted" (custom-monitor) for the rest of its life. QEMU removes the whole slot.
+"""
+
+
+class UsageError(HostError):
+    pass
+
+
+@dataclass
+class Session:
+    backend: Backend
+    agent: AgentLike | None
+    vm: str
+
+
+@contextlib.asynccontextmanager
+async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
+    """The backend and agent client for the VM the arguments name. Tests replace this."""
+    from unplugd.host.client import AgentClient
+
+    async with contextlib.AsyncExitStack() as stack:
+        backend: Backend
+        agent_address: str | None = args.agent
+        if args.qmp:
+            from unplugd.host.backends.qmp import QmpBackend
+
+            qmp = QmpBackend(args.qmp, timeout=args.hypervisor_timeout)
+            await stack.enter_async_context(qmp)
+            backend, vm = qmp, args.vm or args.qmp
+        else:
+            from unplugd.host.backends.libvirt import LibvirtBackend
+
+            lv = LibvirtBackend(args.vm, uri=args.connect, timeout=args.hypervisor_timeout)
+            await stack.enter_async_context(lv)
+            backend, vm = lv, args.vm
+            if agent_address is None:
+                channel = await lv.agent_channel()
+                agent_address = f"serial:{channel}" if channel else None
+        agent: AgentLike | None = None
+        if agent_address:
+            try:
+                client = AgentClient(agent_address, timeout=args.agent_timeout, connect_timeout=args.agent_timeout)
+            except ValueError as e:
+                raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
+            agent = await stack.enter_async_context(client)
+        yield Session(backend, agent, vm)
+
+
+# ------------------------------------------------------------------ output
+
+
+def _function_json(fp: FunctionPlan) -> dict[str, Any]:
+    h, g = fp.host, fp.guest
+    return {
+        "pciPath": str(fp.path),
+        "name": fp.name,
+        "requested": fp.requested,
+        "behindBridge": fp.behind_bridge,
+        "host": None
+        if h is None
+        else {
+            "model": h.model,
+            "id": h.qemu_id,
+            "alias": h.alias,
+            "targets": list(h.targets),
+            "qomPath": h.qom_path,
+            "hotpluggable": h.hotpluggable,
+            "address": str(h.guest_address) if h.guest_address else None,
+        },
+        "guest": None
+        if g is None
+        else {
+            "address": g.address,
+            "driver": g.driver,
+            "blockDevices": list(g.block_devices),
+            "netInterfaces": list(g.net_interfaces),
+            "reasons": [
+                {"code": r.code, "detail": r.detail, "blocking": r.blocking, "object": r.object} for r in g.reasons
+            ],
+        },
+        "guestState": fp.guest_state,
+    }
+
+
+def slot_json(sp: SlotPlan) -> dict[str, Any]:
+    bus = sp.slot.bus if sp.slot else None
+    return {
+        "slotPath": sp.slot_path,
+        "verdict": sp.verdict.value,
+        "bus": None if bus is None else {"kind": bus.kind.value, "name": bus.name, "mechanism": bus.mechanism},
+        "hotpluggable": sp.hotplug.supported,
+        "hotplugReason": sp.hotplug.reason,
+        "multifunction": bool(sp.slot and sp.slot.multifunction),
+        "findings": [
+            {"verdict": f.verdict.value, "detail": f.detail, "pciPath": str(f.path) if f.path else None}
+            for f in sp.findings
+        ],
+        "functions": [_function_json(fp) for fp in sp.functions],
+        "steps": [
+            {
+                "step": s.kind.value,
+                "detail": s.detail,
+                "target": s.target.name if s.target else None,
+                "viaMonitor": s.via_monitor,
+                "pciPaths": [str(p) for p in s.paths],
+            }
+            for s in sp.steps
+        ],
+    }
+
+
+def plan_json(p: Plan, vm: str) -> dict[str, Any]:
+    return {
+        "vm": vm,
+        "guestReachable": p.guest_reachable,
+        "guestError": p.guest_error,
+        "slots": [slot_json(s) for s in p.slots],
+        "guestOnly": [{"address": g.address, "pciPath": str(g.path)} for g in p.guest_only],
+        "hostOnly": [{"name": f.name, "pciPath": str(f.path)} for f in p.host_only],
+        "guestProblems": list(p.guest_problems),
+    }
+
+
+def result_json(r: UnplugResult) -> dict[str, Any]:
+    return {
+        "outcome": r.outcome.value,
+        "message": r.message,
+        "plan": slot_json(r.plan) if r.plan else None,
+        "functions": [
+            {
+                "pciPath": str(f.path),
+                "name": f.name,
+                "requested": f.requested,
+                "removed": f.removed,
+                "guestGone": f.guest_gone,
+            }
+            for f in r.functions
+        ],
+        "overridden": [{"verdict": f.verdict.value, "detail": f.detail} for f in r.overridden],
+        "leaseId": r.lease_id,
+        "leaseReleased": r.lease_released,
+        "notes": list(r.notes),
+        "timings": r.timings,
+    }
+
+
+def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
+    bus = f"{sp.slot.bus.kind.value} {sp.slot.bus.name}" if sp.slot else "(guest only)"
+    mf = " multifunction" if sp.slot and sp.slot.multifunction else ""
+    print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
+    if not sp.hotplug:
+        print(f"    hardware: {sp.hotplug.reason}", file=out)
+    for fp in sp.functions:
+        host = f"{fp.host.name} ({fp.host.model})" if fp.host else "-"
+        guest = fp.guest.address if fp.guest else "-"
+        names = ",".join(fp.guest.names) if fp.guest and fp.guest.names else ""
+        mark = "" if fp.requested else "  [leaves with the slot]"
+        print(f"  {fp.path!s:<26} {host:<36} {guest:<13} {names:<12} {fp.guest_state}{mark}", file=out)
+        if fp.guest:
+            for r in fp.guest.reasons:
+                print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
+    for f in sp.findings:
+        if f.verdict is Verdict.NEEDS_COMPANIONS:
+            print(f"    companions: {f.detail}", file=out)
+    if steps:
+        for i, s in enumerate(sp.steps, 1):
+            print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)
+
+
+def print_plan(p: Plan, vm: str, out: TextIO) -> None:
+    state = "reachable" if p.guest_reachable else f"UNREACHABLE ({p.guest_error})"
+    print(f"VM {vm}: guest agent {state}", file=out)
+    print(f"{'SLOT / FUNCTION':<28} {'VERDICT':<18} BUS", file=out)
+    for sp in p.slots:
+        _print_slot(sp, out)
+    for g in p.guest_only:
+        print(f"guest reports {g.address} ({g.path}) which the hypervisor does not know", file=out)
+    for f in p.host_only:
+        print(f"hypervisor has {f.name} ({f.path}) which the guest does not report", file=out)
+    for pr in p.guest_problems:
+        print(f"guest could not read: {pr}", file=out)
+
+
+def print_result(r: UnplugResult, out: TextIO) -> None:
+    if r.plan is not None:
+        _print_slot(r.plan, out, steps=r.outcome is Outcome.DRY_RUN)
+    for finding in r.overridden:
+        print(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", file=out)
+    for f in r.functions:
+        gone = {True: "gone from the guest", False: "STILL IN THE GUEST", None: "guest not confirmed"}[f.guest_gone]
+        state = "removed" if f.removed else "NOT removed"
+        print(f"  {f.name} ({f.path}): {state}, {gone}", file=out)
+    for n in r.notes:
+        print(f"  note: {n}", file=out)
+    print(f"{r.outcome.value}: {r.message}", file=out)
+
+
+def _progress(p: Progress) -> None:
+    print(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def unplug_exit(r: UnplugResult) -> int:
+    if r.outcome in (Outcome.UNPLUGGED, Outcome.DRY_RUN):
+        return 0
+    if r.outcome is Outcome.REFUSED and r.plan is not None:
+        return EXIT[r.plan.verdict]
+    if r.outcome is Outcome.PENDING:
+        return EXIT_PENDING
+    if r.outcome is Outcome.UNPLUGGED_UNCONFIRMED:
+        return EXIT_UNCONFIRMED
+    return EXIT_FAILURE
+
+
+async def run(args: argparse.Namespace) -> int:
+    async with open_session(args) as s:
+        orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
+        if args.command == "status":
+            p = await orch.status()
+            if args.json:
+                print(json.dumps(plan_json(p, s.vm), indent=2))
+            else:
+                print_plan(p, s.vm, sys.stdout)
+            return 0
+        if args.command == "check":
+            sp = await orch.check(args.device)
+            if args.json:
+                print(json.dumps(slot_json(sp), indent=2))
+            else:
+                _print_slot(sp, sys.stdout, steps=True)
+                for f in sp.findings:
+                    print(f"{f.verdict.value}: {f.detail}")
+            return EXIT[sp.verdict]
+        if args.command == "wait-ready":
+            sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)
+            if args.json:
+                print(json.dumps(slot_json(sp), indent=2))
+            else:
+                _print_slot(sp, sys.stdout)
+                print(sp.verdict.value)
+            return EXIT[sp.verdict]
+        r = await orch.unplug(
+            args.device,
+            with_companions=args.with_companions,
+            prepare=args.prepare,
+            force=args.force,
+            dry_run=args.dry_run,
+            timeout=args.timeout,
+            progress=_progress,
+        )
+        if args.json:
+            print(json.dumps(result_json(r), indent=2))
+        else:
+            print_result(r, sys.stdout)
+        return unplug_exit(r)
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
+    common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
+    common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
+    common.add_argument("--agent-timeout", type=float, default=5.0, metavar="S")
+    common.add_argument("--hypervisor-timeout", type=float, default=10.0, metavar="S")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--verbose", "-v", action="store_true")
+
+    p = argparse.ArgumentParser(
+        prog="unplugctl",
+        description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    st = sub.add_parser(
+        "status",
+        parents=[common],
+        help="every slot: hardware, guest state, verdict",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    st.add_argument("target", nargs="*", metavar="VM")
+    for name, helptext in (
+        ("check", "verdict for one device (exit code says it)"),
+        ("unplug", "unplug a device's slot, safely"),
+        ("wait-ready", "wait until the guest releases a device"),
+    ):
+        c = sub.add_parser(name, parents=[common], help=helptext, epilog=EPILOG, formatter_class=fmt)
+        c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
+        if name == "unplug":
+            c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
+            c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
+            c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
+            c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+            c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
+        if name == "wait-ready":
+            c.add_argument("--timeout", type=float, required=True, metavar="S")
+    return p
+
+
+def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    t: list[str] = args.target
+    want = 0 if args.command == "status" else 1
+    if args.qmp and len(t) == want:
+        args.vm = None
+    elif len(t) == want + 1:
+        args.vm = t[0]
+    else:
+        form = "VM" if want == 0 else "VM DEVICE"
+        p.error(f"{args.command} takes {form}" + (" (VM may be omitted with --qmp)" if args.qmp else ""))
+    args.device = t[-1] if want else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    try:
+        args = p.parse_args(argv)
+        _split_target(p, args)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return asyncio.run(run(args))
+    except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
+        print(f"unplugctl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except HostError as e:
+        print(f"unplugctl: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
