@@ -6,12 +6,14 @@
   is not parsed: any message means "look again".
 - mount tables: /proc/PID/mountinfo of one process per mount namespace; the
   kernel flags POLLPRI|POLLERR on it when that namespace's mounts change.
-- the proc connector (fork/exec/exit), when permitted, to notice mount
-  namespaces that appear or die between rescans. Open mountinfo files pin
-  their namespace (and its mounts!), so namespaces without processes are
-  let go as soon as it is noticed. Those events are only hints: the set of
-  namespaces is looked at again at most every `ns_refresh_min` seconds and
-  only a changed set wakes the watcher.
+- the proc connector (exec/exit events), when permitted, to notice mount
+  namespaces that appear or die between rescans. A new namespace is almost
+  always followed by an exec (unshare(1), container runtimes, systemd
+  services), so each exec costs one readlink of that pid's ns/mnt, and a
+  namespace not seen before is opened and wakes the watcher. Open mountinfo
+  files pin their namespace (and its mounts!), so after exits the whole set
+  is looked at again, at most every `ns_refresh_min` seconds, and namespaces
+  without processes are let go.
 - a wake pipe for poke() and stop().
 
 EventSources.wait(timeout) returns True when something happened that needs
@@ -34,7 +36,7 @@ from typing import Any
 
 from unplugd.agent.roots import Roots
 
-__all__ = ["EventSources", "MountNamespaces", "parse_ns_inode"]
+__all__ = ["EventSources", "MountNamespaces", "parse_ns_inode", "parse_proc_events"]
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,19 @@ NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
 CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
+PROC_CN_MCAST_IGNORE = 2
 NLMSG_DONE = 3
+PROC_EVENT_EXEC = 0x00000002
+PROC_EVENT_EXIT = 0x80000000
+_NLMSG = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_PROC_EVENT = struct.Struct("=IIQII")  # what, cpu, timestamp_ns, then pid, tgid of exec/exit
 
 _MOUNT_EVENTS = select.POLLPRI | select.POLLERR
+# Stands for lost events: treated like an exit, so the namespace set is refreshed.
+_FAKE_EXIT = (_NLMSG.pack(_NLMSG.size + _CN_MSG.size + _PROC_EVENT.size, NLMSG_DONE, 0, 0, 0)
+              + _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, _PROC_EVENT.size, 0)
+              + _PROC_EVENT.pack(PROC_EVENT_EXIT, 0, 0, 1, 1))
 _IN = select.POLLIN
 
 
@@ -100,6 +112,19 @@ class MountNamespaces:
                 self.files[ino] = new
                 opened.append(new)
         return opened, closed
+
+    def add_pid(self, pid: int) -> int | None:
+        """The fd opened if `pid` lives in a namespace not seen before, else None."""
+        try:
+            ino = parse_ns_inode(os.readlink(self._proc / str(pid) / "ns" / "mnt"))
+        except OSError:
+            return None
+        if ino is None or ino in self.files:
+            return None
+        fd = self._open(str(pid), ino)
+        if fd is not None:
+            self.files[ino] = fd
+        return fd
 
     def _open(self, pid: str, ino: int) -> int | None:
         try:
@@ -168,14 +193,17 @@ class EventSources:
     # -- the loop's side ------------------------------------------------------------
 
     def wait(self, timeout: float) -> bool:
-        """Sleep until an event that calls for a new snapshot, or timeout; True if one came."""
+        """Sleep until an event that calls for a new snapshot, or timeout; True if one came.
+
+        A namespace refresh that falls due meanwhile is done on the way; one due
+        later stays pending for the next call (never stretching this one).
+        """
         end = self._clock() + timeout
         while True:
-            left = end - self._clock()
+            now = self._clock()
+            left = end - now
             if self._ns_due is not None:
-                left = min(left, self._ns_due - self._clock())
-            if left <= 0 and self._ns_due is None:
-                return False
+                left = min(left, self._ns_due - now)
             try:
                 ready = self._poll.poll(max(left, 0) * 1000)
             except InterruptedError:
@@ -190,7 +218,7 @@ class EventSources:
                 hit = self._refresh_namespaces() or hit
             if hit:
                 return True
-            if self._clock() >= end and self._ns_due is None:
+            if self._clock() >= end:
                 return False
 
     def wake(self) -> None:
@@ -270,21 +298,26 @@ class EventSources:
         try:
             sock.bind((0, CN_IDX_PROC))
             # nlmsghdr + cn_msg + op: subscribe to process events
-            cn = struct.pack("=IIIIHHI", CN_IDX_PROC, CN_VAL_PROC, 0, 0, 4, 0, PROC_CN_MCAST_LISTEN)
-            sock.send(struct.pack("=IHHII", 16 + len(cn), NLMSG_DONE, 0, 0, 0) + cn)
+            sock.send(_proc_cn_op(PROC_CN_MCAST_LISTEN))
             sock.setblocking(False)
         except BaseException:
             sock.close()
             raise
-        self._owned.append(sock)
+        self._owned.append(_ProcConnector(sock))
 
-        def hint(mask: int) -> bool:
-            _drain_socket(sock)
-            if self._ns_due is None:
-                self._ns_due = max(self._clock(), self._last_ns_refresh + self._ns_refresh_min)
-            return False
+        def on_events(mask: int) -> bool:
+            woke = False
+            for what, pid in parse_proc_events(_receive_all(sock)):
+                if what == PROC_EVENT_EXEC and self._mounts is not None:
+                    fd = self._mounts.add_pid(pid)
+                    if fd is not None:
+                        self._watch_mountinfo(fd)
+                        woke = True  # it may hold mounts made before we looked
+                elif what == PROC_EVENT_EXIT and self._ns_due is None:
+                    self._ns_due = max(self._clock(), self._last_ns_refresh + self._ns_refresh_min)
+            return woke
 
-        self._register(sock.fileno(), _IN, hint)
+        self._register(sock.fileno(), _IN, on_events)
 
     def _refresh_namespaces(self) -> bool:
         assert self._mounts is not None
@@ -295,11 +328,14 @@ class EventSources:
             with contextlib.suppress(KeyError):
                 self._poll.unregister(fd)
         for fd in opened:
-            # The first poll reports the table's current generation: swallow it.
-            _poll_once(fd)
-            self._register(fd, _MOUNT_EVENTS, lambda mask: bool(mask & _MOUNT_EVENTS))
+            self._watch_mountinfo(fd)
         # A new namespace may already hold mounts made before we looked.
         return bool(opened or closed)
+
+    def _watch_mountinfo(self, fd: int) -> None:
+        # The first poll reports the table's current generation: swallow it.
+        _poll_once(fd)
+        self._register(fd, _MOUNT_EVENTS, lambda mask: bool(mask & _MOUNT_EVENTS))
 
     def refresh_namespaces(self) -> bool:
         """Look at the set of mount namespaces now (the rescan tick calls it)."""
@@ -314,6 +350,48 @@ def _poll_once(fd: int) -> None:
     p = select.poll()
     p.register(fd, _MOUNT_EVENTS)
     p.poll(0)
+
+
+def parse_proc_events(datagrams: list[bytes]) -> list[tuple[int, int]]:
+    """(what, pid) of the process events of exec and of whole processes exiting.
+
+    Each datagram holds netlink messages carrying a cn_msg with a proc_event;
+    anything short or foreign is skipped.
+    """
+    out = []
+    for data in datagrams:
+        offset = 0
+        while offset + _NLMSG.size <= len(data):
+            length = _NLMSG.unpack_from(data, offset)[0]
+            if length < _NLMSG.size or offset + length > len(data):
+                break
+            body = offset + _NLMSG.size
+            if length >= _NLMSG.size + _CN_MSG.size + _PROC_EVENT.size:
+                idx, val = _CN_MSG.unpack_from(data, body)[:2]
+                if (idx, val) == (CN_IDX_PROC, CN_VAL_PROC):
+                    what, _, _, pid, tgid = _PROC_EVENT.unpack_from(data, body + _CN_MSG.size)
+                    if what == PROC_EVENT_EXEC or (what == PROC_EVENT_EXIT and pid == tgid):
+                        out.append((what, tgid))
+            offset += (length + 3) & ~3
+    return out
+
+
+def _receive_all(sock: socket.socket) -> list[bytes]:
+    got: list[bytes] = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return got
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:  # fell behind: look at every namespace again
+                got.append(_FAKE_EXIT)
+                continue
+            log.warning("proc connector receive failed", extra={"error": str(exc)})
+            return got
+        if not data:
+            return got
+        got.append(data)
 
 
 def _drain_socket(sock: socket.socket) -> bool:
@@ -332,6 +410,24 @@ def _drain_socket(sock: socket.socket) -> bool:
                 continue
             log.warning("netlink receive failed", extra={"error": str(exc)})
             return got
+
+
+def _proc_cn_op(op: int) -> bytes:
+    """nlmsghdr + cn_msg + the op: (un)subscribe to process events."""
+    body = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, 4, 0) + struct.pack("=I", op)
+    return _NLMSG.pack(_NLMSG.size + len(body), NLMSG_DONE, 0, 0, 0) + body
+
+
+class _ProcConnector:
+    """Says goodbye before closing: the kernel counts listeners to decide whether to send events."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.send(_proc_cn_op(PROC_CN_MCAST_IGNORE))
+        self._sock.close()
 
 
 class _Closer:

@@ -306,3 +306,26 @@ def test_mount_namespaces_one_file_per_namespace(tmp_path: Path) -> None:
     assert sorted(ns.files) == [100] and opened == [] and len(closed) == 1
     ns.close()
     assert ns.files == {}
+
+
+def _proc_event(what: int, pid: int, tgid: int, *, idx: int = 1) -> bytes:
+    import struct
+
+    event = struct.pack("=IIQII", what, 0, 0, pid, tgid) + b"\0" * 8
+    cn = struct.pack("=IIIIHH", idx, 1, 0, 0, len(event), 0) + event
+    return struct.pack("=IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+
+
+def test_parse_proc_events() -> None:
+    from unplugd.agent.rpc.events import PROC_EVENT_EXEC, PROC_EVENT_EXIT, parse_proc_events
+
+    fork = 0x1
+    two = _proc_event(PROC_EVENT_EXEC, 10, 10) + _proc_event(PROC_EVENT_EXIT, 11, 11)
+    assert parse_proc_events([two]) == [(PROC_EVENT_EXEC, 10), (PROC_EVENT_EXIT, 11)]
+    assert parse_proc_events([_proc_event(PROC_EVENT_EXIT, 12, 11)]) == []  # a thread, not the process
+    assert parse_proc_events([_proc_event(fork, 1, 1)]) == []
+    assert parse_proc_events([_proc_event(PROC_EVENT_EXEC, 1, 1, idx=9)]) == []  # another connector
+    whole = _proc_event(PROC_EVENT_EXEC, 5, 5)
+    assert parse_proc_events([whole[:-4], b"", b"\xff" * 7]) == []  # truncated and garbage
+    bad_len = b"\x04\x00\x00\x00" + whole[4:]
+    assert parse_proc_events([bad_len]) == []
