@@ -1,0 +1,96 @@
+"""Device names -> PCI functions, compared with the inventory only."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures.model_builders import disk, dm, fn, iface, inventory, loop, md, part
+from unplugd.agent.errors import UnknownDevice
+from unplugd.agent.selection import select
+
+VDB = fn("0000:00:06.0", block=["vdb"])
+VDC = fn("0000:00:07.0", block=["vdc"])
+ETH1 = fn("0000:00:08.0", nets=["eth1"])
+ETH2 = fn("0000:00:09.0", nets=["eth2"])
+BEHIND = fn("0000:01:05.0", "0000:00/03.0/05.0", block=["vdd"])
+
+INV = inventory(
+    [VDB, VDC, ETH1, ETH2, BEHIND],
+    block=[
+        disk("vdb", (252, 16)),
+        part("vdb1", (252, 17), "vdb", holders=["md0"]),
+        part("vdb2", (252, 18), "vdb", holders=["dm-0"]),
+        dm("dm-0", (253, 0), "vg0-data", "LVM-x", slaves=["vdb2"]),
+        disk("vdc", (252, 32)),
+        part("vdc1", (252, 33), "vdc", holders=["md0"]),
+        md("md0", (9, 0), slaves=["vdb1", "vdc1"]),
+        disk("vdd", (252, 48)),
+        loop("loop0", (7, 0), "/dev/vdd"),
+        disk("sda", (8, 0)),  # not below any PCI function here
+    ],
+    ifaces=[
+        iface("eth1", master="bond0", uppers=["bond0"]),
+        iface("eth2", master="bond0", uppers=["bond0"]),
+        iface("bond0", kind="bond", uppers=["bond0.7"]),
+        iface("bond0.7", kind="vlan"),
+        iface("lo"),
+    ],
+)
+
+
+def names(selected: list[object]) -> list[str]:
+    return [str(f.address) for f in selected]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (["0000:00:06.0"], ["0000:00:06.0"]),
+        (["00:07.0"], ["0000:00:07.0"]),  # lspci's short form, domain 0
+        (["0000:00/03.0/05.0"], ["0000:01:05.0"]),  # the PCI path, not the guest bus number
+        (["0000:01:05.0"], ["0000:01:05.0"]),
+        (["eth1"], ["0000:00:08.0"]),
+        (["bond0"], ["0000:00:08.0", "0000:00:09.0"]),
+        (["bond0.7"], ["0000:00:08.0", "0000:00:09.0"]),
+        (["vdb"], ["0000:00:06.0"]),
+        (["vdb1"], ["0000:00:06.0"]),
+        (["/dev/vdb2"], ["0000:00:06.0"]),
+        (["dm-0"], ["0000:00:06.0"]),
+        (["vg0-data"], ["0000:00:06.0"]),
+        (["/dev/mapper/vg0-data"], ["0000:00:06.0"]),
+        (["md0"], ["0000:00:06.0", "0000:00:07.0"]),
+        (["loop0"], ["0000:01:05.0"]),
+        (["eth2", "vdb", "eth2"], ["0000:00:06.0", "0000:00:09.0"]),  # inventory order, once each
+        ([], ["0000:00:06.0", "0000:00:07.0", "0000:00:08.0", "0000:00:09.0", "0000:01:05.0"]),
+    ],
+)
+def test_select(query: list[str], expected: list[str]) -> None:
+    assert names(select(INV, query)) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "../../etc/shadow",
+        "/dev/../x",
+        "/dev/../../etc/shadow",
+        "/dev/vdb1/../../etc",
+        "/dev/mapper/../vdb",
+        "/etc/passwd",
+        "vdb9",
+        "sda",  # a block device, but no PCI function holds it
+        "lo",  # an interface, but not below a function
+        "0000:00:1f.7",  # well-formed, absent
+        "0000:00/1f.7",
+        "",
+    ],
+)
+def test_unknown_names(query: str) -> None:
+    with pytest.raises(UnknownDevice) as err:
+        select(INV, [query])
+    assert err.value.name == query
+
+
+def test_one_unknown_name_fails_the_whole_selection() -> None:
+    with pytest.raises(UnknownDevice):
+        select(INV, ["vdb", "nope"])
