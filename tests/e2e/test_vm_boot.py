@@ -1,0 +1,199 @@
+"""A real guest: boot the image (q35, TCG) with data disks and a NIC behind root ports, and check
+that the agent package arrives through fw_cfg, that `unplugd inspect` finds the data disk's PCI
+function, that the service's sandbox still shows the agent what it must see, and that the guest's
+PCI hotplug completes a device_del with DEVICE_DELETED.
+
+One boot for the whole module (a TCG boot costs half a minute); the tests run in file order and
+the unplug comes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shlex
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO, require_root
+from tests.vm import GuestVM, disk_on_root_port, net_on_root_port
+
+BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+UNIT = REPO / "packaging" / "systemd" / "unplugd.service"
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[GuestVM]:
+    require_root()
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
+        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    devices = [
+        disk_on_root_port("data0", chassis=1),  # unplugged at the end
+        disk_on_root_port("data1", chassis=2),  # mounted in a private mount namespace
+        disk_on_root_port("data2", chassis=3),  # held open by an unprivileged process
+        net_on_root_port("net0", chassis=4),
+    ]
+    with GuestVM("q35", devices=devices) as guest:
+        guest.wait_booted(timeout=600)
+        yield guest
+
+
+def guest_bdf(vm: GuestVM, serial: str) -> str:
+    """The guest BDF of the virtio-blk disk with this serial, from its sysfs device path."""
+    out = vm.exec(f"readlink -f /sys/block/$(basename $(readlink -f /dev/disk/by-id/virtio-{serial}))", check=True)
+    bdfs = [part for part in out.stdout.strip().split("/") if BDF.match(part)]
+    assert bdfs, f"no PCI function in the sysfs path of {serial}: {out.stdout!r}"
+    return bdfs[-1]
+
+
+def test_agent_package_installed_from_fw_cfg(vm: GuestVM) -> None:
+    rc, out, err = vm.exec("dpkg-query -W -f '${Status} ${Version}' unplugd")
+    assert rc == 0, err
+    assert out.startswith("install ok installed 0.1.0+git."), out
+    rc, out, err = vm.exec("python3 -c 'import unplugd.v1.report_pb2 as r; print(r.DESCRIPTOR.package)'")
+    assert (rc, out.strip()) == (0, "unplugd.v1"), err
+
+
+def test_inspect_reports_the_data_disk(vm: GuestVM) -> None:
+    if not (REPO / "agent" / "cli.py").exists():
+        pytest.skip("the agent's CLI does not exist yet")
+    bdf = guest_bdf(vm, "data0")
+    rc, out, err = vm.exec("unplugd inspect --json", timeout=120)
+    assert rc == 0, err
+    report = json.loads(out)
+    functions = {f["address"]: f for f in report["functions"]}
+    assert bdf in functions, f"{bdf} missing from {sorted(functions)}"
+    assert functions[bdf]["state"].endswith(("READY", "BUSY", "UNKNOWN"))
+    # the root disk hangs off the chipset's AHCI controller, which is therefore busy
+    ahci = vm.exec("readlink -f /sys/block/sda", check=True).stdout
+    root_bdf = [p for p in ahci.split("/") if BDF.match(p)][-1]
+    assert functions[root_bdf]["state"].endswith("BUSY")
+
+
+# What the sandboxed agent must still see, checked by a process running under the unit's own
+# [Service] settings: the mount table of a process in another mount namespace, the fds and mount
+# namespace of a process owned by another user, every PCI function, and the kernel's exclusive
+# claim on block devices (free disk: claim works; mounted disk: EBUSY).
+SANDBOX_PROBE = r"""
+import errno, json, os, sys
+holder, mounted, opened = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+r = {}
+r["other_ns"] = os.readlink(f"/proc/{holder}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+r["sees_mount"] = any(line.split(" - ")[1].split()[1] == mounted
+                      for line in open(f"/proc/{holder}/mountinfo") if " - " in line)
+r["sees_fd"] = any(os.readlink(f"/proc/{holder}/fd/{fd}") == opened for fd in os.listdir(f"/proc/{holder}/fd"))
+r["pci_functions"] = len(os.listdir("/sys/bus/pci/devices"))
+fd = os.open(opened, os.O_RDONLY | os.O_EXCL); os.close(fd); r["claim_free"] = True
+try:
+    os.close(os.open(mounted, os.O_RDONLY | os.O_EXCL)); r["claim_mounted"] = "claimed"
+except OSError as e:
+    r["claim_mounted"] = errno.errorcode[e.errno]
+print(json.dumps(r))
+"""
+
+# RuntimeDirectory stays with the real service: a transient unit would remove /run/unplugd on exit.
+SKIP_IN_PROBE = {
+    "ExecStart", "Type", "Restart", "RestartSec", "TimeoutStopSec", "RuntimeDirectory", "RuntimeDirectoryMode",
+}
+
+
+def service_properties(unit: Path) -> list[str]:
+    """The unit's [Service] settings as systemd-run -p arguments."""
+    props, section = [], ""
+    for raw in unit.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        key = line.split("=", 1)[0]
+        if section == "[Service]" and key not in SKIP_IN_PROBE:
+            props += ["-p", line]
+    return props
+
+
+def test_service_sandbox_hides_nothing_the_agent_needs(vm: GuestVM) -> None:
+    data1 = vm.exec("readlink -f /dev/disk/by-id/virtio-data1", check=True).stdout.strip()
+    data2 = vm.exec("readlink -f /dev/disk/by-id/virtio-data2", check=True).stdout.strip()
+    vm.exec(f"mkfs.ext4 -q {data1}", check=True, timeout=120)
+    # the holder: root mounts data1 in a private namespace, opens data2, then becomes nobody
+    holder_cmd = (
+        f"mkdir -p /mnt/d1 && mount {data1} /mnt/d1 && exec 3<{data2} && "
+        "exec setpriv --reuid=65534 --regid=65534 --clear-groups sleep 600"
+    )
+    vm.exec(
+        f"setsid -f unshare -m --propagation private sh -c {shlex.quote(holder_cmd)} </dev/null >/dev/null 2>&1",
+        check=True,
+    )
+    try:
+        pid = vm.exec("for i in $(seq 50); do pgrep -u nobody -x sleep && break; sleep 0.2; done", check=True)
+        holder = pid.stdout.split()[0]
+        props = " ".join(shlex.quote(p) for p in service_properties(UNIT))
+        rc, out, err = vm.exec(
+            f"systemd-run --quiet --wait --pipe --collect {props} "
+            f"python3 -c {shlex.quote(SANDBOX_PROBE)} {holder} {data1} {data2}",
+            timeout=120,
+        )
+        assert rc == 0, err
+        seen = json.loads(out)
+        assert seen["other_ns"] and seen["sees_mount"] and seen["sees_fd"], seen
+        assert seen["pci_functions"] >= 8, seen
+        assert seen["claim_free"] is True
+        assert seen["claim_mounted"] == "EBUSY", seen
+    finally:
+        vm.exec("pkill -u nobody -x sleep")
+
+
+def test_service_security_exposure(vm: GuestVM) -> None:
+    rc, out, err = vm.exec("systemd-analyze security --no-pager unplugd.service", timeout=120)
+    assert rc == 0, err
+    match = re.search(r"Overall exposure level for unplugd\.service: ([0-9.]+)", out)
+    assert match, out[-500:]
+    assert float(match.group(1)) <= 3.5, out
+
+
+async def unplug_over_qmp(socket: Path, qid: str, timeout: float) -> dict[str, object]:
+    from qemu.qmp import QMPClient
+
+    client = QMPClient("e2e")
+    await client.connect(str(socket))
+    try:
+        async with asyncio.timeout(timeout):
+            with client.listener(("DEVICE_DELETED",)) as listener:
+                await client.execute("device_del", {"id": qid})
+                async for event in listener:
+                    if event["data"].get("device") == qid:
+                        return dict(event["data"])
+    finally:
+        await client.disconnect()
+    raise AssertionError("listener ended without DEVICE_DELETED")
+
+
+def test_device_del_completes_in_the_guest(vm: GuestVM) -> None:
+    bdf = guest_bdf(vm, "data0")
+    data = asyncio.run(unplug_over_qmp(vm.qmp_socket, "data0", timeout=120))
+    assert data["device"] == "data0"
+    rc, _, _ = vm.exec(f"test -e /sys/bus/pci/devices/{bdf}")
+    assert rc != 0, f"{bdf} still present in the guest after DEVICE_DELETED"
+    assert "data0" not in qdev_ids(vm.qmp("query-pci")), "QEMU still lists data0"
+    assert "rp-data0" in qdev_ids(vm.qmp("query-pci")), "the root port itself stays"
+
+
+def qdev_ids(query_pci: list[dict[str, Any]]) -> set[str]:
+    """Every device id in a query-pci answer, through bridges."""
+    found: set[str] = set()
+
+    def walk(devices: list[dict[str, Any]]) -> None:
+        for dev in devices:
+            found.add(dev.get("qdev_id", ""))
+            walk(dev.get("pci_bridge", {}).get("devices", []))
+
+    for bus in query_pci:
+        walk(bus["devices"])
+    return found
