@@ -20,6 +20,7 @@ from typing import TextIO
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.report import state_name, to_json
 from unplugd.agent.roots import Roots
+from unplugd.agent.serve import add_serve_parser
 from unplugd.v1 import report_pb2
 
 __all__ = [
@@ -144,6 +145,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]]
     _add_inspect,
     _add_check,
     _add_capture,
+    add_serve_parser,
 ]
 
 

@@ -1,275 +1,27 @@
-"""`unplugd serve`: the gRPC server's lifecycle.
+"""`unplugd serve`: run the agent's gRPC service until SIGTERM.
 
-The server always listens on a root-only unix socket; the transport bridges
-(vsock, virtio-serial, TCP+mTLS: agent/transports) carry remote connections
-to it. They are started through one hook, `start_bridges(config, socket)`,
-which returns a BridgeSet: its listeners (for GetAgentInfo) and stop().
-
-Shutdown (SIGTERM, SIGINT): health NOT_SERVING, bridges stopped, watch
-streams ended, in-flight calls given a grace period, every lease released,
-the socket removed. A crash or SIGKILL still frees the device claims: the
-kernel drops them with the process's file descriptors.
+Only the command line lives here, so `unplugd inspect` does not pay for
+importing grpc; the server is agent/rpc/server.py (AgentServer, and the
+transports hook `start_bridges(config, backend)`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import logging
-import os
 import signal
-import socket
-import stat
 import threading
-from collections.abc import Callable, Sequence
-from concurrent import futures
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
-import grpc
-
-from unplugd.agent.config import Config, ConfigError, load_config
-from unplugd.agent.errors import AgentError
-from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import EngineApi, ModuleEngine
-from unplugd.agent.rpc.events import EventSources
-from unplugd.agent.rpc.health import HealthRegistry, add_health
-from unplugd.agent.rpc.leases import LeaseManager
-from unplugd.agent.rpc.links import LinkControl, NetlinkLinks
-from unplugd.agent.rpc.logs import sd_notify, setup_logging
-from unplugd.agent.rpc.service import AgentServicer, Listener
-from unplugd.agent.rpc.watch import ReportHub
-from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc
-
-__all__ = [
-    "AgentServer",
-    "BridgeSet",
-    "BridgeStarter",
-    "ServeError",
-    "add_serve_parser",
-    "run_serve",
-    "start_bridges",
-]
+__all__ = ["add_serve_parser", "main", "run_serve"]
 
 log = logging.getLogger(__name__)
 
-AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
-
-class ServeError(AgentError):
-    """The server could not start (socket in use, bad path, ...)."""
-
-
-class BridgeSet(Protocol):
-    @property
-    def listeners(self) -> Sequence[Listener]: ...
-
-    def stop(self) -> None: ...
-
-
-BridgeStarter = Callable[[Config, Path], BridgeSet]
-
-
-class _NoBridges:
-    listeners: Sequence[Listener] = ()
-
-    def stop(self) -> None:
-        pass
-
-
-def start_bridges(config: Config, backend: Path) -> BridgeSet:
-    """The hook: start the transports the config enables, in front of `backend`.
-
-    agent/transports/bridges.py provides `start_bridges(config, backend) ->
-    BridgeSet`; until it exists, enabled transports are reported and skipped.
-    """
-    tr = config.transports
-    enabled = [name for name, on in (("vsock", tr.vsock.enabled), ("virtio-serial", tr.virtio_serial.enabled),
-                                     ("tcp-mtls", tr.tcp.enabled)) if on]
-    if not enabled:
-        return _NoBridges()
-    try:
-        from unplugd.agent.transports import bridges  # type: ignore[attr-defined,unused-ignore]
-    except ImportError:
-        log.error("transports enabled in the config but no bridge code is installed",
-                  extra={"transports": ",".join(enabled)})
-        return _NoBridges()
-    started: BridgeSet = bridges.start_bridges(config, backend)
-    return started
-
-
-class AgentServer:
-    """The agent's gRPC server on its unix socket; easy to start from a script or test."""
-
-    def __init__(
-        self,
-        config: Config,
-        *,
-        roots: Roots | None = None,
-        engine: EngineApi | None = None,
-        sources: Callable[[], EventSources] | None = None,
-        links: LinkControl | None = None,
-        bridges: BridgeStarter = start_bridges,
-    ) -> None:
-        self.config = config
-        self.roots = roots if roots is not None else Roots.live_system()
-        self.engine: EngineApi = engine if engine is not None else ModuleEngine()
-        self._links = links if links is not None else (NetlinkLinks() if self.roots.live else None)
-        self._bridge_starter = bridges
-        self._bridges: BridgeSet = _NoBridges()
-        self._server: grpc.Server | None = None
-        self._health: HealthRegistry | None = None
-        self._socket_id: tuple[int, int] | None = None
-        if sources is None:
-            live = self.roots
-            sources = (lambda: EventSources(live)) if live.live else EventSources.none
-        self.hub = ReportHub(self._produce, sources=sources, debounce=config.watch.debounce_seconds,
-                             rescan_seconds=config.watch.fd_rescan_seconds)
-        self.leases = LeaseManager(self.roots, default_seconds=config.mutations.default_lease_seconds,
-                                   max_seconds=config.mutations.max_lease_seconds, links=self._links,
-                                   on_change=self.hub.poke)
-
-    @property
-    def socket_path(self) -> Path:
-        return self.config.server.socket
-
-    @property
-    def target(self) -> str:
-        """What grpc.insecure_channel() takes to reach this server."""
-        return f"unix:{self.socket_path}"
-
-    def _produce(self) -> Any:
-        return self.engine.inspect(self.roots, leased=self.leases.leased(), own_claims=self.leases.own_claims())
-
-    def listeners(self) -> list[Listener]:
-        return [Listener("unix", str(self.socket_path)), *self._bridges.listeners]
-
-    def start(self) -> None:
-        path = self.socket_path
-        _prepare_socket_path(path)
-        cfg = self.config.server
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="unplugd-rpc"),
-            # Past this many calls in flight, refuse (RESOURCE_EXHAUSTED) rather than queue without bound.
-            maximum_concurrent_rpcs=cfg.max_workers * 4,
-        )
-        servicer = AgentServicer(roots=self.roots, engine=self.engine, config=self.config, leases=self.leases,
-                                 hub=self.hub, listeners=self.listeners)
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-        self._health = add_health(server)
-        _add_reflection(server)
-        old_umask = os.umask(0o177)  # the socket is born root-only, never briefly open
-        try:
-            try:
-                bound = server.add_insecure_port(self.target)
-            except RuntimeError as exc:
-                raise ServeError(f"cannot listen on {path}: {exc}") from exc
-            if not bound:
-                raise ServeError(f"cannot listen on {path}")
-            server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, cfg.socket_mode)
-        st = os.stat(path)
-        self._socket_id = (st.st_dev, st.st_ino)
-        self._server = server
-        self._health.set("", True)
-        self._health.set(AGENT_SERVICE, True)
-        try:
-            self._bridges = self._bridge_starter(self.config, path)
-        except Exception as exc:
-            # The unix socket still serves local tools; say loudly what is missing.
-            log.error("transport bridges failed to start", extra={"error": str(exc)}, exc_info=True)
-        log.info("serving", extra={"socket": str(path), "mutations": self.config.mutations.enabled,
-                                   "config": self.config.source,
-                                   "listeners": ",".join(f"{x.transport}:{x.address}" for x in self.listeners())})
-
-    def stop(self, grace: float = 2.0) -> None:
-        if self._health is not None:
-            self._health.shutdown()
-        with _logged("stopping bridges"):
-            self._bridges.stop()
-        self._bridges = _NoBridges()
-        self.hub.close()
-        if self._server is not None:
-            self._server.stop(grace).wait(grace + 1)
-            self._server = None
-        self.leases.release_all()
-        if self._socket_id is not None:
-            _remove_own_socket(self.socket_path, self._socket_id)
-            self._socket_id = None
-        if isinstance(self._links, NetlinkLinks):
-            self._links.close()
-        log.info("stopped")
-
-    def __enter__(self) -> AgentServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop(grace=0.5)
-
-
-@contextlib.contextmanager
-def _logged(what: str) -> Any:
-    try:
-        yield
-    except Exception:
-        log.exception("%s failed", what)
-
-
-def _add_reflection(server: grpc.Server) -> None:
-    try:
-        from grpc_reflection.v1alpha import reflection
-    except ImportError:
-        log.info("grpcio-reflection not installed: server reflection is off (grpcurl needs -proto files)")
-        return
-    reflection.enable_server_reflection((AGENT_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
-
-
-def _prepare_socket_path(path: Path) -> None:
-    """Make the directory, and clear a stale socket left by a killed agent.
-
-    A socket someone still answers on means another agent runs: refuse. Any
-    other kind of file at the path is not ours to remove.
-    """
-    if not path.is_absolute():
-        raise ServeError(f"socket path must be absolute: {path}")
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ServeError(f"{path} exists and is not a socket; not removing it")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1)
-        try:
-            probe.connect(str(path))
-        except OSError as exc:
-            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                raise ServeError(f"cannot tell whether {path} is in use: {exc}") from exc
-        else:
-            raise ServeError(f"another agent is listening on {path}")
-    log.info("removing stale socket", extra={"socket": str(path)})
-    path.unlink(missing_ok=True)
-
-
-def _remove_own_socket(path: Path, ident: tuple[int, int]) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if (st.st_dev, st.st_ino) == ident:  # not a successor's socket
-        path.unlink(missing_ok=True)
-
-
-# -- the command -----------------------------------------------------------------------
-
-
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_serve_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="run the agent's gRPC service",
         description="Serve AgentService on a root-only unix socket (and the transports the config enables).")
@@ -283,10 +35,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)  # serve a captured tree (tests)
     # `run` is what agent/cli.py dispatches on; `func` serves main() below.
     p.set_defaults(func=run_serve, run=run_serve)
-    return p
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from unplugd.agent.config import ConfigError, load_config
+    from unplugd.agent.roots import Roots
+    from unplugd.agent.rpc.logs import sd_notify, setup_logging
+    from unplugd.agent.rpc.server import AgentServer, ServeError
+
     setup_logging(args.log_format, level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
     try:
         config = load_config(args.config).with_overrides(socket=args.socket, enable_mutations=args.enable_mutations)
@@ -318,6 +74,15 @@ def run_serve(args: argparse.Namespace) -> int:
         sd_notify("STOPPING=1")
         server.stop()
     return 0
+
+
+def __getattr__(name: str) -> Any:
+    # The server moved to agent/rpc/server.py; keep `unplugd.agent.serve.AgentServer` working.
+    if name in ("AgentServer", "ServeError", "start_bridges"):
+        from unplugd.agent.rpc import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from unplugd.agent.model import BlockDevice, Inventory, PciAddress, PciFunction,
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.engine_api import EngineApi
 from unplugd.agent.rpc.events import EventSources
-from unplugd.agent.serve import AgentServer
+from unplugd.agent.rpc.server import AgentServer
 from unplugd.v1 import agent_service_pb2_grpc, report_pb2
 
 DISK_FN = PciAddress.parse("0000:00:06.0")

@@ -24,7 +24,9 @@ from unplugd.agent.rpc.engine_api import ModuleEngine
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc
 
-PYTHONS = [pytest.param(sys.executable, id="venv"), pytest.param("/usr/bin/python3", id="debian")]
+# (python, entry module): `unplugd serve` through the CLI, and the serve module on its own.
+PYTHONS = [pytest.param((sys.executable, "unplugd.agent.serve"), id="venv"),
+           pytest.param(("/usr/bin/python3", "unplugd.agent.cli"), id="debian-cli")]
 
 
 def _health_check(channel: grpc.Channel, service: str = "") -> int:
@@ -36,7 +38,7 @@ def _health_check(channel: grpc.Channel, service: str = "") -> int:
 
 @pytest.fixture
 def agent_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
-    python = request.param
+    python, entry = request.param
     if not Path(python).exists():
         pytest.skip(f"{python} missing")
     probe = subprocess.run([python, "-c", "import grpc, google.protobuf"], capture_output=True, check=False)
@@ -46,7 +48,7 @@ def agent_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
     (tmp_path / "tree").mkdir()
     env = {"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(
-        [python, "-m", "unplugd.agent.serve", "serve", "--socket", str(sock), "--root", str(tmp_path / "tree"),
+        [python, "-m", entry, "serve", "--socket", str(sock), "--root", str(tmp_path / "tree"),
          "--log-format", "text", "--config", str(REPO / "packaging" / "config.toml")],
         env=env, stderr=subprocess.PIPE, text=True,
     )

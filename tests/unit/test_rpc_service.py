@@ -207,7 +207,7 @@ def test_stop_releases_leases(tmp_path: Path) -> None:
 def test_stale_socket_replaced_live_one_refused(tmp_path: Path) -> None:
     import socket
 
-    from unplugd.agent.serve import ServeError, _prepare_socket_path
+    from unplugd.agent.rpc.server import ServeError, _prepare_socket_path
 
     path = tmp_path / "s.sock"
     with socket.socket(socket.AF_UNIX) as s:
