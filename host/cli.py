@@ -215,18 +215,22 @@ def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
     print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
     if not sp.hotplug:
         print(f"    hardware: {sp.hotplug.reason}", file=out)
+    hidden = 0
     for fp in sp.functions:
+        if fp.behind_bridge and not steps:
+            hidden += 1
+            continue
         host = f"{fp.host.name} ({fp.host.model})" if fp.host else "-"
         guest = fp.guest.address if fp.guest else "-"
         names = ",".join(fp.guest.names) if fp.guest and fp.guest.names else ""
+        state = fp.guest_state if sp.guest_reachable else "?"
         mark = "" if fp.requested else "  [leaves with the slot]"
-        print(f"  {fp.path!s:<26} {host:<36} {guest:<13} {names:<12} {fp.guest_state}{mark}", file=out)
+        print(f"  {fp.path!s:<26} {host:<40} {guest:<13} {names:<12} {state}{mark}", file=out)
         if fp.guest:
             for r in fp.guest.reasons:
                 print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
-    for f in sp.findings:
-        if f.verdict is Verdict.NEEDS_COMPANIONS:
-            print(f"    companions: {f.detail}", file=out)
+    if hidden:
+        print(f"    + {hidden} function(s) behind its bridges leave with it (see `check`)", file=out)
     if steps:
         for i, s in enumerate(sp.steps, 1):
             print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)

@@ -1,0 +1,193 @@
+"""unplugctl's exit codes and output, with a fake hypervisor and a fake agent behind open_session."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.unit.host_fakes import ROOT_Q35, FakeAgent, FakeBackend, func, gfunc, port, report, topology
+from unplugd.host import cli
+from unplugd.host.errors import DomainNotFound
+from unplugd.host.topology import Function, Removal, Topology
+
+RP1, RP2, OFF = port("0000:00/02.0", "rp1"), port("0000:00/02.1", "rp2"), port("0000:00/02.2", "rp3", hotplug=False)
+
+
+def topo() -> Topology:
+    return topology(
+        (
+            ROOT_Q35,
+            2,
+            [func(ROOT_Q35, 2, i, qemu_id=f"rp{i + 1}", is_bridge=True, hotpluggable=False) for i in range(3)],
+        ),
+        (RP1, 0, [func(RP1, 0, qemu_id="disk1", targets=("vdb",))]),
+        (RP2, 0, [func(RP2, 0, 0, qemu_id="mf-disk"), func(RP2, 0, 1, qemu_id="mf-net")]),
+        (OFF, 0, [func(OFF, 0, qemu_id="off-net")]),
+    )
+
+
+ROOTS = [gfunc(f"0000:00:02.{i}", f"0000:00/02.{i}") for i in range(3)]
+MF = [gfunc("0000:02:00.0", "0000:00/02.1/00.0"), gfunc("0000:02:00.1", "0000:00/02.1/00.1")]
+OFFG = gfunc("0000:03:00.0", "0000:00/02.2/00.0", ifaces=("enp3s0",))
+READY = report(*ROOTS, gfunc("0000:01:00.0", "0000:00/02.0/00.0", blocks=("vdb",)), *MF, OFFG)
+BUSY = report(
+    *ROOTS,
+    gfunc("0000:01:00.0", "0000:00/02.0/00.0", "BUSY", reasons=[("MOUNTED", "vdb1 on /srv", True)], blocks=("vdb",)),
+    *MF,
+    OFFG,
+)
+GONE = report(*ROOTS, *MF, OFFG)
+
+
+def slot_of(fn: Function) -> list[Removal]:
+    s = topo().slot_of(fn.path)
+    assert s is not None
+    return [Removal(f.qemu_id, f.qom_path) for f in s.functions]
+
+
+@pytest.fixture
+def session(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """Replace open_session; returns the (backend, agent) the next command will see."""
+    state: dict[str, object] = {"backend": FakeBackend(topo(), slot_of), "agent": FakeAgent(READY, GONE)}
+
+    @contextlib.asynccontextmanager
+    async def fake(args: argparse.Namespace) -> AsyncIterator[cli.Session]:
+        state["args"] = args
+        yield cli.Session(state["backend"], state["agent"], args.vm or "vm")  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cli, "open_session", fake)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("device", "guest", "code"),
+    [
+        ("vdb", READY, 0),
+        ("vdb", BUSY, 3),
+        ("vdb", None, 4),
+        ("off-net", READY, 5),
+        ("mf-net", READY, 6),
+        ("0000:00/02.1/00", READY, 0),  # the whole slot: no companions
+        ("0000:01:00.0", BUSY, 3),  # guest address
+    ],
+)
+def test_check_exit_codes(session, capsys, device: str, guest, code: int) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(guest) if guest is not None else None
+    assert cli.main(["check", "dom", device]) == code
+    verdict = {v: k for k, v in cli.EXIT.items()}[code]
+    assert verdict.value in capsys.readouterr().out
+
+
+def test_check_json(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(BUSY)
+    assert cli.main(["check", "dom", "disk1", "--json"]) == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verdict"] == "BLOCKED_BY_GUEST"
+    assert doc["functions"][0]["guest"]["reasons"][0]["code"] == "MOUNTED"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["check", "dom"],
+        ["check", "a", "b", "c"],
+        ["unplug", "dom", "vdb", "--timeout", "soon"],
+        ["wait-ready", "dom", "vdb"],  # --timeout is required
+        ["frobnicate", "dom"],
+        ["status", "a", "b"],
+    ],
+)
+def test_usage_errors_exit_2(session, capsys, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(argv) == 2
+
+
+def test_unknown_device_is_a_usage_error(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(["check", "dom", "nope"]) == 2
+    assert "no device matches 'nope'" in capsys.readouterr().err
+
+
+def test_backend_failure_exits_1(session, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    @contextlib.asynccontextmanager
+    async def broken(args: argparse.Namespace) -> AsyncIterator[cli.Session]:
+        raise DomainNotFound("no domain 'dom' on qemu:///system")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(cli, "open_session", broken)
+    assert cli.main(["status", "dom"]) == 1
+    assert "no domain 'dom'" in capsys.readouterr().err
+
+
+def test_qmp_form_takes_device_alone(session) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(["check", "--qmp", "/run/q.sock", "--agent", "unix:/x", "vdb"]) == 0
+    args = session["args"]
+    assert args.vm is None and args.device == "vdb" and args.qmp == "/run/q.sock"
+
+
+def test_status_table_and_json(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(READY)
+    assert cli.main(["status", "dom"]) == 0
+    out = capsys.readouterr().out
+    assert "0000:00/02.2/00" in out and "hotplug='off'" in out
+    assert cli.main(["status", "dom", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    verdicts = {s["slotPath"]: s["verdict"] for s in doc["slots"]}
+    assert verdicts["0000:00/02.0/00"] == "UNPLUGGABLE"
+    assert verdicts["0000:00/02.2/00"] == "NOT_HOTPLUGGABLE"
+    assert doc["guestReachable"] is True
+
+
+def test_unplug_progress_on_stderr_outcome_on_stdout(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(["unplug", "dom", "vdb", "--timeout", "5"]) == 0
+    cap = capsys.readouterr()
+    assert "deleted" in cap.err and "requested" in cap.err
+    assert "UNPLUGGED" in cap.out and "disk1 (0000:00/02.0/00.0): removed, gone from the guest" in cap.out
+
+
+def test_unplug_refused_exits_with_the_verdict(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(BUSY)
+    assert cli.main(["unplug", "dom", "vdb"]) == 3
+    assert "--force" in capsys.readouterr().out
+    assert not [c for c in session["backend"].calls if c.startswith("unplug")]
+    assert cli.main(["unplug", "dom", "mf-net", "--force"]) == 6
+
+
+def test_unplug_forced_json_lists_overrides(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(BUSY, GONE)
+    assert cli.main(["unplug", "dom", "vdb", "--force", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["outcome"] == "UNPLUGGED"
+    assert doc["overridden"][0]["verdict"] == "BLOCKED_BY_GUEST"
+
+
+def test_unplug_pending_exits_7(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["backend"] = FakeBackend(topo(), lambda fn: [])
+    assert cli.main(["unplug", "dom", "vdb", "--timeout", "0.2"]) == 7
+
+
+def test_dry_run(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(["unplug", "dom", "mf-disk", "--with-companions", "--prepare", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "step 1: prepare" in out and "DRY_RUN" in out
+    assert not [c for c in session["backend"].calls if c.startswith("unplug")]
+
+
+def test_wait_ready(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    agent = FakeAgent(BUSY)
+    agent.watch_reports = [BUSY, READY]
+    session["agent"] = agent
+    assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "5"]) == 0
+    agent2 = FakeAgent(BUSY)
+    agent2.watch_reports = [BUSY]
+    session["agent"] = agent2
+    assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "0.2"]) == 3
+
+
+def test_help_has_examples(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "unplugctl check web1 vdb" in out and "tainted" in out and "6 needs companions" in out
