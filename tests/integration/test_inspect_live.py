@@ -1,0 +1,206 @@
+"""The readiness engine on real kernel objects: loop disks with partitions, private mount
+namespaces, swap, processes holding nodes, stacked loops; and `unplugd inspect` on this VM.
+
+Loop devices are not PCI functions, so the block rules are exercised on the real
+inventory (real collectors, live /sys, /proc, /dev) plus one synthetic PciFunction
+whose block_devices names the real loop disk; no seam in the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.integration.loopdev import (
+    LoopDisk,
+    loop_disk,
+    mounted_in_private_namespace,
+    require_tools,
+    run,
+    swapped_on,
+)
+from unplugd.agent import engine
+from unplugd.agent.capture import capture
+from unplugd.agent.model import Inventory, PciAddress, PciFunction, PciPath
+from unplugd.agent.readiness.policy import evaluate
+from unplugd.agent.readiness.reasons import Code, FunctionVerdict, State
+from unplugd.agent.roots import Roots
+from unplugd.agent.selection import select
+
+SYNTHETIC = PciAddress.parse("0000:7f:1f.7")
+TABLE = "label: dos\n,16M,L\n,16M,S\n"
+
+
+def synthetic_function(disk: str) -> PciFunction:
+    return PciFunction(
+        address=SYNTHETIC,
+        path=PciPath.parse("0000:7f/1f.7"),
+        vendor_id=0x1AF4,
+        device_id=0x1042,
+        class_code=0x010000,
+        driver="virtio-pci",
+        is_bridge=False,
+        hotplug_slot="synthetic",
+        block_devices=(disk,),
+        subdrivers=("virtio_blk",),
+    )
+
+
+def inventory_with(disk: str, roots: Roots | None = None) -> Inventory:
+    inv = engine.scan(roots or Roots.live_system())
+    return replace(inv, functions=(*inv.functions, synthetic_function(disk)))
+
+
+def verdict_for(disk: LoopDisk, roots: Roots | None = None) -> FunctionVerdict:
+    inv = inventory_with(disk.disk, roots)
+    # the real names select the synthetic function, as `--device loopXp1` would
+    assert [f.address for f in select(inv, [disk.parts[0]])] == [SYNTHETIC]
+    (v,) = [v for v in evaluate(inv) if v.address == SYNTHETIC]
+    return v
+
+
+def codes(v: FunctionVerdict) -> set[Code]:
+    return {r.code for r in v.reasons}
+
+
+def assert_not_busy(v: FunctionVerdict) -> None:
+    # Other processes' unreadable fd tables may leave it UNKNOWN here; never BUSY, never a block reason.
+    assert v.state is not State.BUSY, v.reasons
+    assert codes(v) <= {Code.UNREADABLE}, v.reasons
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[LoopDisk]:
+    require_tools()
+    with loop_disk(tmp_path, TABLE) as d:
+        run("mkfs.ext4", "-q", "-F", str(d.part_node(0)))
+        run("mkswap", str(d.part_node(1)))
+        yield d
+
+
+def test_idle_loop_disk_is_not_busy(disk: LoopDisk) -> None:
+    v = verdict_for(disk)
+    assert_not_busy(v)
+    assert v.block_devices[:3] == (disk.disk, *disk.parts)
+
+
+def test_mount_in_private_namespace_then_umount(disk: LoopDisk, tmp_path: Path) -> None:
+    with mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt") as holder:
+        v = verdict_for(disk)
+        assert v.state is State.BUSY
+        (mounted,) = [r for r in v.reasons if r.code is Code.MOUNTED]
+        assert mounted.object == disk.parts[0] and mounted.mount_point == str(tmp_path / "mnt")
+        assert f"mount namespace of pid {holder.pid}" in mounted.detail
+        assert "(ext4)" in mounted.detail
+        run("nsenter", "-t", str(holder.pid), "-m", "umount", str(tmp_path / "mnt"))
+        assert_not_busy(verdict_for(disk))
+
+
+def test_swapon_then_swapoff(disk: LoopDisk) -> None:
+    with swapped_on(disk.part_node(1)):
+        v = verdict_for(disk)
+        assert v.state is State.BUSY
+        (swap,) = [r for r in v.reasons if r.code is Code.SWAP]
+        assert swap.object == disk.parts[1]
+    assert_not_busy(verdict_for(disk))
+
+
+def test_process_holding_the_node(disk: LoopDisk) -> None:
+    with open(disk.part_node(0), "rb") as node:
+        proc = subprocess.Popen(["sleep", "300"], stdin=node)
+    try:
+        v = verdict_for(disk)
+        (held,) = [r for r in v.reasons if r.code is Code.OPEN_BY_PROCESS]
+        assert held.processes[0].pid == proc.pid and held.processes[0].command == "sleep"
+        assert held.processes[0].fds == (f"/dev/{disk.parts[0]} (fd 0)",)
+        assert v.state is State.BUSY
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_not_busy(verdict_for(disk))
+
+
+def test_loop_stacked_on_a_partition_is_a_holder(disk: LoopDisk) -> None:
+    upper = run("losetup", "--find", "--show", str(disk.part_node(0))).strip()
+    try:
+        v = verdict_for(disk)
+        (holder,) = [r for r in v.reasons if r.code is Code.HOLDER]
+        assert holder.chain == (disk.disk, disk.parts[0], os.path.basename(upper))
+        assert v.state is State.BUSY
+    finally:
+        subprocess.run(["losetup", "--detach", upper], check=False)
+
+
+def test_capture_keeps_what_makes_it_busy(disk: LoopDisk, tmp_path: Path) -> None:
+    """Captured while mounted in a private namespace and held open: the tree says the same."""
+    with open(disk.part_node(1), "rb") as node:
+        proc = subprocess.Popen(["sleep", "300"], stdin=node)
+    try:
+        with mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt"):
+            live = verdict_for(disk)
+            capture(tmp_path / "tree")
+        captured = verdict_for(disk, Roots.under(tmp_path / "tree"))
+    finally:
+        proc.kill()
+        proc.wait()
+    assert live.state is State.BUSY and {Code.MOUNTED, Code.OPEN_BY_PROCESS} <= codes(live)
+    assert captured.state is live.state
+    assert [(r.code, r.object) for r in captured.reasons] == [(r.code, r.object) for r in live.reasons]
+
+
+def test_loop_device_is_not_a_pci_function(disk: LoopDisk) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "unplugd.agent.cli", "inspect", "--json", "--device", disk.disk],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "no PCI function" in out.stderr
+
+
+# --------------------------------------------------------------------------- this VM
+
+
+def _live_function(device: str) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "unplugd.agent.cli", "inspect", "--json", "--device", device],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (f,) = json.loads(out.stdout)["functions"]
+    return f  # type: ignore[no-any-return]
+
+
+def _codes(f: dict[str, object]) -> set[str]:
+    return {r["code"].removeprefix("REASON_CODE_") for r in f["reasons"]}  # type: ignore[attr-defined]
+
+
+def test_this_vm_root_disk_is_busy() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not Path("/sys/class/block/vda").exists():
+        pytest.skip("no vda here")
+    f = _live_function("vda")
+    assert f["state"] == "FUNCTION_STATE_BUSY"
+    assert {"ROOT_FILESYSTEM", "MOUNTED"} <= _codes(f)
+
+
+def test_this_vm_eth0_is_busy() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not Path("/sys/class/net/eth0/device").exists():
+        pytest.skip("no PCI eth0 here")
+    with contextlib.suppress(subprocess.CalledProcessError):
+        if "default" not in run("ip", "route", "show", "default"):
+            pytest.skip("eth0 has no default route on this machine")
+    f = _live_function("eth0")
+    assert f["state"] == "FUNCTION_STATE_BUSY"
+    assert {"LINK_UP", "HAS_ADDRESS", "DEFAULT_ROUTE"} <= _codes(f)
