@@ -1,0 +1,179 @@
+"""The QMP backend against real QEMU processes (TCG, firmware only, no guest OS).
+
+What QEMU really answers: buses without hotplug, an ACPI or pciehp unplug that
+stays pending with no guest to eject the slot ("already in the process of
+unplug" for a second request), and real DEVICE_DELETED events for devices
+hot-added to an empty, powered-off pciehp port (QEMU removes those at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+
+from tests.integration.qemu import have_qemu, run_qemu
+from unplugd.agent.model import PciPath
+from unplugd.host.backends.qmp import QmpBackend
+from unplugd.host.errors import DeviceGone, DomainNotFound, HotplugUnsupported, UnplugInProgress
+from unplugd.host.orchestrator import Orchestrator, Outcome
+from unplugd.host.planner import Verdict
+from unplugd.host.topology import Function, Topology
+
+pytestmark = pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed")
+
+T = TypeVar("T")
+# Two empty root ports behind the expander: native pciehp, powered off until a guest powers them on.
+EMPTY_PORTS = [
+    "-device",
+    "pcie-root-port,id=rpx2,chassis=51,bus=pxb1,addr=0x1",
+    "-device",
+    "pcie-root-port,id=rpx3,chassis=52,bus=pxb1,addr=0x2",
+]
+
+
+def with_backend(qmp: str, body: Callable[[QmpBackend], Awaitable[T]]) -> T:
+    async def go() -> T:
+        async with QmpBackend(qmp, timeout=10) as be:
+            return await body(be)
+
+    return asyncio.run(go())
+
+
+def by_id(t: Topology, qemu_id: str) -> Function:
+    return next(f for f in t.functions() if f.qemu_id == qemu_id)
+
+
+@pytest.mark.parametrize("enumerate", [True, False], ids=["firmware-numbered", "unnumbered"])
+def test_q35_topology_live(enumerate: bool) -> None:
+    with run_qemu("q35", enumerate=enumerate) as vm:
+        t = with_backend(vm.qmp, lambda be: be.topology())
+    paths = {f.qemu_id: str(f.path) for f in t.functions() if f.qemu_id}
+    assert paths["sw-disk"] == "0000:00/02.2/00.0/00.0/00.0"
+    assert paths["pb-disk"] == "0000:00/1e.0/01.0/03.0"
+    assert paths["pxb-net"] == "0000:80/00.0/00.0"
+    rp_slot = t.slot("0000:00/02")
+    assert rp_slot is not None and len(rp_slot.functions) == 8
+    off = t.slot("0000:00/04.0/00")
+    assert off is not None and not off.hotplug
+    on = t.slot("0000:00/02.1/00")
+    assert on is not None and on.hotplug and on.multifunction
+
+
+def test_pc_topology_live() -> None:
+    with run_qemu("pc") as vm:
+        t = with_backend(vm.qmp, lambda be: be.topology())
+    assert t.machine.startswith("pc-i440fx")
+    assert str(by_id(t, "br2-net").path) == "0000:00/03.0/07.0/01.0"
+    assert str(by_id(t, "br2-net").guest_address) == "0000:02:01.0"
+    piix = t.slot("0000:00/01")
+    assert piix is not None and not piix.hotplug
+
+
+def test_no_such_socket() -> None:
+    async def go() -> None:
+        async with QmpBackend("/nonexistent/qmp.sock", timeout=2):
+            pass
+
+    with pytest.raises(DomainNotFound):
+        asyncio.run(go())
+
+
+def test_refusals_are_typed() -> None:
+    with run_qemu("q35") as vm:
+
+        async def body(be: QmpBackend) -> list[Exception]:
+            t = await be.topology()
+            errors: list[Exception] = []
+            ich9 = next(f for f in t.functions() if f.model == "ich9-ahci")  # anonymous: by QOM path
+            ghost = Function(PciPath.parse("0000:00/07.0"), "virtio-net-pci", qemu_id="ghost")
+            for fn in (by_id(t, "int-net"), by_id(t, "off-net"), ich9, ghost):
+                try:
+                    await be.request_unplug(fn)
+                except Exception as e:
+                    errors.append(e)
+            return errors
+
+        errors = with_backend(vm.qmp, body)
+    assert [type(e) for e in errors] == [HotplugUnsupported, HotplugUnsupported, HotplugUnsupported, DeviceGone]
+    assert "Bus 'pcie.0' does not support hotplugging" in str(errors[0])
+    assert "Bus 'rp-off' does not support hotplugging" in str(errors[1])
+
+
+def test_pending_unplug_without_a_guest() -> None:
+    """No OS: the pciehp port's attention button is pushed and nobody answers."""
+    with run_qemu("q35") as vm:
+
+        async def body(be: QmpBackend) -> tuple[object, Exception | None, object]:
+            orch = Orchestrator(be, None)
+            res = await orch.unplug("pxb-net", force=True, timeout=1.0)
+            again: Exception | None = None
+            try:
+                await be.request_unplug(by_id(await be.topology(), "pxb-net"))
+            except UnplugInProgress as e:
+                again = e
+            acpi = await orch.unplug("rp-disk", force=True, timeout=0.5)  # ACPI: the GPE goes unanswered
+            return res, again, acpi
+
+        res, again, acpi = with_backend(vm.qmp, body)
+    assert res.outcome is Outcome.PENDING  # type: ignore[attr-defined]
+    assert [f.verdict for f in res.overridden] == [Verdict.GUEST_UNREACHABLE]  # type: ignore[attr-defined]
+    assert again is not None and "already in the process of unplug" in str(again)
+    assert acpi.outcome is Outcome.PENDING  # type: ignore[attr-defined]
+
+
+def test_device_deleted_for_a_hot_added_device() -> None:
+    with run_qemu("q35", extra=EMPTY_PORTS) as vm:
+
+        async def body(be: QmpBackend) -> tuple[object, Topology, Topology, float]:
+            await be.execute("blockdev-add", {"driver": "null-co", "node-name": "hot"})
+            await be.execute("device_add", {"driver": "virtio-blk-pci", "id": "hot", "bus": "rpx2", "drive": "hot"})
+            before = await be.topology()
+            t0 = time.monotonic()
+            res = await Orchestrator(be, None).unplug("hot", force=True, timeout=10)
+            took = time.monotonic() - t0
+            return res, before, await be.topology(), took
+
+        res, before, after, took = with_backend(vm.qmp, body)
+    assert str(by_id(before, "hot").path) == "0000:80/01.0/00.0"
+    assert res.outcome is Outcome.UNPLUGGED_UNCONFIRMED  # type: ignore[attr-defined]  # no agent to confirm
+    assert [f.removed for f in res.functions] == [True]  # type: ignore[attr-defined]
+    assert not any(f.qemu_id == "hot" for f in after.functions())
+    assert took < 5  # event-driven: no fixed sleeps
+
+
+def test_multifunction_slot_leaves_whole() -> None:
+    """device_del of function 0 takes function 1 with it; both DEVICE_DELETED arrive."""
+    with run_qemu("q35", extra=EMPTY_PORTS) as vm:
+
+        async def body(be: QmpBackend) -> tuple[object, object, Topology]:
+            for n in ("f0", "f1"):
+                await be.execute("blockdev-add", {"driver": "null-co", "node-name": n})
+            await be.execute(
+                "device_add", {"driver": "virtio-blk-pci", "id": "f1", "bus": "rpx3", "addr": "0.1", "drive": "f1"}
+            )
+            await be.execute(
+                "device_add",
+                {
+                    "driver": "virtio-blk-pci",
+                    "id": "f0",
+                    "bus": "rpx3",
+                    "addr": "0.0",
+                    "multifunction": True,
+                    "drive": "f0",
+                },
+            )
+            orch = Orchestrator(be, None)
+            refused = await orch.unplug("f1", force=True, timeout=5)
+            done = await orch.unplug("f1", force=True, with_companions=True, timeout=10)
+            return refused, done, await be.topology()
+
+        refused, done, after = with_backend(vm.qmp, body)
+    assert refused.outcome is Outcome.REFUSED and "--with-companions" in refused.message  # type: ignore[attr-defined]
+    assert done.outcome is Outcome.UNPLUGGED_UNCONFIRMED  # type: ignore[attr-defined]
+    assert done.plan.unplug_target.qemu_id == "f0"  # type: ignore[attr-defined]
+    assert sorted((f.name, f.removed) for f in done.functions) == [("f0", True), ("f1", True)]  # type: ignore[attr-defined]
+    assert after.slot("0000:80/02.0/00") is None
