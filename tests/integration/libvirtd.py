@@ -56,8 +56,9 @@ def _ctl(index: int, model: str, address: str, inner: str = "") -> str:
 
 def q35_xml(name: str, d: Path) -> str:
     """Root ports in one multifunction slot (one with hotplug='off'), a switch, a
-    dmi-to-pci + pci-bridge, an expander bus with two root ports (one empty, for
-    hot-add), a multifunction disk+NIC slot, the agent channel."""
+    dmi-to-pci + pci-bridge, an expander bus with two root ports (the second,
+    index 11, stays empty for hot-add: no USB, virtio-serial pinned to 00:1d),
+    a multifunction disk+NIC slot, the agent channel."""
     return f"""<domain type='qemu'>
   <name>{name}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
   <os><type arch='x86_64' machine='q35'>hvm</type></os><features><acpi/></features>
@@ -82,6 +83,9 @@ def q35_xml(name: str, d: Path) -> str:
     {_disk(d, "vdd", "bus='0x06' slot='0x00' function='0x0'")}
     {_disk(d, "vde", "bus='0x08' slot='0x03' function='0x0'")}
     {_nic("bus='0x0a' slot='0x00' function='0x0'")}
+    <controller type='usb' index='0' model='none'/>
+    <controller type='virtio-serial' index='0'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x1d' function='0x0'/></controller>
     <channel type='unix'><source mode='bind'/><target type='virtio' name='org.unplugd.agent.0'/></channel>
     <memballoon model='none'/>
   </devices>
