@@ -170,7 +170,9 @@ class AgentClient:
         connect_timeout: float = 5.0,
         tls: TlsFiles | None = None,
         tls_server_name: str | None = None,
+        relay: Relay | None = None,
     ) -> None:
+        """`relay` replaces the one the address implies (tests, custom transports)."""
         self.address = parse_address(address) if isinstance(address, str) else address
         if self.address.kind == "tcp" and tls is None:
             raise ValueError(f"{self.address}: the agent serves TCP only with mutual TLS: give the CA, cert and key")
@@ -179,6 +181,7 @@ class AgentClient:
         self._tls = tls
         self._tls_server_name = tls_server_name
         self._relay: Relay | None = None
+        self._custom_relay = relay
         self._relay_dir: Path | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.AgentServiceAsyncStub | None = None
@@ -205,7 +208,7 @@ class AgentClient:
             channel = grpc.aio.secure_channel(f"{host}:{addr.port}", self._tls.credentials(), options=options)
         else:
             target = addr.path
-            relay = _relay_for(addr, self.connect_timeout)
+            relay = self._custom_relay or _relay_for(addr, self.connect_timeout)
             if relay is not None:
                 self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
                 try:
@@ -234,13 +237,31 @@ class AgentClient:
             self._relay_dir = None
 
     async def _ready_stub(self) -> pb_grpc.AgentServiceAsyncStub:
+        """The stub once the channel is READY; fails on the first failed attempt
+        or after connect_timeout."""
         await self.connect()
-        assert self._channel is not None and self._stub is not None
-        try:
-            await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
-        except TimeoutError:
-            raise self._unreachable(f"no connection within {self.connect_timeout:g}s") from None
-        return self._stub
+        channel, stub = self._channel, self._stub
+        assert channel is not None and stub is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        attempted = False
+        state = channel.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.CONNECTING:
+                attempted = True
+            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and attempted:
+                raise self._unreachable("connection failed")
+            elif state == grpc.ChannelConnectivity.SHUTDOWN:
+                raise self._unreachable("client closed")
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                raise self._unreachable(f"no connection within {self.connect_timeout:g}s") from None
+            state = channel.get_state(try_to_connect=True)
+        return stub
 
     def _unreachable(self, cause: str) -> AgentUnreachable:
         relay_error = self._relay.last_error if self._relay is not None else None

@@ -22,7 +22,7 @@ import os
 import secrets
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from unplugd.agent.transports.framing import (
@@ -36,7 +36,7 @@ from unplugd.agent.transports.framing import (
 )
 from unplugd.agent.transports.splice import close_writer, splice
 
-__all__ = ["HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay"]
+__all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay", "dial_vsock"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,14 @@ class Relay(ABC):
             self._tasks.discard(task)
             await close_writer(writer)
 
+    async def _splice(self, client: Streams, upstream: Streams) -> None:
+        _, answered = await splice(client, upstream, label=self.target)
+        # the far end accepted and hung up without a byte: refused (CID not
+        # allowed) or nothing behind it (agent down)
+        self.last_error = None if answered else (
+            f"{self.target}: the guest closed the connection without answering "
+            "(peer not allowed, or the agent is not running)")
+
     async def _before_carry(self) -> None:  # noqa: B027  (a hook, not abstract)
         """Runs before each connection is carried; SerialRelay supersedes the current one."""
 
@@ -105,39 +113,40 @@ class Relay(ABC):
     async def _carry(self, client: Streams) -> None: ...
 
 
+Dialer = Callable[[int, int], Awaitable[socket.socket]]
+
+
+async def dial_vsock(cid: int, port: int) -> socket.socket:
+    """A connected, non-blocking AF_VSOCK socket to (cid, port)."""
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class VsockRelay(Relay):
-    def __init__(
-        self,
-        cid: int,
-        port: int,
-        *,
-        socket_factory: Callable[[], socket.socket] | None = None,
-        connect_timeout: float = 5.0,
-    ) -> None:
+    def __init__(self, cid: int, port: int, *, dial: Dialer = dial_vsock, connect_timeout: float = 5.0) -> None:
         super().__init__(connect_timeout=connect_timeout)
         self.cid, self.port = cid, port
-        self._socket_factory = socket_factory or (lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM))
+        self._dial = dial
 
     @property
     def target(self) -> str:
         return f"vsock CID {self.cid} port {self.port}"
 
     async def _carry(self, client: Streams) -> None:
-        sock = self._socket_factory()
-        sock.setblocking(False)
         try:
-            await asyncio.wait_for(
-                asyncio.get_running_loop().sock_connect(sock, (self.cid, self.port)), self.connect_timeout
-            )
+            sock = await asyncio.wait_for(self._dial(self.cid, self.port), self.connect_timeout)
         except TimeoutError:
-            sock.close()
             raise RelayError(f"{self.target}: no answer within {self.connect_timeout:g}s") from None
         except OSError as exc:
-            sock.close()
             raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
         upstream = await asyncio.open_connection(sock=sock)
-        self.last_error = None
-        await splice(client, upstream, label=self.target)
+        await self._splice(client, upstream)
 
 
 class HybridVsockRelay(Relay):
@@ -174,8 +183,7 @@ class HybridVsockRelay(Relay):
             # the VMM closes the connection when nothing listens on the port
             got = "the connection was closed" if not line else f"it answered {line[:80]!r}"
             raise RelayError(f"{self.target}: CONNECT refused ({got}); is unplugd listening on vsock port {self.port}?")
-        self.last_error = None
-        await splice(client, upstream, label=self.target)
+        await self._splice(client, upstream)
 
 
 class SerialRelay(Relay):

@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int]) -> None:
     while data := await src.read(CHUNK):
+        count[0] += len(data)
         dst.write(data)
         await dst.drain()
     # half-close: the peer may still answer
@@ -34,9 +35,10 @@ async def splice(
     b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
     *,
     label: str = "",
-) -> None:
-    """Pump a->b and b->a; an error on either side closes both."""
-    tasks = [asyncio.ensure_future(_pump(a[0], b[1])), asyncio.ensure_future(_pump(b[0], a[1]))]
+) -> tuple[int, int]:
+    """Pump a->b and b->a; an error on either side closes both. Returns the bytes carried each way."""
+    a_to_b, b_to_a = [0], [0]
+    tasks = [asyncio.ensure_future(_pump(a[0], b[1], a_to_b)), asyncio.ensure_future(_pump(b[0], a[1], b_to_a))]
     try:
         pending: set[asyncio.Future[None]] = set(tasks)
         while pending:
@@ -50,3 +52,4 @@ async def splice(
         await asyncio.gather(*tasks, return_exceptions=True)
         await close_writer(a[1])
         await close_writer(b[1])
+    return a_to_b[0], b_to_a[0]
