@@ -43,7 +43,7 @@ from tests.vm.image import GuestImage, build_deb, build_image
 from tests.vm.monitor import Monitor, MonitorError
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
-__all__ = ["SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError"]
+__all__ = ["SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError", "watch_process_group"]
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +225,7 @@ class GuestVM:
         progress(f"started QEMU pid {self._proc.pid} ({self.machine}, TCG), workdir {self.workdir}")
 
     def _start_watcher(self, pgid: int) -> None:
-        read_fd, write_fd = os.pipe()
-        try:
-            self._watcher = subprocess.Popen(
-                [sys.executable, "-c", _WATCHER, str(pgid)], stdin=read_fd, start_new_session=True
-            )
-        finally:
-            os.close(read_fd)
-        self._watch_fd = write_fd
+        self._watcher, self._watch_fd = watch_process_group(pgid)
 
     def _connect_monitor(self, timeout: float) -> Monitor:
         deadline = time.monotonic() + timeout
@@ -400,6 +393,23 @@ class GuestVM:
 
     def serial_text(self) -> str:
         return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+
+
+def watch_process_group(pgid: int) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a watcher that SIGKILLs process group pgid once this process dies or closes the returned fd.
+
+    The caller keeps the pipe's write end (not inherited by children); the kernel closes it when the
+    caller dies, however it dies, and the watcher's read then returns EOF.
+    """
+    read_fd, write_fd = os.pipe()
+    try:
+        watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(pgid)], stdin=read_fd, start_new_session=True)
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return watcher, write_fd
 
 
 def _run(cmd: list[str]) -> None:
