@@ -85,7 +85,7 @@ class JournalSocketHandler(logging.Handler):
     def encode(fields: list[tuple[str, str]]) -> bytes:
         out = bytearray()
         for key, value in fields:
-            data = value.encode("utf-8", "replace")
+            data = str(value).encode("utf-8", "replace")
             if b"\n" in data:
                 out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
             else:
@@ -109,7 +109,7 @@ class JournalSocketHandler(logging.Handler):
                 ("LOGGER", record.name),
                 ("CODE_FILE", record.pathname),
                 ("CODE_LINE", str(record.lineno)),
-                ("CODE_FUNC", record.funcName),
+                ("CODE_FUNC", record.funcName or ""),
             ]
             fields += [(self.field_name(k), v) for k, v in record_fields(record)]
             self._sock.sendto(self.encode(fields), self._path)
