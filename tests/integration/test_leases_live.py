@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_root
+from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from unplugd.agent.errors import ClaimConflict
 from unplugd.agent.model import BlockDevice, PciAddress, parse_devno
 from unplugd.agent.roots import Roots
@@ -304,3 +306,43 @@ def test_release_all_at_shutdown(loops: Loops) -> None:
     assert _excl_free(disk)
     with pytest.raises(ClaimConflict, match="shutting down"):
         leases.prepare([LeaseTarget(FN_A, (disk,))])
+
+
+_LINKS = """
+import json
+from unplugd.agent.errors import ClaimConflict
+from unplugd.agent.model import PciAddress
+from unplugd.agent.roots import Roots
+from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
+from unplugd.agent.rpc.links import NetlinkLinks
+links = NetlinkLinks()
+leases = LeaseManager(Roots.live_system(), links=links)
+fn = PciAddress.parse("0000:00:0a.0")
+out = {}
+grant = leases.prepare([LeaseTarget(fn, interfaces=("uw0", "uw1"))], take_interfaces_down=True)
+out["down"] = list(grant.interfaces_down)
+out["during"] = [links.is_up("uw0"), links.is_up("uw1")]
+out["restored"] = list(leases.release(grant.lease_id))
+out["after"] = [links.is_up("uw0"), links.is_up("uw1")]
+try:
+    leases.prepare([LeaseTarget(fn, interfaces=("uw0", "gone0"))], take_interfaces_down=True)
+except ClaimConflict as exc:
+    out["conflict"] = exc.reasons
+out["after_conflict"] = [links.is_up("uw0"), leases.leased() == {}]
+links.close()
+print(json.dumps(out))
+"""
+
+
+def test_interfaces_down_and_restored_in_a_netns(netns: NetNS) -> None:  # noqa: F811
+    netns.ip("link", "add", "uw0", "type", "veth", "peer", "name", "uw1")
+    netns.ip("link", "set", "uw0", "up")  # uw1 stays down: a lease must not bring it up later
+    proc = netns.run(sys.executable, "-c", _LINKS)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["down"] == ["uw0"]
+    assert out["during"] == [False, False]
+    assert out["restored"] == ["uw0"]
+    assert out["after"] == [True, False]
+    assert len(out["conflict"]) == 1 and "gone0" in out["conflict"][0]
+    assert out["after_conflict"] == [True, True]
