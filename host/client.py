@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar, cast
@@ -208,7 +208,9 @@ class AgentClient:
             channel = grpc.aio.secure_channel(f"{host}:{addr.port}", self._tls.credentials(), options=options)
         else:
             target = addr.path
-            relay = self._custom_relay or _relay_for(addr, self.connect_timeout)
+            # the relay gives up a little earlier than we do, so that its
+            # reason (not just "timed out") reaches the caller
+            relay = self._custom_relay or _relay_for(addr, self.connect_timeout * 0.8)
             if relay is not None:
                 self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
                 try:
@@ -244,10 +246,13 @@ class AgentClient:
         assert channel is not None and stub is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
-        attempted = False
         state = channel.get_state(try_to_connect=True)
+        # A failure counts once an attempt was made during this call (IDLE:
+        # the get_state above starts one); a channel still backing off from
+        # an earlier failure gets its next attempt first.
+        attempted = False
         while state != grpc.ChannelConnectivity.READY:
-            if state == grpc.ChannelConnectivity.CONNECTING:
+            if state in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING):
                 attempted = True
             elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and attempted:
                 raise self._unreachable("connection failed")
@@ -317,7 +322,7 @@ class AgentClient:
 
     async def watch_report(
         self, devices: Sequence[str] = (), *, timeout: float | None = None
-    ) -> AsyncIterator[pb.WatchReportResponse]:
+    ) -> AsyncGenerator[pb.WatchReportResponse, None]:
         """The current report, then each change. The first message must come
         within the client's call timeout; `timeout` bounds the whole stream
         (None: until the caller stops iterating)."""
@@ -389,8 +394,8 @@ class SyncAgentClient:
         return self._run(self._client.release_unplug(lease_id, timeout=timeout))
 
     def watch_report(self, devices: Sequence[str] = (), *, timeout: float | None = None
-                     ) -> Iterator[pb.WatchReportResponse]:
-        stream = cast(AsyncGenerator[pb.WatchReportResponse, None], self._client.watch_report(devices, timeout=timeout))
+                     ) -> Generator[pb.WatchReportResponse, None, None]:
+        stream = self._client.watch_report(devices, timeout=timeout)
         try:
             while True:
                 try:

@@ -15,6 +15,9 @@ from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 from unplugd.v1 import report_pb2
 
+# GetReport(["slow"]) takes this long
+SLOW_SECONDS = 1.0
+
 
 def report_for(devices: list[str], hostname: str = "guest") -> report_pb2.Report:
     report = report_pb2.Report(hostname=hostname)
@@ -34,7 +37,7 @@ class FakeAgent(pb_grpc.AgentServiceServicer):
         if "missing" in request.devices:
             context.abort(grpc.StatusCode.NOT_FOUND, "no PCI function matches 'missing'")
         if "slow" in request.devices:
-            time.sleep(2)
+            time.sleep(SLOW_SECONDS)
         return pb.GetReportResponse(report=report_for(list(request.devices)))
 
     def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: grpc.ServicerContext) -> pb.GetAgentInfoResponse:

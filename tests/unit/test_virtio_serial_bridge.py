@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.fake_agent import FakeAgent, serve_fake_agent
+from tests.unit.fake_agent import SLOW_SECONDS, FakeAgent, serve_fake_agent
 from tests.unit.fake_virtio_port import FakeChardev, FakePortHandle, FakeVirtioPort
 from unplugd.agent.transports.framing import Frame, FrameDecoder, FrameKind, encode_frame
 from unplugd.agent.transports.virtio_serial import VirtioSerialBridge
@@ -129,13 +129,13 @@ def test_invisible_host_turnover_with_stale_bytes(tmp_path: Path) -> None:
     async def main() -> None:
         async with rig(tmp_path, visible_hangup=False) as r:
             first = AgentClient(r.address, timeout=10)
-            call = asyncio.ensure_future(first.get_report(["slow"]))  # the agent takes 2 s
+            call = asyncio.ensure_future(first.get_report(["slow"]))  # the agent takes SLOW_SECONDS
             await asyncio.sleep(0.5)
             r.chardev.drop_client()
             with pytest.raises(AgentUnreachable):
                 await call
             await first.close()
-            await asyncio.sleep(2.0)  # the answer goes out into the port
+            await asyncio.sleep(SLOW_SECONDS)  # the answer goes out into the port
             assert r.port.host_connected  # the guest saw nothing
             stale = FrameDecoder().feed(r.port.host_socket.recv(1 << 20, socket.MSG_PEEK))
             assert stale and len({f.session for f in stale}) == 1

@@ -1,0 +1,125 @@
+"""AgentClient through the Firecracker / cloud-hypervisor hybrid-vsock relay,
+against a fake VMM endpoint that speaks the `CONNECT <port>` handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.unit.fake_agent import serve_fake_agent
+from unplugd.agent.transports.splice import splice
+from unplugd.host.client import AgentClient, AgentUnreachable
+
+GUEST_PORT = 1000
+
+
+@asynccontextmanager
+async def fake_vmm(path: Path, agent_sock: Path, *, mode: str = "ok") -> AsyncIterator[list[bytes]]:
+    """Firecracker's vsock unix socket: "CONNECT <port>\\n" -> "OK <host port>\\n", then the guest stream.
+
+    mode: ok | refuse (close, as Firecracker does with no listener) | garbage | silent
+    """
+    lines: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line = await reader.readline()
+        lines.append(line)
+        if mode == "silent":
+            await asyncio.sleep(30)
+        if mode == "garbage":
+            writer.write(b"HELLO?\n")
+        if mode != "ok" or line != f"CONNECT {GUEST_PORT}\n".encode():
+            writer.close()
+            return
+        guest = await asyncio.open_unix_connection(str(agent_sock))
+        # the answer and the first bytes of the guest stream in one write:
+        # the relay must not lose what follows the OK line
+        first = await guest[0].read(65536)
+        writer.write(b"OK 1073741824\n" + first)
+        await splice((reader, writer), guest)
+
+    server = await asyncio.start_unix_server(handle, path=str(path))
+    try:
+        yield lines
+    finally:
+        server.close()
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(asyncio.wait_for(coro, 30))
+
+
+@pytest.fixture
+def agent_sock(tmp_path: Path) -> Iterator[Path]:
+    server, _ = serve_fake_agent(tmp_path / "agent.sock")
+    yield tmp_path / "agent.sock"
+    server.stop(0)
+
+
+def test_hybrid_vsock_round_trips(tmp_path: Path, agent_sock: Path) -> None:
+    async def main() -> None:
+        vmm = tmp_path / "fc.vsock"
+        async with fake_vmm(vmm, agent_sock) as lines, AgentClient(f"hvsock:{vmm}:{GUEST_PORT}", timeout=5) as client:
+            assert [f.address for f in (await client.get_report(["0000:00:05.0"])).functions] == ["0000:00:05.0"]
+            messages = [m async for m in client.watch_report(["x"])]
+            assert messages[0].initial and len(messages) == 4
+            assert lines[0] == b"CONNECT 1000\n"
+            # the relay's socket lives in a private directory, owner-only
+            relay_dir = client._relay_dir
+            assert relay_dir is not None and stat.S_IMODE(os.stat(relay_dir).st_mode) == 0o700
+        assert not relay_dir.exists()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [("refuse", "CONNECT refused (the connection was closed)"),
+     ("garbage", "CONNECT refused (it answered b'HELLO?\\n')"),
+     ("silent", "no answer to CONNECT within 0.8s")],
+)
+def test_hybrid_vsock_failures_are_explained(tmp_path: Path, agent_sock: Path, mode: str, message: str) -> None:
+    async def main() -> None:
+        vmm = tmp_path / "fc.vsock"
+        async with fake_vmm(vmm, agent_sock, mode=mode), \
+                AgentClient(f"hvsock:{vmm}:{GUEST_PORT}", timeout=3, connect_timeout=1) as client:
+            with pytest.raises(AgentUnreachable) as exc:
+                await client.get_report()
+            assert message in str(exc.value)
+
+    run(main())
+
+
+def test_hybrid_vsock_without_vmm_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AgentClient(f"hvsock:{tmp_path}/none.sock:{GUEST_PORT}", timeout=3, connect_timeout=2) as client:
+            with pytest.raises(AgentUnreachable, match="No such file"):
+                await client.get_report()
+
+    run(main())
+
+
+def test_serial_without_chardev_socket(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AgentClient(f"serial:{tmp_path}/none.sock", timeout=3, connect_timeout=2) as client:
+            with pytest.raises(AgentUnreachable, match=r"virtio-serial chardev .*No such file"):
+                await client.get_agent_info()
+
+    run(main())
+
+
+def test_vsock_without_vsock_device_is_unreachable(tmp_path: Path) -> None:
+    """Real AF_VSOCK dialing (the default dialer) to a CID with nothing there."""
+
+    async def main() -> None:
+        async with AgentClient("vsock:4294967290:1000", timeout=3, connect_timeout=1) as client:
+            with pytest.raises(AgentUnreachable, match="vsock CID 4294967290 port 1000"):
+                await client.get_agent_info()
+
+    run(main())
