@@ -233,24 +233,29 @@ class _Qom:
 
     async def bus(self, path: str) -> _QomBus:
         props = await self.children(path)
-        links = [name for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
+        # child[N] links name each device on the bus; the link type is the device's type.
+        links = [(name, typ[5:-1]) for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
         btype, handler = await asyncio.gather(self.get(path, "type"), self.get(path, "hotplug-handler"))
         handler = handler if isinstance(handler, str) else None
         handler_type = await self.get(handler, "type") if handler else ""
-        targets = await asyncio.gather(*(self.get(path, name) for name in links))
-        devices = await asyncio.gather(*(self.device(t) for t in targets if isinstance(t, str) and t))
+        targets = await asyncio.gather(*(self.get(path, name) for name, _ in links))
+        devices = await asyncio.gather(
+            *(self.device(t, hint) for t, (_, hint) in zip(targets, links, strict=True) if isinstance(t, str) and t)
+        )
         return _QomBus(path, str(btype or ""), handler, str(handler_type or ""), list(devices))
 
-    async def device(self, path: str) -> _QomDevice:
-        props = await self.children(path)
+    async def device(self, path: str, type_hint: str = "") -> _QomDevice:
         dtype, addr, hot, multi = await asyncio.gather(
-            self.get(path, "type"),
+            self.get(path, "type") if not type_hint else _value(type_hint),
             self.get(path, "addr"),
             self.get(path, "hotpluggable"),
             self.get(path, "multifunction"),
         )
-        sub = [name for name, typ in props if typ.startswith("child<") and _is_bus_type(typ[6:-1])]
-        buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}") for name in sub)))
+        buses: list[_QomBus] = []
+        if _may_bridge(str(dtype or "")):  # only bridges have buses below them: spare the others a qom-list
+            props = await self.children(path)
+            sub = [name for name, typ in props if typ.startswith("child<") and _is_bus_type(typ[6:-1])]
+            buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}") for name in sub)))
         return _QomDevice(
             path=path,
             type=str(dtype or ""),
@@ -259,6 +264,18 @@ class _Qom:
             multifunction=multi is True,
             buses=buses,
         )
+
+
+async def _value(v: str) -> str:
+    return v
+
+
+def _may_bridge(dtype: str) -> bool:
+    """Could a device of this type have a PCI bus below it? Unknown types: assume so."""
+    if not dtype:
+        return True
+    t = dtype.lower()
+    return dtype in _BRIDGE_KINDS or any(w in t for w in ("bridge", "port", "pxb", "upstream", "downstream"))
 
 
 _BRIDGE_KINDS = {
