@@ -1,7 +1,8 @@
 """A real guest: boot the image (q35, TCG) with data disks and a NIC behind root ports, and check
 that the agent package arrives through fw_cfg, that `unplugd inspect` finds the data disk's PCI
-function, that the service's sandbox still shows the agent what it must see, and that the guest's
-PCI hotplug completes a device_del with DEVICE_DELETED.
+function, that the service's sandbox still shows the agent what it must see (probed under the
+unit's own settings, and through the running service asked by the host over virtio-serial), and
+that the guest's PCI hotplug completes a device_del with DEVICE_DELETED.
 
 One boot for the whole module (a TCG boot costs half a minute); the tests run in file order and
 the unplug comes last.
@@ -10,13 +11,15 @@ the unplug comes last.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shlex
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -118,11 +121,26 @@ def service_properties(unit: Path) -> list[str]:
     return props
 
 
-def test_service_sandbox_hides_nothing_the_agent_needs(vm: GuestVM) -> None:
+@dataclass(frozen=True)
+class Holder:
+    pid: str
+    mounted: str  # /dev/vdX mounted in the holder's private mount namespace
+    opened: str  # /dev/vdY held open by the holder (uid nobody)
+
+
+@pytest.fixture(scope="module")
+def disks(vm: GuestVM) -> tuple[str, str]:
     data1 = vm.exec("readlink -f /dev/disk/by-id/virtio-data1", check=True).stdout.strip()
     data2 = vm.exec("readlink -f /dev/disk/by-id/virtio-data2", check=True).stdout.strip()
     vm.exec(f"mkfs.ext4 -q {data1}", check=True, timeout=120)
-    # the holder: root mounts data1 in a private namespace, opens data2, then becomes nobody
+    return data1, data2
+
+
+@contextlib.contextmanager
+def holding(vm: GuestVM, disks: tuple[str, str]) -> Iterator[Holder]:
+    """A process that root starts in a private mount namespace with data1 mounted and data2 open,
+    then runs as nobody: what only a fully privileged, unhidden agent can see."""
+    data1, data2 = disks
     holder_cmd = (
         f"mkdir -p /mnt/d1 && mount {data1} /mnt/d1 && exec 3<{data2} && "
         "exec setpriv --reuid=65534 --regid=65534 --clear-groups sleep 600"
@@ -133,21 +151,56 @@ def test_service_sandbox_hides_nothing_the_agent_needs(vm: GuestVM) -> None:
     )
     try:
         pid = vm.exec("for i in $(seq 50); do pgrep -u nobody -x sleep && break; sleep 0.2; done", check=True)
-        holder = pid.stdout.split()[0]
-        props = " ".join(shlex.quote(p) for p in service_properties(UNIT))
+        yield Holder(pid.stdout.split()[0], data1, data2)
+    finally:
+        vm.exec("pkill -u nobody -x sleep; while pgrep -u nobody -x sleep >/dev/null; do sleep 0.1; done", timeout=30)
+
+
+def test_service_sandbox_hides_nothing_the_agent_needs(vm: GuestVM, disks: tuple[str, str]) -> None:
+    props = " ".join(shlex.quote(p) for p in service_properties(UNIT))
+    with holding(vm, disks) as h:
         rc, out, err = vm.exec(
             f"systemd-run --quiet --wait --pipe --collect {props} "
-            f"python3 -c {shlex.quote(SANDBOX_PROBE)} {holder} {data1} {data2}",
+            f"python3 -c {shlex.quote(SANDBOX_PROBE)} {h.pid} {h.mounted} {h.opened}",
             timeout=120,
         )
-        assert rc == 0, err
-        seen = json.loads(out)
-        assert seen["other_ns"] and seen["sees_mount"] and seen["sees_fd"], seen
-        assert seen["pci_functions"] >= 8, seen
-        assert seen["claim_free"] is True
-        assert seen["claim_mounted"] == "EBUSY", seen
+    assert rc == 0, err
+    seen = json.loads(out)
+    assert seen["other_ns"] and seen["sees_mount"] and seen["sees_fd"], seen
+    assert seen["pci_functions"] >= 8, seen
+    assert seen["claim_free"] is True
+    assert seen["claim_mounted"] == "EBUSY", seen
+
+
+def test_running_service_answers_the_host_over_virtio_serial(vm: GuestVM, disks: tuple[str, str]) -> None:
+    """The real unplugd.service, asked by the host client through the VM's virtio-serial port, sees
+    the mount in another namespace and the fd of another user's process, and sees them go."""
+    client_mod = pytest.importorskip("unplugd.host.client")
+    from google.protobuf.json_format import MessageToDict
+
+    rc, out, _ = vm.exec("systemctl is-active unplugd.service")
+    assert (rc, out.strip()) == (0, "active"), vm.exec("journalctl -u unplugd --no-pager -n 30").stdout
+    bdf1, bdf2 = guest_bdf(vm, "data1"), guest_bdf(vm, "data2")
+
+    def states(client: Any) -> dict[str, tuple[str, set[str]]]:
+        report = MessageToDict(client.get_report([bdf1, bdf2], timeout=60))
+        return {
+            f["address"]: (f["state"], {r["code"] for r in f.get("reasons", [])})
+            for f in report.get("functions", [])
+        }
+
+    client = client_mod.SyncAgentClient(f"serial:{vm.agent_socket}", timeout=60, connect_timeout=30)
+    try:
+        before = states(client)
+        assert before[bdf1][0].endswith("READY") and before[bdf2][0].endswith("READY"), before
+        with holding(vm, disks):
+            busy = states(client)
+        after = states(client)
     finally:
-        vm.exec("pkill -u nobody -x sleep")
+        client.close()
+    assert busy[bdf1][0].endswith("BUSY") and "REASON_CODE_MOUNTED" in busy[bdf1][1], busy
+    assert busy[bdf2][0].endswith("BUSY") and "REASON_CODE_OPEN_BY_PROCESS" in busy[bdf2][1], busy
+    assert after == before
 
 
 def test_service_security_exposure(vm: GuestVM) -> None:
@@ -158,7 +211,7 @@ def test_service_security_exposure(vm: GuestVM) -> None:
     assert float(match.group(1)) <= 3.5, out
 
 
-async def unplug_over_qmp(socket: Path, qid: str, timeout: float) -> dict[str, object]:
+async def unplug_over_qmp(socket: Path, qid: str, timeout: float) -> dict[str, Any]:
     from qemu.qmp import QMPClient
 
     client = QMPClient("e2e")
@@ -168,8 +221,9 @@ async def unplug_over_qmp(socket: Path, qid: str, timeout: float) -> dict[str, o
             with client.listener(("DEVICE_DELETED",)) as listener:
                 await client.execute("device_del", {"id": qid})
                 async for event in listener:
-                    if event["data"].get("device") == qid:
-                        return dict(event["data"])
+                    data = cast(dict[str, Any], event["data"])
+                    if data.get("device") == qid:
+                        return data
     finally:
         await client.disconnect()
     raise AssertionError("listener ended without DEVICE_DELETED")

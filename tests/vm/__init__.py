@@ -18,11 +18,12 @@ from tests.vm.devices import (
     virtio_disk,
     virtio_net,
 )
-from tests.vm.guest import SERIAL_ADDR, BootTimeout, GuestVM, VMError
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, SERIAL_ADDR, BootTimeout, GuestVM, VMError
 from tests.vm.image import GuestImage, build_deb, build_image, cache_dir
 from tests.vm.qga import ExecResult, GuestAgentError, GuestExecTimeout
 
 __all__ = [
+    "DEFAULT_GUEST_CONFIG",
     "SERIAL_ADDR",
     "BootTimeout",
     "DataDisk",

@@ -43,7 +43,7 @@ from tests.vm.image import GuestImage, build_deb, build_image
 from tests.vm.monitor import Monitor, MonitorError
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
-__all__ = ["SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError", "watch_process_group"]
+__all__ = ["DEFAULT_GUEST_CONFIG", "SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError", "watch_process_group"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ SERIAL_ADDR = "0x1e"
 QGA_PORT = "org.qemu.guest_agent.0"
 AGENT_PORT = "org.unplugd.agent.0"
 PROGRESS_EVERY = 15.0
+# The VM has the virtio-serial port, so the agent's bridge on it is on (the package default is off).
+DEFAULT_GUEST_CONFIG = "[transports.virtio_serial]\nenabled = true\n"
 
 _live: weakref.WeakSet[GuestVM] = weakref.WeakSet()
 
@@ -91,7 +93,7 @@ class GuestVM:
         cpus: int = 1,
         image: GuestImage | None = None,
         deb: Path | Literal["build"] | None = "build",
-        config: str | Path | None = None,
+        config: str | Path | None = DEFAULT_GUEST_CONFIG,
         name: str = "unplugd-guest",
         keep_workdir: bool | None = None,
     ) -> None:
@@ -99,8 +101,8 @@ class GuestVM:
 
         deb: "build" packs the current work tree (once per test process), a Path uses that file,
         None boots without the agent. config: TOML text or a file, installed as
-        /etc/unplugd/config.toml. keep_workdir: keep logs and sockets after exit (default: only
-        when UNPLUGD_VM_KEEP=1).
+        /etc/unplugd/config.toml (default: DEFAULT_GUEST_CONFIG; None keeps the package's).
+        keep_workdir: keep logs and sockets after exit (default: only when UNPLUGD_VM_KEEP=1).
         """
         if machine not in ("q35", "pc"):
             raise ValueError(f"machine must be q35 or pc, not {machine!r}")
