@@ -99,12 +99,16 @@ class Relay(ABC):
             await close_writer(writer)
 
     async def _splice(self, client: Streams, upstream: Streams) -> None:
-        _, answered = await splice(client, upstream, label=self.target)
-        # the far end accepted and hung up without a byte: refused (CID not
-        # allowed) or nothing behind it (agent down)
-        self.last_error = None if answered else (
-            f"{self.target}: the guest closed the connection without answering "
-            "(peer not allowed, or the agent is not running)")
+        # Assume the worst until the guest answers: when the far end hangs up
+        # without a byte (CID not allowed, no agent behind it), grpc may see
+        # the failure before this task resumes, and must find the reason.
+        self.last_error = (f"{self.target}: the guest closed the connection without answering "
+                           "(peer not allowed, or the agent is not running)")
+
+        def answered() -> None:
+            self.last_error = None
+
+        await splice(client, upstream, label=self.target, on_reply=answered)
 
     async def _before_carry(self) -> None:  # noqa: B027  (a hook, not abstract)
         """Runs before each connection is carried; SerialRelay supersedes the current one."""
