@@ -7,6 +7,7 @@ Served from a captured (empty) tree so nothing here depends on this machine.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -81,11 +82,33 @@ def test_serve_answers_and_stops_on_sigterm(agent_process: tuple[subprocess.Pope
         assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
         assert _health_check(channel) == health.SERVING
         assert _health_check(channel, "unplugd.v1.AgentService") == health.SERVING
-    proc.send_signal(signal.SIGTERM)
+        # SIGTERM while a watch stream is open: the stream ends, the agent exits 0.
+        stream = stub.WatchReport(pb.WatchReportRequest(), timeout=30)
+        assert next(stream).initial
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises((StopIteration, grpc.RpcError)):
+            next(stream)
     _, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 0, stderr
+    assert time.monotonic() - t0 < 5
     assert not sock.exists()
     assert "msg=stopped" in stderr
+
+
+def test_garbage_requests_leave_the_server_serving(tmp_path: Path) -> None:
+    with running_server(tmp_path) as (server, stub), grpc.insecure_channel(server.target) as channel:
+        for method in ("GetReport", "PrepareUnplug", "ReleaseUnplug", "GetAgentInfo"):
+            raw = channel.unary_unary(f"/unplugd.v1.AgentService/{method}")
+            for payload in (b"\xff\xff\xff", b"\x0a\x05abc", os.urandom(64)):
+                try:
+                    raw(payload, timeout=5)
+                except grpc.RpcError as err:
+                    assert err.code() != grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as unknown:
+            channel.unary_unary("/unplugd.v1.AgentService/NoSuchCall")(b"", timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+        assert len(stub.GetReport(pb.GetReportRequest(), timeout=5).report.functions) == 2
 
 
 def test_health_unknown_service_and_watch(tmp_path: Path) -> None:
