@@ -100,6 +100,8 @@ class BridgeStats:
     rejected_frames: int = 0
     # frames of a session that is no longer current
     stale_frames: int = 0
+    # bytes waiting to be written to the port
+    queued_bytes: int = 0
 
 
 class _Backend:
@@ -154,6 +156,7 @@ class _PortSession:
         self.stats.skipped_bytes = self._base[0] + self.decoder.stats.skipped_bytes
         self.stats.rejected_frames = self._base[1] + self.decoder.stats.rejected_frames
         self.stats.stale_frames = self._base[2] + self.state.stale_frames
+        self.stats.queued_bytes = self.out_bytes
 
     def _fail(self, why: str) -> None:
         if not self.failed.done():
@@ -258,6 +261,10 @@ class _PortSession:
     def _do(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, SendFrame):
+                if action.frame.session != self.state.current and self.out_bytes > HIGH_WATER:
+                    # a courtesy CLOSE for a stale session; a host that floods
+                    # stale frames and reads nothing must not grow our queue
+                    continue
                 self._send(action.frame.session, encode_frame(action.frame))
             elif isinstance(action, OpenBackend):
                 self._drop_queued(action.session)
@@ -334,7 +341,8 @@ class VirtioSerialBridge:
     """Keeps the port open and serves one framed session at a time.
 
     If the port cannot be opened (not there yet, EBUSY: another opener) or
-    fails (hot-unplugged), the bridge retries after `reopen_delay`.
+    fails (hot-unplugged), the bridge retries after `reopen_delay`, doubling
+    up to `max_reopen_delay` while it stays absent.
     """
 
     transport = "virtio-serial"
@@ -346,13 +354,15 @@ class VirtioSerialBridge:
         *,
         address: str = "",
         hup_retry: float = 0.25,
-        reopen_delay: float = 2.0,
+        reopen_delay: float = 1.0,
+        max_reopen_delay: float = 30.0,
     ) -> None:
         self._open_port = open_port
         self._backend = str(backend)
         self.address = address
         self._hup_retry = hup_retry
         self._reopen_delay = reopen_delay
+        self._max_reopen_delay = max(reopen_delay, max_reopen_delay)
         self._task: asyncio.Task[None] | None = None
         self.stats = BridgeStats()
 
@@ -373,18 +383,20 @@ class VirtioSerialBridge:
 
     async def _run(self) -> None:
         quiet_errno: int | None = None
+        delay = self._reopen_delay
         while True:
             try:
                 port = self._open_port()
             except OSError as exc:
-                # say it once, not every retry
+                # say it once, not every retry; back off while the port is absent
                 if exc.errno != quiet_errno:
                     hint = " (another process has it open)" if exc.errno == errno.EBUSY else ""
                     log.warning("virtio-serial port %s: %s%s; retrying", self.address, exc.strerror or exc, hint)
                     quiet_errno = exc.errno
-                await asyncio.sleep(self._reopen_delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_reopen_delay)
                 continue
-            quiet_errno = None
+            quiet_errno, delay = None, self._reopen_delay
             self.stats.port_opens += 1
             log.info("virtio-serial bridge on %s -> %s", self.address, self._backend)
             try:
@@ -392,4 +404,4 @@ class VirtioSerialBridge:
                 log.warning("virtio-serial port %s failed (%s); reopening", self.address, why)
             finally:
                 port.close()
-            await asyncio.sleep(self._reopen_delay)
+            await asyncio.sleep(delay)

@@ -18,7 +18,7 @@ import pytest
 from tests.unit.fake_agent import SLOW_SECONDS, FakeAgent, serve_fake_agent
 from tests.unit.fake_virtio_port import FakeChardev, FakePortHandle, FakeVirtioPort
 from unplugd.agent.transports.framing import Frame, FrameDecoder, FrameKind, encode_frame
-from unplugd.agent.transports.virtio_serial import VirtioSerialBridge
+from unplugd.agent.transports.virtio_serial import HIGH_WATER, VirtioSerialBridge
 from unplugd.host.client import AgentClient, AgentUnreachable
 from unplugd.v1 import report_pb2
 
@@ -236,5 +236,86 @@ def test_agent_socket_missing_gives_a_clear_unreachable(tmp_path: Path) -> None:
             assert "refused the session" in str(exc.value)
             assert "agent socket" in str(exc.value)
             assert exc.value.address == r.address
+
+    run(main())
+
+
+GUEST_ON_DEBIAN = r"""
+import asyncio, sys
+from pathlib import Path
+from tests.unit.fake_agent import serve_fake_agent
+from tests.unit.fake_virtio_port import FakeChardev, FakeVirtioPort
+from unplugd.agent.transports import bridges, tls, vsock  # every guest-side module loads
+from unplugd.agent.transports.virtio_serial import HIGH_WATER, VirtioSerialBridge
+import grpc
+
+async def main(tmp):
+    server, _ = serve_fake_agent(tmp / "agent.sock")
+    port = FakeVirtioPort()
+    bridge = VirtioSerialBridge(port.open, tmp / "agent.sock", hup_retry=0.05)
+    chardev = FakeChardev(port, tmp / "chardev.sock")
+    await chardev.start()
+    await bridge.start()
+    print("ready", grpc.__version__, sys.version_info[:2], flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+@pytest.mark.debian
+def test_guest_bridge_on_debian_python3(tmp_path: Path) -> None:
+    """The guest half (bridge + an agent server) on Debian's python3 and
+    python3-grpcio 1.51; the host half (relay + AgentClient) here."""
+    import subprocess
+
+    from tests.conftest import REPO
+
+    probe = subprocess.run(["/usr/bin/python3", "-c", "import grpc"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no Debian python3-grpcio")
+    guest = subprocess.Popen(["/usr/bin/python3", "-c", GUEST_ON_DEBIAN, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={"PYTHONPATH": f"{REPO / '.dev'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    try:
+        assert guest.stdout is not None
+        line = guest.stdout.readline()
+        assert line.startswith("ready 1.51"), line + (guest.stderr.read() if guest.stderr else "")
+
+        async def main() -> None:
+            for devices in (["0000:00:04.0"], ["0000:00:05.0"]):
+                async with AgentClient(f"serial:{tmp_path}/chardev.sock", timeout=5) as client:
+                    assert names(await client.get_report(devices)) == devices
+
+        run(main())
+    finally:
+        guest.kill()
+        guest.wait(10)
+        for stream in (guest.stdout, guest.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_stale_frame_flood_does_not_grow_the_queue(tmp_path: Path) -> None:
+    """Each stale session gets one courtesy CLOSE, but a host that floods stale
+    frames and reads nothing cannot make the bridge queue without bound."""
+
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.port.host_connect()
+            flood = b"".join(encode_frame(Frame(FrameKind.DATA, 0x10000 + i, b"x")) for i in range(20000))
+            loop = asyncio.get_running_loop()
+            await loop.sock_sendall(r.port.host_socket, flood)
+            await asyncio.sleep(0.5)
+            assert r.bridge.stats.stale_frames == 20000
+            # all 20000 CLOSEs (740 kB) would not fit: the port's buffer and
+            # the bridge's queue hold some, the rest were not queued
+            assert r.bridge.stats.queued_bytes <= HIGH_WATER + 64
+            buffered = FrameDecoder().feed(r.port.host_socket.recv(1 << 22))
+            assert buffered and all(f.kind is FrameKind.CLOSE for f in buffered)
+            assert len(buffered) + r.bridge.stats.queued_bytes // 37 < 20000
+            r.port.host_disconnect()
+            async with AgentClient(r.address, timeout=5) as client:
+                assert names(await client.get_report(["e"])) == ["e"]
 
     run(main())

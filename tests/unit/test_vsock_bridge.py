@@ -168,3 +168,27 @@ def test_start_bridges_from_config_in_a_thread(tmp_path: Path, agent_sock: Path)
         assert [x.transport for x in running.listeners] == ["virtio-serial"]
     finally:
         running.stop()
+
+
+def test_connection_limit(tmp_path: Path, agent_sock: Path) -> None:
+    """Past max_connections, new peers are refused; the held ones keep working."""
+
+    async def main() -> None:
+        vsock_path = tmp_path / "vsock.sock"
+        bridge = VsockBridge(1000, agent_sock, max_connections=1,
+                             listener_factory=lambda port: FakeVsockListener(vsock_path))
+        await bridge.start()
+        try:
+            relay = VsockRelay(3, 1000, dial=dialer(tmp_path, vsock_path, source_cid=2))
+            async with AgentClient("vsock:3:1000", relay=relay, timeout=5) as held:
+                assert (await held.get_agent_info()).version == "test"
+                extra = VsockRelay(3, 1000, dial=dialer(tmp_path, vsock_path, source_cid=2))
+                async with AgentClient("vsock:3:1000", relay=extra, timeout=3, connect_timeout=2) as client:
+                    with pytest.raises(AgentUnreachable):
+                        await client.get_agent_info()
+                assert bridge.refused >= 1
+                assert (await held.get_report(["f"])).functions[0].address == "f"
+        finally:
+            await bridge.stop()
+
+    run(main())
