@@ -134,6 +134,8 @@ def test_mount_in_a_namespace_born_after_the_watcher_started(disk: LoopDisk, tmp
     mp = tmp_path / "mp"
     mp.mkdir()
     with watching(_mounts_of(disk)) as (changes, watcher):
+        if watcher._sources is None or "proc-connector" not in watcher._sources.kinds:
+            pytest.skip("no proc connector here: new namespaces are found on the slow rescan only")
         with namespace_holder() as holder:
             done = _say(holder, f"m {disk.part_node(1)} {mp}")
             took = changes.wait_for(((str(mp), _ns_of(holder.pid)),), done - 0.05)
