@@ -77,7 +77,10 @@ if [ "$1" = configure ]; then
     # deb-systemd-helper makes the enable symlinks without the reload that systemctl enable does.
     deb-systemd-helper enable unplugd.service >/dev/null || true
     if [ -d /run/systemd/system ]; then
-        systemctl daemon-reload
+        # A first install needs no daemon-reload: systemd (>= 242) loads a unit file it has not
+        # seen when asked to start it. An upgrade may change the unit, so it reloads. (The reload
+        # costs seconds in a TCG guest that installs the package at every boot.)
+        if [ -n "$2" ]; then systemctl daemon-reload; fi
         # --no-block: postinst may run from a unit during boot; the start is queued, not awaited.
         systemctl restart --no-block unplugd.service || true
     fi
