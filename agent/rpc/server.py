@@ -1,9 +1,10 @@
 """The agent's gRPC server and its lifecycle (what `unplugd serve` runs).
 
 The server always listens on a root-only unix socket; the transport bridges
-(vsock, virtio-serial, TCP+mTLS: agent/transports) carry remote connections
-to it. They are started through one hook, `start_bridges(config, socket)`,
-which returns a BridgeSet: its listeners (for GetAgentInfo) and stop().
+(vsock, virtio-serial: agent/transports) carry remote connections to it.
+They are started through one hook, `start_bridges(config, socket)`, which
+returns a BridgeSet: its listeners (for GetAgentInfo) and stop(). TCP is
+served by grpc itself, only with mutual TLS (transports/tls.py).
 
 Shutdown (SIGTERM, SIGINT): health NOT_SERVING, bridges stopped, watch
 streams ended, in-flight calls given a grace period, every lease released,
