@@ -244,9 +244,10 @@ class ReportHub:
                 )
                 self._watcher.start()
                 log.info("watch started")
-            elif self._current is not None:
-                sub.offer(Update(self._current))
-                # It may be a rescan old: look again, a difference follows as a change.
+            else:
+                if self._current is not None:
+                    sub.offer(Update(self._current))
+                # It may be a rescan old (or the last scan failed): look again now.
                 self._watcher.poke()
         return sub
 
