@@ -117,11 +117,13 @@ class _Backend:
 class _PortSession:
     """Serves one opened port until it fails or the bridge stops."""
 
-    def __init__(self, port: Port, backend_path: str, hup_retry: float, stats: BridgeStats) -> None:
+    def __init__(self, port: Port, backend_path: str, hup_retry: tuple[float, float], stats: BridgeStats) -> None:
         self.port = port
         self.stats = stats
         self.backend_path = backend_path
-        self.hup_retry = hup_retry
+        # look again after min, doubling to max while no host is there
+        self.hup_min, self.hup_max = hup_retry
+        self.hup_delay = self.hup_min
         self.loop = asyncio.get_running_loop()
         self.decoder = FrameDecoder()
         self.state = GuestSession()
@@ -186,12 +188,14 @@ class _PortSession:
             # No host connected: POLLHUP keeps the fd readable, so look
             # again later instead of spinning.
             self._stop_reading()
-            self.retry = self.loop.call_later(self.hup_retry, self._start_reading)
+            self.retry = self.loop.call_later(self.hup_delay, self._start_reading)
+            self.hup_delay = min(self.hup_delay * 2, self.hup_max)
             if self.state.current is not None:
                 log.info("virtio-serial host went away; closing session %08x", self.state.current)
             self.decoder.reset()
             self._do(self.state.on_host_gone())
             return
+        self.hup_delay = self.hup_min
         for frame in self.decoder.feed(data):
             self._do(self.state.on_frame(frame))
         self._count()
@@ -343,6 +347,11 @@ class VirtioSerialBridge:
     If the port cannot be opened (not there yet, EBUSY: another opener) or
     fails (hot-unplugged), the bridge retries after `reopen_delay`, doubling
     up to `max_reopen_delay` while it stays absent.
+
+    While no host is connected the port reads 0 and polls POLLHUP, so there
+    is no event to wait for: the bridge looks again after `hup_retry`,
+    doubling up to `max_hup_retry` (a new host waits at most that long; an
+    idle bridge costs two reads a second).
     """
 
     transport = "virtio-serial"
@@ -353,14 +362,15 @@ class VirtioSerialBridge:
         backend: Path | str,
         *,
         address: str = "",
-        hup_retry: float = 0.25,
+        hup_retry: float = 0.05,
+        max_hup_retry: float = 0.5,
         reopen_delay: float = 1.0,
         max_reopen_delay: float = 30.0,
     ) -> None:
         self._open_port = open_port
         self._backend = str(backend)
         self.address = address
-        self._hup_retry = hup_retry
+        self._hup_retry = (hup_retry, max(hup_retry, max_hup_retry))
         self._reopen_delay = reopen_delay
         self._max_reopen_delay = max(reopen_delay, max_reopen_delay)
         self._task: asyncio.Task[None] | None = None
