@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["GeneratedTree", "TreeSpec", "generate", "generated_tree"]
+__all__ = ["GeneratedTree", "PciFn", "TreeSpec", "generate", "generated_tree"]
 
 HOST_NS = 4026531840
 VIRTIO_VENDOR = 0x1AF4
@@ -46,16 +46,45 @@ class TreeSpec:
     fds_per_process: int = 20
     namespaces: int = 5  # the agent's own + containers
     seed: int = 2
+    # PCI layout. Root bus: 8-function slots, single slots (as many as fit),
+    # then bridges at the top slots; behind each bridge a 4-function slot and
+    # single slots round-robin until `functions`.
+    first_root_slot: int = 1  # 2 to leave slot 1 to QEMU pc's PIIX3
+    root_multifunction_slots: int = 4
+    root_single_slots: int = 20
+    bridges: int = 7
+    nested_bridge: bool = True  # one bridge behind the first bridge
+    # The 4-function slot behind the last bridge holds only driverless
+    # functions, so it is READY as a whole (an unplug needs no --force).
+    idle_multifunction_slot: bool = True
 
 
 @dataclass
-class _Fn:
+class PciFn:
     bdf: str  # 0000:01:05.3
     sysdir: str  # devices/pci0000:00/0000:00:19.0/0000:01:05.3 (relative to sys/)
     kind: str  # "host" | "bridge" | "blk" | "net" | "none"
     class_code: int
     device_id: int
     secondary_bus: int | None = None
+
+    @property
+    def parent_bdf(self) -> str | None:
+        """The bridge it sits behind (tree numbering), None on the root bus."""
+        parent = self.sysdir.rsplit("/", 2)[-2]
+        return None if parent.startswith("pci") else parent
+
+    @property
+    def bus(self) -> int:
+        return int(self.bdf[5:7], 16)
+
+    @property
+    def slot(self) -> int:
+        return int(self.bdf[8:10], 16)
+
+    @property
+    def function(self) -> int:
+        return int(self.bdf[11])
 
 
 @dataclass
@@ -74,6 +103,7 @@ class GeneratedTree:
     mounted_partitions: list[str] = field(default_factory=list)
     swap: str = ""
     block_nodes: list[tuple[str, int, int]] = field(default_factory=list)  # (/dev/vda1, major, minor)
+    pci: list[PciFn] = field(default_factory=list)
 
 
 def _disk_name(i: int) -> str:
@@ -102,56 +132,62 @@ def _rel_link(root: Path, link: str, target: str) -> None:
     _link(root / link, os.path.relpath(root / target, (root / link).parent))
 
 
-def _topology(count: int) -> tuple[list[_Fn], list[tuple[int, int]], int]:
-    """Functions, hotplug slots (bus, slot) and the number of multifunction slots.
-
-    Root bus: host bridge at 00.0, then 8-function slots, bridges and single
-    slots; behind each bridge: one 4-function slot and single slots.
-    """
-    fns: list[_Fn] = [_Fn("0000:00:00.0", "devices/pci0000:00/0000:00:00.0", "host", 0x060000, 0x29C0)]
+def _topology(spec: TreeSpec) -> tuple[list[PciFn], list[tuple[int, int]], int]:
+    """Functions, hotplug slots (bus, slot) and the number of multifunction slots."""
+    count = spec.functions
+    fns: list[PciFn] = [PciFn("0000:00:00.0", "devices/pci0000:00/0000:00:00.0", "host", 0x060000, 0x29C0)]
     hotplug: list[tuple[int, int]] = []
     multi = 0
     kinds = ("blk", "net", "none")
     seq = 0
 
-    def endpoint(bus: int, slot: int, fn: int, parent: str) -> _Fn:
+    def endpoint(bus: int, slot: int, fn: int, parent: str, kind: str = "") -> PciFn:
         nonlocal seq
-        kind = kinds[seq % 3]
-        seq += 1
+        if not kind:
+            kind = kinds[seq % 3]
+            seq += 1
         bdf = f"0000:{bus:02x}:{slot:02x}.{fn}"
         cls = {"blk": 0x010000, "net": 0x020000, "none": 0xFF0000}[kind]
         dev = {"blk": 0x1001, "net": 0x1000, "none": 0x1110}[kind]
-        return _Fn(bdf, f"{parent}/{bdf}", kind, cls, dev)
+        return PciFn(bdf, f"{parent}/{bdf}", kind, cls, dev)
 
     root = "devices/pci0000:00"
-    # Root bus: slots 01-04 with 8 functions each, single slots 05-18, bridges 19-1f.
-    for slot in range(0x01, 0x05):
+    slot = spec.first_root_slot
+    for _ in range(spec.root_multifunction_slots):
         multi += 1
         hotplug.append((0, slot))
         fns.extend(endpoint(0, slot, f, root) for f in range(8))
-    for slot in range(0x05, 0x19):
+        slot += 1
+    first_bridge_slot = 0x20 - spec.bridges
+    singles = min(spec.root_single_slots, first_bridge_slot - slot, count - len(fns) - spec.bridges)
+    for _ in range(max(0, singles)):
         hotplug.append((0, slot))
         fns.append(endpoint(0, slot, 0, root))
-    bridges: list[_Fn] = []
-    for i, slot in enumerate(range(0x19, 0x20)):
-        bdf = f"0000:00:{slot:02x}.0"
-        bridges.append(_Fn(bdf, f"{root}/{bdf}", "bridge", 0x060400, 0x0001, secondary_bus=i + 1))
-        hotplug.append((0, slot))
-    # One bridge behind a bridge: paths three hops deep (0000:00/19.0/1f.0/SS.F).
-    first = bridges[0]
-    nested_bdf = "0000:01:1f.0"
-    nested = _Fn(nested_bdf, f"{first.sysdir}/{nested_bdf}", "bridge", 0x060400, 0x0001, secondary_bus=len(bridges) + 1)
-    hotplug.append((1, 0x1F))
-    bridges.append(nested)
+        slot += 1
+    bridges: list[PciFn] = []
+    for i, bslot in enumerate(range(first_bridge_slot, 0x20)):
+        bdf = f"0000:00:{bslot:02x}.0"
+        bridges.append(PciFn(bdf, f"{root}/{bdf}", "bridge", 0x060400, 0x0001, secondary_bus=i + 1))
+        hotplug.append((0, bslot))
+    if spec.nested_bridge and bridges:
+        # A bridge behind a bridge: paths three hops deep (0000:00/19.0/1f.0/SS.F).
+        first = bridges[0]
+        nested_bdf = f"0000:{first.secondary_bus or 0:02x}:1f.0"
+        bridges.append(
+            PciFn(
+                nested_bdf, f"{first.sysdir}/{nested_bdf}", "bridge", 0x060400, 0x0001, secondary_bus=len(bridges) + 1
+            )
+        )
+        hotplug.append((first.secondary_bus or 0, 0x1F))
     fns.extend(bridges)
-    # Behind each bridge: a 4-function slot at 01, then single slots round-robin until `count`.
-    for b in bridges:
+    for i, b in enumerate(bridges):
         bus = b.secondary_bus or 0
         multi += 1
         hotplug.append((bus, 1))
-        fns.extend(endpoint(bus, 1, f, b.sysdir) for f in range(4))
+        idle = spec.idle_multifunction_slot and i == len(bridges) - 1
+        fns.extend(endpoint(bus, 1, f, b.sysdir, "none" if idle else "") for f in range(4))
     slot = 2
-    while len(fns) < count:
+    while len(fns) < count and bridges:
         for b in bridges:
             if len(fns) >= count:
                 break
@@ -161,8 +197,8 @@ def _topology(count: int) -> tuple[list[_Fn], list[tuple[int, int]], int]:
         slot += 1
         if slot >= 0x1F:
             raise ValueError(f"{count} functions do not fit this topology")
-    if len(fns) > count:
-        raise ValueError(f"the fixed part of the topology alone has {len(fns)} functions")
+    if len(fns) != count:
+        raise ValueError(f"this layout holds {len(fns)} functions, not {count}")
     return fns, hotplug, multi
 
 
@@ -184,8 +220,9 @@ class _Writer:
     # --- sysfs ---------------------------------------------------------------------------
 
     def pci(self) -> None:
-        fns, hotplug, multi = _topology(self.spec.functions)
+        fns, hotplug, multi = _topology(self.spec)
         self.out.functions = len(fns)
+        self.out.pci = fns
         self.out.multifunction_slots = multi
         self.out.bridges = sum(1 for f in fns if f.kind == "bridge")
         for d in ("bus/pci/drivers/virtio-pci", "bus/virtio/drivers/virtio_blk", "bus/virtio/drivers/virtio_net"):
@@ -200,7 +237,7 @@ class _Writer:
             _write(sdir / "power", "1\n")
             _write(sdir / "adapter", "1\n")
 
-    def _function(self, fn: _Fn) -> None:
+    def _function(self, fn: PciFn) -> None:
         d = self.sys / fn.sysdir
         d.mkdir(parents=True, exist_ok=True)
         vendor = 0x8086 if fn.kind in ("host",) else (0x1B36 if fn.kind == "bridge" else VIRTIO_VENDOR)
@@ -223,7 +260,7 @@ class _Writer:
         elif fn.kind == "net":
             self._virtio_net(fn)
 
-    def _virtio_child(self, fn: _Fn, driver: str) -> str:
+    def _virtio_child(self, fn: PciFn, driver: str) -> str:
         name = f"virtio{self.virtio_index}"
         self.virtio_index += 1
         vdir = f"{fn.sysdir}/{name}"
@@ -231,7 +268,7 @@ class _Writer:
         _write(self.sys / vdir / "uevent", f"DRIVER={driver}\n")
         return vdir
 
-    def _virtio_disk(self, fn: _Fn) -> None:
+    def _virtio_disk(self, fn: PciFn) -> None:
         vdir = self._virtio_child(fn, "virtio_blk")
         idx = len(self.out.disks)
         name = _disk_name(idx)
@@ -262,7 +299,7 @@ class _Writer:
         (self.dev / name).touch()
         self.out.block_nodes.append((f"/dev/{name}", BLK_MAJOR, minor))
 
-    def _virtio_net(self, fn: _Fn) -> None:
+    def _virtio_net(self, fn: PciFn) -> None:
         vdir = self._virtio_child(fn, "virtio_net")
         n = len(self.out.interfaces)
         name = f"eth{n}"
