@@ -57,9 +57,10 @@ DEFAULT_GUEST_CONFIG = "[transports.virtio_serial]\nenabled = true\n"
 
 _live: weakref.WeakSet[GuestVM] = weakref.WeakSet()
 
-# Reads stdin until EOF (the harness process died or closed the pipe), then kills QEMU's group.
+# Reads stdin until EOF (the harness process died or closed the pipe), then kills QEMU's group
+# and, if given, removes the VM's work directory once QEMU is gone.
 _WATCHER = (
-    "import os, signal, sys\n"
+    "import os, shutil, signal, sys, time\n"
     "pgid = int(sys.argv[1])\n"
     "while os.read(0, 1):\n"
     "    pass\n"
@@ -67,6 +68,14 @@ _WATCHER = (
     "    os.killpg(pgid, signal.SIGKILL)\n"
     "except OSError:\n"
     "    pass\n"
+    "for _ in range(100):\n"
+    "    try:\n"
+    "        os.kill(pgid, 0)\n"
+    "    except OSError:\n"
+    "        break\n"
+    "    time.sleep(0.05)\n"
+    "if len(sys.argv) > 2:\n"
+    "    shutil.rmtree(sys.argv[2], ignore_errors=True)\n"
 )
 
 
@@ -227,7 +236,7 @@ class GuestVM:
         progress(f"started QEMU pid {self._proc.pid} ({self.machine}, TCG), workdir {self.workdir}")
 
     def _start_watcher(self, pgid: int) -> None:
-        self._watcher, self._watch_fd = watch_process_group(pgid)
+        self._watcher, self._watch_fd = watch_process_group(pgid, None if self.keep_workdir else self.workdir)
 
     def _connect_monitor(self, timeout: float) -> Monitor:
         deadline = time.monotonic() + timeout
@@ -397,15 +406,17 @@ class GuestVM:
         return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
 
 
-def watch_process_group(pgid: int) -> tuple[subprocess.Popen[bytes], int]:
-    """Start a watcher that SIGKILLs process group pgid once this process dies or closes the returned fd.
+def watch_process_group(pgid: int, cleanup: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a watcher that SIGKILLs process group pgid (then removes cleanup, a directory) once this
+    process dies or closes the returned fd. Kill the watcher first to stop it without either.
 
     The caller keeps the pipe's write end (not inherited by children); the kernel closes it when the
     caller dies, however it dies, and the watcher's read then returns EOF.
     """
     read_fd, write_fd = os.pipe()
+    argv = [sys.executable, "-c", _WATCHER, str(pgid)] + ([str(cleanup)] if cleanup is not None else [])
     try:
-        watcher = subprocess.Popen([sys.executable, "-c", _WATCHER, str(pgid)], stdin=read_fd, start_new_session=True)
+        watcher = subprocess.Popen(argv, stdin=read_fd, start_new_session=True)
     except BaseException:
         os.close(write_fd)
         raise

@@ -186,15 +186,18 @@ def test_watcher_kills_the_group_when_its_owner_dies_by_sigkill(tmp_path: Path) 
             owner.wait()
 
 
-def test_watcher_stays_quiet_while_its_owner_lives() -> None:
+def test_watcher_stays_quiet_while_its_owner_lives(tmp_path: Path) -> None:
     victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    watcher, fd = watch_process_group(victim.pid)
+    workdir = tmp_path / "vm"
+    workdir.mkdir()
+    watcher, fd = watch_process_group(victim.pid, workdir)
     try:
         time.sleep(0.5)
         assert victim.poll() is None and watcher.poll() is None
-        os.close(fd)  # the owner lets go: the watcher kills the group
+        os.close(fd)  # the owner lets go: the watcher kills the group, then removes the work directory
         assert victim.wait(10) == -signal.SIGKILL
         assert watcher.wait(10) == 0
+        assert not workdir.exists()
     finally:
         victim.kill()
         victim.wait()
