@@ -203,7 +203,9 @@ def test_running_service_answers_the_host_over_virtio_serial(vm: GuestVM, disks:
     assert after == before
 
 
-def test_service_security_exposure(vm: GuestVM) -> None:
+def test_service_unit_verifies_and_is_confined(vm: GuestVM) -> None:
+    rc, out, err = vm.exec("systemd-analyze verify unplugd.service", timeout=120)
+    assert (rc, out + err) == (0, ""), out + err
     rc, out, err = vm.exec("systemd-analyze security --no-pager unplugd.service", timeout=120)
     assert rc == 0, err
     match = re.search(r"Overall exposure level for unplugd\.service: ([0-9.]+)", out)
