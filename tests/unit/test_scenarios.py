@@ -265,3 +265,47 @@ def test_captured_machine_gives_the_recorded_verdicts(name: str, capsys: pytest.
     report = inspect_json(capsys, CAPTURED / f"{name}.tree")
     assert report["hostname"] == recorded["hostname"]
     assert recorded_form(report_from_json(json.dumps(report))) == recorded["functions"]
+
+
+# --------------------------------------------------------------------------- capture and engine robustness
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_capture_of_a_tree_reproduces_its_verdicts(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """capture copies exactly what the collectors need: a scenario captured again inspects the same."""
+    from unplugd.agent.capture import capture
+    from unplugd.agent.roots import Roots
+
+    original = tmp_path / "original"
+    treetext.unpack((SCENARIOS / f"{name}.tree").read_text(), original)
+    stats = capture(tmp_path / "copy", Roots.under(original))
+    assert stats.files and stats.links and stats.unreadable == []
+    assert verdicts(inspect_json(capsys, tmp_path / "copy")) == verdicts(inspect_json(capsys, original))
+
+
+def test_capture_keeps_unreadable_markers(mf8: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unplugd.agent.capture import capture
+    from unplugd.agent.roots import Roots
+
+    DAMAGE["unreadable fd table"](mf8)
+    capture(tmp_path / "copy", Roots.under(mf8))
+    assert os.readlink(tmp_path / "copy/proc/400/fd") == "fd"
+    assert verdicts(inspect_json(capsys, tmp_path / "copy"))["0000:00:05.1"][0] == "UNKNOWN"
+
+
+def test_a_failing_collector_is_a_problem_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unplugd.agent import engine
+
+    def broken(*args: object, **kwargs: object) -> object:
+        raise ZeroDivisionError("collector bug")
+
+    monkeypatch.setattr(engine, "collect_swaps", broken)
+    report = inspect_json(capsys, SCENARIOS / "multifunction8.tree")
+    got = verdicts(report)
+    assert got["0000:00:05.1"] == ("UNKNOWN", {"UNREADABLE"})  # idle disk: swap state unknown
+    assert got["0000:00:05.0"][0] == "BUSY"  # still mounted
+    assert any("internal error: ZeroDivisionError" in p["detail"] for p in report["problems"])  # type: ignore[attr-defined]
