@@ -6,6 +6,7 @@ See guest.py for what every VM gets, devices.py for the device helpers.
 """
 
 from tests.vm.devices import (
+    PCIE_NATIVE_HOTPLUG,
     DataDisk,
     Device,
     disk_on_root_port,
@@ -24,6 +25,7 @@ from tests.vm.qga import ExecResult, GuestAgentError, GuestExecTimeout
 
 __all__ = [
     "DEFAULT_GUEST_CONFIG",
+    "PCIE_NATIVE_HOTPLUG",
     "SERIAL_ADDR",
     "BootTimeout",
     "DataDisk",

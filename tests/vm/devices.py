@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
+    "PCIE_NATIVE_HOTPLUG",
     "DataDisk",
     "Device",
     "disk_on_root_port",
@@ -30,6 +31,11 @@ __all__ = [
 ]
 
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+# q35 hot-unplugs behind root ports through ACPI (acpiphp) by default since QEMU 6.1. These extra_args
+# switch it to native PCIe hotplug (pciehp): unplug then takes ~5 s (the attention button's blink), and
+# a second device_del meanwhile fails with "already in the process of unplug".
+PCIE_NATIVE_HOTPLUG = ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off")
 
 
 @dataclass(frozen=True)
