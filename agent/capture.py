@@ -264,7 +264,10 @@ def _capture_proc(w: _Writer) -> None:
         by_ns.setdefault(int(m.group(1)), []).append(pid)
         w.link(rel)
         _capture_fds(w, pid)
-    self_text = os.readlink(w.dest / "proc" / "self")
+    try:
+        self_text = os.readlink(w.dest / "proc" / "self")
+    except OSError:
+        self_text = ""  # a source tree without proc/self: the collector will say so
     tables: dict[frozenset[int], int] = {}
     for ns, members in by_ns.items():
         readers = members[:1]

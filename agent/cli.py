@@ -223,7 +223,10 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
     if report.from_capture:
         where += " (captured tree)"
     out.write(f"{where}, kernel {report.kernel or '?'}\n")
-    out.write(line(head) + "\n")
+    if not rows:
+        out.write("no PCI functions found\n")
+    else:
+        out.write(line(head) + "\n")
     indent = " " * (widths[0] + 2)
     for cells, f in rows:
         out.write(line(cells) + "\n")
