@@ -24,7 +24,9 @@ from unplugd.agent.errors import AgentError, ReadError
 from unplugd.agent.model import (
     BlockDevice,
     DeviceNode,
+    DevNo,
     Inventory,
+    OpenRef,
     PciAddress,
     PciFunction,
     ScanProblem,
@@ -35,7 +37,7 @@ from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.report import build_report, keep_functions
 from unplugd.agent.roots import Roots
 from unplugd.agent.selection import select
-from unplugd.agent.sysio import read_text_or
+from unplugd.agent.sysio import read_text_or, readlink
 from unplugd.v1 import report_pb2
 
 __all__ = ["inspect", "scan"]
@@ -104,6 +106,8 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
         for s in net.sockets
     ]
 
+    open_refs = _without_own_claims(roots, ps.open_refs, [block[n].devno for n in own_claims if n in block])
+
     disks = [block[d] for f in functions for d in f.block_devices if d in block]
     not_busy: tuple[frozenset[str], list[ScanProblem]] = (frozenset(), [])
     busy, found = _guarded(
@@ -116,7 +120,7 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
         block_devices=dict(block),
         mounts=tuple(ms.mounts),
         swaps=tuple(swaps),
-        open_refs=tuple(ps.open_refs),
+        open_refs=tuple(open_refs),
         interfaces=dict(net.interfaces),
         routes=tuple(net.routes),
         sockets=tuple(sockets),
@@ -128,6 +132,18 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
         kernel=_first_line(roots, "sys", "kernel", "osrelease"),
         live=roots.live,
     )
+
+
+def _without_own_claims(roots: Roots, refs: Sequence[OpenRef], claimed: Sequence[DevNo]) -> list[OpenRef]:
+    """Drop the agent's own lease fds: a leased disk is LEASED, not held open by the agent."""
+    if not claimed:
+        return list(refs)
+    try:
+        me = int(readlink(roots.proc / "self"))
+    except (ReadError, ValueError):
+        return list(refs)
+    wanted = set(claimed)
+    return [r for r in refs if not (r.pid == me and r.kind == "block" and r.devno in wanted)]
 
 
 def _wanted_nodes(block: Mapping[str, BlockDevice], nodes: Sequence[DeviceNode]) -> list[DeviceNode]:

@@ -309,3 +309,20 @@ def test_a_failing_collector_is_a_problem_not_a_crash(
     assert got["0000:00:05.1"] == ("UNKNOWN", {"UNREADABLE"})  # idle disk: swap state unknown
     assert got["0000:00:05.0"][0] == "BUSY"  # still mounted
     assert any("internal error: ZeroDivisionError" in p["detail"] for p in report["problems"])  # type: ignore[attr-defined]
+
+
+def test_the_agents_own_lease_fd_is_not_a_holder(mf8: Path) -> None:
+    """The agent holds leased disks open itself (O_EXCL); that must read LEASED, not OPEN_BY_PROCESS."""
+    from unplugd.agent import engine
+    from unplugd.agent.model import PciAddress
+    from unplugd.agent.roots import Roots
+    from unplugd.v1 import report_pb2
+
+    os.symlink("/dev/vdc", mf8 / f"proc/{build_scenarios.AGENT_PID}/fd/9")
+    vdc = PciAddress.parse("0000:00:05.1")
+    unclaimed = engine.inspect(Roots.under(mf8), ["vdc"])
+    assert [r.object for r in unclaimed.functions[0].reasons] == ["/dev/vdc"]  # OPEN_BY_PROCESS by pid 100
+    claimed = engine.inspect(Roots.under(mf8), ["vdc"], leased={vdc: "L1"}, own_claims=["vdc"])
+    reasons = claimed.functions[0].reasons
+    assert claimed.functions[0].state == report_pb2.FUNCTION_STATE_READY
+    assert [(r.code, r.blocking) for r in reasons] == [(report_pb2.REASON_CODE_LEASED, False)]
