@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -135,7 +136,10 @@ def run_logged(cmd: list[str], logfile: Path, what: str) -> None:
     log(f"{what} (log: {logfile})")
     start = time.monotonic()
     with open(logfile, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # its own process group, so that an interrupted build stops debootstrap's children too
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         done = threading.Event()
 
         def heartbeat() -> None:
@@ -148,7 +152,8 @@ def run_logged(cmd: list[str], logfile: Path, what: str) -> None:
         finally:
             done.set()
             if proc.poll() is None:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     if rc != 0:
         tail = logfile.read_text(errors="replace").splitlines()[-30:]
@@ -258,6 +263,10 @@ def build(cache: str | None = None, mirror: str = DEFAULT_MIRROR, force: bool = 
     return final
 
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--cache", help="cache directory (default $UNPLUGD_CACHE or ~/.cache/unplugd)")
@@ -265,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even when a cached image exists")
     parser.add_argument("--print-hash", action="store_true", help="print the inputs hash and exit")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop debootstrap and remove the half-made build.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     if args.print_hash:
         print(inputs_hash())
         return 0
