@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,12 @@ def test_debian_pyroute2_dumps_the_same(netns: NetNS) -> None:
     netns.ip("-6", "route", "add", "default", "via", "2001:db8:5::1", "dev", "vb")
     netns.ip("route", "add", "203.0.113.0/24", "via", "198.51.100.9", "table", "100")
 
+    # A bridge's operstate follows its ports asynchronously: let it settle so
+    # both collections see the same link state.
+    deadline = time.monotonic() + 10
+    while netns.run("cat", "/sys/class/net/br0/operstate").stdout.strip() != "up":
+        assert time.monotonic() < deadline, "br0 never came up"
+        time.sleep(0.05)
     ours, debian = netns.collect(), netns.collect(DEBIAN_PYTHON)
     assert debian["problems"] == [] == ours["problems"]
     for key in ("interfaces", "routes"):
