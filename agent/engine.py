@@ -26,6 +26,7 @@ from unplugd.agent.model import (
     DeviceNode,
     DevNo,
     Inventory,
+    Mount,
     OpenRef,
     PciAddress,
     PciFunction,
@@ -108,7 +109,11 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
 
     open_refs = _without_own_claims(roots, ps.open_refs, [block[n].devno for n in own_claims if n in block])
 
-    disks = [block[d] for f in functions for d in f.block_devices if d in block]
+    # The probe claims each disk for a few microseconds; a mount racing with it
+    # would fail with EBUSY. So only disks with no visible user are probed:
+    # for the others the mounts, swaps and holders already explain an EBUSY.
+    in_use = _visibly_used(block, ms.mounts, swaps)
+    disks = [block[d] for f in functions for d in f.block_devices if d in block and d not in in_use]
     not_busy: tuple[frozenset[str], list[ScanProblem]] = (frozenset(), [])
     busy, found = _guarded(
         "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
@@ -132,6 +137,16 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
         kernel=_first_line(roots, "sys", "kernel", "osrelease"),
         live=roots.live,
     )
+
+
+def _visibly_used(block: Mapping[str, BlockDevice], mounts: Sequence[Mount], swaps: Sequence[Swap]) -> set[str]:
+    """Disks whose own node or a partition is mounted, swapped on, or held."""
+    used_devnos = {m.devno for m in mounts} | {s.devno for s in swaps if s.devno is not None}
+    used: set[str] = set()
+    for dev in block.values():
+        if dev.holders or dev.devno in used_devnos:
+            used.add(dev.parent or dev.name)
+    return used
 
 
 def _without_own_claims(roots: Roots, refs: Sequence[OpenRef], claimed: Sequence[DevNo]) -> list[OpenRef]:

@@ -1,0 +1,34 @@
+"""The O_EXCL probe claims a disk for an instant; it must skip disks whose users are already visible."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures import build_scenarios
+from unplugd.agent import engine, treetext
+from unplugd.agent.model import BlockDevice, ScanProblem
+from unplugd.agent.roots import Roots
+
+
+def test_probe_only_disks_without_visible_users(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    treetext.unpack((build_scenarios.SCENARIOS / "multifunction8.tree").read_text(), tmp_path)
+    probed: list[str] = []
+
+    def fake_probe(
+        roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
+    ) -> tuple[frozenset[str], list[ScanProblem]]:
+        probed.extend(d.name for d in devices)
+        return frozenset(), []
+
+    monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
+    inv = engine.scan(Roots.under(tmp_path))
+    mounted = {b.parent or b.name for b in inv.block_devices.values() if b.devno in {m.devno for m in inv.mounts}}
+    swapped = {b.parent or b.name for b in inv.block_devices.values() if b.devno in {s.devno for s in inv.swaps}}
+    function_disks = {d for f in inv.functions for d in f.block_devices}
+    assert mounted and swapped, "the scenario must have a mounted and a swapped disk"
+    assert probed, "idle disks must still be probed"
+    assert not set(probed) & (mounted | swapped)
+    assert set(probed) == function_disks - mounted - swapped
