@@ -15,8 +15,10 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
+from unplugd.host.client import TlsFiles
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
@@ -103,12 +105,25 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
                 agent_address = f"serial:{channel}" if channel else None
         agent: AgentLike | None = None
         if agent_address:
+            tls = _tls_files(args)
             try:
-                client = AgentClient(agent_address, timeout=args.agent_timeout, connect_timeout=args.agent_timeout)
+                client = AgentClient(
+                    agent_address, timeout=args.agent_timeout, connect_timeout=args.agent_timeout, tls=tls
+                )
             except ValueError as e:
                 raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
             agent = await stack.enter_async_context(client)
         yield Session(backend, agent, vm)
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
+    """Mutual TLS for tcp: agents needs all three files or none."""
+    given = [args.tls_ca, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise UsageError("mutual TLS needs --tls-ca, --tls-cert and --tls-key together")
+    return TlsFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
 
 
 # ------------------------------------------------------------------ output
@@ -331,6 +346,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
     common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
     common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
+    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
+    common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
+    common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")
     common.add_argument("--agent-timeout", type=float, default=5.0, metavar="S")
     common.add_argument("--hypervisor-timeout", type=float, default=10.0, metavar="S")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")

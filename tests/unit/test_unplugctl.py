@@ -191,3 +191,17 @@ def test_help_has_examples(capsys) -> None:  # type: ignore[no-untyped-def]
     assert cli.main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "unplugctl check web1 vdb" in out and "tainted" in out and "6 needs companions" in out
+
+
+def test_tls_flags_go_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from unplugd.host.cli import UsageError, _tls_files, parser
+
+    base = ["check", "--qmp", "q.sock", "--agent", "tcp:127.0.0.1:5000", "vdb"]
+    assert _tls_files(parser().parse_args(base)) is None
+    files = [tmp_path / n for n in ("ca.pem", "cert.pem", "key.pem")]
+    flags = ["--tls-ca", str(files[0]), "--tls-cert", str(files[1]), "--tls-key", str(files[2])]
+    full = parser().parse_args([*base, *flags])
+    tls = _tls_files(full)
+    assert tls is not None and (tls.ca, tls.cert, tls.key) == tuple(files)
+    with pytest.raises(UsageError, match="together"):
+        _tls_files(parser().parse_args([*base, "--tls-ca", str(files[0])]))
