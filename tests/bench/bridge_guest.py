@@ -1,13 +1,18 @@
-"""The guest end of virtio-serial without a VM: a fake port + QEMU-like chardev socket + the real bridge.
+"""The guest end of a transport bridge without a VM, in its own process.
 
-    python -m tests.bench.serial_guest --backend AGENT.sock --chardev CHARDEV.sock
+    python -m tests.bench.bridge_guest serial --backend AGENT.sock --listen CHARDEV.sock
+    python -m tests.bench.bridge_guest vsock --backend AGENT.sock --listen FAKE_VSOCK.sock
 
-The port (tests/unit/fake_virtio_port.py) has the kernel driver's semantics
-(one opener, read 0 + POLLHUP before a host connects, host turnover
-invisible); the bridge is agent/transports/virtio_serial.py; the host side
-connects to CHARDEV.sock as it would to QEMU's `-chardev socket,server=on`
-(AgentClient "serial:CHARDEV.sock"). Prints "ready" once listening; stops on
-SIGTERM.
+serial: a fake virtio-serial port (tests/unit/fake_virtio_port.py: one opener,
+read 0 + POLLHUP before a host connects, host turnover invisible) behind a
+QEMU-like chardev socket, and the real VirtioSerialBridge; the host connects
+as to QEMU's `-chardev socket,server=on` (AgentClient "serial:CHARDEV.sock").
+
+vsock: the real VsockBridge with its injectable listener factory: a unix
+listening socket whose accept() reports peer CID 2 (the host), since this
+kernel has no vsock loopback; the host connects to that unix socket.
+
+Prints "ready" once listening; stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,18 +20,54 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 from pathlib import Path
+from typing import Any
+
+HOST_CID = 2
 
 
-async def _serve(backend: Path, chardev_path: Path) -> None:
-    from tests.unit.fake_virtio_port import FakeChardev, FakeVirtioPort
-    from unplugd.agent.transports.virtio_serial import VirtioSerialBridge
+class _UnixAsVsock:
+    """A listening socket that says every peer is the host, as AF_VSOCK's accept() would."""
 
-    port = FakeVirtioPort()
-    chardev = FakeChardev(port, chardev_path)
-    await chardev.start()
-    bridge = VirtioSerialBridge(port.open, backend, address="fake:" + str(chardev_path), reopen_delay=0.2)
-    await bridge.start()
+    def __init__(self, path: Path, port: int) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(str(path))
+        self._sock.listen(64)
+        self._sock.setblocking(False)
+        self._port = port
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        conn, _ = self._sock.accept()
+        return conn, (HOST_CID, self._port)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def _bridge(kind: str, backend: Path, listen: Path) -> tuple[Any, Any]:
+    if kind == "serial":
+        from tests.unit.fake_virtio_port import FakeChardev, FakeVirtioPort
+        from unplugd.agent.transports.virtio_serial import VirtioSerialBridge
+
+        port = FakeVirtioPort()
+        chardev = FakeChardev(port, listen)
+        await chardev.start()
+        serial = VirtioSerialBridge(port.open, backend, address="fake:" + str(listen), reopen_delay=0.2)
+        await serial.start()
+        return serial, chardev
+    from unplugd.agent.transports.vsock import VsockBridge
+
+    vsock = VsockBridge(1024, backend, listener_factory=lambda p: _UnixAsVsock(listen, p))
+    await vsock.start()
+    return vsock, None
+
+
+async def _serve(kind: str, backend: Path, listen: Path) -> None:
+    bridge, extra = await _bridge(kind, backend, listen)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -36,16 +77,17 @@ async def _serve(backend: Path, chardev_path: Path) -> None:
         await done.wait()
     finally:
         await bridge.stop()
-        await chardev.stop()
-        port.close()
+        if extra is not None:
+            await extra.stop()
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=("serial", "vsock"))
     parser.add_argument("--backend", type=Path, required=True, help="the agent's unix socket")
-    parser.add_argument("--chardev", type=Path, required=True, help="where the host connects")
+    parser.add_argument("--listen", type=Path, required=True, help="where the host connects")
     args = parser.parse_args()
-    asyncio.run(_serve(args.backend, args.chardev))
+    asyncio.run(_serve(args.kind, args.backend, args.listen))
     return 0
 
 
