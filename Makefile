@@ -48,6 +48,9 @@ test: lint typecheck pytest
 inspect: dev
 	$(VENV)/bin/unplugd inspect
 
+demo: dev
+	$(PY) -m tests.vm.demo $(DEMO_ARGS)
+
 bench: dev
 	$(PY) tests/bench/run.py
 
