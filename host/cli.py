@@ -60,7 +60,7 @@ examples:
   unplugctl unplug web1 vdb --prepare --timeout 60
   unplugctl unplug web1 0000:00/02.1/00 --with-companions --json
   unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
-  unplugctl --qmp /run/vm.qmp --agent vsock:42:1024 status
+  unplugctl status --qmp /run/vm.qmp --agent vsock:42:1000
 
 Multifunction slots under libvirt: libvirt refuses to detach a device that shares
 a slot. With --with-companions unplugctl issues device_del on function 0 through
@@ -409,6 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
+    logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
         return asyncio.run(run(args))
     except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
