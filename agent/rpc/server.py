@@ -35,6 +35,7 @@ from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.health import HealthRegistry, add_health
 from unplugd.agent.rpc.leases import LeaseManager
 from unplugd.agent.rpc.links import LinkControl, NetlinkLinks
+from unplugd.agent.rpc.reflection import add_reflection
 from unplugd.agent.rpc.service import AgentServicer, Listener
 from unplugd.agent.rpc.watch import ReportHub
 from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc
@@ -148,7 +149,7 @@ class AgentServer:
                                  hub=self.hub, listeners=self.listeners)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
         self._health = add_health(server)
-        _add_reflection(server)
+        add_reflection(server, [agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]])
         self._add_tcp(server)
         old_umask = os.umask(0o177)  # the socket is born root-only, never briefly open
         try:
@@ -220,15 +221,6 @@ def _logged(what: str) -> Any:
         yield
     except Exception:
         log.exception("%s failed", what)
-
-
-def _add_reflection(server: grpc.Server) -> None:
-    try:
-        from grpc_reflection.v1alpha import reflection
-    except ImportError:
-        log.info("grpcio-reflection not installed: server reflection is off (grpcurl needs -proto files)")
-        return
-    reflection.enable_server_reflection((AGENT_SERVICE, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
 
 
 def _prepare_socket_path(path: Path) -> None:
