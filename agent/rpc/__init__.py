@@ -8,5 +8,7 @@
     watch.py       one shared, event-driven scanner for every WatchReport stream
     events.py      the kernel events it sleeps on (udev, rtnetlink, mountinfo POLLPRI, proc connector)
     health.py      grpc.health.v1, from grpcio-health-checking or a built-in copy
+    reflection.py  server reflection (v1alpha and v1), our own so the guest has it too
+    resources.py   the agent's own footprint (psutil) for GetAgentInfo
     logs.py        journald-friendly logging and sd_notify
 """

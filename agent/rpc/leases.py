@@ -117,6 +117,11 @@ class LeaseManager:
         with self._lock:
             return {fn: lease.lease_id for lease in self._leases.values() for fn in lease.functions}
 
+    def active(self) -> list[str]:
+        """Ids of the leases in force."""
+        with self._lock:
+            return list(self._leases)
+
     def own_claims(self) -> frozenset[str]:
         with self._lock:
             return frozenset(c.name for lease in self._leases.values() for c in lease.claims)

@@ -24,6 +24,7 @@ from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.engine_api import EngineApi
 from unplugd.agent.rpc.errors import status_for
 from unplugd.agent.rpc.leases import LeaseGrant, LeaseManager, targets_for
+from unplugd.agent.rpc.resources import agent_resources
 from unplugd.agent.rpc.watch import ReportHub, Subscription, changed_between, filter_report, function_keys
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
@@ -78,6 +79,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._hub = hub
         self._listeners = listeners
         self._watchers = threading.BoundedSemaphore(max(config.server.max_watchers, 1))
+        self._watching = 0  # open WatchReport streams, for GetAgentInfo
+        self._watching_lock = threading.Lock()
 
     # -- read-only ------------------------------------------------------------------
 
@@ -104,6 +107,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 hostname=uname.nodename,
                 listeners=[pb.Listener(transport=lst.transport, address=lst.address) for lst in self._listeners()],
                 mutating_enabled=self._config.mutations.enabled,
+                resources=agent_resources(leases=len(self._leases.active()), watchers=self._watching),
             )
 
         return _guard("GetAgentInfo", context, call)
@@ -122,6 +126,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         if not self._watchers.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"at most {self._config.server.max_watchers} WatchReport streams at a time")
+        with self._watching_lock:
+            self._watching += 1
         try:
             sub = self._hub.subscribe()
             context.add_callback(sub.close)
@@ -130,6 +136,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             finally:
                 sub.close()
         finally:
+            with self._watching_lock:
+                self._watching -= 1
             self._watchers.release()
 
     def _stream(self, sub: Subscription, addresses: set[str] | None,

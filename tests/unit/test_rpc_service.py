@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, FakeLinks, running_server
@@ -54,6 +55,21 @@ def test_agent_info(tmp_path: Path) -> None:
     with running_server(tmp_path, mutations=True) as (_, stub):
         info = stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5)
         assert info.mutating_enabled and "prepare" in info.capabilities
+
+
+def test_agent_info_reports_its_footprint(tmp_path: Path) -> None:
+    """The server runs in this process: its figures are this process's, watchers counted live."""
+    me = psutil.Process()
+    with running_server(tmp_path) as (_, stub):
+        res = stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5).resources
+        assert 0.5 < res.rss_bytes / me.memory_info().rss < 2
+        assert res.threads >= 2 and res.open_fds > 3
+        assert abs(res.started_at.ToNanoseconds() / 1e9 - me.create_time()) < 1
+        assert res.cpu_user_seconds > 0 and (res.leases, res.watchers) == (0, 0)
+        stream = stub.WatchReport(pb.WatchReportRequest(), timeout=10)
+        next(stream)
+        assert stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5).resources.watchers == 1
+        stream.cancel()
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from unplugd.v1 import report_pb2 as unplugd_dot_v1_dot_report__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eunplugd/v1/agent_service.proto\x12\nunplugd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17unplugd/v1/report.proto\"#\n\x10GetReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"7\n\x11GetReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\"\x15\n\x13GetAgentInfoRequest\".\n\x08Listener\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xa2\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\'\n\tlisteners\x18\x05 \x03(\x0b\x32\x14.unplugd.v1.Listener\x12\x18\n\x10mutating_enabled\x18\x06 \x01(\x08\"%\n\x12WatchReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"[\n\x13WatchReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"n\n\x14PrepareUnplugRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1c\n\x14take_interfaces_down\x18\x04 \x01(\x08\"\x96\x01\n\x15PrepareUnplugResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tfunctions\x18\x03 \x03(\t\x12\x0f\n\x07\x63laimed\x18\x04 \x03(\t\x12\x17\n\x0finterfaces_down\x18\x05 \x03(\t\"(\n\x14ReleaseUnplugRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"F\n\x15ReleaseUnplugResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x1b\n\x13interfaces_restored\x18\x02 \x03(\t2\xa9\x03\n\x0c\x41gentService\x12H\n\tGetReport\x12\x1c.unplugd.v1.GetReportRequest\x1a\x1d.unplugd.v1.GetReportResponse\x12Q\n\x0cGetAgentInfo\x12\x1f.unplugd.v1.GetAgentInfoRequest\x1a .unplugd.v1.GetAgentInfoResponse\x12P\n\x0bWatchReport\x12\x1e.unplugd.v1.WatchReportRequest\x1a\x1f.unplugd.v1.WatchReportResponse0\x01\x12T\n\rPrepareUnplug\x12 .unplugd.v1.PrepareUnplugRequest\x1a!.unplugd.v1.PrepareUnplugResponse\x12T\n\rReleaseUnplug\x12 .unplugd.v1.ReleaseUnplugRequest\x1a!.unplugd.v1.ReleaseUnplugResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eunplugd/v1/agent_service.proto\x12\nunplugd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17unplugd/v1/report.proto\"#\n\x10GetReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"7\n\x11GetReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\"\x15\n\x13GetAgentInfoRequest\".\n\x08Listener\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xd1\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\'\n\tlisteners\x18\x05 \x03(\x0b\x32\x14.unplugd.v1.Listener\x12\x18\n\x10mutating_enabled\x18\x06 \x01(\x08\x12-\n\tresources\x18\x07 \x01(\x0b\x32\x1a.unplugd.v1.AgentResources\"\xce\x01\n\x0e\x41gentResources\x12\x11\n\trss_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x63pu_user_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x10\n\x08open_fds\x18\x05 \x01(\r\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x10\n\x08watchers\x18\x08 \x01(\r\"%\n\x12WatchReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"[\n\x13WatchReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"n\n\x14PrepareUnplugRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1c\n\x14take_interfaces_down\x18\x04 \x01(\x08\"\x96\x01\n\x15PrepareUnplugResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tfunctions\x18\x03 \x03(\t\x12\x0f\n\x07\x63laimed\x18\x04 \x03(\t\x12\x17\n\x0finterfaces_down\x18\x05 \x03(\t\"(\n\x14ReleaseUnplugRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"F\n\x15ReleaseUnplugResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x1b\n\x13interfaces_restored\x18\x02 \x03(\t2\xa9\x03\n\x0c\x41gentService\x12H\n\tGetReport\x12\x1c.unplugd.v1.GetReportRequest\x1a\x1d.unplugd.v1.GetReportResponse\x12Q\n\x0cGetAgentInfo\x12\x1f.unplugd.v1.GetAgentInfoRequest\x1a .unplugd.v1.GetAgentInfoResponse\x12P\n\x0bWatchReport\x12\x1e.unplugd.v1.WatchReportRequest\x1a\x1f.unplugd.v1.WatchReportResponse0\x01\x12T\n\rPrepareUnplug\x12 .unplugd.v1.PrepareUnplugRequest\x1a!.unplugd.v1.PrepareUnplugResponse\x12T\n\rReleaseUnplug\x12 .unplugd.v1.ReleaseUnplugRequest\x1a!.unplugd.v1.ReleaseUnplugResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unplugd.v1.agent_service_pb2', globals())
@@ -31,19 +31,21 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _LISTENER._serialized_start=221
   _LISTENER._serialized_end=267
   _GETAGENTINFORESPONSE._serialized_start=270
-  _GETAGENTINFORESPONSE._serialized_end=432
-  _WATCHREPORTREQUEST._serialized_start=434
-  _WATCHREPORTREQUEST._serialized_end=471
-  _WATCHREPORTRESPONSE._serialized_start=473
-  _WATCHREPORTRESPONSE._serialized_end=564
-  _PREPAREUNPLUGREQUEST._serialized_start=566
-  _PREPAREUNPLUGREQUEST._serialized_end=676
-  _PREPAREUNPLUGRESPONSE._serialized_start=679
-  _PREPAREUNPLUGRESPONSE._serialized_end=829
-  _RELEASEUNPLUGREQUEST._serialized_start=831
-  _RELEASEUNPLUGREQUEST._serialized_end=871
-  _RELEASEUNPLUGRESPONSE._serialized_start=873
-  _RELEASEUNPLUGRESPONSE._serialized_end=943
-  _AGENTSERVICE._serialized_start=946
-  _AGENTSERVICE._serialized_end=1371
+  _GETAGENTINFORESPONSE._serialized_end=479
+  _AGENTRESOURCES._serialized_start=482
+  _AGENTRESOURCES._serialized_end=688
+  _WATCHREPORTREQUEST._serialized_start=690
+  _WATCHREPORTREQUEST._serialized_end=727
+  _WATCHREPORTRESPONSE._serialized_start=729
+  _WATCHREPORTRESPONSE._serialized_end=820
+  _PREPAREUNPLUGREQUEST._serialized_start=822
+  _PREPAREUNPLUGREQUEST._serialized_end=932
+  _PREPAREUNPLUGRESPONSE._serialized_start=935
+  _PREPAREUNPLUGRESPONSE._serialized_end=1085
+  _RELEASEUNPLUGREQUEST._serialized_start=1087
+  _RELEASEUNPLUGREQUEST._serialized_end=1127
+  _RELEASEUNPLUGRESPONSE._serialized_start=1129
+  _RELEASEUNPLUGRESPONSE._serialized_end=1199
+  _AGENTSERVICE._serialized_start=1202
+  _AGENTSERVICE._serialized_end=1627
 # @@protoc_insertion_point(module_scope)

@@ -94,6 +94,7 @@ class GetAgentInfoResponse(google.protobuf.message.Message):
     HOSTNAME_FIELD_NUMBER: builtins.int
     LISTENERS_FIELD_NUMBER: builtins.int
     MUTATING_ENABLED_FIELD_NUMBER: builtins.int
+    RESOURCES_FIELD_NUMBER: builtins.int
     version: builtins.str
     @property
     def capabilities(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
@@ -103,6 +104,9 @@ class GetAgentInfoResponse(google.protobuf.message.Message):
     @property
     def listeners(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Listener]: ...
     mutating_enabled: builtins.bool
+    @property
+    def resources(self) -> global___AgentResources:
+        """The agent's own footprint, for operators watching a fleet of guests."""
     def __init__(
         self,
         *,
@@ -112,10 +116,51 @@ class GetAgentInfoResponse(google.protobuf.message.Message):
         hostname: builtins.str = ...,
         listeners: collections.abc.Iterable[global___Listener] | None = ...,
         mutating_enabled: builtins.bool = ...,
+        resources: global___AgentResources | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing_extensions.Literal["capabilities", b"capabilities", "hostname", b"hostname", "kernel", b"kernel", "listeners", b"listeners", "mutating_enabled", b"mutating_enabled", "version", b"version"]) -> None: ...
+    def HasField(self, field_name: typing_extensions.Literal["resources", b"resources"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing_extensions.Literal["capabilities", b"capabilities", "hostname", b"hostname", "kernel", b"kernel", "listeners", b"listeners", "mutating_enabled", b"mutating_enabled", "resources", b"resources", "version", b"version"]) -> None: ...
 
 global___GetAgentInfoResponse = GetAgentInfoResponse
+
+@typing_extensions.final
+class AgentResources(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RSS_BYTES_FIELD_NUMBER: builtins.int
+    CPU_USER_SECONDS_FIELD_NUMBER: builtins.int
+    CPU_SYSTEM_SECONDS_FIELD_NUMBER: builtins.int
+    THREADS_FIELD_NUMBER: builtins.int
+    OPEN_FDS_FIELD_NUMBER: builtins.int
+    STARTED_AT_FIELD_NUMBER: builtins.int
+    LEASES_FIELD_NUMBER: builtins.int
+    WATCHERS_FIELD_NUMBER: builtins.int
+    rss_bytes: builtins.int
+    cpu_user_seconds: builtins.float
+    cpu_system_seconds: builtins.float
+    threads: builtins.int
+    open_fds: builtins.int
+    @property
+    def started_at(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    leases: builtins.int
+    """Active prepare leases and WatchReport streams."""
+    watchers: builtins.int
+    def __init__(
+        self,
+        *,
+        rss_bytes: builtins.int = ...,
+        cpu_user_seconds: builtins.float = ...,
+        cpu_system_seconds: builtins.float = ...,
+        threads: builtins.int = ...,
+        open_fds: builtins.int = ...,
+        started_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        leases: builtins.int = ...,
+        watchers: builtins.int = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing_extensions.Literal["started_at", b"started_at"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing_extensions.Literal["cpu_system_seconds", b"cpu_system_seconds", "cpu_user_seconds", b"cpu_user_seconds", "leases", b"leases", "open_fds", b"open_fds", "rss_bytes", b"rss_bytes", "started_at", b"started_at", "threads", b"threads", "watchers", b"watchers"]) -> None: ...
+
+global___AgentResources = AgentResources
 
 @typing_extensions.final
 class WatchReportRequest(google.protobuf.message.Message):
