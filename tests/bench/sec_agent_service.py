@@ -63,11 +63,20 @@ def _switches(pid: int) -> dict[int, tuple[str, int]]:
     return out
 
 
+def _forks() -> int:
+    """Processes forked since boot (/proc/stat): other users of this shared machine wake the watcher too."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("processes "):
+            return int(line.split()[1])
+    return 0
+
+
 def _idle_cpu(result: SectionResult, agent: RunningAgent, seconds: float, what: str, verdict: bool) -> None:
-    cpu0, sw0 = cpu_seconds(agent.pid), _switches(agent.pid)
+    cpu0, sw0, forks0 = cpu_seconds(agent.pid), _switches(agent.pid), _forks()
     time.sleep(seconds)
     cpu = cpu_seconds(agent.pid) - cpu0
     sw1 = _switches(agent.pid)
+    forks = _forks() - forks0
     by_thread: dict[str, int] = {}
     for tid, (name, count) in sw1.items():
         by_thread[name] = by_thread.get(name, 0) + count - sw0.get(tid, (name, 0))[1]
@@ -82,8 +91,8 @@ def _idle_cpu(result: SectionResult, agent: RunningAgent, seconds: float, what: 
             value=f"{cpu:.2f} s CPU in {seconds:.0f} s ({share:.2f}% of a core), {wakeups} wakeups",
             target="effectively zero (< 0.1%)" if verdict else "",
             verdict=("met" if cpu <= limit else "MISSED") if verdict else "",
-            note=f"wakeups by thread: {busiest}" if busiest else "",
-            raw={"cpu_s": cpu, "seconds": seconds, "wakeups": wakeups, "wakeups_by_thread": by_thread},
+            note=(f"wakeups by thread: {busiest}; " if busiest else "") + f"{forks} processes forked on the machine",
+            raw={"cpu_s": cpu, "seconds": seconds, "wakeups": wakeups, "wakeups_by_thread": by_thread, "forks": forks},
         )
     )
 

@@ -319,8 +319,8 @@ def _fleet_row(result: SectionResult, directory: Path, count: int, runs: int) ->
     lat = doc["latencies_s"]
     p95 = lat[min(len(lat) - 1, int(len(lat) * 0.95))]
     note = (
-        f"query {doc['wall_s'] * 1000:.0f} ms after {doc['imports_s'] * 1000:.0f} ms of imports; per VM median "
-        f"{statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms; "
+        f"last run: query {doc['wall_s'] * 1000:.0f} ms after {doc['imports_s'] * 1000:.0f} ms of imports; "
+        f"per VM median {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms; "
         f"{doc['failures']} failed"
     )
     if doc["first_errors"]:

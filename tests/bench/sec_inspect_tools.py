@@ -29,10 +29,21 @@ class _Ctx:
     runs: int
     result: SectionResult
     reference_s: float | None = None  # unplugd inspect (venv) median
+    engine_s: float | None = None  # engine.inspect() in-process median
 
 
-def _row(what: str, t: Timing, ctx: _Ctx, note: str = "") -> Row:
-    versus = compare(ctx.reference_s, t.median_s) if ctx.reference_s is not None else ""
+def _versus(ctx: _Ctx, tool_s: float) -> str:
+    """How unplugd compares with a tool: as a CLI run, and as the agent's in-process call."""
+    parts = []
+    if ctx.reference_s is not None:
+        parts.append(compare(ctx.reference_s, tool_s, ours="CLI"))
+    if ctx.engine_s is not None:
+        parts.append(compare(ctx.engine_s, tool_s, ours="in-process"))
+    return "; ".join(parts)
+
+
+def _row(what: str, t: Timing, ctx: _Ctx, note: str = "", versus: str | None = None) -> Row:
+    versus = _versus(ctx, t.median_s) if versus is None else versus
     return Row(
         what,
         median_ms=t.median_ms,
@@ -50,13 +61,14 @@ def _unplugd_rows(ctx: _Ctx) -> None:
         argv = landed.unplugd_argv("inspect")
         t = time_command([*argv, "--json"], ctx.runs)
         ctx.reference_s = t.median_s
-        ctx.result.rows.append(_row("unplugd inspect --json (venv)", t, ctx, note="reference"))
+        ctx.result.rows.append(_row("unplugd inspect --json (venv)", t, ctx, note="reference", versus=""))
     except (Skipped, RuntimeError) as exc:
         ctx.result.skip_row("unplugd inspect --json (venv)", str(exc))
     try:
         argv = landed.unplugd_debian_argv("inspect")
         t = time_command([*argv, "--json"], ctx.runs, env=landed.debian_env())
-        ctx.result.rows.append(_row("unplugd inspect --json (Debian python3)", t, ctx))
+        versus = compare(t.median_s, ctx.reference_s, ours="Debian") if ctx.reference_s else ""
+        ctx.result.rows.append(_row("unplugd inspect --json (Debian python3)", t, ctx, versus=versus))
     except (Skipped, RuntimeError) as exc:
         ctx.result.skip_row("unplugd inspect --json (Debian python3)", str(exc))
     try:
@@ -64,7 +76,8 @@ def _unplugd_rows(ctx: _Ctx) -> None:
         roots_mod = landed.module("unplugd.agent.roots")
         roots = roots_mod.Roots.live_system()
         t = time_call(lambda: inspect(roots), ctx.runs)
-        ctx.result.rows.append(_row("engine.inspect() in-process", t, ctx, note="no interpreter start"))
+        ctx.engine_s = t.median_s
+        ctx.result.rows.append(_row("engine.inspect() in-process", t, ctx, note="no interpreter start", versus=""))
     except Skipped as exc:
         ctx.result.skip_row("engine.inspect() in-process", str(exc))
 
@@ -155,7 +168,7 @@ def run(quick: bool) -> SectionResult:
             Row(
                 "sum: qemu-ga calls + lsblk + fuser -m + lsof (/dev/vda)",
                 median_ms=combined * 1000,
-                versus=compare(ctx.reference_s, combined) if ctx.reference_s else "",
+                versus=_versus(ctx, combined),
                 note="what a user pieces together, still without a verdict",
             )
         )
@@ -165,6 +178,8 @@ def run(quick: bool) -> SectionResult:
         if rusage_helper()
         else "peak RSS: wait4() ru_maxrss, an upper bound (no C compiler for rusage_run.c)"
     )
-    result.notes.append("ratio: unplugd inspect (venv, one CLI run) against each tool's median")
+    result.notes.append(
+        "ratio: unplugd as a CLI run (venv) and as the agent's in-process call, against each tool's median"
+    )
     result.seconds = time.monotonic() - t0
     return result

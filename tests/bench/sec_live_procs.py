@@ -58,7 +58,7 @@ def _measure(result: SectionResult, disk_parts: tuple[str, str], runs: int) -> N
         inspect = landed.engine_inspect()
         roots = landed.module("unplugd.agent.roots").Roots.live_system()
         t = time_call(lambda: inspect(roots), runs)
-        result.rows.append(_row("engine.inspect() in-process", t, ours, note="no interpreter start"))
+        result.rows.append(_row("engine.inspect() in-process", t, None, note="no interpreter start"))
     except Skipped as exc:
         result.skip_row("engine.inspect() in-process", str(exc))
     lsof_times: list[tuple[str, Timing]] = []
