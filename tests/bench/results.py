@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["Row", "SectionResult", "Skipped", "compare", "render", "to_json"]
+__all__ = ["Row", "SectionResult", "Skipped", "compare", "part", "render", "to_json"]
+
+T = TypeVar("T")
 
 
 class Skipped(Exception):
@@ -38,6 +41,17 @@ class SectionResult:
 
     def skip_row(self, what: str, why: str) -> None:
         self.rows.append(Row(what, note=f"skipped: {why}"))
+
+
+def part(result: SectionResult, what: str, fn: Callable[[], T]) -> T | None:
+    """One part of a section; its failure (another engineer's code mid-change, say) skips only its rows."""
+    try:
+        return fn()
+    except Skipped as exc:
+        result.skip_row(what, str(exc))
+    except Exception as exc:  # grpc.RpcError, subprocess errors, ...: a finding, printed in the row
+        result.rows.append(Row(what, note=f"FAILED: {type(exc).__name__}: {exc}"))
+    return None
 
 
 def compare(ours_s: float, theirs_s: float, ours: str = "unplugd") -> str:

@@ -30,8 +30,11 @@ elif str(REPO) not in sys.path:
 
 from tests.bench.results import SectionResult, render, to_json  # noqa: E402
 
-# gRPC's C core logs a line whenever the bench forks while a channel is open
-# (fork_posix.cc "skipping fork() handlers"): noise in the tables.
+# The bench forks helpers (preexec_fn) while its own gRPC channels are open.
+# gRPC's fork handlers are for children that go on using gRPC; ours exec at
+# once, and the handlers only log noise and can break the child. Off, before
+# grpc is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 SECTIONS: list[tuple[str, str]] = [

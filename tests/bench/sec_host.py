@@ -23,9 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from tests.bench import landed
 from tests.bench.agent_proc import RunningAgent, running_agent
@@ -35,14 +34,13 @@ from tests.bench.measure import Timing, spawn, stop, time_call, time_command
 from tests.bench.qemu_vm import QmpSync, device_id, running_qemu
 from tests.bench.qga import QGA_CALLS, QgaClient, running_qga
 from tests.bench.qmp_proxy import QmpProxy
-from tests.bench.results import Row, SectionResult, Skipped, compare
+from tests.bench.results import Row, SectionResult, Skipped, compare, part
 
 __all__ = ["run"]
 
 KEY = "host"
 TITLE = "5. host: unplugctl status on a 256-function VM, unplug overhead, 200 VMs at once (issue 4)"
 FLEET = 200
-T = TypeVar("T")
 LARGE = TreeSpec(first_root_slot=2)  # pc: PIIX3 keeps slot 1
 SMALL = TreeSpec(
     functions=20,
@@ -118,7 +116,7 @@ def _status_rows(result: SectionResult, argv: list[str], agent: RunningAgent, qm
     return t_qga.median_s
 
 
-def _guest_part(result: SectionResult, agent: RunningAgent, runs: int) -> None:
+def _guestpart(result: SectionResult, agent: RunningAgent, runs: int) -> None:
     import grpc
 
     from unplugd.v1 import agent_service_pb2 as pb
@@ -328,15 +326,6 @@ def _fleet_row(result: SectionResult, directory: Path, count: int, runs: int) ->
     result.rows.append(_row(what, t, note=note))
 
 
-def _part(result: SectionResult, what: str, fn: Callable[[], T]) -> T | None:
-    """One part of the section; its failure (another engineer's code mid-change, say) skips only its rows."""
-    try:
-        return fn()
-    except (Skipped, RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
-        result.skip_row(what, f"{type(exc).__name__}: {exc}")
-        return None
-
-
 def run(quick: bool) -> SectionResult:
     result = SectionResult(KEY, TITLE)
     t0 = time.monotonic()
@@ -360,13 +349,11 @@ def run(quick: bool) -> SectionResult:
             f"(bridges, multifunction slots); fake agent: `unplugd serve --root TREE` ({tree.processes} processes, "
             f"{tree.mounts} mounts)"
         )
-        qga_s = _part(result, "unplugctl status --qmp", lambda: _status_rows(result, status_argv, agent, qmp, runs))
-        _part(
-            result, "unplugctl status (libvirt)", lambda: _libvirt_rows(result, status_argv, tree, agent, qga_s, runs)
-        )
-        _part(result, "fake agent GetReport", lambda: _guest_part(result, agent, runs))
-        _part(result, "unplug overhead", lambda: _unplug_rows(result, unplug_argv, tree, agent, qmp, runs))
-    _part(result, f"{FLEET} VMs", lambda: _fleet(result, quick))
+        qga_s = part(result, "unplugctl status --qmp", lambda: _status_rows(result, status_argv, agent, qmp, runs))
+        part(result, "unplugctl status (libvirt)", lambda: _libvirt_rows(result, status_argv, tree, agent, qga_s, runs))
+        part(result, "fake agent GetReport", lambda: _guestpart(result, agent, runs))
+        part(result, "unplug overhead", lambda: _unplug_rows(result, unplug_argv, tree, agent, qmp, runs))
+    part(result, f"{FLEET} VMs", lambda: _fleet(result, quick))
     result.notes.append(
         "unplug: a QMP proxy stands in for the guest (answers device_del, removes the slot from the fake guest's "
         "tree, sends DEVICE_DELETED 50 ms later); both figures exclude that guest time"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["WatchRecorder", "bind_mount", "nsenter_mount", "unmount"]
+__all__ = ["WatchRecorder", "bind_mount", "nsenter_mount", "unmount", "wait_other_namespace"]
 
 _MS_BIND = 4096
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,7 +38,22 @@ def unmount(path: str) -> None:
 
 def nsenter_mount(pid: int, args: Sequence[str]) -> None:
     """mount/umount inside the mount namespace of pid."""
-    subprocess.run(["nsenter", "-t", str(pid), "-m", *args], check=True, capture_output=True, timeout=10)
+    proc = subprocess.run(["nsenter", "-t", str(pid), "-m", *args], capture_output=True, text=True, timeout=10)
+    if proc.returncode != 0:
+        raise OSError(f"nsenter -t {pid} -m {' '.join(args)}: {proc.stderr.strip() or proc.returncode}")
+
+
+def wait_other_namespace(pid: int, timeout_s: float = 5.0) -> None:
+    """Until pid (an `unshare -m` child) lives in a mount namespace other than ours."""
+    own = os.readlink("/proc/self/ns/mnt")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/ns/mnt") != own:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pid} did not enter a new mount namespace in {timeout_s:.0f} s")
+        time.sleep(0.01)
 
 
 class WatchRecorder:
