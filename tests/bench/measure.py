@@ -1,13 +1,13 @@
 """Timing and memory measurements: commands, callables, and running processes.
 
-Peak RSS of a command comes from wait4()'s rusage (ru_maxrss, KiB; the kernel
-folds in the children it waited for, so `lsof`'s helper counts too). RSS and
-CPU of a long-running process come from /proc/PID/status and /proc/PID/stat.
+Peak RSS of a command is its ru_maxrss (KiB) as reaped by rusage_run.c, a
+small C launcher, so the bench's own RSS at fork time does not leak into it;
+the kernel folds in the children the command waited for (lsof's helper).
+RSS and CPU of a long-running process come from /proc/PID/status and stat.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ __all__ = [
     "die_with_parent",
     "proc_status_kib",
     "run_once",
-    "running",
     "rusage_helper",
     "spawn",
     "stop",
@@ -212,12 +211,3 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-@contextlib.contextmanager
-def running(argv: Sequence[str], **kwargs: Any) -> Iterator[subprocess.Popen[bytes]]:
-    proc = spawn(argv, **kwargs)
-    try:
-        yield proc
-    finally:
-        stop(proc)

@@ -67,6 +67,7 @@ class QmpProxy:
     # (command, canonical arguments) -> return value, as QEMU answered
     recorded: dict[str, Any] = field(default_factory=dict)
     greeting: bytes = b""
+    commands: int = 0  # forwarded to QEMU, all connections
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.AbstractServer | None = None
@@ -148,8 +149,10 @@ class QmpProxy:
                 if isinstance(msg, dict) and msg.get("execute") == "device_del" and self.on_unplug is not None:
                     await self._device_del(msg, send)
                     continue
-                if isinstance(msg, dict) and "execute" in msg and "id" in msg:
-                    pending[str(msg["id"])] = self.key(msg["execute"], msg.get("arguments"))
+                if isinstance(msg, dict) and "execute" in msg:
+                    self.commands += 1
+                    if "id" in msg:
+                        pending[str(msg["id"])] = self.key(msg["execute"], msg.get("arguments"))
                 up_writer.write(raw)
                 await up_writer.drain()
 

@@ -106,6 +106,15 @@ def _status_rows(result: SectionResult, argv: list[str], agent: RunningAgent, qm
     result.rows.append(
         _row("unplugctl status --qmp --json (256-function VM)", t, baseline, note=_status_note(t.stdout))
     )
+    with (
+        tempfile.TemporaryDirectory(prefix="unplugd-bench-count-") as tmp,
+        QmpProxy(qmp, Path(tmp) / "p.sock") as proxy,
+    ):
+        subprocess.run([*argv, "--qmp", str(proxy.listen), "--json"], capture_output=True, timeout=120, check=False)
+    result.notes.append(
+        f"one `unplugctl status` sends {proxy.commands} QMP commands to this VM (query-pci + QOM look-ups), "
+        f"one round trip each; a query-pci alone takes {t_query.median_ms:.1f} ms"
+    )
     result.rows.append(_row("  QMP query-pci, one round trip", t_query, note="raw topology, no QOM, no verdict"))
     result.rows.append(
         _row("  qemu-ga: " + " + ".join(c.removeprefix("guest-") for c in QGA_CALLS), t_qga, note="local qemu-ga")
