@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 from unplugd.agent.errors import NotPermitted, ReadError, Vanished
 
-__all__ = ["as_read_error", "listdir", "read_text", "read_text_or", "readlink", "readlink_or"]
+__all__ = [
+    "StrPath",
+    "as_read_error",
+    "listdir",
+    "parse_uevent",
+    "read_text",
+    "read_text_or",
+    "readlink",
+    "readlink_or",
+]
+
+StrPath = str | os.PathLike[str]
 
 _VANISHED = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.ENXIO, errno.ENOTDIR}
 _DENIED = {errno.EACCES, errno.EPERM}
 
 
-def as_read_error(path: Path | str, exc: OSError) -> ReadError:
+def as_read_error(path: StrPath, exc: OSError) -> ReadError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     if exc.errno in _VANISHED:
         return Vanished(str(path), reason)
@@ -27,15 +37,26 @@ def as_read_error(path: Path | str, exc: OSError) -> ReadError:
     return ReadError(str(path), reason)
 
 
-def read_text(path: Path) -> str:
+def read_text(path: StrPath) -> str:
+    """A file's text with one read for sysfs attributes (they are at most a page): far cheaper
+    than open() + read() over thousands of files. Longer files are read whole."""
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise as_read_error(path, exc) from exc
+    try:
+        chunks = [os.read(fd, 8192)]
+        if len(chunks[0]) == 8192:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+    except OSError as exc:
+        raise as_read_error(path, exc) from exc
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", "surrogateescape")
 
 
-def read_text_or(path: Path, default: str | None = None) -> str | None:
+def read_text_or(path: StrPath, default: str | None = None) -> str | None:
     """The stripped content, or default when the file is absent."""
     try:
         return read_text(path).strip()
@@ -43,21 +64,21 @@ def read_text_or(path: Path, default: str | None = None) -> str | None:
         return default
 
 
-def readlink(path: Path) -> str:
+def readlink(path: StrPath) -> str:
     try:
         return os.readlink(path)
     except OSError as exc:
         raise as_read_error(path, exc) from exc
 
 
-def readlink_or(path: Path, default: str | None = None) -> str | None:
+def readlink_or(path: StrPath, default: str | None = None) -> str | None:
     try:
         return readlink(path)
     except Vanished:
         return default
 
 
-def listdir(path: Path) -> list[str]:
+def listdir(path: StrPath) -> list[str]:
     """Sorted entries; a directory that does not exist is empty."""
     try:
         return sorted(os.listdir(path))
@@ -65,3 +86,13 @@ def listdir(path: Path) -> list[str]:
         return []
     except OSError as exc:
         raise as_read_error(path, exc) from exc
+
+
+def parse_uevent(text: str) -> dict[str, str]:
+    """A sysfs `uevent` file (KEY=value lines) as a dict."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error
+from unplugd.agent.sysio import as_read_error, listdir, read_text, read_text_or
 
 __all__ = [
     "collect_block",
@@ -54,43 +54,10 @@ def devno_index(block: Mapping[str, BlockDevice]) -> dict[DevNo, str]:
     return {dev.devno: name for name, dev in block.items()}
 
 
-def read_attr(path: str) -> str:
-    """A sysfs attribute (at most a page) with one read: much cheaper than open() for thousands of files.
-
-    Errors map like sysio.read_text: ENOENT -> Vanished, EACCES -> NotPermitted, else ReadError.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise as_read_error(path, exc) from exc
-    try:
-        chunks = [os.read(fd, 8192)]
-        if len(chunks[0]) == 8192:  # not an attribute after all: read it whole
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-    except OSError as exc:
-        raise as_read_error(path, exc) from exc
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("utf-8", "surrogateescape")
-
-
-def read_attr_or(path: str, default: str | None = None) -> str | None:
-    """The stripped attribute, or default when it does not exist."""
-    try:
-        return read_attr(path).strip()
-    except Vanished:
-        return default
-
-
-def list_dir(path: str) -> list[str]:
-    """Sorted entries; a directory that does not exist is empty (like sysio.listdir, for str paths)."""
-    try:
-        return sorted(os.listdir(path))
-    except FileNotFoundError:
-        return []
-    except OSError as exc:
-        raise as_read_error(path, exc) from exc
+# One implementation of the fast sysfs readers lives in sysio; these names stay for callers.
+read_attr = read_text
+read_attr_or = read_text_or
+list_dir = listdir
 
 
 def _read_device(sysdir: str, name: str, parent: str | None) -> BlockDevice:

@@ -30,7 +30,7 @@ from typing import Any
 from unplugd.agent.errors import ParseError, ReadError, Vanished
 from unplugd.agent.model import Address, NetInterface, Route, ScanProblem, Socket
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import listdir, read_text, readlink_or
+from unplugd.agent.sysio import listdir, parse_uevent, read_text, readlink_or
 
 __all__ = [
     "IFF_UP",
@@ -354,15 +354,6 @@ def parse_flags(text: str) -> int:
     if not t.lower().startswith("0x"):
         raise ValueError(f"flags not hex: {t!r}")
     return int(t, 16)
-
-
-def parse_uevent(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
 
 
 def _carrier(path: Path) -> bool | None:

@@ -26,7 +26,7 @@ from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, PciAddress, PciFunction, PciPath, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, read_text
+from unplugd.agent.sysio import as_read_error, parse_uevent, read_text
 
 __all__ = [
     "PCI_IDS_LOCATIONS",
@@ -294,20 +294,11 @@ class _Below:
     problems: list[ScanProblem] = field(default_factory=list)
 
 
-def _uevent(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key.strip()] = value.strip()
-    return out
-
-
 def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
     """A directory with a `dev` file: a device node (and maybe a whole disk)."""
     try:
         devno = parse_devno(read_attr(f"{d}/dev"))
-        uevent = _uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
+        uevent = parse_uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
     except Vanished:
         log.debug("%s vanished during the scan", d)
         return
