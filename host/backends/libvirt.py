@@ -249,6 +249,22 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
         if alias:
             device_xml[alias] = ET.tostring(el, encoding="unicode")
 
+    root_bus = bus_of(0) if 0 in controllers else None
+    if root_bus is not None and root_bus.kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
+        for cslot, cfn, what in _chipset_functions(machine, acpi):
+            cpath = root_bus.path_of(cslot, cfn)
+            if cpath not in functions:
+                functions[cpath] = (
+                    root_bus,
+                    Function(
+                        path=cpath,
+                        model=f"chipset {what}",
+                        description="built into the machine type; not in libvirt's XML",
+                        hotpluggable=False,
+                        guest_address=PciAddress(root_bus.domain, 0, cslot, cfn),
+                    ),
+                )
+
     grouped: dict[tuple[str, int], list[Function]] = {}
     bus_by_key: dict[str, Bus] = {}
     for bus, f in functions.values():
@@ -273,6 +289,22 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
             channel = source.get("path")
     topo = Topology("libvirt", vm, machine, tuple(slots), tuple(buses.values()), agent_channel=channel)
     return DomainLayout(topo, device_xml, channel)
+
+
+def _chipset_functions(machine: str, acpi: bool) -> tuple[tuple[int, int, str], ...]:
+    """(slot, function, what) of the PCI functions an x86 machine type always creates on root bus 0
+    but libvirt's XML never lists. Without them the guest reports functions "the hypervisor does
+    not know". q35: the MCH host bridge, ICH9 LPC and SMBus (its SATA at 1f.2 is libvirt's
+    <controller type='sata'>); i440fx: the host bridge, PIIX3 ISA, and PIIX4 ACPI only with ACPI
+    on (IDE and USB are libvirt controllers). Other machines: none assumed.
+    """
+    m = machine.lower()
+    if "q35" in m:
+        return ((0x00, 0, "host bridge (q35 MCH)"), (0x1F, 0, "ISA bridge (ICH9 LPC)"), (0x1F, 3, "SMBus (ICH9)"))
+    if "i440fx" in m or m == "pc":
+        chipset = ((0x00, 0, "host bridge (i440FX)"), (0x01, 0, "ISA bridge (PIIX3)"))
+        return (*chipset, (0x01, 3, "ACPI (PIIX4 PM)")) if acpi else chipset
+    return ()
 
 
 def classify_detach_error(device: str, message: str) -> UnplugRefused:
