@@ -101,6 +101,8 @@ def test_status_finds_the_agent_through_the_channel(guest: LibvirtGuest) -> None
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["guestReachable"], doc["guestError"]
+    # Host and guest agree on every function, incl. the chipset's that libvirt's XML leaves out.
+    assert doc["guestOnly"] == [] and doc["hostOnly"] == [], (doc["guestOnly"], doc["hostOnly"])
     # The only way to the agent was the <channel> of the live XML: the socket this domain was given.
     assert f"path='{guest.agent_socket}'" in guest.live_xml()
     verdicts = {t: slot["verdict"] for slot, f in _functions(doc) if f["host"] for t in f["host"]["targets"]}

@@ -520,7 +520,8 @@ class LibvirtGuest:
             with contextlib.suppress(OSError):
                 if failed:
                     progress(f"domain {self.name} failed; last console lines:\n{_tail(self.serial_log, 25)}")
-                    progress(f"libvirt's log of it: {self.libvirt_log}")
+                    if self.libvirt_log.exists():
+                        progress(f"libvirt's log of it: {self.libvirt_log}")
                 if keep:
                     progress(f"kept {self.workdir}")
 
