@@ -2,8 +2,8 @@
 
 Links come from sysfs (roots.sys/class/net/*): flags, operstate, carrier,
 master/upper/lower links, kind. Addresses and routes come from rtnetlink on a
-live system (pyroute2, imported lazily: it costs more than the dump itself)
-and from netlink.json in a captured tree, written by `unplugd capture` in the
+live system (collectors/rtnetlink.py: importing pyroute2 would cost far more
+than the dump itself) and from netlink.json in a captured tree, written by `unplugd capture` in the
 schema snapshot_netlink() produces:
 
     {"version": 1,
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from unplugd.agent.collectors import rtnetlink
 from unplugd.agent.errors import ParseError, ReadError, Vanished
 from unplugd.agent.model import Address, NetInterface, Route, ScanProblem, Socket
 from unplugd.agent.roots import Roots
@@ -202,56 +203,34 @@ def _read_sockets(roots: Roots, problems: list[ScanProblem]) -> list[Socket]:
 def snapshot_netlink() -> dict[str, Any]:
     """Dump links, addresses and routes (every table) from rtnetlink, as netlink.json's schema.
 
-    Raises OSError (or pyroute2's errors) when the netlink socket fails, and
-    ImportError without pyroute2.
+    Raises OSError when the netlink socket fails and rtnetlink.NetlinkError
+    on a malformed answer. Our own small client (collectors/rtnetlink.py),
+    not pyroute2: importing pyroute2 alone costs ~150 ms and ~25 MiB.
     """
-    from pyroute2 import IPRoute
-
-    with IPRoute() as ipr:
-        link_msgs = ipr.get_links()
-        addr_msgs = ipr.get_addr()
-        route_msgs = ipr.get_routes()
-    names: dict[int, str] = {}
-    links: list[dict[str, Any]] = []
-    for msg in link_msgs:
-        name = msg.get_attr("IFLA_IFNAME")
-        info = msg.get_attr("IFLA_LINKINFO")
-        kind = info.get_attr("IFLA_INFO_KIND") if info is not None else None
-        names[int(msg["index"])] = name
-        links.append({"ifname": name, "ifindex": int(msg["index"]), "kind": kind or ""})
-    addresses: list[dict[str, Any]] = []
-    for msg in addr_msgs:
-        family = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(msg["family"])
-        # IFA_LOCAL is the local end of a point-to-point address; IFA_ADDRESS the peer there.
-        addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-        if family is None or addr is None:
-            continue
-        addresses.append(
-            {
-                "ifname": names.get(int(msg["index"]), msg.get_attr("IFA_LABEL") or ""),
-                "family": family,
-                "address": addr,
-                "prefixlen": int(msg["prefixlen"]),
-                "scope": _SCOPES.get(int(msg["scope"]), str(msg["scope"])),
-            }
-        )
+    link_msgs, addr_msgs, route_msgs = rtnetlink.dump()
+    names = {link.index: link.name for link in link_msgs}
+    links = [{"ifname": link.name, "ifindex": link.index, "kind": link.kind} for link in link_msgs]
+    family_number: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 6}
+    addresses = [
+        {
+            "ifname": names.get(a.index, a.label),
+            "family": family_number[a.family],
+            "address": a.address,
+            "prefixlen": a.prefixlen,
+            "scope": _SCOPES.get(a.scope, str(a.scope)),
+        }
+        for a in addr_msgs
+    ]
     routes: list[dict[str, Any]] = []
-    for msg in route_msgs:
-        family = {socket.AF_INET: 4, socket.AF_INET6: 6}.get(msg["family"])
-        if family is None or msg["type"] != _RTN_UNICAST:
+    for r in route_msgs:
+        if r.type != _RTN_UNICAST:
             continue  # local, broadcast, multicast, blackhole: no interface carries traffic out
-        dst = msg.get_attr("RTA_DST") or _ANY[family]
-        table = msg.get_attr("RTA_TABLE") or msg["table"]
-        base = {"family": family, "destination": f"{dst}/{msg['dst_len']}", "table": int(table)}
-        hops = msg.get_attr("RTA_MULTIPATH")
-        if hops:
-            for hop in hops:
-                routes.append(base | {"gateway": hop.get_attr("RTA_GATEWAY"), "ifname": names.get(int(hop["oif"]), "")})
+        family = family_number[r.family]
+        base = {"family": family, "destination": f"{r.dst or _ANY[family]}/{r.dst_len}", "table": r.table}
+        if r.multipath:
+            routes.extend(base | {"gateway": hop.gateway, "ifname": names.get(hop.oif, "")} for hop in r.multipath)
         else:
-            oif = msg.get_attr("RTA_OIF")
-            routes.append(
-                base | {"gateway": msg.get_attr("RTA_GATEWAY"), "ifname": names.get(int(oif), "") if oif else ""}
-            )
+            routes.append(base | {"gateway": r.gateway, "ifname": names.get(r.oif, "") if r.oif else ""})
     return {"version": 1, "links": links, "addresses": addresses, "routes": routes}
 
 
@@ -421,7 +400,7 @@ def _netlink(roots: Roots, problems: list[ScanProblem]) -> NetlinkData | None:
     if roots.live:
         try:
             return parse_netlink(snapshot_netlink())
-        except Exception as exc:  # pyroute2 raises its own types as well as OSError
+        except (OSError, rtnetlink.NetlinkError, ParseError) as exc:
             problems.append(ScanProblem(object="netlink", detail=f"cannot dump addresses and routes: {exc}"))
             return None
     try:
