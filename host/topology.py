@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 from unplugd.agent.model import PciAddress, PciPath
 
@@ -127,7 +128,7 @@ class Slot:
     functions: tuple[Function, ...]  # sorted by function number
     machine: str = ""
 
-    @property
+    @cached_property  # asked for once per slot per look-up: the planner looks up every slot
     def path(self) -> str:
         """`0000:00/03.0/05`: the bridge chain plus the slot number."""
         return self.bus.path_of(self.number, 0).slot_path
@@ -211,9 +212,11 @@ class Topology:
     # Host-side path of the agent's virtio-serial channel (libvirt <channel>), if any.
     agent_channel: str | None = None
     _by_path: dict[PciPath, Function] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _by_slot: dict[str, Slot] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for slot in self.slots:
+            self._by_slot.setdefault(slot.path, slot)
             for f in slot.functions:
                 self._by_path[f.path] = f
 
@@ -225,7 +228,7 @@ class Topology:
         return self._by_path.get(path)
 
     def slot(self, slot_path: str) -> Slot | None:
-        return next((s for s in self.slots if s.path == slot_path), None)
+        return self._by_slot.get(slot_path)
 
     def slot_of(self, path: PciPath) -> Slot | None:
         return self.slot(path.slot_path)

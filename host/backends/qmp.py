@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from unplugd.agent.model import PciAddress
 from unplugd.host.errors import (
@@ -37,6 +39,9 @@ from unplugd.host.errors import (
     UnplugRefused,
 )
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+
+if TYPE_CHECKING:
+    from qemu.qmp import QMPClient
 
 __all__ = [
     "Execute",
@@ -52,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Execute = Callable[[str, Mapping[str, Any] | None], Awaitable[Any]]
+_V = TypeVar("_V")
 
 _PCI_BRIDGE_CLASS = 0x0604
 _HOST_BRIDGE_CLASS = 0x0600
@@ -187,7 +193,20 @@ class _QomBus:
     devices: list[_QomDevice]
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """A device found on a bus: its QOM path, type, and devfn when query-pci already said it."""
+
+    path: str
+    type: str
+    devfn: int | None
+
+
 _PCI_BUS_TYPES = ("PCI", "PCIE", "pxb-bus", "pxb-pcie-bus", "pxb-cxl-bus")
+_PERIPHERAL = "/machine/peripheral"
+# QMP requests in flight at once. QEMU runs them one after another, but a
+# full pipe spares a round trip per command; more than this gains nothing.
+_IN_FLIGHT = 8
 
 
 def _is_bus_type(t: str) -> bool:
@@ -195,15 +214,40 @@ def _is_bus_type(t: str) -> bool:
     return t in _PCI_BUS_TYPES
 
 
+def _child_type(typ: str) -> str | None:
+    """`child<virtio-net-pci>` -> `virtio-net-pci`; None for other properties."""
+    return typ[6:-1] if typ.startswith("child<") and typ.endswith(">") else None
+
+
 class _Qom:
-    """Reads the QOM tree below the PCI root buses; tolerant: a failed read is None."""
+    """Reads the QOM tree below the PCI root buses; tolerant: a failed read is None.
+
+    QEMU answers one command at a time and each costs about half a millisecond,
+    so the reader asks only what query-pci does not say, once per fact:
+    - a named device's QOM path and type come from one qom-list of
+      /machine/peripheral and its devfn from query-pci (joined by qdev_id);
+      only links on a bus that these cannot account for are resolved one by one
+      (anonymous devices, chipset functions, buses firmware has not numbered);
+    - `hotpluggable` is the device class's flag AND "the parent bus has a hotplug
+      handler" (QEMU's device_get_hotpluggable), so it is read once per type and bus;
+    - `multifunction` of function 0 is read only when the slot has no other
+      function: QEMU refuses siblings next to a function 0 without it.
+    """
 
     def __init__(self, execute: Execute) -> None:
         self.execute = execute
+        self.peripheral: dict[str, str] = {}  # device id -> type
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)
+        # handler path -> the read of its type: buses read side by side share one handler (ACPI's)
+        self._types: dict[str, asyncio.Future[Any]] = {}
+
+    async def _run(self, command: str, arguments: Mapping[str, Any]) -> Any:
+        async with self._slots:
+            return await self.execute(command, arguments)
 
     async def get(self, path: str, prop: str) -> Any:
         try:
-            return await self.execute("qom-get", {"path": path, "property": prop})
+            return await self._run("qom-get", {"path": path, "property": prop})
         except QmpCommandError as e:
             log.debug("qom-get %s %s: %s", path, prop, e.desc)
             return None
@@ -211,7 +255,7 @@ class _Qom:
     async def children(self, path: str) -> list[tuple[str, str]]:
         """(name, type) of a QOM object's properties; [] when it cannot be listed."""
         try:
-            props = await self.execute("qom-list", {"path": path})
+            props = await self._run("qom-list", {"path": path})
         except QmpCommandError as e:
             log.debug("qom-list %s: %s", path, e.desc)
             return []
@@ -219,54 +263,121 @@ class _Qom:
             return []
         return [(str(p.get("name", "")), str(p.get("type", ""))) for p in props if isinstance(p, Mapping)]
 
-    async def root_buses(self) -> list[str]:
-        """QOM paths of the PCI host bridges' root buses (/machine/q35/pcie.0, /machine/i440fx/pci.0)."""
-        buses: list[str] = []
+    async def load_peripheral(self) -> None:
+        """Every device created with an id: /machine/peripheral/<id> is child<its type>."""
+        for name, typ in await self.children(_PERIPHERAL):
+            dtype = _child_type(typ)
+            if dtype:
+                self.peripheral[name] = dtype
+
+    async def handler_type(self, handler: str) -> Any:
+        named = _qdev_id(handler)  # a root port handles its own bus: its type is known already
+        if named is not None and named in self.peripheral:
+            return self.peripheral[named]
+        if handler not in self._types:
+            self._types[handler] = asyncio.ensure_future(self.get(handler, "type"))
+        return await self._types[handler]
+
+    async def root_bus(self) -> str | None:
+        """QOM path of the machine's root bus (/machine/q35/pcie.0, /machine/i440fx/pci.0)."""
         for name, typ in await self.children("/machine"):
             if not (typ.startswith("child<") and "host" in typ.lower()):
                 continue
             host = f"/machine/{name}"
             for sub, subtype in await self.children(host):
                 if subtype in ("child<PCI>", "child<PCIE>"):
-                    buses.append(f"{host}/{sub}")
-        return buses
+                    return f"{host}/{sub}"
+        return None
 
-    async def bus(self, path: str) -> _QomBus:
-        props = await self.children(path)
+    async def bus(self, path: str, nodes: Sequence[PciNode] = ()) -> _QomBus:
+        """One PCI bus and everything below it; `nodes`: what query-pci lists on it."""
+        props, btype, handler = await asyncio.gather(
+            self.children(path), self.get(path, "type"), self.get(path, "hotplug-handler")
+        )
+        handler = handler if isinstance(handler, str) else None
+        handler_type = await self.handler_type(handler) if handler else ""
         # child[N] links name each device on the bus; the link type is the device's type.
         links = [(name, typ[5:-1]) for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
-        btype, handler = await asyncio.gather(self.get(path, "type"), self.get(path, "hotplug-handler"))
-        handler = handler if isinstance(handler, str) else None
-        handler_type = await self.get(handler, "type") if handler else ""
-        targets = await asyncio.gather(*(self.get(path, name) for name, _ in links))
-        devices = await asyncio.gather(
-            *(self.device(t, hint) for t, (_, hint) in zip(targets, links, strict=True) if isinstance(t, str) and t)
-        )
-        return _QomBus(path, str(btype or ""), handler, str(handler_type or ""), list(devices))
+        placed = await self._place(path, links, nodes)
+        devices = await self._devices(path, placed, {n.devfn: n for n in nodes})
+        return _QomBus(path, str(btype or ""), handler, str(handler_type or ""), devices)
 
-    async def device(self, path: str, type_hint: str = "") -> _QomDevice:
-        dtype, addr, hot, multi = await asyncio.gather(
-            self.get(path, "type") if not type_hint else _value(type_hint),
-            self.get(path, "addr"),
-            self.get(path, "hotpluggable"),
-            self.get(path, "multifunction"),
+    async def _place(self, path: str, links: Sequence[tuple[str, str]], nodes: Sequence[PciNode]) -> list[_Placed]:
+        """The bus's devices, resolving only the links the named devices leave unexplained.
+
+        Per type: when the bus has as many links of a type as query-pci lists named
+        devices of that type on it, those links are those devices. Otherwise every
+        link of that type is read.
+        """
+        named = {n.qdev_id: n for n in nodes if n.qdev_id in self.peripheral}
+        have = Counter(t for _, t in links)
+        want = Counter(self.peripheral[i] for i in named)
+        placed = [
+            _Placed(f"{_PERIPHERAL}/{i}", self.peripheral[i], n.devfn)
+            for i, n in named.items()
+            if have[self.peripheral[i]] == want[self.peripheral[i]]
+        ]
+        unexplained = [(name, t) for name, t in links if have[t] != want[t]]
+        targets = await asyncio.gather(*(self.get(path, name) for name, _ in unexplained))
+        for target, (_, t) in zip(targets, unexplained, strict=True):
+            if not isinstance(target, str) or not target:
+                continue
+            node = named.get(_qdev_id(target) or "")
+            placed.append(_Placed(target, t, node.devfn if node else None))
+        return placed
+
+    async def _devices(self, bus: str, placed: Sequence[_Placed], nodes: Mapping[int, PciNode]) -> list[_QomDevice]:
+        types, addrs = await asyncio.gather(
+            asyncio.gather(*(self.get(p.path, "type") if not p.type else _value(p.type) for p in placed)),
+            asyncio.gather(*(self.get(p.path, "addr") if p.devfn is None else _value(p.devfn) for p in placed)),
+        )
+        devfns = [a if isinstance(a, int) and a >= 0 else None for a in addrs]
+        dtypes = [str(t or "") for t in types]
+        # One device of each type tells the rest (a failed read leaves each to ask for itself).
+        first = {t: i for i, t in reversed(list(enumerate(dtypes))) if t}
+        answers = await asyncio.gather(*(self.get(placed[i].path, "hotpluggable") for i in first.values()))
+        told = dict(zip(first, answers, strict=True))
+        shared = {d >> 3 for d in devfns if d is not None and d & 7}  # slots with a function > 0
+        return list(
+            await asyncio.gather(
+                *(
+                    self._device(
+                        p.path,
+                        t,
+                        devfn,
+                        told.get(t),
+                        has_siblings=devfn is not None and devfn & 7 == 0 and devfn >> 3 in shared,
+                        node=nodes.get(devfn) if devfn is not None else None,
+                    )
+                    for p, t, devfn in zip(placed, dtypes, devfns, strict=True)
+                )
+            )
+        )
+
+    async def _device(
+        self, path: str, dtype: str, devfn: int | None, hot: Any, *, has_siblings: bool, node: PciNode | None
+    ) -> _QomDevice:
+        hot, multi = await asyncio.gather(
+            _value(hot) if isinstance(hot, bool) else self.get(path, "hotpluggable"),
+            _value(True) if has_siblings else self.get(path, "multifunction"),
         )
         buses: list[_QomBus] = []
-        if _may_bridge(str(dtype or "")):  # only bridges have buses below them: spare the others a qom-list
+        if _may_bridge(dtype):  # only bridges have buses below them: spare the others a qom-list
             props = await self.children(path)
-            sub = [name for name, typ in props if typ.startswith("child<") and _is_bus_type(typ[6:-1])]
-            buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}") for name in sub)))
+            sub = [name for name, typ in props if _is_bus_type(_child_type(typ) or "")]
+            below = node.children if node else ()
+            buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}", below) for name in sub)))
         return _QomDevice(
             path=path,
-            type=str(dtype or ""),
-            devfn=addr if isinstance(addr, int) and addr >= 0 else None,
+            type=dtype,
+            devfn=devfn,
             hotpluggable=hot if isinstance(hot, bool) else None,
             multifunction=multi is True,
             buses=buses,
         )
 
 
-async def _value(v: str) -> str:
+async def _value(v: _V) -> _V:
     return v
 
 
@@ -426,19 +537,24 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
     """Read query-pci and the QOM tree through `execute` and join them."""
     roots = parse_query_pci(await execute("query-pci", None))
     qom = _Qom(execute)
-    machine = await qom.get("/machine", "type")
+    machine, root_path, _ = await asyncio.gather(qom.get("/machine", "type"), qom.root_bus(), qom.load_peripheral())
     machine = str(machine or "").removesuffix("-machine")
-    qbuses = list(await asyncio.gather(*(qom.bus(p) for p in await qom.root_buses())))
+    nodes_of = dict(roots)
+
     # The machine's host bridge owns root bus 0. A pxb expander's root bus hangs
     # off an anonymous host object; reach it through a named device on it.
-    by_number: dict[int, _QomBus] = {0: qbuses[0]} if qbuses else {}
-    for number, nodes in roots:
+    async def expander(number: int, nodes: Sequence[PciNode]) -> tuple[int, _QomBus | None]:
         named = next((n.qdev_id for n in nodes if n.qdev_id), None)
-        if number in by_number or named is None:
-            continue
-        parent = await qom.get(f"/machine/peripheral/{named}", "parent_bus")
-        if isinstance(parent, str) and parent:
-            by_number[number] = await qom.bus(parent)
+        if number == 0 or named is None:
+            return number, None
+        parent = await qom.get(f"{_PERIPHERAL}/{named}", "parent_bus")
+        return number, await qom.bus(parent, nodes) if isinstance(parent, str) and parent else None
+
+    async def machine_root() -> tuple[int, _QomBus | None]:
+        return 0, await qom.bus(root_path, nodes_of.get(0, ())) if root_path else None
+
+    found = await asyncio.gather(machine_root(), *(expander(number, nodes) for number, nodes in roots))
+    by_number = {number: qbus for number, qbus in found if qbus is not None}
     builder = _Builder(machine)
     for number, nodes in roots:
         qbus = by_number.get(number)
@@ -481,17 +597,36 @@ def removal_from_event(data: Mapping[str, Any]) -> Removal:
     return Removal(device if isinstance(device, str) and device else None, path if isinstance(path, str) else None)
 
 
+@functools.cache
+def _client_class() -> type[QMPClient]:
+    """QMPClient that formats messages for its debug log only when someone reads that log.
+
+    qemu.qmp pretty-prints every message it sends or receives (json.dumps with
+    indent) before logging.debug drops it: about 80 ms per topology read of a
+    256-function VM, most of it query-pci's answer. Its message hooks are
+    there for subclasses to override.
+    """
+    from qemu.qmp import Message, QMPClient
+
+    class QuietQMPClient(QMPClient):
+        def _cb_outbound(self, msg: Message) -> Message:
+            return super()._cb_outbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+        def _cb_inbound(self, msg: Message) -> Message:
+            return super()._cb_inbound(msg) if self.logger.isEnabledFor(logging.DEBUG) else msg
+
+    return QuietQMPClient
+
+
 class QmpBackend:
     """One QEMU process through its QMP socket. Use as `async with QmpBackend(path) as be:`."""
 
     source = "qmp"
 
     def __init__(self, socket_path: str, *, timeout: float = 10.0) -> None:
-        from qemu.qmp import QMPClient
-
         self.socket_path = socket_path
         self.timeout = timeout
-        self._client = QMPClient("unplugctl")
+        self._client = _client_class()("unplugctl")
         self._connected = False
 
     async def __aenter__(self) -> QmpBackend:

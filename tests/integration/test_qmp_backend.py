@@ -177,3 +177,68 @@ def test_multifunction_slot_leaves_whole() -> None:
     assert done.plan.unplug_target.qemu_id == "f0"  # type: ignore[attr-defined]
     assert sorted((f.name, f.removed) for f in done.functions) == [("f0", True), ("f1", True)]  # type: ignore[attr-defined]
     assert after.slot("0000:80/02.0/00") is None
+
+
+# An anonymous NIC among named ones of its type, and a lone function 0 with multifunction=on:
+# the cases where the batched QOM read cannot take query-pci's word and must ask QEMU.
+ODD_DEVICES = [
+    "-netdev",
+    "user,id=nd-anon,restrict=on",
+    "-device",
+    "virtio-net-pci,netdev=nd-anon,addr=0x9",
+    "-drive",
+    "if=none,id=drv-lone,file=null-co://,format=raw",
+    "-device",
+    "virtio-blk-pci,id=lone-mf,drive=drv-lone,addr=0xa,multifunction=on",
+    "-netdev",
+    "user,id=nd-anon2,restrict=on",
+    "-device",
+    "virtio-net-pci,netdev=nd-anon2,bus=br2,addr=0x2",
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "enumerate", "extra"),
+    [("pc", True, ODD_DEVICES), ("pc", False, ODD_DEVICES), ("q35", True, []), ("q35", False, [])],
+    ids=["pc", "pc-unnumbered", "q35", "q35-unnumbered"],
+)
+def test_every_qom_fact_is_what_qemu_says_of_the_device(name: str, enumerate: bool, extra: list[str]) -> None:
+    """The topology read asks QEMU as little as it can; each fact must still be the device's own answer."""
+    with run_qemu(name, enumerate=enumerate, extra=extra) as vm:
+
+        async def body(be: QmpBackend) -> tuple[Topology, list[tuple[str, dict[str, object]]]]:
+            t = await be.topology()
+            direct = []
+            for f in t.functions():
+                if f.qom_path:
+                    props = {
+                        p: await be.execute("qom-get", {"path": f.qom_path, "property": p})
+                        for p in ("type", "addr", "hotpluggable", "multifunction")
+                    }
+                    direct.append((f.qom_path, props))
+            return t, direct
+
+        t, direct = with_backend(vm.qmp, body)
+    by_qom = {f.qom_path: f for f in t.functions() if f.qom_path}
+    assert len(direct) == len(list(t.functions()))  # every function was found in QOM
+    for path, props in direct:
+        f = by_qom[path]
+        assert f.model == props["type"], path
+        slot, function = f.path.hops[-1]
+        assert slot << 3 | function == props["addr"], path
+        assert f.hotpluggable is props["hotpluggable"], path
+        assert f.multifunction is props["multifunction"], path
+    if name == "pc":
+        anon = t.function(PciPath.parse("0000:00/09.0"))
+        assert anon is not None and anon.qemu_id is None and anon.model == "virtio-net-pci"
+        assert anon.qom_path is not None and anon.qom_path.startswith("/machine/peripheral-anon/")
+        behind = t.function(PciPath.parse("0000:00/03.0/07.0/02.0"))
+        assert (
+            behind is not None
+            and behind.qom_path is not None
+            and behind.qom_path.startswith("/machine/peripheral-anon/")
+        )
+        lone = t.slot("0000:00/0a")
+        assert lone is not None and len(lone.functions) == 1 and lone.multifunction
+        net0 = t.slot("0000:00/07")
+        assert net0 is not None and not net0.multifunction

@@ -224,3 +224,33 @@ def test_removal_from_event() -> None:
     assert named.matches(mf_disk) and not named.matches(mf_net)
     # the virtio backend below a device has its own DEVICE_DELETED: it is not the device
     assert not Removal(None, "/machine/peripheral/mf-disk/virtio-backend").matches(mf_disk)
+
+
+@pytest.mark.parametrize("name", ["pc", "q35", "pc-unnumbered", "q35-unnumbered"])
+def test_each_fact_is_asked_once_and_ids_spare_the_per_device_reads(name: str) -> None:
+    """QEMU answers one QMP command at a time: the read must not ask what it knows or already asked."""
+    answers = load(name)["answers"]
+    asked: list[str] = []
+
+    async def execute(command: str, arguments: Mapping[str, Any] | None) -> Any:
+        key = json.dumps([command, arguments or {}], sort_keys=True)
+        asked.append(key)
+        answer = answers[key]
+        if "error" in answer:
+            raise QmpCommandError(command, answer["error"])
+        return answer["return"]
+
+    topo = asyncio.run(build_topology(execute, "vm"))
+    assert len(asked) == len(set(asked))
+    gets = [json.loads(k)[1] for k in asked if json.loads(k)[0] == "qom-get"]
+    named = {f.qom_path for f in topo.functions() if f.qemu_id and f.qom_path}
+    assert named
+    # /machine/peripheral gave their type; query-pci their devfn, once firmware has numbered the buses
+    # (before that it lists nothing behind a bridge)
+    assert not [g for g in gets if g["path"] in named and g["property"] == "type"]
+    if load(name)["enumerated"]:
+        assert not [g for g in gets if g["path"] in named and g["property"] == "addr"]
+    # `hotpluggable` belongs to the type and the bus: one read for each pair
+    pairs = {(s.bus.key, f.model) for s in topo.slots for f in s.functions if f.qom_path in named}
+    hot_reads = [g for g in gets if g["path"] in named and g["property"] == "hotpluggable"]
+    assert len(hot_reads) == len(pairs)
