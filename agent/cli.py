@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
@@ -178,6 +177,8 @@ def open_roots(root: str | None) -> Iterator[Roots]:
         return
     if not path.is_file():
         raise InvalidArgument(f"--root {root}: no such directory or file")
+    import tempfile  # only text archives need it: every other run skips its import
+
     from unplugd.agent import treetext
 
     text = path.read_text(encoding="utf-8", errors="surrogateescape")

@@ -208,12 +208,12 @@ def snapshot_netlink() -> dict[str, Any]:
     not pyroute2: importing pyroute2 alone costs ~150 ms and ~25 MiB.
     """
     link_msgs, addr_msgs, route_msgs = rtnetlink.dump()
-    names = {link.index: link.name for link in link_msgs}
-    links = [{"ifname": link.name, "ifindex": link.index, "kind": link.kind} for link in link_msgs]
+    names = {link.ifindex: link.name for link in link_msgs}
+    links = [{"ifname": link.name, "ifindex": link.ifindex, "kind": link.kind} for link in link_msgs]
     family_number: dict[int, int] = {socket.AF_INET: 4, socket.AF_INET6: 6}
     addresses = [
         {
-            "ifname": names.get(a.index, a.label),
+            "ifname": names.get(a.ifindex, a.label),
             "family": family_number[a.family],
             "address": a.address,
             "prefixlen": a.prefixlen,

@@ -13,8 +13,9 @@ linux/rtnetlink.h, linux/if_link.h, linux/if_addr.h):
     rtattr    len u16, type u16, payload padded to 4 bytes
     rtnexthop len u16, flags u8, hops u8, ifindex i32, then rtattrs (RTA_MULTIPATH)
 
-parse_* are pure (bytes in, dataclasses out) and raise NetlinkError on
-anything truncated or inconsistent; dump() does the socket I/O.
+parse_* are pure (bytes in, named tuples out: a tenth of a frozen
+dataclass's import cost, this runs on every CLI start) and raise
+NetlinkError on anything truncated or inconsistent; dump() does the I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = [
     "AddrMsg",
@@ -82,31 +83,27 @@ class NetlinkError(Exception):
     """A malformed message, a kernel error answer, or a dump that kept changing under us."""
 
 
-@dataclass(frozen=True)
-class LinkMsg:
-    index: int
+class LinkMsg(NamedTuple):
+    ifindex: int
     name: str
     kind: str  # IFLA_INFO_KIND: veth, bridge, bond, ...; "" for none (physical NICs, lo)
 
 
-@dataclass(frozen=True)
-class AddrMsg:
+class AddrMsg(NamedTuple):
     family: int
-    index: int
+    ifindex: int
     prefixlen: int
     scope: int
     address: str  # IFA_LOCAL when present (point-to-point: IFA_ADDRESS is the peer), else IFA_ADDRESS
     label: str
 
 
-@dataclass(frozen=True)
-class NextHop:
+class NextHop(NamedTuple):
     oif: int
     gateway: str | None
 
 
-@dataclass(frozen=True)
-class RouteMsg:
+class RouteMsg(NamedTuple):
     family: int
     dst_len: int
     table: int  # RTA_TABLE when present (tables above 255), else rtmsg.table
@@ -114,7 +111,7 @@ class RouteMsg:
     dst: str | None
     oif: int | None
     gateway: str | None
-    multipath: tuple[NextHop, ...] = field(default=())
+    multipath: tuple[NextHop, ...] = ()
 
 
 def _align(n: int) -> int:
@@ -185,7 +182,7 @@ def parse_link(payload: bytes) -> LinkMsg:
     if IFLA_LINKINFO in attrs:
         info = dict(iter_attrs(attrs[IFLA_LINKINFO]))
         kind = _string(info.get(IFLA_INFO_KIND, b""))
-    return LinkMsg(index=index, name=_string(attrs[IFLA_IFNAME]), kind=kind)
+    return LinkMsg(ifindex=index, name=_string(attrs[IFLA_IFNAME]), kind=kind)
 
 
 def parse_addr(payload: bytes) -> AddrMsg | None:
@@ -199,7 +196,7 @@ def parse_addr(payload: bytes) -> AddrMsg | None:
         return None
     return AddrMsg(
         family=family,
-        index=index,
+        ifindex=index,
         prefixlen=prefixlen,
         scope=scope,
         address=_ip(family, raw, f"address on link {index}"),
