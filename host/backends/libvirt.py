@@ -26,8 +26,9 @@ import contextlib
 import json
 import logging
 import threading
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "org.unplugd.agent.0"
+_HANDOFF_S = 1.0  # how old a layout read for the agent channel may be when topology() takes it over
 _T = TypeVar("_T")
 
 _BUS_KINDS = {
@@ -85,11 +87,27 @@ class _Controller:
     bus_nr: int | None  # expander buses: <target busNr>
 
 
+class _DeviceXml(Mapping[str, str]):
+    """alias -> a device element's XML, serialized when asked: a detach wants one, a status none."""
+
+    def __init__(self, elements: dict[str, ET.Element]) -> None:
+        self._elements = elements
+
+    def __getitem__(self, alias: str) -> str:
+        return ET.tostring(self._elements[alias], encoding="unicode")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._elements)
+
+    def __len__(self) -> int:
+        return len(self._elements)
+
+
 @dataclass(frozen=True)
 class DomainLayout:
     topology: Topology
     # alias -> the device element's live XML, what detachDeviceFlags wants
-    device_xml: dict[str, str]
+    device_xml: Mapping[str, str]
     agent_channel: str | None
 
 
@@ -220,7 +238,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
         return bus
 
     functions: dict[PciPath, tuple[Bus, Function]] = {}
-    device_xml: dict[str, str] = {}
+    device_els: dict[str, ET.Element] = {}
     for el in devices:
         pa = _pci_address(el)
         if pa is None:
@@ -247,7 +265,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
             raise TopologyError(f"domain XML: two devices at {f.path}")
         functions[f.path] = (bus, f)
         if alias:
-            device_xml[alias] = ET.tostring(el, encoding="unicode")
+            device_els[alias] = el
 
     root_bus = bus_of(0) if 0 in controllers else None
     if root_bus is not None and root_bus.kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
@@ -288,7 +306,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
         ):
             channel = source.get("path")
     topo = Topology("libvirt", vm, machine, tuple(slots), tuple(buses.values()), agent_channel=channel)
-    return DomainLayout(topo, device_xml, channel)
+    return DomainLayout(topo, _DeviceXml(device_els), channel)
 
 
 def _chipset_functions(machine: str, acpi: bool) -> tuple[tuple[int, int, str], ...]:
@@ -320,6 +338,7 @@ def classify_detach_error(device: str, message: str) -> UnplugRefused:
 
 
 # ---------------------------------------------------------------- the event loop thread
+
 
 class _EventLoop:
     lock = threading.Lock()
@@ -361,6 +380,9 @@ class LibvirtBackend:
         self._conn: Any = None
         self._dom: Any = None
         self._layout: DomainLayout | None = None
+        # The layout agent_channel() read, handed to the next topology() (unplugctl asks for
+        # the channel, then at once for the topology) if still fresh: one dumpxml, not two.
+        self._handoff: tuple[float, DomainLayout] | None = None
 
     async def _call(self, fn: Callable[[], _T], what: str) -> _T:
         import libvirt
@@ -408,10 +430,15 @@ class LibvirtBackend:
         return self._layout
 
     async def topology(self) -> Topology:
+        handoff, self._handoff = self._handoff, None
+        if handoff is not None and time.monotonic() - handoff[0] < _HANDOFF_S:
+            return handoff[1].topology
         return (await self.layout()).topology
 
     async def agent_channel(self) -> str | None:
-        return (await self.layout()).agent_channel
+        layout = await self.layout()
+        self._handoff = (time.monotonic(), layout)
+        return layout.agent_channel
 
     async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
         """detachDeviceFlags(LIVE), or device_del through the QEMU monitor for a multifunction slot.
@@ -421,6 +448,7 @@ class LibvirtBackend:
         """
         import libvirt
 
+        self._handoff = None  # what follows an unplug must be read afresh
         alias = fn.alias
         if not alias:
             raise HotplugUnsupported(str(fn.path), "libvirt has no alias for this function")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 from unplugd.agent.model import PciPath
-from unplugd.host.backends.libvirt import classify_detach_error, parse_domain_xml
+from unplugd.host.backends.libvirt import LibvirtBackend, classify_detach_error, parse_domain_xml
 from unplugd.host.errors import DeviceGone, HotplugUnsupported, MultifunctionRefused, TopologyError, UnplugRefused
 from unplugd.host.topology import BusKind, Topology
 
@@ -143,3 +145,45 @@ def test_guest_address_known_only_on_root_buses(q35: Topology) -> None:
     assert f is not None and str(f.guest_address) == "0000:00:02.1"
     behind = q35.function(PciPath.parse("0000:00/02.1/00.0"))
     assert behind is not None and behind.guest_address is None  # libvirt does not know firmware numbering
+
+
+class _CountingDomain:
+    """Stands in for a libvirt.virDomain: the live XML of a real domain, and how often it was asked."""
+
+    def __init__(self, xml: str) -> None:
+        self.xml = xml
+        self.dumps = 0
+
+    def XMLDesc(self, flags: int) -> str:
+        self.dumps += 1
+        return self.xml
+
+
+def test_channel_then_topology_reads_the_domain_once() -> None:
+    dom = _CountingDomain(load("q35"))
+    be = LibvirtBackend("q35")
+    be._dom = dom
+
+    async def go() -> tuple[str | None, Topology, Topology]:
+        channel = await be.agent_channel()
+        first = await be.topology()  # takes over the layout read for the channel
+        again = await be.topology()  # a later read is fresh
+        return channel, first, again
+
+    channel, first, again = asyncio.run(go())
+    assert channel is not None and channel.endswith("/org.unplugd.agent.0")
+    assert first == again
+    assert dom.dumps == 2
+
+
+def test_device_xml_is_each_device_element() -> None:
+    layout = parse_domain_xml(load("q35"), "q35")
+    aliased = {f.alias for f in layout.topology.functions() if f.alias}
+    assert set(layout.device_xml) == aliased and len(layout.device_xml) == len(aliased)
+    for alias in aliased:
+        el = ET.fromstring(layout.device_xml[alias])
+        found = el.find("alias")
+        assert found is not None and found.get("name") == alias
+    with pytest.raises(KeyError):
+        layout.device_xml["no-such-alias"]
+    assert layout.device_xml.get("no-such-alias") is None
