@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 __all__ = [
     "Address",
@@ -107,9 +108,9 @@ class PciPath:
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.root_bus:02x}" + "".join(f"/{s:02x}.{f:x}" for s, f in self.hops)
 
-    @property
+    @cached_property
     def slot_path(self) -> str:
-        """The path without the last function: `0000:00/03.0/05`."""
+        """The path without the last function: `0000:00/03.0/05` (cached: planners ask a lot)."""
         head = f"{self.domain:04x}:{self.root_bus:02x}" + "".join(
             f"/{s:02x}.{f:x}" for s, f in self.hops[:-1]
         )
