@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,9 +110,6 @@ def _open_excl(path: str, device: BlockDevice) -> int:
 
 def _open_private_node(device: BlockDevice) -> int:
     # No usable node under /dev (no udev, say): make one only we can see.
-    # tempfile is imported here, on this rare path: the agent's RSS is a target.
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="unplugd-claim-") as tmp:
         node = os.path.join(tmp, "node")
         try:

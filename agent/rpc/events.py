@@ -1,6 +1,6 @@
 """Kernel event sources the watcher sleeps on: nothing here polls on a timer.
 
-- udev/uevents (rpc/uevents.py: block, net, pci add/remove/change); the
+- udev/uevents (pyudev Monitor: block, net, pci add/remove/change); the
   kernel source when no udev daemon runs.
 - rtnetlink groups for links, IPv4/IPv6 addresses and routes. The content
   is not parsed: any message means "look again".
@@ -267,12 +267,24 @@ class EventSources:
         return True
 
     def _open_udev(self) -> None:
-        # Our own uevent socket (rpc/uevents.py), not pyudev: same events, ~1.4 MiB less RSS.
-        from unplugd.agent.rpc.uevents import UeventSocket
+        import pyudev
 
-        monitor = UeventSocket()
-        self._owned.append(monitor)
-        self._register(monitor.fileno(), _IN, lambda mask: monitor.drain())
+        context = pyudev.Context()
+        # Without a udev daemon, listen to the kernel's uevents directly.
+        source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+        monitor = pyudev.Monitor.from_netlink(context, source=source)
+        for subsystem in ("block", "net", "pci"):
+            monitor.filter_by(subsystem)
+        monitor.start()
+        self._owned.append(_Closer(monitor))
+
+        def drain(mask: int) -> bool:
+            got = False
+            while monitor.poll(timeout=0) is not None:
+                got = True
+            return got
+
+        self._register(monitor.fileno(), _IN, drain)
 
     def _open_netlink(self) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
@@ -416,3 +428,15 @@ class _ProcConnector:
         with contextlib.suppress(OSError):
             self._sock.send(_proc_cn_op(PROC_CN_MCAST_IGNORE))
         self._sock.close()
+
+
+class _Closer:
+    """pyudev's Monitor has no close(); dropping its socket is enough."""
+
+    def __init__(self, monitor: Any) -> None:
+        self._monitor = monitor
+
+    def close(self) -> None:
+        stop = getattr(self._monitor, "stop", None)
+        if stop is not None:
+            stop()

@@ -12,7 +12,7 @@ claims with the file descriptors, even on SIGKILL.
 from __future__ import annotations
 
 import logging
-import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -88,12 +88,6 @@ class _Lease:
                           tuple(c.name for c in self.claims), self.interfaces_down)
 
 
-def _new_lease_id() -> str:
-    # What secrets.token_hex(16) returns (os.urandom, hex), without importing
-    # secrets and the hashlib/hmac/random it pulls in (~0.7 MiB of agent RSS).
-    return os.urandom(16).hex()
-
-
 class LeaseManager:
     def __init__(
         self,
@@ -159,7 +153,7 @@ class LeaseManager:
                 release_claims(claims)
                 self._links_restore(downs)
                 raise ClaimConflict("cannot prepare " + ", ".join(str(t.function) for t in targets), reasons)
-            lease = _Lease(_new_lease_id(), tuple(t.function for t in targets), claims, tuple(downs),
+            lease = _Lease(secrets.token_hex(16), tuple(t.function for t in targets), claims, tuple(downs),
                            self._clock() + duration)
             self._leases[lease.lease_id] = lease
             self._arm(lease, duration)
