@@ -36,7 +36,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from tests.vm.devices import Device
 from tests.vm.image import GuestImage, build_deb, build_image
@@ -264,33 +264,8 @@ class GuestVM:
         A degraded boot (some unit failed, e.g. an agent still under construction) counts as booted;
         the failed units are logged.
         """
-        deadline = self._started_at + timeout if self._started_at else time.monotonic() + timeout
-        last_report = time.monotonic()
-        while True:
-            self._check_alive()
-            if self._qga.ping(timeout=2.0):
-                break
-            now = time.monotonic()
-            if now > deadline:
-                raise BootTimeout(
-                    f"qemu-ga not answering after {timeout:.0f}s\n--- serial console ---\n{_tail(self.serial_log, 30)}"
-                )
-            if now - last_report >= PROGRESS_EVERY:
-                last_report = now
-                progress(f"booting: {now - self._started_at:.0f}s, console: {_last_line(self.serial_log)}")
-            time.sleep(0.5)
-        ga_seconds = time.monotonic() - self._started_at
-        remaining = max(5.0, deadline - time.monotonic())
-        rc, out, _ = self.exec(["systemctl", "is-system-running", "--wait"], timeout=remaining)
-        state = out.strip()
-        if state not in ("running", "degraded"):
-            raise BootTimeout(f"systemd state {state!r} (rc {rc}) after {timeout:.0f}s")
-        if state == "degraded":
-            _, failed, _ = self.exec(["systemctl", "--failed", "--no-legend", "--plain"], timeout=30)
-            log.warning("guest booted degraded; failed units: %s", failed.strip())
-            progress(f"guest booted degraded; failed units: {' '.join(failed.split()[:1]) or '?'}")
-        self.boot_seconds = time.monotonic() - self._started_at
-        progress(f"booted: qemu-ga after {ga_seconds:.1f}s, systemd {state} after {self.boot_seconds:.1f}s")
+        started = self._started_at or time.monotonic()
+        self.boot_seconds = wait_for_boot(self, self._qga, started, timeout)
         return self.boot_seconds
 
     # -- inside the guest --
@@ -430,6 +405,50 @@ def _run(cmd: list[str]) -> None:
     if proc.returncode != 0:
         raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 
+
+
+class _Booting(Protocol):
+    serial_log: Path
+
+    def _check_alive(self) -> None: ...
+
+    def exec(self, cmd: list[str], timeout: float = 60.0) -> ExecResult: ...
+
+
+def wait_for_boot(vm: _Booting, qga: GuestAgent, started_at: float, timeout: float) -> float:
+    """Wait for qemu-ga, then for systemd to finish booting (degraded counts, failed units are logged).
+
+    Shared by GuestVM (QEMU run by the harness) and LibvirtGuest (a libvirt domain). Returns the
+    seconds since started_at.
+    """
+    deadline = started_at + timeout
+    last_report = time.monotonic()
+    while True:
+        vm._check_alive()
+        if qga.ping(timeout=2.0):
+            break
+        now = time.monotonic()
+        if now > deadline:
+            raise BootTimeout(
+                f"qemu-ga not answering after {timeout:.0f}s\n--- serial console ---\n{_tail(vm.serial_log, 30)}"
+            )
+        if now - last_report >= PROGRESS_EVERY:
+            last_report = now
+            progress(f"booting: {now - started_at:.0f}s, console: {_last_line(vm.serial_log)}")
+        time.sleep(0.5)
+    ga_seconds = time.monotonic() - started_at
+    remaining = max(5.0, deadline - time.monotonic())
+    rc, out, _ = vm.exec(["systemctl", "is-system-running", "--wait"], timeout=remaining)
+    state = out.strip()
+    if state not in ("running", "degraded"):
+        raise BootTimeout(f"systemd state {state!r} (rc {rc}) after {timeout:.0f}s")
+    if state == "degraded":
+        _, failed, _ = vm.exec(["systemctl", "--failed", "--no-legend", "--plain"], timeout=30)
+        log.warning("guest booted degraded; failed units: %s", failed.strip())
+        progress(f"guest booted degraded; failed units: {' '.join(failed.split()[:1]) or '?'}")
+    boot_seconds = time.monotonic() - started_at
+    progress(f"booted: qemu-ga after {ga_seconds:.1f}s, systemd {state} after {boot_seconds:.1f}s")
+    return boot_seconds
 
 def _tail(path: Path, lines: int) -> str:
     try:

@@ -44,7 +44,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tests.vm.devices import DataDisk
-from tests.vm.guest import DEFAULT_GUEST_CONFIG, BootTimeout, VMError, progress
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, VMError, _tail, progress, wait_for_boot
 from tests.vm.image import GuestImage, build_deb, build_image
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
@@ -65,7 +65,6 @@ URI = os.environ.get("UNPLUGD_LIBVIRT_URI", "qemu:///system")
 QEMU = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
 AGENT_PORT = "org.unplugd.agent.0"
 QGA_PORT = "org.qemu.guest_agent.0"
-PROGRESS_EVERY = 15.0
 
 _live: weakref.WeakSet[LibvirtGuest] = weakref.WeakSet()
 
@@ -418,33 +417,7 @@ class LibvirtGuest:
         """Wait until qemu-ga answers through libvirt and systemd finished booting; return seconds since start."""
         if self._qga is None:
             raise VMError("domain not started")
-        deadline = self._started_at + timeout
-        last_report = time.monotonic()
-        while True:
-            self._check_alive()
-            if self._qga.ping(timeout=2.0):
-                break
-            now = time.monotonic()
-            if now > deadline:
-                raise BootTimeout(
-                    f"qemu-ga not answering after {timeout:.0f}s\n--- serial console ---\n{_tail(self.serial_log, 30)}"
-                )
-            if now - last_report >= PROGRESS_EVERY:
-                last_report = now
-                progress(f"booting: {now - self._started_at:.0f}s, console: {_last_line(self.serial_log)}")
-            time.sleep(0.5)
-        ga_seconds = time.monotonic() - self._started_at
-        remaining = max(5.0, deadline - time.monotonic())
-        rc, out, _ = self.exec(["systemctl", "is-system-running", "--wait"], timeout=remaining)
-        state = out.strip()
-        if state not in ("running", "degraded"):
-            raise BootTimeout(f"systemd state {state!r} (rc {rc}) after {timeout:.0f}s")
-        if state == "degraded":
-            _, failed, _ = self.exec(["systemctl", "--failed", "--no-legend", "--plain"], timeout=30)
-            log.warning("guest booted degraded; failed units: %s", failed.strip())
-            progress(f"guest booted degraded; failed units: {' '.join(failed.split()[:1]) or '?'}")
-        self.boot_seconds = time.monotonic() - self._started_at
-        progress(f"booted: qemu-ga after {ga_seconds:.1f}s, systemd {state} after {self.boot_seconds:.1f}s")
+        self.boot_seconds = wait_for_boot(self, self._qga, self._started_at, timeout)
         return self.boot_seconds
 
     # -- inside the guest --
@@ -564,19 +537,6 @@ def _run(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        text = path.read_bytes()[-16384:].decode(errors="replace")
-    except OSError:
-        return "(none)"
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
-
-
-def _last_line(path: Path) -> str:
-    lines = [ln for ln in _tail(path, 5).splitlines() if ln.strip()]
-    return lines[-1][:100] if lines else "(nothing yet)"
 
 
 @atexit.register
