@@ -68,9 +68,16 @@ def _tail(log: Path) -> str:
 
 
 @contextlib.contextmanager
-def running_agent(extra: Sequence[str] = (), *, config: str = "", timeout_s: float = 30.0) -> Iterator[RunningAgent]:
-    """Start the agent, wait until it answers, stop it (SIGTERM, then SIGKILL) on the way out."""
-    argv = serve_argv()
+def running_agent(
+    extra: Sequence[str] = (), *, config: str = "", timeout_s: float = 30.0, python: str | None = None
+) -> Iterator[RunningAgent]:
+    """Start the agent, wait until it answers, stop it (SIGTERM, then SIGKILL) on the way out.
+
+    python: run it under that interpreter with the work tree on PYTHONPATH instead (e.g. Debian's
+    /usr/bin/python3 with python3-grpcio 1.51, as in the guest package).
+    """
+    argv = serve_argv() if python is None else [python, "-m", "unplugd.agent.cli", "serve"]
+    env = None if python is None else {"PYTHONPATH": str(landed.REPO / ".dev"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     with tempfile.TemporaryDirectory(prefix="unplugd-bench-agent-") as tmp:
         sock = Path(tmp) / "agent.sock"
         cfg = Path(tmp) / "config.toml"
@@ -81,6 +88,7 @@ def running_agent(extra: Sequence[str] = (), *, config: str = "", timeout_s: flo
                 [*argv, "--config", str(cfg), "--socket", str(sock), "--log-format", "text", *extra],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                env=env,
             )
         agent = RunningAgent(proc, sock, log)
         try:

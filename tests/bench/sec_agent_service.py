@@ -191,7 +191,7 @@ def _bridges(result: SectionResult, agent: RunningAgent, runs: int, ref: Timing 
         result.skip_row("GetReport, vsock bridge", str(exc))
 
 
-def _rss_series(result: SectionResult, agent: RunningAgent, requests: int) -> None:
+def _rss_series(result: SectionResult, agent: RunningAgent, requests: int, label: str = "") -> None:
     import grpc
 
     from unplugd.v1 import agent_service_pb2 as pb
@@ -214,7 +214,7 @@ def _rss_series(result: SectionResult, agent: RunningAgent, requests: int) -> No
     ok = peak * 1024 * 1024 < RSS_TARGET_BYTES and growth < 2.0
     result.rows.append(
         Row(
-            f"agent RSS along {requests} GetReport requests",
+            f"agent RSS along {requests} GetReport requests{label}",
             rss_mib=series[-1][1] / 1024,
             value=f"{series[0][1] / 1024:.1f} -> {series[-1][1] / 1024:.1f} MiB "
             f"(+{growth:.1f} after the first {step}); VmHWM {hwm / 1024:.1f} MiB",
@@ -225,6 +225,19 @@ def _rss_series(result: SectionResult, agent: RunningAgent, requests: int) -> No
         )
     )
     result.notes.append("RSS series (requests: MiB): " + ", ".join(f"{n}: {kib / 1024:.1f}" for n, kib in series))
+
+
+def _debian_rss(result: SectionResult, requests: int) -> None:
+    """The guest runs the agent on Debian 12's python3-grpcio 1.51: its footprint is the one that counts."""
+    debian = "/usr/bin/python3"
+    label = " (Debian python3, as in the guest)"
+    if subprocess.run([debian, "-c", "import grpc"], capture_output=True, check=False).returncode != 0:
+        result.skip_row(f"agent RSS{label}", "no python3-grpcio")
+        return
+    with running_agent(python=debian) as agent:
+        time.sleep(1.0)
+        result.rows.append(Row(f"agent RSS at idle{label}", rss_mib=proc_status_kib(agent.pid, "VmRSS") / 1024))
+        _rss_series(result, agent, requests, label)
 
 
 def _root_function(agent: RunningAgent) -> str:
@@ -349,6 +362,7 @@ def run(quick: bool) -> SectionResult:
             result.skip_row("mount -> WatchReport event", "needs root (mount)")
         part(result, "agent RSS along requests", lambda: _rss_series(result, agent, requests))
         result.rows.append(Row("agent RSS after the requests", rss_mib=proc_status_kib(agent.pid, "VmRSS") / 1024))
+    part(result, "agent RSS under Debian python3", lambda: _debian_rss(result, requests))
     result.notes.append(f"agent: {' '.join(_argv_text())} on the live system; ratio: RPC against in-process inspect")
     if quick:
         result.notes.append(f"--quick: {requests} requests instead of 10,000, {idle_s:.0f} s idle instead of 60")
