@@ -75,6 +75,11 @@ def _add_root(p: argparse.ArgumentParser) -> None:
         help="inspect a captured tree instead of this system: a directory written by "
         "`unplugd capture` (DIR/sys, DIR/proc, DIR/dev, DIR/netlink.json) or its text archive",
     )
+    p.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not ask the kernel with an O_EXCL open of idle disks (EXCLUSIVE_CLAIM is then not seen)",
+    )
 
 
 def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -245,15 +250,15 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
 # --------------------------------------------------------------------------- commands
 
 
-def _inspect(root: str | None, devices: Sequence[str]) -> report_pb2.Report:
+def _inspect(root: str | None, devices: Sequence[str], *, probe: bool = True) -> report_pb2.Report:
     from unplugd.agent import engine
 
     with open_roots(root) as roots:
-        return engine.inspect(roots, devices)
+        return engine.inspect(roots, devices, exclusive_probe=probe)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    report = _inspect(args.root, args.device)
+    report = _inspect(args.root, args.device, probe=not args.no_probe)
     if args.json:
         sys.stdout.write(to_json(report) + "\n")
     else:
@@ -269,7 +274,7 @@ _EXIT_FOR_STATE = {
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    report = _inspect(args.root, [args.device])
+    report = _inspect(args.root, [args.device], probe=not args.no_probe)
     states = [f.state for f in report.functions]
     if report_pb2.FUNCTION_STATE_BUSY in states:
         code = EXIT_BUSY

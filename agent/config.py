@@ -59,6 +59,15 @@ class MutationsConfig:
 
 
 @dataclass(frozen=True)
+class ReadinessConfig:
+    # Ask the kernel too: an O_EXCL open of each idle disk, closed at once,
+    # fails with EBUSY when something unseen holds it. A mount of that disk in
+    # the same microseconds fails with EBUSY; false trades that for blindness
+    # to such claims.
+    exclusive_probe: bool = True
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     # Open file descriptors have no event: rescan them this often while
     # someone watches.
@@ -105,6 +114,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     mutations: MutationsConfig = field(default_factory=MutationsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
+    readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
     transports: TransportsConfig = field(default_factory=TransportsConfig)
     # Where the values came from, for log lines; not a key in the file.
     source: str = field(default="defaults", compare=False)

@@ -72,11 +72,12 @@ def _active(sock: Socket) -> bool:
     return sock.state == "ESTABLISHED" or (sock.proto.startswith("udp") and sock.remote_port != 0)
 
 
-def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
+def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: bool = True) -> Inventory:
     """Everything the collectors see under roots, in one Inventory.
 
     own_claims: block devices the agent itself holds with an exclusive open
     (a PrepareUnplug lease); they are not probed, they would answer EBUSY.
+    exclusive_probe: False skips the O_EXCL probe ([readiness] in config.toml).
     """
     problems: list[ScanProblem] = []
     pci_ids = default_pci_ids()
@@ -114,6 +115,8 @@ def scan(roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
     # for the others the mounts, swaps and holders already explain an EBUSY.
     in_use = _visibly_used(block, ms.mounts, swaps)
     disks = [block[d] for f in functions for d in f.block_devices if d in block and d not in in_use]
+    if not exclusive_probe:
+        disks = []
     not_busy: tuple[frozenset[str], list[ScanProblem]] = (frozenset(), [])
     busy, found = _guarded(
         "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
@@ -175,13 +178,14 @@ def inspect(
     *,
     leased: Mapping[PciAddress, str] = {},
     own_claims: Collection[str] = (),
+    exclusive_probe: bool = True,
 ) -> report_pb2.Report:
     """scan + evaluate + build_report, keeping only the functions `devices` name (all for none).
 
     UnknownDevice when a name matches nothing. Every function is evaluated
     even when filtering: bridges and slots depend on their neighbours.
     """
-    inventory = scan(roots, own_claims=own_claims)
+    inventory = scan(roots, own_claims=own_claims, exclusive_probe=exclusive_probe)
     chosen = select(inventory, devices)
     report = build_report(inventory, evaluate(inventory, leased))
     if devices:

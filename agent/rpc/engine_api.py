@@ -35,10 +35,16 @@ class EngineApi(Protocol):
 
 
 class ModuleEngine:
-    """The real engine: agent/engine.py and agent/selection.py."""
+    """The real engine: agent/engine.py and agent/selection.py.
+
+    exclusive_probe: [readiness] exclusive_probe of the agent's config.
+    """
+
+    def __init__(self, *, exclusive_probe: bool = True) -> None:
+        self._probe = exclusive_probe
 
     def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
-        return engine.scan(roots, own_claims=own_claims)
+        return engine.scan(roots, own_claims=own_claims, exclusive_probe=self._probe)
 
     def inspect(
         self,
@@ -48,7 +54,7 @@ class ModuleEngine:
         leased: Mapping[PciAddress, str] = {},
         own_claims: Collection[str] = (),
     ) -> report_pb2.Report:
-        return engine.inspect(roots, devices, leased=leased, own_claims=own_claims)
+        return engine.inspect(roots, devices, leased=leased, own_claims=own_claims, exclusive_probe=self._probe)
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
         return selection.select(inventory, names)

@@ -104,7 +104,9 @@ class AgentServer:
     ) -> None:
         self.config = config
         self.roots = roots if roots is not None else Roots.live_system()
-        self.engine: EngineApi = engine if engine is not None else ModuleEngine()
+        self.engine: EngineApi = (
+            engine if engine is not None else ModuleEngine(exclusive_probe=config.readiness.exclusive_probe)
+        )
         self._links = links if links is not None else (NetlinkLinks() if self.roots.live else None)
         self._bridge_starter = bridges
         self._bridges: BridgeSet = _NoBridges()

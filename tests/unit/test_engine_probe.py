@@ -32,3 +32,33 @@ def test_probe_only_disks_without_visible_users(tmp_path: Path, monkeypatch: pyt
     assert probed, "idle disks must still be probed"
     assert not set(probed) & (mounted | swapped)
     assert set(probed) == function_disks - mounted - swapped
+
+
+def test_probe_can_be_turned_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[readiness] exclusive_probe = false and `inspect --no-probe` open no disk at all."""
+    from unplugd.agent import cli
+    from unplugd.agent.config import ConfigError, parse_config
+    from unplugd.agent.rpc.engine_api import ModuleEngine
+
+    treetext.unpack((build_scenarios.SCENARIOS / "multifunction8.tree").read_text(), tmp_path)
+    probed: list[list[str]] = []
+
+    def fake_probe(
+        roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
+    ) -> tuple[frozenset[str], list[ScanProblem]]:
+        probed.append([d.name for d in devices])
+        return frozenset(), []
+
+    monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
+    ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path))
+    assert cli.main(["inspect", "--json", "--no-probe", "--root", str(tmp_path)]) == cli.EXIT_OK
+    capsys.readouterr()
+    assert probed and all(names == [] for names in probed)
+    ModuleEngine().scan(Roots.under(tmp_path))
+    assert probed[-1], "the default still probes idle disks"
+
+    assert not parse_config({"readiness": {"exclusive_probe": False}}).readiness.exclusive_probe
+    with pytest.raises(ConfigError, match=r"readiness\.exclusive_probe"):
+        parse_config({"readiness": {"exclusive_probe": "no"}})
