@@ -36,14 +36,22 @@ import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
-from tests.vm.devices import Device
+from tests.vm.devices import DataDisk, Device
 from tests.vm.image import GuestImage, build_deb, build_image
 from tests.vm.monitor import Monitor, MonitorError
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
-__all__ = ["DEFAULT_GUEST_CONFIG", "SERIAL_ADDR", "BootTimeout", "GuestVM", "VMError", "watch_process_group"]
+__all__ = [
+    "DEFAULT_GUEST_CONFIG",
+    "SERIAL_ADDR",
+    "BootTimeout",
+    "GuestBase",
+    "GuestVM",
+    "VMError",
+    "watch_process_group",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +99,100 @@ def progress(msg: str) -> None:
     print(f"[vm] {msg}", file=sys.stderr, flush=True)
 
 
-class GuestVM:
+class GuestBase:
+    """What every test guest has, whatever starts it (QEMU here, libvirt in libvirt_domain.py): a work
+    directory with the root overlay, data disks, the agent .deb and its config; `with` support; the
+    boot wait. Subclasses provide start(), close(), exec(), _check_alive() and _guest_agent()."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        memory_mb: int,
+        cpus: int,
+        image: GuestImage | None,
+        deb: Path | str | None,
+        config: str | Path | None,
+        keep_workdir: bool | None,
+        workdir_prefix: str,
+    ) -> None:
+        self.name = name
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self._image = image
+        self._deb = deb
+        self._config = config
+        self.keep_workdir = keep_workdir if keep_workdir is not None else os.environ.get("UNPLUGD_VM_KEEP") == "1"
+        # Short: the channel sockets must fit a unix socket path (108 bytes).
+        self.workdir = Path(tempfile.mkdtemp(prefix=workdir_prefix))
+        self.qga_socket = self.workdir / "qga.sock"
+        self.agent_socket = self.workdir / "agent.sock"
+        self.serial_log = self.workdir / "serial.log"
+        self.boot_seconds: float | None = None
+        self._started_at = 0.0
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close(failed=True)
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(failed=exc_type is not None)
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self, failed: bool = False) -> None:
+        raise NotImplementedError
+
+    def _check_alive(self) -> None:
+        raise NotImplementedError
+
+    def _guest_agent(self) -> GuestAgent:
+        raise NotImplementedError
+
+    def exec(self, cmd: str | Sequence[str], timeout: float = 60.0) -> ExecResult:
+        raise NotImplementedError
+
+    @property
+    def image(self) -> GuestImage:
+        if self._image is None:
+            self._image = build_image()
+        return self._image
+
+    def _prepare_files(self, disks: Iterable[DataDisk]) -> None:
+        """The root overlay, empty data disks, the .deb and config.toml fw_cfg hands the guest."""
+        w = self.workdir
+        root = str(self.image.disk)
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", str(w / "root.qcow2")])
+        for disk in disks:
+            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
+        if self._deb == "build":
+            shutil.copy2(build_deb(), w / "unplugd.deb")
+        elif self._deb is not None:
+            shutil.copy2(self._deb, w / "unplugd.deb")
+        if isinstance(self._config, Path):
+            shutil.copy2(self._config, w / "config.toml")
+        elif isinstance(self._config, str):
+            (w / "config.toml").write_text(self._config)
+
+    def wait_booted(self, timeout: float = 300.0) -> float:
+        """Wait until qemu-ga answers and systemd finished booting; return seconds since start.
+
+        A degraded boot (some unit failed, e.g. an agent still under construction) counts as booted;
+        the failed units are logged.
+        """
+        qga = self._guest_agent()
+        self.boot_seconds = wait_for_boot(self, qga, self._started_at or time.monotonic(), timeout)
+        return self.boot_seconds
+
+
+class GuestVM(GuestBase):
     def __init__(
         self,
         machine: Literal["q35", "pc"] = "q35",
@@ -115,52 +216,24 @@ class GuestVM:
         """
         if machine not in ("q35", "pc"):
             raise ValueError(f"machine must be q35 or pc, not {machine!r}")
+        super().__init__(
+            name=name, memory_mb=memory_mb, cpus=cpus, image=image, deb=deb, config=config,
+            keep_workdir=keep_workdir, workdir_prefix="unplugd-vm-",
+        )
         self.machine = machine
         self.extra_args = tuple(extra_args)
         self.device = Device.join(devices)
-        self.memory_mb = memory_mb
-        self.cpus = cpus
-        self.name = name
-        self._image = image
-        self._deb = deb
-        self._config = config
-        self.keep_workdir = keep_workdir if keep_workdir is not None else os.environ.get("UNPLUGD_VM_KEEP") == "1"
-        self.workdir = Path(tempfile.mkdtemp(prefix="unplugd-vm-"))
         self.qmp_socket = self.workdir / "qmp.sock"
-        self.qga_socket = self.workdir / "qga.sock"
-        self.agent_socket = self.workdir / "agent.sock"
         self.console_socket = self.workdir / "console.sock"
-        self.serial_log = self.workdir / "serial.log"
         self.qemu_log = self.workdir / "qemu.log"
-        self.boot_seconds: float | None = None
         self._monitor_socket = self.workdir / "monitor.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._watcher: subprocess.Popen[bytes] | None = None
         self._watch_fd: int | None = None
         self._monitor: Monitor | None = None
         self._qga = GuestAgent(self.qga_socket)
-        self._started_at = 0.0
 
     # -- lifecycle --
-
-    def __enter__(self) -> GuestVM:
-        try:
-            self.start()
-        except BaseException:
-            self.close(failed=True)
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close(failed=exc_type is not None)
-
-    @property
-    def image(self) -> GuestImage:
-        if self._image is None:
-            self._image = build_image()
-        return self._image
 
     @property
     def pid(self) -> int | None:
@@ -203,25 +276,10 @@ class GuestVM:
         cmd += list(self.extra_args)
         return cmd
 
-    def _prepare(self) -> None:
-        w = self.workdir
-        img = self.image
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(img.disk), "-F", "raw", str(w / "root.qcow2")])
-        for disk in self.device.disks:
-            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
-        if self._deb == "build":
-            shutil.copy2(build_deb(), w / "unplugd.deb")
-        elif self._deb is not None:
-            shutil.copy2(self._deb, w / "unplugd.deb")
-        if isinstance(self._config, Path):
-            shutil.copy2(self._config, w / "config.toml")
-        elif isinstance(self._config, str):
-            (w / "config.toml").write_text(self._config)
-
     def start(self) -> None:
         if self._proc is not None:
             raise VMError("already started")
-        self._prepare()
+        self._prepare_files(self.device.disks)
         cmd = self.command_line()
         (self.workdir / "cmdline.txt").write_text(" ".join(cmd) + "\n")
         log.info("starting %s", " ".join(cmd))
@@ -258,15 +316,8 @@ class GuestVM:
                 f"--- serial console ---\n{_tail(self.serial_log, 30)}"
             )
 
-    def wait_booted(self, timeout: float = 300.0) -> float:
-        """Wait until qemu-ga answers and systemd finished booting; return seconds since start.
-
-        A degraded boot (some unit failed, e.g. an agent still under construction) counts as booted;
-        the failed units are logged.
-        """
-        started = self._started_at or time.monotonic()
-        self.boot_seconds = wait_for_boot(self, self._qga, started, timeout)
-        return self.boot_seconds
+    def _guest_agent(self) -> GuestAgent:
+        return self._qga
 
     # -- inside the guest --
 

@@ -31,21 +31,19 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tests.vm.devices import DataDisk
-from tests.vm.guest import DEFAULT_GUEST_CONFIG, VMError, _tail, progress, wait_for_boot
-from tests.vm.image import GuestImage, build_deb, build_image
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, GuestBase, VMError, _tail, progress
+from tests.vm.image import GuestImage
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
 __all__ = [
@@ -210,7 +208,7 @@ class LibvirtGuestAgent(GuestAgent):
 # ------------------------------------------------------------------ the domain
 
 
-class LibvirtGuest:
+class LibvirtGuest(GuestBase):
     def __init__(
         self,
         devices: Iterable[DomainDevice] = (),
@@ -230,48 +228,19 @@ class LibvirtGuest:
         without the agent. config: TOML text installed as /etc/unplugd/config.toml (None keeps the
         package's). keep_workdir: keep logs and sockets after exit (default: UNPLUGD_VM_KEEP=1).
         """
+        super().__init__(
+            name=name or f"unplugd-e2e-{uuid.uuid4().hex[:8]}", memory_mb=memory_mb, cpus=cpus, image=image,
+            deb=deb, config=config, keep_workdir=keep_workdir, workdir_prefix="unplugd-lv-",
+        )
         self.devices = tuple(devices)
-        self.name = name or f"unplugd-e2e-{uuid.uuid4().hex[:8]}"
-        self.memory_mb = memory_mb
-        self.cpus = cpus
         self.uri = uri
-        self._image = image
-        self._deb = deb
-        self._config = config
-        self.keep_workdir = keep_workdir if keep_workdir is not None else os.environ.get("UNPLUGD_VM_KEEP") == "1"
-        # Short: the channel sockets must fit a unix socket path (108 bytes).
-        self.workdir = Path(tempfile.mkdtemp(prefix="unplugd-lv-"))
-        self.agent_socket = self.workdir / "agent.sock"
-        self.qga_socket = self.workdir / "qga.sock"
-        self.serial_log = self.workdir / "serial.log"
-        self.boot_seconds: float | None = None
         self._conn: Any = None
         self._dom: Any = None
         self._qga: LibvirtGuestAgent | None = None
         self._watcher: subprocess.Popen[bytes] | None = None
         self._watch_fd: int | None = None
-        self._started_at = 0.0
 
     # -- lifecycle --
-
-    def __enter__(self) -> LibvirtGuest:
-        try:
-            self.start()
-        except BaseException:
-            self.close(failed=True)
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close(failed=exc_type is not None)
-
-    @property
-    def image(self) -> GuestImage:
-        if self._image is None:
-            self._image = build_image()
-        return self._image
 
     @property
     def domain(self) -> Any:
@@ -340,27 +309,12 @@ class LibvirtGuest:
 </domain>
 """
 
-    def _prepare(self) -> None:
-        w = self.workdir
-        _run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(self.image.disk), "-F", "raw", str(w / "root.qcow2")]
-        )
-        for dev in self.devices:
-            for disk in dev.disks:
-                _run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
-        if self._deb == "build":
-            shutil.copy2(build_deb(), w / "unplugd.deb")
-        elif self._deb is not None:
-            shutil.copy2(self._deb, w / "unplugd.deb")
-        if self._config is not None:
-            (w / "config.toml").write_text(self._config)
-
     def start(self) -> None:
         import libvirt
 
         if self._dom is not None:
             raise VMError("already started")
-        self._prepare()
+        self._prepare_files(disk for dev in self.devices for disk in dev.disks)
         xml = self.domain_xml()
         (self.workdir / "domain.xml").write_text(xml)
         _quiet_libvirt()
@@ -413,16 +367,14 @@ class LibvirtGuest:
                 f"--- serial console ---\n{_tail(self.serial_log, 30)}"
             )
 
-    def wait_booted(self, timeout: float = 300.0) -> float:
-        """Wait until qemu-ga answers through libvirt and systemd finished booting; return seconds since start."""
+    def _guest_agent(self) -> GuestAgent:
         if self._qga is None:
             raise VMError("domain not started")
-        self.boot_seconds = wait_for_boot(self, self._qga, self._started_at, timeout)
-        return self.boot_seconds
+        return self._qga
 
     # -- inside the guest --
 
-    def exec(self, cmd: str | list[str], timeout: float = 60.0, *, check: bool = False) -> ExecResult:
+    def exec(self, cmd: str | Sequence[str], timeout: float = 60.0, *, check: bool = False) -> ExecResult:
         """Run a command in the guest through libvirt's qemu-agent-command: (rc, stdout, stderr).
 
         A string runs under /bin/sh -c. check=True raises VMError on rc != 0.
@@ -531,12 +483,6 @@ def _quiet_libvirt() -> None:
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, err: log.debug("libvirt: %s", err), None)
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 
 
 @atexit.register
