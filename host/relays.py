@@ -34,7 +34,7 @@ from unplugd.agent.transports.framing import (
     encode_frame,
     sync_preamble,
 )
-from unplugd.agent.transports.splice import close_writer, splice
+from unplugd.agent.transports.splice import close_writer, first_done, splice
 
 __all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay", "dial_vsock"]
 
@@ -303,11 +303,8 @@ class SerialRelay(Relay):
 
         tasks = [asyncio.ensure_future(host_to_guest()), asyncio.ensure_future(guest_to_host())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await first_done(tasks)
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             if tasks[0].cancelled():
                 # leaving without the CLOSE from host_to_guest: tell the guest anyway
                 with contextlib.suppress(OSError, RuntimeError):

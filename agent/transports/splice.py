@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-__all__ = ["close_writer", "splice"]
+__all__ = ["close_writer", "first_done", "splice"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,17 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: lis
     if dst.can_write_eof():
         with contextlib.suppress(OSError):
             dst.write_eof()
+
+
+async def first_done(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Wait for the first of one connection's pumps to end, then cancel and reap the others,
+    also when the caller itself is cancelled. Callers keep the tasks to ask which was cut short."""
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def close_writer(writer: asyncio.StreamWriter) -> None:

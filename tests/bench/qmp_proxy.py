@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unplugd.agent.transports.splice import first_done
+
 __all__ = ["QmpProxy", "UnplugTimes", "json_messages"]
 
 OnUnplug = Callable[[str], list[tuple[str, str]]]  # device id -> [(id, QOM path)] that leave
@@ -156,13 +158,9 @@ class QmpProxy:
                 up_writer.write(raw)
                 await up_writer.drain()
 
-        tasks = [asyncio.ensure_future(from_qemu()), asyncio.ensure_future(from_client())]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await first_done([asyncio.ensure_future(from_qemu()), asyncio.ensure_future(from_client())])
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             up_writer.close()
             writer.close()
 

@@ -25,6 +25,8 @@ import select
 import socket
 from pathlib import Path
 
+from unplugd.agent.transports.splice import first_done
+
 
 class FakeVirtioPort:
     def __init__(self) -> None:
@@ -173,13 +175,9 @@ class FakeChardev:
                     writer.write(data)
                     await writer.drain()
 
-            tasks = [asyncio.ensure_future(to_guest()), asyncio.ensure_future(to_host())]
             try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                await first_done([asyncio.ensure_future(to_guest()), asyncio.ensure_future(to_host())])
             finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
                 writer.close()
                 self._current = None
                 if self.visible_hangup:
