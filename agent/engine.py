@@ -28,7 +28,6 @@ from unplugd.agent.model import (
     Inventory,
     Mount,
     OpenRef,
-    PciAddress,
     PciFunction,
     ScanProblem,
     Socket,
@@ -39,6 +38,7 @@ from unplugd.agent.report import build_report, keep_functions
 from unplugd.agent.roots import Roots
 from unplugd.agent.selection import select
 from unplugd.agent.sysio import read_text_or, readlink
+from unplugd.pci import PciAddress
 from unplugd.v1 import report_pb2
 
 __all__ = ["inspect", "scan"]

@@ -14,17 +14,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import unplugd
-from unplugd.agent.model import (
-    BlockDevice,
-    DeviceNode,
-    Inventory,
-    Mount,
-    NetInterface,
-    PciAddress,
-    PciFunction,
-    format_devno,
-)
+from unplugd.agent.model import BlockDevice, DeviceNode, Inventory, Mount, NetInterface, PciFunction, format_devno
 from unplugd.agent.readiness.reasons import FunctionVerdict, Reason, State
+from unplugd.pci import PciAddress
 from unplugd.v1 import report_pb2
 
 __all__ = ["build_report", "keep_functions", "report_from_json", "state_name", "to_json", "worst"]

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from unplugd.agent.errors import UnknownDevice
-from unplugd.agent.model import Inventory, PciAddress, PciFunction, PciPath
+from unplugd.agent.model import Inventory, PciFunction
+from unplugd.pci import PciAddress, PciPath
 
 __all__ = ["select"]
 

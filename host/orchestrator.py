@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol
 
-from unplugd.agent.model import PciPath
 from unplugd.host.client import AgentClientError, AgentUnreachable
 from unplugd.host.errors import BackendError, HostError, UnplugRefused
 from unplugd.host.planner import (
@@ -41,6 +40,7 @@ from unplugd.host.planner import (
     resolve,
 )
 from unplugd.host.topology import Function, Removal, Topology
+from unplugd.pci import PciPath
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 

@@ -24,9 +24,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from unplugd.agent.model import PciAddress, PciPath
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound
 from unplugd.host.topology import Function, Hotplug, Slot, Topology
+from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import report_pb2
 
 __all__ = [

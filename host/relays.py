@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from unplugd.agent.transports.framing import (
+from unplugd.framing import (
     MAX_PAYLOAD,
     Frame,
     FrameDecoder,
@@ -34,7 +34,7 @@ from unplugd.agent.transports.framing import (
     encode_frame,
     sync_preamble,
 )
-from unplugd.agent.transports.splice import close_writer, first_done, splice
+from unplugd.splice import close_writer, first_done, splice
 
 __all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay", "dial_vsock"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
-from unplugd.agent.model import PciAddress, PciPath
+from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
     "Bus",

@@ -24,9 +24,10 @@ from pathlib import Path
 
 from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import DeviceNode, PciAddress, PciFunction, PciPath, ScanProblem, parse_devno
+from unplugd.agent.model import DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import as_read_error, parse_uevent, read_text
+from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
     "PCI_IDS_LOCATIONS",

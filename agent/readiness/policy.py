@@ -30,12 +30,12 @@ from unplugd.agent.model import (
     Mount,
     NetInterface,
     OpenRef,
-    PciAddress,
     PciFunction,
     Swap,
     format_devno,
 )
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
+from unplugd.pci import PciAddress
 
 __all__ = ["evaluate", "state_of"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from unplugd.agent.model import PciAddress, PciPath
+from unplugd.pci import PciAddress, PciPath
 
 __all__ = ["Code", "FunctionVerdict", "ProcessRef", "Reason", "State"]
 

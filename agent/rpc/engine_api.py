@@ -12,8 +12,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 from unplugd.agent import engine, selection
-from unplugd.agent.model import Inventory, PciAddress, PciFunction
+from unplugd.agent.model import Inventory, PciFunction
 from unplugd.agent.roots import Roots
+from unplugd.pci import PciAddress
 from unplugd.v1 import report_pb2
 
 __all__ = ["EngineApi", "ModuleEngine"]

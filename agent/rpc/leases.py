@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
-from unplugd.agent.model import BlockDevice, Inventory, PciAddress, PciFunction
+from unplugd.agent.model import BlockDevice, Inventory, PciFunction
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.claims import Claim, ClaimFailed, claim_block_device, release_claims
 from unplugd.agent.rpc.links import LinkControl, LinkError
+from unplugd.pci import PciAddress
 
 __all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "targets_for"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from unplugd.agent.transports.framing import Frame, FrameKind
+from unplugd.framing import Frame, FrameKind
 
 __all__ = [
     "CloseBackend",

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from unplugd.agent.transports.framing import FrameDecoder, data_frames, encode_frame
 from unplugd.agent.transports.session import (
     Action,
     CloseBackend,
@@ -32,7 +31,8 @@ from unplugd.agent.transports.session import (
     SendFrame,
     ToBackend,
 )
-from unplugd.agent.transports.splice import close_writer
+from unplugd.framing import FrameDecoder, data_frames, encode_frame
+from unplugd.splice import close_writer
 
 __all__ = ["DEFAULT_PORT_NAME", "BridgeStats", "DevicePort", "Port", "VirtioSerialBridge", "port_path"]
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from unplugd.agent.transports.splice import close_writer, splice
+from unplugd.splice import close_writer, splice
 
 __all__ = ["VMADDR_CID_HOST", "ListeningSocket", "VsockBridge", "local_cid", "vsock_listener"]
 

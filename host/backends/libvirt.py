@@ -32,7 +32,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from unplugd.agent.model import PciAddress, PciPath
 from unplugd.host.backends.qmp import classify_unplug_error
 from unplugd.host.errors import (
     BackendError,
@@ -44,6 +43,7 @@ from unplugd.host.errors import (
     UnplugRefused,
 )
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
     "AGENT_CHANNEL",

@@ -27,7 +27,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from unplugd.agent.model import PciAddress
 from unplugd.host.errors import (
     BackendError,
     DeviceGone,
@@ -39,6 +38,7 @@ from unplugd.host.errors import (
     UnplugRefused,
 )
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.pci import PciAddress
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient

@@ -15,9 +15,11 @@ print("\n".join(p["dependencies"] + extras["dev"] + extras["host"]))
 PYEOF
 "$VENV/bin/pip" install -q -r "$VENV/requirements.txt"
 rm -rf .dev && mkdir -p .dev/unplugd
-ln -s ../../proto/unplugd/__init__.py .dev/unplugd/__init__.py
-ln -s ../../proto/unplugd/py.typed .dev/unplugd/py.typed
-ln -s ../../proto/unplugd/v1 .dev/unplugd/v1
+# Every entry of the root package (the contract: generated messages, PCI paths, framing).
+for entry in proto/unplugd/*; do
+    case "$entry" in */__pycache__) continue ;; esac
+    ln -s "../../$entry" ".dev/unplugd/${entry##*/}"
+done
 ln -s ../../agent .dev/unplugd/agent
 ln -s ../../host .dev/unplugd/host
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unplugd.agent.transports.splice import first_done
+from unplugd.splice import first_done
 
 __all__ = ["QmpProxy", "UnplugTimes", "json_messages"]
 

@@ -29,11 +29,12 @@ from tests.integration.loopdev import (
 )
 from unplugd.agent import engine
 from unplugd.agent.capture import capture
-from unplugd.agent.model import Inventory, PciAddress, PciFunction, PciPath
+from unplugd.agent.model import Inventory, PciFunction
 from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, State
 from unplugd.agent.roots import Roots
 from unplugd.agent.selection import select
+from unplugd.pci import PciAddress, PciPath
 
 SYNTHETIC = PciAddress.parse("0000:7f:1f.7")
 TABLE = "label: dos\n,16M,L\n,16M,S\n"

@@ -26,10 +26,11 @@ import pytest
 from tests.conftest import REPO, require_root
 from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from unplugd.agent.errors import ClaimConflict
-from unplugd.agent.model import BlockDevice, PciAddress, parse_devno
+from unplugd.agent.model import BlockDevice, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.claims import ClaimFailed, claim_block_device, release_claims
 from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
+from unplugd.pci import PciAddress
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 FN_A = PciAddress.parse("0000:00:0a.0")
@@ -265,7 +266,8 @@ def _unused_major() -> int:
 
 _HOLDER = """
 import sys, time
-from unplugd.agent.model import BlockDevice, PciAddress, parse_devno
+from unplugd.agent.model import BlockDevice, parse_devno
+from unplugd.pci import PciAddress
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
 name = sys.argv[1]
@@ -311,7 +313,7 @@ def test_release_all_at_shutdown(loops: Loops) -> None:
 _LINKS = """
 import json
 from unplugd.agent.errors import ClaimConflict
-from unplugd.agent.model import PciAddress
+from unplugd.pci import PciAddress
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
 from unplugd.agent.rpc.links import NetlinkLinks

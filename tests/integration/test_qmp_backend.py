@@ -16,12 +16,12 @@ from typing import TypeVar
 import pytest
 
 from tests.integration.qemu import have_qemu, run_qemu
-from unplugd.agent.model import PciPath
 from unplugd.host.backends.qmp import QmpBackend
 from unplugd.host.errors import DeviceGone, DomainNotFound, HotplugUnsupported, UnplugInProgress
 from unplugd.host.orchestrator import Orchestrator, Outcome
 from unplugd.host.planner import Verdict
 from unplugd.host.topology import Function, Topology
+from unplugd.pci import PciPath
 
 pytestmark = pytest.mark.skipif(not have_qemu(), reason="qemu-system-x86_64 not installed")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.fake_agent import serve_fake_agent
-from unplugd.agent.transports.framing import FrameDecoder
 from unplugd.agent.transports.vsock import VsockBridge
+from unplugd.framing import FrameDecoder
 from unplugd.host.client import AgentClient, AgentUnreachable
 
 QEMU = shutil.which("qemu-system-x86_64")

@@ -25,7 +25,7 @@ import select
 import socket
 from pathlib import Path
 
-from unplugd.agent.transports.splice import first_done
+from unplugd.splice import first_done
 
 
 class FakeVirtioPort:

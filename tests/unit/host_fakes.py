@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
-from unplugd.agent.model import PciAddress, PciPath
 from unplugd.host.client import AgentCallFailed, AgentUnreachable
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 

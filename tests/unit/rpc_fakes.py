@@ -17,11 +17,12 @@ import grpc
 
 from unplugd.agent.config import Config
 from unplugd.agent.errors import UnknownDevice
-from unplugd.agent.model import BlockDevice, Inventory, PciAddress, PciFunction, PciPath
+from unplugd.agent.model import BlockDevice, Inventory, PciFunction
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.engine_api import EngineApi
 from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
+from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import agent_service_pb2_grpc, report_pb2
 
 DISK_FN = PciAddress.parse("0000:00:06.0")

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.unit.fake_agent import serve_fake_agent
-from unplugd.agent.transports.splice import splice
 from unplugd.host.client import AgentClient, AgentUnreachable
+from unplugd.splice import splice
 
 GUEST_PORT = 1000
 

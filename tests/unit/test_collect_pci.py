@@ -15,8 +15,9 @@ from unplugd.agent.collectors.pci import (
     parse_pci_path,
     parse_slot_address,
 )
-from unplugd.agent.model import DeviceNode, PciAddress, PciFunction, PciPath
+from unplugd.agent.model import DeviceNode, PciFunction
 from unplugd.agent.roots import Roots
+from unplugd.pci import PciAddress, PciPath
 
 VIRTIO = 0x1AF4
 

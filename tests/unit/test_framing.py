@@ -8,7 +8,14 @@ import zlib
 
 import pytest
 
-from unplugd.agent.transports.framing import (
+from unplugd.agent.transports.session import (
+    CloseBackend,
+    GuestSession,
+    OpenBackend,
+    SendFrame,
+    ToBackend,
+)
+from unplugd.framing import (
     HEADER_SIZE,
     MAGIC,
     MAX_FRAME,
@@ -19,13 +26,6 @@ from unplugd.agent.transports.framing import (
     data_frames,
     encode_frame,
     sync_preamble,
-)
-from unplugd.agent.transports.session import (
-    CloseBackend,
-    GuestSession,
-    OpenBackend,
-    SendFrame,
-    ToBackend,
 )
 
 

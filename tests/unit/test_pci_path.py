@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from unplugd.agent.model import PciAddress, PciPath, format_devno, parse_devno
+from unplugd.agent.model import format_devno, parse_devno
+from unplugd.pci import PciAddress, PciPath
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.host_fakes import ROOT_PC, ROOT_Q35, func, gfunc, port, report, topology
-from unplugd.agent.model import PciPath
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound
 from unplugd.host.planner import GuestView, StepKind, Verdict, plan, plan_slot, resolve
 from unplugd.host.topology import BusKind, Topology
+from unplugd.pci import PciPath
 
 RP1 = port("0000:00/02.0", "rp1")
 RP2 = port("0000:00/02.1", "rp2")

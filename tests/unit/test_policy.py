@@ -19,9 +19,10 @@ from tests.fixtures.model_builders import (
     v4,
     v6,
 )
-from unplugd.agent.model import DeviceNode, Inventory, OpenRef, PciAddress, ScanProblem, Socket, Swap
+from unplugd.agent.model import DeviceNode, Inventory, OpenRef, ScanProblem, Socket, Swap
 from unplugd.agent.readiness.policy import evaluate, state_of
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, Reason, State
+from unplugd.pci import PciAddress
 
 VDB = fn("0000:00:06.0", block=["vdb"])
 VDC = fn("0000:00:07.0", block=["vdc"])

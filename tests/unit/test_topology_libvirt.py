@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.model import PciPath
 from unplugd.host.backends.libvirt import LibvirtBackend, classify_detach_error, parse_domain_xml
 from unplugd.host.errors import DeviceGone, HotplugUnsupported, MultifunctionRefused, TopologyError, UnplugRefused
 from unplugd.host.topology import BusKind, Topology
+from unplugd.pci import PciPath
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "libvirt"
 

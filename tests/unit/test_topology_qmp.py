@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from unplugd.agent.model import PciAddress, PciPath
 from unplugd.host.backends.qmp import (
     QmpCommandError,
     build_topology,
@@ -27,6 +26,7 @@ from unplugd.host.errors import (
     UnplugRefused,
 )
 from unplugd.host.topology import BusKind, Removal, Topology
+from unplugd.pci import PciAddress, PciPath
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "qmp"
 

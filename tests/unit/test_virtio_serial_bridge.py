@@ -17,8 +17,8 @@ import pytest
 
 from tests.unit.fake_agent import SLOW_SECONDS, FakeAgent, serve_fake_agent
 from tests.unit.fake_virtio_port import FakeChardev, FakePortHandle, FakeVirtioPort
-from unplugd.agent.transports.framing import Frame, FrameDecoder, FrameKind, encode_frame
 from unplugd.agent.transports.virtio_serial import HIGH_WATER, VirtioSerialBridge
+from unplugd.framing import Frame, FrameDecoder, FrameKind, encode_frame
 from unplugd.host.client import AgentClient, AgentUnreachable
 from unplugd.v1 import report_pb2
 
