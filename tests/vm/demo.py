@@ -2,9 +2,10 @@
 
     .venv/bin/python -m tests.vm.demo [--keep] [--skip-libvirt]
 
-Builds (or reuses) the guest image and the agent .deb, boots a q35 guest under
-TCG with hotpluggable disks and NICs, a multifunction slot and a port with
-hotplug off, then runs the real commands a user would and prints their real
+Builds (or reuses) the guest image and the agent's .debs, installs them in a
+stock guest with dpkg -i and boots it again (q35, TCG) with hotpluggable disks
+and NICs, a multifunction slot and a port with hotplug off, then runs the real
+commands a user would and prints their real
 output: the guest's own `unplugd inspect`, the host's `unplugctl status`,
 check, wait-ready and unplug. A second phase boots the same guest as a
 libvirt domain and runs unplugctl the way a libvirt user does: with only the
@@ -246,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the VM running until Enter is pressed")
     p.add_argument("--skip-libvirt", action="store_true", help="skip the second phase (the libvirt domain)")
     args = p.parse_args(argv)
-    step("Building the guest image (cached by a hash of its recipe) and the agent .deb, booting q35 under TCG")
+    step("Building the guest image (cached by a hash of its recipe) and the .debs; dpkg -i in a stock guest, "
+         "then booting it (q35, TCG)")
     try:
         with GuestVM("q35", devices=devices(), config=GUEST_CONFIG, name="unplugd-demo") as vm:
             vm.wait_booted(timeout=600)
