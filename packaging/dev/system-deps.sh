@@ -6,6 +6,9 @@ PKGS="qemu-system-x86 qemu-utils debootstrap python3-protobuf python3-grpcio pyt
 python3-pyudev python3-pyroute2 qemu-guest-agent lsof psmisc iproute2 util-linux libvirt-dev
 pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients socat e2fsprogs
 dosfstools fdisk kmod cpio"
+# lintian: tests/unit/test_deb_packages.py checks the .debs of packaging/deb/build.sh with it;
+# systemd: systemd-analyze for tests/unit/test_systemd_unit.py (there on any systemd Debian).
+PKGS="$PKGS lintian systemd"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
