@@ -6,6 +6,8 @@ PKGS="qemu-system-x86 qemu-utils debootstrap python3-protobuf python3-grpcio pyt
 python3-pyudev python3-pyroute2 qemu-guest-agent lsof psmisc iproute2 util-linux libvirt-dev
 pkg-config libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients socat e2fsprogs
 dosfstools fdisk kmod cpio"
+# rpm, rpmlint: packaging/rpm/build.sh builds the Fedora/RHEL packages, tests/integration/test_rpm_package.py lints them
+PKGS="$PKGS rpm rpmlint"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
