@@ -180,7 +180,7 @@ def test_each_side_runs_from_its_two_packages_alone(built: Built, tmp_path: Path
     guest = extract([built.rpms["unplugd"], built.rpms["python3-unplugd"]], tmp_path / "guest")
     host = extract([built.rpms["unplugctl"], built.rpms["python3-unplugd"]], tmp_path / "host")
     assert not (host / site.lstrip("/") / "agent").exists()
-    for root, name, command in ((guest, "unplugd", "inspect"), (host, "unplugctl", "unplug")):
+    for root, name, command in ((guest, "unplugd", "inspect"), (host, "unplugctl", "wait-ready")):
         proc = run_launcher(root, name, site)
         assert proc.returncode == 0, proc.stderr
         assert command in proc.stdout
