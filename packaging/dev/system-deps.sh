@@ -9,6 +9,8 @@ dosfstools fdisk kmod cpio"
 # lintian: tests/unit/test_deb_packages.py checks the .debs of packaging/deb/build.sh with it;
 # systemd: systemd-analyze for tests/unit/test_systemd_unit.py (there on any systemd Debian).
 PKGS="$PKGS lintian systemd"
+# rpm, rpmlint: packaging/rpm/build.sh builds the Fedora/RHEL packages, tests/integration/test_rpm_package.py lints them
+PKGS="$PKGS rpm rpmlint"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
