@@ -29,7 +29,7 @@ __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
 log = logging.getLogger(__name__)
 
 # check / wait-ready / a refused unplug exit with the verdict's code.
-EXIT = {
+EXIT: dict[Verdict, int] = {
     Verdict.UNPLUGGABLE: Exit.OK,
     Verdict.BLOCKED_BY_GUEST: Exit.BLOCKED_BY_GUEST,
     Verdict.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
