@@ -313,3 +313,12 @@ def test_completion_scripts_pass_shellcheck(out: Path) -> None:
             ["shellcheck", "-s", "bash", str(out / "bash-completion" / prog)], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stdout
+
+
+def test_whatis_entries_parse(out: Path) -> None:
+    """apropos/whatis (and lintian's bad-whatis-entry check) read NAME with lexgrog."""
+    pages = {"unplugd.8": "unplugd", "unplugctl.1": "unplugctl", "unplugd.conf.5": "unplugd.conf"}
+    for page, name in pages.items():
+        done = subprocess.run(["lexgrog", str(out / "man" / page)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f': "{name} - ' in done.stdout
