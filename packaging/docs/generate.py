@@ -253,7 +253,7 @@ def is_path(action: argparse.Action) -> bool:
 
 
 def only_dirs(action: argparse.Action) -> bool:
-    return action.type is not argparse.FileType and set(_metavar(action).split("|")) == {"DIR"}
+    return set(_metavar(action).split("|")) == {"DIR"}
 
 
 # --------------------------------------------------------------------------- epilogs
@@ -281,7 +281,8 @@ def _epilog_parts(epilog: str | None, drop: str) -> tuple[list[str], list[str]]:
         if p.strip() == drop.strip():
             continue
         if _is_examples(p):
-            examples.append(p.strip("\n").split("\n", 1)[1] if "\n" in p.strip("\n") else "")
+            _, _, body = p.strip("\n").partition("\n")  # the section or "Examples:" says what the header said
+            examples.append(body)
         else:
             other.append(p)
     return examples, other
