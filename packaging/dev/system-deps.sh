@@ -11,6 +11,9 @@ dosfstools fdisk kmod cpio"
 PKGS="$PKGS lintian systemd"
 # rpm, rpmlint: packaging/rpm/build.sh builds the Fedora/RHEL packages, tests/integration/test_rpm_package.py lints them
 PKGS="$PKGS rpm rpmlint"
+# tests/unit/test_manpages.py: man -l renders the generated pages (groff-base comes with man-db,
+# col -b with bsdextrautils); the completions run under bash-completion and pass shellcheck.
+PKGS="$PKGS man-db groff-base bsdextrautils bash-completion shellcheck"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
