@@ -43,12 +43,11 @@ trap 'rm -rf "$STAGE"' EXIT INT TERM
 
 # Man pages and bash completions, generated from the argument parsers and the config's own
 # documentation by packaging/docs/generate.py (stdlib only).
-DOCS=""
-# TODO(merge): generate.py -- the existence check goes once packaging/docs/generate.py is on main.
-if [ -f "$REPO/packaging/docs/generate.py" ]; then
-    DOCS="$STAGE/docs"
-    (cd "$REPO" && python3 packaging/docs/generate.py "$DOCS") >/dev/null
-fi
+# The pages' date: the commit's, so that two builds of one commit give the same pages.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
+export SOURCE_DATE_EPOCH
+DOCS="$STAGE/docs"
+(cd "$REPO" && python3 packaging/docs/generate.py "$DOCS") >/dev/null
 
 # copy_py SRC DEST: the package's source files (.py, .pyi, .proto, py.typed), never caches.
 copy_py() {
@@ -68,7 +67,6 @@ entry_point() {
 
 # man_page ROOT FILE SECTION: a generated page, gzipped as Debian policy wants (-n: reproducible).
 man_page() {
-    [ -n "$DOCS" ] || return 0
     install -d "$1/usr/share/man/man$3"
     gzip -9n <"$DOCS/man/$2" >"$1/usr/share/man/man$3/$2.gz"
     chmod 0644 "$1/usr/share/man/man$3/$2.gz"
@@ -76,7 +74,6 @@ man_page() {
 
 # completion ROOT NAME: the generated bash completion, loaded on demand by bash-completion.
 completion() {
-    [ -n "$DOCS" ] || return 0
     install -D -m 0644 "$DOCS/bash-completion/$2" "$1/usr/share/bash-completion/completions/$2"
 }
 

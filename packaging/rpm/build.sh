@@ -49,6 +49,9 @@ if ! grep -qx "%global upstream_version $version" "$TOP/SPECS/unplugd.spec" ||
     exit 1
 fi
 
+# The manual pages' date: the commit's, so that two builds of one commit give the same pages.
+SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
+export SOURCE_DATE_EPOCH
 set -- --define "_topdir $TOP"
 # --nodeps only where dpkg owns the system: rpm's own database is empty there, so no BuildRequires
 # could ever be met; on an rpm system they are checked as usual.
