@@ -21,7 +21,6 @@ from tests.vm import GuestVM, disk_on_root_port, guest_debs
 from tests.vm.install import CONFIG, dpkg_install
 
 UPGRADE_VERSION = "99.0.0"
-EDITED = "\n# edited by the administrator\n[readiness]\nexclusive_probe = false\n"
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +82,10 @@ def test_after_a_reboot_the_host_reaches_the_agent_over_its_port(vm: GuestVM) ->
 
 
 def test_upgrade_restarts_the_service_and_keeps_the_edited_config(vm: GuestVM) -> None:
-    vm.exec(["sh", "-c", f"cat >>{CONFIG}"], input=EDITED, check=True)
+    vm.exec(f"sed -i 's/^exclusive_probe = true/exclusive_probe = false/' {CONFIG} && "
+            f"echo '# edited by the administrator' >>{CONFIG}", check=True)
     edited = vm.read_file(CONFIG)
+    assert "exclusive_probe = false" in edited
     pid_before = service(vm, "MainPID")
     assert pid_before not in ("", "0")
     dpkg_install(vm, guest_debs(version=UPGRADE_VERSION))
