@@ -19,12 +19,13 @@ from tests.vm.devices import (
     virtio_disk,
     virtio_net,
 )
-from tests.vm.guest import DEFAULT_GUEST_CONFIG, SERIAL_ADDR, BootTimeout, GuestVM, VMError
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, MUTATIONS_CONFIG, SERIAL_ADDR, BootTimeout, GuestVM, VMError
 from tests.vm.image import GuestImage, build_debs, build_image, cache_dir, guest_debs
 from tests.vm.qga import ExecResult, GuestAgentError, GuestExecTimeout
 
 __all__ = [
     "DEFAULT_GUEST_CONFIG",
+    "MUTATIONS_CONFIG",
     "PCIE_NATIVE_HOTPLUG",
     "SERIAL_ADDR",
     "BootTimeout",

@@ -27,19 +27,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tests.conftest import REPO
-from tests.vm import GuestVM
+from tests.vm import MUTATIONS_CONFIG, GuestVM
 from tests.vm.devices import Device, disk_on_root_port, multifunction_slot, net_on_root_port, pcie_root_port
 from tests.vm.libvirt_domain import LibvirtGuest, unplug_layout
 from tests.vm.qga import ExecResult
 
 LIBVIRTD_SETUP = REPO / "packaging" / "dev" / "libvirtd-setup.sh"
 
-GUEST_CONFIG = """
-[mutations]
-enabled = true
-[transports.virtio_serial]
-enabled = true
-"""
+GUEST_CONFIG = MUTATIONS_CONFIG
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 

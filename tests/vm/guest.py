@@ -47,6 +47,7 @@ from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
 __all__ = [
     "DEFAULT_GUEST_CONFIG",
+    "MUTATIONS_CONFIG",
     "SERIAL_ADDR",
     "BootTimeout",
     "GuestBase",
@@ -65,6 +66,8 @@ AGENT_PORT = "org.unplugd.agent.0"
 PROGRESS_EVERY = 15.0
 # What a test guest's administrator writes to /etc/unplugd/config.toml; None keeps the package's.
 DEFAULT_GUEST_CONFIG: str | None = None
+# For tests that prepare leases. One text for all of them: each distinct config costs one install boot.
+MUTATIONS_CONFIG = "[mutations]\nenabled = true\n"
 # "build": the work tree's guest packages; paths: those .debs; None: the stock guest, nothing of ours.
 Packages = Literal["build"] | Sequence[Path] | None
 
