@@ -103,7 +103,8 @@ def test_remove_stops_the_service_and_leaves_no_socket(vm: GuestVM) -> None:
     vm.exec("dpkg -r unplugd", check=True, timeout=120)
     assert vm.exec("systemctl is-active unplugd.service").stdout.strip() in ("inactive", "unknown")
     assert vm.exec("test -e /run/unplugd/agent.sock").rc != 0
-    assert vm.exec("pgrep -f 'unplugd serve'").rc != 0
+    # anchored: the shell and timeout(1) that run pgrep carry the pattern in their own arguments
+    assert vm.exec(["pgrep", "-f", "^/usr/bin/python3 /usr/bin/unplugd serve"]).rc != 0
     assert vm.exec(f"test -f {CONFIG}").rc == 0, "remove keeps the configuration (only purge removes it)"
 
 
