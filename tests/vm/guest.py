@@ -411,7 +411,7 @@ class GuestVM(GuestBase):
             if time.monotonic() > deadline:
                 raise BootTimeout(f"guest did not come back from a reboot in {timeout:.0f}s")
             time.sleep(1.0)
-        return self.wait_booted(timeout=max(30.0, deadline - time.monotonic()))
+        return self.wait_booted(timeout=timeout)  # measured from the reboot, like the first boot from start
 
     def wait_exit(self, timeout: float = 120.0) -> int:
         """Wait for QEMU to exit (the guest powered off); its exit code. Kills it past the timeout."""
