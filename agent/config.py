@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 DEFAULT_PATH = Path("/etc/unplugd/config.toml")
+# Upper bound of [watch] max_namespace_fds: half the unit's LimitNOFILE (4096),
+# so a config cannot let namespaces starve connections of descriptors.
+MAX_NAMESPACE_FDS = 2048
 
 
 class ConfigError(AgentError):
@@ -74,6 +77,13 @@ class WatchConfig:
     fd_rescan_seconds: float = 5.0
     # Events within this window are answered by one scan.
     debounce_seconds: float = 0.1
+    # Mount namespaces watched through an open /proc/PID/mountinfo (an event
+    # the moment their mounts change). Any user can make namespaces by the
+    # thousand, and each file costs an fd and pins its namespace: past this
+    # many, the rest are read by the scans only (at least every
+    # fd_rescan_seconds). 512 fds fit the unit's LimitNOFILE with room for
+    # connections, lease claims and a scan's transient fds.
+    max_namespace_fds: int = 512
 
 
 @dataclass(frozen=True)
@@ -240,6 +250,8 @@ def _validate(cfg: Config, source: str) -> None:
     need(watch.fd_rescan_seconds >= 0.5, "watch.fd_rescan_seconds", "must be at least 0.5")
     need(0 <= watch.debounce_seconds <= 0.5, "watch.debounce_seconds",
          "must be between 0 and 0.5 (changes must arrive within a second)")
+    need(1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS, "watch.max_namespace_fds",
+         f"must be between 1 and {MAX_NAMESPACE_FDS}")
     need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
     need(all(c >= 0 for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids", "must be CIDs (>= 0)")
     name = tr.virtio_serial.name

@@ -115,8 +115,8 @@ class AgentServer:
         self._health: HealthRegistry | None = None
         self._socket_id: tuple[int, int] | None = None
         if sources is None:
-            live = self.roots
-            sources = (lambda: EventSources(live)) if live.live else EventSources.none
+            live, cap = self.roots, config.watch.max_namespace_fds
+            sources = (lambda: EventSources(live, max_namespace_fds=cap)) if live.live else EventSources.none
         self.hub = ReportHub(self._produce, sources=sources, debounce=config.watch.debounce_seconds,
                              rescan_seconds=config.watch.fd_rescan_seconds)
         self.leases = LeaseManager(self.roots, default_seconds=config.mutations.default_lease_seconds,
