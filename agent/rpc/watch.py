@@ -13,6 +13,13 @@ last, so an agent nobody watches holds no event sources and never wakes.
 Each subscriber keeps only the newest report (they are whole states: a slow
 reader skips intermediate ones) and works out what changed for it from what
 it last sent, so device filters and late joiners need no bookkeeping here.
+
+A stream never goes silent while the truth is unknown: a scan that fails
+before any report ends every stream with the error; one that fails later
+publishes the last report with every function UNKNOWN (unknown_report), and
+the next good scan is published whatever it holds. A watcher that dies (its
+event sources fail) ends every stream with WatchStopped (UNAVAILABLE), and
+the next subscriber starts a fresh one.
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from unplugd.agent.errors import WatchStopped
 from unplugd.agent.rpc.events import EventSources
 from unplugd.v1 import report_pb2
 
-__all__ = ["ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report", "function_keys"]
+__all__ = ["ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report", "function_keys",
+           "unknown_report"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,27 @@ def filter_report(report: report_pb2.Report, addresses: set[str] | None) -> repo
     return out
 
 
+def unknown_report(last: report_pb2.Report, detail: str) -> report_pb2.Report:
+    """`last` with every function and slot UNKNOWN: what a watcher says when a scan fails.
+
+    The old reasons are dropped (they are no longer known to hold); one
+    UNREADABLE reason says why. `detail` should not vary between identical
+    failures, so a failure that repeats is not sent again.
+    """
+    out = report_pb2.Report()
+    out.CopyFrom(last)
+    reason = report_pb2.Reason(code=report_pb2.REASON_CODE_UNREADABLE, blocking=True, object="report",
+                               detail=f"the report could not be built: {detail}")
+    for f in out.functions:
+        f.state = report_pb2.FUNCTION_STATE_UNKNOWN
+        del f.reasons[:]
+        f.reasons.append(reason)
+    for slot in out.slots:
+        slot.state = report_pb2.FUNCTION_STATE_UNKNOWN
+    out.problems.add(object="report", detail=detail)
+    return out
+
+
 class ChangeWatcher(Generic[T]):
     def __init__(
         self,
@@ -74,7 +104,9 @@ class ChangeWatcher(Generic[T]):
         debounce: float = 0.1,
         rescan_seconds: float = 5.0,
         on_error: Callable[[Exception], None] = lambda exc: None,
+        on_died: Callable[[Exception], None] = lambda exc: None,
     ) -> None:
+        """on_error: a snapshot failed (the watcher goes on); on_died: the watcher itself stopped."""
         self._snapshot = snapshot
         self._on_change = on_change
         self._make_sources = sources
@@ -82,6 +114,7 @@ class ChangeWatcher(Generic[T]):
         self._debounce = debounce
         self._rescan = rescan_seconds
         self._on_error = on_error
+        self._on_died = on_died
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sources: EventSources | None = None
@@ -119,7 +152,9 @@ class ChangeWatcher(Generic[T]):
         try:
             while not self._stop.is_set():
                 value = self._take()
-                if value is not _NOTHING:
+                if value is _NOTHING:
+                    last = _NOTHING  # subscribers were told UNKNOWN: the next good scan goes out whatever it holds
+                else:
                     fp = self._fingerprint(value)  # type: ignore[arg-type]
                     if last is _NOTHING or fp != last:
                         last = fp
@@ -135,8 +170,10 @@ class ChangeWatcher(Generic[T]):
                     if sources.wait(remaining):
                         self._settle(sources)
                         break
-        except Exception:
+        except Exception as exc:
             log.exception("watcher stopped by an unexpected error")
+            self._ready.set()
+            self._on_died(exc)
         finally:
             self._ready.set()
 
@@ -217,7 +254,8 @@ class ReportHub:
         self._lock = threading.Lock()
         self._subs: list[Subscription] = []
         self._watcher: ChangeWatcher[report_pb2.Report] | None = None
-        self._current: report_pb2.Report | None = None
+        self._current: report_pb2.Report | None = None  # what subscribers were last offered
+        self._good: report_pb2.Report | None = None  # the last report a scan built
         self._closed = False
 
     @property
@@ -237,12 +275,18 @@ class ReportHub:
                 return sub
             self._subs.append(sub)
             if self._watcher is None:
-                self._current = None
-                self._watcher = ChangeWatcher(
+                self._current = self._good = None
+                watcher = ChangeWatcher(
                     self._produce, self._publish, sources=self._sources, fingerprint=function_keys,
                     debounce=self._debounce, rescan_seconds=self._rescan, on_error=self._failed,
+                    on_died=lambda exc: self._died(watcher, exc),
                 )
-                self._watcher.start()
+                try:
+                    watcher.start()
+                except Exception:
+                    self._subs.remove(sub)
+                    raise
+                self._watcher = watcher
                 log.info("watch started")
             else:
                 if self._current is not None:
@@ -269,20 +313,37 @@ class ReportHub:
 
     def _publish(self, report: report_pb2.Report) -> None:
         with self._lock:
-            self._current = report
+            self._current = self._good = report
             subs = list(self._subs)
         for sub in subs:
             sub.offer(Update(report))
 
     def _failed(self, exc: Exception) -> None:
-        # Only a stream with nothing to show yet ends with the error; the
-        # others keep their last report and the next event retries.
+        # Streams with a report see every function turn UNKNOWN at once (the
+        # next event or rescan tries again); with nothing to show yet, the
+        # error ends them, as it would a GetReport.
         with self._lock:
-            if self._current is not None:
-                return
+            good = self._good
             subs = list(self._subs)
+            item: Update | Exception = exc
+            if good is not None:
+                item = Update(unknown_report(good, f"{type(exc).__name__}: {exc}"))
+                self._current = item.report
         for sub in subs:
-            sub.offer(exc)
+            sub.offer(item)
+
+    def _died(self, watcher: ChangeWatcher[report_pb2.Report], exc: Exception) -> None:
+        """The watcher thread ended by an error: tell every stream, let the next subscriber start anew."""
+        with self._lock:
+            if self._watcher is not watcher:
+                return
+            self._watcher = None
+            self._current = self._good = None
+            subs, self._subs = self._subs, []
+        stopped = WatchStopped(f"the watch stopped ({type(exc).__name__}: {exc}); watch again")
+        for sub in subs:
+            sub.offer(stopped)
+        watcher.stop()
 
     def _unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
