@@ -82,7 +82,11 @@ def test_failing_engine_turns_streams_unknown_at_once_and_recovers() -> None:
         assert _update(late.next(timeout=2)).functions[0].state == UNKNOWN
         engine.failing = None  # back, with the very report it had before the failure
         hub.poke()
-        assert _update(sub.next(timeout=2)).functions[0].state == READY
+        # The late joiner's own look may have failed once more first: READY must follow.
+        states = [_update(sub.next(timeout=2)).functions[0].state]
+        while states[-1] == UNKNOWN and len(states) < 3:
+            states.append(_update(sub.next(timeout=2)).functions[0].state)
+        assert states[-1] == READY
         late.close()
     finally:
         hub.close()
