@@ -36,6 +36,9 @@ DEFAULT_PATH = Path("/etc/unplugd/config.toml")
 # Upper bound of [watch] max_namespace_fds: half the unit's LimitNOFILE (4096),
 # so a config cannot let namespaces starve connections of descriptors.
 MAX_NAMESPACE_FDS = 2048
+# Upper bound of [server] max_queued_calls: each waiting call holds its
+# connection's fd, and the unit's LimitNOFILE is 4096.
+MAX_QUEUED_CALLS = 2048
 
 
 class ConfigError(AgentError):
@@ -51,6 +54,10 @@ class ServerConfig:
     # Worker threads; each WatchReport stream holds one while it lasts.
     max_workers: int = 16
     max_watchers: int = 8
+    # Calls that wait for a worker (GetReports arriving during a scan share
+    # the next one); past this many more, RESOURCE_EXHAUSTED. A waiting call
+    # costs grpc a few KiB.
+    max_queued_calls: int = 512
 
 
 @dataclass(frozen=True)
@@ -244,6 +251,8 @@ def _validate(cfg: Config, source: str) -> None:
     need(srv.socket_mode & 0o007 == 0, "server.socket_mode", "must not give access to others")
     need(1 <= srv.max_workers <= 256, "server.max_workers", "must be between 1 and 256")
     need(0 <= srv.max_watchers < srv.max_workers, "server.max_watchers", "must leave workers for other calls")
+    need(0 <= srv.max_queued_calls <= MAX_QUEUED_CALLS, "server.max_queued_calls",
+         f"must be between 0 and {MAX_QUEUED_CALLS}")
     need(mut.default_lease_seconds >= 1, "mutations.default_lease_seconds", "must be at least 1")
     need(mut.max_lease_seconds >= mut.default_lease_seconds, "mutations.max_lease_seconds",
          "must not be below default_lease_seconds")
