@@ -112,7 +112,7 @@ def _recovered(item: Any) -> bool:
 
 
 def _unavailable(item: Any) -> bool:
-    return isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    return isinstance(item, grpc.RpcError) and item.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def _ms(xs: list[float]) -> str:
@@ -177,7 +177,7 @@ def run(options: Options) -> list[Row]:
                     stub.GetReport(pb.GetReportRequest(), timeout=30)
                     codes.append("OK")
                 except grpc.RpcError as exc:
-                    codes.append(exc.code().name)  # type: ignore[attr-defined]
+                    codes.append(exc.code().name)
             engine.failing.clear()
             after = stub.GetReport(pb.GetReportRequest(), timeout=30)
             rows.append(Row("GetReport, engine raises", f"{ROUNDS} calls",
