@@ -152,8 +152,35 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
     return by_ns, denied, problems
 
 
-def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -> tuple[list[Mount], list[ScanProblem]]:
-    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self)."""
+# A namespace's table without its mount and parent ids -> its mounts as parsed once.
+Shapes = dict[str, list[Mount]]
+
+
+def _shape(text: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """(the table without mount and parent ids, those ids line by line); None if a line lacks them."""
+    rests: list[str] = []
+    ids: list[tuple[int, int]] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        parts = line.split(" ", 2)
+        if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None  # parse_mountinfo says what is wrong with it
+        ids.append((int(parts[0]), int(parts[1])))
+        rests.append(parts[2])
+    return "\n".join(rests), ids
+
+
+def _read_namespace(
+    roots: Roots, ns: int, pids: list[int], self_pid: int = 0, shapes: Shapes | None = None
+) -> tuple[list[Mount], list[ScanProblem]]:
+    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self).
+
+    shapes: tables seen in other namespaces of this scan. Any user can make
+    thousands of namespaces, nearly all copies of their parent's table that
+    differ only in mount ids (`unshare -m`); such a copy is not parsed again,
+    its mounts are the first one's with its own ids, sharing their strings.
+    """
     label = f"mountinfo of mnt:[{ns}]"
     for pid in pids:
         path = roots.proc / (str(pid) if pid else "self") / "mountinfo"
@@ -164,11 +191,21 @@ def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -
             continue  # try the next process of that namespace
         except ReadError as exc:
             return [], [ScanProblem(where, str(exc))]
+        owner = pid or self_pid
+        shaped = _shape(text) if shapes is not None else None
+        if shaped is not None and shapes is not None and shaped[0] in shapes:
+            return [
+                Mount(mid, parent, t.devno, t.root, t.mount_point, t.fstype, t.source, t.options, ns, owner)
+                for t, (mid, parent) in zip(shapes[shaped[0]], shaped[1], strict=True)
+            ], []
         try:
-            return parse_mountinfo(text, ns, pid or self_pid, source=where), []
+            mounts = parse_mountinfo(text, ns, owner, source=where)
         except ParseError as exc:
             log.warning("%s", exc)
             return [], [ScanProblem(where, str(exc))]
+        if shaped is not None and shapes is not None and len(mounts) == len(shaped[1]):
+            shapes[shaped[0]] = mounts
+        return mounts, []
     log.debug("every process of mnt:[%d] exited during the scan", ns)
     return [], []
 
@@ -237,8 +274,9 @@ def collect_mounts(roots: Roots) -> MountScan:
         problems.extend(own_problems)
         mounts.extend(own)
         seen.add(frozenset(m.mount_id for m in own))
+    shapes: Shapes = {}
     for ns in sorted(by_ns):
-        found, ns_problems = _read_namespace(roots, ns, by_ns[ns])
+        found, ns_problems = _read_namespace(roots, ns, by_ns[ns], shapes=shapes)
         mounts.extend(found)
         problems.extend(ns_problems)
         seen.add(frozenset(m.mount_id for m in found))
