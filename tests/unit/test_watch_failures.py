@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +165,26 @@ class _NoBridges:
 
     def stop(self) -> None:
         pass
+
+
+def test_slow_scans_stretch_the_rescan_tick() -> None:
+    """Timer-driven scans keep to 1/(1 + RESCAN_PER_SCAN) of the time however slow a scan gets."""
+    from unplugd.agent.rpc.watch import RESCAN_PER_SCAN, ChangeWatcher
+
+    scan_s = 0.1
+    times: list[float] = []
+
+    def slow() -> int:
+        time.sleep(scan_s)
+        times.append(time.monotonic())
+        return len(times)
+
+    w: ChangeWatcher[int] = ChangeWatcher(slow, lambda v: None, sources=EventSources.none, debounce=0,
+                                          rescan_seconds=0.05)
+    w.start()
+    try:
+        time.sleep(2.0)
+    finally:
+        w.stop()
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps and min(gaps) >= scan_s * (1 + RESCAN_PER_SCAN) * 0.9  # not every 0.05 s + a scan
