@@ -88,8 +88,9 @@ class WatchConfig:
     # the moment their mounts change). Any user can make namespaces by the
     # thousand, and each file costs an fd and pins its namespace: past this
     # many, the rest are read by the scans only (at least every
-    # fd_rescan_seconds). 512 fds fit the unit's LimitNOFILE with room for
-    # connections, lease claims and a scan's transient fds.
+    # fd_rescan_seconds, or 4 scans' time if longer: watch.RESCAN_PER_SCAN).
+    # 512 fds fit the unit's LimitNOFILE with room for connections, lease
+    # claims and a scan's transient fds.
     max_namespace_fds: int = 512
 
 
