@@ -53,3 +53,24 @@ def test_a_copy_with_one_line_changed_is_parsed_on_its_own(tmp_path: Path) -> No
     assert [m for m in scan.mounts if m.namespace == OTHER + 2] == []
     (problem,) = scan.problems
     assert f"mnt:[{OTHER + 2}]" in problem.object
+
+
+def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path) -> None:
+    proc = Proc(tmp_path)
+    proc.pid(1, OWN, OWN_TABLE)
+    proc.self_is(1)
+    other = OTHER_TABLE + (
+        "502 500 0:21 / /proc rw - proc proc rw\n"
+        "503 500 0:30 / /tmp rw - tmpfs tmpfs rw\n"
+        "504 500 0:45 /@home /home rw - btrfs /dev/vdc rw\n"  # anonymous number, named by its source
+    )
+    proc.pid(200, OTHER, other)
+    proc.pid(300, OTHER + 1, _renumbered(other, 1000))  # a copy: the same mounts kept
+
+    scan = collect_mounts(proc.roots)
+
+    assert scan.problems == []
+    assert {m.mount_point for m in scan.mounts if m.namespace == OWN} == {"/", "/proc", "/srv"}  # whole
+    for ns in (OTHER, OTHER + 1):
+        assert {m.mount_point for m in scan.mounts if m.namespace == ns} == {"/", "/mnt/private data", "/home"}
+    assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504]
