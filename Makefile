@@ -14,7 +14,7 @@ help:
 	@echo "make test     lint, type-check and run every test (unit, integration, e2e)"
 	@echo "make inspect  run 'unplugd inspect' on this machine"
 	@echo "make bench    speed and memory figures against lsblk, lsof, fuser, qemu-guest-agent"
-	@echo "make reliability  resource bounds and failure behaviour under load, as one table (root, ~8 min)"
+	@echo "make reliability  resource bounds and failure behaviour under load, as one table (root, ~10 min)"
 	@echo "make proto    regenerate proto/unplugd/v1/*_pb2*.py"
 
 system-deps:
