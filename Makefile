@@ -7,13 +7,14 @@ PROTOC_VENV := $(CACHE)/protoc-venv-1.51.3
 export UNPLUGD_CACHE := $(CACHE)
 export UNPLUGD_PROTOC_PYTHON := $(PROTOC_VENV)/bin/python
 
-.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench clean
+.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench reliability clean
 
 help:
 	@echo "make demo     build the guest image, boot a VM, show unplugd and unplugctl at work"
 	@echo "make test     lint, type-check and run every test (unit, integration, e2e)"
 	@echo "make inspect  run 'unplugd inspect' on this machine"
 	@echo "make bench    speed and memory figures against lsblk, lsof, fuser, qemu-guest-agent"
+	@echo "make reliability  resource bounds and failure behaviour under load, as one table (root, ~10 min)"
 	@echo "make proto    regenerate proto/unplugd/v1/*_pb2*.py"
 
 system-deps:
@@ -53,6 +54,10 @@ demo: dev
 
 bench: dev
 	$(PY) tests/bench/run.py
+
+# RELIABILITY_ARGS: e.g. --duration 5 --only load
+reliability: dev
+	$(PY) tests/reliability/run.py $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .dev build dist .mypy_cache .ruff_cache .pytest_cache

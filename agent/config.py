@@ -33,6 +33,12 @@ __all__ = [
 ]
 
 DEFAULT_PATH = Path("/etc/unplugd/config.toml")
+# Upper bound of [watch] max_namespace_fds: half the unit's LimitNOFILE (4096),
+# so a config cannot let namespaces starve connections of descriptors.
+MAX_NAMESPACE_FDS = 2048
+# Upper bound of [server] max_queued_calls: each waiting call holds its
+# connection's fd, and the unit's LimitNOFILE is 4096.
+MAX_QUEUED_CALLS = 2048
 
 
 class ConfigError(AgentError):
@@ -48,6 +54,10 @@ class ServerConfig:
     # Worker threads; each WatchReport stream holds one while it lasts.
     max_workers: int = 16
     max_watchers: int = 8
+    # Calls that wait for a worker (GetReports arriving during a scan share
+    # the next one); past this many more, RESOURCE_EXHAUSTED. A waiting call
+    # costs grpc a few KiB.
+    max_queued_calls: int = 512
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,14 @@ class WatchConfig:
     fd_rescan_seconds: float = 5.0
     # Events within this window are answered by one scan.
     debounce_seconds: float = 0.1
+    # Mount namespaces watched through an open /proc/PID/mountinfo (an event
+    # the moment their mounts change). Any user can make namespaces by the
+    # thousand, and each file costs an fd and pins its namespace: past this
+    # many, the rest are read by the scans only (at least every
+    # fd_rescan_seconds, or 4 scans' time if longer: watch.RESCAN_PER_SCAN).
+    # 512 fds fit the unit's LimitNOFILE with room for connections, lease
+    # claims and a scan's transient fds.
+    max_namespace_fds: int = 512
 
 
 @dataclass(frozen=True)
@@ -237,12 +255,16 @@ def _validate(cfg: Config, source: str) -> None:
     need(srv.socket_mode & 0o007 == 0, "server.socket_mode", "must not give access to others")
     need(1 <= srv.max_workers <= 256, "server.max_workers", "must be between 1 and 256")
     need(0 <= srv.max_watchers < srv.max_workers, "server.max_watchers", "must leave workers for other calls")
+    need(0 <= srv.max_queued_calls <= MAX_QUEUED_CALLS, "server.max_queued_calls",
+         f"must be between 0 and {MAX_QUEUED_CALLS}")
     need(mut.default_lease_seconds >= 1, "mutations.default_lease_seconds", "must be at least 1")
     need(mut.max_lease_seconds >= mut.default_lease_seconds, "mutations.max_lease_seconds",
          "must not be below default_lease_seconds")
     need(watch.fd_rescan_seconds >= 0.5, "watch.fd_rescan_seconds", "must be at least 0.5")
     need(0 <= watch.debounce_seconds <= 0.5, "watch.debounce_seconds",
          "must be between 0 and 0.5 (changes must arrive within a second)")
+    need(1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS, "watch.max_namespace_fds",
+         f"must be between 1 and {MAX_NAMESPACE_FDS}")
     need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
     need(all(c >= 0 for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids", "must be CIDs (>= 0)")
     name = tr.virtio_serial.name

@@ -29,6 +29,7 @@ __all__ = [
     "ReadError",
     "UnknownDevice",
     "Vanished",
+    "WatchStopped",
 ]
 
 
@@ -86,3 +87,7 @@ class LeaseNotFound(AgentError):
     def __init__(self, lease_id: str) -> None:
         super().__init__(f"no lease {lease_id!r} (released or expired)")
         self.lease_id = lease_id
+
+
+class WatchStopped(AgentError):
+    """The shared watcher died (its event sources failed): the stream ends, subscribing again starts anew."""

@@ -100,7 +100,8 @@ class BlockDevice:
         return f"{self.name} ({self.dm_name})" if self.dm_name else self.name
 
 
-@dataclass(frozen=True)
+# slots: a scan holds one per mount per namespace, tens of thousands when users make namespaces.
+@dataclass(frozen=True, slots=True)
 class Mount:
     mount_id: int
     parent_id: int

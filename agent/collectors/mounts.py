@@ -96,7 +96,7 @@ def parse_mountinfo(text: str, namespace: int = 0, namespace_pid: int = 0, sourc
 
 @dataclass(frozen=True)
 class MountScan:
-    mounts: list[Mount]  # every namespace's mounts, own namespace first
+    mounts: list[Mount]  # own namespace first and whole; of the others only what can pin a device
     own_namespace: int  # 0 when the agent's own namespace link was unreadable
     root_devno: DevNo | None  # device of "/" in the agent's namespace
     root_source: str  # its mountinfo source (/dev/vda1), for btrfs/overlay 0:NN devnos
@@ -152,8 +152,50 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
     return by_ns, denied, problems
 
 
-def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -> tuple[list[Mount], list[ScanProblem]]:
-    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self)."""
+# A namespace's table without its mount and parent ids -> (line index, mount) of
+# the mounts kept from it (_can_pin_a_device), as parsed once.
+Shapes = dict[str, list[tuple[int, Mount]]]
+
+
+def _can_pin_a_device(m: Mount) -> bool:
+    """Whether a mount of another namespace can touch a verdict.
+
+    Only mounts of block devices count there: a real device number, or a
+    /dev path as source (btrfs and friends show an anonymous 0:NN number).
+    proc, sysfs, tmpfs, cgroup... are most of every table and pin nothing;
+    with thousands of namespaces, keeping them would cost most of a scan's
+    memory. The agent's own namespace is kept whole (swap files, "/").
+    """
+    return m.devno[0] != 0 or m.source.startswith("/dev/")
+
+
+def _shape(text: str) -> tuple[str, list[tuple[int, int]]] | None:
+    """(the table without mount and parent ids, those ids line by line); None if a line lacks them."""
+    rests: list[str] = []
+    ids: list[tuple[int, int]] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        parts = line.split(" ", 2)
+        if len(parts) < 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None  # parse_mountinfo says what is wrong with it
+        ids.append((int(parts[0]), int(parts[1])))
+        rests.append(parts[2])
+    return "\n".join(rests), ids
+
+
+def _read_namespace(
+    roots: Roots, ns: int, pids: list[int], self_pid: int = 0, shapes: Shapes | None = None
+) -> tuple[list[Mount], list[ScanProblem], frozenset[int]]:
+    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self).
+
+    Returns its mounts, problems, and the ids of every mount in the table.
+    shapes (another namespace than the agent's): keep only the mounts that
+    can pin a device, and remember tables seen in this scan. Any user can
+    make thousands of namespaces, nearly all copies of their parent's table
+    that differ only in mount ids (`unshare -m`); such a copy is not parsed
+    again, its mounts are the first one's with its own ids, sharing strings.
+    """
     label = f"mountinfo of mnt:[{ns}]"
     for pid in pids:
         path = roots.proc / (str(pid) if pid else "self") / "mountinfo"
@@ -163,14 +205,29 @@ def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -
         except Vanished:
             continue  # try the next process of that namespace
         except ReadError as exc:
-            return [], [ScanProblem(where, str(exc))]
+            return [], [ScanProblem(where, str(exc))], frozenset()
+        owner = pid or self_pid
+        shaped = _shape(text) if shapes is not None else None
+        if shaped is not None and shapes is not None and shaped[0] in shapes:
+            ids = shaped[1]
+            return [
+                Mount(ids[i][0], ids[i][1], t.devno, t.root, t.mount_point, t.fstype, t.source, t.options, ns, owner)
+                for i, t in shapes[shaped[0]]
+            ], [], frozenset(mid for mid, _ in ids)
         try:
-            return parse_mountinfo(text, ns, pid or self_pid, source=where), []
+            mounts = parse_mountinfo(text, ns, owner, source=where)
         except ParseError as exc:
             log.warning("%s", exc)
-            return [], [ScanProblem(where, str(exc))]
+            return [], [ScanProblem(where, str(exc))], frozenset()
+        every = frozenset(m.mount_id for m in mounts)
+        if shapes is None:
+            return mounts, [], every
+        kept = [(i, m) for i, m in enumerate(mounts) if _can_pin_a_device(m)]
+        if shaped is not None and len(mounts) == len(shaped[1]):
+            shapes[shaped[0]] = kept
+        return [m for _, m in kept], [], every
     log.debug("every process of mnt:[%d] exited during the scan", ns)
-    return [], []
+    return [], [], frozenset()
 
 
 def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> tuple[list[Mount], list[ScanProblem]]:
@@ -233,17 +290,18 @@ def collect_mounts(roots: Roots) -> MountScan:
     seen: set[frozenset[int]] = set()
     if own_ns:
         pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
-        own, own_problems = _read_namespace(roots, own_ns, pids, self_pid)
+        own, own_problems, every = _read_namespace(roots, own_ns, pids, self_pid)
         problems.extend(own_problems)
         mounts.extend(own)
-        seen.add(frozenset(m.mount_id for m in own))
+        seen.add(every)
+    shapes: Shapes = {}
     for ns in sorted(by_ns):
-        found, ns_problems = _read_namespace(roots, ns, by_ns[ns])
+        found, ns_problems, every = _read_namespace(roots, ns, by_ns[ns], shapes=shapes)
         mounts.extend(found)
         problems.extend(ns_problems)
-        seen.add(frozenset(m.mount_id for m in found))
+        seen.add(every)
     found, unlabelled_problems = _read_unlabelled(roots, denied, seen)
-    mounts.extend(found)
+    mounts.extend(m for m in found if _can_pin_a_device(m))
     problems.extend(unlabelled_problems)
 
     root = _root_mount(own)

@@ -7,6 +7,7 @@
     InvalidArgument, ValueError       -> INVALID_ARGUMENT
     ReadError, ParseError             -> UNAVAILABLE (the system changed or could not be
                                          read; asking again may work)
+    WatchStopped                      -> UNAVAILABLE (the watcher died; watch again)
     anything else                     -> INTERNAL (logged with its traceback)
 
 The servicer never lets an exception escape: a bad request or a vanished
@@ -28,6 +29,7 @@ from unplugd.agent.errors import (
     ParseError,
     ReadError,
     UnknownDevice,
+    WatchStopped,
 )
 
 __all__ = ["REASON_METADATA_KEY", "RpcStatus", "status_for"]
@@ -58,6 +60,8 @@ def status_for(exc: BaseException, *, call: str = "") -> RpcStatus:
         return RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__)
     if isinstance(exc, ReadError | ParseError):
         log.warning("call failed reading system state", extra={"call": call, "error": str(exc)})
+        return RpcStatus(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, WatchStopped):
         return RpcStatus(grpc.StatusCode.UNAVAILABLE, str(exc))
     log.error("internal error", exc_info=exc, extra={"call": call})
     return RpcStatus(grpc.StatusCode.INTERNAL, f"internal error in the agent ({type(exc).__name__}); see its log")

@@ -6,6 +6,13 @@
   is not parsed: any message means "look again".
 - mount tables: /proc/PID/mountinfo of one process per mount namespace; the
   kernel flags POLLPRI|POLLERR on it when that namespace's mounts change.
+  At most `max_files` are held ([watch] max_namespace_fds): any user can
+  create mount namespaces by the thousand (`unshare -Urm`), and each held
+  file costs an fd and pins its namespace. The first ones found, in pid
+  order (the system's own, started at boot), keep theirs while they live;
+  the rest have no event and are read by every full scan, which the watcher
+  takes at least every [watch] fd_rescan_seconds: a mount there shows within
+  that time plus one scan.
 - the proc connector (exec/exit events), when permitted, to notice mount
   namespaces that appear or die between rescans. A new namespace is almost
   always followed by an exec (unshare(1), container runtimes, systemd
@@ -34,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unplugd.agent.config import WatchConfig
 from unplugd.agent.roots import Roots
 
 __all__ = ["EventSources", "MountNamespaces", "parse_ns_inode", "parse_proc_events"]
@@ -67,6 +75,7 @@ _FAKE_EXIT = (_NLMSG.pack(_NLMSG.size + _CN_MSG.size + _PROC_EVENT.size, NLMSG_D
               + _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, _PROC_EVENT.size, 0)
               + _PROC_EVENT.pack(PROC_EVENT_EXIT, 0, 0, 1, 1))
 _IN = select.POLLIN
+DEFAULT_MAX_FILES = WatchConfig.max_namespace_fds  # the reason is there
 
 
 def parse_ns_inode(link: str) -> int | None:
@@ -78,17 +87,30 @@ def parse_ns_inode(link: str) -> int | None:
 
 
 class MountNamespaces:
-    """One open mountinfo per mount namespace, found through /proc/PID/ns/mnt."""
+    """One open mountinfo per mount namespace, found through /proc/PID/ns/mnt, at most max_files.
 
-    def __init__(self, proc: Path) -> None:
+    unwatched: namespaces seen by the last refresh that hold no file (over
+    the cap, or their mountinfo could not be opened); they are left to the
+    periodic full scans.
+    """
+
+    def __init__(self, proc: Path, max_files: int = DEFAULT_MAX_FILES) -> None:
         self._proc = proc
+        self._max = max(max_files, 1)
         self.files: dict[int, int] = {}  # namespace inode -> fd of /proc/PID/mountinfo
+        self.unwatched = 0
+        self._warned = False
+
+    @property
+    def full(self) -> bool:
+        return len(self.files) >= self._max
 
     def refresh(self) -> tuple[list[int], list[int]]:
         """Open newly seen namespaces, close gone ones; returns (opened fds, closed fds)."""
         seen: dict[int, str] = {}
         try:
-            pids = [p for p in os.listdir(self._proc) if p.isdigit()]
+            # Pid order: the oldest namespaces (the system's own) get the files first.
+            pids = sorted((p for p in os.listdir(self._proc) if p.isdigit()), key=int)
         except OSError as exc:
             log.warning("cannot list processes", extra={"error": str(exc)})
             return [], []
@@ -105,13 +127,25 @@ class MountNamespaces:
             os.close(fd)
             closed.append(fd)
         for ino, pid in seen.items():
-            if ino in self.files:
+            if ino in self.files or self.full:
                 continue
             new = self._open(pid, ino)
             if new is not None:
                 self.files[ino] = new
                 opened.append(new)
+        self.unwatched = len(seen) - sum(1 for ino in seen if ino in self.files)
+        self._say_cap()
         return opened, closed
+
+    def _say_cap(self) -> None:
+        """Warn once when namespaces go without a file, and once when all have one again."""
+        over = self.unwatched > 0 and self.full
+        if over and not self._warned:
+            log.warning("more mount namespaces than [watch] max_namespace_fds: the rest are read by the "
+                        "periodic rescan only", extra={"watched": len(self.files), "unwatched": self.unwatched})
+        elif not over and self._warned:
+            log.info("every mount namespace watched again", extra={"watched": len(self.files)})
+        self._warned = over
 
     def add_pid(self, pid: int) -> int | None:
         """The fd opened if `pid` lives in a namespace not seen before, else None."""
@@ -120,6 +154,9 @@ class MountNamespaces:
         except OSError:
             return None
         if ino is None or ino in self.files:
+            return None
+        if self.full:
+            self.unwatched += 1  # an upper bound until the next refresh counts again
             return None
         fd = self._open(str(pid), ino)
         if fd is not None:
@@ -157,6 +194,7 @@ class EventSources:
         mounts: bool = True,
         proc_connector: bool = True,
         ns_refresh_min: float = 0.5,
+        max_namespace_fds: int = DEFAULT_MAX_FILES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._poll = select.poll()
@@ -175,7 +213,7 @@ class EventSources:
         if netlink:
             self._try("netlink", self._open_netlink)
         if mounts:
-            self._mounts = MountNamespaces(roots.proc)
+            self._mounts = MountNamespaces(roots.proc, max_namespace_fds)
             self._refresh_namespaces()
             self.kinds.append("mountinfo")
             if proc_connector:
@@ -343,7 +381,13 @@ class EventSources:
 
     @property
     def namespaces(self) -> int:
+        """Mount namespaces watched through an open mountinfo."""
         return len(self._mounts.files) if self._mounts is not None else 0
+
+    @property
+    def unwatched_namespaces(self) -> int:
+        """Mount namespaces left to the periodic rescan (over the cap)."""
+        return self._mounts.unwatched if self._mounts is not None else 0
 
 
 def _poll_once(fd: int) -> None:

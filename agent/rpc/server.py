@@ -30,7 +30,7 @@ import grpc
 from unplugd.agent.config import Config
 from unplugd.agent.errors import AgentError
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import EngineApi, ModuleEngine
+from unplugd.agent.rpc.engine_api import CoalescingEngine, EngineApi, ModuleEngine
 from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.health import HealthRegistry, add_health
 from unplugd.agent.rpc.leases import LeaseManager
@@ -104,7 +104,8 @@ class AgentServer:
     ) -> None:
         self.config = config
         self.roots = roots if roots is not None else Roots.live_system()
-        self.engine: EngineApi = (
+        # Concurrent GetReports (and the watcher) share scans instead of stacking them.
+        self.engine = CoalescingEngine(
             engine if engine is not None else ModuleEngine(exclusive_probe=config.readiness.exclusive_probe)
         )
         self._links = links if links is not None else (NetlinkLinks() if self.roots.live else None)
@@ -115,8 +116,8 @@ class AgentServer:
         self._health: HealthRegistry | None = None
         self._socket_id: tuple[int, int] | None = None
         if sources is None:
-            live = self.roots
-            sources = (lambda: EventSources(live)) if live.live else EventSources.none
+            live, cap = self.roots, config.watch.max_namespace_fds
+            sources = (lambda: EventSources(live, max_namespace_fds=cap)) if live.live else EventSources.none
         self.hub = ReportHub(self._produce, sources=sources, debounce=config.watch.debounce_seconds,
                              rescan_seconds=config.watch.fd_rescan_seconds)
         self.leases = LeaseManager(self.roots, default_seconds=config.mutations.default_lease_seconds,
@@ -144,8 +145,9 @@ class AgentServer:
         cfg = self.config.server
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="unplugd-rpc"),
-            # Past this many calls in flight, refuse (RESOURCE_EXHAUSTED) rather than queue without bound.
-            maximum_concurrent_rpcs=cfg.max_workers * 4,
+            # Calls past the workers wait in grpc's queue (a few KiB each); past
+            # max_queued_calls more, refuse (RESOURCE_EXHAUSTED) rather than queue without bound.
+            maximum_concurrent_rpcs=cfg.max_workers + cfg.max_queued_calls,
         )
         servicer = AgentServicer(roots=self.roots, engine=self.engine, config=self.config, leases=self.leases,
                                  hub=self.hub, listeners=self.listeners)

@@ -129,7 +129,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         with self._watching_lock:
             self._watching += 1
         try:
-            sub = self._hub.subscribe()
+            try:
+                sub = self._hub.subscribe()
+            except Exception as exc:  # the event sources could not be opened: a status, not a traceback
+                _abort("WatchReport", context, exc)
             context.add_callback(sub.close)
             try:
                 yield from self._stream(sub, addresses, context)

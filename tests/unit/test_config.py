@@ -49,6 +49,8 @@ def test_values_and_overrides(tmp_path: Path) -> None:
     ("[server]\nmax_watchers = 16\n", "server.max_watchers"),
     ("[watch]\nfd_rescan_seconds = 0.01\n", "watch.fd_rescan_seconds"),
     ("[watch]\ndebounce_seconds = 2\n", "watch.debounce_seconds"),
+    ("[watch]\nmax_namespace_fds = 0\n", "watch.max_namespace_fds"),
+    ("[watch]\nmax_namespace_fds = 100000\n", "watch.max_namespace_fds"),
     ("[transports.vsock]\nallowed_cids = 2\n", "transports.vsock.allowed_cids"),
     ("[transports.vsock]\nallowed_cids = ['2']\n", "transports.vsock.allowed_cids[0]"),
     ("[transports.virtio_serial]\nname = '../x'\n", "transports.virtio_serial.name"),

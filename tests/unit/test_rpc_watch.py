@@ -12,6 +12,7 @@ import pytest
 
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, running_server
 from unplugd.agent.config import Config, ServerConfig
+from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.events import EventSources, MountNamespaces, parse_ns_inode
 from unplugd.agent.rpc.watch import ChangeWatcher, ReportHub, Update, changed_between, filter_report, function_keys
 from unplugd.v1 import agent_service_pb2 as pb
@@ -306,6 +307,49 @@ def test_mount_namespaces_one_file_per_namespace(tmp_path: Path) -> None:
     assert sorted(ns.files) == [100] and opened == [] and len(closed) == 1
     ns.close()
     assert ns.files == {}
+
+
+def test_mount_namespaces_hold_at_most_max_files_oldest_first(tmp_path: Path) -> None:
+    def proc(pid: int, ns: int) -> None:
+        d = tmp_path / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "mountinfo").write_text("")
+        os.symlink(f"mnt:[{ns}]", d / "ns" / "mnt")
+
+    for pid, ino in ((1, 100), (2, 100), (30, 101), (400, 102)):  # the system's own
+        proc(pid, ino)
+    for i in range(20):  # a user's crowd of namespaces
+        proc(1000 + i, 5000 + i)
+    ns = MountNamespaces(tmp_path, max_files=3)
+    opened, _ = ns.refresh()
+    assert len(opened) == 3 and len(ns.files) == 3
+    assert sorted(ns.files) == [100, 101, 102]  # the lowest pids come first
+    assert ns.full and ns.unwatched == 20
+    assert ns.add_pid(1019) is None  # no room: left to the rescan
+    assert len(ns.files) == 3
+    # A watched namespace dies: its slot goes to one that had none.
+    for f in (tmp_path / "400").rglob("*"):
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+    opened, closed = ns.refresh()
+    assert len(closed) == 1 and len(opened) == 1 and len(ns.files) == 3 and ns.unwatched == 19
+    ns.close()
+
+
+def test_event_sources_hold_no_more_namespace_fds_than_the_cap() -> None:
+    """Live: this machine's namespaces, capped at 1 mountinfo file."""
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    sources = EventSources(Roots.live_system(), udev=False, netlink=False, proc_connector=False,
+                           max_namespace_fds=1)
+    try:
+        assert sources.namespaces == 1
+        assert fds() - before == 1 + 2  # one mountinfo and the wake pipe
+    finally:
+        sources.close()
+    assert fds() == before
 
 
 def _proc_event(what: int, pid: int, tgid: int, *, idx: int = 1) -> bytes:
