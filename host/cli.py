@@ -49,7 +49,8 @@ path, a guest PCI address (0000:01:00.0, the guest's numbering) or a PCI path
 Agent addresses: unix:/path  vsock:CID:PORT  hvsock:/vmm.sock:PORT
 serial:/chardev.sock  tcp:HOST:PORT (mutual TLS).
 
-exit codes (check, wait-ready, and unplug when refused):
+exit codes (check, wait-ready, and unplug when refused, also when the guest
+changed after --prepare's lease: 3 or 4 as for the new verdict):
   0 unpluggable / unplugged      3 blocked by the guest     4 guest unreachable or unknown
   5 not hotpluggable             6 needs companions         2 usage     1 failure
   7 unplug still pending at --timeout   8 unplugged, but the guest did not confirm
@@ -289,7 +290,7 @@ def _progress(p: Progress) -> None:
 def unplug_exit(r: UnplugResult) -> int:
     if r.outcome in (Outcome.UNPLUGGED, Outcome.DRY_RUN):
         return 0
-    if r.outcome is Outcome.REFUSED and r.plan is not None:
+    if r.outcome in (Outcome.REFUSED, Outcome.GUEST_CHANGED) and r.plan is not None:
         return EXIT[r.plan.verdict]
     if r.outcome is Outcome.PENDING:
         return EXIT_PENDING

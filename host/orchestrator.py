@@ -1,8 +1,14 @@
 """The orchestrator: performs a SlotPlan, with explicit timeouts everywhere.
 
-    check -> [prepare lease] -> unplug (function 0 or the device) -> wait for the
-    hypervisor's removal event of every function in the slot -> confirm with
-    the agent that the guest no longer has them -> release the lease
+    check -> [prepare lease -> check again] -> unplug (function 0 or the device)
+    -> wait for the hypervisor's removal event of every function in the slot
+    -> confirm with the agent that the guest no longer has them -> release the lease
+
+After the lease is granted the guest is asked once more, before anything is
+unplugged: the lease itself (LEASED) may be the only new reason. Anything
+else that appeared since the check (a mount that won the race, an agent that
+stopped answering) releases the lease and refuses (GUEST_CHANGED); --force
+overrides only the findings it was shown at the check.
 
 It never unplugs on a verdict other than UNPLUGGABLE unless `force`, and then
 the result lists exactly the findings it overrode; companions leave only with
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -97,6 +104,7 @@ class Outcome(Enum):
     REFUSED = "REFUSED"  # the plan's verdict forbids it (no --force / --with-companions)
     DRY_RUN = "DRY_RUN"
     PREPARE_FAILED = "PREPARE_FAILED"  # the guest could not lease the devices: nothing was unplugged
+    GUEST_CHANGED = "GUEST_CHANGED"  # after the lease the guest reported a new use, or no answer: nothing unplugged
     HYPERVISOR_REFUSED = "HYPERVISOR_REFUSED"  # device_del / detach said no
     PENDING = "PENDING"  # requested, but not every function left before the timeout
     FAILED = "FAILED"
@@ -194,9 +202,12 @@ class Orchestrator:
         return plan(topo, guest, guest_error=why)
 
     async def check(self, device: str, *, prepare: bool = False) -> SlotPlan:
+        return (await self._check(device, prepare=prepare))[1]
+
+    async def _check(self, device: str, *, prepare: bool) -> tuple[Topology, SlotPlan]:
         topo, guest, why = await self.snapshot()
         sel = resolve(device, topo, guest)
-        return plan_slot(sel.slot_path, topo, guest, requested=sel.paths, prepare=prepare, guest_error=why)
+        return topo, plan_slot(sel.slot_path, topo, guest, requested=sel.paths, prepare=prepare, guest_error=why)
 
     # ------------------------------------------------------------ unplug
 
@@ -218,7 +229,7 @@ class Orchestrator:
             if progress is not None:
                 progress(Progress(event, detail, path, time.monotonic() - start))
 
-        sp = await self.check(device, prepare=prepare)
+        topo, sp = await self._check(device, prepare=prepare)
         say("planned", f"slot {sp.slot_path}: {sp.verdict.value}")
         overridden = sp.overrides(force=force, with_companions=with_companions)
         if overridden is None:
@@ -241,12 +252,27 @@ class Orchestrator:
         notes: list[str] = []
         if any(s.kind is StepKind.PREPARE for s in sp.steps):
             try:
-                lease_id = await self._prepare(sp)
+                lease_id = await self._prepare(sp, timeout)
             except _AGENT_ERRORS as e:
                 return UnplugResult(
                     Outcome.PREPARE_FAILED, f"the guest could not prepare the unplug: {e}", sp, overridden=overridden
                 )
-            say("prepared", f"lease {lease_id} holds the slot's block devices in the guest")
+            say("prepared", "a lease holds the slot's block devices in the guest")
+            changed = await self._recheck(topo, sp, overridden)
+            if changed is not None:
+                released, note = await self._release(lease_id)
+                say("released", note)
+                why = "; ".join(f.detail for f in changed.findings if _new_guest_finding(f, overridden))
+                return UnplugResult(
+                    Outcome.GUEST_CHANGED,
+                    f"after the lease the guest reports: {why} (nothing was unplugged)",
+                    changed,
+                    self._outcomes(sp, set(), None),
+                    overridden=overridden,
+                    lease_id=lease_id,
+                    lease_released=released,
+                    notes=(note,),
+                )
 
         released: bool | None = None
         try:
@@ -281,15 +307,32 @@ class Orchestrator:
             sp,
         )
 
-    async def _prepare(self, sp: SlotPlan) -> str:
+    async def _prepare(self, sp: SlotPlan, timeout: float) -> str:
         assert self.agent is not None
         devices = sp.guest_devices()
+        # Long enough to outlast the whole attempt (re-check, wait, confirm, release):
+        # a lease that expired mid-wait would hold nothing. The agent caps it at its maximum.
+        seconds = max(self.lease_seconds, math.ceil(timeout + self.confirm_timeout + 4 * (self.agent_timeout + 1)))
         resp = await asyncio.wait_for(
-            self.agent.prepare_unplug(devices, self.lease_seconds, timeout=self.agent_timeout), self.agent_timeout + 1
+            self.agent.prepare_unplug(devices, seconds, timeout=self.agent_timeout), self.agent_timeout + 1
         )
         return resp.lease_id
 
+    async def _recheck(self, topo: Topology, sp: SlotPlan, overridden: Sequence[Finding]) -> SlotPlan | None:
+        """The slot planned again from a fresh report; None when only the lease is new."""
+        guest, why = await self.guest()
+        fresh = plan_slot(
+            sp.slot_path,
+            topo,
+            guest,
+            requested=frozenset(fp.path for fp in sp.functions if fp.requested),
+            prepare=True,
+            guest_error=f"the agent did not answer after the lease: {why}" if guest is None else "",
+        )
+        return fresh if any(_new_guest_finding(f, overridden) for f in fresh.findings) else None
+
     async def _release(self, lease_id: str) -> tuple[bool, str]:
+        # The notes say "the lease", never its id: they are printed and logged.
         assert self.agent is not None
         try:
             await asyncio.wait_for(
@@ -298,11 +341,11 @@ class Orchestrator:
         except _AGENT_ERRORS as e:
             if isinstance(e, AgentUnreachable | TimeoutError | OSError):
                 return False, (
-                    f"lease {lease_id} not released: the agent is unreachable ({e}); if the agent died, the kernel "
+                    f"the lease was not released: the agent is unreachable ({e}); if the agent died, the kernel "
                     "dropped its claims with its file descriptors, otherwise the lease expires on its own"
                 )
-            return False, f"lease {lease_id} not released: {e} (it expires on its own)"
-        return True, f"lease {lease_id} released"
+            return False, f"the lease was not released: {e} (it expires on its own)"
+        return True, "the lease was released"
 
     async def _unplug_and_wait(
         self,
@@ -477,6 +520,13 @@ class Orchestrator:
             return plan_slot(sel.slot_path, topo2, guest2, requested=sel.paths, guest_error=why2)
         except _AGENT_ERRORS as e:
             return plan_slot(sel.slot_path, topo, None, requested=sel.paths, guest_error=str(e))
+
+
+def _new_guest_finding(f: Finding, overridden: Sequence[Finding]) -> bool:
+    """A finding about the guest that --force did not accept at the check (same verdict, same function)."""
+    if f.verdict not in (Verdict.BLOCKED_BY_GUEST, Verdict.GUEST_UNREACHABLE):
+        return False
+    return not any(o.verdict is f.verdict and o.path == f.path for o in overridden)
 
 
 def _waiting(sp: SlotPlan) -> bool:

@@ -143,7 +143,11 @@ class FakeBackend:
 
 
 class FakeAgent:
-    """Serves `reports` in turn (the last one repeats); `dead` makes every call unreachable."""
+    """Serves `reports` in turn (the last one repeats); `dead` makes every call unreachable.
+
+    Like the real agent, a report served while a lease is held carries a
+    LEASED warning on the leased functions (by guest address).
+    """
 
     def __init__(self, *reports: report_pb2.Report) -> None:
         self.reports = list(reports)
@@ -152,6 +156,8 @@ class FakeAgent:
         self.die_after_prepare = False
         self.prepare_error: Exception | None = None
         self.watch_reports: list[report_pb2.Report] = []
+        self.leased: set[str] = set()
+        self.lease_seconds = 0
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -160,7 +166,13 @@ class FakeAgent:
 
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
         self._check("get_report")
-        return self.reports.pop(0) if len(self.reports) > 1 else self.reports[0]
+        served = report_pb2.Report()
+        served.CopyFrom(self.reports.pop(0) if len(self.reports) > 1 else self.reports[0])
+        for f in served.functions:
+            if f.address in self.leased:
+                f.reasons.add(code=report_pb2.REASON_CODE_LEASED, detail="held for unplug by lease 0123abcd",
+                              blocking=False)
+        return served
 
     async def prepare_unplug(
         self,
@@ -176,10 +188,13 @@ class FakeAgent:
             raise self.prepare_error
         if self.die_after_prepare:
             self.dead = True
+        self.leased |= set(devices)
+        self.lease_seconds = lease_seconds
         return pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         self._check(f"release {lease_id}")
+        self.leased.clear()
         return pb.ReleaseUnplugResponse(released=True)
 
     async def watch_report(
