@@ -258,25 +258,20 @@ class Orchestrator:
                     Outcome.PREPARE_FAILED, f"the guest could not prepare the unplug: {e}", sp, overridden=overridden
                 )
             say("prepared", "a lease holds the slot's block devices in the guest")
-            changed = await self._recheck(topo, sp, overridden)
+
+        released: bool | None = None
+        try:
+            changed = await self._recheck(topo, sp, overridden) if lease_id else None
             if changed is not None:
-                released, note = await self._release(lease_id)
-                say("released", note)
                 why = "; ".join(f.detail for f in changed.findings if _new_guest_finding(f, overridden))
-                return UnplugResult(
+                result = UnplugResult(
                     Outcome.GUEST_CHANGED,
                     f"after the lease the guest reports: {why} (nothing was unplugged)",
                     changed,
                     self._outcomes(sp, set(), None),
-                    overridden=overridden,
-                    lease_id=lease_id,
-                    lease_released=released,
-                    notes=(note,),
                 )
-
-        released: bool | None = None
-        try:
-            result = await self._unplug_and_wait(sp, target, timeout, say, start)
+            else:
+                result = await self._unplug_and_wait(sp, target, timeout, say, start)
         finally:  # also when cancelled or failing: the lease must not outlive the attempt
             if lease_id:
                 released, note = await self._release(lease_id)
@@ -285,7 +280,7 @@ class Orchestrator:
         return UnplugResult(
             result.outcome,
             result.message,
-            sp,
+            result.plan,
             result.functions,
             overridden,
             lease_id,
