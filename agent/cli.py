@@ -20,6 +20,7 @@ from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.report import state_name, to_json
 from unplugd.agent.roots import Roots
 from unplugd.agent.serve import add_serve_parser
+from unplugd.stdio import broken_pipe, flush_stdout
 from unplugd.v1 import report_pb2
 
 __all__ = [
@@ -315,7 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        code = run(args)
+        flush_stdout()
+        return code
+    except BrokenPipeError:  # `unplugd inspect | head -1`: the reader left; end quietly
+        return broken_pipe()
     except (UnknownDevice, InvalidArgument) as exc:
         parser.exit(EXIT_USAGE, f"unplugd: error: {exc}\n")
     except AgentError as exc:

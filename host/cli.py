@@ -22,6 +22,7 @@ from unplugd.host.client import TlsFiles
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+from unplugd.stdio import broken_pipe, flush_stdout
 
 __all__ = ["EXIT", "main", "open_session"]
 
@@ -54,6 +55,7 @@ changed after --prepare's lease: 3 or 4 as for the new verdict):
   0 unpluggable / unplugged      3 blocked by the guest     4 guest unreachable or unknown
   5 not hotpluggable             6 needs companions         2 usage     1 failure
   7 unplug still pending at --timeout   8 unplugged, but the guest did not confirm
+  141 stdout closed early (`| head`): output cut short, nothing else wrong
 
 examples:
   unplugctl status web1
@@ -413,7 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
-        return asyncio.run(run(args))
+        code = asyncio.run(run(args))
+        flush_stdout()
+        return code
+    except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
+        return broken_pipe()
     except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
         print(f"unplugctl: {e}", file=sys.stderr)
         return EXIT_USAGE
