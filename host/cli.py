@@ -36,7 +36,7 @@ EXIT = {
     Verdict.NOT_HOTPLUGGABLE: 5,
     Verdict.NEEDS_COMPANIONS: 6,
 }
-EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = 1, 2, 7, 8
+EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED, EXIT_HYPERVISOR_LOST = 1, 2, 7, 8, 9
 
 EPILOG = """\
 VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
@@ -55,6 +55,8 @@ changed after --prepare's lease: 3 or 4 as for the new verdict):
   0 unpluggable / unplugged      3 blocked by the guest     4 guest unreachable or unknown
   5 not hotpluggable             6 needs companions         2 usage     1 failure
   7 unplug still pending at --timeout   8 unplugged, but the guest did not confirm
+  9 the hypervisor went away while waiting (QEMU exited, libvirtd did not come back):
+    each function says whether it had left; the lease was released if the agent answered
   141 stdout closed early (`| head`): output cut short, nothing else wrong
 
 examples:
@@ -298,6 +300,8 @@ def unplug_exit(r: UnplugResult) -> int:
         return EXIT_PENDING
     if r.outcome is Outcome.UNPLUGGED_UNCONFIRMED:
         return EXIT_UNCONFIRMED
+    if r.outcome is Outcome.HYPERVISOR_LOST:
+        return EXIT_HYPERVISOR_LOST
     return EXIT_FAILURE
 
 

@@ -75,6 +75,10 @@ class Backend(Protocol):
 
     def removals(self) -> AbstractAsyncContextManager[AsyncIterator[Removal]]: ...
 
+    async def reconnect(self) -> None:
+        """After the connection broke: connect again, or raise BackendError if the VM cannot be reached."""
+        ...
+
 
 class AgentLike(Protocol):
     """The slice of host/client.py's AgentClient the orchestrator calls."""
@@ -107,6 +111,7 @@ class Outcome(Enum):
     GUEST_CHANGED = "GUEST_CHANGED"  # after the lease the guest reported a new use, or no answer: nothing unplugged
     HYPERVISOR_REFUSED = "HYPERVISOR_REFUSED"  # device_del / detach said no
     PENDING = "PENDING"  # requested, but not every function left before the timeout
+    HYPERVISOR_LOST = "HYPERVISOR_LOST"  # the hypervisor connection broke while waiting and did not come back
     FAILED = "FAILED"
 
 
@@ -355,7 +360,8 @@ class Orchestrator:
         monitor = next((s.via_monitor for s in sp.steps if s.kind is StepKind.UNPLUG), False)
         removed: set[PciPath] = set()
         timings: dict[str, float] = {}
-        async with self.backend.removals() as events:
+        async with contextlib.AsyncExitStack() as stack:
+            events = await stack.enter_async_context(self.backend.removals())
             try:
                 if monitor:
                     say("note", "device_del through the QEMU monitor: libvirt marks the domain tainted")
@@ -366,7 +372,18 @@ class Orchestrator:
             except BackendError as e:
                 return UnplugResult(Outcome.FAILED, str(e), sp, self._outcomes(sp, removed, None))
             say("requested", f"unplug of {target.name} requested; waiting for {len(leaving)} function(s) to leave")
-            last = await self._wait_removed(events, leaving, removed, timeout, say)
+            last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
+        if lost and removed != set(leaving):
+            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            return UnplugResult(
+                Outcome.HYPERVISOR_LOST,
+                f"lost the hypervisor ({self.backend.source}) while waiting: {lost}. {len(removed)} of "
+                f"{len(leaving)} function(s) had left; "
+                f"not known for: {still}",
+                sp,
+                self._outcomes(sp, removed, None),
+                timings=timings,
+            )
         if removed != set(leaving):
             # The deadline passed. Events can only be missed if the listener
             # broke, so read the topology once to be sure what is still there.
@@ -409,29 +426,58 @@ class Orchestrator:
 
     async def _wait_removed(
         self,
+        stack: contextlib.AsyncExitStack,
         events: AsyncIterator[Removal],
         leaving: Mapping[PciPath, Function],
         removed: set[PciPath],
         timeout: float,
+        *,
         say: _Say,
-    ) -> float:
-        """Collect removal events until every leaving function is gone or the timeout; returns the last one's time."""
-        last = 0.0
+    ) -> tuple[float, str]:
+        """Collect removal events until every leaving function is gone or the timeout.
 
-        async def collect() -> None:
+        Returns the last removal's time, and why the hypervisor was lost ("" if
+        it was not). A broken connection (QEMU gone, libvirtd restarting) is
+        reconnected within the timeout: a fresh listener, then one topology
+        read for what left while nobody listened.
+        """
+        last = 0.0
+        deadline = time.monotonic() + timeout
+
+        def gone(path: PciPath, fn: Function) -> None:
             nonlocal last
-            async for ev in events:
+            removed.add(path)
+            last = time.monotonic()
+            say("deleted", f"{fn.name} ({path}) is gone ({len(removed)}/{len(leaving)})", path)
+
+        async def collect(stream: AsyncIterator[Removal]) -> None:
+            async for ev in stream:
                 for path, fn in leaving.items():
                     if path not in removed and ev.matches(fn):
-                        removed.add(path)
-                        last = time.monotonic()
-                        say("deleted", f"{fn.name} ({path}) is gone ({len(removed)}/{len(leaving)})", path)
+                        gone(path, fn)
                 if len(removed) == len(leaving):
                     return
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(collect(), timeout)
-        return last
+        while True:
+            try:
+                await asyncio.wait_for(collect(events), max(deadline - time.monotonic(), 0))
+                return last, ""
+            except TimeoutError:
+                return last, ""
+            except BackendError as lost:
+                say("note", f"{lost}; connecting again")
+                try:
+                    await asyncio.wait_for(self.backend.reconnect(), max(deadline - time.monotonic(), 0))
+                    events = await stack.enter_async_context(self.backend.removals())
+                    now = await self.backend.topology()
+                except (HostError, TimeoutError) as e:
+                    return last, f"{lost}; {e or 'no connection before the timeout'}"
+                say("note", f"connected to {self.backend.source} again")
+                for path, fn in leaving.items():
+                    if path not in removed and now.function(path) is None:
+                        gone(path, fn)
+                if len(removed) == len(leaving):
+                    return last, ""
 
     async def _confirm(self, sp: SlotPlan, say: Callable[[str, str, PciPath | None], None]) -> set[PciPath] | None:
         """Guest paths of the slot confirmed gone; None when the agent could not be asked."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 
 from unplugd.host.client import AgentCallFailed, AgentUnreachable
+from unplugd.host.errors import BackendError
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
 from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import agent_service_pb2 as pb
@@ -99,7 +100,10 @@ class FakeBackend:
     """A hypervisor whose unplug behaviour the test chooses.
 
     on_unplug(fn) returns the Removals to emit (the whole slot, say), or raises.
-    After a removal the function also disappears from topology().
+    After a removal the function also disappears from topology(). With
+    `lose_connection`, the listener breaks right after the unplug request (as
+    when QEMU exits or libvirtd restarts); reconnect() then raises
+    `reconnect_error`, or succeeds.
     """
 
     source = "qmp"
@@ -109,7 +113,9 @@ class FakeBackend:
         self.on_unplug = on_unplug or (lambda fn: [])
         self.calls: list[str] = []
         self.gone: set[str] = set()
-        self._queues: list[asyncio.Queue[Removal]] = []
+        self._queues: list[asyncio.Queue[Removal | None]] = []
+        self.lose_connection = False
+        self.reconnect_error: Exception | None = None
 
     async def topology(self) -> Topology:
         self.calls.append("topology")
@@ -122,19 +128,35 @@ class FakeBackend:
 
     async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
         self.calls.append(f"unplug {fn.name}{' via monitor' if via_monitor else ''}")
-        for removal in self.on_unplug(fn):
+        removals = self.on_unplug(fn)
+        if self.lose_connection:
+            self.lose_connection = False
+            for q in self._queues:
+                q.put_nowait(None)
+            for removal in removals:  # they happen while nobody listens
+                self.gone.add(removal.device or "")
+            return
+        for removal in removals:
             self.gone.add(removal.device or "")
             for q in self._queues:
                 q.put_nowait(removal)
 
+    async def reconnect(self) -> None:
+        self.calls.append("reconnect")
+        if self.reconnect_error is not None:
+            raise self.reconnect_error
+
     @contextlib.asynccontextmanager
     async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
-        q: asyncio.Queue[Removal] = asyncio.Queue()
+        q: asyncio.Queue[Removal | None] = asyncio.Queue()
         self._queues.append(q)
 
         async def events() -> AsyncIterator[Removal]:
             while True:
-                yield await q.get()
+                removal = await q.get()
+                if removal is None:
+                    raise BackendError("connection lost")
+                yield removal
 
         try:
             yield events()

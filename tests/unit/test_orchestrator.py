@@ -18,8 +18,8 @@ from tests.unit.host_fakes import (
     report,
     topology,
 )
-from unplugd.host.cli import EXIT, EXIT_UNCONFIRMED, unplug_exit
-from unplugd.host.errors import GuestBusy, UnplugInProgress
+from unplugd.host.cli import EXIT, EXIT_HYPERVISOR_LOST, EXIT_UNCONFIRMED, unplug_exit
+from unplugd.host.errors import DomainNotFound, GuestBusy, UnplugInProgress
 from unplugd.host.orchestrator import Orchestrator, Outcome, Progress
 from unplugd.host.planner import Verdict
 from unplugd.host.topology import Function, Removal, Topology
@@ -225,6 +225,29 @@ def test_the_lease_outlasts_the_wait() -> None:
     be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
     run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True, timeout=600))
     assert agent.lease_seconds >= 600 + 10 + 2
+
+
+def test_hypervisor_gone_while_waiting() -> None:
+    """QEMU exits mid-wait: at once (not at the timeout) HYPERVISOR_LOST, per function, lease released, exit 9."""
+    be, agent = FakeBackend(topo(), lambda fn: []), FakeAgent(BEFORE)
+    be.lose_connection = True
+    be.reconnect_error = DomainNotFound("cannot connect to QMP socket: connection refused")
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=30))
+    assert res.outcome is Outcome.HYPERVISOR_LOST and "connection refused" in res.message
+    assert [(f.name, f.removed, f.guest_gone) for f in res.functions] == [("disk1", False, None)]
+    assert res.lease_released is True and agent.calls[-1] == "release lease-1"
+    assert be.calls[-1] == "reconnect"
+    assert unplug_exit(res) == EXIT_HYPERVISOR_LOST
+
+
+def test_hypervisor_back_while_waiting() -> None:
+    """libvirtd restarts mid-wait: connect again, the topology tells what left meanwhile."""
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
+    be.lose_connection = True
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=30))
+    assert res.outcome is Outcome.UNPLUGGED, res.message
+    assert "reconnect" in be.calls and all(f.removed for f in res.functions)
+    assert res.lease_released is True
 
 
 def test_prepare_failure_unplugs_nothing() -> None:
