@@ -114,15 +114,23 @@ def _root_mount(mounts: list[Mount]) -> Mount | None:
     return top[-1] if top else None
 
 
-def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[ScanProblem]]:
-    """Mount namespace inode -> its pids (ascending), and the pids whose ns link is denied."""
-    problems: list[ScanProblem] = []
-    by_ns: dict[int, list[int]] = {}
-    denied: list[int] = []
+@dataclass
+class _Pids:
+    by_ns: dict[int, list[int]] = field(default_factory=dict)  # mount namespace inode -> its pids, ascending
+    denied: list[int] = field(default_factory=list)  # pids whose ns link is denied
+    problems: list[ScanProblem] = field(default_factory=list)
+    exited: bool = False  # some process exited between the listing and reading its ns link
+
+
+def _scan_pids(roots: Roots) -> _Pids:
+    """Which mount namespace each process is in."""
+    out = _Pids()
+    problems, by_ns, denied = out.problems, out.by_ns, out.denied
     try:
         entries = listdir(roots.proc)
     except ReadError as exc:
-        return {}, [], [ScanProblem(str(roots.proc), str(exc))]
+        problems.append(ScanProblem(str(roots.proc), str(exc)))
+        return out
     base = str(roots.proc)
     parsed: dict[str, int] = {}  # link text -> inode: thousands of pids share a handful of namespaces
     for pid in sorted(int(e) for e in entries if e.isdigit()):
@@ -132,7 +140,8 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
         except OSError as exc:
             err = as_read_error(link, exc)
             if isinstance(err, Vanished):
-                continue  # the process exited
+                out.exited = True  # collect_mounts looks again, for children it may have left
+                continue
             if isinstance(err, NotPermitted):
                 denied.append(pid)
             else:
@@ -149,11 +158,16 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
             denied.append(pid)  # "mnt:[0]": a capture that could not tell the namespace either
             continue
         by_ns.setdefault(ns, []).append(pid)
-    return by_ns, denied, problems
+    return out
 
 
-def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -> tuple[list[Mount], list[ScanProblem]]:
-    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self)."""
+def _read_namespace(
+    roots: Roots, ns: int, pids: list[int], self_pid: int = 0
+) -> tuple[list[Mount] | None, list[ScanProblem]]:
+    """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self).
+
+    None when every one of them exited meanwhile.
+    """
     label = f"mountinfo of mnt:[{ns}]"
     for pid in pids:
         path = roots.proc / (str(pid) if pid else "self") / "mountinfo"
@@ -169,8 +183,7 @@ def _read_namespace(roots: Roots, ns: int, pids: list[int], self_pid: int = 0) -
         except ParseError as exc:
             log.warning("%s", exc)
             return [], [ScanProblem(where, str(exc))]
-    log.debug("every process of mnt:[%d] exited during the scan", ns)
-    return [], []
+    return None, []
 
 
 def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> tuple[list[Mount], list[ScanProblem]]:
@@ -225,23 +238,45 @@ def collect_mounts(roots: Roots) -> MountScan:
     target = _readlink_quiet(roots.proc / "self")
     self_pid = int(target) if target is not None and target.isdigit() else 0
 
-    by_ns, denied, scan_problems = _scan_pids(roots)
-    problems.extend(scan_problems)
+    pids = _scan_pids(roots)
+    by_ns, denied, exited = pids.by_ns, pids.denied, pids.exited
+    problems.extend(pids.problems)
 
     mounts: list[Mount] = []
     own: list[Mount] = []
     seen: set[frozenset[int]] = set()
     if own_ns:
-        pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
-        own, own_problems = _read_namespace(roots, own_ns, pids, self_pid)
+        own_pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
+        own_read, own_problems = _read_namespace(roots, own_ns, own_pids, self_pid)
+        own = own_read or []  # the agent's own namespace: proc/self never exits
         problems.extend(own_problems)
         mounts.extend(own)
         seen.add(frozenset(m.mount_id for m in own))
+    done = {own_ns}
+    tried = {p for pids in by_ns.values() for p in pids}
     for ns in sorted(by_ns):
-        found, ns_problems = _read_namespace(roots, ns, by_ns[ns])
-        mounts.extend(found)
+        read, ns_problems = _read_namespace(roots, ns, by_ns[ns])
+        if read is None:
+            exited = True
+            continue
+        done.add(ns)
+        mounts.extend(read)
         problems.extend(ns_problems)
-        seen.add(frozenset(m.mount_id for m in found))
+        seen.add(frozenset(m.mount_id for m in read))
+    if exited:
+        # A process exited mid-scan (before its namespace was known, or the last one listed
+        # in it), but a child forked before may live on in that namespace, its mounts still
+        # pinning devices: list /proc once more and read every namespace not read yet.
+        again = _scan_pids(roots)
+        problems.extend(again.problems)
+        for ns in sorted(set(again.by_ns) - done):
+            read, ns_problems = _read_namespace(roots, ns, [p for p in again.by_ns[ns] if p not in tried])
+            if read is None:
+                log.debug("every process of mnt:[%d] exited during the scan", ns)
+                continue
+            mounts.extend(read)
+            problems.extend(ns_problems)
+            seen.add(frozenset(m.mount_id for m in read))
     found, unlabelled_problems = _read_unlabelled(roots, denied, seen)
     mounts.extend(found)
     problems.extend(unlabelled_problems)

@@ -580,6 +580,8 @@ def _objects(f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[s
     for bd in block:
         keys.add(bd.name)
         keys.add("devno:" + format_devno(bd.devno))
+        # A holder it names that could not be read (vanished mid-scan) is part of its stack.
+        keys.update(bd.holders)
     for node in f.device_nodes:
         keys.add(node.path)
         keys.add(node.path.removeprefix("/dev/"))
