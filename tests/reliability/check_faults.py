@@ -7,6 +7,8 @@
 - QEMU (TCG, no guest) SIGKILLed at a random moment while unplugctl waits
   for DEVICE_DELETED of a pending unplug: the outcome (HYPERVISOR_LOST, exit
   9) and how long after the kill the wait ended;
+- a libvirtd of the check's own restarted while unplugctl waits for a
+  pending detach: reconnected, the unplug still PENDING at the timeout;
 - `unplugd inspect` of this machine writing into a pipe whose reader is
   gone: exit status and stderr.
 """
@@ -35,6 +37,7 @@ from unplugd.stdio import EXIT_BROKEN_PIPE
 __all__ = ["run"]
 
 KILLS = 10  # QEMU start + kill is about a second each
+RESTARTS = 3  # each waits for a detach (5 s in libvirt) and the unplug timeout (15 s)
 PIPES = 20
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,6 +90,24 @@ def _qemu_kills() -> list[Row]:
                 f"{min(after) * 1000:.0f}-{max(after) * 1000:.0f} ms after the kill (timeout 60 s)", ok=ok)]
 
 
+def _libvirtd_restarts() -> list[Row]:
+    from tests.integration.private_libvirtd import private_libvirtd
+    from tests.integration.test_libvirt_restart import _unplug_with_libvirtd_stopped
+
+    outcomes: Counter[str] = Counter()
+    reconnected = 0
+    with private_libvirtd() as daemon:
+        for _ in range(RESTARTS):
+            with daemon.domain("q35") as name:
+                res, seen = _unplug_with_libvirtd_stopped(daemon, name, restart=True)
+            outcomes[f"{res.outcome.value} (exit {unplug_exit(res)})"] += 1
+            reconnected += any(p.detail == "connected to libvirt again" for p in seen)
+    ok = set(outcomes) == {"PENDING (exit 7)"} and reconnected == RESTARTS
+    return [Row("libvirtd restarted while unplugctl waits for a pending detach (no guest to eject it)",
+                f"{RESTARTS} runs", f"reconnected {reconnected}/{RESTARTS}; "
+                f"{', '.join(f'{k} x{v}' for k, v in outcomes.items())}", ok=ok)]
+
+
 def _broken_pipes() -> list[Row]:
     env = {"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"}
     codes: Counter[int] = Counter()
@@ -107,4 +128,4 @@ def _broken_pipes() -> list[Row]:
 
 
 def run(options: Options) -> list[Row]:
-    return [*_vanishing(), *_qemu_kills(), *_broken_pipes()]
+    return [*_vanishing(), *_qemu_kills(), *_libvirtd_restarts(), *_broken_pipes()]
