@@ -14,14 +14,18 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
-from unplugd.agent.report import state_name, to_json
+from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import Roots
 from unplugd.agent.serve import add_serve_parser
 from unplugd.stdio import broken_pipe, flush_stdout
-from unplugd.v1 import report_pb2
+
+# Building the parser imports no protobuf: `--help`, the manual page and the
+# completion (packaging/docs/generate.py) need only this module and the stdlib.
+if TYPE_CHECKING:
+    from unplugd.v1 import report_pb2
 
 __all__ = [
     "EXIT_BUSY",
@@ -38,11 +42,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_BUSY = 3
-EXIT_UNKNOWN = 4
+EXIT_OK = Exit.OK
+EXIT_FAILURE = Exit.FAILURE
+EXIT_USAGE = Exit.USAGE
+EXIT_BUSY = Exit.BUSY
+EXIT_UNKNOWN = Exit.UNKNOWN
 
 
 _DESCRIPTION = """\
@@ -64,9 +68,8 @@ examples:
   unplugd capture /tmp/tree --text /tmp/tree.txt
   unplugd inspect --root /tmp/tree.txt what the captured machine looked like
 
-exit codes: 0 ok/ready, 1 failure, 2 usage error (bad arguments, unknown
-device), 3 busy, 4 unknown
 """
+_EPILOG += help_paragraph() + "\n"
 
 
 def _add_root(p: argparse.ArgumentParser) -> None:
@@ -112,9 +115,8 @@ def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "check",
         help="exit 0 if a device may be unplugged now, 3 if busy, 4 if unknown",
         description="Say whether DEVICE's PCI function(s) may be unplugged now, and why not.",
-        epilog="""\
-exit codes: 0 ready, 3 busy, 4 unknown, 2 usage error (bad arguments,
-unknown device), 1 failure.
+        epilog=help_paragraph()
+        + """
 
 examples:
   unplugd check vdb || echo "vdb is in use"
@@ -212,6 +214,9 @@ def _what(f: report_pb2.PciFunction) -> str:
 
 def render_table(report: report_pb2.Report, out: TextIO) -> None:
     """A table per slot and function, like lsblk's, with the reasons indented below."""
+    from unplugd.agent.report import state_name
+    from unplugd.v1 import report_pb2
+
     head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
     rows: list[tuple[list[str], report_pb2.PciFunction]] = []
     by_slot: dict[str, list[report_pb2.PciFunction]] = {}
@@ -259,6 +264,8 @@ def _inspect(root: str | None, devices: Sequence[str], *, probe: bool = True) ->
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from unplugd.agent.report import to_json
+
     report = _inspect(args.root, args.device, probe=not args.no_probe)
     if args.json:
         sys.stdout.write(to_json(report) + "\n")
@@ -267,14 +274,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_EXIT_FOR_STATE = {
-    report_pb2.FUNCTION_STATE_READY: EXIT_OK,
-    report_pb2.FUNCTION_STATE_BUSY: EXIT_BUSY,
-    report_pb2.FUNCTION_STATE_UNKNOWN: EXIT_UNKNOWN,
-}
-
-
 def _run_check(args: argparse.Namespace) -> int:
+    from unplugd.agent.report import state_name, to_json
+    from unplugd.v1 import report_pb2
+
     report = _inspect(args.root, [args.device], probe=not args.no_probe)
     states = [f.state for f in report.functions]
     if report_pb2.FUNCTION_STATE_BUSY in states:
@@ -330,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"unplugd: {exc}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

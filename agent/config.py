@@ -94,7 +94,10 @@ class VsockConfig:
 
 @dataclass(frozen=True)
 class VirtioSerialConfig:
-    enabled: bool = False
+    # On by default, as qemu-guest-agent's port is: the port exists only when the host gave the VM a
+    # channel of this name, only the host can open its other end, and what it serves is read-only
+    # unless [mutations] says otherwise. Until the port appears the bridge just waits for it.
+    enabled: bool = True
     # /dev/virtio-ports/<name>
     name: str = "org.unplugd.agent.0"
 

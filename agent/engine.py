@@ -90,9 +90,13 @@ def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: boo
     no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
     ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
     problems.extend(ms.problems)
+    # Swap files are placed on a mount by their path as swapon saw it, in init's namespace (pid 1).
+    # The agent's own namespace may differ: unplugd.service's ProtectHome= and PrivateTmp= mount
+    # empty directories over /home, /root and /tmp, which would hide a swap file's filesystem.
     own_mounts = [m for m in ms.mounts if m.namespace == ms.own_namespace]
+    swap_mounts = [m for m in ms.mounts if m.namespace_pid == 1 and m.namespace] or own_mounts
     no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])
-    swaps, found = _guarded("swaps", problems, no_swaps, lambda: collect_swaps(roots, own_mounts, block))
+    swaps, found = _guarded("swaps", problems, no_swaps, lambda: collect_swaps(roots, swap_mounts, block))
     problems.extend(found)
     net = _guarded("network", problems, NetScan({}, [], [], []), lambda: collect_net(roots))
     problems.extend(net.problems)

@@ -25,9 +25,10 @@ def add_serve_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "serve", help="run the agent's gRPC service",
         description="Serve AgentService on a root-only unix socket (and the transports the config enables).")
-    p.add_argument("--config", type=Path, default=None,
+    p.add_argument("--config", type=Path, default=None, metavar="FILE",
                    help="configuration file (default /etc/unplugd/config.toml if present)")
-    p.add_argument("--socket", type=Path, default=None, help="unix socket path (overrides [server] socket)")
+    p.add_argument("--socket", type=Path, default=None, metavar="PATH",
+                   help="unix socket path (overrides [server] socket)")
     p.add_argument("--enable-mutations", action="store_true",
                    help="allow PrepareUnplug/ReleaseUnplug (overrides [mutations] enabled)")
     p.add_argument("--log-format", choices=("journal", "text"), default=None,
@@ -39,6 +40,7 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from unplugd.agent.config import ConfigError, load_config
+    from unplugd.agent.exitcodes import Exit
     from unplugd.agent.roots import Roots
     from unplugd.agent.rpc.logs import sd_notify, setup_logging
     from unplugd.agent.rpc.server import AgentServer, ServeError
@@ -48,7 +50,7 @@ def run_serve(args: argparse.Namespace) -> int:
         config = load_config(args.config).with_overrides(socket=args.socket, enable_mutations=args.enable_mutations)
     except ConfigError as exc:
         log.error("bad configuration", extra={"error": str(exc)})
-        return 2
+        return Exit.USAGE
     roots = Roots.under(args.root) if getattr(args, "root", None) else Roots.live_system()
     stop = threading.Event()
 
@@ -65,7 +67,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ServeError, OSError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         server.stop(grace=0)
-        return 1
+        return Exit.FAILURE
     sd_notify("READY=1\nSTATUS=serving on " + str(server.socket_path))
     try:
         while not stop.wait(3600):
@@ -73,7 +75,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         sd_notify("STOPPING=1")
         server.stop()
-    return 0
+    return Exit.OK
 
 
 def __getattr__(name: str) -> Any:

@@ -15,64 +15,30 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 from unplugd.host.client import TlsFiles
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
+from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
 
-__all__ = ["EXIT", "main", "open_session"]
+__all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
 
 log = logging.getLogger(__name__)
 
 # check / wait-ready / a refused unplug exit with the verdict's code.
-EXIT = {
-    Verdict.UNPLUGGABLE: 0,
-    Verdict.BLOCKED_BY_GUEST: 3,
-    Verdict.GUEST_UNREACHABLE: 4,
-    Verdict.NOT_HOTPLUGGABLE: 5,
-    Verdict.NEEDS_COMPANIONS: 6,
+EXIT: dict[Verdict, int] = {
+    Verdict.UNPLUGGABLE: Exit.OK,
+    Verdict.BLOCKED_BY_GUEST: Exit.BLOCKED_BY_GUEST,
+    Verdict.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
+    Verdict.NOT_HOTPLUGGABLE: Exit.NOT_HOTPLUGGABLE,
+    Verdict.NEEDS_COMPANIONS: Exit.NEEDS_COMPANIONS,
 }
-EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED, EXIT_HYPERVISOR_LOST = 1, 2, 7, 8, 9
-
-EPILOG = """\
-VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
-found through the domain's <channel> named org.unplugd.agent.0), or a QEMU
-process given as --qmp SOCKET with --agent ADDRESS (then VM may be omitted).
-
-DEVICE is a libvirt alias or target (virtio-disk1, vdb, net1), a QEMU id or QOM
-path, a guest PCI address (0000:01:00.0, the guest's numbering) or a PCI path
-(0000:00/02.0/00.0 for a function, 0000:00/02.0/00 for the whole slot).
-
-Agent addresses: unix:/path  vsock:CID:PORT  hvsock:/vmm.sock:PORT
-serial:/chardev.sock  tcp:HOST:PORT (mutual TLS).
-
-exit codes (check, wait-ready, and unplug when refused, also when the guest
-changed after --prepare's lease: 3 or 4 as for the new verdict):
-  0 unpluggable / unplugged      3 blocked by the guest     4 guest unreachable or unknown
-  5 not hotpluggable             6 needs companions         2 usage     1 failure
-  7 unplug still pending at --timeout   8 unplugged, but the guest did not confirm
-  9 the hypervisor went away while waiting (QEMU exited, libvirtd did not come back):
-    each function says whether it had left; the lease was released if the agent answered
-  141 stdout closed early (`| head`): output cut short, nothing else wrong
-
-examples:
-  unplugctl status web1
-  unplugctl check web1 vdb; echo $?
-  unplugctl unplug web1 vdb --prepare --timeout 60
-  unplugctl unplug web1 0000:00/02.1/00 --with-companions --json
-  unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
-  unplugctl status --qmp /run/vm.qmp --agent vsock:42:1000
-
-Multifunction slots under libvirt: libvirt refuses to detach a device that shares
-a slot. With --with-companions unplugctl issues device_del on function 0 through
-libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
-"tainted" (custom-monitor) for the rest of its life. QEMU removes the whole slot.
-"""
-
+EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = Exit.FAILURE, Exit.USAGE, Exit.PENDING, Exit.UNCONFIRMED
+EXIT_HYPERVISOR_LOST = Exit.HYPERVISOR_LOST
 
 class UsageError(HostError):
     pass
@@ -293,7 +259,7 @@ def _progress(p: Progress) -> None:
 
 def unplug_exit(r: UnplugResult) -> int:
     if r.outcome in (Outcome.UNPLUGGED, Outcome.DRY_RUN):
-        return 0
+        return Exit.OK
     if r.outcome in (Outcome.REFUSED, Outcome.GUEST_CHANGED) and r.plan is not None:
         return EXIT[r.plan.verdict]
     if r.outcome is Outcome.PENDING:
@@ -348,53 +314,6 @@ async def run(args: argparse.Namespace) -> int:
         return unplug_exit(r)
 
 
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
-    common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
-    common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
-    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
-    common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
-    common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")
-    common.add_argument("--agent-timeout", type=float, default=5.0, metavar="S")
-    common.add_argument("--hypervisor-timeout", type=float, default=10.0, metavar="S")
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--verbose", "-v", action="store_true")
-
-    p = argparse.ArgumentParser(
-        prog="unplugctl",
-        description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-    st = sub.add_parser(
-        "status",
-        parents=[common],
-        help="every slot: hardware, guest state, verdict",
-        epilog=EPILOG,
-        formatter_class=fmt,
-    )
-    st.add_argument("target", nargs="*", metavar="VM")
-    for name, helptext in (
-        ("check", "verdict for one device (exit code says it)"),
-        ("unplug", "unplug a device's slot, safely"),
-        ("wait-ready", "wait until the guest releases a device"),
-    ):
-        c = sub.add_parser(name, parents=[common], help=helptext, epilog=EPILOG, formatter_class=fmt)
-        c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
-        if name == "unplug":
-            c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
-            c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
-            c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
-            c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
-            c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
-        if name == "wait-ready":
-            c.add_argument("--timeout", type=float, required=True, metavar="S")
-    return p
-
-
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     t: list[str] = args.target
     want = 0 if args.command == "status" else 1
@@ -431,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unplugctl: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return Exit.INTERRUPTED
 
 
 if __name__ == "__main__":

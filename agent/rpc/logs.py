@@ -72,6 +72,20 @@ class LogfmtFormatter(logging.Formatter):
         return f"<{_syslog_priority(record.levelno)}>{line}" if self._prefix else line
 
 
+def message_with_fields(record: logging.LogRecord) -> str:
+    """The message followed by its fields in logfmt: what `journalctl -u unplugd` shows by default
+    (the fields are journal fields too, but its default output prints MESSAGE alone)."""
+    return " ".join([record.getMessage(), *(f"{k}={_quote(v)}" for k, v in record_fields(record))])
+
+
+class _WithFields(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = message_with_fields(record)
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
 class JournalSocketHandler(logging.Handler):
     """journald's native protocol: FIELD=value lines, binary-safe form for multi-line values."""
 
@@ -99,7 +113,7 @@ class JournalSocketHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = message_with_fields(record)
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
             fields = [
@@ -136,6 +150,7 @@ def setup_logging(fmt: str | None, *, level: int = logging.INFO, stream: TextIO 
             from systemd.journal import JournalHandler  # type: ignore[import-not-found]
 
             handler = JournalHandler(SYSLOG_IDENTIFIER="unplugd")
+            handler.setFormatter(_WithFields())
             chosen = "journal (python-systemd)"
         except ImportError:
             if JOURNAL_SOCKET.exists():

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from qemu.qmp import QMPClient
 
 __all__ = [
+    "QMP_MISSING",
     "Execute",
     "PciNode",
     "QmpBackend",
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 
 Execute = Callable[[str, Mapping[str, Any] | None], Awaitable[Any]]
 _V = TypeVar("_V")
+
+# What --qmp says when qemu.qmp cannot be imported (README.Debian of the unplugctl package says the same).
+QMP_MISSING = "--qmp needs the Python package qemu.qmp, not installed (Debian 12 lacks it): pip install qemu.qmp"
 
 _PCI_BRIDGE_CLASS = 0x0604
 _HOST_BRIDGE_CLASS = 0x0600
@@ -605,8 +609,14 @@ def _client_class() -> type[QMPClient]:
     indent) before logging.debug drops it: about 80 ms per topology read of a
     256-function VM, most of it query-pci's answer. Its message hooks are
     there for subclasses to override.
+
+    qemu.qmp is an optional dependency (Debian 12 does not package it): without
+    it, BackendError says how to get it, in one line.
     """
-    from qemu.qmp import Message, QMPClient
+    try:
+        from qemu.qmp import Message, QMPClient
+    except ImportError as e:
+        raise BackendError(QMP_MISSING) from e
 
     class QuietQMPClient(QMPClient):
         def _cb_outbound(self, msg: Message) -> Message:

@@ -4,7 +4,6 @@ set -eu
 export DEBIAN_FRONTEND=noninteractive
 passwd -d root >/dev/null
 printf '127.0.0.1 localhost\n127.0.1.1 unplugd-guest\n::1 localhost ip6-localhost ip6-loopback\n' >/etc/hosts
-systemctl enable unplugd-fwcfg.service
 systemctl set-default multi-user.target
 # Timers and monitors that only cost CPU in a short-lived TCG guest.
 for u in apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer \

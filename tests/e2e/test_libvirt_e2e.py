@@ -25,14 +25,10 @@ import pytest
 
 from tests.conftest import REPO
 from tests.integration.libvirtd import ensure_libvirtd
+from tests.vm import MUTATIONS_CONFIG
 from tests.vm.libvirt_domain import LibvirtGuest, unplug_layout
 
-CONFIG = """
-[mutations]
-enabled = true
-[transports.virtio_serial]
-enabled = true
-"""
+CONFIG = MUTATIONS_CONFIG
 
 # `status` plans every slot as a whole (planner.plan), so the multifunction slot of vdd is judged with
 # both its functions asked for: UNPLUGGABLE. Asking for vdd alone (check/unplug) is NEEDS_COMPANIONS.

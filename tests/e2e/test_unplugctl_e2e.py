@@ -17,14 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import REPO, require_root
-from tests.vm import GuestVM, disk_on_root_port
+from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port
 
-CONFIG = """
-[mutations]
-enabled = true
-[transports.virtio_serial]
-enabled = true
-"""
+CONFIG = MUTATIONS_CONFIG
 
 
 @pytest.fixture(scope="module")

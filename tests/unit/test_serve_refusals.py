@@ -51,6 +51,9 @@ def _health(target: str) -> int:
         return int(check(health.HealthCheckRequest(service=""), timeout=5).status)
 
 
+_NO_SERIAL = VirtioSerialConfig(enabled=False)  # on by default; only the test that wants it enables it
+
+
 def _server(tmp_path: Path, transports: TransportsConfig, **kw: object) -> AgentServer:
     cfg = Config(transports=transports).with_overrides(socket=tmp_path / "run" / "agent.sock")
     return AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=FakeEngine(),
@@ -77,14 +80,14 @@ def test_unusable_tls_files_are_refused(pki: Pki, files: dict[str, str], why: st
 def test_tcp_with_a_mismatched_key_fails_the_start_and_is_never_healthy(pki: Pki, tmp_path: Path) -> None:
     tcp = TcpConfig(enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("other.key"),
                     client_ca=pki.p("ca.pem"))
-    server = _server(tmp_path, TransportsConfig(tcp=tcp))
+    server = _server(tmp_path, TransportsConfig(tcp=tcp, virtio_serial=_NO_SERIAL))
     with pytest.raises(ServeError, match="TCP with mutual TLS cannot be served"):
         server.start()
     server.stop(grace=0)
     assert not server.socket_path.exists()
     good = TcpConfig(enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("server.key"),
                      client_ca=pki.p("ca.pem"))
-    with _server(tmp_path, TransportsConfig(tcp=good)) as ok:
+    with _server(tmp_path, TransportsConfig(tcp=good, virtio_serial=_NO_SERIAL)) as ok:
         assert [x.transport for x in ok.listeners()] == ["unix", "tcp-mtls"]
         assert _health(ok.target) == health.SERVING
 
@@ -101,7 +104,8 @@ def test_vsock_that_cannot_listen_fails_the_start_never_healthy(tmp_path: Path) 
 
         return start_bridges(config, backend, roots=Roots.under(tmp_path / "tree"), vsock_factory=no_vsock)
 
-    server = _server(tmp_path, TransportsConfig(vsock=VsockConfig(enabled=True)), bridges=bridges)
+    server = _server(tmp_path, TransportsConfig(vsock=VsockConfig(enabled=True), virtio_serial=_NO_SERIAL),
+                     bridges=bridges)
     with pytest.raises(ServeError, match=r"vsock bridge .* cannot start: Address family not supported"):
         server.start()
     server.stop(grace=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -120,6 +121,24 @@ def test_backend_failure_exits_1(session, monkeypatch, capsys) -> None:  # type:
     monkeypatch.setattr(cli, "open_session", broken)
     assert cli.main(["status", "dom"]) == 1
     assert "no domain 'dom'" in capsys.readouterr().err
+
+
+def test_qmp_without_qemu_qmp_is_one_clear_line(monkeypatch, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Debian 12 has no qemu.qmp: --qmp must say so and how to get it, not print a traceback."""
+    from unplugd.host.backends import qmp
+
+    # None in sys.modules makes `import qemu.qmp` raise ImportError, as on a host without it.
+    monkeypatch.setitem(sys.modules, "qemu", None)
+    monkeypatch.setitem(sys.modules, "qemu.qmp", None)
+    qmp._client_class.cache_clear()
+    try:
+        code = cli.main(["status", "--qmp", str(tmp_path / "qmp.sock"), "--agent", "unix:/x"])
+    finally:
+        qmp._client_class.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.splitlines() == [f"unplugctl: {qmp.QMP_MISSING}"]
+    assert "qemu.qmp" in err and "pip install qemu.qmp" in err
 
 
 def test_qmp_form_takes_device_alone(session) -> None:  # type: ignore[no-untyped-def]

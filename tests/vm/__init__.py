@@ -19,12 +19,13 @@ from tests.vm.devices import (
     virtio_disk,
     virtio_net,
 )
-from tests.vm.guest import DEFAULT_GUEST_CONFIG, SERIAL_ADDR, BootTimeout, GuestVM, VMError
-from tests.vm.image import GuestImage, build_deb, build_image, cache_dir
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, MUTATIONS_CONFIG, SERIAL_ADDR, BootTimeout, GuestVM, VMError
+from tests.vm.image import GuestImage, build_debs, build_image, cache_dir, guest_debs
 from tests.vm.qga import ExecResult, GuestAgentError, GuestExecTimeout
 
 __all__ = [
     "DEFAULT_GUEST_CONFIG",
+    "MUTATIONS_CONFIG",
     "PCIE_NATIVE_HOTPLUG",
     "SERIAL_ADDR",
     "BootTimeout",
@@ -36,10 +37,11 @@ __all__ = [
     "GuestImage",
     "GuestVM",
     "VMError",
-    "build_deb",
+    "build_debs",
     "build_image",
     "cache_dir",
     "disk_on_root_port",
+    "guest_debs",
     "multifunction_slot",
     "net_on_root_port",
     "pci_bridge",

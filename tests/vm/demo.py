@@ -2,9 +2,10 @@
 
     .venv/bin/python -m tests.vm.demo [--keep] [--skip-libvirt]
 
-Builds (or reuses) the guest image and the agent .deb, boots a q35 guest under
-TCG with hotpluggable disks and NICs, a multifunction slot and a port with
-hotplug off, then runs the real commands a user would and prints their real
+Builds (or reuses) the guest image and the agent's .debs, installs them in a
+stock guest with dpkg -i and boots it again (q35, TCG) with hotpluggable disks
+and NICs, a multifunction slot and a port with hotplug off, then runs the real
+commands a user would and prints their real
 output: the guest's own `unplugd inspect`, the host's `unplugctl status`,
 check, wait-ready and unplug. A second phase boots the same guest as a
 libvirt domain and runs unplugctl the way a libvirt user does: with only the
@@ -26,19 +27,14 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tests.conftest import REPO
-from tests.vm import GuestVM
+from tests.vm import MUTATIONS_CONFIG, GuestVM
 from tests.vm.devices import Device, disk_on_root_port, multifunction_slot, net_on_root_port, pcie_root_port
 from tests.vm.libvirt_domain import LibvirtGuest, unplug_layout
 from tests.vm.qga import ExecResult
 
 LIBVIRTD_SETUP = REPO / "packaging" / "dev" / "libvirtd-setup.sh"
 
-GUEST_CONFIG = """
-[mutations]
-enabled = true
-[transports.virtio_serial]
-enabled = true
-"""
+GUEST_CONFIG = MUTATIONS_CONFIG
 
 BOLD, DIM, RESET = ("\033[1m", "\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "", "")
 
@@ -246,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the VM running until Enter is pressed")
     p.add_argument("--skip-libvirt", action="store_true", help="skip the second phase (the libvirt domain)")
     args = p.parse_args(argv)
-    step("Building the guest image (cached by a hash of its recipe) and the agent .deb, booting q35 under TCG")
+    step("Building the guest image (cached by a hash of its recipe) and the .debs; dpkg -i in a stock guest, "
+         "then booting it (q35, TCG)")
     try:
         with GuestVM("q35", devices=devices(), config=GUEST_CONFIG, name="unplugd-demo") as vm:
             vm.wait_booted(timeout=600)

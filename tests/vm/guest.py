@@ -13,8 +13,10 @@ What a VM gets, besides the devices a test asks for:
 - two QMP monitors: qmp_socket for the test, a private one for the harness (quit, powerdown,
   device_del helpers);
 - the serial console on console_socket, logged to serial_log;
-- the agent .deb (built from the work tree) and an optional config through fw_cfg, installed
-  by the image's unplugd-fwcfg.service at boot.
+- the project's guest packages (built from the work tree) installed the way a user installs them:
+  the root disk is an overlay of a stock guest into which install.py `dpkg -i`d them, wrote the
+  config and powered off, so every boot here is the reboot after an install (packages=None: the
+  stock guest, nothing of ours on it).
 
 QEMU never outlives the harness: besides the context manager and an atexit hook, a small watcher
 process kills QEMU's process group as soon as the process that started it dies, even by SIGKILL.
@@ -39,17 +41,19 @@ from types import TracebackType
 from typing import Any, Literal, Protocol, Self
 
 from tests.vm.devices import DataDisk, Device
-from tests.vm.image import GuestImage, build_deb, build_image
+from tests.vm.image import GuestImage, build_image, guest_debs
 from tests.vm.monitor import Monitor, MonitorError
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
 __all__ = [
     "DEFAULT_GUEST_CONFIG",
+    "MUTATIONS_CONFIG",
     "SERIAL_ADDR",
     "BootTimeout",
     "GuestBase",
     "GuestVM",
     "VMError",
+    "run_tool",
     "watch_process_group",
 ]
 
@@ -60,8 +64,12 @@ SERIAL_ADDR = "0x1e"
 QGA_PORT = "org.qemu.guest_agent.0"
 AGENT_PORT = "org.unplugd.agent.0"
 PROGRESS_EVERY = 15.0
-# The VM has the virtio-serial port, so the agent's bridge on it is on (the package default is off).
-DEFAULT_GUEST_CONFIG = "[transports.virtio_serial]\nenabled = true\n"
+# What a test guest's administrator writes to /etc/unplugd/config.toml; None keeps the package's.
+DEFAULT_GUEST_CONFIG: str | None = None
+# For tests that prepare leases. One text for all of them: each distinct config costs one install boot.
+MUTATIONS_CONFIG = "[mutations]\nenabled = true\n"
+# "build": the work tree's guest packages; paths: those .debs; None: the stock guest, nothing of ours.
+Packages = Literal["build"] | Sequence[Path] | None
 
 _live: weakref.WeakSet[GuestVM] = weakref.WeakSet()
 
@@ -111,8 +119,8 @@ class GuestBase:
         memory_mb: int,
         cpus: int,
         image: GuestImage | None,
-        deb: Path | str | None,
-        config: str | Path | None,
+        packages: Packages,
+        config: str | None,
         keep_workdir: bool | None,
         workdir_prefix: str,
     ) -> None:
@@ -120,7 +128,7 @@ class GuestBase:
         self.memory_mb = memory_mb
         self.cpus = cpus
         self._image = image
-        self._deb = deb
+        self._packages = packages
         self._config = config
         self.keep_workdir = keep_workdir if keep_workdir is not None else os.environ.get("UNPLUGD_VM_KEEP") == "1"
         # Short: the channel sockets must fit a unix socket path (108 bytes).
@@ -165,21 +173,27 @@ class GuestBase:
             self._image = build_image()
         return self._image
 
-    def _prepare_files(self, disks: Iterable[DataDisk]) -> None:
-        """The root overlay, empty data disks, the .deb and config.toml fw_cfg hands the guest."""
+    def _prepare_files(self, disks: Iterable[DataDisk], root_disk: Path | None = None) -> None:
+        """The root disk (root_disk itself, or an overlay of the installed or stock guest) and empty
+        data disks."""
         w = self.workdir
-        root = str(self.image.disk)
-        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", str(w / "root.qcow2")])
+        if root_disk is None:
+            backing, fmt = self.root_backing()
+            run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", fmt, str(w / "root.qcow2")])
+        else:
+            (w / "root.qcow2").symlink_to(root_disk)
         for disk in disks:
-            _run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
-        if self._deb == "build":
-            shutil.copy2(build_deb(), w / "unplugd.deb")
-        elif self._deb is not None:
-            shutil.copy2(self._deb, w / "unplugd.deb")
-        if isinstance(self._config, Path):
-            shutil.copy2(self._config, w / "config.toml")
-        elif isinstance(self._config, str):
-            (w / "config.toml").write_text(self._config)
+            run_tool(["qemu-img", "create", "-q", "-f", "qcow2", str(w / disk.name), disk.size])
+
+    def root_backing(self) -> tuple[Path, str]:
+        """(disk, format) the root overlay sits on: the stock image, or a guest with our packages
+        installed (built once per process and config, see install.py)."""
+        if self._packages is None:
+            return self.image.disk, "raw"
+        from tests.vm.install import installed_root
+
+        debs = guest_debs() if self._packages == "build" else tuple(Path(p) for p in self._packages)
+        return installed_root(debs, self._config, self.image), "qcow2"
 
     def wait_booted(self, timeout: float = 300.0) -> float:
         """Wait until qemu-ga answers and systemd finished booting; return seconds since start.
@@ -202,24 +216,30 @@ class GuestVM(GuestBase):
         memory_mb: int = 1024,
         cpus: int = 1,
         image: GuestImage | None = None,
-        deb: Path | Literal["build"] | None = "build",
-        config: str | Path | None = DEFAULT_GUEST_CONFIG,
+        packages: Packages = "build",
+        config: str | None = DEFAULT_GUEST_CONFIG,
         name: str = "unplugd-guest",
         keep_workdir: bool | None = None,
+        root_disk: Path | None = None,
+        allow_reboot: bool = False,
     ) -> None:
         """Describe a VM; nothing runs until start() or `with`.
 
-        deb: "build" packs the current work tree (once per test process), a Path uses that file,
-        None boots without the agent. config: TOML text or a file, installed as
-        /etc/unplugd/config.toml (default: DEFAULT_GUEST_CONFIG; None keeps the package's).
+        packages: "build" installs the work tree's guest packages (once per test process and config,
+        then every VM boots an overlay of that installed guest), paths install those .debs, None
+        boots the stock guest. config: TOML text the administrator wrote to /etc/unplugd/config.toml
+        after installing (None keeps the package's). root_disk: boot this disk itself, writable,
+        instead of an overlay. allow_reboot: a guest reboot restarts the VM instead of ending QEMU.
         keep_workdir: keep logs and sockets after exit (default: only when UNPLUGD_VM_KEEP=1).
         """
         if machine not in ("q35", "pc"):
             raise ValueError(f"machine must be q35 or pc, not {machine!r}")
         super().__init__(
-            name=name, memory_mb=memory_mb, cpus=cpus, image=image, deb=deb, config=config,
+            name=name, memory_mb=memory_mb, cpus=cpus, image=image, packages=packages, config=config,
             keep_workdir=keep_workdir, workdir_prefix="unplugd-vm-",
         )
+        self.root_disk = root_disk
+        self.allow_reboot = allow_reboot
         self.machine = machine
         self.extra_args = tuple(extra_args)
         self.device = Device.join(devices)
@@ -252,7 +272,7 @@ class GuestVM(GuestBase):
             QEMU, "-name", f"{self.name},debug-threads=on",
             "-machine", self.machine, "-accel", "tcg",
             "-m", str(self.memory_mb), "-smp", str(self.cpus),
-            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot",
+            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
             "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", img.cmdline,
             "-drive", f"file={w}/root.qcow2,if=ide,index=0,format=qcow2,cache=unsafe",
             "-chardev", f"socket,id=con0,path={self.console_socket},server=on,wait=off,logfile={self.serial_log}",
@@ -268,10 +288,8 @@ class GuestVM(GuestBase):
             "-device", f"virtserialport,bus=vser0.0,nr=2,chardev=agent0,name={AGENT_PORT}",
             "-pidfile", str(w / "qemu.pid"),
         ]
-        if (w / "unplugd.deb").exists():
-            cmd += ["-fw_cfg", f"name=opt/org.unplugd/deb,file={w}/unplugd.deb"]
-        if (w / "config.toml").exists():
-            cmd += ["-fw_cfg", f"name=opt/org.unplugd/config,file={w}/config.toml"]
+        if not self.allow_reboot:
+            cmd.append("-no-reboot")
         cmd += [arg.replace("{workdir}", str(w)) for arg in self.device.args]
         cmd += list(self.extra_args)
         return cmd
@@ -279,7 +297,7 @@ class GuestVM(GuestBase):
     def start(self) -> None:
         if self._proc is not None:
             raise VMError("already started")
-        self._prepare_files(self.device.disks)
+        self._prepare_files(self.device.disks, self.root_disk)
         cmd = self.command_line()
         (self.workdir / "cmdline.txt").write_text(" ".join(cmd) + "\n")
         log.info("starting %s", " ".join(cmd))
@@ -376,6 +394,35 @@ class GuestVM(GuestBase):
         self.wait_event("DEVICE_DELETED", timeout, device=qid)
         return time.monotonic() - start
 
+    def reboot(self, timeout: float = 300.0) -> float:
+        """Reboot the guest (needs allow_reboot) and wait until the new boot has finished booting."""
+        if not self.allow_reboot:
+            raise VMError("reboot needs GuestVM(allow_reboot=True); without it QEMU exits")
+        old_boot = self.read_file("/proc/sys/kernel/random/boot_id").strip()
+        self.exec("systemctl --no-block reboot", check=True)
+        self._started_at = time.monotonic()
+        deadline = self._started_at + timeout
+        while True:  # the old boot may answer qemu-ga for a moment after the reboot was queued
+            self._check_alive()
+            with contextlib.suppress(VMError):
+                boot = self.exec(["cat", "/proc/sys/kernel/random/boot_id"], timeout=5).stdout.strip()
+                if boot not in ("", old_boot):
+                    break
+            if time.monotonic() > deadline:
+                raise BootTimeout(f"guest did not come back from a reboot in {timeout:.0f}s")
+            time.sleep(1.0)
+        return self.wait_booted(timeout=max(30.0, deadline - time.monotonic()))
+
+    def wait_exit(self, timeout: float = 120.0) -> int:
+        """Wait for QEMU to exit (the guest powered off); its exit code. Kills it past the timeout."""
+        if self._proc is None:
+            raise VMError("VM not started")
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise VMError(f"QEMU still running {timeout:.0f}s after the guest was told to power off") from None
+
     # -- teardown --
 
     def shutdown(self, timeout: float = 60.0) -> bool:
@@ -451,7 +498,7 @@ def watch_process_group(pgid: int, cleanup: Path | None = None) -> tuple[subproc
     return watcher, write_fd
 
 
-def _run(cmd: list[str]) -> None:
+def run_tool(cmd: list[str]) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")

@@ -1,4 +1,4 @@
-"""Build (or reuse) the guest image and the agent's .deb, through the scripts in packaging/."""
+"""Build (or reuse) the guest image and the project's .debs, through the scripts in packaging/."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["GuestImage", "build_deb", "build_image", "cache_dir"]
+__all__ = ["GUEST_PACKAGES", "GuestImage", "build_debs", "build_image", "cache_dir", "guest_debs"]
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_BUILDER = REPO / "packaging" / "guest-image" / "build.py"
@@ -60,14 +60,34 @@ def build_image(force: bool = False) -> GuestImage:
     return GuestImage(Path(proc.stdout.strip().splitlines()[-1]))
 
 
+# The packages a guest gets: the shared root package and the agent (never the host tool).
+GUEST_PACKAGES = ("python3-unplugd", "unplugd")
+
+
 @functools.cache
-def build_deb(outdir: Path | None = None) -> Path:
-    """Build the agent's .deb from the current work tree (once per process and outdir); return its path."""
+def build_debs(outdir: Path | None = None, version: str | None = None) -> tuple[Path, ...]:
+    """Build every .deb from the current work tree (once per process, outdir and version).
+
+    version overrides the package version (UNPLUGD_DEB_VERSION), e.g. a higher one to test an upgrade.
+    """
     if outdir is None:
         outdir = Path(tempfile.mkdtemp(prefix="unplugd-deb-"))
         atexit.register(shutil.rmtree, outdir, True)
-    out = outdir
-    proc = subprocess.run(["sh", str(DEB_BUILDER), str(out)], capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if version is not None:
+        env["UNPLUGD_DEB_VERSION"] = version
+    proc = subprocess.run(
+        ["sh", str(DEB_BUILDER), str(outdir)], capture_output=True, text=True, check=False, env=env
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"deb build failed (exit {proc.returncode}): {proc.stderr.strip()}")
-    return Path(proc.stdout.strip().splitlines()[-1])
+    return tuple(Path(line) for line in proc.stdout.split() if line.endswith(".deb"))
+
+
+def guest_debs(version: str | None = None) -> tuple[Path, ...]:
+    """The packages a guest installs (GUEST_PACKAGES), in dependency order."""
+    by_name = {path.name.split("_", 1)[0]: path for path in build_debs(version=version)}
+    missing = [name for name in GUEST_PACKAGES if name not in by_name]
+    if missing:
+        raise RuntimeError(f"packaging/deb/build.sh built no {', '.join(missing)} (got {sorted(by_name)})")
+    return tuple(by_name[name] for name in GUEST_PACKAGES)

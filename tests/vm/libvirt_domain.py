@@ -7,10 +7,10 @@
 
 This is the path a plain libvirt user takes: no QMP socket, no --agent flag. What the domain gets,
 besides the devices a test asks for:
-- the root disk: a throwaway qcow2 overlay on the cached image, on q35's built-in AHCI (SATA), so it
-  is no hotpluggable PCI function; direct kernel boot from the image's kernel/initrd/cmdline;
-- the agent .deb and its config through fw_cfg (<sysinfo type='fwcfg'>), installed at boot by the
-  image's unplugd-fwcfg.service, exactly like the QEMU harness (guest.py);
+- the root disk: a throwaway qcow2 overlay on q35's built-in AHCI (SATA), so it is no hotpluggable
+  PCI function; direct kernel boot from the image's kernel/initrd/cmdline. Like the QEMU harness
+  (guest.py) it overlays the stock guest into which our packages were installed with dpkg -i
+  (install.py), so the domain's boot is the reboot after an install;
 - a virtio-serial controller pinned to 00:1d with two unix <channel>s in the work directory:
   org.unplugd.agent.0 (for unplugctl) and org.qemu.guest_agent.0, which libvirtd itself connects
   to, so commands in the guest go through libvirt's qemu-agent-command (exec());
@@ -42,7 +42,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tests.vm.devices import DataDisk
-from tests.vm.guest import DEFAULT_GUEST_CONFIG, GuestBase, VMError, _tail, progress
+from tests.vm.guest import DEFAULT_GUEST_CONFIG, GuestBase, Packages, VMError, _tail, progress
 from tests.vm.image import GuestImage
 from tests.vm.qga import ExecResult, GuestAgent, GuestAgentError
 
@@ -217,20 +217,19 @@ class LibvirtGuest(GuestBase):
         memory_mb: int = 1024,
         cpus: int = 1,
         image: GuestImage | None = None,
-        deb: Path | str | None = "build",
+        packages: Packages = "build",
         config: str | None = DEFAULT_GUEST_CONFIG,
         uri: str = URI,
         keep_workdir: bool | None = None,
     ) -> None:
         """Describe a domain; nothing runs until start() or `with`.
 
-        deb: "build" packs the current work tree (once per process), a Path uses that file, None boots
-        without the agent. config: TOML text installed as /etc/unplugd/config.toml (None keeps the
-        package's). keep_workdir: keep logs and sockets after exit (default: UNPLUGD_VM_KEEP=1).
+        packages, config: as GuestVM's (the domain boots an overlay of the guest that installed them).
+        keep_workdir: keep logs and sockets after exit (default: UNPLUGD_VM_KEEP=1).
         """
         super().__init__(
             name=name or f"unplugd-e2e-{uuid.uuid4().hex[:8]}", memory_mb=memory_mb, cpus=cpus, image=image,
-            deb=deb, config=config, keep_workdir=keep_workdir, workdir_prefix="unplugd-lv-",
+            packages=packages, config=config, keep_workdir=keep_workdir, workdir_prefix="unplugd-lv-",
         )
         self.devices = tuple(devices)
         self.uri = uri
@@ -261,19 +260,12 @@ class LibvirtGuest(GuestBase):
         def attr(value: str | Path) -> str:
             return quoteattr(str(value))
 
-        fwcfg = []
-        if (self.workdir / "unplugd.deb").exists():
-            fwcfg.append(f"<entry name='opt/org.unplugd/deb' file={attr(self.workdir / 'unplugd.deb')}/>")
-        if (self.workdir / "config.toml").exists():
-            fwcfg.append(f"<entry name='opt/org.unplugd/config' file={attr(self.workdir / 'config.toml')}/>")
-        sysinfo = f"<sysinfo type='fwcfg'>{''.join(fwcfg)}</sysinfo>" if fwcfg else ""
         cmdline = img.cmdline.replace("&", "&amp;").replace("<", "&lt;")
         devices = "\n    ".join(d.xml.replace("{workdir}", w) for d in self.devices)
         return f"""<domain type='qemu'>
   <name>{self.name}</name>
   <memory unit='MiB'>{self.memory_mb}</memory>
   <vcpu>{self.cpus}</vcpu>
-  {sysinfo}
   <os>
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{img.kernel}</kernel>

@@ -126,7 +126,7 @@ def fake_image(tmp_path: Path) -> GuestImage:
 
 @pytest.mark.parametrize(("machine", "bus"), [("q35", "pcie.0"), ("pc", "pci.0")])
 def test_command_line(fake_image: GuestImage, machine: str, bus: str) -> None:
-    vm = GuestVM(machine, devices=[disk_on_root_port("data0", chassis=1)], image=fake_image, deb=None,  # type: ignore[arg-type]
+    vm = GuestVM(machine, devices=[disk_on_root_port("data0", chassis=1)], image=fake_image, packages=None,  # type: ignore[arg-type]
                  extra_args=["-S"])
     try:
         cmd = vm.command_line()
@@ -137,10 +137,11 @@ def test_command_line(fake_image: GuestImage, machine: str, bus: str) -> None:
         assert "name=org.qemu.guest_agent.0" in joined and "name=org.unplugd.agent.0" in joined
         assert f"path={vm.qmp_socket}," in joined and f"path={vm.qga_socket}," in joined
         assert f"file={vm.workdir}/data0.qcow2" in joined and "{workdir}" not in joined
-        assert "-fw_cfg" not in cmd  # no deb, no config
+        assert "-fw_cfg" not in cmd  # packages arrive the way a user installs them, not through firmware
+        assert "-no-reboot" in cmd  # a guest reboot ends QEMU unless the test asks for reboots
         assert cmd[-1] == "-S"
-        (vm.workdir / "unplugd.deb").write_bytes(b"x")
-        assert "name=opt/org.unplugd/deb,file=" in " ".join(vm.command_line())
+        vm.allow_reboot = True
+        assert "-no-reboot" not in vm.command_line()
     finally:
         vm.close()
     assert not vm.workdir.exists()
@@ -358,7 +359,7 @@ def test_inputs_hash_follows_recipe_content(tmp_path: Path) -> None:
     (recipe / "packages.txt").write_text((recipe / "packages.txt").read_text() + "htop\n")
     changed = builder.inputs_hash(recipe)
     assert changed != base
-    script = recipe / "files/usr/local/sbin/unplugd-fwcfg-install"
+    script = recipe / "customize.sh"
     script.chmod(0o644)
     assert builder.inputs_hash(recipe) != changed
 

@@ -1,0 +1,57 @@
+"""`unplugctl`'s exit codes: one home for main(), `--help` and the manual page unplugctl(1).
+
+Stdlib only: packaging/docs/generate.py reads MEANING where grpc and protobuf
+may be absent (a package build root). Which verdict exits with which code is
+`unplugd.host.cli.EXIT`.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from unplugd.stdio import EXIT_BROKEN_PIPE
+
+__all__ = ["MEANING", "SCOPE", "Exit", "help_paragraph"]
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    BLOCKED_BY_GUEST = 3
+    GUEST_UNREACHABLE = 4
+    NOT_HOTPLUGGABLE = 5
+    NEEDS_COMPANIONS = 6
+    PENDING = 7
+    UNCONFIRMED = 8
+    HYPERVISOR_LOST = 9
+    # What a shell reports for a command killed by SIGINT (128 + 2); main() returns it on Ctrl-C.
+    INTERRUPTED = 130
+    # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
+    BROKEN_PIPE = EXIT_BROKEN_PIPE
+
+
+MEANING: dict[Exit, str] = {
+    Exit.OK: "unpluggable / unplugged (status: printed)",
+    Exit.FAILURE: "failure (hypervisor or agent error)",
+    Exit.USAGE: "usage error: bad arguments, unknown or ambiguous device",
+    Exit.BLOCKED_BY_GUEST: "blocked by the guest",
+    Exit.GUEST_UNREACHABLE: "guest unreachable or unknown",
+    Exit.NOT_HOTPLUGGABLE: "not hotpluggable",
+    Exit.NEEDS_COMPANIONS: "needs companions (other functions share the slot)",
+    Exit.PENDING: "unplug still pending at --timeout",
+    Exit.UNCONFIRMED: "unplugged, but the guest did not confirm",
+    Exit.HYPERVISOR_LOST: "the hypervisor went away while waiting (QEMU exited, libvirtd did not come back); "
+    "each function says whether it had left",
+    Exit.INTERRUPTED: "interrupted (SIGINT)",
+    Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
+}
+
+# check and wait-ready exit with their verdict's code; unplug too when it refuses.
+SCOPE = "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed"
+
+
+def help_paragraph() -> str:
+    """The "exit codes" paragraph of `--help` (the manual page has its own EXIT STATUS instead)."""
+    lines = [f"  {code.value} {MEANING[code]}" for code in Exit]
+    return "\n".join([f"exit codes ({SCOPE}):", *lines])

@@ -1,0 +1,103 @@
+"""unplugctl's command line as data: the parser and the text of `--help`.
+
+Stdlib only, apart from the exit codes: `unplugctl --help` and
+packaging/docs/generate.py (the manual page and the bash completion, built
+where grpc and protobuf may be absent) import this module and nothing heavy.
+host/cli.py runs what it parses.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from unplugd.host.exitcodes import help_paragraph
+
+__all__ = ["EPILOG", "parser"]
+
+EPILOG = """\
+VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
+found through the domain's <channel> named org.unplugd.agent.0), or a QEMU
+process given as --qmp SOCKET with --agent ADDRESS (then VM may be omitted).
+
+DEVICE is a libvirt alias or target (virtio-disk1, vdb, net1), a QEMU id or QOM
+path, a guest PCI address (0000:01:00.0, the guest's numbering) or a PCI path
+(0000:00/02.0/00.0 for a function, 0000:00/02.0/00 for the whole slot).
+
+Agent addresses: unix:/path  vsock:CID:PORT  hvsock:/vmm.sock:PORT
+serial:/chardev.sock  tcp:HOST:PORT (mutual TLS).
+
+{exit_codes}
+
+examples:
+  unplugctl status web1
+  unplugctl check web1 vdb; echo $?
+  unplugctl unplug web1 vdb --prepare --timeout 60
+  unplugctl unplug web1 0000:00/02.1/00 --with-companions --json
+  unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
+  unplugctl status --qmp /run/vm.qmp --agent vsock:42:1000
+
+Multifunction slots under libvirt: libvirt refuses to detach a device that shares
+a slot. With --with-companions unplugctl issues device_del on function 0 through
+libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
+"tainted" (custom-monitor) for the rest of its life. QEMU removes the whole slot.
+""".replace("{exit_codes}", help_paragraph())
+
+
+def parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
+    common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
+    common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
+    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
+    common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
+    common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")
+    common.add_argument(
+        "--agent-timeout",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds for each agent call (default %(default)s)",
+    )
+    common.add_argument(
+        "--hypervisor-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds for each libvirt or QMP command (default %(default)s)",
+    )
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+
+    p = argparse.ArgumentParser(
+        prog="unplugctl",
+        description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.RawDescriptionHelpFormatter
+    st = sub.add_parser(
+        "status",
+        parents=[common],
+        help="every slot: hardware, guest state, verdict",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    st.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp)")
+    for name, helptext in (
+        ("check", "verdict for one device (exit code says it)"),
+        ("unplug", "unplug a device's slot, safely"),
+        ("wait-ready", "wait until the guest releases a device"),
+    ):
+        c = sub.add_parser(name, parents=[common], help=helptext, epilog=EPILOG, formatter_class=fmt)
+        c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
+        if name == "unplug":
+            c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
+            c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
+            c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
+            c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+            c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
+        if name == "wait-ready":
+            c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
+    return p
