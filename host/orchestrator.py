@@ -257,12 +257,15 @@ class Orchestrator:
         notes: list[str] = []
         if any(s.kind is StepKind.PREPARE for s in sp.steps):
             try:
-                lease_id = await self._prepare(sp, timeout)
+                lease_id, short = await self._prepare(sp, timeout)
             except _AGENT_ERRORS as e:
                 return UnplugResult(
                     Outcome.PREPARE_FAILED, f"the guest could not prepare the unplug: {e}", sp, overridden=overridden
                 )
             say("prepared", "a lease holds the slot's block devices in the guest")
+            if short:
+                notes.append(short)
+                say("note", short)
 
         released: bool | None = None
         try:
@@ -307,16 +310,24 @@ class Orchestrator:
             sp,
         )
 
-    async def _prepare(self, sp: SlotPlan, timeout: float) -> str:
+    async def _prepare(self, sp: SlotPlan, timeout: float) -> tuple[str, str]:
+        """The lease id, and a note when the agent granted less time than the attempt may take."""
         assert self.agent is not None
         devices = sp.guest_devices()
         # Long enough to outlast the whole attempt (re-check, wait, confirm, release):
         # a lease that expired mid-wait would hold nothing. The agent caps it at its maximum.
         seconds = max(self.lease_seconds, math.ceil(timeout + self.confirm_timeout + 4 * (self.agent_timeout + 1)))
+        asked = time.time()
         resp = await asyncio.wait_for(
             self.agent.prepare_unplug(devices, seconds, timeout=self.agent_timeout), self.agent_timeout + 1
         )
-        return resp.lease_id
+        granted = resp.expires_at.ToNanoseconds() / 1e9 - asked
+        if resp.HasField("expires_at") and granted < seconds - 1:  # 1 s: the clocks of two machines
+            return resp.lease_id, (
+                f"the agent granted the lease for {max(granted, 0):.0f} s of the {seconds} s asked (its [mutations] "
+                "max_lease_seconds): it may end before the unplug does"
+            )
+        return resp.lease_id, ""
 
     async def _recheck(self, topo: Topology, sp: SlotPlan, overridden: Sequence[Finding]) -> SlotPlan | None:
         """The slot planned again from a fresh report; None when only the lease is new."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -180,6 +181,7 @@ class FakeAgent:
         self.watch_reports: list[report_pb2.Report] = []
         self.leased: set[str] = set()
         self.lease_seconds = 0
+        self.max_lease_seconds = 900  # what the agent grants at most, as its config says
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -212,7 +214,10 @@ class FakeAgent:
             self.dead = True
         self.leased |= set(devices)
         self.lease_seconds = lease_seconds
-        return pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
+        resp = pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
+        granted = min(lease_seconds, self.max_lease_seconds)
+        resp.expires_at.FromNanoseconds(int((time.time() + granted) * 1e9))
+        return resp
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         self._check(f"release {lease_id}")

@@ -223,8 +223,15 @@ def test_force_covers_only_what_the_check_showed() -> None:
 
 def test_the_lease_outlasts_the_wait() -> None:
     be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
-    run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True, timeout=600))
+    res = run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True,
+                                                                                   timeout=600))
     assert agent.lease_seconds >= 600 + 10 + 2
+    assert not any("granted the lease for" in n for n in res.notes)
+    # An agent that grants less (its max_lease_seconds) is said to, up front.
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
+    agent.max_lease_seconds = 60
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=600))
+    assert any("granted the lease for 60 s" in n for n in res.notes), res.notes
 
 
 def test_hypervisor_gone_while_waiting() -> None:
