@@ -61,6 +61,8 @@ class PrivateLibvirtd:
     def start(self) -> None:
         import libvirt
 
+        # libvirt prints every failed connect of the wait below to stderr unless a handler takes it.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         log = open(self.root / "libvirtd.log", "ab")  # noqa: SIM115 (the daemon keeps it)
         self.proc = subprocess.Popen(["unshare", "-m", str(self.root / "start.sh")], stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
