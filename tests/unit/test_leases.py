@@ -6,6 +6,7 @@ import logging
 import socket
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -23,8 +24,16 @@ from unplugd.v1 import agent_service_pb2 as pb
 
 
 def _code(call: object) -> grpc.StatusCode:
-    assert isinstance(call, grpc.RpcError)
-    return call.code()  # type: ignore[no-any-return,attr-defined]
+    code: grpc.StatusCode = cast(Any, call).code()
+    return code
+
+
+def _details(call: object) -> str:
+    return str(cast(Any, call).details() or "")
+
+
+def _reasons(call: object) -> list[str]:
+    return [str(v) for k, v in cast(Any, call).trailing_metadata() or () if k == REASON_METADATA_KEY]
 
 
 def _fake_claim(roots: Roots, disk: BlockDevice) -> Claim:
@@ -106,8 +115,8 @@ def test_service_refuses_a_lease_over_a_device_in_use(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"], take_interfaces_down=True), timeout=5)
         assert _code(err.value) == grpc.StatusCode.FAILED_PRECONDITION
-        assert "eth1 has 10.0.0.5/24" in err.value.details()  # type: ignore[attr-defined]
-        meta = [v for k, v in err.value.trailing_metadata() if k == REASON_METADATA_KEY]  # type: ignore[attr-defined]
+        assert "eth1 has 10.0.0.5/24" in _details(err.value)
+        meta = _reasons(err.value)
         assert meta and all(m.startswith(f"{NIC_FN} is in use") for m in meta)
         assert server.leases.leased() == {} and links.log == []
 
@@ -147,7 +156,7 @@ def test_renewal_checks_happen_under_the_manager_too() -> None:
     grant = mgr.prepare(targets_for(inv, inv.functions), 30)
     for kw in ({"functions": {DISK_FN}}, {"take_interfaces_down": True}):
         with pytest.raises(InvalidArgument):
-            mgr.renew(grant.lease_id, 600, **kw)  # type: ignore[arg-type]
+            mgr.renew(grant.lease_id, 600, **kw)
         assert mgr.get(grant.lease_id).expires_at == grant.expires_at
     assert mgr.renew(grant.lease_id, 600, functions={DISK_FN, NIC_FN}).expires_at > grant.expires_at
     mgr.release_all()
@@ -172,13 +181,13 @@ def test_lease_ids_appear_in_no_report_error_info_or_log(tmp_path: Path, caplog:
         seen.append(str(stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5)))
         with pytest.raises(grpc.RpcError) as err:  # already leased: names the lease by its label
             stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"]), timeout=5)
-        seen += [err.value.details(), str(err.value.trailing_metadata())]  # type: ignore[attr-defined]
-        assert lease_label(secret) in err.value.details()  # type: ignore[attr-defined]
+        seen += [_details(err.value), str(_reasons(err.value))]
+        assert lease_label(secret) in _details(err.value)
         for wrong in (secret[:-1] + ("0" if secret[-1] != "0" else "1"), secret + "x"):
             with pytest.raises(grpc.RpcError) as err:
                 stub.ReleaseUnplug(pb.ReleaseUnplugRequest(lease_id=wrong), timeout=5)
             assert _code(err.value) == grpc.StatusCode.NOT_FOUND
-            seen.append(err.value.details())  # type: ignore[attr-defined]
+            seen.append(_details(err.value))
         assert server.leases.leased() == {NIC_FN: lease_label(secret)}
         stub.PrepareUnplug(pb.PrepareUnplugRequest(lease_id=secret), timeout=5)
         stub.ReleaseUnplug(pb.ReleaseUnplugRequest(lease_id=secret), timeout=5)
