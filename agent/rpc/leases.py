@@ -180,7 +180,10 @@ class LeaseManager:
                 release_claims(claims)
                 self._links_restore(downs)
                 raise ClaimConflict("cannot prepare " + ", ".join(str(t.function) for t in targets), reasons)
-            lease = _Lease(secrets.token_hex(16), tuple(t.function for t in targets), claims, tuple(downs),
+            lease_id = secrets.token_hex(16)
+            while lease_label(lease_id) in self._leases:  # two live leases never share a label
+                lease_id = secrets.token_hex(16)
+            lease = _Lease(lease_id, tuple(t.function for t in targets), claims, tuple(downs),
                            self._clock() + duration, take_interfaces_down)
             self._leases[lease.label] = lease
             self._arm(lease, duration)

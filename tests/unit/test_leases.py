@@ -221,3 +221,18 @@ def test_leased_report_reason_carries_the_label() -> None:
     assert grant.lease_id not in f"{reason.detail} {reason.object}"
     assert reason.object == lease_label(grant.lease_id)
     mgr.release_all()
+
+
+def test_two_live_leases_never_share_a_label(monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = iter(["a" * 32, "a" + "b" * 31, "b" * 32])
+    monkeypatch.setattr(leases_mod.secrets, "token_hex", lambda n: next(ids))
+    monkeypatch.setattr(leases_mod, "lease_label", lambda lease_id: lease_id[:1])
+    mgr = _manager()
+    inv = _inventory(interfaces={"eth1": _ETH1_DOWN})
+    first = mgr.prepare(targets_for(inv, [f for f in inv.functions if f.address == DISK_FN]))
+    second = mgr.prepare(targets_for(inv, [f for f in inv.functions if f.address == NIC_FN]))
+    assert (first.lease_id, second.lease_id) == ("a" * 32, "b" * 32)  # the colliding id was drawn again
+    assert mgr.leased() == {DISK_FN: "a", NIC_FN: "b"}
+    mgr.release(first.lease_id)
+    mgr.release(second.lease_id)
+    assert mgr.leased() == {}
