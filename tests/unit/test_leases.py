@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -225,7 +226,7 @@ def test_leased_report_reason_carries_the_label() -> None:
 
 def test_two_live_leases_never_share_a_label(monkeypatch: pytest.MonkeyPatch) -> None:
     ids = iter(["a" * 32, "a" + "b" * 31, "b" * 32])
-    monkeypatch.setattr(leases_mod.secrets, "token_hex", lambda n: next(ids))
+    monkeypatch.setattr(secrets, "token_hex", lambda n: next(ids))
     monkeypatch.setattr(leases_mod, "lease_label", lambda lease_id: lease_id[:1])
     mgr = _manager()
     inv = _inventory(interfaces={"eth1": _ETH1_DOWN})
