@@ -20,6 +20,7 @@ from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import Roots
 from unplugd.agent.serve import add_serve_parser
+from unplugd.stdio import broken_pipe, flush_stdout
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
 # completion (packaging/docs/generate.py) need only this module and the stdlib.
@@ -318,7 +319,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        code = run(args)
+        flush_stdout()
+        return code
+    except BrokenPipeError:  # `unplugd inspect | head -1`: the reader left; end quietly
+        return broken_pipe()
     except (UnknownDevice, InvalidArgument) as exc:
         parser.exit(EXIT_USAGE, f"unplugd: error: {exc}\n")
     except AgentError as exc:

@@ -40,6 +40,13 @@ MAX_NAMESPACE_FDS = 2048
 # connection's fd, and the unit's LimitNOFILE is 4096.
 MAX_QUEUED_CALLS = 2048
 
+# A lease covers one unplug: an hour is far longer than any device_del takes,
+# and bounds how long a forgotten lease keeps a disk from being mounted.
+MAX_LEASE_SECONDS = 3600
+# Open fds have no event: past ten minutes a watch would show a stale holder
+# for longer than any client waits for it.
+MAX_RESCAN_SECONDS = 600.0
+
 
 class ConfigError(AgentError):
     """The configuration file is unreadable or states something invalid."""
@@ -254,19 +261,24 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= srv.socket_mode <= 0o777, "server.socket_mode", "must be a permission mode like 0o600")
     need(srv.socket_mode & 0o007 == 0, "server.socket_mode", "must not give access to others")
     need(1 <= srv.max_workers <= 256, "server.max_workers", "must be between 1 and 256")
-    need(0 <= srv.max_watchers < srv.max_workers, "server.max_watchers", "must leave workers for other calls")
+    need(1 <= srv.max_watchers < srv.max_workers, "server.max_watchers",
+         "must be at least 1 and leave workers for other calls")
     need(0 <= srv.max_queued_calls <= MAX_QUEUED_CALLS, "server.max_queued_calls",
          f"must be between 0 and {MAX_QUEUED_CALLS}")
-    need(mut.default_lease_seconds >= 1, "mutations.default_lease_seconds", "must be at least 1")
-    need(mut.max_lease_seconds >= mut.default_lease_seconds, "mutations.max_lease_seconds",
-         "must not be below default_lease_seconds")
-    need(watch.fd_rescan_seconds >= 0.5, "watch.fd_rescan_seconds", "must be at least 0.5")
+    need(1 <= mut.default_lease_seconds <= MAX_LEASE_SECONDS, "mutations.default_lease_seconds",
+         f"must be between 1 and {MAX_LEASE_SECONDS}")
+    need(mut.default_lease_seconds <= mut.max_lease_seconds <= MAX_LEASE_SECONDS, "mutations.max_lease_seconds",
+         f"must be between default_lease_seconds and {MAX_LEASE_SECONDS}")
+    # NaN fails every comparison, so it is refused along with what is out of range.
+    need(0.5 <= watch.fd_rescan_seconds <= MAX_RESCAN_SECONDS, "watch.fd_rescan_seconds",
+         f"must be between 0.5 and {MAX_RESCAN_SECONDS}")
     need(0 <= watch.debounce_seconds <= 0.5, "watch.debounce_seconds",
          "must be between 0 and 0.5 (changes must arrive within a second)")
     need(1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS, "watch.max_namespace_fds",
          f"must be between 1 and {MAX_NAMESPACE_FDS}")
     need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
-    need(all(c >= 0 for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids", "must be CIDs (>= 0)")
+    need(all(0 <= c < 0xFFFFFFFF for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids",
+         "must be CIDs (0 to 4294967294; -1/any is not a CID)")
     name = tr.virtio_serial.name
     need(bool(name) and "/" not in name and name not in (".", ".."), "transports.virtio_serial.name",
          "must be a port name without '/'")

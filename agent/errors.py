@@ -84,9 +84,9 @@ class ClaimConflict(AgentError):
 
 
 class LeaseNotFound(AgentError):
-    def __init__(self, lease_id: str) -> None:
-        super().__init__(f"no lease {lease_id!r} (released or expired)")
-        self.lease_id = lease_id
+    # The message never repeats the id: it is a credential, and errors are logged.
+    def __init__(self) -> None:
+        super().__init__("no such lease (released, expired, or never granted)")
 
 
 class WatchStopped(AgentError):

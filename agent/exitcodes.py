@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from unplugd.stdio import EXIT_BROKEN_PIPE
+
 __all__ = ["MEANING", "Exit", "help_paragraph"]
 
 
@@ -19,6 +21,8 @@ class Exit(IntEnum):
     UNKNOWN = 4
     # What a shell reports for a command killed by SIGINT (128 + 2); main() returns it on Ctrl-C.
     INTERRUPTED = 130
+    # stdout's reader left (`unplugd inspect | head -1`): what a shell reports for a command killed by SIGPIPE.
+    BROKEN_PIPE = EXIT_BROKEN_PIPE
 
 
 MEANING: dict[Exit, str] = {
@@ -28,6 +32,7 @@ MEANING: dict[Exit, str] = {
     Exit.BUSY: "check: BUSY, something uses the device (the reasons are printed)",
     Exit.UNKNOWN: "check: UNKNOWN, something could not be read (never taken as ready)",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
+    Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 
 

@@ -23,6 +23,7 @@ from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
 from unplugd.host.usage import EPILOG, parser
+from unplugd.stdio import broken_pipe, flush_stdout
 
 __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
 
@@ -37,6 +38,7 @@ EXIT: dict[Verdict, int] = {
     Verdict.NEEDS_COMPANIONS: Exit.NEEDS_COMPANIONS,
 }
 EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = Exit.FAILURE, Exit.USAGE, Exit.PENDING, Exit.UNCONFIRMED
+EXIT_HYPERVISOR_LOST = Exit.HYPERVISOR_LOST
 
 class UsageError(HostError):
     pass
@@ -258,12 +260,14 @@ def _progress(p: Progress) -> None:
 def unplug_exit(r: UnplugResult) -> int:
     if r.outcome in (Outcome.UNPLUGGED, Outcome.DRY_RUN):
         return Exit.OK
-    if r.outcome is Outcome.REFUSED and r.plan is not None:
+    if r.outcome in (Outcome.REFUSED, Outcome.GUEST_CHANGED) and r.plan is not None:
         return EXIT[r.plan.verdict]
     if r.outcome is Outcome.PENDING:
         return EXIT_PENDING
     if r.outcome is Outcome.UNPLUGGED_UNCONFIRMED:
         return EXIT_UNCONFIRMED
+    if r.outcome is Outcome.HYPERVISOR_LOST:
+        return EXIT_HYPERVISOR_LOST
     return EXIT_FAILURE
 
 
@@ -334,7 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     try:
-        return asyncio.run(run(args))
+        code = asyncio.run(run(args))
+        flush_stdout()
+        return code
+    except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
+        return broken_pipe()
     except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
         print(f"unplugctl: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from unplugd.stdio import EXIT_BROKEN_PIPE
+
 __all__ = ["MEANING", "SCOPE", "Exit", "help_paragraph"]
 
 
@@ -22,8 +24,11 @@ class Exit(IntEnum):
     NEEDS_COMPANIONS = 6
     PENDING = 7
     UNCONFIRMED = 8
+    HYPERVISOR_LOST = 9
     # What a shell reports for a command killed by SIGINT (128 + 2); main() returns it on Ctrl-C.
     INTERRUPTED = 130
+    # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
+    BROKEN_PIPE = EXIT_BROKEN_PIPE
 
 
 MEANING: dict[Exit, str] = {
@@ -36,11 +41,14 @@ MEANING: dict[Exit, str] = {
     Exit.NEEDS_COMPANIONS: "needs companions (other functions share the slot)",
     Exit.PENDING: "unplug still pending at --timeout",
     Exit.UNCONFIRMED: "unplugged, but the guest did not confirm",
+    Exit.HYPERVISOR_LOST: "the hypervisor went away while waiting (QEMU exited, libvirtd did not come back); "
+    "each function says whether it had left",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
+    Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 
 # check and wait-ready exit with their verdict's code; unplug too when it refuses.
-SCOPE = "check, wait-ready, and unplug when refused"
+SCOPE = "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed"
 
 
 def help_paragraph() -> str:

@@ -1,8 +1,14 @@
 """The orchestrator: performs a SlotPlan, with explicit timeouts everywhere.
 
-    check -> [prepare lease] -> unplug (function 0 or the device) -> wait for the
-    hypervisor's removal event of every function in the slot -> confirm with
-    the agent that the guest no longer has them -> release the lease
+    check -> [prepare lease -> check again] -> unplug (function 0 or the device)
+    -> wait for the hypervisor's removal event of every function in the slot
+    -> confirm with the agent that the guest no longer has them -> release the lease
+
+After the lease is granted the guest is asked once more, before anything is
+unplugged: the lease itself (LEASED) may be the only new reason. Anything
+else that appeared since the check (a mount that won the race, an agent that
+stopped answering) releases the lease and refuses (GUEST_CHANGED); --force
+overrides only the findings it was shown at the check.
 
 It never unplugs on a verdict other than UNPLUGGABLE unless `force`, and then
 the result lists exactly the findings it overrode; companions leave only with
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -68,6 +75,10 @@ class Backend(Protocol):
 
     def removals(self) -> AbstractAsyncContextManager[AsyncIterator[Removal]]: ...
 
+    async def reconnect(self) -> None:
+        """After the connection broke: connect again, or raise BackendError if the VM cannot be reached."""
+        ...
+
 
 class AgentLike(Protocol):
     """The slice of host/client.py's AgentClient the orchestrator calls."""
@@ -97,8 +108,10 @@ class Outcome(Enum):
     REFUSED = "REFUSED"  # the plan's verdict forbids it (no --force / --with-companions)
     DRY_RUN = "DRY_RUN"
     PREPARE_FAILED = "PREPARE_FAILED"  # the guest could not lease the devices: nothing was unplugged
+    GUEST_CHANGED = "GUEST_CHANGED"  # after the lease the guest reported a new use, or no answer: nothing unplugged
     HYPERVISOR_REFUSED = "HYPERVISOR_REFUSED"  # device_del / detach said no
     PENDING = "PENDING"  # requested, but not every function left before the timeout
+    HYPERVISOR_LOST = "HYPERVISOR_LOST"  # the hypervisor connection broke while waiting and did not come back
     FAILED = "FAILED"
 
 
@@ -194,9 +207,12 @@ class Orchestrator:
         return plan(topo, guest, guest_error=why)
 
     async def check(self, device: str, *, prepare: bool = False) -> SlotPlan:
+        return (await self._check(device, prepare=prepare))[1]
+
+    async def _check(self, device: str, *, prepare: bool) -> tuple[Topology, SlotPlan]:
         topo, guest, why = await self.snapshot()
         sel = resolve(device, topo, guest)
-        return plan_slot(sel.slot_path, topo, guest, requested=sel.paths, prepare=prepare, guest_error=why)
+        return topo, plan_slot(sel.slot_path, topo, guest, requested=sel.paths, prepare=prepare, guest_error=why)
 
     # ------------------------------------------------------------ unplug
 
@@ -218,7 +234,7 @@ class Orchestrator:
             if progress is not None:
                 progress(Progress(event, detail, path, time.monotonic() - start))
 
-        sp = await self.check(device, prepare=prepare)
+        topo, sp = await self._check(device, prepare=prepare)
         say("planned", f"slot {sp.slot_path}: {sp.verdict.value}")
         overridden = sp.overrides(force=force, with_companions=with_companions)
         if overridden is None:
@@ -241,16 +257,29 @@ class Orchestrator:
         notes: list[str] = []
         if any(s.kind is StepKind.PREPARE for s in sp.steps):
             try:
-                lease_id = await self._prepare(sp)
+                lease_id, short = await self._prepare(sp, timeout)
             except _AGENT_ERRORS as e:
                 return UnplugResult(
                     Outcome.PREPARE_FAILED, f"the guest could not prepare the unplug: {e}", sp, overridden=overridden
                 )
-            say("prepared", f"lease {lease_id} holds the slot's block devices in the guest")
+            say("prepared", "a lease holds the slot's block devices in the guest")
+            if short:
+                notes.append(short)
+                say("note", short)
 
         released: bool | None = None
         try:
-            result = await self._unplug_and_wait(sp, target, timeout, say, start)
+            changed = await self._recheck(topo, sp, overridden) if lease_id else None
+            if changed is not None:
+                why = "; ".join(f.detail for f in changed.findings if _new_guest_finding(f, overridden))
+                result = UnplugResult(
+                    Outcome.GUEST_CHANGED,
+                    f"after the lease the guest reports: {why} (nothing was unplugged)",
+                    changed,
+                    self._outcomes(sp, set(), None),
+                )
+            else:
+                result = await self._unplug_and_wait(sp, target, timeout, say, start)
         finally:  # also when cancelled or failing: the lease must not outlive the attempt
             if lease_id:
                 released, note = await self._release(lease_id)
@@ -259,7 +288,7 @@ class Orchestrator:
         return UnplugResult(
             result.outcome,
             result.message,
-            sp,
+            result.plan,
             result.functions,
             overridden,
             lease_id,
@@ -281,15 +310,40 @@ class Orchestrator:
             sp,
         )
 
-    async def _prepare(self, sp: SlotPlan) -> str:
+    async def _prepare(self, sp: SlotPlan, timeout: float) -> tuple[str, str]:
+        """The lease id, and a note when the agent granted less time than the attempt may take."""
         assert self.agent is not None
         devices = sp.guest_devices()
+        # Long enough to outlast the whole attempt (re-check, wait, confirm, release):
+        # a lease that expired mid-wait would hold nothing. The agent caps it at its maximum.
+        seconds = max(self.lease_seconds, math.ceil(timeout + self.confirm_timeout + 4 * (self.agent_timeout + 1)))
+        asked = time.time()
         resp = await asyncio.wait_for(
-            self.agent.prepare_unplug(devices, self.lease_seconds, timeout=self.agent_timeout), self.agent_timeout + 1
+            self.agent.prepare_unplug(devices, seconds, timeout=self.agent_timeout), self.agent_timeout + 1
         )
-        return resp.lease_id
+        granted = resp.expires_at.ToNanoseconds() / 1e9 - asked
+        if resp.HasField("expires_at") and granted < seconds - 1:  # 1 s: the clocks of two machines
+            return resp.lease_id, (
+                f"the agent granted the lease for {max(granted, 0):.0f} s of the {seconds} s asked (its [mutations] "
+                "max_lease_seconds): it may end before the unplug does"
+            )
+        return resp.lease_id, ""
+
+    async def _recheck(self, topo: Topology, sp: SlotPlan, overridden: Sequence[Finding]) -> SlotPlan | None:
+        """The slot planned again from a fresh report; None when only the lease is new."""
+        guest, why = await self.guest()
+        fresh = plan_slot(
+            sp.slot_path,
+            topo,
+            guest,
+            requested=frozenset(fp.path for fp in sp.functions if fp.requested),
+            prepare=True,
+            guest_error=f"the agent did not answer after the lease: {why}" if guest is None else "",
+        )
+        return fresh if any(_new_guest_finding(f, overridden) for f in fresh.findings) else None
 
     async def _release(self, lease_id: str) -> tuple[bool, str]:
+        # The notes say "the lease", never its id: they are printed and logged.
         assert self.agent is not None
         try:
             await asyncio.wait_for(
@@ -298,11 +352,11 @@ class Orchestrator:
         except _AGENT_ERRORS as e:
             if isinstance(e, AgentUnreachable | TimeoutError | OSError):
                 return False, (
-                    f"lease {lease_id} not released: the agent is unreachable ({e}); if the agent died, the kernel "
+                    f"the lease was not released: the agent is unreachable ({e}); if the agent died, the kernel "
                     "dropped its claims with its file descriptors, otherwise the lease expires on its own"
                 )
-            return False, f"lease {lease_id} not released: {e} (it expires on its own)"
-        return True, f"lease {lease_id} released"
+            return False, f"the lease was not released: {e} (it expires on its own)"
+        return True, "the lease was released"
 
     async def _unplug_and_wait(
         self,
@@ -317,7 +371,8 @@ class Orchestrator:
         monitor = next((s.via_monitor for s in sp.steps if s.kind is StepKind.UNPLUG), False)
         removed: set[PciPath] = set()
         timings: dict[str, float] = {}
-        async with self.backend.removals() as events:
+        async with contextlib.AsyncExitStack() as stack:
+            events = await stack.enter_async_context(self.backend.removals())
             try:
                 if monitor:
                     say("note", "device_del through the QEMU monitor: libvirt marks the domain tainted")
@@ -328,7 +383,18 @@ class Orchestrator:
             except BackendError as e:
                 return UnplugResult(Outcome.FAILED, str(e), sp, self._outcomes(sp, removed, None))
             say("requested", f"unplug of {target.name} requested; waiting for {len(leaving)} function(s) to leave")
-            last = await self._wait_removed(events, leaving, removed, timeout, say)
+            last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
+        if lost and removed != set(leaving):
+            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            return UnplugResult(
+                Outcome.HYPERVISOR_LOST,
+                f"lost the hypervisor ({self.backend.source}) while waiting: {lost}. {len(removed)} of "
+                f"{len(leaving)} function(s) had left; "
+                f"not known for: {still}",
+                sp,
+                self._outcomes(sp, removed, None),
+                timings=timings,
+            )
         if removed != set(leaving):
             # The deadline passed. Events can only be missed if the listener
             # broke, so read the topology once to be sure what is still there.
@@ -371,29 +437,58 @@ class Orchestrator:
 
     async def _wait_removed(
         self,
+        stack: contextlib.AsyncExitStack,
         events: AsyncIterator[Removal],
         leaving: Mapping[PciPath, Function],
         removed: set[PciPath],
         timeout: float,
+        *,
         say: _Say,
-    ) -> float:
-        """Collect removal events until every leaving function is gone or the timeout; returns the last one's time."""
-        last = 0.0
+    ) -> tuple[float, str]:
+        """Collect removal events until every leaving function is gone or the timeout.
 
-        async def collect() -> None:
+        Returns the last removal's time, and why the hypervisor was lost ("" if
+        it was not). A broken connection (QEMU gone, libvirtd restarting) is
+        reconnected within the timeout: a fresh listener, then one topology
+        read for what left while nobody listened.
+        """
+        last = 0.0
+        deadline = time.monotonic() + timeout
+
+        def gone(path: PciPath, fn: Function) -> None:
             nonlocal last
-            async for ev in events:
+            removed.add(path)
+            last = time.monotonic()
+            say("deleted", f"{fn.name} ({path}) is gone ({len(removed)}/{len(leaving)})", path)
+
+        async def collect(stream: AsyncIterator[Removal]) -> None:
+            async for ev in stream:
                 for path, fn in leaving.items():
                     if path not in removed and ev.matches(fn):
-                        removed.add(path)
-                        last = time.monotonic()
-                        say("deleted", f"{fn.name} ({path}) is gone ({len(removed)}/{len(leaving)})", path)
+                        gone(path, fn)
                 if len(removed) == len(leaving):
                     return
 
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(collect(), timeout)
-        return last
+        while True:
+            try:
+                await asyncio.wait_for(collect(events), max(deadline - time.monotonic(), 0))
+                return last, ""
+            except TimeoutError:
+                return last, ""
+            except BackendError as lost:
+                say("note", f"{lost}; connecting again")
+                try:
+                    await asyncio.wait_for(self.backend.reconnect(), max(deadline - time.monotonic(), 0))
+                    events = await stack.enter_async_context(self.backend.removals())
+                    now = await self.backend.topology()
+                except (HostError, TimeoutError) as e:
+                    return last, f"{lost}; {e or 'no connection before the timeout'}"
+                say("note", f"connected to {self.backend.source} again")
+                for path, fn in leaving.items():
+                    if path not in removed and now.function(path) is None:
+                        gone(path, fn)
+                if len(removed) == len(leaving):
+                    return last, ""
 
     async def _confirm(self, sp: SlotPlan, say: Callable[[str, str, PciPath | None], None]) -> set[PciPath] | None:
         """Guest paths of the slot confirmed gone; None when the agent could not be asked."""
@@ -477,6 +572,13 @@ class Orchestrator:
             return plan_slot(sel.slot_path, topo2, guest2, requested=sel.paths, guest_error=why2)
         except _AGENT_ERRORS as e:
             return plan_slot(sel.slot_path, topo, None, requested=sel.paths, guest_error=str(e))
+
+
+def _new_guest_finding(f: Finding, overridden: Sequence[Finding]) -> bool:
+    """A finding about the guest that --force did not accept at the check (same verdict, same function)."""
+    if f.verdict not in (Verdict.BLOCKED_BY_GUEST, Verdict.GUEST_UNREACHABLE):
+        return False
+    return not any(o.verdict is f.verdict and o.path == f.path for o in overridden)
 
 
 def _waiting(sp: SlotPlan) -> bool:

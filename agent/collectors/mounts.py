@@ -114,15 +114,23 @@ def _root_mount(mounts: list[Mount]) -> Mount | None:
     return top[-1] if top else None
 
 
-def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[ScanProblem]]:
-    """Mount namespace inode -> its pids (ascending), and the pids whose ns link is denied."""
-    problems: list[ScanProblem] = []
-    by_ns: dict[int, list[int]] = {}
-    denied: list[int] = []
+@dataclass
+class _Pids:
+    by_ns: dict[int, list[int]] = field(default_factory=dict)  # mount namespace inode -> its pids, ascending
+    denied: list[int] = field(default_factory=list)  # pids whose ns link is denied
+    problems: list[ScanProblem] = field(default_factory=list)
+    exited: bool = False  # some process exited between the listing and reading its ns link
+
+
+def _scan_pids(roots: Roots) -> _Pids:
+    """Which mount namespace each process is in."""
+    out = _Pids()
+    problems, by_ns, denied = out.problems, out.by_ns, out.denied
     try:
         entries = listdir(roots.proc)
     except ReadError as exc:
-        return {}, [], [ScanProblem(str(roots.proc), str(exc))]
+        problems.append(ScanProblem(str(roots.proc), str(exc)))
+        return out
     base = str(roots.proc)
     parsed: dict[str, int] = {}  # link text -> inode: thousands of pids share a handful of namespaces
     for pid in sorted(int(e) for e in entries if e.isdigit()):
@@ -132,7 +140,8 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
         except OSError as exc:
             err = as_read_error(link, exc)
             if isinstance(err, Vanished):
-                continue  # the process exited
+                out.exited = True  # collect_mounts looks again, for children it may have left
+                continue
             if isinstance(err, NotPermitted):
                 denied.append(pid)
             else:
@@ -149,7 +158,7 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
             denied.append(pid)  # "mnt:[0]": a capture that could not tell the namespace either
             continue
         by_ns.setdefault(ns, []).append(pid)
-    return by_ns, denied, problems
+    return out
 
 
 # A namespace's table without its mount and parent ids -> (line index, mount) of
@@ -186,10 +195,11 @@ def _shape(text: str) -> tuple[str, list[tuple[int, int]]] | None:
 
 def _read_namespace(
     roots: Roots, ns: int, pids: list[int], self_pid: int = 0, shapes: Shapes | None = None
-) -> tuple[list[Mount], list[ScanProblem], frozenset[int]]:
+) -> tuple[list[Mount] | None, list[ScanProblem], frozenset[int]]:
     """Read the mountinfo of the first pid of ns that is still there (pid 0: proc/self).
 
-    Returns its mounts, problems, and the ids of every mount in the table.
+    Returns its mounts (None when every one of those processes exited meanwhile), problems, and
+    the ids of every mount in the table.
     shapes (another namespace than the agent's): keep only the mounts that
     can pin a device, and remember tables seen in this scan. Any user can
     make thousands of namespaces, nearly all copies of their parent's table
@@ -226,8 +236,7 @@ def _read_namespace(
         if shaped is not None and len(mounts) == len(shaped[1]):
             shapes[shaped[0]] = kept
         return [m for _, m in kept], [], every
-    log.debug("every process of mnt:[%d] exited during the scan", ns)
-    return [], [], frozenset()
+    return None, [], frozenset()
 
 
 def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> tuple[list[Mount], list[ScanProblem]]:
@@ -282,24 +291,48 @@ def collect_mounts(roots: Roots) -> MountScan:
     target = _readlink_quiet(roots.proc / "self")
     self_pid = int(target) if target is not None and target.isdigit() else 0
 
-    by_ns, denied, scan_problems = _scan_pids(roots)
-    problems.extend(scan_problems)
+    pids = _scan_pids(roots)
+    by_ns, denied, exited = pids.by_ns, pids.denied, pids.exited
+    problems.extend(pids.problems)
 
     mounts: list[Mount] = []
     own: list[Mount] = []
     seen: set[frozenset[int]] = set()
     if own_ns:
-        pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
-        own, own_problems, every = _read_namespace(roots, own_ns, pids, self_pid)
+        own_pids = [0] + [p for p in by_ns.pop(own_ns, []) if p != self_pid]
+        own_read, own_problems, every = _read_namespace(roots, own_ns, own_pids, self_pid)
+        own = own_read or []  # the agent's own namespace: proc/self never exits
         problems.extend(own_problems)
         mounts.extend(own)
         seen.add(every)
     shapes: Shapes = {}
+    done = {own_ns}
+    tried = {p for ns_pids in by_ns.values() for p in ns_pids}
     for ns in sorted(by_ns):
-        found, ns_problems, every = _read_namespace(roots, ns, by_ns[ns], shapes=shapes)
-        mounts.extend(found)
+        read, ns_problems, every = _read_namespace(roots, ns, by_ns[ns], shapes=shapes)
+        if read is None:
+            exited = True
+            continue
+        done.add(ns)
+        mounts.extend(read)
         problems.extend(ns_problems)
         seen.add(every)
+    if exited:
+        # A process exited mid-scan (before its namespace was known, or the last one listed
+        # in it), but a child forked before may live on in that namespace, its mounts still
+        # pinning devices: list /proc once more and read every namespace not read yet.
+        again = _scan_pids(roots)
+        problems.extend(again.problems)
+        for ns in sorted(set(again.by_ns) - done):
+            read, ns_problems, every = _read_namespace(
+                roots, ns, [p for p in again.by_ns[ns] if p not in tried], shapes=shapes
+            )
+            if read is None:
+                log.debug("every process of mnt:[%d] exited during the scan", ns)
+                continue
+            mounts.extend(read)
+            problems.extend(ns_problems)
+            seen.add(every)
     found, unlabelled_problems = _read_unlabelled(roots, denied, seen)
     mounts.extend(m for m in found if _can_pin_a_device(m))
     problems.extend(unlabelled_problems)

@@ -293,6 +293,8 @@ class _Below:
     nodes: list[DeviceNode] = field(default_factory=list)
     subdrivers: list[str] = field(default_factory=list)
     problems: list[ScanProblem] = field(default_factory=list)
+    # Something below vanished mid-walk: what was found may be missing a disk or node.
+    vanished: list[str] = field(default_factory=list)
 
 
 def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
@@ -302,6 +304,7 @@ def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below
         uevent = parse_uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
     except Vanished:
         log.debug("%s vanished during the scan", d)
+        below.vanished.append(d)
         return
     except ReadError as exc:
         below.problems.append(ScanProblem(d, str(exc), (bdf,)))
@@ -338,7 +341,8 @@ def _walk(fdir: str, bdf: str) -> _Below:
             with os.scandir(d) as it:
                 entries = list(it)
         except FileNotFoundError:
-            continue  # vanished mid-walk
+            below.vanished.append(d)  # vanished mid-walk
+            continue
         except OSError as exc:
             below.problems.append(ScanProblem(d, f"cannot list: {exc.strerror or exc}", (bdf,)))
             continue
@@ -439,6 +443,15 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
         drv = _readlink_or_none(f"{fdir}/driver")
         below = _walk(fdir, bdf)
         problems.extend(below.problems)
+        if below.vanished:
+            if not os.path.exists(f"{fdir}/vendor"):
+                # The function itself left mid-scan (hot-removed): it is not there to judge.
+                problems.append(ScanProblem(fdir, "vanished during the scan", (bdf,)))
+                continue
+            # Still there, but a disk or node below it went while being read: what it
+            # holds is not known, so it must not look idle.
+            problems.append(ScanProblem(below.vanished[0], "vanished during the scan; what the function "
+                                                           "holds is not known", (bdf,)))
         functions.append(
             PciFunction(
                 address=address,

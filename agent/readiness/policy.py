@@ -37,7 +37,7 @@ from unplugd.agent.model import (
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
 from unplugd.pci import PciAddress
 
-__all__ = ["evaluate", "state_of"]
+__all__ = ["evaluate", "in_use", "state_of"]
 
 # Drivers that only provide a transport: the class driver sits on a child bus
 # (virtio-pci binds every virtio function; virtio_blk/virtio_net are on virtioN).
@@ -67,10 +67,22 @@ def state_of(reasons: Iterable[Reason]) -> State:
     return State.UNKNOWN if undecided else State.READY
 
 
+def in_use(verdict: FunctionVerdict) -> list[Reason]:
+    """The reasons that say something in the guest uses the function now.
+
+    Blocking and decided, and about use: not the missing hotplug driver (the
+    function is idle, the slot is the problem) nor a lease (the agent's own
+    hold). What a PrepareUnplug lease must not be granted over.
+    """
+    return [r for r in verdict.reasons if r.blocking and not r.undecided
+            and r.code not in (Code.NO_HOTPLUG_DRIVER, Code.LEASED)]
+
+
 def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> list[FunctionVerdict]:
     """One verdict per function of the inventory, in its order.
 
-    leased: functions held by an unplug lease (lease id): a LEASED warning.
+    leased: functions held by an unplug lease (its label, never the id: ids are
+    credentials and reports are read by every client): a LEASED warning.
     """
     idx = _Index.build(inventory)
     stacks = {f.address: _block_closure(idx, f.block_devices)[0] for f in inventory.functions}
@@ -568,6 +580,8 @@ def _objects(f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[s
     for bd in block:
         keys.add(bd.name)
         keys.add("devno:" + format_devno(bd.devno))
+        # A holder it names that could not be read (vanished mid-scan) is part of its stack.
+        keys.update(bd.holders)
     for node in f.device_nodes:
         keys.add(node.path)
         keys.add(node.path.removeprefix("/dev/"))

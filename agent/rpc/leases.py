@@ -7,25 +7,39 @@ down. All or nothing: if one claim fails, everything taken so far is undone
 and ClaimConflict lists every reason. A lease ends on release, on expiry (a
 timer per lease, no polling) or when the process ends: the kernel drops the
 claims with the file descriptors, even on SIGKILL.
+
+A lease is refused on a function the report shows in use (a mount, a holder,
+an open fd...: policy.in_use over the same evaluation the report makes), not
+only where the kernel refuses the claim: an fd held open does not stop O_EXCL.
+
+Lease ids are credentials: whoever has one may renew or release the lease.
+They are compared in constant time and never written where other clients can
+read them (reports, errors, logs): those name a lease by its label, the first
+12 hex digits of the id's SHA-256, which its holder can match and nobody can
+turn back into the id.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass
 
 from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
 from unplugd.agent.model import BlockDevice, Inventory, PciFunction
+from unplugd.agent.readiness.policy import evaluate, in_use
+from unplugd.agent.readiness.reasons import Code
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.claims import Claim, ClaimFailed, claim_block_device, release_claims
 from unplugd.agent.rpc.links import LinkControl, LinkError
 from unplugd.pci import PciAddress
 
-__all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "targets_for"]
+__all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "lease_label", "targets_for"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +51,6 @@ class LeaseTarget:
     function: PciAddress
     disks: tuple[BlockDevice, ...] = ()
     interfaces: tuple[str, ...] = ()
-    # Kernel-side users of the disks known at scan time, to explain a refusal.
-    users: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,29 +62,36 @@ class LeaseGrant:
     interfaces_down: tuple[str, ...]
 
 
-def targets_for(inventory: Inventory, functions: Sequence[PciFunction]) -> list[LeaseTarget]:
-    """What leasing `functions` means in this inventory: their whole disks and interfaces."""
+def lease_label(lease_id: str) -> str:
+    """How reports and logs name a lease: never the id, which is a credential."""
+    return hashlib.sha256(lease_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+def targets_for(inventory: Inventory, functions: Sequence[PciFunction], *,
+                take_interfaces_down: bool = False) -> list[LeaseTarget]:
+    """What leasing `functions` means in this inventory: their whole disks and interfaces.
+
+    ClaimConflict, naming every reason, when the report shows one of them in
+    use: the lease would hold a device something still uses. An interface
+    that is only up does not count when the lease is to set it down.
+    """
+    verdicts = {v.address: v for v in evaluate(inventory)}
     targets = []
+    refusals: list[str] = []
     for fn in functions:
         disks = []
-        users: dict[str, tuple[str, ...]] = {}
         for name in fn.block_devices:
             disk = inventory.block_devices.get(name)
             if disk is None:
                 raise ClaimConflict(f"cannot prepare {fn.address}", [f"{name}: vanished during the scan"])
             disks.append(disk)
-            users[name] = _users_of(inventory, disk)
-        targets.append(LeaseTarget(fn.address, tuple(disks), tuple(fn.net_interfaces), users))
+        blocking = [r.detail for r in in_use(verdicts[fn.address])
+                    if not (take_interfaces_down and r.code is Code.LINK_UP and r.object in fn.net_interfaces)]
+        refusals += [f"{fn.address} is in use: {why}" for why in blocking]
+        targets.append(LeaseTarget(fn.address, tuple(disks), tuple(fn.net_interfaces)))
+    if refusals:
+        raise ClaimConflict("cannot prepare " + ", ".join(str(f.address) for f in functions), refusals)
     return targets
-
-
-def _users_of(inventory: Inventory, disk: BlockDevice) -> tuple[str, ...]:
-    family = {b.devno: b.name for b in inventory.block_devices.values() if disk.name in (b.name, b.parent)}
-    found = [f"{family[m.devno]} mounted on {m.mount_point}" for m in inventory.mounts if m.devno in family]
-    found += [f"{family[s.devno]} used as swap" for s in inventory.swaps if s.devno in family]
-    found += [f"{b.name} held by {', '.join(b.holders)}" for b in inventory.block_devices.values()
-              if b.devno in family and b.holders]
-    return tuple(dict.fromkeys(found))
 
 
 @dataclass
@@ -82,7 +101,12 @@ class _Lease:
     claims: list[Claim]
     interfaces_down: tuple[str, ...]
     expires_at: float
+    took_interfaces_down: bool = False
     timer: threading.Timer | None = None
+
+    @property
+    def label(self) -> str:
+        return lease_label(self.lease_id)
 
     def grant(self) -> LeaseGrant:
         return LeaseGrant(self.lease_id, self.expires_at, self.functions,
@@ -109,17 +133,19 @@ class LeaseManager:
         self._claim = claim
         self._clock = clock
         self._lock = threading.RLock()
+        # By label: a lookup's timing depends on a hash of what was sent, not on the id.
         self._leases: dict[str, _Lease] = {}
         self._closed = False
 
     # -- queries used by every report -----------------------------------------------
 
     def leased(self) -> dict[PciAddress, str]:
+        """Leased functions and the label of their lease (what the report shows)."""
         with self._lock:
-            return {fn: lease.lease_id for lease in self._leases.values() for fn in lease.functions}
+            return {fn: lease.label for lease in self._leases.values() for fn in lease.functions}
 
     def active(self) -> list[str]:
-        """Ids of the leases in force."""
+        """Labels of the leases in force."""
         with self._lock:
             return list(self._leases)
 
@@ -142,7 +168,7 @@ class LeaseManager:
             if self._closed:
                 raise ClaimConflict("the agent is shutting down", [])
             held = self.leased()
-            taken = [f"{t.function} is already held by lease {held[t.function]}" for t in targets
+            taken = [f"{t.function} is already held by lease {held[t.function]} (a label, not its id)" for t in targets
                      if t.function in held]
             if taken:
                 raise ClaimConflict("cannot prepare", taken)
@@ -154,32 +180,46 @@ class LeaseManager:
                 release_claims(claims)
                 self._links_restore(downs)
                 raise ClaimConflict("cannot prepare " + ", ".join(str(t.function) for t in targets), reasons)
-            lease = _Lease(secrets.token_hex(16), tuple(t.function for t in targets), claims, tuple(downs),
-                           self._clock() + duration)
-            self._leases[lease.lease_id] = lease
+            lease_id = secrets.token_hex(16)
+            while lease_label(lease_id) in self._leases:  # two live leases never share a label
+                lease_id = secrets.token_hex(16)
+            lease = _Lease(lease_id, tuple(t.function for t in targets), claims, tuple(downs),
+                           self._clock() + duration, take_interfaces_down)
+            self._leases[lease.label] = lease
             self._arm(lease, duration)
-            log.info("lease prepared", extra={"lease": lease.lease_id, "functions": ",".join(map(str, lease.functions)),
+            log.info("lease prepared", extra={"lease": lease.label, "functions": ",".join(map(str, lease.functions)),
                                               "claimed": ",".join(c.name for c in claims), "seconds": duration})
         self._on_change()
         return lease.grant()
 
-    def renew(self, lease_id: str, seconds: int = 0) -> LeaseGrant:
+    def renew(self, lease_id: str, seconds: int = 0, *, functions: Collection[PciAddress] | None = None,
+              take_interfaces_down: bool = False) -> LeaseGrant:
+        """Extend a lease as it is; nothing changes unless the whole request is valid.
+
+        functions: what the request named, if anything: it must be exactly the
+        lease's. take_interfaces_down: only if the lease was prepared with it.
+        """
         duration = self._duration(seconds)
         with self._lock:
             lease = self._find(lease_id)
+            if functions is not None and set(functions) != set(lease.functions):
+                raise InvalidArgument("lease_id renews a lease as it is; its devices cannot change "
+                                      "(release it and prepare a new one)")
+            if take_interfaces_down and not lease.took_interfaces_down:
+                raise InvalidArgument("a renewal cannot take interfaces down (release the lease and prepare "
+                                      "a new one with take_interfaces_down)")
             lease.expires_at = self._clock() + duration
             self._arm(lease, duration)
-            log.info("lease renewed", extra={"lease": lease_id, "seconds": duration})
+            log.info("lease renewed", extra={"lease": lease.label, "seconds": duration})
             return lease.grant()
 
     def release(self, lease_id: str) -> tuple[str, ...]:
         """End a lease; returns the interfaces set up again."""
         with self._lock:
-            lease = self._leases.pop(lease_id, None)
-            if lease is None:
-                raise LeaseNotFound(lease_id)
+            lease = self._find(lease_id)
+            del self._leases[lease.label]
             restored = self._end(lease)
-            log.info("lease released", extra={"lease": lease_id})
+            log.info("lease released", extra={"lease": lease.label})
         self._on_change()
         return restored
 
@@ -190,7 +230,7 @@ class LeaseManager:
             leases, self._leases = list(self._leases.values()), {}
             for lease in leases:
                 self._end(lease)
-                log.info("lease released at shutdown", extra={"lease": lease.lease_id})
+                log.info("lease released at shutdown", extra={"lease": lease.label})
         if leases:
             self._on_change()
 
@@ -203,9 +243,11 @@ class LeaseManager:
         return min(seconds or self._default, self._max)
 
     def _find(self, lease_id: str) -> _Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None:
-            raise LeaseNotFound(lease_id)
+        """The lease whose id this is: the whole id compared, in constant time."""
+        lease = self._leases.get(lease_label(lease_id))
+        if lease is None or not hmac.compare_digest(lease.lease_id.encode(),
+                                                    lease_id.encode("utf-8", "surrogateescape")):
+            raise LeaseNotFound()
         return lease
 
     def _claim_all(self, targets: Iterable[LeaseTarget]) -> tuple[list[Claim], list[str]]:
@@ -216,8 +258,7 @@ class LeaseManager:
                 try:
                     claims.append(self._claim(self._roots, disk))
                 except ClaimFailed as exc:
-                    users = target.users.get(disk.name, ())
-                    reasons.append(str(exc) + (f" ({'; '.join(users)})" if users else ""))
+                    reasons.append(str(exc))
         return claims, reasons
 
     def _links_down(self, targets: Iterable[LeaseTarget]) -> tuple[list[str], list[str]]:
@@ -253,19 +294,19 @@ class LeaseManager:
     def _arm(self, lease: _Lease, duration: float) -> None:
         if lease.timer is not None:
             lease.timer.cancel()
-        timer = threading.Timer(duration, self._expire, args=(lease.lease_id, lease.expires_at))
+        timer = threading.Timer(duration, self._expire, args=(lease.label, lease.expires_at))
         timer.daemon = True
-        timer.name = f"lease-{lease.lease_id[:8]}"
+        timer.name = f"lease-{lease.label}"
         lease.timer = timer
         timer.start()
 
-    def _expire(self, lease_id: str, expires_at: float) -> None:
+    def _expire(self, label: str, expires_at: float) -> None:
         with self._lock:
-            lease = self._leases.get(lease_id)
+            lease = self._leases.get(label)
             # A renewal re-armed the lease after this timer fired: not ours to end.
             if lease is None or lease.expires_at != expires_at:
                 return
-            del self._leases[lease_id]
+            del self._leases[label]
             self._end(lease)
-            log.info("lease expired", extra={"lease": lease_id})
+            log.info("lease expired", extra={"lease": label})
         self._on_change()

@@ -6,6 +6,11 @@ They are started through one hook, `start_bridges(config, socket)`, which
 returns a BridgeSet: its listeners (for GetAgentInfo) and stop(). TCP is
 served by grpc itself, only with mutual TLS (transports/tls.py).
 
+Start fails (ServeError) when a transport the config enables cannot be
+served (TLS files unusable, the vsock port not bound); health turns SERVING,
+and `serve` tells systemd READY=1, only once every one is up. The
+virtio-serial bridge waits for its port, which may appear later.
+
 Shutdown (SIGTERM, SIGINT): health NOT_SERVING, bridges stopped, watch
 streams ended, in-flight calls given a grace period, every lease released,
 the socket removed. A crash or SIGKILL still frees the device claims: the
@@ -153,6 +158,9 @@ class AgentServer:
                                  hub=self.hub, listeners=self.listeners)
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
         self._health = add_health(server)
+        # grpc's health service starts with "" SERVING: not before every transport is up.
+        self._health.set("", False)
+        self._health.set(AGENT_SERVICE, False)
         add_reflection(server, [agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]])
         self._add_tcp(server)
         old_umask = os.umask(0o177)  # the socket is born root-only, never briefly open
@@ -170,13 +178,13 @@ class AgentServer:
         st = os.stat(path)
         self._socket_id = (st.st_dev, st.st_ino)
         self._server = server
-        self._health.set("", True)
-        self._health.set(AGENT_SERVICE, True)
         try:
             self._bridges = self._bridge_starter(self.config, path)
-        except Exception as exc:
-            # The unix socket still serves local tools; say loudly what is missing.
-            log.error("transport bridges failed to start", extra={"error": str(exc)}, exc_info=True)
+        except AgentError as exc:
+            raise ServeError(str(exc)) from exc
+        # Healthy only now: every transport the config enables is up (stop() undoes a failed start).
+        self._health.set("", True)
+        self._health.set(AGENT_SERVICE, True)
         log.info("serving", extra={"socket": str(path), "mutations": self.config.mutations.enabled,
                                    "config": self.config.source,
                                    "listeners": ",".join(f"{x.transport}:{x.address}" for x in self.listeners())})
@@ -190,8 +198,8 @@ class AgentServer:
         try:
             self._tcp = [Listener("tcp-mtls", add_mtls_port(server, tcp))]
         except AgentError as exc:
-            # The unix socket still serves local tools; say loudly what is missing.
-            log.error("TCP with mutual TLS not served", extra={"error": str(exc)})
+            # Enabled but unusable: no start at all rather than a healthy agent the host cannot reach.
+            raise ServeError(f"TCP with mutual TLS cannot be served: {exc}") from exc
 
     def stop(self, grace: float = 2.0) -> None:
         if self._health is not None:

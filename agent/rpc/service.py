@@ -168,19 +168,21 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             self._require_mutations("PrepareUnplug")
             names = validate_names(request.devices)
             if request.lease_id:
-                grant = self._leases.renew(request.lease_id, request.lease_seconds)
+                # Everything is checked before the lease is touched: a renewal
+                # happens only when the whole request is valid.
+                wanted = None
                 if names:
                     inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
                     wanted = {f.address for f in self._engine.select(inventory, names)}
-                    if wanted != set(grant.functions):
-                        raise InvalidArgument("lease_id renews a lease as it is; its devices cannot change "
-                                              "(release it and prepare a new one)")
+                grant = self._leases.renew(request.lease_id, request.lease_seconds, functions=wanted,
+                                           take_interfaces_down=request.take_interfaces_down)
             else:
                 if not names:
                     raise InvalidArgument("name at least one device to prepare")
                 inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
                 functions = self._engine.select(inventory, names)
-                grant = self._leases.prepare(targets_for(inventory, functions), request.lease_seconds,
+                targets = targets_for(inventory, functions, take_interfaces_down=request.take_interfaces_down)
+                grant = self._leases.prepare(targets, request.lease_seconds,
                                              take_interfaces_down=request.take_interfaces_down)
             self._hub.poke()
             return _grant_response(grant)

@@ -2,9 +2,12 @@
 
 The bridges are asyncio code; the agent's gRPC server is threaded, so they
 run on their own event loop in one background thread. A bridge that cannot
-start (no AF_VSOCK in this kernel, port taken) is logged and left out; the
-others and the unix socket keep serving. TCP is not a bridge: grpc terminates
-mutual TLS itself (tls.add_mtls_port), the server adds that port.
+start (no AF_VSOCK in this kernel, port taken) fails the whole start with
+BridgeError: an agent that says it serves while the host cannot reach it is
+worse than one that does not start. The virtio-serial bridge never fails to
+start: its port may appear after the agent (at boot, on hotplug of the
+channel), so it waits for it. TCP is not a bridge: grpc terminates mutual
+TLS itself (tls.add_mtls_port), the server adds that port.
 """
 
 from __future__ import annotations
@@ -17,14 +20,19 @@ from pathlib import Path
 from typing import Protocol
 
 from unplugd.agent.config import Config
+from unplugd.agent.errors import AgentError
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.service import Listener
 from unplugd.agent.transports.virtio_serial import DevicePort, VirtioSerialBridge, port_path
 from unplugd.agent.transports.vsock import ListenerFactory, VsockBridge, local_cid, vsock_listener
 
-__all__ = ["Bridge", "BridgeThread", "make_bridges", "start_bridges"]
+__all__ = ["Bridge", "BridgeError", "BridgeThread", "make_bridges", "start_bridges"]
 
 log = logging.getLogger(__name__)
+
+
+class BridgeError(AgentError):
+    """An enabled bridge could not start."""
 
 
 class Bridge(Protocol):
@@ -69,13 +77,15 @@ class BridgeThread:
         return [Listener(b.transport, b.address) for b in self._running]
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start every bridge; BridgeError (and none left running) if one cannot start."""
         self._thread.start()
         for bridge in self._bridges:
             try:
                 asyncio.run_coroutine_threadsafe(bridge.start(), self._loop).result(timeout)
             except Exception as exc:
-                log.error("%s bridge on %s failed to start: %s", bridge.transport, bridge.address, exc)
-                continue
+                self.stop()
+                raise BridgeError(f"{bridge.transport} bridge on {bridge.address} cannot start: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from exc
             self._running.append(bridge)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -99,7 +109,7 @@ class BridgeThread:
 
 def start_bridges(config: Config, backend: Path, *, roots: Roots | None = None,
                   vsock_factory: ListenerFactory = vsock_listener) -> BridgeThread:
-    """serve.py's hook: start every enabled bridge in front of `backend`."""
+    """serve.py's hook: start every enabled bridge in front of `backend`; BridgeError if one cannot."""
     thread = BridgeThread(make_bridges(config, backend, roots=roots, vsock_factory=vsock_factory))
     thread.start()
     return thread

@@ -4,11 +4,18 @@ grpcio terminates TLS itself (no bridge): `add_mtls_port(server, tcp)` adds a
 secure port whose credentials demand a client certificate signed by
 `client_ca`. A client without a certificate, or with one from another CA,
 fails the handshake before any RPC is seen.
+
+grpcio takes any bytes as a certificate or key and only fails at each
+handshake, while health says SERVING. So the files are loaded once with the
+ssl module first: a missing or unreadable file, a PEM that is not a
+certificate, a key that is not the certificate's: TlsError, and the agent
+does not start.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 from typing import Protocol
 
@@ -54,13 +61,34 @@ def _read(path: Path | None, what: str) -> bytes:
     return data
 
 
+def _no_password() -> bytes:
+    # An encrypted key would ask for a passphrase on a terminal the service has not.
+    return b""
+
+
+def _check_usable(cert: Path, key: Path, client_ca: bytes) -> None:
+    """What grpcio would only find at the first handshake: the files are a certificate, its key, and a CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_password)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(f"transports.tcp.cert {cert} and transports.tcp.key {key} are not a certificate and "
+                       f"its (unencrypted) private key: {getattr(exc, 'reason', None) or exc}") from exc
+    try:
+        ctx.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise TlsError(f"transports.tcp.client_ca: no CA certificate in it: "
+                       f"{getattr(exc, 'reason', None) or exc}") from exc
+
+
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None) -> grpc.ServerCredentials:
-    """Credentials that require and verify a client certificate."""
-    return grpc.ssl_server_credentials(
-        [(_read(key, "transports.tcp.key (private key)"), _read(cert, "transports.tcp.cert (certificate chain)"))],
-        root_certificates=_read(client_ca, "transports.tcp.client_ca (CA for client certificates)"),
-        require_client_auth=True,
-    )
+    """Credentials that require and verify a client certificate; TlsError unless the files are usable."""
+    key_pem = _read(key, "transports.tcp.key (private key)")
+    cert_pem = _read(cert, "transports.tcp.cert (certificate chain)")
+    ca_pem = _read(client_ca, "transports.tcp.client_ca (CA for client certificates)")
+    assert cert is not None and key is not None  # _read refused None
+    _check_usable(cert, key, ca_pem)
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True)
 
 
 def add_mtls_port(server: _SecurePortServer, tcp: _TcpSettings) -> str:

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 AGENT_CHANNEL = "org.unplugd.agent.0"
 _HANDOFF_S = 1.0  # how old a layout read for the agent channel may be when topology() takes it over
+_RECONNECT_S = 0.25  # libvirtd restarts in about a second: ask again this often while its socket refuses
 _T = TypeVar("_T")
 
 _BUS_KINDS = {
@@ -378,6 +379,7 @@ class LibvirtBackend:
         self.uri = uri
         self.timeout = timeout
         self._conn: Any = None
+        self._conn_refused: bool | None = None
         self._dom: Any = None
         self._layout: DomainLayout | None = None
         # The layout agent_channel() read, handed to the next topology() (unplugctl asks for
@@ -405,10 +407,12 @@ class LibvirtBackend:
         import libvirt
 
         _ensure_event_loop()
+        self._conn_refused = True  # until libvirt answered: what reconnect() may retry
         try:
             self._conn = await self._call(lambda: libvirt.open(self.uri), f"open {self.uri}")
         except BackendError as e:
             raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
+        self._conn_refused = False
         try:
             self._dom = await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
         except libvirt.libvirtError as e:
@@ -417,6 +421,22 @@ class LibvirtBackend:
         if not await self._call(self._dom.isActive, "isActive"):
             await self.close()
             raise DomainNotFound(f"domain {self.domain_name!r} is not running")
+
+    async def reconnect(self) -> None:
+        """Connect again after the connection broke: libvirtd restarting refuses for a moment, so
+        retry until `timeout`; a domain that is gone or stopped is DomainNotFound at once."""
+        await self.close()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                await self.connect()
+                return
+            except DomainNotFound as e:
+                if self._conn_refused is False or time.monotonic() > deadline:
+                    raise
+                log.debug("libvirt not back yet: %s", e)
+            # libvirtd is restarting (socket refused): ask again shortly, bounded by the deadline.
+            await asyncio.sleep(_RECONNECT_S)
 
     async def close(self) -> None:
         conn, self._conn, self._dom = self._conn, None, None
@@ -489,13 +509,20 @@ class LibvirtBackend:
         import libvirt
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Removal] = asyncio.Queue()
+        queue: asyncio.Queue[Removal | None] = asyncio.Queue()  # None: the connection closed
 
         def removed(_conn: Any, _dom: Any, alias: str, _opaque: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, Removal(device=alias))
 
         def failed(_conn: Any, _dom: Any, alias: str, _opaque: Any) -> None:
             log.warning("libvirt: the guest refused the removal of %s", alias)
+
+        def closed(_conn: Any, reason: int, _opaque: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        conn = self._conn
+        # libvirtd restarted or died: no more events will come on this connection; say so at once.
+        conn.registerCloseCallback(closed, None)
 
         ids = [
             self._conn.domainEventRegisterAny(self._dom, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, removed, None),
@@ -506,11 +533,16 @@ class LibvirtBackend:
 
         async def events() -> AsyncIterator[Removal]:
             while True:
-                yield await queue.get()
+                removal = await queue.get()
+                if removal is None:
+                    raise BackendError(f"the connection to {self.uri} closed while waiting (libvirtd restarted?)")
+                yield removal
 
         try:
             yield events()
         finally:
             for cb in ids:
                 with contextlib.suppress(Exception):
-                    self._conn.domainEventDeregisterAny(cb)
+                    conn.domainEventDeregisterAny(cb)
+            with contextlib.suppress(Exception):
+                conn.unregisterCloseCallback()

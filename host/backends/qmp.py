@@ -655,6 +655,13 @@ class QmpBackend:
             raise DomainNotFound(f"cannot connect to QMP socket {self.socket_path}: {e}") from e
         self._connected = True
 
+    async def reconnect(self) -> None:
+        """Connect again after the connection broke. A QEMU that is gone refuses: DomainNotFound at once
+        (a new QEMU would not be the same VM: its unplug state died with the old one)."""
+        await self.close()
+        self._client = _client_class()("unplugctl")
+        await self.connect()
+
     async def close(self) -> None:
         if self._connected:
             self._connected = False
@@ -662,7 +669,7 @@ class QmpBackend:
                 await self._client.disconnect()
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
-        from qemu.qmp import ExecuteError
+        from qemu.qmp import ExecuteError, QMPError
 
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), self.timeout)
@@ -670,8 +677,16 @@ class QmpBackend:
             raise QmpCommandError(command, str(e.error.error.desc), str(e.error.error.class_)) from e
         except TimeoutError as e:
             raise BackendError(f"QMP {command} got no answer within {self.timeout:g}s") from e
-        except (OSError, EOFError) as e:
-            raise BackendError(f"QMP connection lost during {command}: {e}") from e
+        except (OSError, EOFError, QMPError) as e:
+            # QMPError: qemu.qmp's StateError once the socket closed (QEMU exited), among others.
+            raise BackendError(f"QMP connection lost during {command}: {e or type(e).__name__}") from e
+
+    async def _lost(self) -> None:
+        """Returns once the QMP connection is no longer running (QEMU exited or closed it)."""
+        from qemu.qmp.protocol import Runstate
+
+        while self._client.runstate is Runstate.RUNNING:
+            await self._client.runstate_changed()
 
     async def topology(self) -> Topology:
         return await build_topology(self.execute, self.socket_path)
@@ -694,10 +709,22 @@ class QmpBackend:
         listener = EventListener("DEVICE_DELETED")
 
         async def events() -> AsyncIterator[Removal]:
-            async for msg in listener:
-                data = msg.get("data")
-                if isinstance(data, Mapping):
-                    yield removal_from_event(data)
+            # Ends with BackendError when the connection drops: an event listener
+            # alone would wait forever for a QEMU that is gone.
+            while True:
+                got = asyncio.ensure_future(listener.get())
+                lost = asyncio.ensure_future(self._lost())
+                try:
+                    await asyncio.wait((got, lost), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    got.cancel()
+                    lost.cancel()
+                if not got.cancelled() and got.done():
+                    data = got.result().get("data")
+                    if isinstance(data, Mapping):
+                        yield removal_from_event(data)
+                elif listener.empty():  # events that arrived before the end are still delivered
+                    raise BackendError("QMP connection lost while waiting for DEVICE_DELETED (did QEMU exit?)")
 
         with self._client.listen(listener):
             yield events()

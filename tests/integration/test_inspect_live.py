@@ -205,3 +205,28 @@ def test_this_vm_eth0_is_busy() -> None:
     f = _live_function("eth0")
     assert f["state"] == "FUNCTION_STATE_BUSY"
     assert {"LINK_UP", "HAS_ADDRESS", "DEFAULT_ROUTE"} <= _codes(f)
+
+
+def test_lease_refused_while_a_process_holds_the_disk(disk: LoopDisk) -> None:
+    """An fd held open does not stop O_EXCL, so only the report can refuse the lease; it does, naming the pid."""
+    from unplugd.agent.errors import ClaimConflict
+    from unplugd.agent.model import BlockDevice
+    from unplugd.agent.rpc.claims import claim_block_device, release_claims
+    from unplugd.agent.rpc.leases import targets_for
+
+    with open(disk.part_node(0), "rb") as node:
+        proc = subprocess.Popen(["sleep", "300"], stdin=node)
+    try:
+        inv = inventory_with(disk.disk)
+        fn = [f for f in inv.functions if f.address == SYNTHETIC]
+        with pytest.raises(ClaimConflict) as err:
+            targets_for(inv, fn)
+        assert f"pid {proc.pid} (sleep) holds /dev/{disk.parts[0]}" in str(err.value)
+        # The kernel alone would have granted the claim.
+        whole: BlockDevice = inv.block_devices[disk.disk]
+        release_claims([claim_block_device(Roots.live_system(), whole)])
+    finally:
+        proc.kill()
+        proc.wait()
+    inv = inventory_with(disk.disk)
+    assert [t.function for t in targets_for(inv, [f for f in inv.functions if f.address == SYNTHETIC])] == [SYNTHETIC]

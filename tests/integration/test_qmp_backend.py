@@ -9,6 +9,7 @@ hot-added to an empty, powered-off pciehp port (QEMU removes those at once).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -17,8 +18,9 @@ import pytest
 
 from tests.integration.qemu import have_qemu, run_qemu
 from unplugd.host.backends.qmp import QmpBackend
+from unplugd.host.cli import EXIT_HYPERVISOR_LOST, unplug_exit
 from unplugd.host.errors import DeviceGone, DomainNotFound, HotplugUnsupported, UnplugInProgress
-from unplugd.host.orchestrator import Orchestrator, Outcome
+from unplugd.host.orchestrator import Orchestrator, Outcome, Progress
 from unplugd.host.planner import Verdict
 from unplugd.host.topology import Function, Topology
 from unplugd.pci import PciPath
@@ -123,6 +125,34 @@ def test_pending_unplug_without_a_guest() -> None:
     assert [f.verdict for f in res.overridden] == [Verdict.GUEST_UNREACHABLE]  # type: ignore[attr-defined]
     assert again is not None and "already in the process of unplug" in str(again)
     assert acpi.outcome is Outcome.PENDING  # type: ignore[attr-defined]
+
+
+def test_qemu_killed_while_waiting_for_device_deleted() -> None:
+    """The pending unplug is the waiting state: SIGKILL QEMU there. The wait ends at once, not at the timeout."""
+    with run_qemu("q35") as vm:
+
+        async def body(be: QmpBackend) -> tuple[object, float, float]:
+            waiting = asyncio.Event()
+
+            def progress(p: Progress) -> None:
+                if p.event == "requested":
+                    waiting.set()
+
+            unplug = asyncio.ensure_future(Orchestrator(be, None).unplug("pxb-net", force=True, timeout=60,
+                                                                         progress=progress))
+            await asyncio.wait_for(waiting.wait(), 30)
+            vm.proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            res = await asyncio.wait_for(unplug, 60)
+            return res, killed, time.monotonic()
+
+        res, killed, ended = with_backend(vm.qmp, body)
+    assert res.outcome is Outcome.HYPERVISOR_LOST, res.message  # type: ignore[attr-defined]
+    assert "QMP connection lost" in res.message  # type: ignore[attr-defined]
+    assert [(f.name, f.removed) for f in res.functions] == [("pxb-net", False)]  # type: ignore[attr-defined]
+    assert unplug_exit(res) == EXIT_HYPERVISOR_LOST  # type: ignore[arg-type]
+    # (without the detection: PENDING after 60 s, the topology read failing; figures belong in the bench)
+    assert ended > killed
 
 
 def test_device_deleted_for_a_hot_added_device() -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 
 from unplugd.host.client import AgentCallFailed, AgentUnreachable
+from unplugd.host.errors import BackendError
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
 from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import agent_service_pb2 as pb
@@ -99,7 +101,10 @@ class FakeBackend:
     """A hypervisor whose unplug behaviour the test chooses.
 
     on_unplug(fn) returns the Removals to emit (the whole slot, say), or raises.
-    After a removal the function also disappears from topology().
+    After a removal the function also disappears from topology(). With
+    `lose_connection`, the listener breaks right after the unplug request (as
+    when QEMU exits or libvirtd restarts); reconnect() then raises
+    `reconnect_error`, or succeeds.
     """
 
     source = "qmp"
@@ -109,7 +114,9 @@ class FakeBackend:
         self.on_unplug = on_unplug or (lambda fn: [])
         self.calls: list[str] = []
         self.gone: set[str] = set()
-        self._queues: list[asyncio.Queue[Removal]] = []
+        self._queues: list[asyncio.Queue[Removal | None]] = []
+        self.lose_connection = False
+        self.reconnect_error: Exception | None = None
 
     async def topology(self) -> Topology:
         self.calls.append("topology")
@@ -122,19 +129,35 @@ class FakeBackend:
 
     async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
         self.calls.append(f"unplug {fn.name}{' via monitor' if via_monitor else ''}")
-        for removal in self.on_unplug(fn):
+        removals = self.on_unplug(fn)
+        if self.lose_connection:
+            self.lose_connection = False
+            for q in self._queues:
+                q.put_nowait(None)
+            for removal in removals:  # they happen while nobody listens
+                self.gone.add(removal.device or "")
+            return
+        for removal in removals:
             self.gone.add(removal.device or "")
             for q in self._queues:
                 q.put_nowait(removal)
 
+    async def reconnect(self) -> None:
+        self.calls.append("reconnect")
+        if self.reconnect_error is not None:
+            raise self.reconnect_error
+
     @contextlib.asynccontextmanager
     async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
-        q: asyncio.Queue[Removal] = asyncio.Queue()
+        q: asyncio.Queue[Removal | None] = asyncio.Queue()
         self._queues.append(q)
 
         async def events() -> AsyncIterator[Removal]:
             while True:
-                yield await q.get()
+                removal = await q.get()
+                if removal is None:
+                    raise BackendError("connection lost")
+                yield removal
 
         try:
             yield events()
@@ -143,7 +166,11 @@ class FakeBackend:
 
 
 class FakeAgent:
-    """Serves `reports` in turn (the last one repeats); `dead` makes every call unreachable."""
+    """Serves `reports` in turn (the last one repeats); `dead` makes every call unreachable.
+
+    Like the real agent, a report served while a lease is held carries a
+    LEASED warning on the leased functions (by guest address).
+    """
 
     def __init__(self, *reports: report_pb2.Report) -> None:
         self.reports = list(reports)
@@ -152,6 +179,9 @@ class FakeAgent:
         self.die_after_prepare = False
         self.prepare_error: Exception | None = None
         self.watch_reports: list[report_pb2.Report] = []
+        self.leased: set[str] = set()
+        self.lease_seconds = 0
+        self.max_lease_seconds = 900  # what the agent grants at most, as its config says
 
     def _check(self, call: str) -> None:
         self.calls.append(call)
@@ -160,7 +190,13 @@ class FakeAgent:
 
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
         self._check("get_report")
-        return self.reports.pop(0) if len(self.reports) > 1 else self.reports[0]
+        served = report_pb2.Report()
+        served.CopyFrom(self.reports.pop(0) if len(self.reports) > 1 else self.reports[0])
+        for f in served.functions:
+            if f.address in self.leased:
+                f.reasons.add(code=report_pb2.REASON_CODE_LEASED, detail="held for unplug by lease 0123abcd",
+                              blocking=False)
+        return served
 
     async def prepare_unplug(
         self,
@@ -176,10 +212,16 @@ class FakeAgent:
             raise self.prepare_error
         if self.die_after_prepare:
             self.dead = True
-        return pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
+        self.leased |= set(devices)
+        self.lease_seconds = lease_seconds
+        resp = pb.PrepareUnplugResponse(lease_id="lease-1", functions=list(devices))
+        granted = min(lease_seconds, self.max_lease_seconds)
+        resp.expires_at.FromNanoseconds(int((time.time() + granted) * 1e9))
+        return resp
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         self._check(f"release {lease_id}")
+        self.leased.clear()
         return pb.ReleaseUnplugResponse(released=True)
 
     async def watch_report(

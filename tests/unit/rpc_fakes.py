@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
 
-from unplugd.agent.config import Config
+from unplugd.agent.config import Config, VirtioSerialConfig
 from unplugd.agent.errors import UnknownDevice
 from unplugd.agent.model import BlockDevice, Inventory, PciFunction
 from unplugd.agent.roots import Roots
@@ -114,7 +114,11 @@ def running_server(
     tmp_path: Path, engine: EngineApi | None = None, *, mutations: bool = False, links: FakeLinks | None = None,
     config: Config | None = None,
 ) -> Iterator[tuple[AgentServer, agent_service_pb2_grpc.AgentServiceStub]]:
-    cfg = (config or Config()).with_overrides(socket=tmp_path / "run" / "agent.sock", enable_mutations=mutations)
+    if config is None:
+        # The virtio-serial bridge is on by default; these servers serve a captured tree, not this machine's port.
+        no_serial = replace(Config().transports, virtio_serial=VirtioSerialConfig(enabled=False))
+        config = replace(Config(), transports=no_serial)
+    cfg = config.with_overrides(socket=tmp_path / "run" / "agent.sock", enable_mutations=mutations)
     # A captured-tree root: nothing here can touch the live system's devices.
     server = AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=engine or FakeEngine(),
                          sources=EventSources.none, links=links or FakeLinks())

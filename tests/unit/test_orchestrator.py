@@ -18,7 +18,8 @@ from tests.unit.host_fakes import (
     report,
     topology,
 )
-from unplugd.host.errors import GuestBusy, UnplugInProgress
+from unplugd.host.cli import EXIT, EXIT_HYPERVISOR_LOST, EXIT_UNCONFIRMED, unplug_exit
+from unplugd.host.errors import DomainNotFound, GuestBusy, UnplugInProgress
 from unplugd.host.orchestrator import Orchestrator, Outcome, Progress
 from unplugd.host.planner import Verdict
 from unplugd.host.topology import Function, Removal, Topology
@@ -68,11 +69,13 @@ def run(coro):  # type: ignore[no-untyped-def]
 
 
 def test_unplug_whole_slot_in_order() -> None:
-    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, AFTER_MF)
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_MF)
     seen: list[Progress] = []
     res = run(Orchestrator(be, agent).unplug("mf-disk", with_companions=True, prepare=True, progress=seen.append))
     assert res.outcome is Outcome.UNPLUGGED, res.message
-    assert agent.calls == ["get_report", "prepare 0000:02:00.0,0000:02:00.1", "get_report", "release lease-1"]
+    # check, prepare, check again (only LEASED is new), unplug, confirm, release
+    assert agent.calls == ["get_report", "prepare 0000:02:00.0,0000:02:00.1", "get_report", "get_report",
+                           "release lease-1"]
     assert [c for c in be.calls if c.startswith("unplug")] == ["unplug mf-disk"]
     assert all(f.removed and f.guest_gone for f in res.functions)
     assert res.lease_released is True
@@ -166,8 +169,12 @@ def test_missed_event_is_caught_by_the_final_topology_read() -> None:
 
 
 def test_agent_dies_mid_unplug() -> None:
-    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE)
-    agent.die_after_prepare = True
+    """Unreachable once the hypervisor has the request: removed, unconfirmed, the lease left to the kernel."""
+    def die(fn: Function) -> list[Removal]:
+        agent.dead = True
+        return slot_of(fn)
+
+    be, agent = FakeBackend(topo(), die), FakeAgent(BEFORE)
     t0 = time.monotonic()
     res = run(Orchestrator(be, agent, agent_timeout=0.5).unplug("disk1", prepare=True, timeout=5))
     assert time.monotonic() - t0 < 3
@@ -175,6 +182,79 @@ def test_agent_dies_mid_unplug() -> None:
     assert all(f.removed and f.guest_gone is None for f in res.functions)
     assert res.lease_released is False
     assert any("kernel dropped its claims" in n for n in res.notes)
+    assert unplug_exit(res) == EXIT_UNCONFIRMED
+
+
+def test_agent_unreachable_right_after_prepare_unplugs_nothing() -> None:
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE)
+    agent.die_after_prepare = True
+    res = run(Orchestrator(be, agent, agent_timeout=0.5).unplug("disk1", prepare=True, timeout=5))
+    assert res.outcome is Outcome.GUEST_CHANGED and "did not answer after the lease" in res.message
+    assert not [c for c in be.calls if c.startswith("unplug")]
+    assert res.lease_released is False and agent.calls[-1] == "release lease-1"
+    assert res.plan is not None and res.plan.verdict is Verdict.GUEST_UNREACHABLE
+    assert unplug_exit(res) == EXIT[Verdict.GUEST_UNREACHABLE]
+
+
+def test_a_use_that_appears_after_the_lease_releases_it_and_refuses() -> None:
+    """The check said READY; by the time the lease is held a mount won the race: nothing is unplugged."""
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BUSY_DISK1)
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True))
+    assert res.outcome is Outcome.GUEST_CHANGED and "vdb1 is mounted on /data" in res.message
+    assert "LEASED" not in res.message and "lease 0123abcd" not in res.message
+    assert not [c for c in be.calls if c.startswith("unplug")]
+    assert res.lease_released is True and agent.calls[-1] == "release lease-1"
+    assert unplug_exit(res) == EXIT[Verdict.BLOCKED_BY_GUEST]
+
+
+def test_force_covers_only_what_the_check_showed() -> None:
+    unknown = report(*ROOTS, gfunc("0000:01:00.0", "0000:00/02.0/00.0", "UNKNOWN",
+                                   reasons=[("UNREADABLE", "/proc/42/fd: permission denied", False)]), *MF)
+    # Still UNKNOWN after the lease: what --force accepted; the unplug goes ahead.
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(unknown, unknown, AFTER_DISK1)
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, force=True))
+    assert res.outcome is Outcome.UNPLUGGED, res.message
+    # BUSY after the lease is new: --force did not see it.
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(unknown, BUSY_DISK1)
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, force=True))
+    assert res.outcome is Outcome.GUEST_CHANGED and "mounted on /data" in res.message
+    assert not [c for c in be.calls if c.startswith("unplug")]
+
+
+def test_the_lease_outlasts_the_wait() -> None:
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
+    res = run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True,
+                                                                                   timeout=600))
+    assert agent.lease_seconds >= 600 + 10 + 2
+    assert not any("granted the lease for" in n for n in res.notes)
+    # An agent that grants less (its max_lease_seconds) is said to, up front.
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
+    agent.max_lease_seconds = 60
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=600))
+    assert any("granted the lease for 60 s" in n for n in res.notes), res.notes
+
+
+def test_hypervisor_gone_while_waiting() -> None:
+    """QEMU exits mid-wait: at once (not at the timeout) HYPERVISOR_LOST, per function, lease released, exit 9."""
+    be, agent = FakeBackend(topo(), lambda fn: []), FakeAgent(BEFORE)
+    be.lose_connection = True
+    be.reconnect_error = DomainNotFound("cannot connect to QMP socket: connection refused")
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=30))
+    assert res.outcome is Outcome.HYPERVISOR_LOST and "connection refused" in res.message
+    assert [(f.name, f.removed, f.guest_gone) for f in res.functions] == [("disk1", False, None)]
+    assert res.lease_released is True and agent.calls[-1] == "release lease-1"
+    assert be.calls[-1] == "reconnect"
+    assert unplug_exit(res) == EXIT_HYPERVISOR_LOST
+
+
+def test_hypervisor_back_while_waiting() -> None:
+    """libvirtd restarts mid-wait: connect again, the topology tells what left meanwhile."""
+    be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
+    be.lose_connection = True
+    res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=30))
+    assert res.outcome is Outcome.UNPLUGGED, res.message
+    assert "reconnect" in be.calls and all(f.removed for f in res.functions)
+    assert res.lease_released is True
 
 
 def test_prepare_failure_unplugs_nothing() -> None:

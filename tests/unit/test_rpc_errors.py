@@ -23,7 +23,7 @@ from unplugd.agent.rpc.errors import REASON_METADATA_KEY, status_for
 
 @pytest.mark.parametrize(("exc", "code"), [
     (UnknownDevice("vdz"), grpc.StatusCode.NOT_FOUND),
-    (LeaseNotFound("abc"), grpc.StatusCode.NOT_FOUND),
+    (LeaseNotFound(), grpc.StatusCode.NOT_FOUND),
     (MutationDisabled("PrepareUnplug"), grpc.StatusCode.PERMISSION_DENIED),
     (ClaimConflict("cannot prepare", ["vdb: busy"]), grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),

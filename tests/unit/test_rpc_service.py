@@ -15,6 +15,7 @@ import pytest
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, FakeLinks, running_server
 from unplugd.agent.errors import NotPermitted, ParseError
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
+from unplugd.agent.rpc.leases import lease_label
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 
@@ -155,7 +156,7 @@ def test_prepare_report_leased_renew_release(tmp_path: Path) -> None:
         assert grant.lease_id and grant.expires_at.seconds > 0
         report = stub.GetReport(pb.GetReportRequest(devices=["eth1"]), timeout=5).report
         assert report.functions[0].reasons[0].code == report_pb2.REASON_CODE_LEASED
-        assert server.leases.leased() == {NIC_FN: grant.lease_id}
+        assert server.leases.leased() == {NIC_FN: lease_label(grant.lease_id)}
 
         again = stub.PrepareUnplug(pb.PrepareUnplugRequest(lease_id=grant.lease_id, lease_seconds=60), timeout=5)
         assert again.lease_id == grant.lease_id

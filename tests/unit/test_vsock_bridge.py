@@ -14,7 +14,7 @@ import pytest
 
 from tests.unit.fake_agent import serve_fake_agent
 from unplugd.agent.config import parse_config
-from unplugd.agent.transports.bridges import start_bridges
+from unplugd.agent.transports.bridges import BridgeError, start_bridges
 from unplugd.agent.transports.vsock import VsockBridge
 from unplugd.host.client import AgentClient, AgentUnreachable
 from unplugd.host.relays import VsockRelay
@@ -134,7 +134,7 @@ def test_agent_down_closes_the_vsock_connection_not_the_bridge(tmp_path: Path) -
 
 
 def test_start_bridges_from_config_in_a_thread(tmp_path: Path, agent_sock: Path) -> None:
-    """serve.py's hook: a bridge that cannot start is left out, others serve."""
+    """serve.py's hook: every enabled bridge serves, or the start fails."""
     vsock_path = tmp_path / "vsock.sock"
     dev = tmp_path / "root"
     (dev / "dev").mkdir(parents=True)
@@ -163,11 +163,9 @@ def test_start_bridges_from_config_in_a_thread(tmp_path: Path, agent_sock: Path)
     def broken(port: int) -> FakeVsockListener:
         raise OSError(98, "Address already in use")
 
-    running = start_bridges(config, agent_sock, roots=Roots.under(dev), vsock_factory=broken)
-    try:
-        assert [x.transport for x in running.listeners] == ["virtio-serial"]
-    finally:
-        running.stop()
+    # An enabled bridge that cannot listen fails the start: none is left running.
+    with pytest.raises(BridgeError, match=r"vsock bridge on .*999.*Address already in use"):
+        start_bridges(config, agent_sock, roots=Roots.under(dev), vsock_factory=broken)
 
 
 def test_connection_limit(tmp_path: Path, agent_sock: Path) -> None:

@@ -1,0 +1,34 @@
+"""What both command lines do when their reader goes away (`unplugd inspect | head -1`).
+
+Python ignores SIGPIPE, so a write to a pipe nobody reads any more raises
+BrokenPipeError, and a traceback (or "Exception ignored ... BrokenPipeError"
+from the flush at exit) would land on the terminal. The commands end quietly
+instead, with the status a shell shows for a C tool killed by SIGPIPE (141),
+so `set -o pipefail` scripts can still tell the output was cut short.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+__all__ = ["EXIT_BROKEN_PIPE", "broken_pipe", "flush_stdout"]
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+def flush_stdout() -> None:
+    """Flush now, inside the command's error handling, not at interpreter exit where it cannot be caught."""
+    sys.stdout.flush()
+
+
+def broken_pipe() -> int:
+    """Silence stdout for the rest of the process and return the exit status to use."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real stdout fd (tests capturing output): nothing left to flush
+        pass
+    return EXIT_BROKEN_PIPE
