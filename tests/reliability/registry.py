@@ -24,6 +24,7 @@ CHECKS: list[tuple[str, str]] = [
     ("watch-failures", "tests.reliability.check_watch_failures"),
     ("load", "tests.reliability.check_load"),
     ("namespaces", "tests.reliability.check_namespaces"),
+    ("faults", "tests.reliability.check_faults"),
 ]
 
 
