@@ -20,6 +20,7 @@ from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.report import state_name, to_json
 from unplugd.agent.roots import Roots
 from unplugd.agent.serve import add_serve_parser
+from unplugd.text import display_text
 from unplugd.v1 import report_pb2
 
 __all__ = [
@@ -210,7 +211,11 @@ def _what(f: report_pb2.PciFunction) -> str:
 
 
 def render_table(report: report_pb2.Report, out: TextIO) -> None:
-    """A table per slot and function, like lsblk's, with the reasons indented below."""
+    """A table per slot and function, like lsblk's, with the reasons indented below.
+
+    Every text from the guest goes through display_text: no name can add a line,
+    move the cursor or colour the terminal.
+    """
     head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
     rows: list[tuple[list[str], report_pb2.PciFunction]] = []
     by_slot: dict[str, list[report_pb2.PciFunction]] = {}
@@ -219,16 +224,16 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
     for slot, functions in by_slot.items():
         for i, f in enumerate(functions):
             cells = [slot if i == 0 else "", f.address, f.pci_path, _what(f), _objects(f), state_name(f.state)]
-            rows.append((cells, f))
+            rows.append(([display_text(c) for c in cells], f))
     widths = [max([len(head[c])] + [len(r[0][c]) for r in rows]) for c in range(len(head))]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-    where = report.hostname or "this system"
+    where = display_text(report.hostname) or "this system"
     if report.from_capture:
         where += " (captured tree)"
-    out.write(f"{where}, kernel {report.kernel or '?'}\n")
+    out.write(f"{where}, kernel {display_text(report.kernel) or '?'}\n")
     if not rows:
         out.write("no PCI functions found\n")
     else:
@@ -240,11 +245,11 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
             branch = "└─" if n == len(f.reasons) - 1 else "├─"
             code = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
             note = "" if r.blocking else " (warning)"
-            out.write(f"{indent}{branch} {code}{note}: {r.detail}\n")
+            out.write(f"{indent}{branch} {code}{note}: {display_text(r.detail)}\n")
     if report.problems:
         out.write("\ncould not read (functions they touch are UNKNOWN unless busy):\n")
         for p in report.problems:
-            out.write(f"  {p.object}: {p.detail}\n")
+            out.write(f"  {display_text(p.object)}: {display_text(p.detail)}\n")
 
 
 # --------------------------------------------------------------------------- commands
@@ -286,10 +291,10 @@ def _run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(report) + "\n")
         return code
     for f in report.functions:
-        sys.stdout.write(f"{f.address} ({_objects(f)}): {state_name(f.state)}\n")
+        sys.stdout.write(f"{f.address} ({display_text(_objects(f))}): {state_name(f.state)}\n")
         for r in f.reasons:
             code_name = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
-            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {r.detail}\n")
+            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {display_text(r.detail)}\n")
     return code
 
 
@@ -317,12 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (UnknownDevice, InvalidArgument) as exc:
-        parser.exit(EXIT_USAGE, f"unplugd: error: {exc}\n")
+        parser.exit(EXIT_USAGE, f"unplugd: error: {display_text(str(exc))}\n")
     except AgentError as exc:
-        sys.stderr.write(f"unplugd: {exc}\n")
+        sys.stderr.write(f"unplugd: {display_text(str(exc))}\n")
         return EXIT_FAILURE
     except OSError as exc:
-        sys.stderr.write(f"unplugd: {exc}\n")
+        sys.stderr.write(f"unplugd: {display_text(str(exc))}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130

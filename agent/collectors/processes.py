@@ -250,7 +250,7 @@ class _Scanner:
     def _command(pid: int, proc_dir: str) -> str | None:
         try:
             with open(f"{proc_dir}/{pid}/comm", "rb") as f:
-                return f.read().decode("utf-8", "replace").rstrip("\n")
+                return f.read().decode("utf-8", "surrogateescape").rstrip("\n")
         except OSError as exc:
             if exc.errno in _GONE:
                 return None

@@ -17,11 +17,11 @@ import stat
 from collections.abc import Mapping, Sequence
 
 from unplugd.agent.collectors.block import devno_index, resolve_dev_path
-from unplugd.agent.collectors.mounts import unescape_octal
 from unplugd.agent.errors import ParseError, ReadError
 from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
+from unplugd.text import unescape_octal
 
 __all__ = ["collect_swaps", "parse_swaps", "swap_file_mount"]
 
