@@ -18,7 +18,7 @@ from typing import TextIO
 
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.report import state_name, to_json
-from unplugd.agent.roots import Roots
+from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.text import display_text
 from unplugd.v1 import report_pb2
@@ -179,6 +179,7 @@ def open_roots(root: str | None) -> Iterator[Roots]:
         return
     path = Path(root)
     if path.is_dir():
+        _require_capture(path, root)
         yield Roots.under(path)
         return
     if not path.is_file():
@@ -187,10 +188,19 @@ def open_roots(root: str | None) -> Iterator[Roots]:
 
     from unplugd.agent import treetext
 
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    text = treetext.read_archive(path)
     with tempfile.TemporaryDirectory(prefix="unplugd-root-") as tmp:
         treetext.unpack(text, tmp)
+        _require_capture(Path(tmp), root)
         yield Roots.under(tmp)
+
+
+def _require_capture(base: Path, root: str) -> None:
+    if not is_capture(base):
+        raise InvalidArgument(
+            f"--root {root}: not a captured tree (no {' or '.join(CAPTURE_MARKS)} directory in it); "
+            "write one with `unplugd capture DIR`"
+        )
 
 
 # --------------------------------------------------------------------------- table

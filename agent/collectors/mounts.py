@@ -13,7 +13,6 @@ Line format (proc(5)):
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
 from unplugd.agent.model import DevNo, Mount, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, listdir, read_text, readlink
+from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink
 from unplugd.text import unescape_octal
 
 __all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
@@ -113,7 +112,7 @@ def _scan_pids(roots: Roots) -> tuple[dict[int, list[int]], list[int], list[Scan
     for pid in sorted(int(e) for e in entries if e.isdigit()):
         link = f"{base}/{pid}/ns/mnt"
         try:
-            text = os.readlink(link)
+            text = os_readlink(link)
         except OSError as exc:
             err = as_read_error(link, exc)
             if isinstance(err, Vanished):
