@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 
@@ -30,8 +31,14 @@ log = logging.getLogger(__name__)
 SwapLine = tuple[str, str, int, int]
 
 
+# The kernel pads the columns with spaces and tabs and escapes only those (and newline, backslash)
+# in the path: a vertical tab or a \x1c in a swap file's name is part of it, not a separator,
+# so str.split() (any Unicode whitespace) would cut the name and misread the line.
+_COLUMNS = re.compile(r"[ \t]+")
+
+
 def _parse_line(line: str) -> SwapLine:
-    fields = line.split()
+    fields = _COLUMNS.split(line.strip(" \t"))
     if len(fields) < 4:
         raise ValueError(f"expected at least 4 fields, got {len(fields)}")
     path, kind, size, used = fields[:4]
