@@ -250,7 +250,7 @@ class _Scanner:
     @staticmethod
     def _command(pid: int, proc_dir: str) -> str | None:
         try:
-            return read_text(f"{proc_dir}/{pid}/comm").rstrip("\n")
+            return read_text(f"{proc_dir}/{pid}/comm").removesuffix("\n")  # the one the kernel adds
         except Vanished:
             return None
         except ReadError:
