@@ -42,6 +42,7 @@ __all__ = [
     "os_lstat",
     "os_open_dir",
     "os_open_regular_at",
+    "os_read",
     "os_readlink",
     "os_scandir",
     "parse_uevent",
@@ -270,9 +271,9 @@ def os_scandir(path: StrPath) -> list[os.DirEntry[str]]:
 # --------------------------------------------------------------------------- readers
 
 
-def _read_fd(fd: int, path: StrPath) -> bytes:
+def _read_fd(fd: int) -> bytes:
     """Up to MAX_READ_BYTES from fd (closed here): one read for a sysfs attribute (at most a page),
-    far cheaper than open() + read() over thousands of files."""
+    far cheaper than open() + read() over thousands of files. OSError(EFBIG) past the cap."""
     try:
         chunks = [os.read(fd, 8192)]
         if len(chunks[0]) == 8192:
@@ -280,31 +281,32 @@ def _read_fd(fd: int, path: StrPath) -> bytes:
             while chunk := os.read(fd, 65536):
                 size += len(chunk)
                 if size > MAX_READ_BYTES:
-                    raise ReadError(str(path), f"larger than {MAX_READ_BYTES} bytes: not a kernel table")
+                    raise OSError(errno.EFBIG, f"larger than {MAX_READ_BYTES} bytes: not a kernel table")
                 chunks.append(chunk)
-    except OSError as exc:
-        raise as_read_error(path, exc) from exc
     finally:
         os.close(fd)
     return b"".join(chunks)
 
 
+def os_read(path: StrPath) -> bytes:
+    """A whole file, at most MAX_READ_BYTES; beneath the tree and regular files only inside `beneath`."""
+    return _read_fd(_open_file(path))
+
+
 def read_text(path: StrPath) -> str:
     """A file's text (surrogateescape for bytes that are not UTF-8), at most MAX_READ_BYTES."""
     try:
-        fd = _open_file(path)
+        return os_read(path).decode("utf-8", "surrogateescape")
     except OSError as exc:
         raise as_read_error(path, exc) from exc
-    return _read_fd(fd, path).decode("utf-8", "surrogateescape")
 
 
 def read_system_file(path: StrPath) -> str:
     """A file of the machine the agent runs on (pci.ids), even while reading a captured tree."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return _read_fd(os.open(path, os.O_RDONLY | os.O_CLOEXEC)).decode("utf-8", "surrogateescape")
     except OSError as exc:
         raise as_read_error(path, exc) from exc
-    return _read_fd(fd, path).decode("utf-8", "surrogateescape")
 
 
 def read_text_or(path: StrPath, default: str | None = None) -> str | None:

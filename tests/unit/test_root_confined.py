@@ -170,3 +170,16 @@ def test_a_capture_cut_short_still_inspects(tree: Path, capsys: pytest.CaptureFi
     shutil.rmtree(tree / "sys")
     report, _ = _inspect(capsys, tree)
     assert report["problems"]
+
+
+def test_capture_of_a_tree_copies_nothing_from_outside_it(tree: Path, tmp_path: Path) -> None:
+    from unplugd.agent.capture import capture
+
+    secret = tree.parent / "outside" / "secret"
+    _replace(tree / "proc/sys/kernel/hostname", lambda p: os.symlink(str(secret), p))
+    _replace(tree / "proc/swaps", lambda p: os.symlink("../../outside/secret", p))
+    _replace(tree / "sys/class/block", lambda p: os.symlink("/sys/class/block", p))
+    capture(tmp_path / "copy", Roots.under(tree))
+    copied = treetext.pack(tmp_path / "copy")
+    assert SECRET not in copied
+    assert "loop" not in copied.split("file proc/")[0]  # this machine's loop devices are not the tree's
