@@ -321,13 +321,20 @@ def _run_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Log messages name guest objects (paths, slots, interfaces): escaped like the table.
+    A traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return display_text(super().formatMessage(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="unplugd: %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("unplugd: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)

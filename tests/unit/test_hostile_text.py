@@ -163,3 +163,20 @@ def test_get_report_and_watch_report_serve_hostile_names(tmp_path: Path) -> None
         assert first.initial and {f.address for f in first.report.functions} >= set(EXPECTED)
         stream.cancel()
 
+
+
+def test_verbose_log_lines_escape_guest_names(tmp_path: Path) -> None:
+    """A slot directory named with an ANSI sequence is logged (-v) escaped, like the table shows it."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "tree"
+    treetext.unpack(TREE.read_text(encoding="utf-8", errors="surrogateescape"), root)
+    slot = root / "sys/bus/pci/slots" / "evil\x1b[31m\udcff"
+    slot.mkdir(parents=True)
+    (slot / "address").write_text("not an address\n")
+    out = subprocess.run([sys.executable, "-m", "unplugd.agent.cli", "-v", "inspect", "--root", str(root)],
+                         capture_output=True, env=dict(os.environ, PYTHONIOENCODING="utf-8"), check=True)
+    assert b"\x1b" not in out.stderr and b"\xff" not in out.stderr
+    assert b"evil\\033[31m\\377" in out.stderr
