@@ -89,6 +89,9 @@ _RESOLVE_IN_ROOT = 0x10  # "/" and ".." stop at the dirfd, absolute links start 
 # openat2 answers EAGAIN when a rename anywhere on the system raced a ".." it resolved (it cannot
 # prove the walk stayed inside); the man page says to retry. Renames are rare, a few tries suffice.
 _EAGAIN_TRIES = 8
+# Directories of a tree kept open between reads: the collectors read a handful of attributes in one
+# directory, then move on, so a few dozen cover the working set (and stay far below the fd limit).
+_DIRS_KEPT = 64
 
 
 @functools.cache
@@ -127,6 +130,7 @@ class _Tree:
     def __init__(self, base: Path) -> None:
         self.base = str(base).rstrip("/") or "/"  # as Roots joins its paths, so a prefix test suffices
         self.prefix = self.base.rstrip("/") + "/"
+        self.dirs: dict[str, int] = {}  # directory (relative) -> O_PATH fd, oldest first
         try:
             self.fd = os.open(self.base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -149,10 +153,25 @@ class _Tree:
         return self.fd
 
     def parent(self, path: StrPath) -> tuple[int, str]:
-        """The directory holding path (opened beneath the base) and path's last component."""
+        """The directory holding path, opened beneath the base and kept for the next call there,
+        and path's last component (a plain name: what dir_fd calls may use without leaving it)."""
         rel = self.rel(path)
         head, _, name = rel.rpartition("/")
-        return _openat2(self._dirfd(), head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), name
+        if name in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "not a name in a directory", os.fspath(path))
+        fd = self.dirs.get(head)
+        if fd is None:
+            fd = self.dirs[head] = _openat2(self._dirfd(), head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            if len(self.dirs) > _DIRS_KEPT:
+                os.close(self.dirs.pop(next(iter(self.dirs))))  # the oldest
+        return fd, name
+
+    def close(self) -> None:
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 _TREE: ContextVar[_Tree | None] = ContextVar("unplugd_sysio_tree", default=None)
@@ -173,28 +192,47 @@ def beneath(roots: Roots) -> Iterator[None]:
         yield
     finally:
         _TREE.reset(token)
-        if tree.fd >= 0:
-            os.close(tree.fd)
+        tree.close()
 
 
 def _open_file(path: StrPath) -> int:
     tree = _TREE.get()
     if tree is None:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    # O_PATH opens no device and waits for no FIFO writer; the real open follows only for a regular file.
-    probe = tree.open(path, os.O_PATH | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(probe).st_mode):
+    # What the name is, asked without opening it: a FIFO is not waited on, a device never opened.
+    dfd, name = tree.parent(path)
+    mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+    if stat.S_ISLNK(mode):
+        # Through the link, resolved beneath the base; O_PATH first for the same reasons.
+        probe = tree.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(probe).st_mode
+        finally:
+            os.close(probe)
+        if not stat.S_ISREG(mode):
             raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
-    finally:
-        os.close(probe)
-    # Opened again by name: a tree is a snapshot nobody rewrites under us, and this is ~2 us
-    # where reopening the O_PATH fd through /proc/self/fd costs a procfs walk (~5 us).
-    return tree.open(path, _O_FILE)
+        return tree.open(path, _O_FILE)
+    if not stat.S_ISREG(mode):
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    # The same name again: a tree is a snapshot nobody rewrites under us (O_NOFOLLOW all the same).
+    return os.open(name, _O_FILE | os.O_NOFOLLOW, dir_fd=dfd)
+
+
+def _open_dir(tree: _Tree, path: StrPath) -> int:
+    """A directory of the tree, O_DIRECTORY (which opens no device): by name in its (kept) parent,
+    or, when the name is a link, resolved beneath the base."""
+    try:
+        dfd, name = tree.parent(path)
+        return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+            raise
+    return tree.open(path, _O_DIR)
 
 
 def os_open_dir(path: StrPath) -> int:
-    """os.open(path, O_DIRECTORY): beneath the tree inside `beneath` (O_DIRECTORY opens no device)."""
+    """os.open(path, O_DIRECTORY): beneath the tree inside `beneath`, in one openat2 (its parent is
+    not kept: this is for /proc/PID/fd, one directory per process)."""
     tree = _TREE.get()
     return os.open(path, _O_DIR) if tree is None else tree.open(path, _O_DIR)
 
@@ -214,10 +252,7 @@ def os_readlink(path: StrPath) -> str:
     if tree is None:
         return os.readlink(path)
     dfd, name = tree.parent(path)
-    try:
-        return os.readlink(name, dir_fd=dfd)
-    finally:
-        os.close(dfd)
+    return os.readlink(name, dir_fd=dfd)
 
 
 def os_lstat(path: StrPath) -> os.stat_result:
@@ -225,10 +260,7 @@ def os_lstat(path: StrPath) -> os.stat_result:
     if tree is None:
         return os.lstat(path)
     dfd, name = tree.parent(path)
-    try:
-        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
-    finally:
-        os.close(dfd)
+    return os.stat(name, dir_fd=dfd, follow_symlinks=False)
 
 
 def os_exists(path: StrPath) -> bool:
@@ -247,7 +279,7 @@ def os_listdir(path: StrPath) -> list[str]:
     tree = _TREE.get()
     if tree is None:
         return os.listdir(path)
-    fd = tree.open(path, _O_DIR)
+    fd = _open_dir(tree, path)
     try:
         return os.listdir(fd)
     finally:
@@ -260,7 +292,7 @@ def os_scandir(path: StrPath) -> list[os.DirEntry[str]]:
     if tree is None:
         with os.scandir(path) as it:
             return list(it)
-    fd = tree.open(path, _O_DIR)
+    fd = _open_dir(tree, path)
     try:
         with os.scandir(fd) as it:
             return list(it)
