@@ -142,6 +142,12 @@ class _Tree:
             return p[len(self.prefix) :]
         if p == self.base:
             return "."
+        # the same place spelled otherwise (a collector normalised "a/../tree/x" or made it absolute)
+        absolute, base = os.path.abspath(p), os.path.abspath(self.base)
+        if absolute == base:
+            return "."
+        if absolute.startswith(base.rstrip("/") + "/"):
+            return absolute[len(base.rstrip("/")) + 1 :]
         raise OSError(errno.EXDEV, "outside the captured tree", p)
 
     def open(self, path: StrPath, flags: int) -> int:

@@ -183,3 +183,13 @@ def test_capture_of_a_tree_copies_nothing_from_outside_it(tree: Path, tmp_path: 
     copied = treetext.pack(tmp_path / "copy")
     assert SECRET not in copied
     assert "loop" not in copied.split("file proc/")[0]  # this machine's loop devices are not the tree's
+
+
+def test_a_root_spelled_with_dots_reads_the_same(tree: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Collectors normalise some paths ("a/../tree/sys/..." -> "tree/sys/..."): still inside the tree."""
+    (tree.parent / "a").mkdir()
+    monkeypatch.chdir(tree.parent)
+    report, _ = _inspect(capsys, Path("a/../tree"))
+    assert report["problems"] == []
+    assert len(report["functions"]) == 10  # type: ignore[arg-type]
