@@ -8,9 +8,10 @@ A captured tree (`inspect --root`, Roots.under) is untrusted input: inside
 resolved by the kernel *beneath the tree's base* (openat2 RESOLVE_IN_ROOT): an
 absolute symlink or a `..` past the top lands inside the tree, as if the tree
 were the root directory, so no link leads out of it, while the relative links
-sysfs is made of keep working. Only regular files are read, found with O_PATH
-and fstat first, so a FIFO, a socket or a device node in the tree is never
-opened, and every read stops at MAX_READ_BYTES. The os_* functions are the
+sysfs is made of keep working. Only regular files are read: each name is
+stat'ed before it is opened (through a link: an O_PATH open and fstat), so a
+FIFO, a socket or a device node in the tree is never opened, and every read
+stops at MAX_READ_BYTES. The os_* functions are the
 twins of os.open/readlink/lstat/listdir/scandir that the collectors call for
 that reason; outside `beneath` (the live system) they are the os functions.
 """
@@ -244,13 +245,11 @@ def os_open_dir(path: StrPath) -> int:
 
 
 def os_open_regular_at(dir_fd: int, name: str) -> int:
-    """A regular file in an open directory, never through a link, never waiting on a FIFO;
-    OSError(EINVAL) for anything else (a device node is opened O_NONBLOCK, then refused)."""
-    fd = os.open(name, _O_FILE | os.O_NOFOLLOW, dir_fd=dir_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    """A regular file in an open directory, never through a link; OSError(EINVAL) for anything
+    else, found by its name before any open (a FIFO is not waited on, a device never opened)."""
+    if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
         raise OSError(errno.EINVAL, "not a regular file", name)
-    return fd
+    return os.open(name, _O_FILE | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
 def os_readlink(path: StrPath) -> str:
