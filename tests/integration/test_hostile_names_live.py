@@ -28,6 +28,7 @@ from tests.integration.loopdev import (
     run,
     wait_for,
 )
+from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_function
 from unplugd.agent import cli, engine
 from unplugd.agent.config import Config
@@ -136,3 +137,18 @@ def test_get_report_over_a_real_server(hostile: tuple[LoopDisk, bytes, subproces
     (f,) = [f for f in report.functions if f.address == str(SYNTHETIC)]
     assert f.state == report_pb2.FUNCTION_STATE_BUSY
     assert wire_text(os.fsdecode(mount_point)) in [r.mount_point for r in f.reasons]
+
+
+def test_an_interface_named_with_escapes_and_bad_bytes(netns: NetNS) -> None:  # noqa: F811 (the fixture)
+    """The kernel refuses '/', ':' and whitespace in an interface name, nothing else: sysfs and
+    rtnetlink hand the agent the same bytes, and they meet under one name."""
+    name = "d\x1b[31m" + os.fsdecode(b"\xff")  # 7 bytes: under IFNAMSIZ
+    netns.ip("link", "add", name, "type", "veth", "peer", "name", "vpeer")
+    netns.ip("link", "set", name, "up")
+    netns.ip("addr", "add", "198.51.100.7/24", "dev", name)
+    scan = netns.collect()
+    assert scan["problems"] == []
+    iface = scan["interfaces"][name]  # sysfs directory name == rtnetlink IFLA_IFNAME
+    assert iface["admin_up"] is True
+    assert [a["address"] for a in iface["addresses"]] == ["198.51.100.7"]
+    assert wire_text(name) == "d\x1b[31m\\377"
