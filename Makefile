@@ -7,7 +7,7 @@ PROTOC_VENV := $(CACHE)/protoc-venv-1.51.3
 export UNPLUGD_CACHE := $(CACHE)
 export UNPLUGD_PROTOC_PYTHON := $(PROTOC_VENV)/bin/python
 
-.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench reliability clean
+.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench reliability fuzz clean
 
 help:
 	@echo "make demo     build the guest image, boot a VM, show unplugd and unplugctl at work"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench    speed and memory figures against lsblk, lsof, fuser, qemu-guest-agent"
 	@echo "make reliability  resource bounds and failure behaviour under load, as one table (root, ~10 min)"
 	@echo "make proto    regenerate proto/unplugd/v1/*_pb2*.py"
+	@echo "make fuzz     fuzz every parser of untrusted input for FUZZ_SECONDS (60)"
 
 system-deps:
 	@packaging/dev/system-deps.sh
@@ -45,6 +46,12 @@ pytest: dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Coverage-guided (atheris) when it installs, hypothesis otherwise: tests/fuzz/run.py says which.
+FUZZ_SECONDS ?= 60
+fuzz: dev
+	@$(VENV)/bin/pip install -q atheris >/dev/null 2>&1 || echo "atheris did not install: falling back to hypothesis"
+	$(PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 inspect: dev
 	$(VENV)/bin/unplugd inspect

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 
 from unplugd.agent.errors import InvalidArgument, ReadError
 from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import beneath, os_listdir, os_lstat, os_read, os_readlink
 
 __all__ = ["CaptureStats", "capture"]
 
@@ -116,12 +116,11 @@ class _Writer:
         if rel in self.done:
             return True
         try:
-            with open(self.src_path(rel), "rb") as f:
-                content = f.read()
+            content = os_read(self.src_path(rel))
         except OSError as exc:
             if exc.errno in _GONE:
                 return False
-            if exc.errno == errno.ELOOP and os.path.islink(self.src_path(rel)):
+            if exc.errno == errno.ELOOP and _islink(self.src_path(rel)):
                 # an unreadable marker of a captured tree: keep it as it is
                 self.link(rel)
                 return True
@@ -133,7 +132,7 @@ class _Writer:
     def link(self, rel: str) -> str | None:
         """Copy one symlink as its text; the text, or None when it is not a link."""
         try:
-            text = os.readlink(self.src_path(rel))
+            text = os_readlink(self.src_path(rel))
         except OSError as exc:
             if exc.errno not in _GONE and exc.errno != errno.EINVAL:
                 self.unreadable(rel, exc)
@@ -150,9 +149,16 @@ class _Writer:
 
 def _listdir(path: Path) -> list[str]:
     try:
-        return sorted(os.listdir(path))
+        return sorted(os_listdir(path))
     except OSError:
         return []
+
+
+def _islink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os_lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _resolve(w: _Writer, rel_link: str, text: str) -> str | None:
@@ -173,7 +179,7 @@ def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
     for name in _listdir(path):
         sub = f"{rel}/{name}"
         try:
-            st = os.lstat(path / name)
+            st = os_lstat(path / name)
         except OSError:
             continue
         if stat.S_ISLNK(st.st_mode):
@@ -213,7 +219,7 @@ def _capture_sys(w: _Writer) -> None:
     for slot in _listdir(w.src_path("sys/bus/pci/slots")):
         for name in _SLOT_FILES:
             rel = f"sys/bus/pci/slots/{slot}/{name}"
-            if os.path.islink(w.src_path(rel)):
+            if _islink(w.src_path(rel)):
                 w.link(rel)
             else:
                 w.file(rel)
@@ -252,7 +258,7 @@ def _capture_proc(w: _Writer) -> None:
     for pid in pids:
         rel = f"proc/{pid}/ns/mnt"
         try:
-            text = os.readlink(w.src_path(rel))
+            text = os_readlink(w.src_path(rel))
         except OSError as exc:
             if exc.errno in (errno.EACCES, errno.EPERM):
                 denied.append(pid)
@@ -281,7 +287,7 @@ def _capture_proc(w: _Writer) -> None:
     for pid in denied:
         rel = f"proc/{pid}/mountinfo"
         try:
-            ids = _mount_ids(w.src_path(rel).read_text(errors="replace"))
+            ids = _mount_ids(os_read(w.src_path(rel)).decode(errors="replace"))
         except OSError as exc:
             if exc.errno not in _GONE:
                 w.unreadable(rel, exc)
@@ -310,9 +316,9 @@ def _capture_fds(w: _Writer, pid: int) -> None:
     rel = f"proc/{pid}/fd"
     kept: list[str] = []
     try:
-        for name in os.listdir(w.src_path(rel)):
+        for name in os_listdir(w.src_path(rel)):
             try:
-                text = os.readlink(w.src_path(f"{rel}/{name}"))
+                text = os_readlink(w.src_path(f"{rel}/{name}"))
             except OSError as exc:
                 if exc.errno in _GONE:
                     continue  # closed since the listing
@@ -345,7 +351,7 @@ def _capture_dev(w: _Writer, chars: frozenset[tuple[int, int]], rel: str = "dev"
     for name in _listdir(path):
         sub = f"{rel}/{name}"
         try:
-            st = os.lstat(path / name)
+            st = os_lstat(path / name)
         except OSError:
             continue
         if stat.S_ISLNK(st.st_mode):
@@ -365,6 +371,13 @@ def _capture_dev(w: _Writer, chars: frozenset[tuple[int, int]], rel: str = "dev"
 # --------------------------------------------------------------------------- entry point
 
 
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return os_read(path)
+    except OSError:
+        return None
+
+
 def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
     """Write what inspect reads from roots (default: the live system) into dest.
 
@@ -376,9 +389,11 @@ def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
         raise InvalidArgument(f"{out} exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
     w = _Writer(src, out)
-    _capture_sys(w)
-    _capture_proc(w)
-    _capture_dev(w, _function_char_nodes(src))
+    with beneath(src):  # a captured source is read like `inspect --root` reads it: nothing outside it
+        _capture_sys(w)
+        _capture_proc(w)
+        _capture_dev(w, _function_char_nodes(src))
+        netlink = None if src.live else _read_or_none(src.netlink_snapshot)
     if src.live:
         from unplugd.agent.collectors.net import snapshot_netlink
 
@@ -387,8 +402,8 @@ def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
         except Exception as exc:  # pyroute2 raises its own types too
             raise ReadError("netlink", str(exc)) from exc
         (out / "netlink.json").write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    elif src.netlink_snapshot.is_file():
-        shutil.copyfile(src.netlink_snapshot, out / "netlink.json")
+    elif netlink is not None:
+        (out / "netlink.json").write_bytes(netlink)
     for line in w.stats.unreadable:
         log.info("unreadable at capture, kept as an error marker: %s", line)
     return w.stats

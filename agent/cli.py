@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, TextIO
 
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
-from unplugd.agent.roots import Roots
+from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.stdio import broken_pipe, flush_stdout
+from unplugd.text import display_text
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
 # completion (packaging/docs/generate.py) need only this module and the stdlib.
@@ -181,6 +182,7 @@ def open_roots(root: str | None) -> Iterator[Roots]:
         return
     path = Path(root)
     if path.is_dir():
+        _require_capture(path, root)
         yield Roots.under(path)
         return
     if not path.is_file():
@@ -189,10 +191,19 @@ def open_roots(root: str | None) -> Iterator[Roots]:
 
     from unplugd.agent import treetext
 
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    text = treetext.read_archive(path)
     with tempfile.TemporaryDirectory(prefix="unplugd-root-") as tmp:
         treetext.unpack(text, tmp)
+        _require_capture(Path(tmp), root)
         yield Roots.under(tmp)
+
+
+def _require_capture(base: Path, root: str) -> None:
+    if not is_capture(base):
+        raise InvalidArgument(
+            f"--root {root}: not a captured tree (no {' or '.join(CAPTURE_MARKS)} directory in it); "
+            "write one with `unplugd capture DIR`"
+        )
 
 
 # --------------------------------------------------------------------------- table
@@ -213,7 +224,11 @@ def _what(f: report_pb2.PciFunction) -> str:
 
 
 def render_table(report: report_pb2.Report, out: TextIO) -> None:
-    """A table per slot and function, like lsblk's, with the reasons indented below."""
+    """A table per slot and function, like lsblk's, with the reasons indented below.
+
+    Every text from the guest goes through display_text: no name can add a line,
+    move the cursor or colour the terminal.
+    """
     from unplugd.agent.report import state_name
     from unplugd.v1 import report_pb2
 
@@ -225,16 +240,16 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
     for slot, functions in by_slot.items():
         for i, f in enumerate(functions):
             cells = [slot if i == 0 else "", f.address, f.pci_path, _what(f), _objects(f), state_name(f.state)]
-            rows.append((cells, f))
+            rows.append(([display_text(c) for c in cells], f))
     widths = [max([len(head[c])] + [len(r[0][c]) for r in rows]) for c in range(len(head))]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
-    where = report.hostname or "this system"
+    where = display_text(report.hostname) or "this system"
     if report.from_capture:
         where += " (captured tree)"
-    out.write(f"{where}, kernel {report.kernel or '?'}\n")
+    out.write(f"{where}, kernel {display_text(report.kernel) or '?'}\n")
     if not rows:
         out.write("no PCI functions found\n")
     else:
@@ -246,11 +261,11 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
             branch = "└─" if n == len(f.reasons) - 1 else "├─"
             code = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
             note = "" if r.blocking else " (warning)"
-            out.write(f"{indent}{branch} {code}{note}: {r.detail}\n")
+            out.write(f"{indent}{branch} {code}{note}: {display_text(r.detail)}\n")
     if report.problems:
         out.write("\ncould not read (functions they touch are UNKNOWN unless busy):\n")
         for p in report.problems:
-            out.write(f"  {p.object}: {p.detail}\n")
+            out.write(f"  {display_text(p.object)}: {display_text(p.detail)}\n")
 
 
 # --------------------------------------------------------------------------- commands
@@ -290,10 +305,10 @@ def _run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(to_json(report) + "\n")
         return code
     for f in report.functions:
-        sys.stdout.write(f"{f.address} ({_objects(f)}): {state_name(f.state)}\n")
+        sys.stdout.write(f"{f.address} ({display_text(_objects(f))}): {state_name(f.state)}\n")
         for r in f.reasons:
             code_name = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
-            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {r.detail}\n")
+            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {display_text(r.detail)}\n")
     return code
 
 
@@ -310,13 +325,20 @@ def _run_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Log messages name guest objects (paths, slots, interfaces): escaped like the table.
+    A traceback, appended after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return display_text(super().formatMessage(record))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="unplugd: %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter("unplugd: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         code = run(args)
@@ -325,12 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `unplugd inspect | head -1`: the reader left; end quietly
         return broken_pipe()
     except (UnknownDevice, InvalidArgument) as exc:
-        parser.exit(EXIT_USAGE, f"unplugd: error: {exc}\n")
+        parser.exit(EXIT_USAGE, f"unplugd: error: {display_text(str(exc))}\n")
     except AgentError as exc:
-        sys.stderr.write(f"unplugd: {exc}\n")
+        sys.stderr.write(f"unplugd: {display_text(str(exc))}\n")
         return EXIT_FAILURE
     except OSError as exc:
-        sys.stderr.write(f"unplugd: {exc}\n")
+        sys.stderr.write(f"unplugd: {display_text(str(exc))}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return Exit.INTERRUPTED

@@ -37,7 +37,7 @@ from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.report import build_report, keep_functions
 from unplugd.agent.roots import Roots
 from unplugd.agent.selection import select
-from unplugd.agent.sysio import read_text_or, readlink
+from unplugd.agent.sysio import beneath, read_text_or, readlink
 from unplugd.pci import PciAddress
 from unplugd.v1 import report_pb2
 
@@ -75,10 +75,17 @@ def _active(sock: Socket) -> bool:
 def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: bool = True) -> Inventory:
     """Everything the collectors see under roots, in one Inventory.
 
+    A captured tree is read beneath its base only (sysio.beneath): no link in it leads out.
+
     own_claims: block devices the agent itself holds with an exclusive open
     (a PrepareUnplug lease); they are not probed, they would answer EBUSY.
     exclusive_probe: False skips the O_EXCL probe ([readiness] in config.toml).
     """
+    with beneath(roots):
+        return _scan(roots, own_claims, exclusive_probe)
+
+
+def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> Inventory:
     problems: list[ScanProblem] = []
     pci_ids = default_pci_ids()
     no_pci: tuple[list[PciFunction], list[ScanProblem]] = ([], [])

@@ -17,6 +17,7 @@ import unplugd
 from unplugd.agent.model import BlockDevice, DeviceNode, Inventory, Mount, NetInterface, PciFunction, format_devno
 from unplugd.agent.readiness.reasons import FunctionVerdict, Reason, State
 from unplugd.pci import PciAddress
+from unplugd.text import wire_text as _w
 from unplugd.v1 import report_pb2
 
 __all__ = ["build_report", "keep_functions", "report_from_json", "state_name", "to_json", "worst"]
@@ -45,8 +46,8 @@ def build_report(inventory: Inventory, verdicts: Sequence[FunctionVerdict]) -> r
     by_addr = {v.address: v for v in verdicts}
     mount_points = _mount_points(inventory)
     report = report_pb2.Report(
-        hostname=inventory.hostname,
-        kernel=inventory.kernel,
+        hostname=_w(inventory.hostname),
+        kernel=_w(inventory.kernel),
         agent_version=unplugd.__version__,
         from_capture=not inventory.live,
     )
@@ -57,7 +58,7 @@ def build_report(inventory: Inventory, verdicts: Sequence[FunctionVerdict]) -> r
             _add_function(report.functions.add(), inventory, f, v, mount_points)
     _add_slots(report, inventory, by_addr)
     for p in inventory.problems:
-        report.problems.add(object=p.object, detail=p.detail)
+        report.problems.add(object=_w(p.object), detail=_w(p.detail))
     return report
 
 
@@ -129,12 +130,12 @@ def _add_function(
     msg.vendor_id = f"{f.vendor_id:04x}"
     msg.device_id = f"{f.device_id:04x}"
     msg.class_code = f"{f.class_code:06x}"
-    msg.vendor_name = f.vendor_name or ""
-    msg.device_name = f.device_name or ""
-    msg.class_name = f.class_name or ""
-    msg.driver = f.driver or ""
+    msg.vendor_name = _w(f.vendor_name or "")
+    msg.device_name = _w(f.device_name or "")
+    msg.class_name = _w(f.class_name or "")
+    msg.driver = _w(f.driver or "")
     msg.is_bridge = f.is_bridge
-    msg.hotplug_slot = f.hotplug_slot or ""
+    msg.hotplug_slot = _w(f.hotplug_slot or "")
     for name in v.block_devices or f.block_devices:
         bd = inventory.block_devices.get(name)
         if bd is not None:
@@ -149,14 +150,14 @@ def _add_function(
 
 def _add_reason(msg: report_pb2.Reason, r: Reason) -> None:
     msg.code = report_pb2.ReasonCode.Value("REASON_CODE_" + r.code.value)
-    msg.detail = r.detail
+    msg.detail = _w(r.detail)
     msg.blocking = r.blocking
-    msg.object = r.object
-    msg.chain.extend(r.chain)
-    msg.mount_point = r.mount_point
+    msg.object = _w(r.object)
+    msg.chain.extend(map(_w, r.chain))
+    msg.mount_point = _w(r.mount_point)
     for p in r.processes:
-        msg.processes.add(pid=p.pid, command=p.command, fds=list(p.fds))
-    msg.addresses.extend(r.addresses)
+        msg.processes.add(pid=p.pid, command=_w(p.command), fds=list(p.fds))
+    msg.addresses.extend(map(_w, r.addresses))
 
 
 def _mount_points(inventory: Inventory) -> dict[tuple[int, int], list[str]]:
@@ -172,29 +173,29 @@ def _mount_points(inventory: Inventory) -> dict[tuple[int, int], list[str]]:
 
 
 def _add_block(msg: report_pb2.BlockDevice, bd: BlockDevice, mount_points: dict[tuple[int, int], list[str]]) -> None:
-    msg.name = bd.name
+    msg.name = _w(bd.name)
     msg.kind = bd.kind
     msg.devno = format_devno(bd.devno)
     msg.size_bytes = max(bd.size_bytes, 0)
-    msg.parent = bd.parent or ""
-    msg.holders.extend(bd.holders)
+    msg.parent = _w(bd.parent or "")
+    msg.holders.extend(map(_w, bd.holders))
     if bd.devno[0] != 0:
-        msg.mount_points.extend(mount_points.get(bd.devno, ()))
+        msg.mount_points.extend(map(_w, mount_points.get(bd.devno, ())))
 
 
 def _add_interface(msg: report_pb2.NetInterface, iface: NetInterface) -> None:
-    msg.name = iface.name
+    msg.name = _w(iface.name)
     msg.ifindex = iface.ifindex
     msg.admin_up = iface.admin_up
-    msg.operstate = iface.operstate
+    msg.operstate = _w(iface.operstate)
     msg.carrier = bool(iface.carrier)
     msg.addresses.extend(str(a) for a in iface.addresses)
-    msg.master = iface.master or ""
-    msg.mac = iface.mac
+    msg.master = _w(iface.master or "")
+    msg.mac = _w(iface.mac)
 
 
 def _add_node(msg: report_pb2.DeviceNode, node: DeviceNode) -> None:
-    msg.path = node.path
+    msg.path = _w(node.path)
     msg.devno = format_devno(node.devno)
     msg.type = node.kind
 
@@ -211,7 +212,7 @@ def _add_slots(report: report_pb2.Report, inventory: Inventory, by_addr: Mapping
             slots[key] = slot
         slot.functions.append(str(f.address))
         if f.hotplug_slot and not slot.hotplug_slot:
-            slot.hotplug_slot = f.hotplug_slot
+            slot.hotplug_slot = _w(f.hotplug_slot)
         state = _PB_STATE[by_addr[f.address].state]
         if _PB_RANK[state] > _PB_RANK[slot.state]:
             slot.state = state

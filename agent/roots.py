@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Roots"]
+__all__ = ["CAPTURE_MARKS", "Roots", "is_capture"]
+
+# What marks a capture: `unplugd capture` always writes sys/ and proc/, as do the hand-built and
+# generated trees in tests/. A directory with neither (a home directory, a typo) is not one, and
+# inspecting it would print an empty report that looks fine. One is enough: a capture cut short
+# still says what it could not read.
+CAPTURE_MARKS = ("sys", "proc")
 
 
 @dataclass(frozen=True)
@@ -41,3 +47,9 @@ class Roots:
         """Map a path as the kernel names it ("/dev/vda1") into this root."""
         rel = live_path[len("/dev/") :] if live_path.startswith("/dev/") else live_path.lstrip("/")
         return self.dev / rel
+
+
+def is_capture(base: Path | str) -> bool:
+    """base holds one of CAPTURE_MARKS as a real directory (not a symlink to one)."""
+    b = Path(base)
+    return any((b / m).is_dir() and not (b / m).is_symlink() for m in CAPTURE_MARKS)

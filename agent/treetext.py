@@ -35,9 +35,23 @@ from pathlib import Path
 
 from unplugd.agent.errors import AgentError
 
-__all__ = ["HEADER", "Entry", "TreeTextError", "pack", "pack_entries", "parse", "unpack"]
+__all__ = [
+    "HEADER",
+    "MAX_ARCHIVE_BYTES",
+    "Entry",
+    "TreeTextError",
+    "pack",
+    "pack_entries",
+    "parse",
+    "read_archive",
+    "unpack",
+]
 
 HEADER = "# treetext 1"
+# The generated 256-function guest with 2,000 processes x 20 fds (tests/bench/gen_tree.py) packs
+# to 2.3 MiB, this machine's capture to 27 KiB. An archive is held three times while unpacked
+# (text, entries, files), so 64 MiB keeps a hostile one well under a GiB of memory.
+MAX_ARCHIVE_BYTES = 64 << 20
 _HEX = "0123456789abcdefABCDEF"
 
 
@@ -248,6 +262,18 @@ def _ensure_inside(base: Path, path: str) -> Path:
         if not stat.S_ISDIR(st.st_mode):
             raise TreeTextError(0, f"{path!r} goes through {cur.relative_to(base)!s}, which is not a directory")
     return base / path
+
+
+def read_archive(path: Path | str) -> str:
+    """An archive's text: a regular file (a FIFO is not waited on) of at most MAX_ARCHIVE_BYTES."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TreeTextError(0, f"{path}: not a regular file")
+        data = f.read(MAX_ARCHIVE_BYTES + 1)
+    if len(data) > MAX_ARCHIVE_BYTES:
+        raise TreeTextError(0, f"{path}: larger than {MAX_ARCHIVE_BYTES} bytes")
+    return data.decode("utf-8", "surrogateescape")
 
 
 def unpack(text: str, dest: Path | str) -> list[Entry]:

@@ -24,6 +24,7 @@ from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome,
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
 from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
+from unplugd.text import display_text
 
 __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
 
@@ -195,12 +196,18 @@ def result_json(r: UnplugResult) -> dict[str, Any]:
     }
 
 
+def _print(text: str, file: TextIO) -> None:
+    """One line whose pieces came from the guest (names, reasons, problems) or the hypervisor:
+    escaped, so none of them can add a line, move the cursor or colour the terminal."""
+    print(display_text(text), file=file)
+
+
 def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
     bus = f"{sp.slot.bus.kind.value} {sp.slot.bus.name}" if sp.slot else "(guest only)"
     mf = " multifunction" if sp.slot and sp.slot.multifunction else ""
-    print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
+    _print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
     if not sp.hotplug:
-        print(f"    hardware: {sp.hotplug.reason}", file=out)
+        _print(f"    hardware: {sp.hotplug.reason}", file=out)
     hidden = 0
     for fp in sp.functions:
         if fp.behind_bridge and not steps:
@@ -211,47 +218,47 @@ def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
         names = ",".join(fp.guest.names) if fp.guest and fp.guest.names else ""
         state = fp.guest_state if sp.guest_reachable else "?"
         mark = "" if fp.requested else "  [leaves with the slot]"
-        print(f"  {fp.path!s:<26} {host:<40} {guest:<13} {names:<12} {state}{mark}", file=out)
+        _print(f"  {fp.path!s:<26} {host:<40} {guest:<13} {names:<12} {state}{mark}", file=out)
         if fp.guest:
             for r in fp.guest.reasons:
-                print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
+                _print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
     if hidden:
-        print(f"    + {hidden} function(s) behind its bridges leave with it (see `check`)", file=out)
+        _print(f"    + {hidden} function(s) behind its bridges leave with it (see `check`)", file=out)
     if steps:
         for i, s in enumerate(sp.steps, 1):
-            print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)
+            _print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)
 
 
 def print_plan(p: Plan, vm: str, out: TextIO) -> None:
     state = "reachable" if p.guest_reachable else f"UNREACHABLE ({p.guest_error})"
-    print(f"VM {vm}: guest agent {state}", file=out)
-    print(f"{'SLOT / FUNCTION':<28} {'VERDICT':<18} BUS", file=out)
+    _print(f"VM {vm}: guest agent {state}", file=out)
+    _print(f"{'SLOT / FUNCTION':<28} {'VERDICT':<18} BUS", file=out)
     for sp in p.slots:
         _print_slot(sp, out)
     for g in p.guest_only:
-        print(f"guest reports {g.address} ({g.path}) which the hypervisor does not know", file=out)
+        _print(f"guest reports {g.address} ({g.path}) which the hypervisor does not know", file=out)
     for f in p.host_only:
-        print(f"hypervisor has {f.name} ({f.path}) which the guest does not report", file=out)
+        _print(f"hypervisor has {f.name} ({f.path}) which the guest does not report", file=out)
     for pr in p.guest_problems:
-        print(f"guest could not read: {pr}", file=out)
+        _print(f"guest could not read: {pr}", file=out)
 
 
 def print_result(r: UnplugResult, out: TextIO) -> None:
     if r.plan is not None:
         _print_slot(r.plan, out, steps=r.outcome is Outcome.DRY_RUN)
     for finding in r.overridden:
-        print(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", file=out)
+        _print(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", file=out)
     for f in r.functions:
         gone = {True: "gone from the guest", False: "STILL IN THE GUEST", None: "guest not confirmed"}[f.guest_gone]
         state = "removed" if f.removed else "NOT removed"
-        print(f"  {f.name} ({f.path}): {state}, {gone}", file=out)
+        _print(f"  {f.name} ({f.path}): {state}, {gone}", file=out)
     for n in r.notes:
-        print(f"  note: {n}", file=out)
-    print(f"{r.outcome.value}: {r.message}", file=out)
+        _print(f"  note: {n}", file=out)
+    _print(f"{r.outcome.value}: {r.message}", file=out)
 
 
 def _progress(p: Progress) -> None:
-    print(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}", file=sys.stderr, flush=True)
+    print(display_text(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}"), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
@@ -288,7 +295,7 @@ async def run(args: argparse.Namespace) -> int:
             else:
                 _print_slot(sp, sys.stdout, steps=True)
                 for f in sp.findings:
-                    print(f"{f.verdict.value}: {f.detail}")
+                    _print(f"{f.verdict.value}: {f.detail}", sys.stdout)
             return EXIT[sp.verdict]
         if args.command == "wait-ready":
             sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)
@@ -344,10 +351,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
     except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
-        print(f"unplugctl: {e}", file=sys.stderr)
+        _print(f"unplugctl: {e}", sys.stderr)
         return EXIT_USAGE
     except HostError as e:
-        print(f"unplugctl: {e}", file=sys.stderr)
+        _print(f"unplugctl: {e}", sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return Exit.INTERRUPTED

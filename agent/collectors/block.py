@@ -22,7 +22,16 @@ from pathlib import Path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, listdir, read_text, read_text_or
+from unplugd.agent.sysio import (
+    as_read_error,
+    listdir,
+    os_exists,
+    os_listdir,
+    os_lstat,
+    os_readlink,
+    read_text,
+    read_text_or,
+)
 
 __all__ = [
     "collect_block",
@@ -63,7 +72,7 @@ list_dir = listdir
 def _read_device(sysdir: str, name: str, parent: str | None) -> BlockDevice:
     """One device; raises ReadError/ValueError for the caller to turn into a ScanProblem."""
     try:
-        present = set(os.listdir(sysdir))
+        present = set(os_listdir(sysdir))
     except OSError as exc:
         raise as_read_error(sysdir, exc) from exc
     devno = parse_devno(read_attr(f"{sysdir}/dev"))
@@ -94,7 +103,7 @@ def _class_block_entries(roots: Roots) -> list[tuple[str, str, str | None]]:
     out: list[tuple[str, str, str | None]] = []
     for name in list_dir(base):
         try:
-            link: str | None = os.readlink(f"{base}/{name}")
+            link: str | None = os_readlink(f"{base}/{name}")
         except OSError:
             link = None  # not a link (a plain directory in a hand-made tree) or gone: no parent known
         parent: str | None = None
@@ -114,7 +123,7 @@ def _sys_block_entries(roots: Roots) -> list[tuple[str, str, str | None]]:
     for disk in list_dir(base):
         out.append((disk, f"{base}/{disk}", None))
         for sub in list_dir(f"{base}/{disk}"):
-            if os.path.exists(f"{base}/{disk}/{sub}/partition"):
+            if os_exists(f"{base}/{disk}/{sub}/partition"):
                 out.append((sub, f"{base}/{disk}/{sub}", disk))
     return out
 
@@ -163,7 +172,7 @@ def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
             continue
         here = dev_root.joinpath(*done, part)
         try:
-            st = os.lstat(here)
+            st = os_lstat(here)
         except OSError:
             return None
         if not stat.S_ISLNK(st.st_mode):
@@ -173,7 +182,7 @@ def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
         if hops > _MAX_LINK_HOPS:
             return None
         try:
-            target = os.readlink(here)
+            target = os_readlink(here)
         except OSError:
             return None
         if target.startswith("/"):
@@ -194,7 +203,7 @@ def find_block_node(roots: Roots, dev: BlockDevice) -> Path | None:
             continue
         node = roots.dev / rel
         try:
-            st = os.lstat(node)
+            st = os_lstat(node)
         except OSError:
             continue
         if stat.S_ISBLK(st.st_mode) and st.st_rdev == want:

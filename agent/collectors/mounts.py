@@ -13,7 +13,6 @@ Line format (proc(5)):
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,29 +20,14 @@ from pathlib import Path
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
 from unplugd.agent.model import DevNo, Mount, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, listdir, read_text, readlink
+from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink
+from unplugd.text import unescape_octal
 
 __all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
 
 log = logging.getLogger(__name__)
 
 _NS = re.compile(r"^mnt:\[(\d+)\]$")
-_ESCAPE = re.compile(rb"\\([0-7]{3})")
-
-
-def unescape_octal(text: str) -> str:
-    """Undo the kernel's \\ooo escaping (space, tab, newline, backslash in paths).
-
-    Raises ValueError on a backslash that does not start a three-digit octal escape:
-    the kernel always escapes a literal backslash as \\134.
-    """
-    if "\\" not in text:
-        return text
-    raw = text.encode("utf-8", "surrogateescape")
-    if raw.count(b"\\") != len(_ESCAPE.findall(raw)):
-        raise ValueError(f"bad escape in {text!r}")
-    out = _ESCAPE.sub(lambda m: bytes([int(m.group(1), 8) & 0xFF]), raw)
-    return out.decode("utf-8", "surrogateescape")
 
 
 def parse_mnt_ns(link: str) -> int:
@@ -136,7 +120,7 @@ def _scan_pids(roots: Roots) -> _Pids:
     for pid in sorted(int(e) for e in entries if e.isdigit()):
         link = f"{base}/{pid}/ns/mnt"
         try:
-            text = os.readlink(link)
+            text = os_readlink(link)
         except OSError as exc:
             err = as_read_error(link, exc)
             if isinstance(err, Vanished):

@@ -26,7 +26,14 @@ from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, parse_uevent, read_text
+from unplugd.agent.sysio import (
+    as_read_error,
+    os_lstat,
+    os_readlink,
+    os_scandir,
+    parse_uevent,
+    read_system_file,
+)
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
@@ -277,7 +284,7 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
         if key is None:
             log.debug("slot %s: address %r names no single slot", name, text)
             continue
-        if not any(os.path.lexists(f"{base}/{name}/{f}") for f in _HOTPLUG_FILES):
+        if not any(_lexists(f"{base}/{name}/{f}") for f in _HOTPLUG_FILES):
             log.debug("slot %s (%s) has no hotplug controls: informational only", name, key)
             continue
         slots.setdefault(key, name)
@@ -325,9 +332,17 @@ def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below
         below.disks.append(rel[-1])
 
 
+def _lexists(path: str) -> bool:
+    try:
+        os_lstat(path)
+    except OSError:
+        return False
+    return True
+
+
 def _readlink_or_none(path: str) -> str | None:
     try:
-        return os.readlink(path)
+        return os_readlink(path)
     except OSError:
         return None  # vanished or not a link: the caller falls back to other evidence
 
@@ -338,8 +353,7 @@ def _walk(fdir: str, bdf: str) -> _Below:
     while stack:
         d, rel = stack.pop()
         try:
-            with os.scandir(d) as it:
-                entries = list(it)
+            entries = os_scandir(d)
         except FileNotFoundError:
             below.vanished.append(d)  # vanished mid-walk
             continue
@@ -385,7 +399,7 @@ def _function_dir(sys_root: str, base: str, name: str) -> tuple[str, str]:
     """(directory inside roots.sys, sysfs-relative path "devices/...") from the link, as text."""
     link = f"{base}/{name}"
     try:
-        target = os.readlink(link)
+        target = os_readlink(link)
     except OSError as exc:
         raise as_read_error(link, exc) from exc
     if target.startswith("/"):
@@ -478,7 +492,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
 
 def _with_names(functions: list[PciFunction], pci_ids: Path) -> list[PciFunction]:
     try:
-        text = read_text(pci_ids)
+        text = read_system_file(pci_ids)
     except ReadError as exc:
         # Names are decoration: log it, leave readiness alone.
         log.warning("no PCI vendor/device names: %s", exc)

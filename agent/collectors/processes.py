@@ -28,8 +28,10 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, os_readlink, read_text
 
 __all__ = ["ProcessScan", "resolve_dev_link", "scan_processes"]
 
@@ -39,7 +41,6 @@ log = logging.getLogger(__name__)
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
 _SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def resolve_dev_link(dev_root: Path, target: str) -> str | None:
             continue
         candidate = dev_root.joinpath(*resolved, part)
         try:
-            link = os.readlink(candidate)
+            link = os_readlink(candidate)
         except OSError:
             resolved.append(part)  # not a symlink, or absent: take the name as it is
             continue
@@ -136,7 +137,7 @@ class _Scanner:
 
     def scan_pid(self, pid: int, proc_dir: str) -> None:
         try:
-            dfd = os.open(f"{proc_dir}/{pid}/fd", _O_DIR)
+            dfd = os_open_dir(f"{proc_dir}/{pid}/fd")
         except OSError as exc:
             if exc.errno not in _GONE:
                 self.problem(pid, exc, proc_dir)
@@ -204,7 +205,7 @@ class _Scanner:
     def _read_captured_fd(self, pid: int, name: str, dfd: int, proc_dir: str) -> str | None:
         # A capture may store an fd as a small file holding the link text.
         try:
-            fd = os.open(name, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0), dir_fd=dfd)
+            fd = os_open_regular_at(dfd, name)  # a FIFO or a link in a hostile tree is not read
             try:
                 data = os.read(fd, 4096)
             finally:
@@ -249,11 +250,10 @@ class _Scanner:
     @staticmethod
     def _command(pid: int, proc_dir: str) -> str | None:
         try:
-            with open(f"{proc_dir}/{pid}/comm", "rb") as f:
-                return f.read().decode("utf-8", "replace").rstrip("\n")
-        except OSError as exc:
-            if exc.errno in _GONE:
-                return None
+            return read_text(f"{proc_dir}/{pid}/comm").removesuffix("\n")  # the one the kernel adds
+        except Vanished:
+            return None
+        except ReadError:
             return "?"
 
 
@@ -262,7 +262,7 @@ def scan_processes(roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Co
     scanner = _Scanner(roots, wanted, socket_inodes)
     proc_dir = str(roots.proc)
     try:
-        pids = [int(name) for name in os.listdir(proc_dir) if name.isdigit()]
+        pids = [int(name) for name in os_listdir(proc_dir) if name.isdigit()]
     except OSError as exc:
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return ProcessScan(

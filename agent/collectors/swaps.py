@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 
 from unplugd.agent.collectors.block import devno_index, resolve_dev_path
-from unplugd.agent.collectors.mounts import unescape_octal
 from unplugd.agent.errors import ParseError, ReadError
 from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
+from unplugd.text import unescape_octal
 
 __all__ = ["collect_swaps", "parse_swaps", "swap_file_mount"]
 
@@ -30,8 +31,14 @@ log = logging.getLogger(__name__)
 SwapLine = tuple[str, str, int, int]
 
 
+# The kernel pads the columns with spaces and tabs and escapes only those (and newline, backslash)
+# in the path: a vertical tab or a \x1c in a swap file's name is part of it, not a separator,
+# so str.split() (any Unicode whitespace) would cut the name and misread the line.
+_COLUMNS = re.compile(r"[ \t]+")
+
+
 def _parse_line(line: str) -> SwapLine:
-    fields = line.split()
+    fields = _COLUMNS.split(line.strip(" \t"))
     if len(fields) < 4:
         raise ValueError(f"expected at least 4 fields, got {len(fields)}")
     path, kind, size, used = fields[:4]

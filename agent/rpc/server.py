@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import grpc
 
@@ -36,6 +36,7 @@ from unplugd.agent.config import Config
 from unplugd.agent.errors import AgentError
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.engine_api import CoalescingEngine, EngineApi, ModuleEngine
+from unplugd.agent.rpc.errors import DecodeGuard, guard_registered
 from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.health import HealthRegistry, add_health
 from unplugd.agent.rpc.leases import LeaseManager
@@ -56,6 +57,25 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+
+if TYPE_CHECKING:
+    from unplugd.agent.rpc.errors import _Generic, _Handler
+
+
+class _DecodeGuarded:
+    """The server as the add_*_to_server functions see it: each handler they add answers a
+    request that does not parse with INVALID_ARGUMENT and one log line (rpc/errors.py)."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[_Generic]) -> None:
+        self._server.add_generic_rpc_handlers(tuple(DecodeGuard(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, _Handler]) -> None:
+        # absent from grpc-stubs 1.53; present since grpcio 1.62, which calls it for newer generated code
+        self._server.add_registered_method_handlers(service, guard_registered(service, handlers))  # type: ignore[attr-defined,unused-ignore]
 
 
 class ServeError(AgentError):
@@ -156,12 +176,13 @@ class AgentServer:
         )
         servicer = AgentServicer(roots=self.roots, engine=self.engine, config=self.config, leases=self.leases,
                                  hub=self.hub, listeners=self.listeners)
-        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, server)
-        self._health = add_health(server)
+        guarded = cast(grpc.Server, _DecodeGuarded(server))
+        agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, guarded)
+        self._health = add_health(guarded)
         # grpc's health service starts with "" SERVING: not before every transport is up.
         self._health.set("", False)
         self._health.set(AGENT_SERVICE, False)
-        add_reflection(server, [agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]])
+        add_reflection(guarded, [agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]])
         self._add_tcp(server)
         old_umask = os.umask(0o177)  # the socket is born root-only, never briefly open
         try:

@@ -161,7 +161,10 @@ def test_permission_denied_is_a_problem_affecting_everything(
 
     def denied(path: object, *args: object, **kwargs: object) -> object:
         target = str(path)
-        in_100 = "/100/" in target or (where != "open" and _fd_dir_of(args, kwargs, path) == "100")
+        # the fd table of pid 100, not its comm (read to name it in the problem)
+        in_100 = ("/100/" in target and not target.endswith("/comm")) or (
+            where != "open" and _fd_dir_of(args, kwargs, path) == "100"
+        )
         if in_100:
             raise PermissionError(errno.EACCES, "Permission denied")
         return real(path, *args, **kwargs)

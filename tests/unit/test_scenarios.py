@@ -68,6 +68,12 @@ EXPECTED: dict[str, dict[str, tuple[str, set[str]]]] = {
     "linux_bridge": {"0000:00:08.0": ("BUSY", {"LINK_UP", "UPPER_DEVICE"})},
     "ipv6_default_only": {"0000:00:08.0": ("BUSY", {"HAS_ADDRESS", "DEFAULT_ROUTE"})},
     "nic_down": {"0000:00:08.0": ("READY", set())},
+    "hostile_names": {
+        "0000:00:06.0": ("BUSY", {"MOUNTED"}),
+        "0000:00:07.0": ("BUSY", {"OPEN_BY_PROCESS"}),
+        "0000:00:08.0": ("BUSY", {"LINK_UP", "HAS_ADDRESS"}),
+        "0000:00:09.0": ("BUSY", {"MOUNTED", "SWAP"}),
+    },
 }
 
 
@@ -77,7 +83,7 @@ def test_every_scenario_has_expectations() -> None:
 
 @pytest.mark.parametrize("name", sorted(build_scenarios.ALL))
 def test_committed_tree_matches_its_builder(name: str) -> None:
-    committed = (SCENARIOS / f"{name}.tree").read_text(encoding="utf-8")
+    committed = (SCENARIOS / f"{name}.tree").read_text(encoding="utf-8", errors="surrogateescape")
     assert committed == build_scenarios.build(name), "run: .venv/bin/python -m tests.fixtures.build_scenarios"
 
 
@@ -279,7 +285,7 @@ def test_capture_of_a_tree_reproduces_its_verdicts(
     from unplugd.agent.roots import Roots
 
     original = tmp_path / "original"
-    treetext.unpack((SCENARIOS / f"{name}.tree").read_text(), original)
+    treetext.unpack((SCENARIOS / f"{name}.tree").read_text(errors="surrogateescape"), original)
     stats = capture(tmp_path / "copy", Roots.under(original))
     assert stats.files and stats.links and stats.unreadable == []
     assert verdicts(inspect_json(capsys, tmp_path / "copy")) == verdicts(inspect_json(capsys, original))

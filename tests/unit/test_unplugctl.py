@@ -160,6 +160,26 @@ def test_status_table_and_json(session, capsys) -> None:  # type: ignore[no-unty
     assert doc["guestReachable"] is True
 
 
+def test_guest_text_is_escaped_in_every_table(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A reason, a name and a problem from the guest cannot add a line or colour the terminal."""
+    evil = "\n\x1b[2J\x1b[31mOK\u202e"
+    guest = report(
+        *ROOTS,
+        gfunc("0000:01:00.0", "0000:00/02.0/00.0", "BUSY", reasons=[("MOUNTED", "vdb1 on /srv" + evil, True)],
+              blocks=("vdb" + evil,)),
+        *MF,
+        OFFG,
+    )
+    guest.problems.add(object="/proc/1/mountinfo" + evil, detail="bad" + evil)
+    session["agent"] = FakeAgent(guest)
+    for argv in (["status", "dom"], ["check", "dom", "disk1"]):
+        cli.main(argv)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\u202e" not in out
+        assert "\\033[2J" in out
+        assert not any(line.startswith("\\033") or line.startswith("OK") for line in out.splitlines())
+
+
 def test_unplug_progress_on_stderr_outcome_on_stdout(session, capsys) -> None:  # type: ignore[no-untyped-def]
     assert cli.main(["unplug", "dom", "vdb", "--timeout", "5"]) == 0
     cap = capsys.readouterr()

@@ -4,6 +4,16 @@ isort:skip_file
 The guest's readiness report: what `unplugd inspect --json` prints and
 what AgentService returns. Field names are lower_snake_case; the canonical
 JSON mapping turns them into lowerCamelCase (pci_path -> pciPath).
+
+Guest text: every string field that carries a name the guest's kernel
+reported (mount points, process commands, interface, block device and
+driver names, loop backing and swap files, hostname, reason details,
+problems) is arbitrary bytes a guest user chose. On the wire each byte that
+is not part of valid UTF-8 is written as a backslash and three octal digits
+(0xff -> \\377, the kernel's own escape in /proc/self/mountinfo), and a
+literal backslash as \\134, so the text is valid UTF-8 and the bytes can be
+recovered exactly. Control characters (newline, ESC) are carried as they
+are: a client escapes them before printing (unplugd.text.display_text).
 """
 import builtins
 import collections.abc
