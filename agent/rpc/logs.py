@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from unplugd.text import display_text
+
 __all__ = ["JOURNAL_SOCKET", "JournalSocketHandler", "LogfmtFormatter", "sd_notify", "setup_logging"]
 
 JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
@@ -47,9 +49,11 @@ def record_fields(record: logging.LogRecord) -> Iterator[tuple[str, str]]:
 
 
 def _quote(value: str) -> str:
+    """A logfmt value; guest text (paths, names) may carry any byte: printed escaped (display_text),
+    so no log line can be forged or colour a terminal that tails the journal."""
     if value and not any(c in value for c in ' "=\\') and value.isprintable():
         return value
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = display_text(value.replace("\\", "\\\\").replace('"', '\\"'))
     return f'"{escaped}"'
 
 

@@ -26,6 +26,7 @@ from unplugd.agent.rpc.errors import status_for
 from unplugd.agent.rpc.leases import LeaseGrant, LeaseManager, targets_for
 from unplugd.agent.rpc.resources import agent_resources
 from unplugd.agent.rpc.watch import ReportHub, Subscription, changed_between, filter_report, function_keys
+from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 
@@ -104,7 +105,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 version=unplugd.__version__,
                 capabilities=caps,
                 kernel=uname.release,
-                hostname=uname.nodename,
+                hostname=wire_text(uname.nodename),  # the hostname is bytes too
                 listeners=[pb.Listener(transport=lst.transport, address=lst.address) for lst in self._listeners()],
                 mutating_enabled=self._config.mutations.enabled,
                 resources=agent_resources(leases=len(self._leases.active()), watchers=self._watching),

@@ -24,7 +24,7 @@ def test_logfmt_quotes_and_extra_fields() -> None:
     line = LogfmtFormatter(with_time=False).format(
         _record("lease prepared", lease="ab12", functions="0000:00:06.0,0000:00:07.0", note='say "hi"\nthere'))
     assert line == ('level=info logger=unplugd.agent.rpc.leases msg="lease prepared" lease=ab12 '
-                    'functions=0000:00:06.0,0000:00:07.0 note="say \\"hi\\"\\nthere"')
+                    'functions=0000:00:06.0,0000:00:07.0 note="say \\"hi\\"\\012there"')
 
 
 def test_logfmt_priority_prefix_for_journald_stderr() -> None:
@@ -92,3 +92,10 @@ def test_sd_notify(tmp_path: Path, abstract: bool) -> None:
         assert systemd.recv(100) == b"READY=1"
     assert not sd_notify("READY=1", environ={})
     assert not sd_notify("READY=1", environ={"NOTIFY_SOCKET": str(tmp_path / "nobody")})
+
+
+def test_logfmt_escapes_guest_text() -> None:
+    """A mount path with a newline and an ANSI escape cannot forge a line or colour a terminal."""
+    line = LogfmtFormatter(with_time=False).format(_record("scan problem", logging.WARNING, path="/mnt/a\n\x1b[31mb"))
+    assert "\n" not in line and "\x1b" not in line
+    assert 'path="/mnt/a\\012\\033[31mb"' in line
