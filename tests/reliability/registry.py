@@ -25,6 +25,7 @@ CHECKS: list[tuple[str, str]] = [
     ("load", "tests.reliability.check_load"),
     ("namespaces", "tests.reliability.check_namespaces"),
     ("faults", "tests.reliability.check_faults"),
+    ("hostile", "tests.reliability.check_hostile"),
 ]
 
 
