@@ -413,16 +413,6 @@ class GuestVM(GuestBase):
             time.sleep(1.0)
         return self.wait_booted(timeout=timeout)  # measured from the reboot, like the first boot from start
 
-    def wait_exit(self, timeout: float = 120.0) -> int:
-        """Wait for QEMU to exit (the guest powered off); its exit code. Kills it past the timeout."""
-        if self._proc is None:
-            raise VMError("VM not started")
-        try:
-            return self._proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise VMError(f"QEMU still running {timeout:.0f}s after the guest was told to power off") from None
-
     # -- teardown --
 
     def shutdown(self, timeout: float = 60.0) -> bool:

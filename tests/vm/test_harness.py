@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -370,48 +369,3 @@ def test_is_complete(tmp_path: Path) -> None:
     assert not builder.is_complete(tmp_path)
     (tmp_path / builder.IMAGE_FILES[-1]).write_text("{}")
     assert builder.is_complete(tmp_path)
-
-
-# -- the .deb --
-
-
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("dpkg-deb") is None:
-        pytest.skip("needs dpkg-deb")
-    out = tmp_path_factory.mktemp("deb")
-    proc = subprocess.run(["sh", str(REPO / "packaging/deb/build.sh"), str(out)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return Path(proc.stdout.strip())
-
-
-def test_deb_lays_out_every_package_like_pyproject(deb: Path) -> None:
-    listing = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True, check=True).stdout
-    names = subprocess.run(["tar", "-t"], input=listing, capture_output=True, check=True).stdout.decode().split()
-    files = {n.removeprefix("./") for n in names}
-    site = "usr/lib/python3/dist-packages/"
-    packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    for pkg in packages:
-        assert site + pkg.replace(".", "/") + "/__init__.py" in files, pkg
-    assert site + "unplugd/v1/report_pb2.py" in files
-    assert {"usr/bin/unplugd", "usr/bin/unplugctl", "lib/systemd/system/unplugd.service"} <= files
-    assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
-    assert not [f for f in files if f.startswith(site + "tests")]
-
-
-def test_deb_control_and_conffile(deb: Path) -> None:
-    fields = subprocess.run(
-        ["dpkg-deb", "-f", str(deb), "Package", "Architecture", "Depends", "Version"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    assert "Package: unplugd" in fields and "Architecture: all" in fields
-    for dep in ("python3 (>= 3.11)", "python3-grpcio", "python3-protobuf", "python3-psutil", "python3-pyudev",
-                "python3-pyroute2"):
-        assert dep in fields
-    version = fields.split("Version: ", 1)[1].strip()
-    assert subprocess.run(["dpkg", "--validate-version", version]).returncode == 0, version
-    conffiles = subprocess.run(["dpkg-deb", "-I", str(deb), "conffiles"], capture_output=True, text=True)
-    if (REPO / "packaging/config.toml").exists():
-        assert conffiles.stdout.split() == ["/etc/unplugd/config.toml"]
-    else:
-        assert conffiles.returncode != 0
