@@ -18,7 +18,7 @@ from unplugd.agent.collectors.block import collect_block, probe_exclusive
 from unplugd.agent.collectors.mounts import MountScan, collect_mounts
 from unplugd.agent.collectors.net import NetScan, collect_net
 from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
-from unplugd.agent.collectors.processes import ProcessScan, scan_processes
+from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_processes
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
 from unplugd.agent.model import (
@@ -122,6 +122,12 @@ def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: boo
         "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
     )
     problems.extend(found)
+    if busy:
+        # Held, yet no mount, swap or holder shows it: a filesystem detached from every mount table
+        # that an open file keeps alive. Name whoever holds a file of it (only for such disks: this
+        # stat()s every fd).
+        on = {block[n].devno for n in block if n in busy or block[n].parent in busy}
+        open_refs += _guarded("open files", problems, [], lambda: scan_files_on(roots, on))
 
     return Inventory(
         functions=tuple(functions),

@@ -134,7 +134,7 @@ class OpenRef:
     pid: int
     command: str
     devno: DevNo
-    kind: str  # "block" | "char"
+    kind: str  # "block" | "char"; "file": a file on the filesystem of block device `devno`
     target: str  # /dev/vdb1 as the fd link names it
     fd: int | None = None  # None for cwd/root/mmap references
 

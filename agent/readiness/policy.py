@@ -452,25 +452,38 @@ def _holder_reasons(idx: _Index, disks: Sequence[str]) -> list[Reason]:
 
 def _open_reasons(idx: _Index, f: PciFunction, block: Sequence[BlockDevice]) -> list[Reason]:
     wanted: set[tuple[str, DevNo]] = {("block", bd.devno) for bd in block}
+    # Files open on a filesystem of ours that no mount table shows (the engine looks for them only then).
+    wanted |= {("file", bd.devno) for bd in block}
     wanted |= {(node.kind, node.devno) for node in f.device_nodes}
     by_pid: dict[int, list[OpenRef]] = {}
     for key in sorted(wanted):
         for ref in idx.refs.get(key, ()):
             by_pid.setdefault(ref.pid, []).append(ref)
+    names = {bd.devno: _label(idx, bd.name) for bd in block}
     reasons: list[Reason] = []
     for pid in sorted(by_pid):
         refs = by_pid[pid]
-        uses = tuple(dict.fromkeys(f"{r.target} ({'fd ' + str(r.fd) if r.fd is not None else 'mapped'})" for r in refs))
+        uses = tuple(dict.fromkeys(f"{r.target} ({_how(r)})" for r in refs))
         command = refs[0].command
+        detached = sorted({names[r.devno] for r in refs if r.kind == "file" and r.devno in names})
+        on = ""
+        if detached:
+            on = f" on {', '.join(detached)}, whose filesystem is mounted nowhere (detached by umount -l)"
         reasons.append(
             Reason(
                 Code.OPEN_BY_PROCESS,
-                f"pid {pid} ({command}) holds {', '.join(uses)}",
+                f"pid {pid} ({command}) holds {', '.join(uses)}{on}",
                 object=refs[0].target,
                 processes=(ProcessRef(pid, command, uses),),
             )
         )
     return reasons
+
+
+def _how(ref: OpenRef) -> str:
+    if ref.fd is not None:
+        return f"fd {ref.fd}"
+    return "cwd" if ref.kind == "file" else "mapped"
 
 
 # --------------------------------------------------------------------------- network

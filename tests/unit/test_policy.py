@@ -265,6 +265,16 @@ def test_open_by_process_on_a_partition() -> None:
     assert r.processes[0].fds == ("/dev/vdb1 (fd 3)", "/dev/vdb1 (fd 4)")
 
 
+def test_file_open_on_a_detached_filesystem_names_its_process() -> None:
+    refs = [OpenRef(561, "sleep", (252, 17), "file", "/witness", 3), OpenRef(562, "sh", (252, 17), "file", "/", None)]
+    v = verdict(inventory([VDB], block=VDB_DISKS, refs=refs, exclusive_busy=["vdb"]))
+    assert codes(v) == [Code.OPEN_BY_PROCESS, Code.OPEN_BY_PROCESS]  # explains the claim: no EXCLUSIVE_CLAIM
+    assert v.reasons[0].detail == (
+        "pid 561 (sleep) holds /witness (fd 3) on vdb1, whose filesystem is mounted nowhere (detached by umount -l)"
+    )
+    assert v.reasons[1].processes[0].fds == ("/ (cwd)",)
+
+
 def test_open_char_node_of_any_class() -> None:
     node = DeviceNode("/dev/vport0p1", (243, 1), "char")
     f = fn("0000:00:0a.0", nodes=[node], subdrivers=["virtio_console"])
