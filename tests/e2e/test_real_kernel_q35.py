@@ -95,13 +95,16 @@ READY = ("ndown", "didle", "dprep")
 # Facts the scenarios script leaves in /run/rk for the expectations above.
 FACTS = ("ns", "raw", "lazy", "vport", "client")
 
-# Resolves every qid to its guest PCI function: disks by serial, NICs by MAC (the moved one inside its
-# namespace), the virtio-serial function by its port's name.
+# Resolves every qid to its guest PCI function: disks by serial, NICs by MAC (a bond slave's own, not the
+# bond's; the moved one inside its namespace), the virtio-serial function by its port's name.
 LOCATE = r"""
 for q in $DISKS; do
     d=$(readlink -f /dev/disk/by-id/virtio-$q) && echo "$q $(readlink -f /sys/class/block/${d#/dev/})"
 done
-NICS='for d in /sys/class/net/*; do echo "$(cat $d/address) $(readlink -f $d/device)"; done'
+NICS='for d in /sys/class/net/*; do
+    mac=$(cat $d/bonding_slave/perm_hwaddr 2>/dev/null || cat $d/address)
+    echo "$mac $(readlink -f $d/device)"
+done'
 sh -c "$NICS"
 ip netns exec rkpeer sh -c "$NICS"
 for p in /sys/class/virtio-ports/*; do
