@@ -175,15 +175,19 @@ class _Index:
     def device_of_file(self, path: str) -> str | None:
         """Kernel name of the block device whose filesystem holds `path` (a loop's backing file), or None.
 
-        The mount in the agent's namespace with the longest mount point above the path decides; a
-        path the kernel marks deleted still lives on that filesystem.
+        The kernel gives the path in the mount tree the file's mount hangs in, which need not be the
+        agent's (the service has a namespace of its own that later mounts may not reach). So the
+        longest mount point above the path in any namespace decides, the agent's own first on a tie;
+        a path the kernel marks deleted still lives on that filesystem.
         """
         path = path.removesuffix(_DELETED)
+        own = self.inv.mount_namespace
         best: Mount | None = None
         for m in self.inv.mounts:
-            if m.namespace != self.inv.mount_namespace or not _under(path, m.mount_point):
+            if not _under(path, m.mount_point):
                 continue
-            if best is None or len(m.mount_point) >= len(best.mount_point):
+            key = (len(m.mount_point), m.namespace == own)
+            if best is None or key >= (len(best.mount_point), best.namespace == own):
                 best = m  # the later of two mounts on one point is the one on top
         if best is None:
             return None

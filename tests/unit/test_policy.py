@@ -247,6 +247,13 @@ def test_loop_backed_by_a_file_on_a_mounted_filesystem_is_a_holder() -> None:
     assert "loop0" in v.block_devices and "loop1" not in v.block_devices
 
 
+def test_loop_on_a_file_of_a_filesystem_mounted_only_outside_the_agents_namespace() -> None:
+    """The service's own namespace may not see a later mount; pid 1's does, and the path is pid 1's."""
+    mounts = [mount((8, 1), "/", "/dev/sda1", mount_id=1), mount((252, 17), "/mnt/data", "/dev/vdb1", ns=OTHER_NS)]
+    inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/mnt/data/img")], mounts=mounts)
+    assert only(verdict(inv), Code.HOLDER).chain == ("vdb", "vdb1", "loop0")
+
+
 def test_loop_on_a_file_of_a_mount_elsewhere_is_not_ours() -> None:
     mounts = [mount((252, 33), "/mnt/data", "/dev/vdc1"), mount((252, 17), "/mnt/data2", "/dev/vdb1", mount_id=2)]
     inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/mnt/data/img")], mounts=mounts)
