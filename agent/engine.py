@@ -90,9 +90,10 @@ def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: boo
     no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
     ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
     problems.extend(ms.problems)
-    own_mounts = [m for m in ms.mounts if m.namespace == ms.own_namespace]
     no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])
-    swaps, found = _guarded("swaps", problems, no_swaps, lambda: collect_swaps(roots, own_mounts, block))
+    swaps, found = _guarded(
+        "swaps", problems, no_swaps, lambda: collect_swaps(roots, ms.mounts, block, ms.own_namespace)
+    )
     problems.extend(found)
     net = _guarded("network", problems, NetScan({}, [], [], []), lambda: collect_net(roots))
     problems.extend(net.problems)

@@ -6,6 +6,7 @@ Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, et
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from unplugd.pci import PciAddress, PciPath
@@ -25,6 +26,7 @@ __all__ = [
     "Socket",
     "Swap",
     "format_devno",
+    "mount_holding",
     "parse_devno",
 ]
 
@@ -227,3 +229,23 @@ class Inventory:
     hostname: str = ""
     kernel: str = ""
     live: bool = True
+
+
+def mount_holding(path: str, mounts: Sequence[Mount], own_namespace: int = 0) -> Mount | None:
+    """The mount whose filesystem holds `path` (a swap file, a loop's backing file), or None.
+
+    The kernel names such files by their path in the mount tree they hang in, which need not be the
+    agent's: the service's own namespace does not see mounts made after it started. So the longest
+    component-wise mount point above the path in any namespace wins; on a tie the agent's own
+    namespace first, then the last listed (the visible one of mounts stacked on one point).
+    """
+    best: Mount | None = None
+    best_key = (-1, False)
+    for m in mounts:
+        mp = m.mount_point
+        if not (mp in ("/", path) or path.startswith(mp.rstrip("/") + "/")):
+            continue
+        key = (len(mp), m.namespace == own_namespace)
+        if key >= best_key:
+            best, best_key = m, key
+    return best

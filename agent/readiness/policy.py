@@ -33,6 +33,7 @@ from unplugd.agent.model import (
     PciFunction,
     Swap,
     format_devno,
+    mount_holding,
 )
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
 from unplugd.pci import PciAddress
@@ -175,20 +176,9 @@ class _Index:
     def device_of_file(self, path: str) -> str | None:
         """Kernel name of the block device whose filesystem holds `path` (a loop's backing file), or None.
 
-        The kernel gives the path in the mount tree the file's mount hangs in, which need not be the
-        agent's (the service has a namespace of its own that later mounts may not reach). So the
-        longest mount point above the path in any namespace decides, the agent's own first on a tie;
-        a path the kernel marks deleted still lives on that filesystem.
+        A path the kernel marks deleted still lives on that filesystem.
         """
-        path = path.removesuffix(_DELETED)
-        own = self.inv.mount_namespace
-        best: Mount | None = None
-        for m in self.inv.mounts:
-            if not _under(path, m.mount_point):
-                continue
-            key = (len(m.mount_point), m.namespace == own)
-            if best is None or key >= (len(best.mount_point), best.namespace == own):
-                best = m  # the later of two mounts on one point is the one on top
+        best = mount_holding(path.removesuffix(_DELETED), self.inv.mounts, self.inv.mount_namespace)
         if best is None:
             return None
         if best.devno[0] == 0:
@@ -203,10 +193,6 @@ class _Index:
             out.extend(h for h in bd.holders if h not in out)
         out.extend(lo for lo in self.loops_on.get(name, ()) if lo not in out)
         return out
-
-
-def _under(path: str, mount_point: str) -> bool:
-    return mount_point in ("/", path) or path.startswith(mount_point.rstrip("/") + "/")
 
 
 # --------------------------------------------------------------------------- per function
