@@ -42,8 +42,15 @@ os.pwrite(fd, bytes(sector), 0)
 os.fsync(fd)
 os.close(fd)
 PY
-    blockdev --rereadpt "$1"
+    # udev probes the disk after the write (its close is a change event); the re-read fails with EBUSY
+    # while that probe has it open, so wait for udev and retry a little.
     udevadm settle
+    for _ in $(seq 50); do
+        blockdev --rereadpt "$1" 2>/dev/null && break
+        sleep 0.2
+    done
+    udevadm settle
+    [ -b "${1}1" ]
 }
 
 # Start a long-lived holder in the background; its pid goes to $RK/NAME.pid (sh execs into sleep).
