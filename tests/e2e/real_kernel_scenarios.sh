@@ -3,7 +3,8 @@
 # kernel. Devices are found by what the host gave them (virtio-blk serial, NIC MAC), never by the names
 # the guest happened to pick. Pids and names the tests assert are written under /run/rk/.
 # Only what a user would run: mkfs, lvm, cryptsetup, mdadm, losetup, ip; modules load on demand, except
-# bonding (loaded without options it creates a bond0 of its own, so max_bonds=0 is asked explicitly).
+# bonding (loaded without options it creates a bond0 of its own, so max_bonds=0 is asked explicitly)
+# and loop (losetup -f does not load it).
 set -eu
 
 RK=/run/rk
@@ -69,6 +70,13 @@ hold() {
 witness() { echo "$2" >"$1/witness" && sync; }
 
 udevadm settle
+# A stock guest loads none of these at boot; unload what an image may have preloaded (nothing uses them
+# yet) so that what follows proves they load on demand.
+for m in bonding raid1 dm_crypt loop; do
+    modprobe -r -q "$m" 2>/dev/null || true
+done
+modprobe -r -q md_mod dm_mod 2>/dev/null || true
+lsmod | grep -E '^(bonding|raid1|md_mod|dm_crypt|dm_mod|loop) ' >&2 || true
 
 # ---- storage
 
@@ -161,6 +169,7 @@ mkdir -p $W/loopfs
 mount "$D" $W/loopfs
 witness $W/loopfs loop
 dd if=/dev/zero of=$W/loopfs/img bs=1M count=8 status=none
+modprobe loop  # losetup -f does not load it: "cannot find an unused loop device"
 losetup --show -f $W/loopfs/img >$RK/loop.dev
 
 # a process holding the raw device
