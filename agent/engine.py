@@ -18,7 +18,7 @@ from unplugd.agent.collectors.block import collect_block, probe_exclusive
 from unplugd.agent.collectors.mounts import MountScan, collect_mounts
 from unplugd.agent.collectors.net import NetScan, collect_net
 from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
-from unplugd.agent.collectors.processes import ProcessScan, scan_processes
+from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_processes
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
 from unplugd.agent.model import (
@@ -97,13 +97,10 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
     no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
     ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
     problems.extend(ms.problems)
-    # Swap files are placed on a mount by their path as swapon saw it, in init's namespace (pid 1).
-    # The agent's own namespace may differ: unplugd.service's ProtectHome= and PrivateTmp= mount
-    # empty directories over /home, /root and /tmp, which would hide a swap file's filesystem.
-    own_mounts = [m for m in ms.mounts if m.namespace == ms.own_namespace]
-    swap_mounts = [m for m in ms.mounts if m.namespace_pid == 1 and m.namespace] or own_mounts
     no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])
-    swaps, found = _guarded("swaps", problems, no_swaps, lambda: collect_swaps(roots, swap_mounts, block))
+    swaps, found = _guarded(
+        "swaps", problems, no_swaps, lambda: collect_swaps(roots, ms.mounts, block, ms.own_namespace)
+    )
     problems.extend(found)
     net = _guarded("network", problems, NetScan({}, [], [], []), lambda: collect_net(roots))
     problems.extend(net.problems)
@@ -133,6 +130,12 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
         "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
     )
     problems.extend(found)
+    if busy:
+        # Held, yet no mount, swap or holder shows it: a filesystem detached from every mount table
+        # that an open file keeps alive. Name whoever holds a file of it (only for such disks: this
+        # stat()s every fd).
+        on = {block[n].devno for n in block if n in busy or block[n].parent in busy}
+        open_refs += _guarded("open files", problems, [], lambda: scan_files_on(roots, on))
 
     return Inventory(
         functions=tuple(functions),

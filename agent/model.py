@@ -6,6 +6,7 @@ Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, et
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from unplugd.pci import PciAddress, PciPath
@@ -25,6 +26,7 @@ __all__ = [
     "Socket",
     "Swap",
     "format_devno",
+    "mount_holding",
     "parse_devno",
 ]
 
@@ -135,7 +137,7 @@ class OpenRef:
     pid: int
     command: str
     devno: DevNo
-    kind: str  # "block" | "char"
+    kind: str  # "block" | "char"; "file": a file on the filesystem of block device `devno`
     target: str  # /dev/vdb1 as the fd link names it
     fd: int | None = None  # None for cwd/root/mmap references
 
@@ -228,3 +230,27 @@ class Inventory:
     hostname: str = ""
     kernel: str = ""
     live: bool = True
+
+
+def mount_holding(path: str, mounts: Sequence[Mount], own_namespace: int = 0) -> Mount | None:
+    """The mount whose filesystem holds `path` (a swap file, a loop's backing file), or None.
+
+    The kernel names such files by their path in the mount tree they hang in, which need not be the
+    agent's: the service's own namespace does not see mounts made after it started. So the longest
+    component-wise mount point above the path in any namespace wins. On a tie, init's namespace
+    (pid 1's) first: it is where swapon and losetup usually ran, while the agent's own namespace is
+    rearranged by its sandbox (ProtectHome= and PrivateTmp= mount over /home and /tmp there); then
+    the agent's own, then any other; within one namespace the last listed (the visible one of
+    mounts stacked on one point).
+    """
+    best: Mount | None = None
+    best_key = (-1, -1)
+    for m in mounts:
+        mp = m.mount_point
+        if not (mp in ("/", path) or path.startswith(mp.rstrip("/") + "/")):
+            continue
+        rank = 2 if m.namespace_pid == 1 else 1 if m.namespace == own_namespace else 0
+        key = (len(mp), rank)
+        if key >= best_key:
+            best, best_key = m, key
+    return best

@@ -33,7 +33,7 @@ from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, os_readlink, read_text
 
-__all__ = ["ProcessScan", "resolve_dev_link", "scan_processes"]
+__all__ = ["ProcessScan", "resolve_dev_link", "scan_files_on", "scan_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -278,3 +278,51 @@ def scan_processes(roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Co
         log.debug("process scan: %d unreadable fd tables", len(scanner.problems))
     scanner.open_refs.sort(key=lambda r: (r.pid, r.fd if r.fd is not None else -1))
     return ProcessScan(open_refs=scanner.open_refs, socket_owners=scanner.socket_owners, problems=scanner.problems)
+
+
+def scan_files_on(roots: Roots, devnos: Collection[DevNo]) -> list[OpenRef]:
+    """Processes with a file open, or their working directory, on a filesystem of one of `devnos`.
+
+    For disks the kernel says are held (the O_EXCL probe) while no mount table shows them: a
+    filesystem detached with `umount -l` lives on as long as a file of it is open, and only the
+    opener can be named. Live systems only (a captured tree keeps no inode numbers), and every fd is
+    stat()ed, so the engine runs it only for such disks. Matches are OpenRef(kind="file") with the
+    filesystem's device number; what cannot be read is skipped (the claim is reported anyway).
+    """
+    if not roots.live or not devnos:
+        return []
+    wanted = frozenset(devnos)
+    proc_dir = str(roots.proc)
+    refs: list[OpenRef] = []
+    try:
+        pids = sorted(int(name) for name in os.listdir(proc_dir) if name.isdigit())
+    except OSError:
+        return []
+    for pid in pids:
+        found: list[tuple[DevNo, str, int | None]] = []
+        for entry, fd in [("cwd", None), *_fd_entries(proc_dir, pid)]:
+            path = f"{proc_dir}/{pid}/{entry}"
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # gone, or not ours to read: the EXCLUSIVE_CLAIM stays the answer
+            devno = (os.major(st.st_dev), os.minor(st.st_dev))
+            if devno in wanted:
+                try:
+                    target = os.readlink(path)
+                except OSError:
+                    continue
+                found.append((devno, target, fd))
+        if found:
+            command = _Scanner._command(pid, proc_dir)
+            if command is not None:
+                refs.extend(OpenRef(pid, command, devno, "file", target, fd) for devno, target, fd in found)
+    return refs
+
+
+def _fd_entries(proc_dir: str, pid: int) -> list[tuple[str, int | None]]:
+    try:
+        names = os.listdir(f"{proc_dir}/{pid}/fd")
+    except OSError:
+        return []
+    return [(f"fd/{name}", int(name)) for name in names if name.isdigit()]

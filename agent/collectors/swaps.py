@@ -6,7 +6,8 @@
 
 Paths are octal-escaped like mountinfo (space, tab, newline, backslash). A
 partition swap is the block device itself; a swap file pins the filesystem it
-lives on, found as the own-namespace mount with the longest matching prefix.
+lives on, found as the mount with the longest matching prefix (any namespace, the
+agent's own first: model.mount_holding).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from unplugd.agent.collectors.block import devno_index, resolve_dev_path
 from unplugd.agent.errors import ParseError, ReadError
-from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap
+from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
 from unplugd.text import unescape_octal
@@ -64,18 +65,9 @@ def parse_swaps(text: str) -> list[SwapLine]:
     return out
 
 
-def swap_file_mount(path: str, own_mounts: Sequence[Mount]) -> Mount | None:
-    """The mount whose mount point is the longest component-wise prefix of path.
-
-    Among mounts stacked on the same point, the last listed is the visible one.
-    """
-    best: Mount | None = None
-    for m in own_mounts:
-        mp = m.mount_point
-        inside = mp in ("/", path) or path.startswith(mp.rstrip("/") + "/")
-        if inside and (best is None or len(mp) >= len(best.mount_point)):
-            best = m
-    return best
+def swap_file_mount(path: str, mounts: Sequence[Mount], own_namespace: int = 0) -> Mount | None:
+    """The mount holding swap file `path` (model.mount_holding: longest mount point, own namespace first)."""
+    return mount_holding(path, mounts, own_namespace)
 
 
 def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) -> DevNo | None:
@@ -102,8 +94,9 @@ def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) 
 
 
 def collect_swaps(
-    roots: Roots, own_mounts: Sequence[Mount], block: Mapping[str, BlockDevice]
+    roots: Roots, mounts: Sequence[Mount], block: Mapping[str, BlockDevice], own_namespace: int = 0
 ) -> tuple[list[Swap], list[ScanProblem]]:
+    """Every swap area; `mounts` of every namespace place swap files (see swap_file_mount)."""
     source = roots.proc / "swaps"
     try:
         text = read_text(source)
@@ -127,9 +120,9 @@ def collect_swaps(
                 problems.append(ScanProblem(path, "swap partition matches no block device"))
             swaps.append(Swap(path=path, kind="partition", devno=devno, size_kib=size, used_kib=used))
         elif kind == "file":
-            mount = swap_file_mount(path, own_mounts)
+            mount = swap_file_mount(path, mounts, own_namespace)
             if mount is None:
-                problems.append(ScanProblem(path, "no mount in the agent's namespace holds this swap file"))
+                problems.append(ScanProblem(path, "no mount holds this swap file"))
             devno = mount.devno if mount else None
             swaps.append(Swap(path=path, kind="file", devno=devno, size_kib=size, used_kib=used))
         else:

@@ -33,6 +33,7 @@ from unplugd.agent.model import (
     PciFunction,
     Swap,
     format_devno,
+    mount_holding,
 )
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
 from unplugd.pci import PciAddress
@@ -53,6 +54,11 @@ _EXPLAINS_EXCL = frozenset(
 )
 
 _MAX_CHAINS = 32
+_NETWORK_CLASS = 0x02  # PCI base class "network controller"
+# Drivers that bind a NIC without registering an interface (passthrough, userspace I/O).
+_NO_NETDEV_DRIVERS = frozenset({"vfio-pci", "pci-stub", "uio_pci_generic", "igb_uio"})
+# What the kernel appends to the path of an open file that was unlinked (d_path).
+_DELETED = " (deleted)"
 _MAX_LISTED = 5
 
 
@@ -136,11 +142,6 @@ class _Index:
                 idx.partitions[bd.parent].append(bd.name)
             if bd.dm_name:
                 idx.by_dm_name[bd.dm_name] = bd.name
-        for bd in inv.block_devices.values():
-            if bd.backing_file:
-                backing = idx.name_of_source(bd.backing_file)
-                if backing is not None:
-                    idx.loops_on[backing].append(bd.name)
         seen: set[tuple[int, int]] = set()
         for m in inv.mounts:
             # The same mount may be reported twice (two pids in one namespace).
@@ -156,6 +157,11 @@ class _Index:
                 name = idx.name_of_source(m.source)
                 if name is not None:
                     idx.mounts_by_source[name].append(m)
+        for bd in inv.block_devices.values():
+            if bd.backing_file:
+                backing = idx.name_of_source(bd.backing_file) or idx.device_of_file(bd.backing_file)
+                if backing is not None:
+                    idx.loops_on[backing].append(bd.name)
         for ref in inv.open_refs:
             idx.refs[(ref.kind, ref.devno)].append(ref)
         return idx
@@ -178,6 +184,18 @@ class _Index:
             return self.by_dm_name.get(tail)
         # /dev/VG/LV: device-mapper names it VG-LV with '-' doubled inside names.
         return self.by_dm_name.get(head.replace("-", "--") + "-" + tail.replace("-", "--"))
+
+    def device_of_file(self, path: str) -> str | None:
+        """Kernel name of the block device whose filesystem holds `path` (a loop's backing file), or None.
+
+        A path the kernel marks deleted still lives on that filesystem.
+        """
+        best = mount_holding(path.removesuffix(_DELETED), self.inv.mounts, self.inv.mount_namespace)
+        if best is None:
+            return None
+        if best.devno[0] == 0:
+            return self.name_of_source(best.source)
+        return next((bd.name for bd in self.inv.block_devices.values() if bd.devno == best.devno), None)
 
     def upward(self, name: str) -> list[str]:
         """What sits directly on a block device: partitions, holders, loops."""
@@ -214,12 +232,22 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
         r.code in _EXPLAINS_EXCL for r in reasons
     ):
         held = [n for n in closure if n in idx.inv.exclusive_busy]
+        pins = _pinned_mount_namespaces(idx.inv)
+        if pins:
+            # The agent reads mount tables through processes; a namespace kept alive only by a bind
+            # mount of its nsfs file has none, and entering it takes CAP_SYS_ADMIN the agent lacks.
+            why = (
+                "no mount table the agent can read shows it, and mount namespaces no process lives in "
+                f"are pinned at {', '.join(pins)}: it is likely mounted there"
+            )
+        else:
+            why = "something in the kernel holds it that the agent cannot name"
         reasons.append(
             Reason(
                 Code.EXCLUSIVE_CLAIM,
-                f"the kernel refuses an exclusive open of {', '.join(held)} (EBUSY): "
-                "something in the kernel holds it that the agent cannot name",
+                f"the kernel refuses an exclusive open of {', '.join(held)} (EBUSY): {why}",
                 object=held[0],
+                mount_point=pins[0] if pins else "",
             )
         )
     net_names: set[str] = set()
@@ -237,7 +265,7 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
             continue
         net_names |= _upper_closure(idx.inv.interfaces, ifname)
         reasons.extend(_net_reasons(idx.inv, iface))
-    reasons.extend(_class_reasons(f))
+    reasons.extend(_class_reasons(idx.inv, f))
     if state_of(reasons) is not State.BUSY:
         reasons.extend(_problem_reasons(idx.inv, f, block, net_names))
     return reasons
@@ -412,10 +440,11 @@ def _holder_reasons(idx: _Index, disks: Sequence[str]) -> list[Reason]:
     for chain in chains:
         top = devs[chain[-1]]
         shown = " -> ".join(_label(idx, n) for n in chain)
+        backed = f" (backed by {top.backing_file})" if top.backing_file else ""
         reasons.append(
             Reason(
                 Code.HOLDER,
-                f"held by {_holder_kind(top)} {top.label}: {shown}",
+                f"held by {_holder_kind(top)} {top.label}: {shown}{backed}",
                 object=top.name,
                 chain=chain,
             )
@@ -425,25 +454,38 @@ def _holder_reasons(idx: _Index, disks: Sequence[str]) -> list[Reason]:
 
 def _open_reasons(idx: _Index, f: PciFunction, block: Sequence[BlockDevice]) -> list[Reason]:
     wanted: set[tuple[str, DevNo]] = {("block", bd.devno) for bd in block}
+    # Files open on a filesystem of ours that no mount table shows (the engine looks for them only then).
+    wanted |= {("file", bd.devno) for bd in block}
     wanted |= {(node.kind, node.devno) for node in f.device_nodes}
     by_pid: dict[int, list[OpenRef]] = {}
     for key in sorted(wanted):
         for ref in idx.refs.get(key, ()):
             by_pid.setdefault(ref.pid, []).append(ref)
+    names = {bd.devno: _label(idx, bd.name) for bd in block}
     reasons: list[Reason] = []
     for pid in sorted(by_pid):
         refs = by_pid[pid]
-        uses = tuple(dict.fromkeys(f"{r.target} ({'fd ' + str(r.fd) if r.fd is not None else 'mapped'})" for r in refs))
+        uses = tuple(dict.fromkeys(f"{r.target} ({_how(r)})" for r in refs))
         command = refs[0].command
+        detached = sorted({names[r.devno] for r in refs if r.kind == "file" and r.devno in names})
+        on = ""
+        if detached:
+            on = f" on {', '.join(detached)}, whose filesystem is mounted nowhere (detached by umount -l)"
         reasons.append(
             Reason(
                 Code.OPEN_BY_PROCESS,
-                f"pid {pid} ({command}) holds {', '.join(uses)}",
+                f"pid {pid} ({command}) holds {', '.join(uses)}{on}",
                 object=refs[0].target,
                 processes=(ProcessRef(pid, command, uses),),
             )
         )
     return reasons
+
+
+def _how(ref: OpenRef) -> str:
+    if ref.fd is not None:
+        return f"fd {ref.fd}"
+    return "cwd" if ref.kind == "file" else "mapped"
 
 
 # --------------------------------------------------------------------------- network
@@ -554,7 +596,7 @@ def _net_reasons(inv: Inventory, iface: NetInterface) -> list[Reason]:
 # --------------------------------------------------------------------------- class, problems, bridges
 
 
-def _class_reasons(f: PciFunction) -> list[Reason]:
+def _class_reasons(inv: Inventory, f: PciFunction) -> list[Reason]:
     if f.block_devices or f.net_interfaces or f.is_bridge:
         return []
     drivers: tuple[str, ...]
@@ -565,6 +607,19 @@ def _class_reasons(f: PciFunction) -> list[Reason]:
     else:
         return []  # nothing bound, nothing below: nothing in the guest uses it
     what = f.class_name or f"class {f.class_code:06x}"
+    if f.base_class == _NETWORK_CLASS and not set(drivers) & _NO_NETDEV_DRIVERS:
+        # A bound network driver always registers its interface; sysfs shows the agent only the
+        # interfaces of its own network namespace, so this one was moved into another (a container).
+        named = _named_network_namespaces(inv)
+        where = f"; named network namespaces: {', '.join(named)}" if named else ""
+        return [
+            Reason(
+                Code.NETWORK_NAMESPACE,
+                f"driver {', '.join(drivers)} is bound to this {what} but its interface is not in the agent's "
+                f"network namespace: it was moved into another one, which uses it{where}",
+                object=named[0] if named else drivers[0],
+            )
+        ]
     return [
         Reason(
             Code.DRIVER_BOUND_UNKNOWN_CLASS,
@@ -573,6 +628,33 @@ def _class_reasons(f: PciFunction) -> list[Reason]:
             undecided=True,
         )
     ]
+
+
+def _nsfs_pins(inv: Inventory, kind: str) -> list[tuple[int, str]]:
+    """(namespace inode, path) of each bind mount of a `kind` namespace file (nsfs), e.g. /run/netns/X.
+
+    The mount's root names the namespace: "net:[4026532999]". Seen from every mount namespace, one
+    path each (the agent's own namespace first).
+    """
+    found: dict[int, str] = {}
+    for m in sorted(inv.mounts, key=lambda m: m.namespace != inv.mount_namespace):
+        if m.fstype != "nsfs" or not m.root.startswith(kind + ":[") or not m.root.endswith("]"):
+            continue
+        number = m.root[len(kind) + 2 : -1]
+        if number.isdigit():
+            found.setdefault(int(number), m.mount_point)
+    return sorted(found.items(), key=lambda item: item[1])
+
+
+def _pinned_mount_namespaces(inv: Inventory) -> list[str]:
+    """Where mount namespaces that no process lives in are pinned (their mounts are invisible)."""
+    lived_in = {m.namespace for m in inv.mounts}
+    return [path for ns, path in _nsfs_pins(inv, "mnt") if ns not in lived_in][:_MAX_LISTED]
+
+
+def _named_network_namespaces(inv: Inventory) -> list[str]:
+    """Network namespaces pinned by a bind mount (ip netns: /run/netns/NAME)."""
+    return [path for _, path in _nsfs_pins(inv, "net")][:_MAX_LISTED]
 
 
 def _objects(f: PciFunction, block: Sequence[BlockDevice], net_names: Iterable[str]) -> set[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors.processes import resolve_dev_link, scan_processes
+from unplugd.agent.collectors.processes import resolve_dev_link, scan_files_on, scan_processes
 from unplugd.agent.model import DeviceNode
 from unplugd.agent.roots import Roots
 
@@ -240,3 +240,19 @@ def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, mon
     scan = scan_processes(_live_roots(tmp_path), [null])
     assert scan.open_refs == []
     assert [(p.object, p.affects) for p in scan.problems] == [("/proc/500/fd", ("*",))]
+
+
+def test_files_on_a_filesystem_are_found_by_its_device_number(tmp_path: Path) -> None:
+    """Live: this process's open file and nothing on another device number; never on a captured tree."""
+    st = os.stat(tmp_path)
+    devno = (os.major(st.st_dev), os.minor(st.st_dev))
+    path = tmp_path / "held"
+    path.write_text("x")
+    with open(path) as held:
+        refs = scan_files_on(Roots.live_system(), {devno})
+        mine = [r for r in refs if r.pid == os.getpid() and r.fd == held.fileno()]
+        assert [(r.kind, r.devno, r.target) for r in mine] == [("file", devno, str(path))]
+        assert all(r.devno == devno for r in refs)
+        other = scan_files_on(Roots.live_system(), {(devno[0], devno[1] + 1000)})
+        assert not any(r.pid == os.getpid() and r.fd == held.fileno() for r in other)
+    assert scan_files_on(Roots.under(tmp_path), {devno}) == []

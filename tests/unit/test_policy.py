@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tests.fixtures.model_builders import (
+    ETHERNET,
     OTHER_NS,
+    OWN_NS,
     default_route,
     disk,
     dm,
@@ -19,7 +21,7 @@ from tests.fixtures.model_builders import (
     v4,
     v6,
 )
-from unplugd.agent.model import DeviceNode, Inventory, OpenRef, ScanProblem, Socket, Swap
+from unplugd.agent.model import DeviceNode, Inventory, Mount, OpenRef, ScanProblem, Socket, Swap
 from unplugd.agent.readiness.policy import evaluate, state_of
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, Reason, State
 from unplugd.pci import PciAddress
@@ -228,6 +230,36 @@ def test_loop_backed_by_a_file_is_not_a_holder() -> None:
     assert verdict(inv).state is State.READY
 
 
+def test_loop_backed_by_a_file_on_a_mounted_filesystem_is_a_holder() -> None:
+    mounts = [
+        mount((8, 1), "/", "/dev/sda1", mount_id=1),
+        mount((252, 17), "/mnt/data", "/dev/vdb1", mount_id=2),
+        mount((0, 50), "/mnt/data/tmp", "tmpfs", fstype="tmpfs", mount_id=3),
+    ]
+    inv = inventory(
+        [VDB],
+        block=[*VDB_DISKS, loop("loop0", (7, 0), "/mnt/data/img (deleted)"), loop("loop1", (7, 1), "/mnt/data/tmp/x")],
+        mounts=mounts,
+    )
+    v = verdict(inv)
+    assert only(v, Code.HOLDER).chain == ("vdb", "vdb1", "loop0")  # loop1's file is on the tmpfs above
+    assert "backed by /mnt/data/img (deleted)" in only(v, Code.HOLDER).detail
+    assert "loop0" in v.block_devices and "loop1" not in v.block_devices
+
+
+def test_loop_on_a_file_of_a_filesystem_mounted_only_outside_the_agents_namespace() -> None:
+    """The service's own namespace may not see a later mount; pid 1's does, and the path is pid 1's."""
+    mounts = [mount((8, 1), "/", "/dev/sda1", mount_id=1), mount((252, 17), "/mnt/data", "/dev/vdb1", ns=OTHER_NS)]
+    inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/mnt/data/img")], mounts=mounts)
+    assert only(verdict(inv), Code.HOLDER).chain == ("vdb", "vdb1", "loop0")
+
+
+def test_loop_on_a_file_of_a_mount_elsewhere_is_not_ours() -> None:
+    mounts = [mount((252, 33), "/mnt/data", "/dev/vdc1"), mount((252, 17), "/mnt/data2", "/dev/vdb1", mount_id=2)]
+    inv = inventory([VDB], block=[*VDB_DISKS, loop("loop0", (7, 0), "/mnt/data/img")], mounts=mounts)
+    assert Code.HOLDER not in codes(verdict(inv))
+
+
 def test_open_by_process_on_a_partition() -> None:
     refs = [
         OpenRef(812, "dd", (252, 17), "block", "/dev/vdb1", 3),
@@ -238,6 +270,16 @@ def test_open_by_process_on_a_partition() -> None:
     r = only(v, Code.OPEN_BY_PROCESS)
     assert r.processes[0].pid == 812 and r.processes[0].command == "dd"
     assert r.processes[0].fds == ("/dev/vdb1 (fd 3)", "/dev/vdb1 (fd 4)")
+
+
+def test_file_open_on_a_detached_filesystem_names_its_process() -> None:
+    refs = [OpenRef(561, "sleep", (252, 17), "file", "/witness", 3), OpenRef(562, "sh", (252, 17), "file", "/", None)]
+    v = verdict(inventory([VDB], block=VDB_DISKS, refs=refs, exclusive_busy=["vdb"]))
+    assert codes(v) == [Code.OPEN_BY_PROCESS, Code.OPEN_BY_PROCESS]  # explains the claim: no EXCLUSIVE_CLAIM
+    assert v.reasons[0].detail == (
+        "pid 561 (sleep) holds /witness (fd 3) on vdb1, whose filesystem is mounted nowhere (detached by umount -l)"
+    )
+    assert v.reasons[1].processes[0].fds == ("/ (cwd)",)
 
 
 def test_open_char_node_of_any_class() -> None:
@@ -256,6 +298,24 @@ def test_exclusive_claim_when_nothing_else_explains_it() -> None:
     v = verdict(inventory([VDB], block=VDB_DISKS, exclusive_busy=["vdb"]))
     assert v.state is State.BUSY
     assert codes(v) == [Code.EXCLUSIVE_CLAIM]
+
+
+def nsfs(kind: str, number: int, path: str, mount_id: int) -> Mount:
+    return mount((0, 4), path, "nsfs", fstype="nsfs", root=f"{kind}:[{number}]", mount_id=mount_id)
+
+
+def test_exclusive_claim_names_where_a_namespace_without_processes_is_pinned() -> None:
+    pins = [nsfs("mnt", 4026533353, "/run/rk/ns/mnt", 50), nsfs("mnt", OWN_NS, "/run/own", 51)]
+    v = verdict(inventory([VDB], block=VDB_DISKS, mounts=pins, exclusive_busy=["vdb"]))
+    r = only(v, Code.EXCLUSIVE_CLAIM)
+    assert r.mount_point == "/run/rk/ns/mnt"  # the agent's own namespace has processes: not a candidate
+    assert "pinned at /run/rk/ns/mnt" in r.detail and "/run/own" not in r.detail
+
+
+def test_exclusive_claim_without_pins_says_it_cannot_name_it() -> None:
+    v = verdict(inventory([VDB], block=VDB_DISKS, mounts=[nsfs("net", 4026533380, "/run/netns/x", 50)],
+                          exclusive_busy=["vdb"]))  # fmt: skip
+    assert "cannot name" in only(v, Code.EXCLUSIVE_CLAIM).detail
 
 
 def test_exclusive_claim_hidden_when_a_mount_explains_it() -> None:
@@ -386,6 +446,25 @@ def test_driver_bound_unknown_class(driver: str | None, subdrivers: tuple[str, .
     if state is State.UNKNOWN:
         r = only(v, Code.DRIVER_BOUND_UNKNOWN_CLASS)
         assert r.undecided and (subdrivers[0] if subdrivers else driver) in r.detail
+
+
+@pytest.mark.parametrize(
+    ("driver", "subdrivers", "pins", "code", "state"),
+    [
+        ("virtio-pci", ("virtio_net",), ["/run/netns/peer"], Code.NETWORK_NAMESPACE, State.BUSY),
+        ("e1000e", (), [], Code.NETWORK_NAMESPACE, State.BUSY),
+        ("vfio-pci", (), ["/run/netns/peer"], Code.DRIVER_BOUND_UNKNOWN_CLASS, State.UNKNOWN),  # no netdev at all
+    ],
+)
+def test_nic_without_an_interface_here_is_in_another_network_namespace(
+    driver: str, subdrivers: tuple[str, ...], pins: list[str], code: Code, state: State
+) -> None:
+    f = fn("0000:00:0b.0", driver=driver, subdrivers=subdrivers, class_code=ETHERNET)
+    mounts = [nsfs("net", 4026533380 + i, p, 50 + i) for i, p in enumerate(pins)]
+    v = verdict(inventory([f], mounts=mounts), "0000:00:0b.0")
+    assert (v.state, codes(v)) == (state, [code])
+    if code is Code.NETWORK_NAMESPACE:
+        assert only(v, code).object == (pins[0] if pins else driver)
 
 
 def test_leased_is_a_warning() -> None:

@@ -69,7 +69,8 @@ EXPECTED: dict[str, dict[str, tuple[str, set[str]]]] = {
     "ipv6_default_only": {"0000:00:08.0": ("BUSY", {"HAS_ADDRESS", "DEFAULT_ROUTE"})},
     "nic_down": {"0000:00:08.0": ("READY", set())},
     "hostile_names": {
-        "0000:00:06.0": ("BUSY", {"MOUNTED"}),
+        # the loop backed by disk.img under the hostile mount point holds the disk too
+        "0000:00:06.0": ("BUSY", {"MOUNTED", "HOLDER"}),
         "0000:00:07.0": ("BUSY", {"OPEN_BY_PROCESS"}),
         "0000:00:08.0": ("BUSY", {"LINK_UP", "HAS_ADDRESS"}),
         "0000:00:09.0": ("BUSY", {"MOUNTED", "SWAP"}),

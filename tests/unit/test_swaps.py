@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,18 @@ def test_collect_swaps_without_proc_swaps(roots: Roots) -> None:
 def test_collect_swaps_no_swap(roots: Roots) -> None:
     (roots.proc / "swaps").write_text(HEADER)
     assert collect_swaps(roots, MOUNTS, BLOCK) == ([], [])
+
+
+def test_swap_file_mount_sees_mounts_the_agents_namespace_lacks() -> None:
+    """The service's namespace need not see a later mount (found on the real kernel): pid 1's does."""
+    own, host = 4026532500, 4026531840
+    mounts = [
+        replace(_mount(1, (8, 1), "/", "/dev/sda1"), namespace=own),
+        replace(_mount(2, (8, 1), "/", "/dev/sda1"), namespace=host),
+        replace(_mount(3, (252, 48), "/mnt/swapf", "/dev/vdd"), namespace=host),
+        replace(_mount(4, (252, 64), "/mnt", "/dev/vde"), namespace=own),
+    ]
+    m = swap_file_mount("/mnt/swapf/swapfile", mounts, own)
+    assert m is not None and m.mount_id == 3
+    m = swap_file_mount("/swapfile", mounts, own)
+    assert m is not None and m.mount_id == 1  # same mount point in two namespaces: the agent's own

@@ -78,6 +78,10 @@ class _ReasonCodeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enu
     REASON_CODE_DEFAULT_ROUTE: _ReasonCode.ValueType  # 12
     REASON_CODE_UPPER_DEVICE: _ReasonCode.ValueType  # 13
     REASON_CODE_ACTIVE_CONNECTIONS: _ReasonCode.ValueType  # 14
+    REASON_CODE_NETWORK_NAMESPACE: _ReasonCode.ValueType  # 15
+    """the function's driver is bound but its interface is in another network
+    namespace (a container): that namespace uses it
+    """
     REASON_CODE_NO_HOTPLUG_DRIVER: _ReasonCode.ValueType  # 20
     """any class"""
     REASON_CODE_DRIVER_BOUND_UNKNOWN_CLASS: _ReasonCode.ValueType  # 21
@@ -107,6 +111,10 @@ REASON_CODE_HAS_ADDRESS: ReasonCode.ValueType  # 11
 REASON_CODE_DEFAULT_ROUTE: ReasonCode.ValueType  # 12
 REASON_CODE_UPPER_DEVICE: ReasonCode.ValueType  # 13
 REASON_CODE_ACTIVE_CONNECTIONS: ReasonCode.ValueType  # 14
+REASON_CODE_NETWORK_NAMESPACE: ReasonCode.ValueType  # 15
+"""the function's driver is bound but its interface is in another network
+namespace (a container): that namespace uses it
+"""
 REASON_CODE_NO_HOTPLUG_DRIVER: ReasonCode.ValueType  # 20
 """any class"""
 REASON_CODE_DRIVER_BOUND_UNKNOWN_CLASS: ReasonCode.ValueType  # 21
