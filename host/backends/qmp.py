@@ -300,6 +300,10 @@ class _Qom:
         )
         handler = handler if isinstance(handler, str) else None
         handler_type = await self.handler_type(handler) if handler else ""
+        if handler and _mechanism(str(handler_type or "")) == "pciehp" and await self.get(handler, "hotplug") is False:
+            # Native hotplug: QEMU (7.2) keeps a PCIe port as its bus's handler even with hotplug=off,
+            # and the port itself then refuses every unplug ("unsupported by the port").
+            handler = ""
         # child[N] links name each device on the bus; the link type is the device's type.
         links = [(name, typ[5:-1]) for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
         placed = await self._place(path, links, nodes)

@@ -17,6 +17,7 @@ __all__ = [
     "FIGURES",
     "HOT_ADD",
     "MACS",
+    "NO_HOTPLUG_PORT",
     "Q35_DEVICES",
     "SCENARIOS_SH",
     "port_of",
@@ -42,7 +43,7 @@ _LAYOUT = (
     # rpd: NICs, the host half's disks, the empty port for the hot-add, the port without hotplug
     "nconn", "npeer", "ndown", "didle", "", "dnohp", "dwait", "dprep",
 )  # fmt: skip
-_NO_HOTPLUG = "dnohp"
+NO_HOTPLUG_PORT = "dnohp"
 HOT_ADD = "dhot"  # device_add'ed by the test on the empty port
 
 MACS = {
@@ -108,7 +109,7 @@ def _q35_devices() -> list[Device]:
         devices.append(
             root_ports(
                 8, prefix=f"rp{prefix}", first_chassis=1 + n * 8, slot_addr=0x10 + n,
-                hotplug=[qid != _NO_HOTPLUG for qid in ids],
+                hotplug=[qid != NO_HOTPLUG_PORT for qid in ids],
             )
         )  # fmt: skip
     devices += [_device(qid) for qid in _LAYOUT if qid]

@@ -65,6 +65,18 @@ def test_q35_topology_live(enumerate: bool) -> None:
     assert on is not None and on.hotplug and on.multifunction
 
 
+def test_hotplug_off_port_under_native_hotplug() -> None:
+    """With ACPI hotplug off (the guest drives ports with pciehp), QEMU still names the port as its bus's
+    hotplug handler when the port has hotplug=off: the port's own property says no."""
+    native = ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"]
+    with run_qemu("q35", extra=native) as vm:
+        t = with_backend(vm.qmp, lambda be: be.topology())
+    off = t.slot("0000:00/04.0/00")
+    assert off is not None and not off.hotplug and "hotplug='off'" in off.hotplug.reason
+    on = t.slot("0000:00/02.1/00")
+    assert on is not None and on.hotplug and on.bus.mechanism == "pciehp"
+
+
 def test_pc_topology_live() -> None:
     with run_qemu("pc") as vm:
         t = with_backend(vm.qmp, lambda be: be.topology())
