@@ -153,13 +153,15 @@ Shapes = dict[str, list[tuple[int, Mount]]]
 def _can_pin_a_device(m: Mount) -> bool:
     """Whether a mount of another namespace can touch a verdict.
 
-    Only mounts of block devices count there: a real device number, or a
-    /dev path as source (btrfs and friends show an anonymous 0:NN number).
-    proc, sysfs, tmpfs, cgroup... are most of every table and pin nothing;
-    with thousands of namespaces, keeping them would cost most of a scan's
-    memory. The agent's own namespace is kept whole (swap files, "/").
+    Mounts of block devices: a real device number, or a /dev path as source
+    (btrfs and friends show an anonymous 0:NN number). And bind mounts of
+    namespace files (nsfs: /run/netns/X, a pinned mount namespace), which
+    name who holds a NIC or a disk nobody else shows. proc, sysfs, tmpfs,
+    cgroup... are most of every table and pin nothing; with thousands of
+    namespaces, keeping them would cost most of a scan's memory. The
+    agent's own namespace is kept whole (swap files, "/").
     """
-    return m.devno[0] != 0 or m.source.startswith("/dev/")
+    return m.devno[0] != 0 or m.source.startswith("/dev/") or m.fstype == "nsfs"
 
 
 def _shape(text: str) -> tuple[str, list[tuple[int, int]]] | None:

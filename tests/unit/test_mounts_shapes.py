@@ -63,6 +63,7 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
         "502 500 0:21 / /proc rw - proc proc rw\n"
         "503 500 0:30 / /tmp rw - tmpfs tmpfs rw\n"
         "504 500 0:45 /@home /home rw - btrfs /dev/vdc rw\n"  # anonymous number, named by its source
+        "505 500 0:4 net:[4026532300] /run/netns/peer rw - nsfs nsfs rw\n"  # who holds a moved NIC
     )
     proc.pid(200, OTHER, other)
     proc.pid(300, OTHER + 1, _renumbered(other, 1000))  # a copy: the same mounts kept
@@ -72,5 +73,6 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
     assert scan.problems == []
     assert {m.mount_point for m in scan.mounts if m.namespace == OWN} == {"/", "/proc", "/srv"}  # whole
     for ns in (OTHER, OTHER + 1):
-        assert {m.mount_point for m in scan.mounts if m.namespace == ns} == {"/", "/mnt/private data", "/home"}
-    assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504]
+        assert {m.mount_point for m in scan.mounts if m.namespace == ns} == {
+            "/", "/mnt/private data", "/home", "/run/netns/peer"}
+    assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504, 1505]
