@@ -1,6 +1,7 @@
 """The guest package's whole life on a stock Debian 12 guest, as a user lives it: `dpkg -i`, reboot,
 the host reaches the agent over virtio-serial; edit the config, upgrade: the service restarts and the
-edit stays; remove: stopped, no socket left; purge: the config is gone.
+edit stays; remove: stopped, no socket left; purge: the config is gone. (The same installed package
+on a pc guest: test_real_kernel_pc.py.)
 
 The stock guest has nothing of ours and nothing that loads virtio_console early, so the agent starts
 at boot before udev has loaded the module that makes its port: the case that once left the agent
@@ -114,12 +115,3 @@ def test_purge_removes_the_configuration(vm: GuestVM) -> None:
     assert vm.exec("dpkg-query -W unplugd").rc != 0
     assert vm.exec("test -e /etc/systemd/system/multi-user.target.wants/unplugd.service").rc != 0
 
-
-def test_pc_guest_reaches_its_agent_after_boot() -> None:
-    """The same installed package on an i440fx (pc) guest: the agent is on its port after boot."""
-    require_root()
-    with GuestVM("pc", name="unplugd-e2e-pc") as guest:
-        guest.wait_booted(timeout=600)
-        assert guest.exec("systemctl is-active unplugd.service").stdout.strip() == "active", journal(guest)
-        assert agent_answers(guest).get("functions")
-        assert "Operation not permitted" not in journal(guest)

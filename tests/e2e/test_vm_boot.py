@@ -24,7 +24,7 @@ from typing import Any, cast
 import pytest
 
 from tests.conftest import REPO, require_root
-from tests.vm import GuestVM, disk_on_root_port, net_on_root_port
+from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port, net_on_root_port
 
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 UNIT = REPO / "packaging" / "systemd" / "unplugd.service"
@@ -41,7 +41,9 @@ def vm() -> Iterator[GuestVM]:
         disk_on_root_port("data2", chassis=3),  # held open by an unprivileged process
         net_on_root_port("net0", chassis=4),
     ]
-    with GuestVM("q35", devices=devices) as guest:
+    # The other e2e tests' config: one install boot serves them all (the package's default config is
+    # lived with in test_package_lifecycle.py).
+    with GuestVM("q35", devices=devices, config=MUTATIONS_CONFIG) as guest:
         guest.wait_booted(timeout=600)
         yield guest
 
