@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
+
+
+def require_vm_tools() -> None:
+    """What booting a test guest needs: root, QEMU and debootstrap (packaging/dev/system-deps.sh)."""
+    require_root()
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
+        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")

@@ -8,9 +8,11 @@ are named by their QEMU id, which is also the virtio-blk serial; NICs are told a
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
-from tests.vm import MUTATIONS_CONFIG, DataDisk, Device, root_ports, virtio_disk
+from tests.vm import MUTATIONS_CONFIG, DataDisk, Device, GuestVM, root_ports, virtio_disk
 
 __all__ = [
     "CONFIG",
@@ -21,6 +23,7 @@ __all__ = [
     "Q35_DEVICES",
     "SCENARIOS_SH",
     "port_of",
+    "unplugctl",
 ]
 
 # Timings of the VM runs, printed at the end of the session (tests/e2e/conftest.py): never asserted.
@@ -121,3 +124,15 @@ def _q35_devices() -> list[Device]:
 
 
 Q35_DEVICES = _q35_devices()
+
+
+def unplugctl(vm: GuestVM, *args: str) -> tuple[int, str, str]:
+    """unplugctl in this process (no interpreter start per call), with the VM's QMP and agent channel."""
+    from unplugd.host import cli as host_cli
+
+    argv = [args[0], "--qmp", str(vm.qmp_socket), "--agent", f"serial:{vm.agent_socket}",
+            "--agent-timeout", "90", *args[1:]]  # fmt: skip
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = host_cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()

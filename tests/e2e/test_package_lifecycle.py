@@ -11,13 +11,12 @@ half a minute); the tests run in file order, each building on the last.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 from google.protobuf.json_format import MessageToDict
 
-from tests.conftest import require_root
+from tests.conftest import require_vm_tools
 from tests.vm import GuestVM, disk_on_root_port, guest_debs
 from tests.vm.install import CONFIG, dpkg_install
 
@@ -26,9 +25,7 @@ UPGRADE_VERSION = "99.0.0"
 
 @pytest.fixture(scope="module")
 def vm() -> Iterator[GuestVM]:
-    require_root()
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    require_vm_tools()
     with GuestVM("q35", devices=[disk_on_root_port("data0", chassis=1)], packages=None, config=None,
                  name="unplugd-e2e-lifecycle", allow_reboot=True) as guest:
         guest.wait_booted(timeout=600)

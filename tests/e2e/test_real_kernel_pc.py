@@ -9,19 +9,16 @@ the disk behind the bridge is READY, is unplugged, and the agent confirms it gon
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import require_root
-from tests.e2e.real_kernel import CONFIG, FIGURES
+from tests.conftest import require_vm_tools
+from tests.e2e.real_kernel import CONFIG, FIGURES, unplugctl
 from tests.vm import GuestVM, pci_bridge, virtio_disk
 
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -30,9 +27,7 @@ NO_ROOT_HOTPLUG = ("-global", "PIIX4_PM.acpi-root-pci-hotplug=off")
 
 @pytest.fixture(scope="module")
 def vm() -> Iterator[GuestVM]:
-    require_root()
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    require_vm_tools()
     devices = [
         pci_bridge("br0", chassis_nr=1, addr="0x5"),
         virtio_disk("dbridged", bus="br0", addr="0x1"),
@@ -71,17 +66,6 @@ def report(vm: GuestVM) -> dict[str, dict[str, Any]]:
 
 def codes(f: dict[str, Any]) -> set[str]:
     return {r["code"].removeprefix("REASON_CODE_") for r in f.get("reasons", []) if r.get("blocking")}
-
-
-def unplugctl(vm: GuestVM, *args: str) -> tuple[int, str, str]:
-    from unplugd.host import cli as host_cli
-
-    argv = [args[0], "--qmp", str(vm.qmp_socket), "--agent", f"serial:{vm.agent_socket}",
-            "--agent-timeout", "90", *args[1:]]  # fmt: skip
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = host_cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_acpiphp_drives_the_bridge_slots_and_not_the_root_bus(vm: GuestVM) -> None:

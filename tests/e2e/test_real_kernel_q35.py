@@ -23,13 +23,10 @@ then, in file order:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -41,8 +38,18 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO, require_root
-from tests.e2e.real_kernel import CONFIG, FIGURES, HOT_ADD, MACS, NO_HOTPLUG_PORT, Q35_DEVICES, SCENARIOS_SH, port_of
+from tests.conftest import REPO, require_vm_tools
+from tests.e2e.real_kernel import (
+    CONFIG,
+    FIGURES,
+    HOT_ADD,
+    MACS,
+    NO_HOTPLUG_PORT,
+    Q35_DEVICES,
+    SCENARIOS_SH,
+    port_of,
+    unplugctl,
+)
 from tests.vm import PCIE_NATIVE_HOTPLUG, GuestVM
 from unplugd.agent.rpc.leases import lease_label
 
@@ -135,9 +142,7 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest() -> Iterator[Guest]:
-    require_root()
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    require_vm_tools()
     started = time.monotonic()
     # Native PCIe hotplug (pciehp): the other q35 tests run QEMU's default ACPI hotplug, the pc test
     # ACPI behind a bridge, so this boot covers the third way the guest can drive a slot.
@@ -267,20 +272,8 @@ def test_capture_reproduces_the_report_offline(guest: Guest, service_report: dic
 # --------------------------------------------------------------------------- the host half
 
 
-def unplugctl(guest: Guest, *args: str) -> tuple[int, str, str]:
-    """unplugctl in this process (no interpreter start per call), with the VM's QMP and agent channel."""
-    from unplugd.host import cli as host_cli
-
-    argv = [args[0], "--qmp", str(guest.vm.qmp_socket), "--agent", f"serial:{guest.vm.agent_socket}",
-            "--agent-timeout", "90", *args[1:]]  # fmt: skip
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = host_cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
-
-
 def test_status_blocks_every_busy_case(guest: Guest) -> None:
-    rc, out, err = unplugctl(guest, "status", "--json")
+    rc, out, err = unplugctl(guest.vm, "status", "--json")
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["guestReachable"], doc.get("guestError")
@@ -311,10 +304,10 @@ def test_check_and_unplug_refuse_with_the_guest_reason(guest: Guest, qid: str) -
     want = BLOCKED[qid]
     before = guest.vm.read_file(guest.fmt(want.witness)) if want.witness else None
     refused = 5 if qid == NO_HOTPLUG_PORT else 3  # not hotpluggable (the port says so) / blocked by the guest
-    rc, out, err = unplugctl(guest, "check", qid)
+    rc, out, err = unplugctl(guest.vm, "check", qid)
     assert rc == refused, out + err
     assert all(code in out for code in want.codes - {"DRIVER_BOUND_UNKNOWN_CLASS"}), out
-    rc, out, err = unplugctl(guest, "unplug", qid, "--timeout", "30")
+    rc, out, err = unplugctl(guest.vm, "unplug", qid, "--timeout", "30")
     assert rc == refused and "REFUSED" in out, out + err
     assert qid in present(guest)
     if want.witness:

@@ -9,14 +9,13 @@ disk first (the kernel then refuses to mount it) and releases the lease.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, require_root
+from tests.conftest import REPO, require_vm_tools
 from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port
 
 CONFIG = MUTATIONS_CONFIG
@@ -24,9 +23,7 @@ CONFIG = MUTATIONS_CONFIG
 
 @pytest.fixture(scope="module")
 def vm() -> Iterator[GuestVM]:
-    require_root()
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    require_vm_tools()
     devices = [
         disk_on_root_port("idle", chassis=1),
         disk_on_root_port("busy", chassis=2),

@@ -15,7 +15,6 @@ import contextlib
 import json
 import re
 import shlex
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.conftest import REPO, require_root
+from tests.conftest import REPO, require_vm_tools
 from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port, net_on_root_port
 
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -32,9 +31,7 @@ UNIT = REPO / "packaging" / "systemd" / "unplugd.service"
 
 @pytest.fixture(scope="module")
 def vm() -> Iterator[GuestVM]:
-    require_root()
-    if shutil.which("qemu-system-x86_64") is None or shutil.which("debootstrap") is None:
-        pytest.skip("needs qemu-system-x86 and debootstrap (packaging/dev/system-deps.sh)")
+    require_vm_tools()
     devices = [
         disk_on_root_port("data0", chassis=1),  # unplugged at the end
         disk_on_root_port("data1", chassis=2),  # mounted in a private mount namespace
