@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from unplugd.stdio import EXIT_BROKEN_PIPE
+from unplugd.stdio import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 __all__ = ["MEANING", "Exit", "help_paragraph"]
 
@@ -19,8 +19,7 @@ class Exit(IntEnum):
     USAGE = 2
     BUSY = 3
     UNKNOWN = 4
-    # What a shell reports for a command killed by SIGINT (128 + 2); main() returns it on Ctrl-C.
-    INTERRUPTED = 130
+    INTERRUPTED = EXIT_INTERRUPTED
     # stdout's reader left (`unplugd inspect | head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from unplugd.stdio import EXIT_BROKEN_PIPE
+from unplugd.stdio import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
 
 __all__ = ["MEANING", "SCOPE", "Exit", "help_paragraph"]
 
@@ -25,8 +25,7 @@ class Exit(IntEnum):
     PENDING = 7
     UNCONFIRMED = 8
     HYPERVISOR_LOST = 9
-    # What a shell reports for a command killed by SIGINT (128 + 2); main() returns it on Ctrl-C.
-    INTERRUPTED = 130
+    INTERRUPTED = EXIT_INTERRUPTED
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
 

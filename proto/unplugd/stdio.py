@@ -13,9 +13,11 @@ import os
 import signal
 import sys
 
-__all__ = ["EXIT_BROKEN_PIPE", "broken_pipe", "flush_stdout"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "broken_pipe", "flush_stdout"]
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+# What a shell reports for a command killed by SIGINT; both CLIs return it on Ctrl-C.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def flush_stdout() -> None:
