@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from unplugd.host.cli_plug import run_hot_add, split_plug_target
 from unplugd.host.client import TlsFiles
+from unplugd.host.devicespec import SpecError
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
@@ -281,6 +283,8 @@ def unplug_exit(r: UnplugResult) -> int:
 async def run(args: argparse.Namespace) -> int:
     async with open_session(args) as s:
         orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
+        if args.command in ("slots", "plug"):
+            return await run_hot_add(args, orch, s.vm)
         if args.command == "status":
             p = await orch.status()
             if args.json:
@@ -322,8 +326,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.command == "plug":
+        split_plug_target(p, args)
+        return
     t: list[str] = args.target
-    want = 0 if args.command == "status" else 1
+    want = 0 if args.command in ("status", "slots") else 1
     if args.qmp and len(t) == want:
         args.vm = None
     elif len(t) == want + 1:
@@ -350,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
-    except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
+    except (DeviceNotFound, AmbiguousDevice, UsageError, SpecError) as e:
         _print(f"unplugctl: {e}", sys.stderr)
         return EXIT_USAGE
     except HostError as e:

@@ -10,6 +10,7 @@
      |         +-- HotplugUnsupported   bus or device without hotplug support
      |         +-- MultifunctionRefused libvirt: device shares a multifunction slot
      |         +-- DeviceGone           the device no longer exists
+     |    +-- AddRejected        the hypervisor said no to a hot-add (device_add, a backend, attach)
      +-- DeviceNotFound          a DEVICE selector matches nothing in the topology
      +-- AmbiguousDevice         ... or more than one slot
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "AddRejected",
     "AmbiguousDevice",
     "BackendError",
     "DeviceGone",
@@ -95,3 +97,12 @@ class AmbiguousDevice(HostError):
         super().__init__(f"{selector!r} matches more than one slot: {', '.join(candidates)}")
         self.selector = selector
         self.candidates = list(candidates)
+
+
+class AddRejected(BackendError):
+    """The hypervisor refused to add a device or its backend; `what` names it."""
+
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(f"{what}: {message}")
+        self.what = what
+        self.hypervisor_message = message

@@ -25,6 +25,9 @@ class Exit(IntEnum):
     PENDING = 7
     UNCONFIRMED = 8
     HYPERVISOR_LOST = 9
+    NOT_CONFIRMED = 10
+    REJECTED = 11
+    ROLLBACK_INCOMPLETE = 12
     INTERRUPTED = EXIT_INTERRUPTED
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
@@ -36,18 +39,27 @@ MEANING: dict[Exit, str] = {
     Exit.USAGE: "usage error: bad arguments, unknown or ambiguous device",
     Exit.BLOCKED_BY_GUEST: "blocked by the guest",
     Exit.GUEST_UNREACHABLE: "guest unreachable or unknown",
-    Exit.NOT_HOTPLUGGABLE: "not hotpluggable",
+    Exit.NOT_HOTPLUGGABLE: "not hotpluggable (plug: no free hotpluggable slot there, or libvirt and a multifunction "
+    "slot; nothing was added)",
     Exit.NEEDS_COMPANIONS: "needs companions (other functions share the slot)",
     Exit.PENDING: "unplug still pending at --timeout",
     Exit.UNCONFIRMED: "unplugged, but the guest did not confirm",
     Exit.HYPERVISOR_LOST: "the hypervisor went away while waiting (QEMU exited, libvirtd did not come back); "
     "each function says whether it had left",
+    Exit.NOT_CONFIRMED: "plug: a function did not arrive in the guest (MISSING, NO_DRIVER) before --timeout; what was "
+    "added was removed again (kept with --keep-partial)",
+    Exit.REJECTED: "plug: the hypervisor rejected a device or backend; what was added was removed again (kept with "
+    "--keep-partial)",
+    Exit.ROLLBACK_INCOMPLETE: "plug: the rollback left something behind (each leftover is listed)",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
     Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 
 # check and wait-ready exit with their verdict's code; unplug too when it refuses.
-SCOPE = "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed"
+SCOPE = (
+    "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed; "
+    "plug: 0 every function present in the guest, 4 no agent to confirm with, 5 no room, 9-12 as below"
+)
 
 
 def help_paragraph() -> str:

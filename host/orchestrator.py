@@ -31,10 +31,13 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
+from unplugd.host import plugging
 from unplugd.host.client import AgentClientError, AgentUnreachable
+from unplugd.host.devicespec import SlotRequest
 from unplugd.host.errors import BackendError, HostError, UnplugRefused
+from unplugd.host.placement import BusRoom, room
 from unplugd.host.planner import (
     Finding,
     GuestView,
@@ -46,6 +49,7 @@ from unplugd.host.planner import (
     plan_slot,
     resolve,
 )
+from unplugd.host.plugging import PlugResult
 from unplugd.host.topology import Function, Removal, Topology
 from unplugd.pci import PciPath
 from unplugd.v1 import agent_service_pb2 as pb
@@ -536,6 +540,16 @@ class Orchestrator:
             )
             for fp in sp.functions
         )
+
+    # ------------------------------------------------------------ hot-add (host/plugging.py, host/placement.py)
+
+    async def slots(self) -> tuple[BusRoom, ...]:
+        """Every bus with its free and taken slots: where a hot-add can go."""
+        return room(await self.backend.topology())
+
+    async def plug(self, requests: Sequence[SlotRequest], **options: Any) -> PlugResult:
+        """Hot-add whole slots, confirmed by the guest, all or nothing (see plugging.plug for options)."""
+        return await plugging.plug(self.backend, self.agent, requests, agent_timeout=self.agent_timeout, **options)
 
     # ------------------------------------------------------------ wait-ready
 

@@ -100,4 +100,60 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
         if name == "wait-ready":
             c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
+    _hot_add_parsers(sub, common, fmt)
     return p
+
+
+PLUG_EPILOG = """\
+DEVICE-SPEC is QEMU's -device syntax (virtio-net-pci,netdev=hn1,mac=52:54:00:00:00:01),
+without bus=, addr= or multifunction=: unplugctl places the functions. Several specs fill
+one slot as functions 0, 1, ... in the order given; they are added 1..7 first and function 0
+last with multifunction=on (the guest hears of a slot when function 0 arrives). A free slot
+is chosen unless --slot BUS:SLOT (br0:0x3, pci.0:7, rp1, or a slot path 0000:00/05.0/03).
+With --qmp give no VM: every argument is a spec. --netdev and --blockdev create backends
+first (QEMU's -netdev syntax; -blockdev as KEY=VALUE strings with dotted nesting, or JSON for
+typed values). --file reads several slots from a JSON or TOML spec file ([[slots]] devices,
+netdevs, blockdevs, slot).
+
+unplugctl waits until the guest agent reports every new function at its PCI path with a
+driver bound and its objects (an interface, a block device): PRESENT, else NO_DRIVER or
+MISSING. If any is not PRESENT by --timeout, or the hypervisor rejects a spec halfway, what
+was added is removed again (device_del, backends deleted) unless --keep-partial.
+
+Under libvirt a DEVICE-SPEC is libvirt device XML (inline, or @FILE), attached live (and to
+the config with --persistent); one function a slot: libvirt cannot hot-add a multifunction
+slot, which unplugctl refuses and says to use --qmp for.
+
+{exit_codes}
+""".replace("{exit_codes}", help_paragraph())
+
+
+def _hot_add_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    fmt: type[argparse.RawDescriptionHelpFormatter],
+) -> None:
+    sl = sub.add_parser(
+        "slots",
+        parents=[common],
+        help="where a device can be hot-added: every bus, its free and taken slots",
+        epilog=EPILOG,
+        formatter_class=fmt,
+    )
+    sl.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp)")
+    pl = sub.add_parser(
+        "plug",
+        parents=[common],
+        help="hot-add devices (a whole multifunction slot), confirmed by the guest",
+        epilog=PLUG_EPILOG,
+        formatter_class=fmt,
+    )
+    pl.add_argument("target", nargs="*", metavar="VM DEVICE-SPEC", help="VM (omit with --qmp), then device specs")
+    pl.add_argument("--slot", metavar="BUS:SLOT", help="where (default: a free hotpluggable slot)")
+    pl.add_argument("--netdev", action="append", default=[], metavar="SPEC", help="create this -netdev first")
+    pl.add_argument("--blockdev", action="append", default=[], metavar="SPEC", help="create this -blockdev first")
+    pl.add_argument("--file", type=Path, metavar="SPECFILE", help="slots to fill, from a JSON or TOML file")
+    pl.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait this long for the guest")
+    pl.add_argument("--keep-partial", action="store_true", help="on failure keep what was added")
+    pl.add_argument("--persistent", action="store_true", help="libvirt: add to the domain's config too")
+    pl.add_argument("--dry-run", action="store_true", help="show where everything would go, add nothing")

@@ -48,9 +48,17 @@ FunctionKeys = Mapping[str, Hashable]
 
 
 def function_keys(report: report_pb2.Report) -> dict[str, Hashable]:
-    """Per function (by BDF): its state and reasons, the things a watcher reports."""
+    """Per function (by BDF): its state and reasons, the things a watcher reports, and its driver and
+    objects: a hot-added NIC's driver binds and its interface appears after the function itself
+    (still READY), and `unplugctl plug` waits for exactly that."""
     return {
-        f.address: (f.state, tuple(r.SerializeToString(deterministic=True) for r in f.reasons))
+        f.address: (
+            f.state,
+            tuple(r.SerializeToString(deterministic=True) for r in f.reasons),
+            f.driver,
+            tuple(b.name for b in f.block_devices),
+            tuple(n.name for n in f.net_interfaces),
+        )
         for f in report.functions
     }
 

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 
 from unplugd.host.backends.qmp import classify_unplug_error
 from unplugd.host.errors import (
+    AddRejected,
     BackendError,
     DeviceGone,
     DomainNotFound,
@@ -268,6 +269,9 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
         if alias:
             device_els[alias] = el
 
+    for index in sorted(controllers):  # buses no device sits on yet: where `unplugctl slots` finds room
+        with contextlib.suppress(TopologyError):
+            bus_of(index)
     root_bus = bus_of(0) if 0 in controllers else None
     if root_bus is not None and root_bus.kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
         for cslot, cfn, what in _chipset_functions(machine, acpi):
@@ -546,3 +550,31 @@ class LibvirtBackend:
                     conn.domainEventDeregisterAny(cb)
             with contextlib.suppress(Exception):
                 conn.unregisterCloseCallback()
+
+    # ------------------------------------------------------------ hot-add (host/plugging.py)
+
+    def _flags(self, persistent: bool) -> int:
+        import libvirt
+
+        live: int = libvirt.VIR_DOMAIN_AFFECT_LIVE
+        return live | libvirt.VIR_DOMAIN_AFFECT_CONFIG if persistent else live
+
+    async def attach_xml(self, xml: str, *, persistent: bool = False) -> None:
+        """attachDeviceFlags(LIVE, and CONFIG when persistent): libvirt adds the device and knows it."""
+        import libvirt
+
+        self._handoff = None
+        try:
+            await asyncio.to_thread(self._dom.attachDeviceFlags, xml, self._flags(persistent))
+        except libvirt.libvirtError as e:
+            raise AddRejected("attach", e.get_error_message() or str(e)) from e
+
+    async def detach_xml(self, xml: str, *, persistent: bool = False) -> None:
+        """What attach_xml added, taken back (detachDeviceFlags, same flags)."""
+        import libvirt
+
+        self._handoff = None
+        try:
+            await asyncio.to_thread(self._dom.detachDeviceFlags, xml, self._flags(persistent))
+        except libvirt.libvirtError as e:
+            raise classify_detach_error("the attached device", e.get_error_message() or str(e)) from e

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from unplugd.host.errors import (
+    AddRejected,
     BackendError,
     DeviceGone,
     DomainNotFound,
@@ -732,3 +733,37 @@ class QmpBackend:
 
         with self._client.listen(listener):
             yield events()
+
+    # ------------------------------------------------------------ hot-add (host/plugging.py)
+
+    async def _adding(self, what: str, command: str, arguments: Mapping[str, Any]) -> None:
+        try:
+            await self.execute(command, arguments)
+        except QmpCommandError as e:
+            raise AddRejected(what, e.desc) from e
+
+    async def device_add(self, arguments: Mapping[str, str]) -> None:
+        """device_add; properties as strings, which QEMU parses as it parses `-device`."""
+        await self._adding(f"device_add {arguments.get('id', '?')}", "device_add", arguments)
+
+    async def device_del(self, qemu_id: str) -> None:
+        try:
+            await self.execute("device_del", {"id": qemu_id})
+        except QmpCommandError as e:
+            raise classify_unplug_error(qemu_id, e.desc) from e
+
+    async def netdev_add(self, spec: str) -> None:
+        """A `-netdev` spec through QEMU's own parser (HMP netdev_add): QMP's netdev_add is strictly
+        typed (`restrict` must be a JSON boolean) and a keyval string does not say which values are."""
+        answer = await self.execute("human-monitor-command", {"command-line": f"netdev_add {spec}"})
+        if isinstance(answer, str) and answer.strip():
+            raise AddRejected(f"netdev_add {spec}", answer.strip())
+
+    async def netdev_del(self, qemu_id: str) -> None:
+        await self._adding(f"netdev_del {qemu_id}", "netdev_del", {"id": qemu_id})
+
+    async def blockdev_add(self, arguments: Mapping[str, Any]) -> None:
+        await self._adding(f"blockdev-add {arguments.get('node-name', '?')}", "blockdev-add", arguments)
+
+    async def blockdev_del(self, node_name: str) -> None:
+        await self._adding(f"blockdev-del {node_name}", "blockdev-del", {"node-name": node_name})
