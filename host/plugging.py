@@ -478,7 +478,7 @@ async def _rollback(
     paths = {pf.path: pf for _, pf in added.devices}
     try:
         now = await backend.topology()
-        leftovers += [f"{pf.qemu_id} still at {p} (hypervisor)" for p, pf in paths.items() if now.function(p)]
+        leftovers += [f"{paths[p].qemu_id} still at {p} (hypervisor)" for p in sorted(paths) if now.function(p)]
     except HostError as e:
         leftovers.append(f"could not read the topology after the rollback: {e}")
     if agent is not None and paths:
@@ -533,6 +533,10 @@ async def _guest_still_has(agent: AgentForPlug, paths: set[PciPath], timeout: fl
             if not still:
                 return
 
-    with contextlib.suppress(TimeoutError, *_AGENT_ERRORS):
-        await asyncio.wait_for(watch(), timeout)
+    try:
+        still = left(await asyncio.wait_for(agent.get_report(timeout=timeout), timeout + 1))
+        if still:
+            await asyncio.wait_for(watch(), timeout)
+    except (TimeoutError, *_AGENT_ERRORS):
+        pass
     return still
