@@ -2,7 +2,7 @@
 
     tests/bench/run.py [--quick] [--only SECTION]... [--json FILE|-]
 
-Sections: 1 inspect, 2 tree, 3 procs, 4 service, 5 host, 6 bounds (number or name).
+Sections: 1 inspect, 2 tree, 3 procs, 4 service, 5 host, 6 bounds, 7 hotadd (number or name).
 Each section stops by itself, cleans up what it started (loop devices,
 processes, namespaces, QEMU) even when interrupted, and prints
 "skipped: <why>" for what does not exist yet. Nothing here is a timed test.
@@ -44,6 +44,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("service", "tests.bench.sec_agent_service"),
     ("host", "tests.bench.sec_host"),
     ("bounds", "tests.bench.sec_bounds"),
+    ("hotadd", "tests.bench.sec_hot_add"),
 ]
 
 
