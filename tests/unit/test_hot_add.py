@@ -425,3 +425,16 @@ def test_libvirt_attaches_one_device_at_the_planned_address(pc: Topology) -> Non
     assert '<alias name="ua-up-pci.1-09-0" />' in xml
     (sp,) = r.slots
     assert libvirt_device(NIC_XML, sp, sp.functions[0])[2] == "interface"
+
+
+def test_libvirt_topologies_list_empty_controllers_as_room() -> None:
+    """A controller no device sits on yet is a bus too: libvirt's q35 capture has one empty root port."""
+    from pathlib import Path
+
+    from unplugd.host.backends.libvirt import parse_domain_xml
+
+    xml = (Path(__file__).resolve().parents[1] / "fixtures" / "libvirt" / "q35-live.xml").read_text()
+    rooms = {r.bus.name: r for r in room(parse_domain_xml(xml).topology)}
+    assert {n for n, r in rooms.items() if r.free} == {"pci.8", "pci.11"}
+    assert rooms["pci.11"].free == (0,) and rooms["pci.11"].whole_slot
+    assert "hotplug='off'" in rooms["pci.3"].hotplug.reason and rooms["pci.3"].occupied
