@@ -228,6 +228,8 @@ async def plug(
         if progress is not None:
             progress(PlugProgress(event, detail, time.monotonic() - start))
 
+    if not isinstance(backend, QmpPlugging | LibvirtPlugging):
+        return PlugResult(PlugOutcome.REFUSED, f"the {backend.source} backend cannot hot-add (nothing was added)")
     topo_task = asyncio.ensure_future(backend.topology())
     try:
         guest, why = await _guest(agent, agent_timeout)
@@ -238,8 +240,7 @@ async def plug(
         slots = plan_plug(topo, requests)
     except NoRoom as e:
         return PlugResult(PlugOutcome.REFUSED, f"{e} (nothing was added)")
-    libvirt = isinstance(backend, LibvirtPlugging) and not isinstance(backend, QmpPlugging)
-    if libvirt:
+    if not isinstance(backend, QmpPlugging):
         multi = [sp for sp in slots if sp.multifunction]
         if multi:
             return PlugResult(
@@ -269,12 +270,10 @@ async def plug(
     timings: dict[str, float] = {}
     try:
         timings["to_first_add"] = time.monotonic() - start
-        if libvirt:
-            assert isinstance(backend, LibvirtPlugging)
-            slots = await _attach(backend, slots, added, persistent, say)
-        else:
-            assert isinstance(backend, QmpPlugging)
+        if isinstance(backend, QmpPlugging):
             await _add(backend, slots, added, say)
+        else:
+            slots = await _attach(backend, slots, added, persistent, say)
         timings["adding"] = time.monotonic() - start - timings["to_first_add"]
     except AddRejected as e:
         say("note", f"rejected: {e}; removing what was added")

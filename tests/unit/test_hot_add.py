@@ -438,3 +438,10 @@ def test_libvirt_topologies_list_empty_controllers_as_room() -> None:
     assert {n for n, r in rooms.items() if r.free} == {"pci.8", "pci.11"}
     assert rooms["pci.11"].free == (0,) and rooms["pci.11"].whole_slot
     assert "hotplug='off'" in rooms["pci.3"].hotplug.reason and rooms["pci.3"].occupied
+
+
+def test_a_backend_that_cannot_add_is_refused(pc: Topology) -> None:
+    from tests.unit.host_fakes import FakeBackend
+
+    r = asyncio.run(plug(FakeBackend(pc), FakeAgent(report()), [request_from_args(["e1000"])]))
+    assert r.outcome is PlugOutcome.REFUSED and "cannot hot-add" in r.message
