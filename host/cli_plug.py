@@ -13,6 +13,7 @@ from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import Orchestrator
 from unplugd.host.placement import BusRoom, FunctionArrival, SlotPlug
 from unplugd.host.plugging import PlugOutcome, PlugProgress, PlugResult
+from unplugd.host.topology import Function
 from unplugd.text import display_text
 
 __all__ = ["PLUG_EXIT", "plug_json", "print_room", "run_hot_add", "slots_json", "split_plug_target"]
@@ -126,16 +127,22 @@ def _ranges(numbers: tuple[int, ...]) -> str:
     return ",".join(out)
 
 
+def _who(f: Function) -> str:
+    """A short name: the id or alias, else the model (chipset functions have only a QOM path)."""
+    return f.alias or f.qemu_id or f.model or str(f.path)
+
+
 def print_room(rooms: tuple[BusRoom, ...], vm: str, out: TextIO) -> None:
     _print(f"VM {vm}: where a device can be hot-added", out)
-    _print(f"{'BUS':<16} {'KIND':<28} {'PATH':<20} {'FREE SLOTS':<16} {'8 FUNCTIONS':<11} WHY NOT / TAKEN", out)
+    wide = max([len(r.bus.key) for r in rooms] + [4])
+    _print(f"{'BUS':<16} {'KIND':<28} {'PATH':<{wide}} {'FREE SLOTS':<20} {'8 FN':<4} WHY NOT / TAKEN", out)
     for r in rooms:
         free = _ranges(r.free) or "-"
         whole = "yes" if r.whole_slot else "no"
-        why = "" if r.hotplug else r.hotplug.reason
-        taken = ", ".join(f"{s.number:#04x} ({'+'.join(f.name for f in s.functions)})" for s in r.occupied)
-        _print(f"{r.bus.name:<16} {r.bus.kind.value:<28} {r.bus.key:<20} {free:<16} {whole:<11} {why}", out)
-        if taken and (r.hotplug or r.bus.kind.value.endswith("port")):
+        taken = ", ".join(f"{s.number:#04x} ({'+'.join(_who(f) for f in s.functions)})" for s in r.occupied)
+        why = r.hotplug.reason if not r.hotplug else f"occupied: {taken}" if taken and not r.free else ""
+        _print(f"{r.bus.name:<16} {r.bus.kind.value:<28} {r.bus.key:<{wide}} {free:<20} {whole:<4} {why}", out)
+        if taken and r.free:
             _print(f"    occupied: {taken}", out)
         for n, reason in r.refused:
             _print(f"    slot {n:#04x}: {reason}", out)

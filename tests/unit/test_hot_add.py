@@ -445,3 +445,82 @@ def test_a_backend_that_cannot_add_is_refused(pc: Topology) -> None:
 
     r = asyncio.run(plug(FakeBackend(pc), FakeAgent(report()), [request_from_args(["e1000"])]))
     assert r.outcome is PlugOutcome.REFUSED and "cannot hot-add" in r.message
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def cli_session(monkeypatch: pytest.MonkeyPatch, pc: Topology) -> dict[str, Any]:
+    from unplugd.host import cli
+
+    state: dict[str, Any] = {"backend": FakeQemu(pc), "agent": FakeAgent(report())}
+
+    @contextlib.asynccontextmanager
+    async def fake(args: Any) -> AsyncIterator[Any]:
+        yield cli.Session(state["backend"], state["agent"], "vm")
+
+    monkeypatch.setattr(cli, "open_session", fake)
+    return state
+
+
+def _main(*argv: str) -> int:
+    from unplugd.host import cli
+
+    return cli.main(list(argv))
+
+
+def test_slots_prints_the_table_and_json(cli_session: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main("slots", "--qmp", "/q") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("br1 ") and "0x01-0x04,0x06,0x08-0x1f yes" in line for line in table), table
+    assert "    occupied: 0x05 (br-disk), 0x07 (br2)" in table
+    assert _main("slots", "--qmp", "/q", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    br2 = next(b for b in doc["buses"] if b["bus"] == "br2")
+    assert br2["free"][0] == "0000:00/03.0/07.0/02" and br2["wholeSlot"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "agent_dead", "specs", "argv", "code", "outcome"),
+    [
+        ({}, False, ["e1000"], ["--slot", "br1:0x5"], 5, "REFUSED"),
+        ({}, True, ["e1000"], [], 4, "GUEST_UNREACHABLE"),
+        ({"reject": "up-br1-09-1"}, False, ["e1000", "e1000"], ["--slot", "br1:9"], 11, "REJECTED"),
+        ({}, False, ["e1000"], ["--timeout", "0.05"], 10, "NOT_CONFIRMED"),
+        ({"deaf": True}, False, ["e1000"], ["--timeout", "0.05"], 12, "ROLLBACK_INCOMPLETE"),
+        ({}, False, ["e1000"], ["--dry-run"], 0, "DRY_RUN"),
+    ],
+)
+def test_plug_exit_codes(
+    cli_session: dict[str, Any],
+    pc: Topology,
+    capsys: pytest.CaptureFixture[str],
+    backend: dict[str, Any],
+    agent_dead: bool,
+    specs: list[str],
+    argv: list[str],
+    code: int,
+    outcome: str,
+) -> None:
+    cli_session["backend"] = FakeQemu(pc, **backend)
+    cli_session["agent"].dead = agent_dead
+    assert _main("plug", "--qmp", "/q", *specs, *argv, "--json") == code
+    assert json.loads(capsys.readouterr().out)["outcome"] == outcome
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plug", "--qmp", "/q"], "DEVICE-SPECs or --file"),
+        (["plug", "--qmp", "/q", "e1000,bus=pci.0"], "give the place with --slot"),
+        (["plug", "--qmp", "/q", "e1000", "--slot", "nope:1"], "no bus named 'nope'"),
+        (["plug", "--qmp", "/q", "e1000", "--blockdev", "driver=raw"], "node-name"),
+    ],
+)
+def test_plug_usage_errors_exit_2(
+    cli_session: dict[str, Any], capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert _main(*argv) == 2
+    assert message in capsys.readouterr().err
+    assert cli_session["backend"].calls == []
