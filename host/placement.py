@@ -258,8 +258,13 @@ def _check_place(bus: Bus, number: int, topology: Topology, taken: Iterable[str]
         raise NoRoom(f"{where} ({slot_path}) is asked for twice")
 
 
+# Which free slots are taken first: a PCIe port's (a device behind its own port is what PCIe machines
+# expect, and pciehp drives it natively), then a root bus's, then a bridge's (one more bus level).
+_PREFERENCE = {BusKind.PCIE_ROOT_PORT: 0, BusKind.PCIE_SWITCH_DOWNSTREAM_PORT: 0, BusKind.PCI_ROOT: 1}
+
+
 def _first_free(rooms: Sequence[BusRoom], taken: set[str], req: SlotRequest) -> tuple[Bus, int]:
-    for r in rooms:
+    for r in sorted(rooms, key=lambda r: _PREFERENCE.get(r.bus.kind, 2)):  # stable: topology order within
         for n in r.free:
             if r.bus.path_of(n, 0).slot_path not in taken:
                 return r.bus, n
