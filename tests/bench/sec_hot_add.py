@@ -47,8 +47,8 @@ def _nic_slots(slots: int) -> Any:
         for f in range(FUNCTIONS):
             qid = f"n{s:02x}{f}"
             mf = ",multifunction=on" if f == 0 else ""
-            args += ["-netdev", f"user,id=net-{qid},restrict=on",
-                     "-device", f"virtio-net-pci,netdev=net-{qid},id={qid},romfile=,vectors=0,addr={s:#x}.{f}{mf}"]  # fmt: skip
+            nic = f"virtio-net-pci,netdev=net-{qid},id={qid},romfile=,vectors=0,addr={s:#x}.{f}{mf}"
+            args += ["-netdev", f"user,id=net-{qid},restrict=on", "-device", nic]
     return Device(tuple(args))
 
 
