@@ -161,7 +161,8 @@ def expected_objects(driver: str) -> str:
     return ""
 
 
-_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# Made-up ids keep to what both QEMU ids and libvirt user aliases (ua-[A-Za-z0-9_-]+) allow.
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 @dataclass(frozen=True)

@@ -343,9 +343,13 @@ async def _attach(
     for sp in slots:
         (asked,) = sp.functions
         xml, alias, expects = libvirt_device(asked.spec.text, sp, asked)
+        await backend.attach_xml(xml, persistent=persistent)
+        # libvirt keeps a user alias only if it likes it (ua-, no dots...), else names the device itself:
+        # the live XML says what it is called now, which is what a detach and the removal event use.
+        found = (await backend.topology()).function(asked.path)
+        alias = found.alias if found is not None and found.alias else alias
         pf = PlannedFunction(DeviceSpec(asked.spec.driver, (), xml), 0, alias, asked.path, expects)
         placed = SlotPlug(sp.request, sp.bus, sp.slot, (pf,), sp.chosen)
-        await backend.attach_xml(xml, persistent=persistent)
         added.devices.append((placed, pf))
         added.xml[alias] = xml
         say("added", f"{alias} at {pf.path} (attachDeviceFlags{', live and config' if persistent else ', live'})")

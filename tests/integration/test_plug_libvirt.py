@@ -67,8 +67,8 @@ def test_a_nic_is_attached_live_in_the_empty_root_port(q35: tuple[str, Path]) ->
     (sp,) = r.slots
     assert (sp.bus.name, sp.slot, sp.chosen) == ("pci.11", 0, True)  # the one empty port
     (a,) = r.arrivals
-    assert a.planned.qemu_id == "ua-up-pci.11-00-0" and str(a.planned.path) == "0000:80/01.0/00.0"
-    assert "<alias name='ua-up-pci.11-00-0'/>" in xml
+    assert a.planned.qemu_id == "ua-up-pci-11-00-0" and str(a.planned.path) == "0000:80/01.0/00.0"
+    assert "<alias name='ua-up-pci-11-00-0'/>" in xml
     assert "<address type='pci' domain='0x0000' bus='0x0b' slot='0x00' function='0x0'/>" in xml
 
 

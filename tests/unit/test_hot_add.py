@@ -422,7 +422,7 @@ def test_libvirt_attaches_one_device_at_the_planned_address(pc: Topology) -> Non
     assert r.outcome is PlugOutcome.PLUGGED, r.message
     ((xml, persistent),) = lv.attached
     assert persistent and '<address type="pci" domain="0x0000" bus="0x01" slot="0x09" function="0x0" />' in xml
-    assert '<alias name="ua-up-pci.1-09-0" />' in xml
+    assert '<alias name="ua-up-pci-1-09-0" />' in xml
     (sp,) = r.slots
     assert libvirt_device(NIC_XML, sp, sp.functions[0])[2] == "interface"
 
