@@ -701,10 +701,7 @@ class QmpBackend:
         target = fn.qemu_id or fn.qom_path
         if not target:
             raise HotplugUnsupported(str(fn.path), "QEMU knows no id or QOM path for this function")
-        try:
-            await self.execute("device_del", {"id": target})
-        except QmpCommandError as e:
-            raise classify_unplug_error(target, e.desc) from e
+        await self.device_del(target)
 
     @contextlib.asynccontextmanager
     async def removals(self) -> AsyncIterator[AsyncIterator[Removal]]:
@@ -747,6 +744,7 @@ class QmpBackend:
         await self._adding(f"device_add {arguments.get('id', '?')}", "device_add", arguments)
 
     async def device_del(self, qemu_id: str) -> None:
+        """device_del of a QEMU id or QOM path; returns once QEMU accepted it (the guest acts later)."""
         try:
             await self.execute("device_del", {"id": qemu_id})
         except QmpCommandError as e:
