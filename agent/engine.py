@@ -21,6 +21,7 @@ from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
 from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_processes
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
+from unplugd.agent.graph import is_active
 from unplugd.agent.model import (
     BlockDevice,
     DeviceNode,
@@ -30,7 +31,6 @@ from unplugd.agent.model import (
     OpenRef,
     PciFunction,
     ScanProblem,
-    Socket,
     Swap,
 )
 from unplugd.agent.readiness.policy import evaluate
@@ -68,10 +68,6 @@ def _first_line(roots: Roots, *parts: str) -> str:
     return text.splitlines()[0].strip() if text else ""
 
 
-def _active(sock: Socket) -> bool:
-    return sock.state == "ESTABLISHED" or (sock.proto.startswith("udp") and sock.remote_port != 0)
-
-
 def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: bool = True) -> Inventory:
     """Everything the collectors see under roots, in one Inventory.
 
@@ -106,7 +102,7 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
     problems.extend(net.problems)
 
     wanted = _wanted_nodes(block, [n for f in functions for n in f.device_nodes])
-    inodes = [s.inode for s in net.sockets if s.inode and _active(s)]
+    inodes = [s.inode for s in net.sockets if s.inode and is_active(s)]
     ps = _guarded("processes", problems, ProcessScan([]), lambda: scan_processes(roots, wanted, inodes))
     problems.extend(ps.problems)
     sockets = [
