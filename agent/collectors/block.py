@@ -19,6 +19,7 @@ import stat
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
@@ -42,13 +43,11 @@ __all__ = [
     "probe_exclusive",
     "read_attr",
     "read_attr_or",
-    "resolve_dev_path",
 ]
 
 log = logging.getLogger(__name__)
 
 _LOOP_MAJOR = 7
-_MAX_LINK_HOPS = 40
 
 
 def parse_sectors(text: str) -> int:
@@ -147,51 +146,6 @@ def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProble
         except ValueError as exc:
             problems.append(ScanProblem(sysdir, f"malformed: {exc}", (name,)))
     return devices, problems
-
-
-def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
-    """Follow symlinks of a /dev path without leaving dev_root; the resolved path relative to it.
-
-    /dev/mapper/x -> ../dm-0 gives "dm-0". None when the path or a link in it
-    points outside /dev (.. above the root, an absolute link elsewhere), loops,
-    or a component does not exist.
-    """
-    if live_path == "/dev" or not live_path.startswith("/dev/"):
-        return None
-    todo = [p for p in live_path[len("/dev/") :].split("/") if p][::-1]
-    done: list[str] = []
-    hops = 0
-    while todo:
-        part = todo.pop()
-        if part == ".":
-            continue
-        if part == "..":
-            if not done:
-                return None
-            done.pop()
-            continue
-        here = dev_root.joinpath(*done, part)
-        try:
-            st = os_lstat(here)
-        except OSError:
-            return None
-        if not stat.S_ISLNK(st.st_mode):
-            done.append(part)
-            continue
-        hops += 1
-        if hops > _MAX_LINK_HOPS:
-            return None
-        try:
-            target = os_readlink(here)
-        except OSError:
-            return None
-        if target.startswith("/"):
-            if target != "/dev" and not target.startswith("/dev/"):
-                return None
-            done = []
-            target = target[len("/dev") :]
-        todo.extend([p for p in target.split("/") if p][::-1])
-    return "/".join(done) if done else None
 
 
 def find_block_node(roots: Roots, dev: BlockDevice) -> Path | None:

@@ -28,18 +28,18 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, os_readlink, read_text
+from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, read_text
 
-__all__ = ["ProcessScan", "resolve_dev_link", "scan_files_on", "scan_processes"]
+__all__ = ["ProcessScan", "scan_files_on", "scan_processes"]
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "the process or fd is gone": skip silently.
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
-_SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
 
 
 
@@ -51,46 +51,10 @@ class ProcessScan:
     problems: list[ScanProblem] = field(default_factory=list)
 
 
-def resolve_dev_link(dev_root: Path, target: str) -> str | None:
-    """Resolve '/dev/...' link text inside a captured dev tree to the node's kernel path.
-
-    Follows the tree's symlinks (relative ones, and absolute ones into /dev/)
-    without ever leaving dev_root: '/dev/mapper/vg-lv' with mapper/vg-lv ->
-    ../dm-0 gives '/dev/dm-0'. The final node need not exist in the tree.
-    None when the text leaves /dev or loops.
-    """
-    if not target.startswith("/dev/"):
-        return None
-    pending = [p for p in reversed(target[len("/dev/") :].split("/"))]
-    resolved: list[str] = []
-    hops = 0
-    while pending:
-        part = pending.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not resolved:
-                return None  # climbs out of /dev
-            resolved.pop()
-            continue
-        candidate = dev_root.joinpath(*resolved, part)
-        try:
-            link = os_readlink(candidate)
-        except OSError:
-            resolved.append(part)  # not a symlink, or absent: take the name as it is
-            continue
-        hops += 1
-        if hops > _SYMLINK_HOPS:
-            return None
-        if link.startswith("/"):
-            if not link.startswith("/dev/"):
-                return None
-            resolved = []
-            link = link[len("/dev/") :]
-        pending.extend(reversed(link.split("/")))
-    if not resolved:
-        return None
-    return "/dev/" + "/".join(resolved)
+def _node_path(dev_root: Path, text: str) -> str | None:
+    """The /dev path of the node '/dev/...' text names in a captured dev tree, which need not hold the node."""
+    rel = resolve_dev_path(dev_root, text, missing_ok=True)
+    return None if rel is None else "/dev/" + rel
 
 
 def _socket_inode(target: str) -> int | None:
@@ -114,7 +78,7 @@ class _Scanner:
         if not self.live:
             for node in wanted:
                 self.by_path[node.path] = node
-                canonical = resolve_dev_link(roots.dev, node.path)
+                canonical = _node_path(roots.dev, node.path)
                 if canonical is not None:
                     self.by_path.setdefault(canonical, node)
         self.sockets = frozenset(socket_inodes)
@@ -240,7 +204,7 @@ class _Scanner:
             if target in self.resolved:
                 canonical = self.resolved[target]
             else:
-                canonical = self.resolved[target] = resolve_dev_link(self.roots.dev, target)
+                canonical = self.resolved[target] = _node_path(self.roots.dev, target)
             if canonical is not None:
                 node = self.by_path.get(canonical)
         if node is None:

@@ -18,7 +18,8 @@ import re
 import stat
 from collections.abc import Mapping, Sequence
 
-from unplugd.agent.collectors.block import devno_index, resolve_dev_path
+from unplugd.agent.collectors.block import devno_index
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ParseError, ReadError
 from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots

@@ -18,8 +18,8 @@ from unplugd.agent.collectors.block import (
     probe_exclusive,
     read_attr,
     read_attr_or,
-    resolve_dev_path,
 )
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BlockDevice
 from unplugd.agent.roots import Roots
