@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from unplugd.agent.selection import select
 from unplugd.pci import PciAddress, PciPath
 
 SYNTHETIC = PciAddress.parse("0000:7f:1f.7")
+SHM = "/dev/shm"  # a tmpfs on every systemd machine: no block device holds it
 TABLE = "label: dos\n,16M,L\n,16M,S\n"
 
 
@@ -79,9 +81,11 @@ def assert_not_busy(v: FunctionVerdict) -> None:
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Iterator[LoopDisk]:
+def disk() -> Iterator[LoopDisk]:
     require_tools()
-    with loop_disk(tmp_path, TABLE) as d:
+    # The image lies on a tmpfs: a loop disk is stacked on the disk whose filesystem holds its image
+    # (test_a_loop_selects_the_function_its_image_lies_on), and here only the synthetic function may own it.
+    with tempfile.TemporaryDirectory(dir=SHM) as shm, loop_disk(Path(shm), TABLE) as d:
         run("mkfs.ext4", "-q", "-F", str(d.part_node(0)))
         run("mkswap", str(d.part_node(1)))
         yield d
@@ -164,6 +168,19 @@ def test_loop_device_is_not_a_pci_function(disk: LoopDisk) -> None:
         text=True,
     )
     assert out.returncode == 2 and "no PCI function" in out.stderr
+
+
+def test_a_loop_selects_the_function_its_image_lies_on(tmp_path: Path) -> None:
+    """`unplugd check loopX` names the functions the report stacks loopX on: the disk holding its image."""
+    require_tools()
+    with loop_disk(tmp_path, TABLE) as d:
+        inv = engine.scan(Roots.live_system())
+        below = [v.address for v in evaluate(inv) if d.disk in v.block_devices]
+        if not below:
+            pytest.skip(f"{tmp_path} lies on no PCI function's disk here")
+        assert all(d.parts[0] in v.block_devices for v in evaluate(inv) if v.address in below)
+        assert [f.address for f in select(inv, [d.disk])] == below
+        assert [f.address for f in select(inv, [f"/dev/{d.parts[0]}"])] == below
 
 
 # --------------------------------------------------------------------------- this VM
