@@ -11,11 +11,8 @@ Addresses:
 grpcio dials only unix and TCP; the others go through a relay (relays.py) on
 a private unix socket. Every call has a deadline; an agent that cannot be
 reached or does not answer in time raises AgentUnreachable, any other failure
-AgentCallFailed with the gRPC status code.
-
-    AgentClientError
-     +-- AgentUnreachable     address + cause (connect, relay, deadline)
-     +-- AgentCallFailed      the agent answered with an error status
+AgentCallFailed with the gRPC status code; both are AgentClientError, a
+HostError (the tree: host/errors.py).
 """
 
 from __future__ import annotations
@@ -32,6 +29,7 @@ from typing import Literal, TypeVar, cast
 import grpc
 import grpc.aio
 
+from unplugd.host.errors import HostError
 from unplugd.host.relays import HybridVsockRelay, Relay, SerialRelay, VsockRelay
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
@@ -61,7 +59,7 @@ _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
-class AgentClientError(Exception):
+class AgentClientError(HostError):
     """Root of the agent client's errors."""
 
 

@@ -34,6 +34,7 @@ from unplugd.framing import (
     encode_frame,
     sync_preamble,
 )
+from unplugd.host.errors import HostError
 from unplugd.splice import close_writer, first_done, splice
 
 __all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay", "dial_vsock"]
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-class RelayError(Exception):
+class RelayError(HostError):
     """The relay could not reach the agent; the message says where and why."""
 
 

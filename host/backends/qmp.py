@@ -67,7 +67,7 @@ _PCI_BRIDGE_CLASS = 0x0604
 _HOST_BRIDGE_CLASS = 0x0600
 
 
-class QmpCommandError(Exception):
+class QmpCommandError(BackendError):
     """A QMP command answered with an error (the `desc` QEMU sent)."""
 
     def __init__(self, command: str, desc: str, klass: str = "GenericError") -> None:
