@@ -27,6 +27,7 @@ __all__ = [
     "Slot",
     "Topology",
     "assess_hotplug",
+    "group_slots",
 ]
 
 
@@ -144,6 +145,26 @@ class Slot:
     @property
     def hotplug(self) -> Hotplug:
         return assess_hotplug(self.bus, self.number, self.functions, self.machine)
+
+
+def group_slots(placed: Iterable[tuple[Bus, Function]], machine: str = "") -> tuple[Slot, ...]:
+    """Functions on their buses -> the slots they form, as both backends read them. Pure.
+
+    One slot per bus and slot number, its functions in function order; slots in
+    PCI path order (a bridge's slot before the slots behind it).
+    """
+    buses: dict[tuple[str, int], Bus] = {}
+    grouped: dict[tuple[str, int], list[Function]] = {}
+    for bus, f in placed:
+        where = (bus.key, f.path.hops[-1][0])
+        buses.setdefault(where, bus)
+        grouped.setdefault(where, []).append(f)
+    slots = [
+        Slot(buses[where], where[1], tuple(sorted(fs, key=lambda f: f.path.function)), machine)
+        for where, fs in grouped.items()
+    ]
+    slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+    return tuple(slots)
 
 
 def _is_i440fx(machine: str) -> bool:

@@ -42,7 +42,7 @@ from unplugd.host.errors import (
     TopologyError,
     UnplugRefused,
 )
-from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Topology, group_slots
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
@@ -284,16 +284,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
                     ),
                 )
 
-    grouped: dict[tuple[str, int], list[Function]] = {}
-    bus_by_key: dict[str, Bus] = {}
-    for bus, f in functions.values():
-        bus_by_key[bus.key] = bus
-        grouped.setdefault((bus.key, f.path.hops[-1][0]), []).append(f)
-    slots = [
-        Slot(bus_by_key[key], number, tuple(sorted(fs, key=lambda f: f.path.function)), machine)
-        for (key, number), fs in grouped.items()
-    ]
-    slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+    slots = group_slots(functions.values(), machine)
 
     channel = None
     for ch in devices.findall("channel"):
@@ -306,7 +297,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
             and source.get("path")
         ):
             channel = source.get("path")
-    topo = Topology("libvirt", vm, machine, tuple(slots), tuple(buses.values()), agent_channel=channel)
+    topo = Topology("libvirt", vm, machine, slots, tuple(buses.values()), agent_channel=channel)
     return DomainLayout(topo, _DeviceXml(device_els), channel)
 
 

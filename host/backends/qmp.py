@@ -37,7 +37,7 @@ from unplugd.host.errors import (
     UnplugInProgress,
     UnplugRefused,
 )
-from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Topology, group_slots
 from unplugd.pci import PciAddress
 
 if TYPE_CHECKING:
@@ -449,9 +449,8 @@ def _qdev_id(qom_path: str) -> str | None:
 
 
 class _Builder:
-    def __init__(self, machine: str) -> None:
-        self.machine = machine
-        self.slots: list[Slot] = []
+    def __init__(self) -> None:
+        self.placed: list[tuple[Bus, Function]] = []  # what group_slots() makes slots of
         self.buses: list[Bus] = []
 
     def add_bus(self, nodes: Sequence[PciNode], qbus: _QomBus | None, bus: Bus) -> None:
@@ -463,13 +462,12 @@ class _Builder:
         self.buses.append(bus)
         by_devfn = {d.devfn: d for d in qbus.devices if d.devfn is not None} if qbus else {}
         seen: set[int] = set()
-        slots: dict[int, list[Function]] = {}
         for node in nodes:
             seen.add(node.devfn)
             qdev = by_devfn.get(node.devfn)
             if qbus is not None and qdev is None:
                 log.warning("query-pci lists %s but QOM has no device there on %s", node.hops, qbus.path)
-            slots.setdefault(node.slot, []).append(self.function(node, qdev, bus))
+            self.placed.append((bus, self.function(node, qdev, bus)))
             if node.is_bridge:
                 self.add_bridge(
                     node.slot, node.function, children=node.children, secondary=node.secondary, qdev=qdev, parent=bus
@@ -478,12 +476,9 @@ class _Builder:
             if devfn in seen:
                 continue
             slot, function = devfn >> 3, devfn & 7
-            slots.setdefault(slot, []).append(self.qom_function(slot, function, qdev, bus))
+            self.placed.append((bus, self.qom_function(slot, function, qdev, bus)))
             if qdev.buses:
                 self.add_bridge(slot, function, children=(), secondary=None, qdev=qdev, parent=bus)
-        for number, funcs in sorted(slots.items()):
-            funcs.sort(key=lambda f: f.path.function)
-            self.slots.append(Slot(bus, number, tuple(funcs), self.machine))
 
     def qom_function(self, slot: int, function: int, qdev: _QomDevice, bus: Bus) -> Function:
         return Function(
@@ -563,7 +558,7 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
 
     found = await asyncio.gather(machine_root(), *(expander(number, nodes) for number, nodes in roots))
     by_number = {number: qbus for number, qbus in found if qbus is not None}
-    builder = _Builder(machine)
+    builder = _Builder()
     for number, nodes in roots:
         qbus = by_number.get(number)
         kind = _root_kind(qbus)
@@ -578,8 +573,8 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
             number=number,
         )
         builder.add_bus(nodes, qbus, bus)
-    builder.slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
-    return Topology(source="qmp", vm=vm, machine=machine, slots=tuple(builder.slots), buses=tuple(builder.buses))
+    slots = group_slots(builder.placed, machine)
+    return Topology(source="qmp", vm=vm, machine=machine, slots=slots, buses=tuple(builder.buses))
 
 
 # ---------------------------------------------------------------- unplug
