@@ -38,7 +38,7 @@ from unplugd.host.errors import (
     UnplugRefused,
 )
 from unplugd.host.topology import Bus, BusKind, Function, Removal, Topology, group_slots
-from unplugd.pci import PciAddress
+from unplugd.pci import PciAddress, PciPath
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -442,7 +442,7 @@ def _root_kind(bus: _QomBus | None) -> BusKind:
 
 
 def _qdev_id(qom_path: str) -> str | None:
-    prefix = "/machine/peripheral/"
+    prefix = f"{_PERIPHERAL}/"
     if qom_path.startswith(prefix) and "/" not in qom_path[len(prefix) :]:
         return qom_path[len(prefix) :]
     return None
@@ -523,17 +523,28 @@ class _Builder:
         qbus = qdev.buses[0] if qdev and qdev.buses else None
         bridge = parent.path_of(slot, function)
         kind = _BRIDGE_KINDS.get(qdev.type, BusKind.UNKNOWN) if qdev else BusKind.UNKNOWN
-        bus = Bus(
-            kind=kind,
-            domain=parent.domain,
-            root_bus=parent.root_bus,
-            bridge=bridge,
-            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"bus behind {bridge}",
-            hotplug=_has_handler(qbus),
-            mechanism=_mechanism(qbus.handler_type) if qbus else "",
+        bus = _bus(
+            qbus, f"bus behind {bridge}", kind=kind, domain=parent.domain, root_bus=parent.root_bus, bridge=bridge,
             number=secondary or None,
         )
         self.add_bus(children, qbus, bus)
+
+
+def _bus(
+    qbus: _QomBus | None, unnamed: str, *, kind: BusKind, domain: int, root_bus: int, bridge: PciPath | None,
+    number: int | None,
+) -> Bus:
+    """A Bus with what QOM says of it (name, hotplug handler and its kind); `unnamed` when QOM had no bus."""
+    return Bus(
+        kind=kind,
+        domain=domain,
+        root_bus=root_bus,
+        bridge=bridge,
+        name=qbus.path.rsplit("/", 1)[-1] if qbus else unnamed,
+        hotplug=_has_handler(qbus),
+        mechanism=_mechanism(qbus.handler_type) if qbus else "",
+        number=number,
+    )
 
 
 async def build_topology(execute: Execute, vm: str) -> Topology:
@@ -561,16 +572,8 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
     builder = _Builder()
     for number, nodes in roots:
         qbus = by_number.get(number)
-        kind = _root_kind(qbus)
-        bus = Bus(
-            kind=kind,
-            domain=0,
-            root_bus=number,
-            bridge=None,
-            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"root bus {number:02x}",
-            hotplug=_has_handler(qbus),
-            mechanism=_mechanism(qbus.handler_type) if qbus else "",
-            number=number,
+        bus = _bus(
+            qbus, f"root bus {number:02x}", kind=_root_kind(qbus), domain=0, root_bus=number, bridge=None, number=number
         )
         builder.add_bus(nodes, qbus, bus)
     slots = group_slots(builder.placed, machine)
