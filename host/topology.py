@@ -1,12 +1,14 @@
 """A VM's PCI topology as the hypervisor sees it, independent of QEMU or libvirt.
 
-Everything is keyed by PciPath (agent/model.py): the chain of slot.function hops
+Everything is keyed by PciPath (unplugd.pci, the contract): the chain of slot.function hops
 from a root bus. Bus numbers are firmware's business (and 0 before firmware ran);
 the guest agent derives the same path from sysfs, so the planner joins on it.
 
 Slot-level hotpluggability is decided here, from facts the backends collect
 (bus kind, whether the bus has a hotplug handler, the device types' own
 `hotpluggable`, the machine type), by one pure function: assess_hotplug().
+Both backends place each function on its bus and leave the grouping into
+slots to group_slots().
 """
 
 from __future__ import annotations
