@@ -20,12 +20,13 @@
      +-- AmbiguousDevice         ... or more than one slot
      +-- UsageError              unplugctl's arguments do not make sense (cli.py)
 
-Each class lives beside the code that raises it (the agent client's beside
-grpc, QMP's beside qemu.qmp), so this module imports nothing: the planner,
-which does no I/O, raises from here. The orchestrator turns the backend and
-agent families into outcomes; the CLI maps what is left to exit codes:
-DeviceNotFound, AmbiguousDevice and UsageError are usage errors (2), any other
-HostError a failure (1).
+The classes named with a module live there, beside what raises them (the
+agent client's beside grpc, QMP's beside qemu.qmp); the rest live here, and
+this module imports nothing, so the planner, which does no I/O, raises from it.
+The orchestrator turns the backend and agent families into outcomes; the CLI
+maps what is left to exit codes: DeviceNotFound, AmbiguousDevice and
+UsageError are usage errors (2), any other HostError a failure (1).
+tests/unit/test_host_errors.py checks this drawing against the classes.
 """
 
 from __future__ import annotations
