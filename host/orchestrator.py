@@ -81,18 +81,12 @@ class Backend(Protocol):
 
 
 class AgentLike(Protocol):
-    """The slice of host/client.py's AgentClient the orchestrator calls."""
+    """The slice of host/client.py's AgentClient the orchestrator calls, as it calls it."""
 
-    async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report: ...
+    async def get_report(self, *, timeout: float | None = None) -> report_pb2.Report: ...
 
     async def prepare_unplug(
-        self,
-        devices: Sequence[str],
-        lease_seconds: int,
-        take_interfaces_down: bool = False,
-        *,
-        lease_id: str = "",
-        timeout: float | None = None,
+        self, devices: Sequence[str], lease_seconds: int, *, timeout: float | None = None
     ) -> pb.PrepareUnplugResponse: ...
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse: ...
@@ -385,7 +379,7 @@ class Orchestrator:
             say("requested", f"unplug of {target.name} requested; waiting for {len(leaving)} function(s) to leave")
             last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
         if lost and removed != set(leaving):
-            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            still = _still_there(leaving, removed)
             return UnplugResult(
                 Outcome.HYPERVISOR_LOST,
                 f"lost the hypervisor ({self.backend.source}) while waiting: {lost}. {len(removed)} of "
@@ -402,7 +396,7 @@ class Orchestrator:
                 now = await self.backend.topology()
                 removed |= {p for p in leaving if now.function(p) is None}
         if removed != set(leaving):
-            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            still = _still_there(leaving, removed)
             return UnplugResult(
                 Outcome.PENDING,
                 f"not gone after {timeout:g}s: {still}. The hypervisor keeps the unplug pending until the guest "
@@ -579,6 +573,11 @@ def _new_guest_finding(f: Finding, overridden: Sequence[Finding]) -> bool:
     if f.verdict not in (Verdict.BLOCKED_BY_GUEST, Verdict.GUEST_UNREACHABLE):
         return False
     return not any(o.verdict is f.verdict and o.path == f.path for o in overridden)
+
+
+def _still_there(leaving: Mapping[PciPath, Function], removed: set[PciPath]) -> str:
+    """The functions that have not left yet, for a message."""
+    return ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
 
 
 def _waiting(sp: SlotPlan) -> bool:
