@@ -24,7 +24,11 @@ system-deps:
 $(VENV)/.stamp: pyproject.toml packaging/dev/venv.sh
 	packaging/dev/venv.sh
 
-dev: system-deps $(VENV)/.stamp protoc-venv
+# The directory's mtime changes when a root module is added or removed: relink .dev/ then.
+.dev/.stamp: proto/unplugd $(VENV)/.stamp
+	packaging/dev/venv.sh links
+
+dev: system-deps $(VENV)/.stamp .dev/.stamp protoc-venv
 
 # grpcio-tools 1.51.3: its output loads on Debian 12's protobuf 3.21 and on current PyPI.
 protoc-venv: $(PROTOC_VENV)/.stamp
