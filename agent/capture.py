@@ -39,7 +39,7 @@ from pathlib import Path
 
 from unplugd.agent.errors import InvalidArgument, ReadError
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import beneath, os_listdir, os_lstat, os_read, os_readlink
+from unplugd.agent.sysio import DENIED_ERRNOS, VANISHED_ERRNOS, beneath, os_listdir, os_lstat, os_read, os_readlink
 
 __all__ = ["CaptureStats", "capture"]
 
@@ -67,7 +67,6 @@ _SYS_DEPTH = 12
 _SLOT_FILES = ("address", "power", "adapter", "attention", "latch", "module")
 _PROC_FILES = ("swaps", "net/tcp", "net/tcp6", "net/udp", "net/udp6", "sys/kernel/hostname", "sys/kernel/osrelease")
 _DEV_SKIP = frozenset({"shm", "pts", "mqueue", "hugepages"})
-_GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR, errno.ENXIO, errno.ENODEV})
 _NS = re.compile(r"^mnt:\[(\d+)\]$")
 
 
@@ -118,7 +117,7 @@ class _Writer:
         try:
             content = os_read(self.src_path(rel))
         except OSError as exc:
-            if exc.errno in _GONE:
+            if exc.errno in VANISHED_ERRNOS:
                 return False
             if exc.errno == errno.ELOOP and _islink(self.src_path(rel)):
                 # an unreadable marker of a captured tree: keep it as it is
@@ -134,7 +133,7 @@ class _Writer:
         try:
             text = os_readlink(self.src_path(rel))
         except OSError as exc:
-            if exc.errno not in _GONE and exc.errno != errno.EINVAL:
+            if exc.errno not in VANISHED_ERRNOS and exc.errno != errno.EINVAL:
                 self.unreadable(rel, exc)
             return None
         out = self._target(rel)
@@ -260,7 +259,7 @@ def _capture_proc(w: _Writer) -> None:
         try:
             text = os_readlink(w.src_path(rel))
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
+            if exc.errno in DENIED_ERRNOS:
                 denied.append(pid)
             continue
         m = _NS.match(text)
@@ -289,7 +288,7 @@ def _capture_proc(w: _Writer) -> None:
         try:
             ids = _mount_ids(os_read(w.src_path(rel)).decode(errors="replace"))
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 w.unreadable(rel, exc)
                 _ns_link(w, pid, 0)
             continue
@@ -320,13 +319,13 @@ def _capture_fds(w: _Writer, pid: int) -> None:
             try:
                 text = os_readlink(w.src_path(f"{rel}/{name}"))
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     continue  # closed since the listing
                 raise
             if text.startswith(("/dev/", "socket:[")) or (w.src.live and "/dev/" in text):
                 kept.append(name)
     except OSError as exc:
-        if exc.errno not in _GONE:
+        if exc.errno not in VANISHED_ERRNOS:
             w.unreadable(rel, exc)
             w.file(f"proc/{pid}/comm")
         return

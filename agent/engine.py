@@ -94,7 +94,7 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
     no_block: tuple[dict[str, BlockDevice], list[ScanProblem]] = ({}, [])
     block, found = _guarded("block devices", problems, no_block, lambda: collect_block(roots))
     problems.extend(found)
-    no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
+    no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None)
     ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
     problems.extend(ms.problems)
     no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])

@@ -1,7 +1,7 @@
 """Roots: the only place that knows where sysfs, procfs and /dev live.
 
 Every collector reads through a Roots, so the same code inspects the live
-system (Roots.live()) or a captured tree (Roots.under(DIR), with DIR/sys,
+system (Roots.live_system()) or a captured tree (Roots.under(DIR), with DIR/sys,
 DIR/proc, DIR/dev and DIR/netlink.json as written by `unplugd capture`).
 """
 

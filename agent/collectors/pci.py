@@ -22,17 +22,20 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
     as_read_error,
+    listdir,
     os_lstat,
     os_readlink,
     os_scandir,
     parse_uevent,
     read_system_file,
+    read_text,
+    read_text_or,
+    readlink_or,
 )
 from unplugd.pci import PciAddress, PciPath
 
@@ -268,12 +271,12 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
     slots: dict[str, str] = {}
     problems: list[ScanProblem] = []
     try:
-        names = list_dir(base)
+        names = listdir(base)
     except ReadError as exc:
         return {}, [ScanProblem(base, str(exc))]
     for name in names:
         try:
-            text = read_attr_or(f"{base}/{name}/address")
+            text = read_text_or(f"{base}/{name}/address")
         except ReadError as exc:
             # Which functions that slot drives is unknown: any of them may lack (or have) a driver.
             problems.append(ScanProblem(f"{base}/{name}", str(exc)))
@@ -307,8 +310,8 @@ class _Below:
 def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
     """A directory with a `dev` file: a device node (and maybe a whole disk)."""
     try:
-        devno = parse_devno(read_attr(f"{d}/dev"))
-        uevent = parse_uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
+        devno = parse_devno(read_text(f"{d}/dev"))
+        uevent = parse_uevent(read_text(f"{d}/uevent")) if "uevent" in names else {}
     except Vanished:
         log.debug("%s vanished during the scan", d)
         below.vanished.append(d)
@@ -319,7 +322,7 @@ def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below
     except ValueError as exc:
         below.problems.append(ScanProblem(f"{d}/dev", f"malformed: {exc}", (bdf,)))
         return
-    subsystem = _readlink_or_none(f"{d}/subsystem") if "subsystem" in names else None
+    subsystem = readlink_or(f"{d}/subsystem", when=ReadError) if "subsystem" in names else None
     devtype = uevent.get("DEVTYPE")
     is_block = (
         (subsystem is not None and os.path.basename(subsystem) == "block")
@@ -340,13 +343,6 @@ def _lexists(path: str) -> bool:
     return True
 
 
-def _readlink_or_none(path: str) -> str | None:
-    try:
-        return os_readlink(path)
-    except OSError:
-        return None  # vanished or not a link: the caller falls back to other evidence
-
-
 def _walk(fdir: str, bdf: str) -> _Below:
     below = _Below()
     stack: list[tuple[str, tuple[str, ...]]] = [(fdir, ())]
@@ -363,7 +359,7 @@ def _walk(fdir: str, bdf: str) -> _Below:
         names = {e.name for e in entries}
         if rel:
             if "driver" in names:
-                drv = _readlink_or_none(f"{d}/driver")
+                drv = readlink_or(f"{d}/driver", when=ReadError)
                 if drv is not None:
                     below.subdrivers.append(os.path.basename(drv))
             if "dev" in names:
@@ -389,9 +385,9 @@ def _walk(fdir: str, bdf: str) -> _Below:
 
 def _read_ids(fdir: str) -> tuple[int, int, int]:
     return (
-        parse_hex_id(read_attr(f"{fdir}/vendor")),
-        parse_hex_id(read_attr(f"{fdir}/device")),
-        parse_hex_id(read_attr(f"{fdir}/class")),
+        parse_hex_id(read_text(f"{fdir}/vendor")),
+        parse_hex_id(read_text(f"{fdir}/device")),
+        parse_hex_id(read_text(f"{fdir}/class")),
     )
 
 
@@ -419,7 +415,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
     base = f"{sys_root}/bus/pci/devices"
     problems: list[ScanProblem] = []
     try:
-        names = list_dir(base)
+        names = listdir(base)
     except ReadError as exc:
         return [], [ScanProblem(base, str(exc))]
     slots, slot_problems = _hotplug_slots(roots)
@@ -454,7 +450,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
             # Keep the function so the report shows it, UNKNOWN through the problem.
             problems.append(ScanProblem(fdir, f"vendor/device/class unreadable: {exc}", (bdf,)))
             vendor, device, klass = 0xFFFF, 0xFFFF, 0
-        drv = _readlink_or_none(f"{fdir}/driver")
+        drv = readlink_or(f"{fdir}/driver", when=ReadError)
         below = _walk(fdir, bdf)
         problems.extend(below.problems)
         if below.vanished:

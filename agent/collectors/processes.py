@@ -31,14 +31,19 @@ from pathlib import Path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, os_readlink, read_text
+from unplugd.agent.sysio import (
+    VANISHED_ERRNOS,
+    os_listdir,
+    os_open_dir,
+    os_open_regular_at,
+    os_readlink,
+    read_text,
+)
 
 __all__ = ["ProcessScan", "resolve_dev_link", "scan_files_on", "scan_processes"]
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the process or fd is gone": skip silently.
-_GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
 _SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
 
 
@@ -139,7 +144,7 @@ class _Scanner:
         try:
             dfd = os_open_dir(f"{proc_dir}/{pid}/fd")
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return
         try:
@@ -151,7 +156,7 @@ class _Scanner:
         try:
             names = os.listdir(dfd)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return
         refs: list[OpenRef] = []
@@ -165,7 +170,7 @@ class _Scanner:
             try:
                 target = readlink(name, dir_fd=dfd)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     continue  # fd closed since the listing
                 if exc.errno == errno.EINVAL and not live:
                     text = self._read_captured_fd(pid, name, dfd, proc_dir)
@@ -211,7 +216,7 @@ class _Scanner:
             finally:
                 os.close(fd)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return None
         return data.decode("utf-8", "surrogateescape").strip()
@@ -222,7 +227,7 @@ class _Scanner:
             try:
                 st = os.stat(name, dir_fd=dfd)  # follows the fd to the opened inode
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     return None  # closed meanwhile: nothing held through it any more
                 raise  # unreadable: the caller records it, never a silent "not held"
             if stat.S_ISBLK(st.st_mode):
