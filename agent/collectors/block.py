@@ -20,7 +20,7 @@ from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
+from unplugd.agent.model import BlockDevice, Collected, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
     VANISHED_ERRNOS,
@@ -120,12 +120,12 @@ def _sys_block_entries(roots: Roots) -> list[tuple[str, str, str | None]]:
     return out
 
 
-def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProblem]]:
+def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
     problems: list[ScanProblem] = []
     try:
         entries = _class_block_entries(roots) or _sys_block_entries(roots)
     except ReadError as exc:
-        return {}, [ScanProblem(exc.path, str(exc))]
+        return Collected({}, [ScanProblem(exc.path, str(exc))])
     devices: dict[str, BlockDevice] = {}
     for name, sysdir, parent in entries:
         try:
@@ -138,7 +138,7 @@ def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProble
             problems.append(ScanProblem(sysdir, str(exc), (name,)))
         except ValueError as exc:
             problems.append(ScanProblem(sysdir, f"malformed: {exc}", (name,)))
-    return devices, problems
+    return Collected(devices, problems)
 
 
 def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
@@ -240,13 +240,13 @@ def _probe_one(node: Path, dev: BlockDevice) -> bool:
 
 def probe_exclusive(
     roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-) -> tuple[frozenset[str], list[ScanProblem]]:
+) -> Collected[frozenset[str]]:
     """Names of devices for which an O_EXCL open fails with EBUSY. Empty on captured trees.
 
     `skip`: devices the agent itself holds (lease claims), which would always answer EBUSY.
     """
     if not roots.live:
-        return frozenset(), []
+        return Collected(frozenset(), [])
     busy: set[str] = set()
     problems: list[ScanProblem] = []
     for dev in devices:
@@ -271,4 +271,4 @@ def probe_exclusive(
             if exc.errno in VANISHED_ERRNOS:
                 continue  # vanished between lookup and open
             problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {exc.strerror or exc}", (dev.name,)))
-    return frozenset(busy), problems
+    return Collected(frozenset(busy), problems)

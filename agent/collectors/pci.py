@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import DeviceNode, PciFunction, ScanProblem, parse_devno
+from unplugd.agent.model import Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
     as_read_error,
@@ -265,7 +265,7 @@ def parse_slot_address(text: str) -> str | None:
     return f"{int(d, 16):04x}:{int(b, 16):02x}:{int(s, 16):02x}"
 
 
-def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
+def _hotplug_slots(roots: Roots) -> Collected[dict[str, str]]:
     """slot_key -> slot directory name, for slots a hotplug driver controls."""
     base = f"{roots.sys}/bus/pci/slots"
     slots: dict[str, str] = {}
@@ -273,7 +273,7 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
     try:
         names = listdir(base)
     except ReadError as exc:
-        return {}, [ScanProblem(base, str(exc))]
+        return Collected({}, [ScanProblem(base, str(exc))])
     for name in names:
         try:
             text = read_text_or(f"{base}/{name}/address")
@@ -291,7 +291,7 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
             log.debug("slot %s (%s) has no hotplug controls: informational only", name, key)
             continue
         slots.setdefault(key, name)
-    return slots, problems
+    return Collected(slots, problems)
 
 
 @dataclass
@@ -410,14 +410,14 @@ def _function_dir(sys_root: str, base: str, name: str) -> tuple[str, str]:
     return joined, joined[len(sys_root) + 1 :]
 
 
-def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunction], list[ScanProblem]]:
+def collect_pci(roots: Roots, pci_ids: Path | None = None) -> Collected[list[PciFunction]]:
     sys_root = os.path.normpath(str(roots.sys))
     base = f"{sys_root}/bus/pci/devices"
     problems: list[ScanProblem] = []
     try:
         names = listdir(base)
     except ReadError as exc:
-        return [], [ScanProblem(base, str(exc))]
+        return Collected([], [ScanProblem(base, str(exc))])
     slots, slot_problems = _hotplug_slots(roots)
     problems.extend(slot_problems)
 
@@ -483,7 +483,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
     if pci_ids is not None and functions:
         functions = _with_names(functions, pci_ids)
     functions.sort(key=lambda f: f.address)
-    return functions, problems
+    return Collected(functions, problems)
 
 
 def _with_names(functions: list[PciFunction], pci_ids: Path) -> list[PciFunction]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 from unplugd.agent.collectors.block import devno_index, resolve_dev_path
 from unplugd.agent.errors import ReadError
-from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap, mount_holding
+from unplugd.agent.model import BlockDevice, Collected, DevNo, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
 from unplugd.text import unescape_octal
@@ -91,13 +91,13 @@ def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) 
 
 def collect_swaps(
     roots: Roots, mounts: Sequence[Mount], block: Mapping[str, BlockDevice], own_namespace: int = 0
-) -> tuple[list[Swap], list[ScanProblem]]:
+) -> Collected[list[Swap]]:
     """Every swap area; `mounts` of every namespace place swap files (model.mount_holding)."""
     source = roots.proc / "swaps"
     try:
         text = read_text(source)
     except ReadError as exc:
-        return [], [ScanProblem(str(source), str(exc))]
+        return Collected([], [ScanProblem(str(source), str(exc))])
     swaps: list[Swap] = []
     problems: list[ScanProblem] = []
     for entry in parse_swaps(text, str(source)):
@@ -120,4 +120,4 @@ def collect_swaps(
         else:
             problems.append(ScanProblem(path, f"unknown swap type {kind!r}"))
             swaps.append(Swap(path=path, kind=kind, devno=None, size_kib=size, used_kib=used))
-    return swaps, problems
+    return Collected(swaps, problems)
