@@ -31,12 +31,13 @@ import errno
 import json
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unplugd.agent.collectors.mounts import parse_mnt_ns
+from unplugd.agent.collectors.pci import BDF_NAME, collect_pci
 from unplugd.agent.errors import InvalidArgument, ReadError
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import DENIED_ERRNOS, VANISHED_ERRNOS, beneath, os_listdir, os_lstat, os_read, os_readlink
@@ -44,8 +45,6 @@ from unplugd.agent.sysio import DENIED_ERRNOS, VANISHED_ERRNOS, beneath, os_list
 __all__ = ["CaptureStats", "capture"]
 
 log = logging.getLogger(__name__)
-
-_BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 # Attribute files the collectors read (pci.py, block.py, net.py); nothing else is copied.
 _SYS_FILES = frozenset(
@@ -67,7 +66,6 @@ _SYS_DEPTH = 12
 _SLOT_FILES = ("address", "power", "adapter", "attention", "latch", "module")
 _PROC_FILES = ("swaps", "net/tcp", "net/tcp6", "net/udp", "net/udp6", "sys/kernel/hostname", "sys/kernel/osrelease")
 _DEV_SKIP = frozenset({"shm", "pts", "mqueue", "hugepages"})
-_NS = re.compile(r"^mnt:\[(\d+)\]$")
 
 
 @dataclass
@@ -172,15 +170,20 @@ def _resolve(w: _Writer, rel_link: str, text: str) -> str | None:
 # --------------------------------------------------------------------------- sys
 
 
-def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
-    """A device directory and what the collectors read below it."""
+def _entries(w: _Writer, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, its path relative to the tree, its lstat) for each entry of a source directory still there."""
     path = w.src_path(rel)
     for name in _listdir(path):
-        sub = f"{rel}/{name}"
         try:
             st = os_lstat(path / name)
         except OSError:
             continue
+        yield name, f"{rel}/{name}", st
+
+
+def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
+    """A device directory and what the collectors read below it."""
+    for name, sub, st in _entries(w, rel):
         if stat.S_ISLNK(st.st_mode):
             if name.startswith(_SYS_LINKS):
                 w.link(sub)
@@ -192,9 +195,9 @@ def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
                 w.dir(sub)
             elif name in _SYS_LINK_DIRS:
                 w.dir(sub)
-                for entry in _listdir(path / name):
+                for entry in _listdir(w.src_path(sub)):
                     w.link(f"{sub}/{entry}")
-            elif name in _SYS_NOISE or _BDF.match(name) or depth >= _SYS_DEPTH:
+            elif name in _SYS_NOISE or BDF_NAME.match(name) or depth >= _SYS_DEPTH:
                 continue  # child PCI functions are captured through their own links
             else:
                 _device_tree(w, sub, depth + 1)
@@ -262,11 +265,12 @@ def _capture_proc(w: _Writer) -> None:
             if exc.errno in DENIED_ERRNOS:
                 denied.append(pid)
             continue
-        m = _NS.match(text)
-        if m is None:
+        try:
+            ns = parse_mnt_ns(text)
+        except ValueError:
             w.link(rel)  # keep what is there (a marker of a captured tree): the collector decides
             continue
-        by_ns.setdefault(int(m.group(1)), []).append(pid)
+        by_ns.setdefault(ns, []).append(pid)
         w.link(rel)
         _capture_fds(w, pid)
     try:
@@ -339,20 +343,12 @@ def _capture_fds(w: _Writer, pid: int) -> None:
 
 
 def _function_char_nodes(src: Roots) -> frozenset[tuple[int, int]]:
-    from unplugd.agent.collectors.pci import collect_pci
-
     functions, _ = collect_pci(src)
     return frozenset(n.devno for f in functions for n in f.device_nodes if n.kind == "char")
 
 
 def _capture_dev(w: _Writer, chars: frozenset[tuple[int, int]], rel: str = "dev") -> None:
-    path = w.src_path(rel)
-    for name in _listdir(path):
-        sub = f"{rel}/{name}"
-        try:
-            st = os_lstat(path / name)
-        except OSError:
-            continue
+    for name, sub, st in _entries(w, rel):
         if stat.S_ISLNK(st.st_mode):
             w.link(sub)
         elif stat.S_ISDIR(st.st_mode):

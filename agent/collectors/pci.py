@@ -40,6 +40,7 @@ from unplugd.agent.sysio import (
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
+    "BDF_NAME",
     "PCI_IDS_LOCATIONS",
     "PciIds",
     "class_name",
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 PCI_IDS_LOCATIONS = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"))
 
 _ROOT_BUS = re.compile(r"^pci([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2})$")
-_BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+# A PCI function's directory name in sysfs (0000:00:03.0); capture.py skips the same child functions.
+BDF_NAME = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _SLOT_ADDRESS = re.compile(r"^([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})$")
 
 # Deep enough for usb-storage behind a controller (usb1/1-1/1-1:1.0/host2/target2:0:0/2:0:0:0/block/sdb/sdb1).
@@ -239,7 +241,7 @@ def parse_pci_path(sysfs_rel: str) -> PciPath:
     assert m is not None
     hops: list[tuple[int, int]] = []
     for comp in parts[i + 1 :]:
-        if not _BDF.match(comp):
+        if not BDF_NAME.match(comp):
             raise ValueError(f"{comp!r} in {sysfs_rel!r} is not a PCI function")
         addr = PciAddress.parse(comp)
         hops.append((addr.slot, addr.function))
@@ -376,7 +378,7 @@ def _walk(fdir: str, bdf: str) -> _Below:
                     continue
             except OSError:
                 continue
-            if e.name in _NOISE or _BDF.match(e.name):
+            if e.name in _NOISE or BDF_NAME.match(e.name):
                 continue  # child PCI functions are functions of their own
             subdirs.append(e.name)
         stack.extend((f"{d}/{sub}", (*rel, sub)) for sub in sorted(subdirs, reverse=True))
