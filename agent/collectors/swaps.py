@@ -107,17 +107,13 @@ def collect_swaps(
         path, kind, size, used = entry
         devno: DevNo | None
         if kind == "partition":
-            devno = _partition_devno(roots, path, block)
-            if devno is None:
-                problems.append(ScanProblem(path, "swap partition matches no block device"))
-            swaps.append(Swap(path=path, kind="partition", devno=devno, size_kib=size, used_kib=used))
+            devno, unplaced = _partition_devno(roots, path, block), "swap partition matches no block device"
         elif kind == "file":
             mount = mount_holding(path, mounts, own_namespace)
-            if mount is None:
-                problems.append(ScanProblem(path, "no mount holds this swap file"))
-            devno = mount.devno if mount else None
-            swaps.append(Swap(path=path, kind="file", devno=devno, size_kib=size, used_kib=used))
+            devno, unplaced = (mount.devno if mount else None), "no mount holds this swap file"
         else:
-            problems.append(ScanProblem(path, f"unknown swap type {kind!r}"))
-            swaps.append(Swap(path=path, kind=kind, devno=None, size_kib=size, used_kib=used))
+            devno, unplaced = None, f"unknown swap type {kind!r}"
+        if devno is None:
+            problems.append(ScanProblem(path, unplaced))
+        swaps.append(Swap(path=path, kind=kind, devno=devno, size_kib=size, used_kib=used))
     return Collected(swaps, problems)
