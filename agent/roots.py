@@ -43,11 +43,6 @@ class Roots:
         """Where a captured tree keeps links, addresses and routes (JSON)."""
         return self.base / "netlink.json"
 
-    def dev_path(self, live_path: str) -> Path:
-        """Map a path as the kernel names it ("/dev/vda1") into this root."""
-        rel = live_path[len("/dev/") :] if live_path.startswith("/dev/") else live_path.lstrip("/")
-        return self.dev / rel
-
 
 def is_capture(base: Path | str) -> bool:
     """base holds one of CAPTURE_MARKS as a real directory (not a symlink to one)."""

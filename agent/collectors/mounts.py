@@ -22,7 +22,7 @@ from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink, readlink_or
 from unplugd.text import unescape_octal
 
-__all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
+__all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo"]
 
 log = logging.getLogger(__name__)
 

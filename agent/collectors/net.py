@@ -44,7 +44,6 @@ __all__ = [
     "parse_flags",
     "parse_netlink",
     "parse_proc_net",
-    "parse_uevent",
     "read_interface",
     "snapshot_netlink",
 ]

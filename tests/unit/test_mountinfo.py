@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo, unescape_octal
+from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo
 from unplugd.agent.errors import ParseError
 from unplugd.agent.model import Mount
 from unplugd.agent.roots import Roots
+from unplugd.text import unescape_octal
 
 ROOT_LINE = "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard"
 
