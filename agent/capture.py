@@ -40,7 +40,16 @@ from unplugd.agent.collectors.mounts import parse_mnt_ns
 from unplugd.agent.collectors.pci import BDF_NAME, collect_pci
 from unplugd.agent.errors import InvalidArgument, ReadError
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import DENIED_ERRNOS, VANISHED_ERRNOS, beneath, os_listdir, os_lstat, os_read, os_readlink
+from unplugd.agent.sysio import (
+    DENIED_ERRNOS,
+    VANISHED_ERRNOS,
+    beneath,
+    os_listdir,
+    os_lstat,
+    os_read,
+    os_readlink,
+    os_reason,
+)
 
 __all__ = ["CaptureStats", "capture"]
 
@@ -100,7 +109,7 @@ class _Writer:
         if out is None:
             return
         os.symlink(out.name, out)  # a link to itself: ELOOP for every reader
-        self.stats.unreadable.append(f"/{rel}: {exc.strerror or exc}")
+        self.stats.unreadable.append(f"/{rel}: {os_reason(exc)}")
 
     def data(self, rel: str, content: bytes) -> None:
         out = self._target(rel)

@@ -47,6 +47,7 @@ __all__ = [
     "os_open_regular_at",
     "os_read",
     "os_readlink",
+    "os_reason",
     "os_scandir",
     "parse_uevent",
     "read_system_file",
@@ -74,8 +75,13 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in the kernel's words ("Permission denied"), without the path."""
+    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+
+
 def as_read_error(path: StrPath, exc: OSError) -> ReadError:
-    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    reason = os_reason(exc)
     if exc.errno in VANISHED_ERRNOS:
         return Vanished(str(path), reason)
     if exc.errno in DENIED_ERRNOS:

@@ -30,6 +30,7 @@ from unplugd.agent.sysio import (
     os_listdir,
     os_lstat,
     os_readlink,
+    os_reason,
     read_text,
     read_text_or,
 )
@@ -270,5 +271,5 @@ def probe_exclusive(
         except OSError as exc:
             if exc.errno in VANISHED_ERRNOS:
                 continue  # vanished between lookup and open
-            problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {exc.strerror or exc}", (dev.name,)))
+            problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {os_reason(exc)}", (dev.name,)))
     return Collected(frozenset(busy), problems)

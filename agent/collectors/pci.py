@@ -30,6 +30,7 @@ from unplugd.agent.sysio import (
     listdir,
     os_lstat,
     os_readlink,
+    os_reason,
     os_scandir,
     parse_uevent,
     read_system_file,
@@ -356,7 +357,7 @@ def _walk(fdir: str, bdf: str) -> _Below:
             below.vanished.append(d)  # vanished mid-walk
             continue
         except OSError as exc:
-            below.problems.append(ScanProblem(d, f"cannot list: {exc.strerror or exc}", (bdf,)))
+            below.problems.append(ScanProblem(d, f"cannot list: {os_reason(exc)}", (bdf,)))
             continue
         names = {e.name for e in entries}
         if rel:

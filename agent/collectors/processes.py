@@ -37,6 +37,7 @@ from unplugd.agent.sysio import (
     os_open_dir,
     os_open_regular_at,
     os_readlink,
+    os_reason,
     read_text,
 )
 
@@ -128,7 +129,7 @@ class _Scanner:
         self.problems: list[ScanProblem] = []
 
     def problem(self, pid: int, exc: OSError, proc_dir: str) -> None:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = os_reason(exc)
         command = self._command(pid, proc_dir)
         who = f"pid {pid} ({command})" if command else f"pid {pid}"
         self.problems.append(
@@ -270,7 +271,7 @@ def scan_processes(
     try:
         pids = [int(name) for name in os_listdir(proc_dir) if name.isdigit()]
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = os_reason(exc)
         return Collected(
             ProcessScan(open_refs=[], socket_owners={}),
             [ScanProblem(object="/proc", detail=f"cannot list processes: {reason}", affects=("*",))],
