@@ -2,9 +2,11 @@
 
 scan() is the only place that knows the order the collectors depend on
 (swaps need mounts and block devices; the process scan needs the device
-nodes and the sockets). A collector that fails outright does not stop the
-scan: its failure becomes a ScanProblem touching every function, so the
-report says UNKNOWN instead of READY, and the agent keeps serving.
+nodes and the sockets). Every collector answers a model.Collected (what it
+saw, what it could not read), so each step is one line. A collector that
+fails outright does not stop the scan: its failure becomes a ScanProblem
+touching every function, so the report says UNKNOWN instead of READY, and
+the agent keeps serving.
 """
 
 from __future__ import annotations
