@@ -116,16 +116,22 @@ def _collector_rows(result: SectionResult, tree: GeneratedTree, runs: int) -> No
             "mounts",
             "collect_mounts",
             lambda f: lambda: f(roots),
-            lambda r: f"{len(r.mounts)} mounts",
+            lambda r: f"{len(r.value.mounts)} mounts",
         ),
         (
             f"scan_processes ({len(wanted)} nodes wanted)",
             "processes",
             "scan_processes",
             lambda f: lambda: f(roots, wanted),
-            lambda r: f"{len(r.open_refs)} open refs, {len(r.problems)} problems",
+            lambda r: f"{len(r.value.open_refs)} open refs, {len(r.problems)} problems",
         ),
-        ("collect_net", "net", "collect_net", lambda f: lambda: f(roots), lambda r: f"{len(r.interfaces)} interfaces"),
+        (
+            "collect_net",
+            "net",
+            "collect_net",
+            lambda f: lambda: f(roots),
+            lambda r: f"{len(r.value.interfaces)} interfaces",
+        ),
     ]
     for what, mod_name, func_name, bind, describe in steps:
         try:

@@ -96,7 +96,7 @@ def _holder_check(result: SectionResult, raw: str, runs: int) -> None:
         st = os.stat(raw)
         node = model.DeviceNode(raw, (os.major(st.st_rdev), os.minor(st.st_rdev)), "block")
         t = time_call(lambda: processes.scan_processes(roots, [node]), runs)
-        scan = processes.scan_processes(roots, [node])
+        scan = processes.scan_processes(roots, [node]).value
         pids = {ref.pid for ref in scan.open_refs}
         result.rows.append(_row(f"  {what}", t, None, note=f"{len(pids)} processes, {len(scan.open_refs)} fds found"))
     except Skipped as exc:

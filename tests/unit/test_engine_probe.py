@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures import build_scenarios
 from unplugd.agent import engine, treetext
-from unplugd.agent.model import BlockDevice, ScanProblem
+from unplugd.agent.model import BlockDevice, Collected
 from unplugd.agent.roots import Roots
 
 
@@ -19,9 +19,9 @@ def test_probe_only_disks_without_visible_users(tmp_path: Path, monkeypatch: pyt
 
     def fake_probe(
         roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-    ) -> tuple[frozenset[str], list[ScanProblem]]:
+    ) -> Collected[frozenset[str]]:
         probed.extend(d.name for d in devices)
-        return frozenset(), []
+        return Collected(frozenset(), [])
 
     monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
     inv = engine.scan(Roots.under(tmp_path))
@@ -47,9 +47,9 @@ def test_probe_can_be_turned_off(
 
     def fake_probe(
         roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-    ) -> tuple[frozenset[str], list[ScanProblem]]:
+    ) -> Collected[frozenset[str]]:
         probed.append([d.name for d in devices])
-        return frozenset(), []
+        return Collected(frozenset(), [])
 
     monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
     ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path))
