@@ -1,6 +1,6 @@
 """AgentService: converts requests, calls the engine, leases and watcher, maps errors.
 
-Thin on purpose: every decision lives in the engine (readiness), leases.py
+Thin on purpose: every decision lives in the engine (readiness), mutations/leases.py
 (claims) or watch.py (changes). Every method runs inside `_guard`, so any
 exception becomes a status through rpc/errors.py and the server lives on.
 """
@@ -11,7 +11,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -19,18 +18,19 @@ from google.protobuf import timestamp_pb2
 
 import unplugd
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.resources import agent_resources
+from unplugd.agent.daemon.scans import EngineApi
 from unplugd.agent.errors import InvalidArgument, MutationDisabled
+from unplugd.agent.mutations.leases import LeaseGrant, LeaseManager, targets_for
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import EngineApi
 from unplugd.agent.rpc.errors import status_for
-from unplugd.agent.rpc.leases import LeaseGrant, LeaseManager, targets_for
-from unplugd.agent.rpc.resources import agent_resources
 from unplugd.agent.rpc.watch import ReportHub, Subscription, changed_between, filter_report, function_keys
+from unplugd.agent.transports.listener import Listener
 from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 
-__all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "Listener", "validate_names"]
+__all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "validate_names"]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +38,6 @@ MAX_NAMES = 512
 MAX_NAME_LENGTH = 256
 
 _R = TypeVar("_R")
-
-
-@dataclass(frozen=True)
-class Listener:
-    transport: str  # unix | vsock | virtio-serial | tcp-mtls
-    address: str
 
 
 def validate_names(names: Sequence[str]) -> list[str]:

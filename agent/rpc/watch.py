@@ -1,7 +1,7 @@
 """One shared scanner for every WatchReport subscriber.
 
 ChangeWatcher is the engine of it and knows nothing of reports: a thread
-sleeps in poll(2) on the event sources (events.py), lets a burst settle for
+sleeps in poll(2) on the event sources (daemon/events.py), lets a burst settle for
 `debounce` seconds, takes one snapshot and calls `on_change` only when the
 snapshot's fingerprint differs from the last one. Without events it wakes
 every `rescan_seconds` (or RESCAN_PER_SCAN times the last scan's duration,
@@ -33,8 +33,8 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.errors import WatchStopped
-from unplugd.agent.rpc.events import EventSources
 from unplugd.v1 import report_pb2
 
 __all__ = ["ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report", "function_keys",

@@ -10,8 +10,8 @@ import grpc
 
 from tests.unit.rpc_fakes import FakeEngine, running_server
 from unplugd.agent.config import Config, ServerConfig
+from unplugd.agent.daemon.scans import Coalescer, CoalescingEngine
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import Coalescer, CoalescingEngine
 from unplugd.v1 import agent_service_pb2 as pb
 
 CALLERS = 50

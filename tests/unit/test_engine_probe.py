@@ -40,7 +40,7 @@ def test_probe_can_be_turned_off(
     """[readiness] exclusive_probe = false and `inspect --no-probe` open no disk at all."""
     from unplugd.agent import cli
     from unplugd.agent.config import ConfigError, parse_config
-    from unplugd.agent.rpc.engine_api import ModuleEngine
+    from unplugd.agent.daemon.scans import ModuleEngine
 
     treetext.unpack((build_scenarios.SCENARIOS / "multifunction8.tree").read_text(), tmp_path)
     probed: list[list[str]] = []
