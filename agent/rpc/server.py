@@ -160,7 +160,7 @@ class AgentServer:
         return f"unix:{self.socket_path}"
 
     def _produce(self) -> Any:
-        return self.engine.inspect(self.roots, leased=self.leases.leased(), own_claims=self.leases.own_claims())
+        return self.engine.inspect(self.roots, (), leased=self.leases.leased(), own_claims=self.leases.own_claims())
 
     def listeners(self) -> list[Listener]:
         return [Listener("unix", str(self.socket_path)), *self._tcp, *self._bridges.listeners]

@@ -52,11 +52,11 @@ def test_probe_can_be_turned_off(
         return frozenset(), []
 
     monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
-    ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path))
+    ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path), own_claims=())
     assert cli.main(["inspect", "--json", "--no-probe", "--root", str(tmp_path)]) == cli.EXIT_OK
     capsys.readouterr()
     assert probed and all(names == [] for names in probed)
-    ModuleEngine().scan(Roots.under(tmp_path))
+    ModuleEngine().scan(Roots.under(tmp_path), own_claims=())
     assert probed[-1], "the default still probes idle disks"
 
     assert not parse_config({"readiness": {"exclusive_probe": False}}).readiness.exclusive_probe
