@@ -32,9 +32,9 @@ from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_function
 from unplugd.agent import cli, engine
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.model import Collected
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb

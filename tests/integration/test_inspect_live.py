@@ -228,8 +228,8 @@ def test_lease_refused_while_a_process_holds_the_disk(disk: LoopDisk) -> None:
     """An fd held open does not stop O_EXCL, so only the report can refuse the lease; it does, naming the pid."""
     from unplugd.agent.errors import ClaimConflict
     from unplugd.agent.model import BlockDevice
-    from unplugd.agent.rpc.claims import claim_block_device, release_claims
-    from unplugd.agent.rpc.leases import targets_for
+    from unplugd.agent.mutations.claims import claim_block_device, release_claims
+    from unplugd.agent.mutations.leases import targets_for
 
     with open(disk.part_node(0), "rb") as node:
         proc = subprocess.Popen(["sleep", "300"], stdin=node)

@@ -33,10 +33,10 @@ from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_func
 from tests.reliability.registry import Options, Row
 from unplugd.agent import cli, engine
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.model import Collected
 from unplugd.agent.report import to_json
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.text import unescape_octal
 from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc
