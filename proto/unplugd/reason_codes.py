@@ -14,8 +14,16 @@ PREFIX = "REASON_CODE_"
 
 
 def code_name(value: report_pb2.ReasonCode.ValueType) -> str:
-    """The bare name of a wire value (REASON_CODE_MOUNTED's number -> "MOUNTED"); ValueError if unknown."""
-    return report_pb2.ReasonCode.Name(value).removeprefix(PREFIX)
+    """The bare name of a wire value (REASON_CODE_MOUNTED's number -> "MOUNTED").
+
+    A number this side does not know comes from a newer peer (proto3 enums are open, so it arrives
+    intact): it reads as "CODE_<n>" rather than failing the whole report; the reason's own
+    `blocking` flag still says whether it blocks.
+    """
+    try:
+        return report_pb2.ReasonCode.Name(value).removeprefix(PREFIX)
+    except ValueError:
+        return f"CODE_{int(value)}"
 
 
 def code_value(name: str) -> report_pb2.ReasonCode.ValueType:
