@@ -5,7 +5,8 @@
 Sections: 1 inspect, 2 tree, 3 procs, 4 service, 5 host, 6 bounds (number or name).
 Each section stops by itself, cleans up what it started (loop devices,
 processes, namespaces, QEMU) even when interrupted, and prints
-"skipped: <why>" for what does not exist yet. Nothing here is a timed test.
+"skipped: <why>" for what this machine lacks (root, QEMU, libvirt, a
+tool to compare with). Nothing here is a timed test.
 """
 
 from __future__ import annotations
