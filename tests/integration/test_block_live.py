@@ -22,6 +22,7 @@ from tests.integration.loopdev import (
     swapped_on,
     wait_for,
 )
+from unplugd.agent.capture import capture
 from unplugd.agent.collectors.block import collect_block, find_block_node, probe_exclusive
 from unplugd.agent.collectors.mounts import collect_mounts
 from unplugd.agent.collectors.pci import collect_pci
@@ -206,12 +207,11 @@ def test_live_pci_functions_list_their_disks() -> None:
 
 def test_captured_tree_gives_the_collectors_the_same_answers(disk: LoopDisk, tmp_path: Path) -> None:
     """`unplugd capture` then the collectors on the copy: the same functions, devices, mounts and swaps."""
-    capture_mod = pytest.importorskip("unplugd.agent.capture")
     with (
         mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt"),
         swapped_on(disk.part_node(1)),
     ):
-        capture_mod.capture(tmp_path / "tree")
+        capture(tmp_path / "tree")
         live_block = collect_block(LIVE)
         live_mounts = collect_mounts(LIVE).value
         live_swaps = collect_swaps(LIVE, live_mounts.own_mounts(), live_block[0])
