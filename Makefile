@@ -42,6 +42,7 @@ proto: protoc-venv
 
 lint: dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: dev
 	$(VENV)/bin/mypy -p unplugd
