@@ -3,7 +3,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE ?= $(HOME)/.cache/unplugd
-PROTOC_VENV := $(CACHE)/protoc-venv-1.51.3
+# The generator's version has one home, proto/generate.py (REQUIRED_TOOLS).
+PROTOC_TOOLS := $(shell sed -n 's/^REQUIRED_TOOLS = "\(.*\)"/\1/p' proto/generate.py)
+PROTOC_VENV := $(CACHE)/protoc-venv-$(PROTOC_TOOLS)
 export UNPLUGD_CACHE := $(CACHE)
 export UNPLUGD_PROTOC_PYTHON := $(PROTOC_VENV)/bin/python
 
@@ -24,13 +26,17 @@ system-deps:
 $(VENV)/.stamp: pyproject.toml packaging/dev/venv.sh
 	packaging/dev/venv.sh
 
-dev: system-deps $(VENV)/.stamp protoc-venv
+# The directory's mtime changes when a root module is added or removed: relink .dev/ then.
+.dev/.stamp: proto/unplugd $(VENV)/.stamp
+	packaging/dev/venv.sh links
 
-# grpcio-tools 1.51.3: its output loads on Debian 12's protobuf 3.21 and on current PyPI.
+dev: system-deps $(VENV)/.stamp .dev/.stamp protoc-venv
+
+# grpcio-tools $(PROTOC_TOOLS) (1.51.3): its output loads on Debian 12's protobuf 3.21 and on current PyPI.
 protoc-venv: $(PROTOC_VENV)/.stamp
 $(PROTOC_VENV)/.stamp:
 	python3 -m venv $(PROTOC_VENV)
-	$(PROTOC_VENV)/bin/pip install -q grpcio-tools==1.51.3 mypy-protobuf==3.5.0
+	$(PROTOC_VENV)/bin/pip install -q grpcio-tools==$(PROTOC_TOOLS) mypy-protobuf==3.5.0
 	touch $@
 
 proto: protoc-venv
@@ -38,6 +44,7 @@ proto: protoc-venv
 
 lint: dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: dev
 	$(VENV)/bin/mypy -p unplugd

@@ -31,21 +31,29 @@ import errno
 import json
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unplugd.agent.collectors.mounts import parse_mnt_ns
+from unplugd.agent.collectors.pci import BDF_NAME, collect_pci
 from unplugd.agent.errors import InvalidArgument, ReadError
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import beneath, os_listdir, os_lstat, os_read, os_readlink
+from unplugd.agent.sysio import (
+    DENIED_ERRNOS,
+    VANISHED_ERRNOS,
+    beneath,
+    os_listdir,
+    os_lstat,
+    os_read,
+    os_readlink,
+    os_reason,
+)
 
 __all__ = ["CaptureStats", "capture"]
 
 log = logging.getLogger(__name__)
-
-_BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 
 # Attribute files the collectors read (pci.py, block.py, net.py); nothing else is copied.
 _SYS_FILES = frozenset(
@@ -67,8 +75,6 @@ _SYS_DEPTH = 12
 _SLOT_FILES = ("address", "power", "adapter", "attention", "latch", "module")
 _PROC_FILES = ("swaps", "net/tcp", "net/tcp6", "net/udp", "net/udp6", "sys/kernel/hostname", "sys/kernel/osrelease")
 _DEV_SKIP = frozenset({"shm", "pts", "mqueue", "hugepages"})
-_GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR, errno.ENXIO, errno.ENODEV})
-_NS = re.compile(r"^mnt:\[(\d+)\]$")
 
 
 @dataclass
@@ -103,7 +109,7 @@ class _Writer:
         if out is None:
             return
         os.symlink(out.name, out)  # a link to itself: ELOOP for every reader
-        self.stats.unreadable.append(f"/{rel}: {exc.strerror or exc}")
+        self.stats.unreadable.append(f"/{rel}: {os_reason(exc)}")
 
     def data(self, rel: str, content: bytes) -> None:
         out = self._target(rel)
@@ -118,7 +124,7 @@ class _Writer:
         try:
             content = os_read(self.src_path(rel))
         except OSError as exc:
-            if exc.errno in _GONE:
+            if exc.errno in VANISHED_ERRNOS:
                 return False
             if exc.errno == errno.ELOOP and _islink(self.src_path(rel)):
                 # an unreadable marker of a captured tree: keep it as it is
@@ -134,7 +140,7 @@ class _Writer:
         try:
             text = os_readlink(self.src_path(rel))
         except OSError as exc:
-            if exc.errno not in _GONE and exc.errno != errno.EINVAL:
+            if exc.errno not in VANISHED_ERRNOS and exc.errno != errno.EINVAL:
                 self.unreadable(rel, exc)
             return None
         out = self._target(rel)
@@ -173,15 +179,20 @@ def _resolve(w: _Writer, rel_link: str, text: str) -> str | None:
 # --------------------------------------------------------------------------- sys
 
 
-def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
-    """A device directory and what the collectors read below it."""
+def _entries(w: _Writer, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(name, its path relative to the tree, its lstat) for each entry of a source directory still there."""
     path = w.src_path(rel)
     for name in _listdir(path):
-        sub = f"{rel}/{name}"
         try:
             st = os_lstat(path / name)
         except OSError:
             continue
+        yield name, f"{rel}/{name}", st
+
+
+def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
+    """A device directory and what the collectors read below it."""
+    for name, sub, st in _entries(w, rel):
         if stat.S_ISLNK(st.st_mode):
             if name.startswith(_SYS_LINKS):
                 w.link(sub)
@@ -193,9 +204,9 @@ def _device_tree(w: _Writer, rel: str, depth: int = 0) -> None:
                 w.dir(sub)
             elif name in _SYS_LINK_DIRS:
                 w.dir(sub)
-                for entry in _listdir(path / name):
+                for entry in _listdir(w.src_path(sub)):
                     w.link(f"{sub}/{entry}")
-            elif name in _SYS_NOISE or _BDF.match(name) or depth >= _SYS_DEPTH:
+            elif name in _SYS_NOISE or BDF_NAME.match(name) or depth >= _SYS_DEPTH:
                 continue  # child PCI functions are captured through their own links
             else:
                 _device_tree(w, sub, depth + 1)
@@ -260,14 +271,15 @@ def _capture_proc(w: _Writer) -> None:
         try:
             text = os_readlink(w.src_path(rel))
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
+            if exc.errno in DENIED_ERRNOS:
                 denied.append(pid)
             continue
-        m = _NS.match(text)
-        if m is None:
+        try:
+            ns = parse_mnt_ns(text)
+        except ValueError:
             w.link(rel)  # keep what is there (a marker of a captured tree): the collector decides
             continue
-        by_ns.setdefault(int(m.group(1)), []).append(pid)
+        by_ns.setdefault(ns, []).append(pid)
         w.link(rel)
         _capture_fds(w, pid)
     try:
@@ -289,7 +301,7 @@ def _capture_proc(w: _Writer) -> None:
         try:
             ids = _mount_ids(os_read(w.src_path(rel)).decode(errors="replace"))
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 w.unreadable(rel, exc)
                 _ns_link(w, pid, 0)
             continue
@@ -320,13 +332,13 @@ def _capture_fds(w: _Writer, pid: int) -> None:
             try:
                 text = os_readlink(w.src_path(f"{rel}/{name}"))
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     continue  # closed since the listing
                 raise
             if text.startswith(("/dev/", "socket:[")) or (w.src.live and "/dev/" in text):
                 kept.append(name)
     except OSError as exc:
-        if exc.errno not in _GONE:
+        if exc.errno not in VANISHED_ERRNOS:
             w.unreadable(rel, exc)
             w.file(f"proc/{pid}/comm")
         return
@@ -340,20 +352,12 @@ def _capture_fds(w: _Writer, pid: int) -> None:
 
 
 def _function_char_nodes(src: Roots) -> frozenset[tuple[int, int]]:
-    from unplugd.agent.collectors.pci import collect_pci
-
     functions, _ = collect_pci(src)
     return frozenset(n.devno for f in functions for n in f.device_nodes if n.kind == "char")
 
 
 def _capture_dev(w: _Writer, chars: frozenset[tuple[int, int]], rel: str = "dev") -> None:
-    path = w.src_path(rel)
-    for name in _listdir(path):
-        sub = f"{rel}/{name}"
-        try:
-            st = os_lstat(path / name)
-        except OSError:
-            continue
+    for name, sub, st in _entries(w, rel):
         if stat.S_ISLNK(st.st_mode):
             w.link(sub)
         elif stat.S_ISDIR(st.st_mode):

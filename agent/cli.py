@@ -230,7 +230,7 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
     move the cursor or colour the terminal.
     """
     from unplugd.agent.report import state_name
-    from unplugd.v1 import report_pb2
+    from unplugd.reason_codes import code_name
 
     head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
     rows: list[tuple[list[str], report_pb2.PciFunction]] = []
@@ -259,7 +259,7 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
         out.write(line(cells) + "\n")
         for n, r in enumerate(f.reasons):
             branch = "└─" if n == len(f.reasons) - 1 else "├─"
-            code = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
+            code = code_name(r.code)
             note = "" if r.blocking else " (warning)"
             out.write(f"{indent}{branch} {code}{note}: {display_text(r.detail)}\n")
     if report.problems:
@@ -291,6 +291,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _run_check(args: argparse.Namespace) -> int:
     from unplugd.agent.report import state_name, to_json
+    from unplugd.reason_codes import code_name
     from unplugd.v1 import report_pb2
 
     report = _inspect(args.root, [args.device], probe=not args.no_probe)
@@ -307,8 +308,8 @@ def _run_check(args: argparse.Namespace) -> int:
     for f in report.functions:
         sys.stdout.write(f"{f.address} ({display_text(_objects(f))}): {state_name(f.state)}\n")
         for r in f.reasons:
-            code_name = report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_")
-            sys.stdout.write(f"  {code_name}{'' if r.blocking else ' (warning)'}: {display_text(r.detail)}\n")
+            name = code_name(r.code)
+            sys.stdout.write(f"  {name}{'' if r.blocking else ' (warning)'}: {display_text(r.detail)}\n")
     return code
 
 

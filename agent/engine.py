@@ -2,9 +2,11 @@
 
 scan() is the only place that knows the order the collectors depend on
 (swaps need mounts and block devices; the process scan needs the device
-nodes and the sockets). A collector that fails outright does not stop the
-scan: its failure becomes a ScanProblem touching every function, so the
-report says UNKNOWN instead of READY, and the agent keeps serving.
+nodes and the sockets). Every collector answers a model.Collected (what it
+saw, what it could not read), so each step is one line. A collector that
+fails outright does not stop the scan: its failure becomes a ScanProblem
+touching every function, so the report says UNKNOWN instead of READY, and
+the agent keeps serving.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from unplugd.agent.collectors.block import collect_block, probe_exclusive
 from unplugd.agent.collectors.mounts import MountScan, collect_mounts
@@ -21,8 +23,10 @@ from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
 from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_processes
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
+from unplugd.agent.graph import is_active
 from unplugd.agent.model import (
     BlockDevice,
+    Collected,
     DeviceNode,
     DevNo,
     Inventory,
@@ -46,18 +50,33 @@ __all__ = ["inspect", "scan"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
-def _guarded(what: str, problems: list[ScanProblem], fallback: _T, run: Callable[[], _T]) -> _T:
-    """Run one collector; a failure is a problem touching everything, not a crash."""
-    try:
-        return run()
-    except AgentError as exc:
-        problems.append(ScanProblem(what, str(exc)))
-    except Exception as exc:  # a collector bug must not make the agent say READY or die
-        log.exception("collector %s failed", what)
-        problems.append(ScanProblem(what, f"internal error: {type(exc).__name__}: {exc}"))
-    return fallback
+class _Steps:
+    """The problems of one scan, gathered in order from collector after collector.
+
+    A collector that fails outright becomes one more problem, touching everything, and its
+    fallback (nothing seen) stands in for its value: the scan goes on, and says UNKNOWN.
+    """
+
+    def __init__(self) -> None:
+        self.problems: list[ScanProblem] = []
+
+    def __call__(
+        self, what: str, fallback: _T, collect: Callable[_P, Collected[_T]], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        try:
+            value, problems = collect(*args, **kwargs)
+        except AgentError as exc:
+            self.problems.append(ScanProblem(what, str(exc)))
+            return fallback
+        except Exception as exc:  # a collector bug must not make the agent say READY or die
+            log.exception("collector %s failed", what)
+            self.problems.append(ScanProblem(what, f"internal error: {type(exc).__name__}: {exc}"))
+            return fallback
+        self.problems.extend(problems)
+        return value
 
 
 def _first_line(roots: Roots, *parts: str) -> str:
@@ -66,10 +85,6 @@ def _first_line(roots: Roots, *parts: str) -> str:
     except ReadError:
         return ""
     return text.splitlines()[0].strip() if text else ""
-
-
-def _active(sock: Socket) -> bool:
-    return sock.state == "ESTABLISHED" or (sock.proto.startswith("udp") and sock.remote_port != 0)
 
 
 def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: bool = True) -> Inventory:
@@ -86,56 +101,28 @@ def scan(roots: Roots, *, own_claims: Collection[str] = (), exclusive_probe: boo
 
 
 def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> Inventory:
-    problems: list[ScanProblem] = []
+    step = _Steps()
     pci_ids = default_pci_ids()
-    no_pci: tuple[list[PciFunction], list[ScanProblem]] = ([], [])
-    functions, found = _guarded("PCI devices", problems, no_pci, lambda: collect_pci(roots, pci_ids))
-    problems.extend(found)
-    no_block: tuple[dict[str, BlockDevice], list[ScanProblem]] = ({}, [])
-    block, found = _guarded("block devices", problems, no_block, lambda: collect_block(roots))
-    problems.extend(found)
-    no_mounts = MountScan(mounts=[], own_namespace=0, root_devno=None, root_source="")
-    ms = _guarded("mounts", problems, no_mounts, lambda: collect_mounts(roots))
-    problems.extend(ms.problems)
-    no_swaps: tuple[list[Swap], list[ScanProblem]] = ([], [])
-    swaps, found = _guarded(
-        "swaps", problems, no_swaps, lambda: collect_swaps(roots, ms.mounts, block, ms.own_namespace)
-    )
-    problems.extend(found)
-    net = _guarded("network", problems, NetScan({}, [], [], []), lambda: collect_net(roots))
-    problems.extend(net.problems)
+    functions = step("PCI devices", [], collect_pci, roots, pci_ids)
+    block = step("block devices", {}, collect_block, roots)
+    ms = step("mounts", MountScan(mounts=[], own_namespace=0, root_devno=None), collect_mounts, roots)
+    swaps = step("swaps", [], collect_swaps, roots, ms.mounts, block, ms.own_namespace)
+    net = step("network", NetScan({}, [], []), collect_net, roots)
 
     wanted = _wanted_nodes(block, [n for f in functions for n in f.device_nodes])
-    inodes = [s.inode for s in net.sockets if s.inode and _active(s)]
-    ps = _guarded("processes", problems, ProcessScan([]), lambda: scan_processes(roots, wanted, inodes))
-    problems.extend(ps.problems)
-    sockets = [
-        replace(s, pids=tuple(sorted({pid for pid, _ in ps.socket_owners[s.inode]})))
-        if s.inode in ps.socket_owners
-        else s
-        for s in net.sockets
-    ]
-
+    inodes = [s.inode for s in net.sockets if s.inode and is_active(s)]
+    ps = step("processes", ProcessScan([]), scan_processes, roots, wanted, inodes)
+    sockets = _with_owners(net.sockets, ps.socket_owners)
     open_refs = _without_own_claims(roots, ps.open_refs, [block[n].devno for n in own_claims if n in block])
 
-    # The probe claims each disk for a few microseconds; a mount racing with it
-    # would fail with EBUSY. So only disks with no visible user are probed:
-    # for the others the mounts, swaps and holders already explain an EBUSY.
-    in_use = _visibly_used(block, ms.mounts, swaps)
-    disks = [block[d] for f in functions for d in f.block_devices if d in block and d not in in_use]
-    if not exclusive_probe:
-        disks = []
-    not_busy: tuple[frozenset[str], list[ScanProblem]] = (frozenset(), [])
-    busy, found = _guarded(
-        "exclusive-open probe", problems, not_busy, lambda: probe_exclusive(roots, disks, own_claims)
-    )
-    problems.extend(found)
+    disks = _idle_disks(functions, block, ms.mounts, swaps) if exclusive_probe else []
+    busy = step("exclusive-open probe", frozenset(), probe_exclusive, roots, disks, own_claims)
     if busy:
         # Held, yet no mount, swap or holder shows it: a filesystem detached from every mount table
         # that an open file keeps alive. Name whoever holds a file of it (only for such disks: this
         # stat()s every fd).
         on = {block[n].devno for n in block if n in busy or block[n].parent in busy}
-        open_refs += _guarded("open files", problems, [], lambda: scan_files_on(roots, on))
+        open_refs += step("open files", [], scan_files_on, roots, on)
 
     return Inventory(
         functions=tuple(functions),
@@ -149,21 +136,36 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
         root_devno=ms.root_devno,
         mount_namespace=ms.own_namespace,
         exclusive_busy=busy,
-        problems=tuple(problems),
+        problems=tuple(step.problems),
         hostname=_first_line(roots, "sys", "kernel", "hostname"),
         kernel=_first_line(roots, "sys", "kernel", "osrelease"),
         live=roots.live,
     )
 
 
-def _visibly_used(block: Mapping[str, BlockDevice], mounts: Sequence[Mount], swaps: Sequence[Swap]) -> set[str]:
-    """Disks whose own node or a partition is mounted, swapped on, or held."""
+def _idle_disks(
+    functions: Sequence[PciFunction], block: Mapping[str, BlockDevice], mounts: Sequence[Mount], swaps: Sequence[Swap]
+) -> list[BlockDevice]:
+    """The functions' disks that no mount, swap or holder shows in use: the ones worth probing.
+
+    The probe claims each disk for a few microseconds; a mount racing with it would fail with
+    EBUSY. So only disks with no visible user are probed: for the others the mounts, swaps and
+    holders already explain an EBUSY.
+    """
     used_devnos = {m.devno for m in mounts} | {s.devno for s in swaps if s.devno is not None}
-    used: set[str] = set()
+    in_use: set[str] = set()
     for dev in block.values():
         if dev.holders or dev.devno in used_devnos:
-            used.add(dev.parent or dev.name)
-    return used
+            in_use.add(dev.parent or dev.name)
+    return [block[d] for f in functions for d in f.block_devices if d in block and d not in in_use]
+
+
+def _with_owners(sockets: Sequence[Socket], owners: Mapping[int, Sequence[tuple[int, str]]]) -> list[Socket]:
+    """Each socket with the pids that hold it (by inode), as the process scan found them."""
+    return [
+        replace(s, pids=tuple(sorted({pid for pid, _ in owners[s.inode]}))) if s.inode in owners else s
+        for s in sockets
+    ]
 
 
 def _without_own_claims(roots: Roots, refs: Sequence[OpenRef], claimed: Sequence[DevNo]) -> list[OpenRef]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic, NamedTuple, TypeVar
 
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
     "Address",
     "BlockDevice",
+    "Collected",
     "DevNo",
     "DeviceNode",
     "Inventory",
@@ -204,6 +206,20 @@ class ScanProblem:
     # "*" when it may touch any of them (e.g. /proc/PID/fd unreadable: the
     # process could hold any device node).
     affects: tuple[str, ...] = ("*",)
+
+
+_T_co = TypeVar("_T_co", covariant=True)  # a tuple is read-only: a Collected[list[X]] is a Collected[Iterable[X]]
+
+
+class Collected(NamedTuple, Generic[_T_co]):
+    """What one collector returns: what it saw, and what it could not read.
+
+    Every collector answers in this shape, so engine.scan runs them all the same way (one line a
+    step) and never loses a problem. A tuple: `value, problems = collect_block(roots)`.
+    """
+
+    value: _T_co
+    problems: list[ScanProblem]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import unplugd
 from unplugd.agent.model import BlockDevice, DeviceNode, Inventory, Mount, NetInterface, PciFunction, format_devno
 from unplugd.agent.readiness.reasons import FunctionVerdict, Reason, State
 from unplugd.pci import PciAddress
+from unplugd.reason_codes import code_value
 from unplugd.text import wire_text as _w
 from unplugd.v1 import report_pb2
 
@@ -149,7 +150,7 @@ def _add_function(
 
 
 def _add_reason(msg: report_pb2.Reason, r: Reason) -> None:
-    msg.code = report_pb2.ReasonCode.Value("REASON_CODE_" + r.code.value)
+    msg.code = code_value(r.code.value)
     msg.detail = _w(r.detail)
     msg.blocking = r.blocking
     msg.object = _w(r.object)

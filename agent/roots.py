@@ -1,7 +1,7 @@
 """Roots: the only place that knows where sysfs, procfs and /dev live.
 
 Every collector reads through a Roots, so the same code inspects the live
-system (Roots.live()) or a captured tree (Roots.under(DIR), with DIR/sys,
+system (Roots.live_system()) or a captured tree (Roots.under(DIR), with DIR/sys,
 DIR/proc, DIR/dev and DIR/netlink.json as written by `unplugd capture`).
 """
 
@@ -42,11 +42,6 @@ class Roots:
     def netlink_snapshot(self) -> Path:
         """Where a captured tree keeps links, addresses and routes (JSON)."""
         return self.base / "netlink.json"
-
-    def dev_path(self, live_path: str) -> Path:
-        """Map a path as the kernel names it ("/dev/vda1") into this root."""
-        rel = live_path[len("/dev/") :] if live_path.startswith("/dev/") else live_path.lstrip("/")
-        return self.dev / rel
 
 
 def is_capture(base: Path | str) -> bool:

@@ -1,8 +1,10 @@
 """`unplugd serve`: run the agent's gRPC service until SIGTERM.
 
-Only the command line lives here, so `unplugd inspect` does not pay for
-importing grpc; the server is agent/rpc/server.py (AgentServer, and the
-transports hook `start_bridges(config, backend)`).
+A command, beside cli.py and capture.py: only the command line (config,
+logging, signals, sd_notify) lives here, and it imports grpc only when it
+runs, so `unplugd inspect` does not pay for it. What it runs is assembled
+by agent/rpc/server.py (AgentServer: engine, watcher, leases, health,
+reflection, and the transports hook `start_bridges(config, backend)`).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from unplugd.agent.config import ConfigError, load_config
+    from unplugd.agent.daemon.logs import sd_notify, setup_logging
     from unplugd.agent.exitcodes import Exit
     from unplugd.agent.roots import Roots
-    from unplugd.agent.rpc.logs import sd_notify, setup_logging
     from unplugd.agent.rpc.server import AgentServer, ServeError
 
     setup_logging(args.log_format, level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
@@ -76,15 +78,6 @@ def run_serve(args: argparse.Namespace) -> int:
         sd_notify("STOPPING=1")
         server.stop()
     return Exit.OK
-
-
-def __getattr__(name: str) -> Any:
-    # The server moved to agent/rpc/server.py; keep `unplugd.agent.serve.AgentServer` working.
-    if name in ("AgentServer", "ServeError", "start_bridges"):
-        from unplugd.agent.rpc import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,9 @@ from unplugd.agent.errors import NotPermitted, ReadError, Vanished
 from unplugd.agent.roots import Roots
 
 __all__ = [
+    "DENIED_ERRNOS",
     "MAX_READ_BYTES",
+    "VANISHED_ERRNOS",
     "StrPath",
     "as_read_error",
     "beneath",
@@ -45,6 +47,7 @@ __all__ = [
     "os_open_regular_at",
     "os_read",
     "os_readlink",
+    "os_reason",
     "os_scandir",
     "parse_uevent",
     "read_system_file",
@@ -56,8 +59,12 @@ __all__ = [
 
 StrPath = str | os.PathLike[str]
 
-_VANISHED = {errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.ENXIO, errno.ENOTDIR}
-_DENIED = {errno.EACCES, errno.EPERM}
+# The errnos that say "the object went away": a process exited (ESRCH, or ENOENT on its /proc
+# entries), a directory of it went (ENOTDIR when a name in the path is no longer a directory), a
+# device was unplugged or detached (ENODEV reading its sysfs attributes, ENXIO opening its node).
+# The one set every reader and the capture test against: what vanished holds nothing any more.
+VANISHED_ERRNOS = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.ENXIO, errno.ENOTDIR})
+DENIED_ERRNOS = frozenset({errno.EACCES, errno.EPERM})
 
 # The largest file a collector reads is a mountinfo: the kernel allows 100,000 mounts per
 # namespace (fs.mount-max) at ~150 bytes a line, ~15 MiB. Twice that leaves room for long
@@ -68,11 +75,16 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
 
 
+def os_reason(exc: OSError) -> str:
+    """What went wrong, in the kernel's words ("Permission denied"), without the path."""
+    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+
+
 def as_read_error(path: StrPath, exc: OSError) -> ReadError:
-    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
-    if exc.errno in _VANISHED:
+    reason = os_reason(exc)
+    if exc.errno in VANISHED_ERRNOS:
         return Vanished(str(path), reason)
-    if exc.errno in _DENIED:
+    if exc.errno in DENIED_ERRNOS:
         return NotPermitted(str(path), reason)
     return ReadError(str(path), reason)
 
@@ -361,10 +373,12 @@ def readlink(path: StrPath) -> str:
         raise as_read_error(path, exc) from exc
 
 
-def readlink_or(path: StrPath, default: str | None = None) -> str | None:
+def readlink_or(path: StrPath, default: str | None = None, *, when: type[ReadError] = Vanished) -> str | None:
+    """The link text, or default when the link is absent (when=Vanished) or cannot be read at all
+    (when=ReadError: also not a link, denied; for links that are evidence among others)."""
     try:
         return readlink(path)
-    except Vanished:
+    except when:
         return default
 
 

@@ -11,11 +11,8 @@ Addresses:
 grpcio dials only unix and TCP; the others go through a relay (relays.py) on
 a private unix socket. Every call has a deadline; an agent that cannot be
 reached or does not answer in time raises AgentUnreachable, any other failure
-AgentCallFailed with the gRPC status code.
-
-    AgentClientError
-     +-- AgentUnreachable     address + cause (connect, relay, deadline)
-     +-- AgentCallFailed      the agent answered with an error status
+AgentCallFailed with the gRPC status code; both are AgentClientError, a
+HostError (the tree: host/errors.py).
 """
 
 from __future__ import annotations
@@ -27,21 +24,24 @@ import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
 
+from unplugd.host.errors import HostError
 from unplugd.host.relays import HybridVsockRelay, Relay, SerialRelay, VsockRelay
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 from unplugd.v1 import report_pb2
 
 __all__ = [
+    "AGENT_CALL_ERRORS",
     "AgentAddress",
     "AgentCallFailed",
     "AgentClient",
     "AgentClientError",
+    "AgentOptions",
     "AgentUnreachable",
     "SyncAgentClient",
     "TlsFiles",
@@ -61,7 +61,7 @@ _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 ]
 
 
-class AgentClientError(Exception):
+class AgentClientError(HostError):
     """Root of the agent client's errors."""
 
 
@@ -81,6 +81,11 @@ class AgentCallFailed(AgentClientError):
         self.method = method
         self.code = code
         self.details = details
+
+
+# What a caller of the agent may see go wrong: the client's own errors, the caller's wait_for
+# deadlines, sockets. The orchestrator and plugging turn these into outcomes, never tracebacks.
+AGENT_CALL_ERRORS = (AgentClientError, TimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,15 @@ class TlsFiles:
             raise ValueError(f"TLS file {exc.filename}: {exc.strerror}") from exc
 
 
+class AgentOptions(TypedDict, total=False):
+    """How to reach the agent: the keyword arguments of AgentClient and SyncAgentClient."""
+
+    timeout: float  # seconds each call may take (default 10)
+    connect_timeout: float  # seconds to connect, a relay's handshake included (default 5)
+    tls: TlsFiles | None  # mutual TLS; tcp: addresses need it
+    tls_server_name: str | None  # the name in the agent's certificate, when it is not the address's host
+
+
 def _relay_for(address: AgentAddress, connect_timeout: float) -> Relay | None:
     if address.kind == "vsock":
         return VsockRelay(address.cid, address.port, connect_timeout=connect_timeout)
@@ -163,23 +177,18 @@ class AgentClient:
     """Async client of one agent. Use as `async with AgentClient(addr) as c:`."""
 
     def __init__(
-        self,
-        address: str | AgentAddress,
-        *,
-        timeout: float = 10.0,
-        connect_timeout: float = 5.0,
-        tls: TlsFiles | None = None,
-        tls_server_name: str | None = None,
-        relay: Relay | None = None,
+        self, address: str | AgentAddress, *, relay: Relay | None = None, **options: Unpack[AgentOptions]
     ) -> None:
         """`relay` replaces the one the address implies (tests, custom transports)."""
+        if unknown := options.keys() - AgentOptions.__optional_keys__:  # what a signature would refuse
+            raise TypeError(f"AgentClient() got unexpected keyword arguments: {', '.join(sorted(unknown))}")
         self.address = parse_address(address) if isinstance(address, str) else address
-        if self.address.kind == "tcp" and tls is None:
+        self._tls = options.get("tls")
+        if self.address.kind == "tcp" and self._tls is None:
             raise ValueError(f"{self.address}: the agent serves TCP only with mutual TLS: give the CA, cert and key")
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._tls = tls
-        self._tls_server_name = tls_server_name
+        self.timeout = options.get("timeout", 10.0)
+        self.connect_timeout = options.get("connect_timeout", 5.0)
+        self._tls_server_name = options.get("tls_server_name")
         self._relay: Relay | None = None
         self._custom_relay = relay
         self._relay_dir: Path | None = None
@@ -351,17 +360,8 @@ class AgentClient:
 class SyncAgentClient:
     """Blocking facade over AgentClient for scripts (not for use inside an event loop)."""
 
-    def __init__(
-        self,
-        address: str | AgentAddress,
-        *,
-        timeout: float = 10.0,
-        connect_timeout: float = 5.0,
-        tls: TlsFiles | None = None,
-        tls_server_name: str | None = None,
-    ) -> None:
-        self._client = AgentClient(address, timeout=timeout, connect_timeout=connect_timeout, tls=tls,
-                                   tls_server_name=tls_server_name)
+    def __init__(self, address: str | AgentAddress, **options: Unpack[AgentOptions]) -> None:
+        self._client = AgentClient(address, **options)
         self._loop = asyncio.new_event_loop()
         self.address = self._client.address
 

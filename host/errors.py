@@ -1,21 +1,35 @@
-"""The host side's exception root.
+"""The host side's exception root: `except HostError` catches every error it raises on purpose.
 
     HostError
      +-- BackendError            the hypervisor could not be asked (connection, protocol)
+     |    +-- QmpCommandError    a QMP command answered with an error (backends/qmp.py)
      |    +-- DomainNotFound     no such libvirt domain / QMP socket
      |    +-- TopologyError      its answer (query-pci, domain XML) is not what it should be
      |    +-- UnplugRefused      the hypervisor said no to device_del / detach
-     |         +-- UnplugInProgress     an unplug of the device is already pending
-     |         +-- GuestBusy            "guest is busy (power indicator blinking)"
-     |         +-- HotplugUnsupported   bus or device without hotplug support
-     |         +-- MultifunctionRefused libvirt: device shares a multifunction slot
-     |         +-- DeviceGone           the device no longer exists
+     |    |    +-- UnplugInProgress     an unplug of the device is already pending
+     |    |    +-- GuestBusy            "guest is busy (power indicator blinking)"
+     |    |    +-- HotplugUnsupported   bus or device without hotplug support
+     |    |    +-- MultifunctionRefused libvirt: device shares a multifunction slot
+     |    |    +-- DeviceGone           the device no longer exists
      |    +-- AddRejected        the hypervisor said no to a hot-add (device_add, a backend, attach)
+     +-- AgentClientError        the guest agent could not be asked (client.py)
+     |    +-- AgentUnreachable   address + cause (connect, relay, deadline)
+     |    +-- AgentCallFailed    the agent answered with an error status
+     +-- RelayError              a relay could not reach the agent (relays.py; becomes the
+     |                           cause in AgentUnreachable, never raised to the caller)
      +-- DeviceNotFound          a DEVICE selector matches nothing in the topology
      +-- AmbiguousDevice         ... or more than one slot
+     +-- UsageError              unplugctl's arguments do not make sense (cli.py)
+     +-- SpecError               a device spec for `plug` does not make sense (devicespec.py)
+     +-- NoRoom                  no free hotpluggable slot where `plug` asked (placement.py)
 
-The agent client (host/client.py) has its own AgentUnreachable; the orchestrator
-turns both families into outcomes, the CLI into exit codes.
+The classes named with a module live there, beside what raises them (the
+agent client's beside grpc, QMP's beside qemu.qmp); the rest live here, and
+this module imports nothing, so the planner, which does no I/O, raises from it.
+The orchestrator turns the backend and agent families into outcomes; the CLI
+maps what is left to exit codes: DeviceNotFound, AmbiguousDevice, UsageError and
+SpecError are usage errors (2), any other HostError a failure (1).
+tests/unit/test_host_errors.py checks this drawing against the classes.
 """
 
 from __future__ import annotations

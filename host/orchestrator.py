@@ -34,7 +34,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from unplugd.host import plugging
-from unplugd.host.client import AgentClientError, AgentUnreachable
+from unplugd.host.client import AGENT_CALL_ERRORS, AgentUnreachable
 from unplugd.host.devicespec import SlotRequest
 from unplugd.host.errors import BackendError, HostError, UnplugRefused
 from unplugd.host.placement import BusRoom, room
@@ -85,18 +85,12 @@ class Backend(Protocol):
 
 
 class AgentLike(Protocol):
-    """The slice of host/client.py's AgentClient the orchestrator calls."""
+    """The slice of host/client.py's AgentClient the orchestrator calls, as it calls it."""
 
-    async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report: ...
+    async def get_report(self, *, timeout: float | None = None) -> report_pb2.Report: ...
 
     async def prepare_unplug(
-        self,
-        devices: Sequence[str],
-        lease_seconds: int,
-        take_interfaces_down: bool = False,
-        *,
-        lease_id: str = "",
-        timeout: float | None = None,
+        self, devices: Sequence[str], lease_seconds: int, *, timeout: float | None = None
     ) -> pb.PrepareUnplugResponse: ...
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse: ...
@@ -163,10 +157,6 @@ class _Say(Protocol):
     def __call__(self, event: str, detail: str, path: PciPath | None = None) -> None: ...
 
 
-# What talking to the agent may raise: its own errors, our wait_for deadlines, sockets.
-_AGENT_ERRORS = (AgentClientError, TimeoutError, OSError)
-
-
 class Orchestrator:
     """Ties one VM's backend to its agent (or to none: then the guest is unreachable)."""
 
@@ -193,7 +183,7 @@ class Orchestrator:
             return None, "no agent address given"
         try:
             report = await asyncio.wait_for(self.agent.get_report(timeout=self.agent_timeout), self.agent_timeout + 1)
-        except _AGENT_ERRORS as e:
+        except AGENT_CALL_ERRORS as e:
             return None, str(e) or type(e).__name__
         return GuestView.from_report(report), ""
 
@@ -262,7 +252,7 @@ class Orchestrator:
         if any(s.kind is StepKind.PREPARE for s in sp.steps):
             try:
                 lease_id, short = await self._prepare(sp, timeout)
-            except _AGENT_ERRORS as e:
+            except AGENT_CALL_ERRORS as e:
                 return UnplugResult(
                     Outcome.PREPARE_FAILED, f"the guest could not prepare the unplug: {e}", sp, overridden=overridden
                 )
@@ -353,7 +343,7 @@ class Orchestrator:
             await asyncio.wait_for(
                 self.agent.release_unplug(lease_id, timeout=self.agent_timeout), self.agent_timeout + 1
             )
-        except _AGENT_ERRORS as e:
+        except AGENT_CALL_ERRORS as e:
             if isinstance(e, AgentUnreachable | TimeoutError | OSError):
                 return False, (
                     f"the lease was not released: the agent is unreachable ({e}); if the agent died, the kernel "
@@ -389,7 +379,7 @@ class Orchestrator:
             say("requested", f"unplug of {target.name} requested; waiting for {len(leaving)} function(s) to leave")
             last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
         if lost and removed != set(leaving):
-            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            still = _still_there(leaving, removed)
             return UnplugResult(
                 Outcome.HYPERVISOR_LOST,
                 f"lost the hypervisor ({self.backend.source}) while waiting: {lost}. {len(removed)} of "
@@ -406,7 +396,7 @@ class Orchestrator:
                 now = await self.backend.topology()
                 removed |= {p for p in leaving if now.function(p) is None}
         if removed != set(leaving):
-            still = ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
+            still = _still_there(leaving, removed)
             return UnplugResult(
                 Outcome.PENDING,
                 f"not gone after {timeout:g}s: {still}. The hypervisor keeps the unplug pending until the guest "
@@ -522,7 +512,7 @@ class Orchestrator:
 
                 with contextlib.suppress(TimeoutError):
                     still = await asyncio.wait_for(watch(), self.confirm_timeout)
-        except _AGENT_ERRORS as e:
+        except AGENT_CALL_ERRORS as e:
             say("note", f"could not confirm with the agent: {e}", None)
             return None
         say("confirmed", "the guest no longer has them" if not still else f"the guest still has {len(still)}", None)
@@ -584,7 +574,7 @@ class Orchestrator:
         except TimeoutError:
             topo2, guest2, why2 = await self.snapshot()
             return plan_slot(sel.slot_path, topo2, guest2, requested=sel.paths, guest_error=why2)
-        except _AGENT_ERRORS as e:
+        except AGENT_CALL_ERRORS as e:
             return plan_slot(sel.slot_path, topo, None, requested=sel.paths, guest_error=str(e))
 
 
@@ -593,6 +583,11 @@ def _new_guest_finding(f: Finding, overridden: Sequence[Finding]) -> bool:
     if f.verdict not in (Verdict.BLOCKED_BY_GUEST, Verdict.GUEST_UNREACHABLE):
         return False
     return not any(o.verdict is f.verdict and o.path == f.path for o in overridden)
+
+
+def _still_there(leaving: Mapping[PciPath, Function], removed: set[PciPath]) -> str:
+    """The functions that have not left yet, for a message."""
+    return ", ".join(f"{f.name} ({p})" for p, f in leaving.items() if p not in removed)
 
 
 def _waiting(sp: SlotPlan) -> bool:

@@ -27,6 +27,7 @@ from enum import Enum
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound
 from unplugd.host.topology import Function, Hotplug, Slot, Topology
 from unplugd.pci import PciAddress, PciPath
+from unplugd.reason_codes import code_name
 from unplugd.v1 import report_pb2
 
 __all__ = [
@@ -69,7 +70,7 @@ _PRECEDENCE = (
 
 @dataclass(frozen=True)
 class GuestReason:
-    code: str  # MOUNTED, SWAP, ... (the proto name without REASON_CODE_)
+    code: str  # MOUNTED, SWAP, ... (reason_codes.code_name: the proto name without its prefix)
     detail: str
     blocking: bool
     object: str = ""
@@ -118,7 +119,7 @@ class GuestView:
                     state=state if state in ("READY", "BUSY") else "UNKNOWN",
                     reasons=tuple(
                         GuestReason(
-                            report_pb2.ReasonCode.Name(r.code).removeprefix("REASON_CODE_"),
+                            code_name(r.code),
                             r.detail,
                             r.blocking,
                             r.object,

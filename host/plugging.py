@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, runtime_checkable
 
-from unplugd.host.client import AgentClientError
+from unplugd.host.client import AGENT_CALL_ERRORS
 from unplugd.host.devicespec import DeviceSpec, SlotRequest, SpecError, parse_netdev
 from unplugd.host.errors import AddRejected, BackendError, HostError, UnplugRefused
 from unplugd.host.placement import (
@@ -64,9 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# What talking to the agent may raise: its own errors, our wait_for deadlines, sockets.
-_AGENT_ERRORS = (AgentClientError, TimeoutError, OSError)
 
 
 class _Hypervisor(Protocol):
@@ -116,7 +113,9 @@ class LibvirtPlugging(Protocol):
 
 
 class AgentForPlug(Protocol):
-    async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report: ...
+    """The slice of the agent client plug calls (orchestrator.AgentLike has it too)."""
+
+    async def get_report(self, *, timeout: float | None = None) -> report_pb2.Report: ...
 
     def watch_report(
         self, devices: Sequence[str] = (), *, timeout: float | None = None
@@ -310,7 +309,7 @@ async def _guest(agent: AgentForPlug | None, agent_timeout: float) -> tuple[Gues
         return None, "no agent address given"
     try:
         report = await asyncio.wait_for(agent.get_report(timeout=agent_timeout), agent_timeout + 1)
-    except _AGENT_ERRORS as e:
+    except AGENT_CALL_ERRORS as e:
         return None, str(e) or type(e).__name__
     return GuestView.from_report(report), ""
 
@@ -399,11 +398,11 @@ async def _await_arrival(
             if note(_evaluate(slots, msg.report)):
                 return
 
-    with contextlib.suppress(TimeoutError, *_AGENT_ERRORS):
+    with contextlib.suppress(TimeoutError, *AGENT_CALL_ERRORS):
         await asyncio.wait_for(watch(), timeout)
     if any(a.arrival is not Arrival.PRESENT for a in latest):
         # The deadline passed (or the stream ended): one fresh report is the last word.
-        with contextlib.suppress(*_AGENT_ERRORS):
+        with contextlib.suppress(*AGENT_CALL_ERRORS):
             report = await asyncio.wait_for(agent.get_report(timeout=agent_timeout), agent_timeout + 1)
             note(_evaluate(slots, report))
     for a in latest:
@@ -540,6 +539,6 @@ async def _guest_still_has(agent: AgentForPlug, paths: set[PciPath], timeout: fl
         still = left(await asyncio.wait_for(agent.get_report(timeout=timeout), timeout + 1))
         if still:
             await asyncio.wait_for(watch(), timeout)
-    except (TimeoutError, *_AGENT_ERRORS):
+    except (TimeoutError, *AGENT_CALL_ERRORS):
         pass
     return still

@@ -24,6 +24,7 @@ import socket
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from unplugd.framing import (
     MAX_PAYLOAD,
@@ -34,6 +35,7 @@ from unplugd.framing import (
     encode_frame,
     sync_preamble,
 )
+from unplugd.host.errors import HostError
 from unplugd.splice import close_writer, first_done, splice
 
 __all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "VsockRelay", "dial_vsock"]
@@ -41,9 +43,10 @@ __all__ = ["Dialer", "HybridVsockRelay", "Relay", "RelayError", "SerialRelay", "
 log = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+_T = TypeVar("_T")
 
 
-class RelayError(Exception):
+class RelayError(HostError):
     """The relay could not reach the agent; the message says where and why."""
 
 
@@ -98,6 +101,15 @@ class Relay(ABC):
             self._tasks.discard(task)
             await close_writer(writer)
 
+    async def _reach(self, opening: Awaitable[_T], silence: str) -> _T:
+        """`opening` (a dial, a connect) within connect_timeout; RelayError naming the target if not."""
+        try:
+            return await asyncio.wait_for(opening, self.connect_timeout)
+        except TimeoutError:
+            raise RelayError(f"{self.target}: {silence}") from None
+        except OSError as exc:
+            raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+
     async def _splice(self, client: Streams, upstream: Streams) -> None:
         # Assume the worst until the guest answers: when the far end hangs up
         # without a byte (CID not allowed, no agent behind it), grpc may see
@@ -143,12 +155,7 @@ class VsockRelay(Relay):
         return f"vsock CID {self.cid} port {self.port}"
 
     async def _carry(self, client: Streams) -> None:
-        try:
-            sock = await asyncio.wait_for(self._dial(self.cid, self.port), self.connect_timeout)
-        except TimeoutError:
-            raise RelayError(f"{self.target}: no answer within {self.connect_timeout:g}s") from None
-        except OSError as exc:
-            raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+        sock = await self._reach(self._dial(self.cid, self.port), f"no answer within {self.connect_timeout:g}s")
         upstream = await asyncio.open_connection(sock=sock)
         await self._splice(client, upstream)
 
@@ -165,12 +172,7 @@ class HybridVsockRelay(Relay):
         return f"hybrid vsock {self.uds_path} port {self.port}"
 
     async def _carry(self, client: Streams) -> None:
-        try:
-            upstream = await asyncio.wait_for(asyncio.open_unix_connection(self.uds_path), self.connect_timeout)
-        except TimeoutError:
-            raise RelayError(f"{self.target}: the VMM socket does not answer") from None
-        except OSError as exc:
-            raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+        upstream = await self._reach(asyncio.open_unix_connection(self.uds_path), "the VMM socket does not answer")
         reader, writer = upstream
         try:
             writer.write(f"CONNECT {self.port}\n".encode())
@@ -224,12 +226,9 @@ class SerialRelay(Relay):
 
     async def _carry(self, client: Streams) -> None:
         async with self._lock:
-            try:
-                chardev = await asyncio.wait_for(asyncio.open_unix_connection(self.chardev_path), self.connect_timeout)
-            except TimeoutError:
-                raise RelayError(f"{self.target}: QEMU does not accept the connection") from None
-            except OSError as exc:
-                raise RelayError(f"{self.target}: {exc.strerror or exc}") from exc
+            chardev = await self._reach(
+                asyncio.open_unix_connection(self.chardev_path), "QEMU does not accept the connection"
+            )
             try:
                 session = secrets.randbits(32) or 1
                 decoder = FrameDecoder()

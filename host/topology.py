@@ -1,12 +1,14 @@
 """A VM's PCI topology as the hypervisor sees it, independent of QEMU or libvirt.
 
-Everything is keyed by PciPath (agent/model.py): the chain of slot.function hops
+Everything is keyed by PciPath (unplugd.pci, the contract): the chain of slot.function hops
 from a root bus. Bus numbers are firmware's business (and 0 before firmware ran);
 the guest agent derives the same path from sysfs, so the planner joins on it.
 
 Slot-level hotpluggability is decided here, from facts the backends collect
 (bus kind, whether the bus has a hotplug handler, the device types' own
 `hotpluggable`, the machine type), by one pure function: assess_hotplug().
+Both backends place each function on its bus and leave the grouping into
+slots to group_slots().
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "Slot",
     "Topology",
     "assess_hotplug",
+    "group_slots",
 ]
 
 
@@ -144,6 +147,26 @@ class Slot:
     @property
     def hotplug(self) -> Hotplug:
         return assess_hotplug(self.bus, self.number, self.functions, self.machine)
+
+
+def group_slots(placed: Iterable[tuple[Bus, Function]], machine: str = "") -> tuple[Slot, ...]:
+    """Functions on their buses -> the slots they form, as both backends read them. Pure.
+
+    One slot per bus and slot number, its functions in function order; slots in
+    PCI path order (a bridge's slot before the slots behind it).
+    """
+    buses: dict[tuple[str, int], Bus] = {}
+    grouped: dict[tuple[str, int], list[Function]] = {}
+    for bus, f in placed:
+        where = (bus.key, f.path.hops[-1][0])
+        buses.setdefault(where, bus)
+        grouped.setdefault(where, []).append(f)
+    slots = [
+        Slot(buses[where], where[1], tuple(sorted(fs, key=lambda f: f.path.function)), machine)
+        for where, fs in grouped.items()
+    ]
+    slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+    return tuple(slots)
 
 
 def _is_i440fx(machine: str) -> bool:

@@ -19,16 +19,19 @@ import stat
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import BlockDevice, DevNo, ScanProblem, format_devno, parse_devno
+from unplugd.agent.model import BlockDevice, Collected, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
+    VANISHED_ERRNOS,
     as_read_error,
     listdir,
     os_exists,
     os_listdir,
     os_lstat,
     os_readlink,
+    os_reason,
     read_text,
     read_text_or,
 )
@@ -37,18 +40,13 @@ __all__ = [
     "collect_block",
     "devno_index",
     "find_block_node",
-    "list_dir",
     "parse_sectors",
     "probe_exclusive",
-    "read_attr",
-    "read_attr_or",
-    "resolve_dev_path",
 ]
 
 log = logging.getLogger(__name__)
 
 _LOOP_MAJOR = 7
-_MAX_LINK_HOPS = 40
 
 
 def parse_sectors(text: str) -> int:
@@ -63,34 +61,28 @@ def devno_index(block: Mapping[str, BlockDevice]) -> dict[DevNo, str]:
     return {dev.devno: name for name, dev in block.items()}
 
 
-# One implementation of the fast sysfs readers lives in sysio; these names stay for callers.
-read_attr = read_text
-read_attr_or = read_text_or
-list_dir = listdir
-
-
 def _read_device(sysdir: str, name: str, parent: str | None) -> BlockDevice:
     """One device; raises ReadError/ValueError for the caller to turn into a ScanProblem."""
     try:
         present = set(os_listdir(sysdir))
     except OSError as exc:
         raise as_read_error(sysdir, exc) from exc
-    devno = parse_devno(read_attr(f"{sysdir}/dev"))
-    size = parse_sectors(read_attr(f"{sysdir}/size")) if "size" in present else 0
-    holders = tuple(list_dir(f"{sysdir}/holders")) if "holders" in present else ()
-    slaves = tuple(list_dir(f"{sysdir}/slaves")) if "slaves" in present else ()
+    devno = parse_devno(read_text(f"{sysdir}/dev"))
+    size = parse_sectors(read_text(f"{sysdir}/size")) if "size" in present else 0
+    holders = tuple(listdir(f"{sysdir}/holders")) if "holders" in present else ()
+    slaves = tuple(listdir(f"{sysdir}/slaves")) if "slaves" in present else ()
     if "partition" in present:
         return BlockDevice(name, "part", devno, size, parent=parent, holders=holders, slaves=slaves)
     if "dm" in present:
-        dm_name = read_attr_or(f"{sysdir}/dm/name")
-        dm_uuid = read_attr_or(f"{sysdir}/dm/uuid")
+        dm_name = read_text_or(f"{sysdir}/dm/name")
+        dm_uuid = read_text_or(f"{sysdir}/dm/uuid")
         return BlockDevice(
             name, "dm", devno, size, holders=holders, slaves=slaves, dm_name=dm_name, dm_uuid=dm_uuid or None
         )
     if "md" in present:
-        md_level = read_attr_or(f"{sysdir}/md/level")
+        md_level = read_text_or(f"{sysdir}/md/level")
         return BlockDevice(name, "md", devno, size, holders=holders, slaves=slaves, md_level=md_level or None)
-    backing = read_attr_or(f"{sysdir}/loop/backing_file") if "loop" in present else None
+    backing = read_text_or(f"{sysdir}/loop/backing_file") if "loop" in present else None
     if backing is not None or devno[0] == _LOOP_MAJOR:
         # An unbound loop device has no loop/ directory; it is still a loop device.
         return BlockDevice(name, "loop", devno, size, holders=holders, slaves=slaves, backing_file=backing or None)
@@ -101,7 +93,7 @@ def _class_block_entries(roots: Roots) -> list[tuple[str, str, str | None]]:
     """(name, sysfs dir, parent disk) from /sys/class/block; parent from the link text, not the filesystem."""
     base = f"{roots.sys}/class/block"
     out: list[tuple[str, str, str | None]] = []
-    for name in list_dir(base):
+    for name in listdir(base):
         try:
             link: str | None = os_readlink(f"{base}/{name}")
         except OSError:
@@ -120,20 +112,20 @@ def _sys_block_entries(roots: Roots) -> list[tuple[str, str, str | None]]:
     """Fallback without /sys/class/block: /sys/block/DISK and its partition subdirectories."""
     base = f"{roots.sys}/block"
     out: list[tuple[str, str, str | None]] = []
-    for disk in list_dir(base):
+    for disk in listdir(base):
         out.append((disk, f"{base}/{disk}", None))
-        for sub in list_dir(f"{base}/{disk}"):
+        for sub in listdir(f"{base}/{disk}"):
             if os_exists(f"{base}/{disk}/{sub}/partition"):
                 out.append((sub, f"{base}/{disk}/{sub}", disk))
     return out
 
 
-def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProblem]]:
+def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
     problems: list[ScanProblem] = []
     try:
         entries = _class_block_entries(roots) or _sys_block_entries(roots)
     except ReadError as exc:
-        return {}, [ScanProblem(exc.path, str(exc))]
+        return Collected({}, [ScanProblem(exc.path, str(exc))])
     devices: dict[str, BlockDevice] = {}
     for name, sysdir, parent in entries:
         try:
@@ -146,52 +138,7 @@ def collect_block(roots: Roots) -> tuple[dict[str, BlockDevice], list[ScanProble
             problems.append(ScanProblem(sysdir, str(exc), (name,)))
         except ValueError as exc:
             problems.append(ScanProblem(sysdir, f"malformed: {exc}", (name,)))
-    return devices, problems
-
-
-def resolve_dev_path(dev_root: Path, live_path: str) -> str | None:
-    """Follow symlinks of a /dev path without leaving dev_root; the resolved path relative to it.
-
-    /dev/mapper/x -> ../dm-0 gives "dm-0". None when the path or a link in it
-    points outside /dev (.. above the root, an absolute link elsewhere), loops,
-    or a component does not exist.
-    """
-    if live_path == "/dev" or not live_path.startswith("/dev/"):
-        return None
-    todo = [p for p in live_path[len("/dev/") :].split("/") if p][::-1]
-    done: list[str] = []
-    hops = 0
-    while todo:
-        part = todo.pop()
-        if part == ".":
-            continue
-        if part == "..":
-            if not done:
-                return None
-            done.pop()
-            continue
-        here = dev_root.joinpath(*done, part)
-        try:
-            st = os_lstat(here)
-        except OSError:
-            return None
-        if not stat.S_ISLNK(st.st_mode):
-            done.append(part)
-            continue
-        hops += 1
-        if hops > _MAX_LINK_HOPS:
-            return None
-        try:
-            target = os_readlink(here)
-        except OSError:
-            return None
-        if target.startswith("/"):
-            if target != "/dev" and not target.startswith("/dev/"):
-                return None
-            done = []
-            target = target[len("/dev") :]
-        todo.extend([p for p in target.split("/") if p][::-1])
-    return "/".join(done) if done else None
+    return Collected(devices, problems)
 
 
 def find_block_node(roots: Roots, dev: BlockDevice) -> Path | None:
@@ -248,13 +195,13 @@ def _probe_one(node: Path, dev: BlockDevice) -> bool:
 
 def probe_exclusive(
     roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-) -> tuple[frozenset[str], list[ScanProblem]]:
+) -> Collected[frozenset[str]]:
     """Names of devices for which an O_EXCL open fails with EBUSY. Empty on captured trees.
 
     `skip`: devices the agent itself holds (lease claims), which would always answer EBUSY.
     """
     if not roots.live:
-        return frozenset(), []
+        return Collected(frozenset(), [])
     busy: set[str] = set()
     problems: list[ScanProblem] = []
     for dev in devices:
@@ -276,7 +223,7 @@ def probe_exclusive(
             if _probe_one(node, dev):
                 busy.add(dev.name)
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+            if exc.errno in VANISHED_ERRNOS:
                 continue  # vanished between lookup and open
-            problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {exc.strerror or exc}", (dev.name,)))
-    return frozenset(busy), problems
+            problems.append(ScanProblem(str(node), f"exclusive-open probe failed: {os_reason(exc)}", (dev.name,)))
+    return Collected(frozenset(busy), problems)

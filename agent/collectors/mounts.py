@@ -15,15 +15,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
-from unplugd.agent.model import DevNo, Mount, ScanProblem, parse_devno
+from unplugd.agent.model import Collected, DevNo, Mount, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink
+from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink, readlink_or
 from unplugd.text import unescape_octal
 
-__all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo", "unescape_octal"]
+__all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,6 @@ class MountScan:
     mounts: list[Mount]  # own namespace first and whole; of the others only what can pin a device
     own_namespace: int  # 0 when the agent's own namespace link was unreadable
     root_devno: DevNo | None  # device of "/" in the agent's namespace
-    root_source: str  # its mountinfo source (/dev/vda1), for btrfs/overlay 0:NN devnos
-    problems: list[ScanProblem] = field(default_factory=list)
 
     def own_mounts(self) -> list[Mount]:
         return [m for m in self.mounts if m.namespace == self.own_namespace]
@@ -225,7 +222,7 @@ def _read_namespace(
     return None, [], frozenset()
 
 
-def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> tuple[list[Mount], list[ScanProblem]]:
+def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -> Collected[list[Mount]]:
     """Mounts of processes whose ns link is denied (ptrace rules) but whose mountinfo is readable.
 
     /proc/PID/mountinfo is world-readable while ns/mnt needs ptrace access, e.g.
@@ -262,10 +259,10 @@ def _read_unlabelled(roots: Roots, pids: list[int], seen: set[frozenset[int]]) -
                 f"mounts of {len(unreadable)} process(es) not readable: {shown}",
             )
         )
-    return mounts, problems
+    return Collected(mounts, problems)
 
 
-def collect_mounts(roots: Roots) -> MountScan:
+def collect_mounts(roots: Roots) -> Collected[MountScan]:
     problems: list[ScanProblem] = []
     own_link = roots.proc / "self" / "ns" / "mnt"
     own_ns = 0
@@ -274,7 +271,7 @@ def collect_mounts(roots: Roots) -> MountScan:
     except (ReadError, ValueError) as exc:
         problems.append(ScanProblem(str(own_link), f"cannot tell the agent's mount namespace: {exc}"))
     # proc/self: the agent itself, or in a captured tree a link to the pid that captured it.
-    target = _readlink_quiet(roots.proc / "self")
+    target = readlink_or(roots.proc / "self", when=ReadError)
     self_pid = int(target) if target is not None and target.isdigit() else 0
 
     pids = _scan_pids(roots)
@@ -326,17 +323,4 @@ def collect_mounts(roots: Roots) -> MountScan:
     root = _root_mount(own)
     if own_ns and root is None and not any(p.object.startswith(f"mountinfo of mnt:[{own_ns}]") for p in problems):
         problems.append(ScanProblem(f"mountinfo of mnt:[{own_ns}]", "no mount on / in the agent's namespace"))
-    return MountScan(
-        mounts=mounts,
-        own_namespace=own_ns,
-        root_devno=root.devno if root else None,
-        root_source=root.source if root else "",
-        problems=problems,
-    )
-
-
-def _readlink_quiet(path: Path) -> str | None:
-    try:
-        return readlink(path)
-    except ReadError:
-        return None
+    return Collected(MountScan(mounts=mounts, own_namespace=own_ns, root_devno=root.devno if root else None), problems)

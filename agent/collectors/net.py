@@ -29,7 +29,7 @@ from typing import Any
 
 from unplugd.agent.collectors import rtnetlink
 from unplugd.agent.errors import ParseError, ReadError, Vanished
-from unplugd.agent.model import Address, NetInterface, Route, ScanProblem, Socket
+from unplugd.agent.model import Address, Collected, NetInterface, Route, ScanProblem, Socket
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import listdir, parse_uevent, read_text, readlink_or
 
@@ -44,7 +44,6 @@ __all__ = [
     "parse_flags",
     "parse_netlink",
     "parse_proc_net",
-    "parse_uevent",
     "read_interface",
     "snapshot_netlink",
 ]
@@ -93,7 +92,6 @@ class NetScan:
     interfaces: dict[str, NetInterface]
     routes: list[Route]
     sockets: list[Socket]
-    problems: list[ScanProblem]
 
 
 # --- sockets ---------------------------------------------------------------------------------
@@ -410,7 +408,7 @@ def _netlink(roots: Roots, problems: list[ScanProblem]) -> NetlinkData | None:
         return None
 
 
-def collect_net(roots: Roots) -> NetScan:
+def collect_net(roots: Roots) -> Collected[NetScan]:
     """Every interface with its addresses, every route, every TCP/UDP socket, and what was unreadable."""
     problems: list[ScanProblem] = []
     netlink = _netlink(roots, problems)
@@ -445,4 +443,4 @@ def collect_net(roots: Roots) -> NetScan:
     # A socket line we could not read may belong to any interface's addresses.
     every_iface = tuple(sorted(interfaces)) or ("*",)
     problems.extend(ScanProblem(p.object, p.detail, every_iface) for p in socket_problems)
-    return NetScan(interfaces=interfaces, routes=routes, sockets=sockets, problems=problems)
+    return Collected(NetScan(interfaces=interfaces, routes=routes, sockets=sockets), problems)

@@ -22,21 +22,26 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unplugd.agent.collectors.block import list_dir, read_attr, read_attr_or
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import DeviceNode, PciFunction, ScanProblem, parse_devno
+from unplugd.agent.model import Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
     as_read_error,
+    listdir,
     os_lstat,
     os_readlink,
+    os_reason,
     os_scandir,
     parse_uevent,
     read_system_file,
+    read_text,
+    read_text_or,
+    readlink_or,
 )
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
+    "BDF_NAME",
     "PCI_IDS_LOCATIONS",
     "PciIds",
     "class_name",
@@ -53,7 +58,8 @@ log = logging.getLogger(__name__)
 PCI_IDS_LOCATIONS = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"))
 
 _ROOT_BUS = re.compile(r"^pci([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2})$")
-_BDF = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+# A PCI function's directory name in sysfs (0000:00:03.0); capture.py skips the same child functions.
+BDF_NAME = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _SLOT_ADDRESS = re.compile(r"^([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})$")
 
 # Deep enough for usb-storage behind a controller (usb1/1-1/1-1:1.0/host2/target2:0:0/2:0:0:0/block/sdb/sdb1).
@@ -236,7 +242,7 @@ def parse_pci_path(sysfs_rel: str) -> PciPath:
     assert m is not None
     hops: list[tuple[int, int]] = []
     for comp in parts[i + 1 :]:
-        if not _BDF.match(comp):
+        if not BDF_NAME.match(comp):
             raise ValueError(f"{comp!r} in {sysfs_rel!r} is not a PCI function")
         addr = PciAddress.parse(comp)
         hops.append((addr.slot, addr.function))
@@ -262,18 +268,18 @@ def parse_slot_address(text: str) -> str | None:
     return f"{int(d, 16):04x}:{int(b, 16):02x}:{int(s, 16):02x}"
 
 
-def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
+def _hotplug_slots(roots: Roots) -> Collected[dict[str, str]]:
     """slot_key -> slot directory name, for slots a hotplug driver controls."""
     base = f"{roots.sys}/bus/pci/slots"
     slots: dict[str, str] = {}
     problems: list[ScanProblem] = []
     try:
-        names = list_dir(base)
+        names = listdir(base)
     except ReadError as exc:
-        return {}, [ScanProblem(base, str(exc))]
+        return Collected({}, [ScanProblem(base, str(exc))])
     for name in names:
         try:
-            text = read_attr_or(f"{base}/{name}/address")
+            text = read_text_or(f"{base}/{name}/address")
         except ReadError as exc:
             # Which functions that slot drives is unknown: any of them may lack (or have) a driver.
             problems.append(ScanProblem(f"{base}/{name}", str(exc)))
@@ -288,7 +294,7 @@ def _hotplug_slots(roots: Roots) -> tuple[dict[str, str], list[ScanProblem]]:
             log.debug("slot %s (%s) has no hotplug controls: informational only", name, key)
             continue
         slots.setdefault(key, name)
-    return slots, problems
+    return Collected(slots, problems)
 
 
 @dataclass
@@ -307,8 +313,8 @@ class _Below:
 def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
     """A directory with a `dev` file: a device node (and maybe a whole disk)."""
     try:
-        devno = parse_devno(read_attr(f"{d}/dev"))
-        uevent = parse_uevent(read_attr(f"{d}/uevent")) if "uevent" in names else {}
+        devno = parse_devno(read_text(f"{d}/dev"))
+        uevent = parse_uevent(read_text(f"{d}/uevent")) if "uevent" in names else {}
     except Vanished:
         log.debug("%s vanished during the scan", d)
         below.vanished.append(d)
@@ -319,7 +325,7 @@ def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below
     except ValueError as exc:
         below.problems.append(ScanProblem(f"{d}/dev", f"malformed: {exc}", (bdf,)))
         return
-    subsystem = _readlink_or_none(f"{d}/subsystem") if "subsystem" in names else None
+    subsystem = readlink_or(f"{d}/subsystem", when=ReadError) if "subsystem" in names else None
     devtype = uevent.get("DEVTYPE")
     is_block = (
         (subsystem is not None and os.path.basename(subsystem) == "block")
@@ -340,13 +346,6 @@ def _lexists(path: str) -> bool:
     return True
 
 
-def _readlink_or_none(path: str) -> str | None:
-    try:
-        return os_readlink(path)
-    except OSError:
-        return None  # vanished or not a link: the caller falls back to other evidence
-
-
 def _walk(fdir: str, bdf: str) -> _Below:
     below = _Below()
     stack: list[tuple[str, tuple[str, ...]]] = [(fdir, ())]
@@ -358,12 +357,12 @@ def _walk(fdir: str, bdf: str) -> _Below:
             below.vanished.append(d)  # vanished mid-walk
             continue
         except OSError as exc:
-            below.problems.append(ScanProblem(d, f"cannot list: {exc.strerror or exc}", (bdf,)))
+            below.problems.append(ScanProblem(d, f"cannot list: {os_reason(exc)}", (bdf,)))
             continue
         names = {e.name for e in entries}
         if rel:
             if "driver" in names:
-                drv = _readlink_or_none(f"{d}/driver")
+                drv = readlink_or(f"{d}/driver", when=ReadError)
                 if drv is not None:
                     below.subdrivers.append(os.path.basename(drv))
             if "dev" in names:
@@ -380,7 +379,7 @@ def _walk(fdir: str, bdf: str) -> _Below:
                     continue
             except OSError:
                 continue
-            if e.name in _NOISE or _BDF.match(e.name):
+            if e.name in _NOISE or BDF_NAME.match(e.name):
                 continue  # child PCI functions are functions of their own
             subdirs.append(e.name)
         stack.extend((f"{d}/{sub}", (*rel, sub)) for sub in sorted(subdirs, reverse=True))
@@ -389,9 +388,9 @@ def _walk(fdir: str, bdf: str) -> _Below:
 
 def _read_ids(fdir: str) -> tuple[int, int, int]:
     return (
-        parse_hex_id(read_attr(f"{fdir}/vendor")),
-        parse_hex_id(read_attr(f"{fdir}/device")),
-        parse_hex_id(read_attr(f"{fdir}/class")),
+        parse_hex_id(read_text(f"{fdir}/vendor")),
+        parse_hex_id(read_text(f"{fdir}/device")),
+        parse_hex_id(read_text(f"{fdir}/class")),
     )
 
 
@@ -414,14 +413,14 @@ def _function_dir(sys_root: str, base: str, name: str) -> tuple[str, str]:
     return joined, joined[len(sys_root) + 1 :]
 
 
-def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunction], list[ScanProblem]]:
+def collect_pci(roots: Roots, pci_ids: Path | None = None) -> Collected[list[PciFunction]]:
     sys_root = os.path.normpath(str(roots.sys))
     base = f"{sys_root}/bus/pci/devices"
     problems: list[ScanProblem] = []
     try:
-        names = list_dir(base)
+        names = listdir(base)
     except ReadError as exc:
-        return [], [ScanProblem(base, str(exc))]
+        return Collected([], [ScanProblem(base, str(exc))])
     slots, slot_problems = _hotplug_slots(roots)
     problems.extend(slot_problems)
 
@@ -454,7 +453,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
             # Keep the function so the report shows it, UNKNOWN through the problem.
             problems.append(ScanProblem(fdir, f"vendor/device/class unreadable: {exc}", (bdf,)))
             vendor, device, klass = 0xFFFF, 0xFFFF, 0
-        drv = _readlink_or_none(f"{fdir}/driver")
+        drv = readlink_or(f"{fdir}/driver", when=ReadError)
         below = _walk(fdir, bdf)
         problems.extend(below.problems)
         if below.vanished:
@@ -487,7 +486,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> tuple[list[PciFunc
     if pci_ids is not None and functions:
         functions = _with_names(functions, pci_ids)
     functions.sort(key=lambda f: f.address)
-    return functions, problems
+    return Collected(functions, problems)
 
 
 def _with_names(functions: list[PciFunction], pci_ids: Path) -> list[PciFunction]:

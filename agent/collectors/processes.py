@@ -28,18 +28,23 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import DeviceNode, DevNo, OpenRef, ScanProblem
+from unplugd.agent.model import Collected, DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
-from unplugd.agent.sysio import os_listdir, os_open_dir, os_open_regular_at, os_readlink, read_text
+from unplugd.agent.sysio import (
+    VANISHED_ERRNOS,
+    os_listdir,
+    os_open_dir,
+    os_open_regular_at,
+    os_reason,
+    read_text,
+)
 
-__all__ = ["ProcessScan", "resolve_dev_link", "scan_files_on", "scan_processes"]
+__all__ = ["ProcessScan", "scan_files_on", "scan_processes"]
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the process or fd is gone": skip silently.
-_GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENOTDIR})
-_SYMLINK_HOPS = 40  # the kernel's own limit for path resolution
 
 
 
@@ -48,49 +53,12 @@ class ProcessScan:
     open_refs: list[OpenRef]  # only for the wanted device numbers
     # socket inode -> [(pid, command)], only for the wanted inodes
     socket_owners: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
-    problems: list[ScanProblem] = field(default_factory=list)
 
 
-def resolve_dev_link(dev_root: Path, target: str) -> str | None:
-    """Resolve '/dev/...' link text inside a captured dev tree to the node's kernel path.
-
-    Follows the tree's symlinks (relative ones, and absolute ones into /dev/)
-    without ever leaving dev_root: '/dev/mapper/vg-lv' with mapper/vg-lv ->
-    ../dm-0 gives '/dev/dm-0'. The final node need not exist in the tree.
-    None when the text leaves /dev or loops.
-    """
-    if not target.startswith("/dev/"):
-        return None
-    pending = [p for p in reversed(target[len("/dev/") :].split("/"))]
-    resolved: list[str] = []
-    hops = 0
-    while pending:
-        part = pending.pop()
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if not resolved:
-                return None  # climbs out of /dev
-            resolved.pop()
-            continue
-        candidate = dev_root.joinpath(*resolved, part)
-        try:
-            link = os_readlink(candidate)
-        except OSError:
-            resolved.append(part)  # not a symlink, or absent: take the name as it is
-            continue
-        hops += 1
-        if hops > _SYMLINK_HOPS:
-            return None
-        if link.startswith("/"):
-            if not link.startswith("/dev/"):
-                return None
-            resolved = []
-            link = link[len("/dev/") :]
-        pending.extend(reversed(link.split("/")))
-    if not resolved:
-        return None
-    return "/dev/" + "/".join(resolved)
+def _node_path(dev_root: Path, text: str) -> str | None:
+    """The /dev path of the node '/dev/...' text names in a captured dev tree, which need not hold the node."""
+    rel = resolve_dev_path(dev_root, text, missing_ok=True)
+    return None if rel is None else "/dev/" + rel
 
 
 def _socket_inode(target: str) -> int | None:
@@ -114,7 +82,7 @@ class _Scanner:
         if not self.live:
             for node in wanted:
                 self.by_path[node.path] = node
-                canonical = resolve_dev_link(roots.dev, node.path)
+                canonical = _node_path(roots.dev, node.path)
                 if canonical is not None:
                     self.by_path.setdefault(canonical, node)
         self.sockets = frozenset(socket_inodes)
@@ -124,7 +92,7 @@ class _Scanner:
         self.problems: list[ScanProblem] = []
 
     def problem(self, pid: int, exc: OSError, proc_dir: str) -> None:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        reason = os_reason(exc)
         command = self._command(pid, proc_dir)
         who = f"pid {pid} ({command})" if command else f"pid {pid}"
         self.problems.append(
@@ -139,7 +107,7 @@ class _Scanner:
         try:
             dfd = os_open_dir(f"{proc_dir}/{pid}/fd")
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return
         try:
@@ -151,7 +119,7 @@ class _Scanner:
         try:
             names = os.listdir(dfd)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return
         refs: list[OpenRef] = []
@@ -165,7 +133,7 @@ class _Scanner:
             try:
                 target = readlink(name, dir_fd=dfd)
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     continue  # fd closed since the listing
                 if exc.errno == errno.EINVAL and not live:
                     text = self._read_captured_fd(pid, name, dfd, proc_dir)
@@ -211,7 +179,7 @@ class _Scanner:
             finally:
                 os.close(fd)
         except OSError as exc:
-            if exc.errno not in _GONE:
+            if exc.errno not in VANISHED_ERRNOS:
                 self.problem(pid, exc, proc_dir)
             return None
         return data.decode("utf-8", "surrogateescape").strip()
@@ -222,7 +190,7 @@ class _Scanner:
             try:
                 st = os.stat(name, dir_fd=dfd)  # follows the fd to the opened inode
             except OSError as exc:
-                if exc.errno in _GONE:
+                if exc.errno in VANISHED_ERRNOS:
                     return None  # closed meanwhile: nothing held through it any more
                 raise  # unreadable: the caller records it, never a silent "not held"
             if stat.S_ISBLK(st.st_mode):
@@ -240,7 +208,7 @@ class _Scanner:
             if target in self.resolved:
                 canonical = self.resolved[target]
             else:
-                canonical = self.resolved[target] = resolve_dev_link(self.roots.dev, target)
+                canonical = self.resolved[target] = _node_path(self.roots.dev, target)
             if canonical is not None:
                 node = self.by_path.get(canonical)
         if node is None:
@@ -257,47 +225,49 @@ class _Scanner:
             return "?"
 
 
-def scan_processes(roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int] = ()) -> ProcessScan:
+def scan_processes(
+    roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int] = ()
+) -> Collected[ProcessScan]:
     """Every process holding one of `wanted` open, and the owners of `socket_inodes`."""
     scanner = _Scanner(roots, wanted, socket_inodes)
     proc_dir = str(roots.proc)
     try:
         pids = [int(name) for name in os_listdir(proc_dir) if name.isdigit()]
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return ProcessScan(
-            open_refs=[],
-            socket_owners={},
-            problems=[ScanProblem(object="/proc", detail=f"cannot list processes: {reason}", affects=("*",))],
+        reason = os_reason(exc)
+        return Collected(
+            ProcessScan(open_refs=[], socket_owners={}),
+            [ScanProblem(object="/proc", detail=f"cannot list processes: {reason}", affects=("*",))],
         )
     if not scanner.want_devices and not scanner.sockets:
-        return ProcessScan(open_refs=[], socket_owners={}, problems=[])
+        return Collected(ProcessScan(open_refs=[], socket_owners={}), [])
     for pid in pids:
         scanner.scan_pid(pid, proc_dir)
     if scanner.problems:
         log.debug("process scan: %d unreadable fd tables", len(scanner.problems))
     scanner.open_refs.sort(key=lambda r: (r.pid, r.fd if r.fd is not None else -1))
-    return ProcessScan(open_refs=scanner.open_refs, socket_owners=scanner.socket_owners, problems=scanner.problems)
+    return Collected(ProcessScan(open_refs=scanner.open_refs, socket_owners=scanner.socket_owners), scanner.problems)
 
 
-def scan_files_on(roots: Roots, devnos: Collection[DevNo]) -> list[OpenRef]:
+def scan_files_on(roots: Roots, devnos: Collection[DevNo]) -> Collected[list[OpenRef]]:
     """Processes with a file open, or their working directory, on a filesystem of one of `devnos`.
 
     For disks the kernel says are held (the O_EXCL probe) while no mount table shows them: a
     filesystem detached with `umount -l` lives on as long as a file of it is open, and only the
     opener can be named. Live systems only (a captured tree keeps no inode numbers), and every fd is
     stat()ed, so the engine runs it only for such disks. Matches are OpenRef(kind="file") with the
-    filesystem's device number; what cannot be read is skipped (the claim is reported anyway).
+    filesystem's device number; what cannot be read is skipped (the claim is reported anyway), so
+    its problems are always empty.
     """
     if not roots.live or not devnos:
-        return []
+        return Collected([], [])
     wanted = frozenset(devnos)
     proc_dir = str(roots.proc)
     refs: list[OpenRef] = []
     try:
         pids = sorted(int(name) for name in os.listdir(proc_dir) if name.isdigit())
     except OSError:
-        return []
+        return Collected([], [])
     for pid in pids:
         found: list[tuple[DevNo, str, int | None]] = []
         for entry, fd in [("cwd", None), *_fd_entries(proc_dir, pid)]:
@@ -317,7 +287,7 @@ def scan_files_on(roots: Roots, devnos: Collection[DevNo]) -> list[OpenRef]:
             command = _Scanner._command(pid, proc_dir)
             if command is not None:
                 refs.extend(OpenRef(pid, command, devno, "file", target, fd) for devno, target, fd in found)
-    return refs
+    return Collected(refs, [])
 
 
 def _fd_entries(proc_dir: str, pid: int) -> list[tuple[str, int | None]]:

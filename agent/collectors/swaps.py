@@ -18,14 +18,15 @@ import re
 import stat
 from collections.abc import Mapping, Sequence
 
-from unplugd.agent.collectors.block import devno_index, resolve_dev_path
-from unplugd.agent.errors import ParseError, ReadError
-from unplugd.agent.model import BlockDevice, DevNo, Mount, ScanProblem, Swap, mount_holding
+from unplugd.agent.collectors.block import devno_index
+from unplugd.agent.collectors.devlinks import resolve_dev_path
+from unplugd.agent.errors import ReadError
+from unplugd.agent.model import BlockDevice, Collected, DevNo, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
 from unplugd.text import unescape_octal
 
-__all__ = ["collect_swaps", "parse_swaps", "swap_file_mount"]
+__all__ = ["collect_swaps", "parse_swaps"]
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +53,18 @@ def _is_header(line: str) -> bool:
     return line.startswith("Filename")
 
 
-def parse_swaps(text: str) -> list[SwapLine]:
-    """(path, type, size_kib, used_kib) per swap area; ParseError naming the first malformed line."""
-    out: list[SwapLine] = []
+def parse_swaps(text: str, source: str = "/proc/swaps") -> list[SwapLine | ScanProblem]:
+    """(path, type, size_kib, used_kib) per swap area, in order; a malformed line is a ScanProblem
+    in its place, naming the line (it could be swap on any device: it affects everything)."""
+    out: list[SwapLine | ScanProblem] = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip() or (lineno == 1 and _is_header(line)):
             continue
         try:
             out.append(_parse_line(line))
         except ValueError as exc:
-            raise ParseError("/proc/swaps", f"line {lineno}: {exc}: {line[:200]!r}") from None
+            out.append(ScanProblem(f"{source} line {lineno}", f"malformed: {exc}: {line[:200]!r}"))
     return out
-
-
-def swap_file_mount(path: str, mounts: Sequence[Mount], own_namespace: int = 0) -> Mount | None:
-    """The mount holding swap file `path` (model.mount_holding: longest mount point, own namespace first)."""
-    return mount_holding(path, mounts, own_namespace)
 
 
 def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) -> DevNo | None:
@@ -95,37 +92,29 @@ def _partition_devno(roots: Roots, path: str, block: Mapping[str, BlockDevice]) 
 
 def collect_swaps(
     roots: Roots, mounts: Sequence[Mount], block: Mapping[str, BlockDevice], own_namespace: int = 0
-) -> tuple[list[Swap], list[ScanProblem]]:
-    """Every swap area; `mounts` of every namespace place swap files (see swap_file_mount)."""
+) -> Collected[list[Swap]]:
+    """Every swap area; `mounts` of every namespace place swap files (model.mount_holding)."""
     source = roots.proc / "swaps"
     try:
         text = read_text(source)
     except ReadError as exc:
-        return [], [ScanProblem(str(source), str(exc))]
+        return Collected([], [ScanProblem(str(source), str(exc))])
     swaps: list[Swap] = []
     problems: list[ScanProblem] = []
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip() or (lineno == 1 and _is_header(line)):
+    for entry in parse_swaps(text, str(source)):
+        if isinstance(entry, ScanProblem):
+            problems.append(entry)  # an unreadable entry could be swap on any device: fail closed
             continue
-        try:
-            path, kind, size, used = _parse_line(line)
-        except ValueError as exc:
-            # An unreadable entry could be swap on any device: fail closed.
-            problems.append(ScanProblem(f"{source} line {lineno}", f"malformed: {exc}: {line[:200]!r}"))
-            continue
+        path, kind, size, used = entry
         devno: DevNo | None
         if kind == "partition":
-            devno = _partition_devno(roots, path, block)
-            if devno is None:
-                problems.append(ScanProblem(path, "swap partition matches no block device"))
-            swaps.append(Swap(path=path, kind="partition", devno=devno, size_kib=size, used_kib=used))
+            devno, unplaced = _partition_devno(roots, path, block), "swap partition matches no block device"
         elif kind == "file":
-            mount = swap_file_mount(path, mounts, own_namespace)
-            if mount is None:
-                problems.append(ScanProblem(path, "no mount holds this swap file"))
-            devno = mount.devno if mount else None
-            swaps.append(Swap(path=path, kind="file", devno=devno, size_kib=size, used_kib=used))
+            mount = mount_holding(path, mounts, own_namespace)
+            devno, unplaced = (mount.devno if mount else None), "no mount holds this swap file"
         else:
-            problems.append(ScanProblem(path, f"unknown swap type {kind!r}"))
-            swaps.append(Swap(path=path, kind=kind, devno=None, size_kib=size, used_kib=used))
-    return swaps, problems
+            devno, unplaced = None, f"unknown swap type {kind!r}"
+        if devno is None:
+            problems.append(ScanProblem(path, unplaced))
+        swaps.append(Swap(path=path, kind=kind, devno=devno, size_kib=size, used_kib=used))
+    return Collected(swaps, problems)

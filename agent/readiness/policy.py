@@ -4,8 +4,10 @@ Pure: no I/O and no protobuf. The rules (DESIGN.md: reasons taxonomy):
 
 * a block function owns its disks, their partitions and everything stacked on
   them (holders/ chains: dm, LVM, dm-crypt, md, bcache; loop devices backed by
-  one of their nodes). A mount, swap area, holder chain, open fd or the root
-  filesystem anywhere in that set makes the function BUSY.
+  one of their nodes or by a file on one of their filesystems: the device
+  graph, agent/graph.py, says what sits on what). A mount, swap area, holder
+  chain, open fd or the root filesystem anywhere in that set makes the
+  function BUSY.
 * a network function is BUSY while its interface is up, has global
   addresses, carries a default route, has upper devices or live connections.
 * a bridge is BUSY while anything behind it is busy.
@@ -23,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from unplugd.agent.graph import DeviceGraph, is_active
 from unplugd.agent.model import (
     BlockDevice,
     DevNo,
@@ -33,7 +36,6 @@ from unplugd.agent.model import (
     PciFunction,
     Swap,
     format_devno,
-    mount_holding,
 )
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
 from unplugd.pci import PciAddress
@@ -57,8 +59,6 @@ _MAX_CHAINS = 32
 _NETWORK_CLASS = 0x02  # PCI base class "network controller"
 # Drivers that bind a NIC without registering an interface (passthrough, userspace I/O).
 _NO_NETDEV_DRIVERS = frozenset({"vfio-pci", "pci-stub", "uio_pci_generic", "igb_uio"})
-# What the kernel appends to the path of an open file that was unlinked (d_path).
-_DELETED = " (deleted)"
 _MAX_LISTED = 5
 
 
@@ -91,7 +91,7 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
     credentials and reports are read by every client): a LEASED warning.
     """
     idx = _Index.build(inventory)
-    stacks = {f.address: _block_closure(idx, f.block_devices)[0] for f in inventory.functions}
+    stacks = {f.address: idx.graph.block_closure(f.block_devices) for f in inventory.functions}
     usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
     verdicts: list[FunctionVerdict] = []
     for f in inventory.functions:
@@ -126,85 +126,18 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
 
 @dataclass
 class _Index:
+    """The inventory, its device graph, and open references by what they hold."""
+
     inv: Inventory
-    partitions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    loops_on: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    by_dm_name: dict[str, str] = field(default_factory=dict)
-    mounts_by_devno: dict[DevNo, list[Mount]] = field(default_factory=lambda: defaultdict(list))
-    mounts_by_source: dict[str, list[Mount]] = field(default_factory=lambda: defaultdict(list))
+    graph: DeviceGraph
     refs: dict[tuple[str, DevNo], list[OpenRef]] = field(default_factory=lambda: defaultdict(list))
 
     @classmethod
     def build(cls, inv: Inventory) -> _Index:
-        idx = cls(inv)
-        for bd in inv.block_devices.values():
-            if bd.parent:
-                idx.partitions[bd.parent].append(bd.name)
-            if bd.dm_name:
-                idx.by_dm_name[bd.dm_name] = bd.name
-        seen: set[tuple[int, int]] = set()
-        for m in inv.mounts:
-            # The same mount may be reported twice (two pids in one namespace).
-            key = (m.namespace, m.mount_id)
-            if key in seen:
-                continue
-            seen.add(key)
-            if m.devno[0] != 0:
-                idx.mounts_by_devno[m.devno].append(m)
-            else:
-                # btrfs and friends report an anonymous device number: only the
-                # source names the device.
-                name = idx.name_of_source(m.source)
-                if name is not None:
-                    idx.mounts_by_source[name].append(m)
-        for bd in inv.block_devices.values():
-            if bd.backing_file:
-                backing = idx.name_of_source(bd.backing_file) or idx.device_of_file(bd.backing_file)
-                if backing is not None:
-                    idx.loops_on[backing].append(bd.name)
+        idx = cls(inv, DeviceGraph(inv))
         for ref in inv.open_refs:
             idx.refs[(ref.kind, ref.devno)].append(ref)
         return idx
-
-    def name_of_source(self, source: str) -> str | None:
-        """Kernel name of a block device named by a /dev path, or None.
-
-        Compared with the inventory only: /dev/vdb1, /dev/mapper/NAME, /dev/VG/LV.
-        """
-        if not source.startswith("/dev/"):
-            return None
-        rest = source[len("/dev/") :]
-        devs = self.inv.block_devices
-        if "/" not in rest:
-            return rest if rest in devs else None
-        head, _, tail = rest.partition("/")
-        if "/" in tail or tail in ("", ".", ".."):
-            return None
-        if head == "mapper":
-            return self.by_dm_name.get(tail)
-        # /dev/VG/LV: device-mapper names it VG-LV with '-' doubled inside names.
-        return self.by_dm_name.get(head.replace("-", "--") + "-" + tail.replace("-", "--"))
-
-    def device_of_file(self, path: str) -> str | None:
-        """Kernel name of the block device whose filesystem holds `path` (a loop's backing file), or None.
-
-        A path the kernel marks deleted still lives on that filesystem.
-        """
-        best = mount_holding(path.removesuffix(_DELETED), self.inv.mounts, self.inv.mount_namespace)
-        if best is None:
-            return None
-        if best.devno[0] == 0:
-            return self.name_of_source(best.source)
-        return next((bd.name for bd in self.inv.block_devices.values() if bd.devno == best.devno), None)
-
-    def upward(self, name: str) -> list[str]:
-        """What sits directly on a block device: partitions, holders, loops."""
-        bd = self.inv.block_devices.get(name)
-        out = list(self.partitions.get(name, ()))
-        if bd is not None:
-            out.extend(h for h in bd.holders if h not in out)
-        out.extend(lo for lo in self.loops_on.get(name, ()) if lo not in out)
-        return out
 
 
 # --------------------------------------------------------------------------- per function
@@ -263,29 +196,12 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
                 )
             )
             continue
-        net_names |= _upper_closure(idx.inv.interfaces, ifname)
-        reasons.extend(_net_reasons(idx.inv, iface))
+        net_names |= idx.graph.interface_stack(ifname)
+        reasons.extend(_net_reasons(idx, iface))
     reasons.extend(_class_reasons(idx.inv, f))
     if state_of(reasons) is not State.BUSY:
         reasons.extend(_problem_reasons(idx.inv, f, block, net_names))
     return reasons
-
-
-def _block_closure(idx: _Index, disks: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The disks and everything stacked on them, in discovery order; and missing disks."""
-    devs = idx.inv.block_devices
-    found: list[str] = []
-    seen: set[str] = set()
-    missing = [d for d in disks if d not in devs]
-    queue = [d for d in disks if d in devs]
-    while queue:
-        name = queue.pop(0)
-        if name in seen or name not in devs:
-            continue
-        seen.add(name)
-        found.append(name)
-        queue.extend(n for n in idx.upward(name) if n not in seen)
-    return found, missing
 
 
 def _devnos(block: Sequence[BlockDevice]) -> dict[DevNo, str]:
@@ -307,7 +223,7 @@ def _root_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
         # Anonymous device number (btrfs): the mount of / names the device.
         for m in idx.inv.mounts:
             if m.mount_point == "/" and m.devno == root and m.namespace == idx.inv.mount_namespace:
-                src = idx.name_of_source(m.source)
+                src = idx.graph.kernel_name(m.source)
                 if src in names:
                     hit = src
                     break
@@ -329,7 +245,7 @@ def _mount_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
     # where it is seen are listed in the detail.
     groups: dict[tuple[str, str, str, str], list[Mount]] = {}
     for bd in block:
-        for m in [*idx.mounts_by_devno.get(bd.devno, ()), *idx.mounts_by_source.get(bd.name, ())]:
+        for m in idx.graph.mounts_on(bd.name):
             groups.setdefault((bd.name, m.mount_point, m.root, m.fstype), []).append(m)
     reasons: list[Reason] = []
     for (name, mount_point, root, fstype), mounts in groups.items():
@@ -356,19 +272,16 @@ def _pids(pids: Sequence[int]) -> str:
 def _swap_device(idx: _Index, swap: Swap) -> str | None:
     """Kernel name of the device holding a swap area, or None if it cannot be told."""
     if swap.devno is not None and swap.devno[0] != 0:
-        for bd in idx.inv.block_devices.values():
-            if bd.devno == swap.devno:
-                return bd.name
-        return None
+        return idx.graph.block_of_devno(swap.devno)
     if swap.devno is not None:
         # A swap file on a filesystem with an anonymous device number.
         for m in idx.inv.mounts:
             if m.devno == swap.devno:
-                name = idx.name_of_source(m.source)
+                name = idx.graph.kernel_name(m.source)
                 if name is not None:
                     return name
         return None
-    return idx.name_of_source(swap.path)
+    return idx.graph.kernel_name(swap.path)
 
 
 def _swap_reasons(idx: _Index, block: Sequence[BlockDevice]) -> list[Reason]:
@@ -424,7 +337,7 @@ def _holder_reasons(idx: _Index, disks: Sequence[str]) -> list[Reason]:
     def walk(chain: tuple[str, ...], stacked: bool) -> None:
         if len(chains) >= _MAX_CHAINS:
             return
-        ups = [n for n in idx.upward(chain[-1]) if n not in chain and n in devs]
+        ups = [n for n in idx.graph.upward(chain[-1]) if n not in chain and n in devs]
         if not ups:
             if stacked:
                 chains.append(chain)
@@ -491,21 +404,6 @@ def _how(ref: OpenRef) -> str:
 # --------------------------------------------------------------------------- network
 
 
-def _upper_closure(interfaces: Mapping[str, NetInterface], name: str) -> set[str]:
-    """The interface and every device stacked on it (master, vlan, macvlan, ...)."""
-    seen = {name}
-    queue = [name]
-    while queue:
-        iface = interfaces.get(queue.pop())
-        if iface is None:
-            continue
-        for up in (*iface.uppers, *((iface.master,) if iface.master else ())):
-            if up not in seen:
-                seen.add(up)
-                queue.append(up)
-    return seen
-
-
 def _family(family: int) -> str:
     return "IPv6" if family == socket.AF_INET6 else "IPv4"
 
@@ -520,14 +418,8 @@ def _norm_ip(text: str) -> str:
     return str(ip)
 
 
-def _is_active(sock_proto: str, state: str, remote_port: int) -> bool:
-    if sock_proto.startswith("tcp"):
-        return state == "ESTABLISHED"
-    # UDP has no connections; a connect()ed socket shows state 01 and a peer.
-    return sock_proto.startswith("udp") and (state == "ESTABLISHED" or remote_port != 0)
-
-
-def _net_reasons(inv: Inventory, iface: NetInterface) -> list[Reason]:
+def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
+    inv = idx.inv
     name = iface.name
     reasons: list[Reason] = []
     if iface.admin_up:
@@ -549,7 +441,7 @@ def _net_reasons(inv: Inventory, iface: NetInterface) -> list[Reason]:
                 addresses=shown,
             )
         )
-    stack = _upper_closure(inv.interfaces, name)
+    stack = idx.graph.interface_stack(name)
     for route in inv.routes:
         if route.is_default and route.ifname in stack:
             via = f" via {route.gateway}" if route.gateway else ""
@@ -571,9 +463,8 @@ def _net_reasons(inv: Inventory, iface: NetInterface) -> list[Reason]:
             detail = f"{up} ({kind}) sits on top of {name}"
         reasons.append(Reason(Code.UPPER_DEVICE, detail, object=up, chain=(name, up)))
     local = {_norm_ip(a.address) for n in stack if (i := inv.interfaces.get(n)) for a in i.addresses}
-    active = [
-        s for s in inv.sockets if _is_active(s.proto, s.state, s.remote_port) and _norm_ip(s.local) in local
-    ]
+    # A connection pins the address it is bound to: on this interface or one stacked on it.
+    active = [s for s in inv.sockets if is_active(s) and _norm_ip(s.local) in local]
     if active:
         pids = sorted({p for s in active for p in s.pids})
         conns = [f"{s.proto} {s.local}:{s.local_port} <-> {s.remote}:{s.remote_port}" for s in active[:3]]

@@ -1,46 +1,14 @@
 """gRPC server reflection (grpc.reflection.v1alpha and v1), so grpcurl works without .proto files.
 
-Always our own implementation, never grpcio-reflection even when it is
-importable: Debian does not package grpcio-reflection, so the guest never
-has it, and one implementation means the venv tests exercise exactly what
-the guest serves. The messages are built here from the public
-reflection.proto (both versions have the same messages, only the package
-differs) in a private descriptor pool, as health.py does, so they cannot
-collide with the real package should it be imported later:
+Our own servicer, never grpcio-reflection, by the rule health.py states (one
+implementation, the one the guest runs). Its messages, and those of
+grpc.health.v1, are protoc's descriptors of proto/grpc/ (generated into
+unplugd/v1/grpc_std_pb2.py, in a pool of their own so that grpcio-reflection
+can be imported beside them). v1alpha and v1 have the same messages; only
+the package differs, and both are served.
 
-    service ServerReflection {
-      rpc ServerReflectionInfo(stream ServerReflectionRequest) returns (stream ServerReflectionResponse);
-    }
-    message ServerReflectionRequest {
-      string host = 1;
-      oneof message_request {
-        string file_by_filename = 3;
-        string file_containing_symbol = 4;
-        ExtensionRequest file_containing_extension = 5;
-        string all_extension_numbers_of_type = 6;
-        string list_services = 7;
-      }
-    }
-    message ExtensionRequest { string containing_type = 1; int32 extension_number = 2; }
-    message ServerReflectionResponse {
-      string valid_host = 1;
-      ServerReflectionRequest original_request = 2;
-      oneof message_response {
-        FileDescriptorResponse file_descriptor_response = 4;
-        ExtensionNumberResponse all_extension_numbers_response = 5;
-        ListServiceResponse list_services_response = 6;
-        ErrorResponse error_response = 7;
-      }
-    }
-    message FileDescriptorResponse { repeated bytes file_descriptor_proto = 1; }
-    message ExtensionNumberResponse { string base_type_name = 1; repeated int32 extension_number = 2; }
-    message ListServiceResponse { repeated ServiceResponse service = 1; }
-    message ServiceResponse { string name = 1; }
-    message ErrorResponse { int32 error_code = 1; string error_message = 2; }
-
-The health service is described too: health.py's built-in messages plus
-the Health service declaration (its wire format is the same whichever
-health implementation serves it).
+The index answers from the served services' own descriptors: AgentService's
+from the generated code, health's and reflection's from grpc_std_pb2.
 """
 
 from __future__ import annotations
@@ -51,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor, descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf import descriptor, descriptor_pb2
 
 from unplugd.agent.rpc import health
+from unplugd.v1 import grpc_std_pb2
 
 __all__ = [
     "V1",
@@ -67,7 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FDP = descriptor_pb2.FieldDescriptorProto
 _NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 _INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 _ECHO_LIMIT = 200  # characters of a client's name repeated in an error message
@@ -85,108 +53,15 @@ class ReflectionApi:
     def name(self) -> str:
         return self.service.full_name
 
-
-def _camel(name: str) -> str:
-    """protobuf's default JSON name: drop each underscore and upper-case the letter after it."""
-    out: list[str] = []
-    upper_next = False
-    for ch in name:
-        if ch == "_":
-            upper_next = True
-        else:
-            out.append(ch.upper() if upper_next else ch)
-            upper_next = False
-    return "".join(out)
+    @classmethod
+    def of(cls, package: str) -> ReflectionApi:
+        request: Any = grpc_std_pb2.MESSAGES[f"{package}.ServerReflectionRequest"]
+        return cls(service=request.DESCRIPTOR.file.services_by_name["ServerReflection"], request=request,
+                   response=grpc_std_pb2.MESSAGES[f"{package}.ServerReflectionResponse"])
 
 
-def _add_field(msg: descriptor_pb2.DescriptorProto, name: str, number: int, kind: int, *,
-               type_name: str = "", repeated: bool = False, oneof: int | None = None) -> None:
-    field = msg.field.add(name=name, number=number, type=kind, json_name=_camel(name),
-                          label=_FDP.LABEL_REPEATED if repeated else _FDP.LABEL_OPTIONAL)
-    if type_name:
-        field.type_name = type_name
-    if oneof is not None:
-        field.oneof_index = oneof
-
-
-def _reflection_file(package: str) -> descriptor_pb2.FileDescriptorProto:
-    f = descriptor_pb2.FileDescriptorProto(name=f"grpc/reflection/{package.rsplit('.', 1)[-1]}/reflection.proto",
-                                           package=package, syntax="proto3")
-    p = f".{package}."
-    string, int32, msg_t, bytes_t = _FDP.TYPE_STRING, _FDP.TYPE_INT32, _FDP.TYPE_MESSAGE, _FDP.TYPE_BYTES
-
-    req = f.message_type.add(name="ServerReflectionRequest")
-    req.oneof_decl.add(name="message_request")
-    _add_field(req, "host", 1, string)
-    _add_field(req, "file_by_filename", 3, string, oneof=0)
-    _add_field(req, "file_containing_symbol", 4, string, oneof=0)
-    _add_field(req, "file_containing_extension", 5, msg_t, type_name=p + "ExtensionRequest", oneof=0)
-    _add_field(req, "all_extension_numbers_of_type", 6, string, oneof=0)
-    _add_field(req, "list_services", 7, string, oneof=0)
-
-    ext = f.message_type.add(name="ExtensionRequest")
-    _add_field(ext, "containing_type", 1, string)
-    _add_field(ext, "extension_number", 2, int32)
-
-    resp = f.message_type.add(name="ServerReflectionResponse")
-    resp.oneof_decl.add(name="message_response")
-    _add_field(resp, "valid_host", 1, string)
-    _add_field(resp, "original_request", 2, msg_t, type_name=p + "ServerReflectionRequest")
-    _add_field(resp, "file_descriptor_response", 4, msg_t, type_name=p + "FileDescriptorResponse", oneof=0)
-    _add_field(resp, "all_extension_numbers_response", 5, msg_t, type_name=p + "ExtensionNumberResponse", oneof=0)
-    _add_field(resp, "list_services_response", 6, msg_t, type_name=p + "ListServiceResponse", oneof=0)
-    _add_field(resp, "error_response", 7, msg_t, type_name=p + "ErrorResponse", oneof=0)
-
-    _add_field(f.message_type.add(name="FileDescriptorResponse"), "file_descriptor_proto", 1, bytes_t, repeated=True)
-    numbers = f.message_type.add(name="ExtensionNumberResponse")
-    _add_field(numbers, "base_type_name", 1, string)
-    _add_field(numbers, "extension_number", 2, int32, repeated=True)
-    _add_field(f.message_type.add(name="ListServiceResponse"), "service", 1, msg_t,
-               type_name=p + "ServiceResponse", repeated=True)
-    _add_field(f.message_type.add(name="ServiceResponse"), "name", 1, string)
-    err = f.message_type.add(name="ErrorResponse")
-    _add_field(err, "error_code", 1, int32)
-    _add_field(err, "error_message", 2, string)
-
-    f.service.add(name="ServerReflection").method.add(
-        name="ServerReflectionInfo", input_type=p + "ServerReflectionRequest",
-        output_type=p + "ServerReflectionResponse", client_streaming=True, server_streaming=True)
-    return f
-
-
-def _health_file() -> descriptor_pb2.FileDescriptorProto:
-    """health.py's built-in messages, under the upstream file name, with the service they belong to."""
-    f = descriptor_pb2.FileDescriptorProto()
-    health.HealthCheckRequest.DESCRIPTOR.file.CopyToProto(f)
-    f.name = "grpc/health/v1/health.proto"
-    svc = f.service.add(name="Health")
-    for method, streaming in (("Check", False), ("Watch", True)):
-        svc.method.add(name=method, input_type=".grpc.health.v1.HealthCheckRequest",
-                       output_type=".grpc.health.v1.HealthCheckResponse", server_streaming=streaming)
-    return f
-
-
-def _build() -> tuple[descriptor.ServiceDescriptor, ReflectionApi, ReflectionApi]:
-    pool = descriptor_pool.DescriptorPool()
-    get_class: Callable[[Any], Any]
-    if hasattr(message_factory, "GetMessageClass"):
-        get_class = message_factory.GetMessageClass
-    else:  # protobuf 4.21 (Debian 12's python3-protobuf 3.21)
-        get_class = getattr(message_factory.MessageFactory(pool), "GetPrototype")  # noqa: B009
-    pool.Add(_health_file())
-    health_service = pool.FindServiceByName(health.SERVICE_NAME)
-    apis = []
-    for package in ("grpc.reflection.v1alpha", "grpc.reflection.v1"):
-        fdp = _reflection_file(package)
-        pool.Add(fdp)
-        fd = pool.FindFileByName(fdp.name)
-        apis.append(ReflectionApi(service=fd.services_by_name["ServerReflection"],
-                                  request=get_class(fd.message_types_by_name["ServerReflectionRequest"]),
-                                  response=get_class(fd.message_types_by_name["ServerReflectionResponse"])))
-    return health_service, apis[0], apis[1]
-
-
-HEALTH_SERVICE, V1ALPHA, V1 = _build()
+V1ALPHA = ReflectionApi.of("grpc.reflection.v1alpha")
+V1 = ReflectionApi.of("grpc.reflection.v1")
 
 
 def _nested_symbols(scope: str, msg: descriptor_pb2.DescriptorProto) -> Iterator[str]:
@@ -224,18 +99,24 @@ def file_symbols(fdp: descriptor_pb2.FileDescriptorProto) -> Iterator[str]:
             yield f"{scope}{svc.name}.{method.name}"
 
 
-def _fill_json_names(fdp: descriptor_pb2.FileDescriptorProto) -> None:
-    """Set json_name where the generated code left it out, so JSON clients (grpcurl) print
-    the same camelCase names as protobuf's own JSON mapping."""
-    stack = list(fdp.message_type)
-    fields = list(fdp.extension)
+def _fill_json_names(fdp: descriptor_pb2.FileDescriptorProto, fd: descriptor.FileDescriptor) -> None:
+    """Set json_name where the generated code left it out, from protobuf's own descriptors, so
+    JSON clients (grpcurl) print the same camelCase names as protobuf's JSON mapping."""
+    def fill(scope: str, fields: Iterable[descriptor_pb2.FieldDescriptorProto],
+             find: Callable[[str], descriptor.FieldDescriptor]) -> None:
+        for field in fields:
+            if not field.HasField("json_name"):
+                field.json_name = find(scope + field.name).json_name
+
+    package = f"{fdp.package}." if fdp.package else ""
+    fill(package, fdp.extension, fd.pool.FindExtensionByName)
+    stack = [(package, msg) for msg in fdp.message_type]
     while stack:
-        msg = stack.pop()
-        fields.extend((*msg.field, *msg.extension))
-        stack.extend(msg.nested_type)
-    for field in fields:
-        if not field.HasField("json_name"):
-            field.json_name = _camel(field.name)
+        scope, msg = stack.pop()
+        inner = f"{scope}{msg.name}."
+        fill(inner, msg.field, fd.pool.FindFieldByName)
+        fill(inner, msg.extension, fd.pool.FindExtensionByName)
+        stack.extend((inner, nested) for nested in msg.nested_type)
 
 
 def _extensions(fdp: descriptor_pb2.FileDescriptorProto) -> Iterator[descriptor_pb2.FieldDescriptorProto]:
@@ -263,7 +144,7 @@ class ReflectionIndex:
         if fd.name in self._files:
             return
         fdp = descriptor_pb2.FileDescriptorProto.FromString(fd.serialized_pb)
-        _fill_json_names(fdp)
+        _fill_json_names(fdp, fd)
         self._files[fd.name] = fdp
         self._serialized[fd.name] = fdp.SerializeToString()
         for symbol in file_symbols(fdp):
@@ -371,6 +252,6 @@ class ReflectionServicer:
 
 def add_reflection(server: grpc.Server, services: Sequence[descriptor.ServiceDescriptor]) -> ReflectionIndex:
     """Serve reflection (v1alpha and v1) for `services`, grpc.health.v1.Health and reflection itself."""
-    index = ReflectionIndex([*services, HEALTH_SERVICE, V1ALPHA.service, V1.service])
+    index = ReflectionIndex([*services, health.SERVICE, V1ALPHA.service, V1.service])
     server.add_generic_rpc_handlers(ReflectionServicer(index).handlers())
     return index

@@ -33,17 +33,18 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import grpc
 
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
+from unplugd.agent.daemon.scans import CoalescingEngine, EngineApi, ModuleEngine
 from unplugd.agent.errors import AgentError
+from unplugd.agent.mutations.leases import LeaseManager
+from unplugd.agent.mutations.links import LinkControl, NetlinkLinks
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import CoalescingEngine, EngineApi, ModuleEngine
 from unplugd.agent.rpc.errors import DecodeGuard, guard_registered
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.health import HealthRegistry, add_health
-from unplugd.agent.rpc.leases import LeaseManager
-from unplugd.agent.rpc.links import LinkControl, NetlinkLinks
 from unplugd.agent.rpc.reflection import add_reflection
-from unplugd.agent.rpc.service import AgentServicer, Listener
+from unplugd.agent.rpc.service import AgentServicer
 from unplugd.agent.rpc.watch import ReportHub
+from unplugd.agent.transports.listener import Listener
 from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc
 
 __all__ = [
@@ -159,7 +160,7 @@ class AgentServer:
         return f"unix:{self.socket_path}"
 
     def _produce(self) -> Any:
-        return self.engine.inspect(self.roots, leased=self.leases.leased(), own_claims=self.leases.own_claims())
+        return self.engine.inspect(self.roots, (), leased=self.leases.leased(), own_claims=self.leases.own_claims())
 
     def listeners(self) -> list[Listener]:
         return [Listener("unix", str(self.socket_path)), *self._tcp, *self._bridges.listeners]

@@ -1,8 +1,10 @@
 """AgentService: converts requests, calls the engine, leases and watcher, maps errors.
 
-Thin on purpose: every decision lives in the engine (readiness), leases.py
-(claims) or watch.py (changes). Every method runs inside `_guard`, so any
-exception becomes a status through rpc/errors.py and the server lives on.
+Thin on purpose: every decision lives in the engine (readiness), agent/mutations
+(leases, and what PrepareUnplug does with a request) or watch.py (what changed
+for a stream). Here: requests validated and converted, responses built, every
+method run inside `_guard`, so any exception becomes a status through
+rpc/errors.py and the server lives on.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -19,18 +20,20 @@ from google.protobuf import timestamp_pb2
 
 import unplugd
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.resources import agent_resources
+from unplugd.agent.daemon.scans import EngineApi
 from unplugd.agent.errors import InvalidArgument, MutationDisabled
+from unplugd.agent.mutations.leases import LeaseGrant, LeaseManager
+from unplugd.agent.mutations.prepare import prepare_unplug, select_named
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import EngineApi
 from unplugd.agent.rpc.errors import status_for
-from unplugd.agent.rpc.leases import LeaseGrant, LeaseManager, targets_for
-from unplugd.agent.rpc.resources import agent_resources
-from unplugd.agent.rpc.watch import ReportHub, Subscription, changed_between, filter_report, function_keys
+from unplugd.agent.rpc.watch import ReportHub
+from unplugd.agent.transports.listener import Listener
 from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 
-__all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "Listener", "validate_names"]
+__all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "validate_names"]
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,6 @@ MAX_NAMES = 512
 MAX_NAME_LENGTH = 256
 
 _R = TypeVar("_R")
-
-
-@dataclass(frozen=True)
-class Listener:
-    transport: str  # unix | vsock | virtio-serial | tcp-mtls
-    address: str
 
 
 def validate_names(names: Sequence[str]) -> list[str]:
@@ -120,8 +117,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             names = validate_names(request.devices)
             addresses = None
             if names:
-                inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
-                addresses = {str(f.address) for f in self._engine.select(inventory, names)}
+                functions = select_named(self._engine, self._roots, self._leases, names)[1]
+                addresses = {str(f.address) for f in functions}
         except Exception as exc:
             _abort("WatchReport", context, exc)
         if not self._watchers.acquire(blocking=False):
@@ -136,7 +133,11 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 _abort("WatchReport", context, exc)
             context.add_callback(sub.close)
             try:
-                yield from self._stream(sub, addresses, context)
+                for change in sub.changes(addresses, context.is_active):
+                    yield pb.WatchReportResponse(report=change.report, changed=change.changed,
+                                                 initial=change.initial)
+            except Exception as exc:  # the scanner failed or stopped (WatchStopped)
+                _abort("WatchReport", context, exc)
             finally:
                 sub.close()
         finally:
@@ -144,47 +145,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 self._watching -= 1
             self._watchers.release()
 
-    def _stream(self, sub: Subscription, addresses: set[str] | None,
-                context: grpc.ServicerContext) -> Iterator[pb.WatchReportResponse]:
-        sent: dict[str, Hashable] | None = None
-        while context.is_active():
-            update = sub.next()
-            if update is None:  # closed: the client left, or the server stops
-                return
-            if isinstance(update, Exception):
-                _abort("WatchReport", context, update)
-            report = filter_report(update.report, addresses)
-            keys = function_keys(report)
-            changed = changed_between(sent, keys)
-            if sent is not None and not changed:
-                continue
-            yield pb.WatchReportResponse(report=report, changed=changed, initial=sent is None)
-            sent = keys
-
     # -- mutating -------------------------------------------------------------------
 
     def PrepareUnplug(self, request: pb.PrepareUnplugRequest,
                       context: grpc.ServicerContext) -> pb.PrepareUnplugResponse:
         def call() -> pb.PrepareUnplugResponse:
             self._require_mutations("PrepareUnplug")
-            names = validate_names(request.devices)
-            if request.lease_id:
-                # Everything is checked before the lease is touched: a renewal
-                # happens only when the whole request is valid.
-                wanted = None
-                if names:
-                    inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
-                    wanted = {f.address for f in self._engine.select(inventory, names)}
-                grant = self._leases.renew(request.lease_id, request.lease_seconds, functions=wanted,
-                                           take_interfaces_down=request.take_interfaces_down)
-            else:
-                if not names:
-                    raise InvalidArgument("name at least one device to prepare")
-                inventory = self._engine.scan(self._roots, own_claims=self._leases.own_claims())
-                functions = self._engine.select(inventory, names)
-                targets = targets_for(inventory, functions, take_interfaces_down=request.take_interfaces_down)
-                grant = self._leases.prepare(targets, request.lease_seconds,
-                                             take_interfaces_down=request.take_interfaces_down)
+            grant = prepare_unplug(self._engine, self._roots, self._leases, validate_names(request.devices),
+                                   lease_id=request.lease_id, seconds=request.lease_seconds,
+                                   take_interfaces_down=request.take_interfaces_down)
             self._hub.poke()
             return _grant_response(grant)
 

@@ -1,7 +1,7 @@
 """One shared scanner for every WatchReport subscriber.
 
 ChangeWatcher is the engine of it and knows nothing of reports: a thread
-sleeps in poll(2) on the event sources (events.py), lets a burst settle for
+sleeps in poll(2) on the event sources (daemon/events.py), lets a burst settle for
 `debounce` seconds, takes one snapshot and calls `on_change` only when the
 snapshot's fingerprint differs from the last one. Without events it wakes
 every `rescan_seconds` (or RESCAN_PER_SCAN times the last scan's duration,
@@ -29,16 +29,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.errors import WatchStopped
-from unplugd.agent.rpc.events import EventSources
 from unplugd.v1 import report_pb2
 
-__all__ = ["ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report", "function_keys",
-           "unknown_report"]
+__all__ = ["Change", "ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report",
+           "function_keys", "unknown_report"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,15 @@ class Update:
     report: report_pb2.Report
 
 
+@dataclass(frozen=True)
+class Change:
+    """One WatchReport message: the (filtered) report, the addresses that changed, whether it is the first."""
+
+    report: report_pb2.Report
+    changed: list[str]
+    initial: bool
+
+
 class Subscription:
     """Newest-wins mailbox between the hub and one stream."""
 
@@ -257,6 +266,24 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def changes(self, addresses: set[str] | None, active: Callable[[], bool]) -> Iterator[Change]:
+        """What one stream sends: the first report of `addresses` (None: all), then each one in
+        which one of them changed, while `active()`. Ends when closed; raises what the hub failed with."""
+        sent: dict[str, Hashable] | None = None
+        while active():
+            update = self.next()
+            if update is None:  # closed: the client left, or the server stops
+                return
+            if isinstance(update, Exception):
+                raise update
+            report = filter_report(update.report, addresses)
+            keys = function_keys(report)
+            changed = changed_between(sent, keys)
+            if sent is not None and not changed:
+                continue
+            yield Change(report, changed, initial=sent is None)
+            sent = keys
 
 
 class ReportHub:

@@ -1,4 +1,4 @@
-"""Start the bridges the config enables; serve.py's hook `start_bridges(config, backend)`.
+"""Start the bridges the config enables; rpc/server.py's hook `start_bridges(config, backend)`.
 
 The bridges are asyncio code; the agent's gRPC server is threaded, so they
 run on their own event loop in one background thread. A bridge that cannot
@@ -22,7 +22,7 @@ from typing import Protocol
 from unplugd.agent.config import Config
 from unplugd.agent.errors import AgentError
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.service import Listener
+from unplugd.agent.transports.listener import Listener
 from unplugd.agent.transports.virtio_serial import DevicePort, VirtioSerialBridge, port_path
 from unplugd.agent.transports.vsock import ListenerFactory, VsockBridge, local_cid, vsock_listener
 
@@ -109,7 +109,7 @@ class BridgeThread:
 
 def start_bridges(config: Config, backend: Path, *, roots: Roots | None = None,
                   vsock_factory: ListenerFactory = vsock_listener) -> BridgeThread:
-    """serve.py's hook: start every enabled bridge in front of `backend`; BridgeError if one cannot."""
+    """rpc/server.py's hook: start every enabled bridge in front of `backend`; BridgeError if one cannot."""
     thread = BridgeThread(make_bridges(config, backend, roots=roots, vsock_factory=vsock_factory))
     thread.start()
     return thread

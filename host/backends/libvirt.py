@@ -43,7 +43,7 @@ from unplugd.host.errors import (
     TopologyError,
     UnplugRefused,
 )
-from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Topology, group_slots
 from unplugd.pci import PciAddress, PciPath
 
 __all__ = [
@@ -87,6 +87,14 @@ class _Controller:
     address: tuple[int, int, int, int] | None  # domain, bus (parent index), slot, function
     hotplug: str | None  # <target hotplug='on|off'>
     bus_nr: int | None  # expander buses: <target busNr>
+
+    @property
+    def kind(self) -> BusKind:
+        return _BUS_KINDS.get(self.model, BusKind.UNKNOWN)
+
+    @property
+    def name(self) -> str:
+        return self.alias or f"pci.{self.index}"
 
 
 class _DeviceXml(Mapping[str, str]):
@@ -165,6 +173,27 @@ def _describe(el: ET.Element) -> tuple[str, tuple[str, ...], bool | None]:
 
 def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
     """The live domain XML -> topology, device XML by alias, agent channel path. Pure."""
+    root, devices = _domain_devices(xml)
+    os_type = root.find("os/type")
+    machine = os_type.get("machine", "") if os_type is not None else ""
+    acpi = root.find("features/acpi") is not None
+    controllers = _pci_controllers(devices)
+    buses = _Buses(controllers, acpi)
+    functions, device_els = _functions(devices, buses)
+    for index in sorted(controllers):  # buses no device sits on yet: where `unplugctl slots` finds room
+        with contextlib.suppress(TopologyError):
+            buses.of(index)
+    if 0 in controllers:
+        for bus, f in _chipset(buses.of(0), machine, acpi):
+            functions.setdefault(f.path, (bus, f))
+    channel = _agent_channel(devices)
+    slots = group_slots(functions.values(), machine)
+    topo = Topology("libvirt", vm, machine, slots, tuple(buses.resolved.values()), agent_channel=channel)
+    return DomainLayout(topo, _DeviceXml(device_els), channel)
+
+
+def _domain_devices(xml: str) -> tuple[ET.Element, ET.Element]:
+    """The parsed domain and its <devices>."""
     try:
         # The XML comes from the local libvirtd (root-only socket), not from the guest.
         root = ET.fromstring(xml)  # noqa: S314
@@ -173,10 +202,11 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
     devices = root.find("devices")
     if devices is None:
         raise TopologyError("domain XML has no <devices>")
-    os_type = root.find("os/type")
-    machine = os_type.get("machine", "") if os_type is not None else ""
-    acpi = root.find("features/acpi") is not None
+    return root, devices
 
+
+def _pci_controllers(devices: ET.Element) -> dict[int, _Controller]:
+    """index -> every <controller type='pci'>: each provides the bus of that index."""
     controllers: dict[int, _Controller] = {}
     for c in devices.findall("controller"):
         if c.get("type") != "pci":
@@ -196,109 +226,113 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
             hotplug=target.get("hotplug") if target is not None else None,
             bus_nr=int(bus_nr) if bus_nr and bus_nr.isdigit() else None,
         )
+    return controllers
 
-    buses: dict[int, Bus] = {}
 
-    def bus_of(index: int, seen: tuple[int, ...] = ()) -> Bus:
-        """The Bus that controller `index` provides, resolving its chain upwards."""
-        if index in buses:
-            return buses[index]
+class _Buses:
+    """The Bus each pci controller provides, resolved on first use up its chain of addresses.
+
+    Only buses something sits on are resolved (and listed in the topology, in that order).
+    """
+
+    def __init__(self, controllers: Mapping[int, _Controller], acpi: bool) -> None:
+        self.controllers = controllers
+        self.acpi = acpi
+        self.resolved: dict[int, Bus] = {}
+
+    def of(self, index: int, seen: tuple[int, ...] = ()) -> Bus:
+        if index in self.resolved:
+            return self.resolved[index]
         if index in seen:
             raise TopologyError(f"domain XML: pci controllers form a loop at index {index}")
-        c = controllers.get(index)
+        c = self.controllers.get(index)
         if c is None:
             raise TopologyError(f"domain XML: an address names bus {index:#x} but no pci controller has that index")
-        kind = _BUS_KINDS.get(c.model, BusKind.UNKNOWN)
-        name = c.alias or f"pci.{index}"
-        if kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
-            bus = Bus(
-                kind,
-                0,
-                0,
-                None,
-                name,
-                hotplug=(kind is BusKind.PCI_ROOT and acpi),
-                mechanism="acpi" if kind is BusKind.PCI_ROOT and acpi else "",
-                number=0,
-            )
-        elif kind in (BusKind.PCI_EXPANDER, BusKind.PCIE_EXPANDER):
-            if c.bus_nr is None:
-                raise TopologyError(f"domain XML: expander bus {name} without <target busNr>")
-            bus = Bus(kind, 0, c.bus_nr, None, name, hotplug=False, number=c.bus_nr)
-        else:
-            if c.address is None:
-                raise TopologyError(f"domain XML: pci controller {name} has no PCI address")
-            parent = bus_of(c.address[1], (*seen, index))
-            bridge = parent.path_of(c.address[2], c.address[3])
-            hotplug: bool = {
-                BusKind.PCIE_ROOT_PORT: c.hotplug != "off",
-                BusKind.PCIE_SWITCH_DOWNSTREAM_PORT: c.hotplug != "off",
-                BusKind.PCI_BRIDGE: True,
-            }.get(kind, False)
-            bus = Bus(kind, parent.domain, parent.root_bus, bridge, name, hotplug=hotplug)
-        buses[index] = bus
+        parent = None
+        if not c.kind.is_root and c.address is not None:
+            parent = self.of(c.address[1], (*seen, index))
+        bus = self.resolved[index] = _controller_bus(c, parent, self.acpi)
         return bus
 
+
+def _controller_bus(c: _Controller, parent: Bus | None, acpi: bool) -> Bus:
+    """The bus a pci controller provides; `parent`: the bus the controller sits on (None for a root)."""
+    kind = c.kind
+    if kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
+        # pci-root (i440fx) has ACPI hotplug when the domain has ACPI; pcie-root (q35) has none
+        hotplug = kind is BusKind.PCI_ROOT and acpi
+        return Bus(kind, 0, 0, None, c.name, hotplug=hotplug, mechanism="acpi" if hotplug else "", number=0)
+    if kind in (BusKind.PCI_EXPANDER, BusKind.PCIE_EXPANDER):
+        if c.bus_nr is None:
+            raise TopologyError(f"domain XML: expander bus {c.name} without <target busNr>")
+        return Bus(kind, 0, c.bus_nr, None, c.name, hotplug=False, number=c.bus_nr)
+    if c.address is None or parent is None:
+        raise TopologyError(f"domain XML: pci controller {c.name} has no PCI address")
+    bridge = parent.path_of(c.address[2], c.address[3])
+    hotplug = {
+        BusKind.PCIE_ROOT_PORT: c.hotplug != "off",
+        BusKind.PCIE_SWITCH_DOWNSTREAM_PORT: c.hotplug != "off",
+        BusKind.PCI_BRIDGE: True,
+    }.get(kind, False)
+    return Bus(kind, parent.domain, parent.root_bus, bridge, c.name, hotplug=hotplug)
+
+
+def _functions(devices: ET.Element, buses: _Buses) -> tuple[dict[PciPath, tuple[Bus, Function]], dict[str, ET.Element]]:
+    """Every device element with a PCI address, as a Function on its bus; and the elements by alias."""
     functions: dict[PciPath, tuple[Bus, Function]] = {}
     device_els: dict[str, ET.Element] = {}
     for el in devices:
         pa = _pci_address(el)
         if pa is None:
             continue
-        (domain, bus_index, slot, fn), multi = pa
-        bus = bus_of(bus_index)
-        model, targets, hotpluggable = _describe(el)
-        is_bridge = el.tag == "controller" and el.get("type") == "pci"
-        if is_bridge and el.get("model") in ("pci-expander-bus", "pcie-expander-bus"):
-            is_bridge = False  # an expander is a host bridge: its bus is a root bus, not behind it
-        alias = _alias(el)
-        f = Function(
-            path=bus.path_of(slot, fn),
-            model=model,
-            qemu_id=alias,
-            alias=alias,
-            targets=targets,
-            is_bridge=is_bridge,
-            hotpluggable=False if is_bridge else hotpluggable,
-            multifunction=multi,
-            guest_address=PciAddress(domain, bus.number, slot, fn) if bus.number is not None else None,
-        )
+        address, multifunction = pa
+        bus = buses.of(address[1])
+        f = _device_function(el, bus, address, multifunction)
         if f.path in functions:
             raise TopologyError(f"domain XML: two devices at {f.path}")
         functions[f.path] = (bus, f)
-        if alias:
-            device_els[alias] = el
+        if f.alias:
+            device_els[f.alias] = el
+    return functions, device_els
 
-    for index in sorted(controllers):  # buses no device sits on yet: where `unplugctl slots` finds room
-        with contextlib.suppress(TopologyError):
-            bus_of(index)
-    root_bus = bus_of(0) if 0 in controllers else None
-    if root_bus is not None and root_bus.kind in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
-        for cslot, cfn, what in _chipset_functions(machine, acpi):
-            cpath = root_bus.path_of(cslot, cfn)
-            if cpath not in functions:
-                functions[cpath] = (
-                    root_bus,
-                    Function(
-                        path=cpath,
-                        model=f"chipset {what}",
-                        description="built into the machine type; not in libvirt's XML",
-                        hotpluggable=False,
-                        guest_address=PciAddress(root_bus.domain, 0, cslot, cfn),
-                    ),
-                )
 
-    grouped: dict[tuple[str, int], list[Function]] = {}
-    bus_by_key: dict[str, Bus] = {}
-    for bus, f in functions.values():
-        bus_by_key[bus.key] = bus
-        grouped.setdefault((bus.key, f.path.hops[-1][0]), []).append(f)
-    slots = [
-        Slot(bus_by_key[key], number, tuple(sorted(fs, key=lambda f: f.path.function)), machine)
-        for (key, number), fs in grouped.items()
-    ]
-    slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
+def _device_function(el: ET.Element, bus: Bus, address: tuple[int, int, int, int], multifunction: bool) -> Function:
+    """One device element at `address` on `bus`."""
+    domain, _, slot, fn = address
+    model, targets, hotpluggable = _describe(el)
+    is_bridge = el.tag == "controller" and el.get("type") == "pci"
+    if is_bridge and el.get("model") in ("pci-expander-bus", "pcie-expander-bus"):
+        is_bridge = False  # an expander is a host bridge: its bus is a root bus, not behind it
+    alias = _alias(el)
+    return Function(
+        path=bus.path_of(slot, fn),
+        model=model,
+        qemu_id=alias,
+        alias=alias,
+        targets=targets,
+        is_bridge=is_bridge,
+        hotpluggable=False if is_bridge else hotpluggable,
+        multifunction=multifunction,
+        guest_address=PciAddress(domain, bus.number, slot, fn) if bus.number is not None else None,
+    )
 
+
+def _chipset(root_bus: Bus, machine: str, acpi: bool) -> Iterator[tuple[Bus, Function]]:
+    """The machine type's built-in functions on root bus 0 (_chipset_functions), as Functions."""
+    if root_bus.kind not in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
+        return
+    for slot, fn, what in _chipset_functions(machine, acpi):
+        yield root_bus, Function(
+            path=root_bus.path_of(slot, fn),
+            model=f"chipset {what}",
+            description="built into the machine type; not in libvirt's XML",
+            hotpluggable=False,
+            guest_address=PciAddress(root_bus.domain, 0, slot, fn),
+        )
+
+
+def _agent_channel(devices: ET.Element) -> str | None:
+    """The host-side socket of the agent's virtio-serial <channel type='unix'> (the last one named so)."""
     channel = None
     for ch in devices.findall("channel"):
         target, source = ch.find("target"), ch.find("source")
@@ -310,8 +344,7 @@ def parse_domain_xml(xml: str, vm: str = "") -> DomainLayout:
             and source.get("path")
         ):
             channel = source.get("path")
-    topo = Topology("libvirt", vm, machine, tuple(slots), tuple(buses.values()), agent_channel=channel)
-    return DomainLayout(topo, _DeviceXml(device_els), channel)
+    return channel
 
 
 def _chipset_functions(machine: str, acpi: bool) -> tuple[tuple[int, int, str], ...]:

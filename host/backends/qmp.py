@@ -38,8 +38,8 @@ from unplugd.host.errors import (
     UnplugInProgress,
     UnplugRefused,
 )
-from unplugd.host.topology import Bus, BusKind, Function, Removal, Slot, Topology
-from unplugd.pci import PciAddress
+from unplugd.host.topology import Bus, BusKind, Function, Removal, Topology, group_slots
+from unplugd.pci import PciAddress, PciPath
 
 if TYPE_CHECKING:
     from qemu.qmp import QMPClient
@@ -68,7 +68,7 @@ _PCI_BRIDGE_CLASS = 0x0604
 _HOST_BRIDGE_CLASS = 0x0600
 
 
-class QmpCommandError(Exception):
+class QmpCommandError(BackendError):
     """A QMP command answered with an error (the `desc` QEMU sent)."""
 
     def __init__(self, command: str, desc: str, klass: str = "GenericError") -> None:
@@ -443,16 +443,15 @@ def _root_kind(bus: _QomBus | None) -> BusKind:
 
 
 def _qdev_id(qom_path: str) -> str | None:
-    prefix = "/machine/peripheral/"
+    prefix = f"{_PERIPHERAL}/"
     if qom_path.startswith(prefix) and "/" not in qom_path[len(prefix) :]:
         return qom_path[len(prefix) :]
     return None
 
 
 class _Builder:
-    def __init__(self, machine: str) -> None:
-        self.machine = machine
-        self.slots: list[Slot] = []
+    def __init__(self) -> None:
+        self.placed: list[tuple[Bus, Function]] = []  # what group_slots() makes slots of
         self.buses: list[Bus] = []
 
     def add_bus(self, nodes: Sequence[PciNode], qbus: _QomBus | None, bus: Bus) -> None:
@@ -464,13 +463,12 @@ class _Builder:
         self.buses.append(bus)
         by_devfn = {d.devfn: d for d in qbus.devices if d.devfn is not None} if qbus else {}
         seen: set[int] = set()
-        slots: dict[int, list[Function]] = {}
         for node in nodes:
             seen.add(node.devfn)
             qdev = by_devfn.get(node.devfn)
             if qbus is not None and qdev is None:
                 log.warning("query-pci lists %s but QOM has no device there on %s", node.hops, qbus.path)
-            slots.setdefault(node.slot, []).append(self.function(node, qdev, bus))
+            self.placed.append((bus, self.function(node, qdev, bus)))
             if node.is_bridge:
                 self.add_bridge(
                     node.slot, node.function, children=node.children, secondary=node.secondary, qdev=qdev, parent=bus
@@ -479,12 +477,9 @@ class _Builder:
             if devfn in seen:
                 continue
             slot, function = devfn >> 3, devfn & 7
-            slots.setdefault(slot, []).append(self.qom_function(slot, function, qdev, bus))
+            self.placed.append((bus, self.qom_function(slot, function, qdev, bus)))
             if qdev.buses:
                 self.add_bridge(slot, function, children=(), secondary=None, qdev=qdev, parent=bus)
-        for number, funcs in sorted(slots.items()):
-            funcs.sort(key=lambda f: f.path.function)
-            self.slots.append(Slot(bus, number, tuple(funcs), self.machine))
 
     def qom_function(self, slot: int, function: int, qdev: _QomDevice, bus: Bus) -> Function:
         return Function(
@@ -529,17 +524,28 @@ class _Builder:
         qbus = qdev.buses[0] if qdev and qdev.buses else None
         bridge = parent.path_of(slot, function)
         kind = _BRIDGE_KINDS.get(qdev.type, BusKind.UNKNOWN) if qdev else BusKind.UNKNOWN
-        bus = Bus(
-            kind=kind,
-            domain=parent.domain,
-            root_bus=parent.root_bus,
-            bridge=bridge,
-            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"bus behind {bridge}",
-            hotplug=_has_handler(qbus),
-            mechanism=_mechanism(qbus.handler_type) if qbus else "",
+        bus = _bus(
+            qbus, f"bus behind {bridge}", kind=kind, domain=parent.domain, root_bus=parent.root_bus, bridge=bridge,
             number=secondary or None,
         )
         self.add_bus(children, qbus, bus)
+
+
+def _bus(
+    qbus: _QomBus | None, unnamed: str, *, kind: BusKind, domain: int, root_bus: int, bridge: PciPath | None,
+    number: int | None,
+) -> Bus:
+    """A Bus with what QOM says of it (name, hotplug handler and its kind); `unnamed` when QOM had no bus."""
+    return Bus(
+        kind=kind,
+        domain=domain,
+        root_bus=root_bus,
+        bridge=bridge,
+        name=qbus.path.rsplit("/", 1)[-1] if qbus else unnamed,
+        hotplug=_has_handler(qbus),
+        mechanism=_mechanism(qbus.handler_type) if qbus else "",
+        number=number,
+    )
 
 
 async def build_topology(execute: Execute, vm: str) -> Topology:
@@ -564,23 +570,15 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
 
     found = await asyncio.gather(machine_root(), *(expander(number, nodes) for number, nodes in roots))
     by_number = {number: qbus for number, qbus in found if qbus is not None}
-    builder = _Builder(machine)
+    builder = _Builder()
     for number, nodes in roots:
         qbus = by_number.get(number)
-        kind = _root_kind(qbus)
-        bus = Bus(
-            kind=kind,
-            domain=0,
-            root_bus=number,
-            bridge=None,
-            name=qbus.path.rsplit("/", 1)[-1] if qbus else f"root bus {number:02x}",
-            hotplug=_has_handler(qbus),
-            mechanism=_mechanism(qbus.handler_type) if qbus else "",
-            number=number,
+        bus = _bus(
+            qbus, f"root bus {number:02x}", kind=_root_kind(qbus), domain=0, root_bus=number, bridge=None, number=number
         )
         builder.add_bus(nodes, qbus, bus)
-    builder.slots.sort(key=lambda s: s.bus.path_of(s.number, 0))
-    return Topology(source="qmp", vm=vm, machine=machine, slots=tuple(builder.slots), buses=tuple(builder.buses))
+    slots = group_slots(builder.placed, machine)
+    return Topology(source="qmp", vm=vm, machine=machine, slots=slots, buses=tuple(builder.buses))
 
 
 # ---------------------------------------------------------------- unplug

@@ -25,14 +25,9 @@ OUT=${1:-$REPO/dist}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-upstream=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-    "$REPO/pyproject.toml")
-rev=$(git -C "$REPO" rev-parse --short=10 HEAD 2>/dev/null || echo unknown)
-dirty=""
-if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=normal -- agent host proto packaging 2>/dev/null)" ]; then
-    dirty=".dirty$(date +%s)"
-fi
-VERSION=${UNPLUGD_DEB_VERSION:-"${upstream}+git.${rev}${dirty}"}
+. "$REPO/packaging/version.sh"
+rev=$GIT_REV dirty=$DIRTY
+VERSION=${UNPLUGD_DEB_VERSION:-"${UPSTREAM_VERSION}+git.${rev}${dirty}"}
 # The changelog's date: the commit's, so that two builds of one commit are the same.
 DATE=$(git -C "$REPO" log -1 --format=%aD 2>/dev/null || date -R)
 MAINTAINER="unplugd developers <unplugd@users.noreply.github.com>"
@@ -43,9 +38,7 @@ trap 'rm -rf "$STAGE"' EXIT INT TERM
 
 # Man pages and bash completions, generated from the argument parsers and the config's own
 # documentation by packaging/docs/generate.py (stdlib only).
-# The pages' date: the commit's, so that two builds of one commit give the same pages.
-SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
-export SOURCE_DATE_EPOCH
+# (SOURCE_DATE_EPOCH, from packaging/version.sh, dates them.)
 DOCS="$STAGE/docs"
 (cd "$REPO" && python3 packaging/docs/generate.py "$DOCS") >/dev/null
 

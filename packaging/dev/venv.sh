@@ -13,7 +13,10 @@ p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = p["optional-dependencies"]
 print("\n".join(p["dependencies"] + extras["dev"] + extras["host"]))
 PYEOF
-"$VENV/bin/pip" install -q -r "$VENV/requirements.txt"
+# `venv.sh links` remakes only .dev/ (make does when proto/unplugd/ gains or loses an entry).
+if [ "${1:-}" != links ]; then
+    "$VENV/bin/pip" install -q -r "$VENV/requirements.txt"
+fi
 rm -rf .dev && mkdir -p .dev/unplugd
 # Every entry of the root package (the contract: generated messages, PCI paths, framing).
 for entry in proto/unplugd/*; do
@@ -22,6 +25,8 @@ for entry in proto/unplugd/*; do
 done
 ln -s ../../agent .dev/unplugd/agent
 ln -s ../../host .dev/unplugd/host
+touch .dev/.stamp
+[ "${1:-}" != links ] || exit 0
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$(pwd)/.dev" >"$site/unplugd-dev.pth"
 for tool in unplugd:agent unplugctl:host; do

@@ -10,18 +10,11 @@ OUT=${1:-$REPO/dist}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-version=$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
-    "$REPO/pyproject.toml")
-rev=$(git -C "$REPO" rev-parse --short=10 HEAD 2>/dev/null || echo 0)
-commits=$(git -C "$REPO" rev-list --count HEAD 2>/dev/null || echo 0)
+. "$REPO/packaging/version.sh"
+version=$UPSTREAM_VERSION
+release="0.${GIT_COMMITS}.git${GIT_REV}${DIRTY}"
 # What goes into the source tarball: everything the spec reads.
-PATHS="proto/unplugd agent host packaging pyproject.toml README.md"
-dirty=""
-# shellcheck disable=SC2086
-if [ -n "$(git -C "$REPO" status --porcelain --untracked-files=normal -- $PATHS 2>/dev/null)" ]; then
-    dirty=".dirty$(date +%s)"
-fi
-release="0.${commits}.git${rev}${dirty}"
+PATHS=$SOURCE_PATHS
 
 TOP=$(mktemp -d)
 trap 'rm -rf "$TOP"' EXIT INT TERM
@@ -49,9 +42,7 @@ if ! grep -qx "%global upstream_version $version" "$TOP/SPECS/unplugd.spec" ||
     exit 1
 fi
 
-# The manual pages' date: the commit's, so that two builds of one commit give the same pages.
-SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$REPO" log -1 --format=%ct 2>/dev/null || date +%s)}
-export SOURCE_DATE_EPOCH
+# (SOURCE_DATE_EPOCH, from packaging/version.sh, dates the manual pages.)
 set -- --define "_topdir $TOP"
 # --nodeps only where dpkg owns the system: rpm's own database is empty there, so no BuildRequires
 # could ever be met; on an rpm system they are checked as usual.

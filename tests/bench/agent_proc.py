@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.measure import spawn, stop
-from tests.bench.results import Skipped
 
 __all__ = ["RunningAgent", "running_agent", "serve_argv"]
 
@@ -38,12 +37,8 @@ class RunningAgent:
 
 
 def serve_argv() -> list[str]:
-    """`unplugd serve` once cli.py has it; until then the module's own entry point."""
-    try:
-        return landed.unplugd_argv("serve")
-    except Skipped:
-        landed.attr(landed.module("unplugd.agent.serve"), "run_serve")
-        return [str(landed.VENV_BIN / "python"), "-m", "unplugd.agent.serve", "serve"]
+    """`unplugd serve`: the venv's console script."""
+    return commands.unplugd_argv("serve")
 
 
 def _wait_ready(agent: RunningAgent, timeout_s: float) -> None:
@@ -77,7 +72,9 @@ def running_agent(
     /usr/bin/python3 with python3-grpcio 1.51, as in the guest package).
     """
     argv = serve_argv() if python is None else [python, "-m", "unplugd.agent.cli", "serve"]
-    env = None if python is None else {"PYTHONPATH": str(landed.REPO / ".dev"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    env = None
+    if python is not None:
+        env = {"PYTHONPATH": str(commands.REPO / ".dev"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     with tempfile.TemporaryDirectory(prefix="unplugd-bench-agent-") as tmp:
         sock = Path(tmp) / "agent.sock"
         cfg = Path(tmp) / "config.toml"

@@ -22,11 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.agent_proc import RunningAgent, running_agent
 from tests.bench.measure import Timing, cpu_seconds, proc_status_kib, spawn, stop, time_call
 from tests.bench.results import Row, SectionResult, Skipped, compare, part
 from tests.bench.watch_probe import WatchRecorder, bind_mount, nsenter_mount, unmount, wait_other_namespace
+from unplugd.agent import engine
+from unplugd.agent.roots import Roots
+from unplugd.host.client import SyncAgentClient
 
 __all__ = ["run"]
 
@@ -104,13 +107,9 @@ def _round_trips(result: SectionResult, agent: RunningAgent, runs: int) -> Timin
     from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 
     ref: Timing | None = None
-    try:
-        inspect = landed.engine_inspect()
-        roots = landed.module("unplugd.agent.roots").Roots.live_system()
-        ref = time_call(lambda: inspect(roots), runs)
-        result.rows.append(_ms_row("engine.inspect() in-process (no RPC)", ref, None, note="reference"))
-    except Skipped as exc:
-        result.skip_row("engine.inspect() in-process", str(exc))
+    roots = Roots.live_system()
+    ref = time_call(lambda: engine.inspect(roots), runs)
+    result.rows.append(_ms_row("engine.inspect() in-process (no RPC)", ref, None, note="reference"))
     with grpc.insecure_channel(agent.target) as channel:
         stub = pb_grpc.AgentServiceStub(channel)
         t = time_call(lambda: stub.GetReport(pb.GetReportRequest(), timeout=30), runs)
@@ -125,12 +124,7 @@ def _client_round_trips(result: SectionResult, address: str, label: str, runs: i
     """GetReport and GetAgentInfo through the host's SyncAgentClient (and its relay, if any)."""
     what = f"GetReport, {label} (host AgentClient)"
     try:
-        client_mod = landed.module("unplugd.host.client")
-    except Skipped as exc:
-        result.skip_row(what, str(exc))
-        return
-    try:
-        with client_mod.SyncAgentClient(address, timeout=30) as client:
+        with SyncAgentClient(address, timeout=30) as client:
             t_first0 = time.perf_counter()
             client.get_agent_info()
             first = time.perf_counter() - t_first0
@@ -145,17 +139,12 @@ def _client_round_trips(result: SectionResult, address: str, label: str, runs: i
 @contextlib.contextmanager
 def _bridge_guest(agent: RunningAgent, kind: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     """tests/bench/bridge_guest.py in its own process: (where the host connects, the process)."""
-    module, name = {
-        "serial": ("unplugd.agent.transports.virtio_serial", "VirtioSerialBridge"),
-        "vsock": ("unplugd.agent.transports.vsock", "VsockBridge"),
-    }[kind]
-    landed.attr(landed.module(module), name)
     with tempfile.TemporaryDirectory(prefix=f"unplugd-bench-{kind}-") as tmp:
         listen = Path(tmp) / f"{kind}.sock"
         argv = [sys.executable, "-m", "tests.bench.bridge_guest", kind, "--backend", str(agent.socket)]
         proc = spawn(
             [*argv, "--listen", str(listen)],
-            cwd=str(landed.REPO),
+            cwd=str(commands.REPO),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

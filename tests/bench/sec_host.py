@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.agent_proc import RunningAgent, running_agent
 from tests.bench.gen_tree import GeneratedTree, PciFn, TreeSpec, generated_tree
 from tests.bench.libvirt_vm import libvirt_available, running_domain
@@ -35,6 +35,8 @@ from tests.bench.qemu_vm import QmpSync, device_id, running_qemu
 from tests.bench.qga import QGA_CALLS, QgaClient, running_qga
 from tests.bench.qmp_proxy import QmpProxy
 from tests.bench.results import Row, SectionResult, Skipped, compare, part
+from unplugd.agent import engine
+from unplugd.agent.roots import Roots
 
 __all__ = ["run"]
 
@@ -135,7 +137,7 @@ def _guestpart(result: SectionResult, agent: RunningAgent, runs: int) -> None:
         stub = pb_grpc.AgentServiceStub(channel)
         t = time_call(lambda: stub.GetReport(pb.GetReportRequest(), timeout=30), runs)
     result.rows.append(_row("  fake agent GetReport on the tree", t, note="the guest's share of status"))
-    t = time_command([*landed.unplugctl_argv("status"), "--help"], runs)
+    t = time_command([*commands.unplugctl_argv("status"), "--help"], runs)
     result.rows.append(_row("  unplugctl --help", t, note="interpreter start + imports: the floor"))
 
 
@@ -269,13 +271,6 @@ def _unplug_runs(
 
 def _fleet(result: SectionResult, quick: bool) -> None:
     what = f"{FLEET} VMs: status concurrently from one process"
-    try:
-        inspect = landed.engine_inspect()
-        roots_cls = landed.module("unplugd.agent.roots").Roots
-        landed.module("unplugd.host.orchestrator")
-    except Skipped as exc:
-        result.skip_row(what, str(exc))
-        return
     from unplugd.v1 import agent_service_pb2 as pb
 
     with contextlib.ExitStack() as stack:
@@ -284,17 +279,17 @@ def _fleet(result: SectionResult, quick: bool) -> None:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="unplugd-bench-fleet-")))
         # One status through a recording proxy: every QMP answer the host library needs, as QEMU gave it.
         with QmpProxy(qmp, tmp / "record.sock") as proxy:
-            rec_cmd = [*landed.unplugctl_argv("status"), "--qmp", str(proxy.listen), "--json"]
+            rec_cmd = [*commands.unplugctl_argv("status"), "--qmp", str(proxy.listen), "--json"]
             subprocess.run(rec_cmd, capture_output=True, timeout=120, check=False)
         (tmp / "rec.json").write_text(json.dumps({"greeting": proxy.greeting.decode(), "answers": proxy.recorded}))
-        report = inspect(roots_cls.under(tree.root))
+        report = engine.inspect(Roots.under(tree.root))
         (tmp / "report.bin").write_bytes(pb.GetReportResponse(report=report).SerializeToString())
         fleet_dir = tmp / "vms"
         fleet_dir.mkdir()
         fleet_argv = [sys.executable, "-m", "tests.bench.fake_fleet", "--dir", str(fleet_dir), "--count", str(FLEET)]
         fleet = spawn(
             [*fleet_argv, "--recording", str(tmp / "rec.json"), "--report", str(tmp / "report.bin")],
-            cwd=str(landed.REPO),
+            cwd=str(commands.REPO),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
@@ -315,7 +310,7 @@ def _fleet(result: SectionResult, quick: bool) -> None:
 
 def _fleet_row(result: SectionResult, directory: Path, count: int, runs: int) -> None:
     argv = [sys.executable, "-m", "tests.bench.many_vms", "--dir", str(directory), "--count", str(count)]
-    env = dict(os.environ, PYTHONPATH=str(landed.REPO))
+    env = dict(os.environ, PYTHONPATH=str(commands.REPO))
     what = f"status of {count} VM{'s concurrently' if count > 1 else ''}, one process (wall)"
     try:
         t = time_command(argv, runs, warmup=0, env=env, timeout_s=300)
@@ -340,8 +335,8 @@ def run(quick: bool) -> SectionResult:
     t0 = time.monotonic()
     runs = 3 if quick else 7
     try:
-        status_argv = landed.unplugctl_argv("status")
-        unplug_argv = landed.unplugctl_argv("unplug")
+        status_argv = commands.unplugctl_argv("status")
+        unplug_argv = commands.unplugctl_argv("unplug")
     except Skipped as exc:
         result.skipped = str(exc)
         return result

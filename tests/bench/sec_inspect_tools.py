@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.loopdev import loop_disk
 from tests.bench.measure import Timing, proc_status_kib, rusage_helper, time_call, time_command
 from tests.bench.qga import QGA_CALLS, QgaClient, running_qga
 from tests.bench.results import Row, SectionResult, Skipped, compare
+from unplugd.agent import engine
+from unplugd.agent.roots import Roots
 
 __all__ = ["run"]
 
@@ -58,28 +60,23 @@ def _row(what: str, t: Timing, ctx: _Ctx, note: str = "", versus: str | None = N
 
 def _unplugd_rows(ctx: _Ctx) -> None:
     try:
-        argv = landed.unplugd_argv("inspect")
+        argv = commands.unplugd_argv("inspect")
         t = time_command([*argv, "--json"], ctx.runs)
         ctx.reference_s = t.median_s
         ctx.result.rows.append(_row("unplugd inspect --json (venv)", t, ctx, note="reference", versus=""))
     except (Skipped, RuntimeError) as exc:
         ctx.result.skip_row("unplugd inspect --json (venv)", str(exc))
     try:
-        argv = landed.unplugd_debian_argv("inspect")
-        t = time_command([*argv, "--json"], ctx.runs, env=landed.debian_env())
+        argv = commands.unplugd_debian_argv("inspect")
+        t = time_command([*argv, "--json"], ctx.runs, env=commands.debian_env())
         versus = compare(t.median_s, ctx.reference_s, ours="Debian") if ctx.reference_s else ""
         ctx.result.rows.append(_row("unplugd inspect --json (Debian python3)", t, ctx, versus=versus))
     except (Skipped, RuntimeError) as exc:
         ctx.result.skip_row("unplugd inspect --json (Debian python3)", str(exc))
-    try:
-        inspect = landed.engine_inspect()
-        roots_mod = landed.module("unplugd.agent.roots")
-        roots = roots_mod.Roots.live_system()
-        t = time_call(lambda: inspect(roots), ctx.runs)
-        ctx.engine_s = t.median_s
-        ctx.result.rows.append(_row("engine.inspect() in-process", t, ctx, note="no interpreter start", versus=""))
-    except Skipped as exc:
-        ctx.result.skip_row("engine.inspect() in-process", str(exc))
+    roots = Roots.live_system()
+    t = time_call(lambda: engine.inspect(roots), ctx.runs)
+    ctx.engine_s = t.median_s
+    ctx.result.rows.append(_row("engine.inspect() in-process", t, ctx, note="no interpreter start", versus=""))
 
 
 def _qga_rows(ctx: _Ctx) -> float | None:

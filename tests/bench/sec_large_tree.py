@@ -16,10 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.gen_tree import GeneratedTree, TreeSpec, generated_tree
 from tests.bench.measure import Timing, time_call, time_command
 from tests.bench.results import Row, SectionResult, Skipped
+from unplugd.agent import engine, model
+from unplugd.agent.collectors.block import collect_block
+from unplugd.agent.collectors.mounts import collect_mounts
+from unplugd.agent.collectors.net import collect_net
+from unplugd.agent.collectors.pci import collect_pci
+from unplugd.agent.collectors.processes import scan_processes
+from unplugd.agent.roots import Roots
 
 __all__ = ["TARGET_MS", "run"]
 
@@ -72,15 +79,11 @@ def _check_report(report: dict[str, Any], tree: GeneratedTree) -> list[str]:
 
 def _inspect_rows(result: SectionResult, tree: GeneratedTree, runs: int) -> None:
     root = str(tree.root)
+    roots = Roots.under(tree.root)
+    t = time_call(lambda: engine.inspect(roots), runs)
+    result.rows.append(_timed_row("engine.inspect(Roots.under(DIR)) in-process", t, target=True))
     try:
-        inspect = landed.engine_inspect()
-        roots = landed.module("unplugd.agent.roots").Roots.under(tree.root)
-        t = time_call(lambda: inspect(roots), runs)
-        result.rows.append(_timed_row("engine.inspect(Roots.under(DIR)) in-process", t, target=True))
-    except Skipped as exc:
-        result.skip_row("engine.inspect(Roots.under(DIR)) in-process", str(exc))
-    try:
-        argv = [*landed.unplugd_argv("inspect"), "--json", "--root", root]
+        argv = [*commands.unplugd_argv("inspect"), "--json", "--root", root]
         t = time_command(argv, runs)
         result.rows.append(
             _timed_row("unplugd inspect --json --root DIR (venv)", t, target=True, note="incl. interpreter start")
@@ -92,8 +95,8 @@ def _inspect_rows(result: SectionResult, tree: GeneratedTree, runs: int) -> None
     except (Skipped, RuntimeError) as exc:
         result.skip_row("unplugd inspect --json --root DIR (venv)", str(exc))
     try:
-        argv = [*landed.unplugd_debian_argv("inspect"), "--json", "--root", root]
-        t = time_command(argv, runs, env=landed.debian_env())
+        argv = [*commands.unplugd_debian_argv("inspect"), "--json", "--root", root]
+        t = time_command(argv, runs, env=commands.debian_env())
         result.rows.append(_timed_row("unplugd inspect --json --root DIR (Debian python3)", t, target=True))
     except (Skipped, RuntimeError) as exc:
         result.skip_row("unplugd inspect --json --root DIR (Debian python3)", str(exc))
@@ -101,41 +104,24 @@ def _inspect_rows(result: SectionResult, tree: GeneratedTree, runs: int) -> None
 
 def _collector_rows(result: SectionResult, tree: GeneratedTree, runs: int) -> None:
     """Each collector alone on the tree: where the time of a full report goes."""
-    try:
-        roots = landed.module("unplugd.agent.roots").Roots.under(tree.root)
-        model = landed.module("unplugd.agent.model")
-    except Skipped as exc:
-        result.skip_row("collectors", str(exc))
-        return
+    roots = Roots.under(tree.root)
     wanted = [model.DeviceNode(path, (major, minor), "block") for path, major, minor in tree.block_nodes]
-    steps: list[tuple[str, str, str, Callable[[Callable[..., Any]], Callable[[], Any]], Callable[[Any], str]]] = [
-        ("collect_pci", "pci", "collect_pci", lambda f: lambda: f(roots), lambda r: f"{len(r[0])} functions"),
-        ("collect_block", "block", "collect_block", lambda f: lambda: f(roots), lambda r: f"{len(r[0])} devices"),
-        (
-            "collect_mounts",
-            "mounts",
-            "collect_mounts",
-            lambda f: lambda: f(roots),
-            lambda r: f"{len(r.mounts)} mounts",
-        ),
+    steps: list[tuple[str, Callable[[], Any], Callable[[Any], str]]] = [
+        ("collect_pci", lambda: collect_pci(roots), lambda r: f"{len(r[0])} functions"),
+        ("collect_block", lambda: collect_block(roots), lambda r: f"{len(r[0])} devices"),
+        ("collect_mounts", lambda: collect_mounts(roots), lambda r: f"{len(r.value.mounts)} mounts"),
         (
             f"scan_processes ({len(wanted)} nodes wanted)",
-            "processes",
-            "scan_processes",
-            lambda f: lambda: f(roots, wanted),
-            lambda r: f"{len(r.open_refs)} open refs, {len(r.problems)} problems",
+            lambda: scan_processes(roots, wanted),
+            lambda r: f"{len(r.value.open_refs)} open refs, {len(r.problems)} problems",
         ),
-        ("collect_net", "net", "collect_net", lambda f: lambda: f(roots), lambda r: f"{len(r.interfaces)} interfaces"),
+        ("collect_net", lambda: collect_net(roots), lambda r: f"{len(r.value.interfaces)} interfaces"),
     ]
-    for what, mod_name, func_name, bind, describe in steps:
+    for what, call, describe in steps:
         try:
-            func = landed.attr(landed.module(f"unplugd.agent.collectors.{mod_name}"), func_name)
-            call = bind(func)
             t = time_call(call, runs)
             result.rows.append(_timed_row(f"  {what}", t, target=False, note=describe(call())))
-        except Skipped as exc:
-            result.skip_row(f"  {what}", str(exc))
-        except Exception as exc:  # another engineer's collector failing on the tree is a finding
+        except Exception as exc:  # a collector failing on the tree is a finding
             result.rows.append(Row(f"  {what}", note=f"FAILED on the tree: {type(exc).__name__}: {exc}"))
 
 

@@ -14,11 +14,14 @@ import os
 import time
 from pathlib import Path
 
-from tests.bench import landed
+from tests.bench import commands
 from tests.bench.holders import holding_processes
 from tests.bench.loopdev import loop_disk
 from tests.bench.measure import Timing, time_call, time_command
 from tests.bench.results import Row, SectionResult, Skipped, compare
+from unplugd.agent import engine, model
+from unplugd.agent.collectors.processes import scan_processes
+from unplugd.agent.roots import Roots
 
 __all__ = ["run"]
 
@@ -50,17 +53,13 @@ def _measure(result: SectionResult, disk_parts: tuple[str, str], runs: int) -> N
     mounted, raw = disk_parts
     ours: Timing | None = None
     try:
-        ours = time_command([*landed.unplugd_argv("inspect"), "--json"], runs)
+        ours = time_command([*commands.unplugd_argv("inspect"), "--json"], runs)
         result.rows.append(_row("unplugd inspect --json (full report, every device)", ours, None, note="reference"))
     except (Skipped, RuntimeError) as exc:
         result.skip_row("unplugd inspect --json (full report, every device)", str(exc))
-    try:
-        inspect = landed.engine_inspect()
-        roots = landed.module("unplugd.agent.roots").Roots.live_system()
-        t = time_call(lambda: inspect(roots), runs)
-        result.rows.append(_row("engine.inspect() in-process", t, None, note="no interpreter start"))
-    except Skipped as exc:
-        result.skip_row("engine.inspect() in-process", str(exc))
+    roots = Roots.live_system()
+    t = time_call(lambda: engine.inspect(roots), runs)
+    result.rows.append(_row("engine.inspect() in-process", t, None, note="no interpreter start"))
     lsof_times: list[tuple[str, Timing]] = []
     for what, argv, note in [
         (f"lsof {raw}", ["lsof", raw], "the node the processes hold"),
@@ -89,18 +88,13 @@ def _measure(result: SectionResult, disk_parts: tuple[str, str], runs: int) -> N
 def _holder_check(result: SectionResult, raw: str, runs: int) -> None:
     """The process scan alone, for the loop partition: proves the load is there and sees it."""
     what = f"scan_processes(live, wanted={raw})"
-    try:
-        processes = landed.module("unplugd.agent.collectors.processes")
-        model = landed.module("unplugd.agent.model")
-        roots = landed.module("unplugd.agent.roots").Roots.live_system()
-        st = os.stat(raw)
-        node = model.DeviceNode(raw, (os.major(st.st_rdev), os.minor(st.st_rdev)), "block")
-        t = time_call(lambda: processes.scan_processes(roots, [node]), runs)
-        scan = processes.scan_processes(roots, [node])
-        pids = {ref.pid for ref in scan.open_refs}
-        result.rows.append(_row(f"  {what}", t, None, note=f"{len(pids)} processes, {len(scan.open_refs)} fds found"))
-    except Skipped as exc:
-        result.skip_row(f"  {what}", str(exc))
+    roots = Roots.live_system()
+    st = os.stat(raw)
+    node = model.DeviceNode(raw, (os.major(st.st_rdev), os.minor(st.st_rdev)), "block")
+    t = time_call(lambda: scan_processes(roots, [node]), runs)
+    scan = scan_processes(roots, [node]).value
+    pids = {ref.pid for ref in scan.open_refs}
+    result.rows.append(_row(f"  {what}", t, None, note=f"{len(pids)} processes, {len(scan.open_refs)} fds found"))
 
 
 def run(quick: bool) -> SectionResult:

@@ -43,8 +43,7 @@ def _mountinfo(data: bytes) -> None:
 
 
 def _swaps(data: bytes) -> None:
-    with contextlib.suppress(ParseError):
-        swaps.parse_swaps(text_of(data))
+    swaps.parse_swaps(text_of(data))  # malformed lines become problems, never exceptions
 
 
 def _proc_net(data: bytes) -> None:

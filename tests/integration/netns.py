@@ -20,7 +20,8 @@ _COLLECT = """
 import dataclasses, json
 from unplugd.agent.collectors.net import collect_net
 from unplugd.agent.roots import Roots
-print(json.dumps(dataclasses.asdict(collect_net(Roots.live_system()))))
+net, problems = collect_net(Roots.live_system())
+print(json.dumps({**dataclasses.asdict(net), "problems": [dataclasses.asdict(p) for p in problems]}))
 """
 
 

@@ -22,6 +22,7 @@ from tests.integration.loopdev import (
     swapped_on,
     wait_for,
 )
+from unplugd.agent.capture import capture
 from unplugd.agent.collectors.block import collect_block, find_block_node, probe_exclusive
 from unplugd.agent.collectors.mounts import collect_mounts
 from unplugd.agent.collectors.pci import collect_pci
@@ -81,7 +82,7 @@ def test_mount_in_private_namespace_only_there_and_exclusive_busy(disk: LoopDisk
     assert _busy(disk) == frozenset()
 
     with mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt point") as holder:
-        scan = collect_mounts(LIVE)
+        scan = collect_mounts(LIVE).value
         found = [m for m in scan.mounts if m.devno == devno]
         assert len(found) == 1
         (m,) = found
@@ -98,14 +99,14 @@ def test_mount_in_private_namespace_only_there_and_exclusive_busy(disk: LoopDisk
 
     # The namespace dies with its last process; its mounts go with it (asynchronously).
     wait_for(lambda: _busy(disk) == frozenset(), what="release after the namespace is gone")
-    assert not [m for m in collect_mounts(LIVE).mounts if m.devno == devno]
+    assert not [m for m in collect_mounts(LIVE).value.mounts if m.devno == devno]
 
 
 def test_swap_partition_is_found_and_claims_the_disk(disk: LoopDisk) -> None:
     devno = _rdev(disk.part_node(1))
     with swapped_on(disk.part_node(1)):
         block, _ = collect_block(LIVE)
-        scan = collect_mounts(LIVE)
+        scan = collect_mounts(LIVE).value
         swaps, problems = collect_swaps(LIVE, scan.own_mounts(), block)
         mine = [s for s in swaps if s.devno == devno]
         assert [(s.path, s.kind) for s in mine] == [(str(disk.part_node(1)), "partition")]
@@ -114,7 +115,7 @@ def test_swap_partition_is_found_and_claims_the_disk(disk: LoopDisk) -> None:
         assert _busy(disk) == {disk.disk, disk.parts[1]}
     assert _busy(disk) == frozenset()
     block, _ = collect_block(LIVE)
-    swaps, _ = collect_swaps(LIVE, collect_mounts(LIVE).own_mounts(), block)
+    swaps, _ = collect_swaps(LIVE, collect_mounts(LIVE).value.own_mounts(), block)
     assert not [s for s in swaps if s.devno == devno]
 
 
@@ -129,7 +130,7 @@ def test_swap_file_resolves_to_its_filesystem(disk: LoopDisk, tmp_path: Path) ->
         run("mkswap", str(swapfile))
         with swapped_on(swapfile):
             block, _ = collect_block(LIVE)
-            swaps, problems = collect_swaps(LIVE, collect_mounts(LIVE).own_mounts(), block)
+            swaps, problems = collect_swaps(LIVE, collect_mounts(LIVE).value.own_mounts(), block)
             mine = [s for s in swaps if s.path == str(swapfile)]
             assert [(s.kind, s.devno) for s in mine] == [("file", _rdev(disk.part_node(0)))]
             assert problems == []
@@ -206,14 +207,13 @@ def test_live_pci_functions_list_their_disks() -> None:
 
 def test_captured_tree_gives_the_collectors_the_same_answers(disk: LoopDisk, tmp_path: Path) -> None:
     """`unplugd capture` then the collectors on the copy: the same functions, devices, mounts and swaps."""
-    capture_mod = pytest.importorskip("unplugd.agent.capture")
     with (
         mounted_in_private_namespace(disk.part_node(0), tmp_path / "mnt"),
         swapped_on(disk.part_node(1)),
     ):
-        capture_mod.capture(tmp_path / "tree")
+        capture(tmp_path / "tree")
         live_block = collect_block(LIVE)
-        live_mounts = collect_mounts(LIVE)
+        live_mounts = collect_mounts(LIVE).value
         live_swaps = collect_swaps(LIVE, live_mounts.own_mounts(), live_block[0])
     captured = Roots.under(tmp_path / "tree")
 
@@ -221,7 +221,7 @@ def test_captured_tree_gives_the_collectors_the_same_answers(disk: LoopDisk, tmp
     cap_block = collect_block(captured)
     assert cap_block[0][disk.disk] == live_block[0][disk.disk]
     assert cap_block[0][disk.parts[0]] == live_block[0][disk.parts[0]]
-    cap_mounts = collect_mounts(captured)
+    cap_mounts = collect_mounts(captured).value
     assert cap_mounts.own_namespace == live_mounts.own_namespace
     assert cap_mounts.root_devno == live_mounts.root_devno
     p1 = live_block[0][disk.parts[0]].devno

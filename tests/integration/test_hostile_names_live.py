@@ -32,8 +32,9 @@ from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_function
 from unplugd.agent import cli, engine
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
+from unplugd.agent.model import Collected
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb
@@ -57,9 +58,9 @@ def synthetic(disk: LoopDisk, monkeypatch: pytest.MonkeyPatch) -> LoopDisk:
     """The loop disk under a PCI function, for every scan of this test (CLI and server alike)."""
     real = engine.collect_pci  # type: ignore[attr-defined]  # the name engine.scan calls
 
-    def with_loop(roots: Roots, pci_ids: object) -> tuple[list[object], list[object]]:
+    def with_loop(roots: Roots, pci_ids: object) -> Collected[list[object]]:
         functions, problems = real(roots, pci_ids)  # type: ignore[arg-type]
-        return [*functions, synthetic_function(disk.disk)], list(problems)
+        return Collected([*functions, synthetic_function(disk.disk)], list(problems))
 
     monkeypatch.setattr(engine, "collect_pci", with_loop)
     return disk

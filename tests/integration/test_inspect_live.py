@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from unplugd.agent.selection import select
 from unplugd.pci import PciAddress, PciPath
 
 SYNTHETIC = PciAddress.parse("0000:7f:1f.7")
+SHM = "/dev/shm"  # a tmpfs on every systemd machine: no block device holds it
 TABLE = "label: dos\n,16M,L\n,16M,S\n"
 
 
@@ -79,9 +81,11 @@ def assert_not_busy(v: FunctionVerdict) -> None:
 
 
 @pytest.fixture
-def disk(tmp_path: Path) -> Iterator[LoopDisk]:
+def disk() -> Iterator[LoopDisk]:
     require_tools()
-    with loop_disk(tmp_path, TABLE) as d:
+    # The image lies on a tmpfs: a loop disk is stacked on the disk whose filesystem holds its image
+    # (test_a_loop_selects_the_function_its_image_lies_on), and here only the synthetic function may own it.
+    with tempfile.TemporaryDirectory(dir=SHM) as shm, loop_disk(Path(shm), TABLE) as d:
         run("mkfs.ext4", "-q", "-F", str(d.part_node(0)))
         run("mkswap", str(d.part_node(1)))
         yield d
@@ -166,6 +170,19 @@ def test_loop_device_is_not_a_pci_function(disk: LoopDisk) -> None:
     assert out.returncode == 2 and "no PCI function" in out.stderr
 
 
+def test_a_loop_selects_the_function_its_image_lies_on(tmp_path: Path) -> None:
+    """`unplugd check loopX` names the functions the report stacks loopX on: the disk holding its image."""
+    require_tools()
+    with loop_disk(tmp_path, TABLE) as d:
+        inv = engine.scan(Roots.live_system())
+        below = [v.address for v in evaluate(inv) if d.disk in v.block_devices]
+        if not below:
+            pytest.skip(f"{tmp_path} lies on no PCI function's disk here")
+        assert all(d.parts[0] in v.block_devices for v in evaluate(inv) if v.address in below)
+        assert [f.address for f in select(inv, [d.disk])] == below
+        assert [f.address for f in select(inv, [f"/dev/{d.parts[0]}"])] == below
+
+
 # --------------------------------------------------------------------------- this VM
 
 
@@ -211,8 +228,8 @@ def test_lease_refused_while_a_process_holds_the_disk(disk: LoopDisk) -> None:
     """An fd held open does not stop O_EXCL, so only the report can refuse the lease; it does, naming the pid."""
     from unplugd.agent.errors import ClaimConflict
     from unplugd.agent.model import BlockDevice
-    from unplugd.agent.rpc.claims import claim_block_device, release_claims
-    from unplugd.agent.rpc.leases import targets_for
+    from unplugd.agent.mutations.claims import claim_block_device, release_claims
+    from unplugd.agent.mutations.leases import targets_for
 
     with open(disk.part_node(0), "rb") as node:
         proc = subprocess.Popen(["sleep", "300"], stdin=node)

@@ -27,9 +27,9 @@ from tests.conftest import REPO, require_root
 from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from unplugd.agent.errors import ClaimConflict
 from unplugd.agent.model import BlockDevice, parse_devno
+from unplugd.agent.mutations.claims import ClaimFailed, claim_block_device, release_claims
+from unplugd.agent.mutations.leases import LeaseManager, LeaseTarget, lease_label
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.claims import ClaimFailed, claim_block_device, release_claims
-from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget, lease_label
 from unplugd.pci import PciAddress
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -268,7 +268,7 @@ import sys, time
 from unplugd.agent.model import BlockDevice, parse_devno
 from unplugd.pci import PciAddress
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
+from unplugd.agent.mutations.leases import LeaseManager, LeaseTarget
 name = sys.argv[1]
 disk = BlockDevice(name, "disk", parse_devno(open(f"/sys/class/block/{name}/dev").read()), 0)
 leases = LeaseManager(Roots.live_system(), default_seconds=600, max_seconds=600)
@@ -314,8 +314,8 @@ import json
 from unplugd.agent.errors import ClaimConflict
 from unplugd.pci import PciAddress
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.leases import LeaseManager, LeaseTarget
-from unplugd.agent.rpc.links import NetlinkLinks
+from unplugd.agent.mutations.leases import LeaseManager, LeaseTarget
+from unplugd.agent.mutations.links import NetlinkLinks
 links = NetlinkLinks()
 leases = LeaseManager(Roots.live_system(), links=links)
 fn = PciAddress.parse("0000:00:0a.0")

@@ -149,7 +149,7 @@ def test_live_loopback_connection_is_established(tcp_pair: tuple[socket.socket, 
 
     # The socket inodes lead back to this very process.
     inode = os.fstat(client.fileno()).st_ino
-    owners = scan_processes(Roots.live_system(), [], socket_inodes={inode}).socket_owners
+    owners = scan_processes(Roots.live_system(), [], socket_inodes={inode}).value.socket_owners
     assert (os.getpid(), Path(f"/proc/{os.getpid()}/comm").read_text().strip()) in owners[inode]
 
 

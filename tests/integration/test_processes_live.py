@@ -71,17 +71,17 @@ def test_process_holding_a_loop_device_is_found_then_gone(
     loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]]
 ) -> None:
     roots = Roots.live_system()
-    assert scan_processes(roots, [loop_device]).open_refs == []
+    assert scan_processes(roots, [loop_device]).value.open_refs == []
 
     proc = hold_open(loop_device.path, holders)
-    refs = [r for r in scan_processes(roots, [loop_device]).open_refs if r.pid == proc.pid]
+    refs = [r for r in scan_processes(roots, [loop_device]).value.open_refs if r.pid == proc.pid]
     assert [(r.pid, r.command, r.fd, r.devno, r.kind, r.target) for r in refs] == [
         (proc.pid, "sleep", 3, loop_device.devno, "block", loop_device.path)
     ]
 
     proc.kill()
     proc.wait(timeout=10)
-    assert [r for r in scan_processes(roots, [loop_device]).open_refs if r.pid == proc.pid] == []
+    assert [r for r in scan_processes(roots, [loop_device]).value.open_refs if r.pid == proc.pid] == []
 
 
 def test_alias_node_under_another_dev_dir_matches_by_number(
@@ -93,7 +93,7 @@ def test_alias_node_under_another_dev_dir_matches_by_number(
     alias = alias_dir / "data-disk"
     os.mknod(alias, stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
     proc = hold_open(str(alias), holders)
-    refs = [r for r in scan_processes(Roots.live_system(), [loop_device]).open_refs if r.pid == proc.pid]
+    refs = [r for r in scan_processes(Roots.live_system(), [loop_device]).value.open_refs if r.pid == proc.pid]
     assert [(r.fd, r.devno, r.target) for r in refs] == [(3, loop_device.devno, str(alias))]
 
 
@@ -103,9 +103,9 @@ def test_char_node_number_matches_and_kind_matters(holders: list[subprocess.Pope
     proc = hold_open("/dev/null", holders)
     roots = Roots.live_system()
     as_char = [
-        r for r in scan_processes(roots, [DeviceNode("/dev/null", devno, "char")]).open_refs if r.pid == proc.pid
+        r for r in scan_processes(roots, [DeviceNode("/dev/null", devno, "char")]).value.open_refs if r.pid == proc.pid
     ]
     # bash leaves its own stdin on /dev/null too when started without one; fd 3 is ours either way.
     assert (3, "sleep", "char") in [(r.fd, r.command, r.kind) for r in as_char]
-    as_block = scan_processes(roots, [DeviceNode("/dev/null", devno, "block")]).open_refs
+    as_block = scan_processes(roots, [DeviceNode("/dev/null", devno, "block")]).value.open_refs
     assert [r for r in as_block if r.pid == proc.pid] == []

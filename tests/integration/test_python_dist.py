@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from tests.conftest import REPO
+from tests.pkgfiles import shipped_sources, tracked_files
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
@@ -31,16 +32,6 @@ class Dist:
     sdist: Path
     wheel: Path
     log: str
-
-
-def tracked_files() -> list[str]:
-    """What a clean checkout holds: tracked files, plus new ones not yet committed (not ignored)."""
-    out = subprocess.run(
-        ["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard", "-z"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    return sorted(f for f in out.decode().split("\0") if f and (REPO / f).is_file())
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +85,8 @@ def test_wheel_holds_exactly_the_mapped_packages(dist: Dist) -> None:
     packages = {str(PurePosixPath(n).parent).replace("/", ".") for n in names if n.endswith("/__init__.py")}
     assert packages == set(SETUPTOOLS["packages"])
 
-    # every tracked .py file of a mapped directory, under its import name, and nothing else
-    mapping: dict[str, str] = SETUPTOOLS["package-dir"]
-    expected: set[str] = set()
-    for rel in tracked_files():
-        for pkg, src in sorted(mapping.items(), key=lambda kv: -len(kv[1])):
-            if rel.startswith(src + "/"):
-                target = pkg.replace(".", "/") + rel.removeprefix(src)
-                if rel.endswith(".py") or rel.endswith(("/py.typed", ".proto", ".pyi")):
-                    expected.add(target)
-                break
-    assert set(names) == expected
+    # every tracked file of a mapped directory (tests/pkgfiles.py), under its import name, and nothing else
+    assert set(names) == set(shipped_sources().values())
     # the contract both sides share, at the root of the package
     for module in ("unplugd/pci.py", "unplugd/framing.py", "unplugd/splice.py", "unplugd/py.typed"):
         assert module in names

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.pkgfiles import AGENT, HOST, shipped_sources
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rpmbuild") is None, reason="rpmbuild not installed (Debian package rpm: packaging/dev/system-deps.sh)"
@@ -147,6 +148,25 @@ def test_agent_host_and_contract_each_in_their_own_package(built: Built) -> None
     assert f"{site}/agent/__pycache__" in agent and f"{site}/host/__pycache__" in host
     assert "/usr/bin/unplugd" in agent and "/usr/lib/systemd/system/unplugd.service" in agent
     assert "/usr/bin/unplugctl" in host
+
+
+def test_guests_carry_no_host_code_and_hosts_no_agent(built: Built) -> None:
+    """What `rpm -qlp` lists: a guest installs unplugd + python3-unplugd, a host unplugctl + python3-unplugd."""
+    agent, host, contract = (set(files(built.rpms[name])) for name in PACKAGES)
+    dist = site_of(files(built.rpms["python3-unplugd"])).removesuffix("unplugd")
+    guest, hypervisor = contract | agent, contract | host
+    assert [p for p in guest if p.startswith(dist + AGENT)] and [p for p in hypervisor if p.startswith(dist + HOST)]
+    assert not [p for p in guest if p.startswith(dist + HOST) or "unplugctl" in p]
+    assert not [p for p in hypervisor if p.startswith((dist + AGENT, "/etc/", "/usr/lib/systemd/", "/usr/lib/udev/"))]
+    assert not [p for p in contract if p.startswith((dist + AGENT, dist + HOST, "/usr/bin/"))]
+
+
+def test_every_source_file_is_in_a_package(built: Built) -> None:
+    """Whatever its kind: a module, subpackage or data file added to agent/, host/ or proto/unplugd."""
+    installed = {p for rpm in built.rpms.values() for p in files(rpm)}
+    dist = site_of(files(built.rpms["python3-unplugd"])).removesuffix("unplugd")
+    missing = sorted(rel for rel, target in shipped_sources().items() if dist + target not in installed)
+    assert not missing, f"no RPM installs {missing}: packaging/rpm/unplugd.spec (copy_py, %files) leaves them out"
 
 
 def test_config_is_noreplace_and_only_the_agent_has_one(built: Built) -> None:

@@ -1,6 +1,6 @@
 """Our rtnetlink dump (snapshot_netlink) against pyroute2's, on real links, addresses and routes in a netns.
 
-pyroute2 stays a dependency (links.py sets interfaces down with it), so it is
+pyroute2 stays a dependency (mutations/links.py sets interfaces down with it), so it is
 the reference here: both dumps must hold the same links, kinds, addresses and
 unicast routes, under the venv's pyroute2 and Debian's python3-pyroute2 0.7.
 """

@@ -26,9 +26,9 @@ from tests.conftest import REPO
 from tests.integration.loopdev import LoopDisk, loop_disk, require_tools, run
 from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from unplugd.agent import engine
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.model import Inventory, parse_devno
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.watch import ChangeWatcher
 
 LIMIT = 1.0
@@ -150,7 +150,7 @@ _NET_WATCH = """
 import json, sys, time
 from unplugd.agent import engine
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.rpc.watch import ChangeWatcher
 names = sys.argv[1:]
 roots = Roots.live_system()

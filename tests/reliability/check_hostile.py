@@ -33,9 +33,10 @@ from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_func
 from tests.reliability.registry import Options, Row
 from unplugd.agent import cli, engine
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
+from unplugd.agent.model import Collected
 from unplugd.agent.report import to_json
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.text import unescape_octal
 from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc
@@ -62,9 +63,9 @@ def _mount_names(tmp: Path) -> Row:
     with loop_disk(tmp, TABLE) as disk:
         run_tool("mkfs.ext4", "-q", "-F", str(disk.part_node(0)))
 
-        def with_loop(roots: Roots, pci_ids: Any) -> tuple[list[Any], list[Any]]:
+        def with_loop(roots: Roots, pci_ids: Any) -> Collected[list[Any]]:
             functions, problems = real(roots, pci_ids)
-            return [*functions, synthetic_function(disk.disk)], list(problems)
+            return Collected([*functions, synthetic_function(disk.disk)], list(problems))
 
         engine.collect_pci = with_loop  # type: ignore[attr-defined,assignment]
         try:

@@ -23,10 +23,10 @@ import grpc
 
 from tests.reliability.registry import Options, Row
 from unplugd.agent.config import Config, ServerConfig
+from unplugd.agent.daemon.events import EventSources
+from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.agent.model import Inventory, PciFunction
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import ModuleEngine
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.pci import PciAddress
 from unplugd.v1 import agent_service_pb2 as pb

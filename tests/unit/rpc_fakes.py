@@ -16,11 +16,11 @@ from pathlib import Path
 import grpc
 
 from unplugd.agent.config import Config, VirtioSerialConfig
+from unplugd.agent.daemon.events import EventSources
+from unplugd.agent.daemon.scans import EngineApi
 from unplugd.agent.errors import UnknownDevice
 from unplugd.agent.model import BlockDevice, Inventory, PciFunction
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import EngineApi
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.pci import PciAddress, PciPath
 from unplugd.v1 import agent_service_pb2_grpc, report_pb2

@@ -18,8 +18,7 @@ import pytest
 from tests.conftest import FIXTURES
 from unplugd.agent import cli
 
-# Not in captured/ itself: test_scenarios.py replays those against verdicts recorded live, and two of
-# these verdicts only exist live (below).
+# Two of these verdicts only exist live (below), hence its own directory.
 TREE = FIXTURES / "captured" / "real_kernel" / "q35.tree"
 
 # guest BDF -> (qid in the e2e test, state, blocking codes, what the reasons name)

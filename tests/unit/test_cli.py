@@ -35,25 +35,30 @@ def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("device", "expected"),
+    ("device", "expected", "first_line"),
     [
-        ("vdc", cli.EXIT_OK),  # 05.1: idle disk
-        ("eth2", cli.EXIT_OK),  # 05.3: NIC down
-        ("0000:00:05.5", cli.EXIT_OK),  # no driver
-        ("vdb1", cli.EXIT_BUSY),  # mounted
-        ("0000:00/05.6", cli.EXIT_BUSY),  # swap
-        ("00:05.4", cli.EXIT_UNKNOWN),  # virtio_rng: a class the agent does not inspect
-        ("nope", cli.EXIT_USAGE),
-        ("../../etc/shadow", cli.EXIT_USAGE),
+        ("vdc", cli.EXIT_OK, "0000:00:05.1 (vdc): READY"),  # idle disk
+        ("eth2", cli.EXIT_OK, "0000:00:05.3 (eth2): READY"),  # NIC down
+        ("0000:00:05.5", cli.EXIT_OK, "0000:00:05.5 (-): READY"),  # no driver
+        ("vdb1", cli.EXIT_BUSY, "0000:00:05.0 (vdb,vdb1): BUSY"),  # vdb1 mounted on /data
+        ("0000:00/05.6", cli.EXIT_BUSY, "0000:00:05.6 (vdd,vdd1,vdd2): BUSY"),  # vdd2 is swap
+        ("00:05.4", cli.EXIT_UNKNOWN, "0000:00:05.4 (-): UNKNOWN"),  # virtio_rng: a class not inspected
+        ("nope", cli.EXIT_USAGE, None),
+        ("../../etc/shadow", cli.EXIT_USAGE, None),
     ],
 )
-def test_check_exit_codes(device: str, expected: int, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_exit_codes(
+    device: str, expected: int, first_line: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, "check", device, "--root", MF8)
     assert code == expected, (out, err)
-    if expected == cli.EXIT_USAGE:
-        assert "no PCI function" in err
+    if first_line is None:
+        assert "no PCI function" in err and out == ""
     else:
-        assert out.splitlines()[0].endswith(("READY", "BUSY", "UNKNOWN"))
+        lines = out.splitlines()
+        assert lines[0] == first_line
+        # a READY function has no reason to print; the others print theirs, one a line
+        assert (len(lines) == 1) == first_line.endswith("READY"), out
 
 
 def test_check_prints_the_reasons(capsys: pytest.CaptureFixture[str]) -> None:

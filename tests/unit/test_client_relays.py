@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ import pytest
 
 from tests.unit.fake_agent import serve_fake_agent
 from unplugd.host.client import AgentClient, AgentUnreachable
+from unplugd.host.relays import VsockRelay
 from unplugd.splice import splice
 
 GUEST_PORT = 1000
@@ -120,6 +122,22 @@ def test_vsock_without_vsock_device_is_unreachable(tmp_path: Path) -> None:
     async def main() -> None:
         async with AgentClient("vsock:4294967290:1000", timeout=3, connect_timeout=1) as client:
             with pytest.raises(AgentUnreachable, match="vsock CID 4294967290 port 1000"):
+                await client.get_agent_info()
+
+    run(main())
+
+
+def test_a_dial_that_never_answers_is_named_with_the_timeout() -> None:
+    """A vsock connect that hangs (a CID whose guest is frozen) ends at connect_timeout, saying where."""
+
+    async def hang(cid: int, port: int) -> socket.socket:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        relay = VsockRelay(3, GUEST_PORT, dial=hang, connect_timeout=0.5)
+        async with AgentClient("vsock:3:1000", timeout=3, connect_timeout=1, relay=relay) as client:
+            with pytest.raises(AgentUnreachable, match=r"vsock CID 3 port 1000: no answer within 0\.5s"):
                 await client.get_agent_info()
 
     run(main())

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_sync_facade(tmp_path: Path) -> None:
         stream.close()
         with pytest.raises(AgentCallFailed):
             client.get_report(["nope0"])
+
+
+def test_sync_facade_takes_the_clients_options(tmp_path: Path) -> None:
+    """Its options are AgentClient's: connect_timeout reaches the client; a misspelt one is refused."""
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen()  # never accepts: the connection waits in the backlog, grpc's handshake never ends
+    try:
+        with SyncAgentClient(f"unix:{tmp_path}/silent.sock", timeout=5, connect_timeout=0.5) as client, \
+                pytest.raises(AgentUnreachable, match=r"no connection within 0\.5s"):
+            client.get_agent_info()
+    finally:
+        silent.close()
+    with pytest.raises(TypeError, match="conect_timeout"):
+        SyncAgentClient(f"unix:{tmp_path}/silent.sock", conect_timeout=1)  # type: ignore[call-arg]
 
 
 def test_missing_socket_is_unreachable_quickly(tmp_path: Path) -> None:

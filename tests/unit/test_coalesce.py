@@ -10,8 +10,8 @@ import grpc
 
 from tests.unit.rpc_fakes import FakeEngine, running_server
 from unplugd.agent.config import Config, ServerConfig
+from unplugd.agent.daemon.scans import Coalescer, CoalescingEngine
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.engine_api import Coalescer, CoalescingEngine
 from unplugd.v1 import agent_service_pb2 as pb
 
 CALLERS = 50
@@ -102,10 +102,10 @@ def test_coalescing_engine_keys_on_the_question() -> None:
     engine = SlowEngine()
     wrapped = CoalescingEngine(engine)
     roots = Roots.under(Path("/nonexistent"))
-    results = _crowd(10, lambda: wrapped.inspect(roots))
+    results = _crowd(10, lambda: wrapped.inspect(roots, (), leased={}, own_claims=()))
     assert engine.count("inspect") <= 3 and all(r.functions for _, r in results)  # type: ignore[attr-defined]
     before = engine.count("inspect")
-    wrapped.inspect(roots, ["eth1"])  # another question: its own scan
+    wrapped.inspect(roots, ["eth1"], leased={}, own_claims=())  # another question: its own scan
     assert engine.count("inspect") == before + 1
 
 

@@ -13,16 +13,14 @@ from unplugd.agent.collectors.block import (
     collect_block,
     devno_index,
     find_block_node,
-    list_dir,
     parse_sectors,
     probe_exclusive,
-    read_attr,
-    read_attr_or,
-    resolve_dev_path,
 )
+from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BlockDevice
 from unplugd.agent.roots import Roots
+from unplugd.agent.sysio import listdir, read_text, read_text_or
 
 
 def _write(path: Path, text: str) -> None:
@@ -275,19 +273,19 @@ def test_find_block_node_requires_block_node_with_matching_number(tmp_path: Path
     assert find_block_node(roots, BlockDevice("vda", "disk", (254, 0), 0)) is None
 
 
-def test_read_attr_reads_small_and_large_files(tmp_path: Path) -> None:
+def test_read_text_reads_small_and_large_files(tmp_path: Path) -> None:
     small = tmp_path / "dev"
     small.write_text("254:0\n")
     big = tmp_path / "big"
     big.write_bytes(b"x" * 100_000 + b"\xff")
-    assert read_attr(str(small)) == "254:0\n"
-    text = read_attr(str(big))
+    assert read_text(str(small)) == "254:0\n"
+    text = read_text(str(big))
     assert len(text) == 100_001
     assert text.encode("utf-8", "surrogateescape")[-1] == 0xFF
-    assert read_attr_or(str(tmp_path / "absent"), "none") == "none"
+    assert read_text_or(str(tmp_path / "absent"), "none") == "none"
     with pytest.raises(Vanished):
-        read_attr(str(tmp_path / "absent"))
+        read_text(str(tmp_path / "absent"))
     with pytest.raises(ReadError):
-        read_attr(str(tmp_path))  # EISDIR
-    assert list_dir(str(tmp_path / "absent")) == []
-    assert list_dir(str(tmp_path)) == ["big", "dev"]
+        read_text(str(tmp_path))  # EISDIR
+    assert listdir(str(tmp_path / "absent")) == []
+    assert listdir(str(tmp_path)) == ["big", "dev"]

@@ -77,13 +77,13 @@ def test_nic_that_is_down_reads_carrier_as_unknown(tmp_path: Path, monkeypatch: 
         return real_read(path)
 
     monkeypatch.setattr("unplugd.agent.collectors.net.read_text", read_text)
-    scan = collect_net(Roots.under(tmp_path))
+    scan, problems = collect_net(Roots.under(tmp_path))
     eth0 = scan.interfaces["eth0"]
     assert eth0.admin_up is False
     assert eth0.operstate == "down"
     assert eth0.carrier is None
     assert eth0.ifindex == 2
-    assert scan.problems == []
+    assert problems == []
 
 
 @pytest.mark.parametrize(("text", "expected"), [("1", True), ("0", False), ("junk", None), (None, None)])
@@ -105,7 +105,7 @@ def test_bond_with_two_slaves(tmp_path: Path) -> None:
             ],
         },
     )
-    scan = collect_net(Roots.under(tmp_path))
+    scan = collect_net(Roots.under(tmp_path)).value
     bond = scan.interfaces["bond0"]
     assert bond.kind == "bond"
     assert sorted(bond.lowers) == ["eth1", "eth2"]
@@ -129,7 +129,7 @@ def test_bridge_with_a_port(tmp_path: Path) -> None:
     make_iface(tmp_path, "br0", 5, uevent_extra="DEVTYPE=bridge\n", dirs=("bridge", "brif"), lowers=("eth3",))
     make_iface(tmp_path, "eth3", 3, dirs=("brport",), master="br0", uppers=("br0",))
     write_netlink(tmp_path, EMPTY_NETLINK)
-    scan = collect_net(Roots.under(tmp_path))
+    scan = collect_net(Roots.under(tmp_path)).value
     assert scan.interfaces["br0"].kind == "bridge"
     assert scan.interfaces["br0"].lowers == ("eth3",)
     assert scan.interfaces["eth3"].master == "br0"
@@ -151,7 +151,7 @@ def test_nic_with_only_an_ipv6_default_route(tmp_path: Path) -> None:
             ],
         },
     )
-    scan = collect_net(Roots.under(tmp_path))
+    scan = collect_net(Roots.under(tmp_path)).value
     defaults = [r for r in scan.routes if r.is_default]
     assert [(r.family, r.destination, r.gateway, r.ifname) for r in defaults] == [
         (socket.AF_INET6, "::/0", "fe80::1", "eth4")
@@ -167,7 +167,7 @@ def test_link_kind_from_netlink_beats_silent_sysfs(tmp_path: Path) -> None:
     make_iface(tmp_path, "veth0", 7)
     make_iface(tmp_path, "eth0", 2)
     write_netlink(tmp_path, EMPTY_NETLINK | {"links": [{"ifname": "veth0", "ifindex": 7, "kind": "veth"}]})
-    scan = collect_net(Roots.under(tmp_path))
+    scan = collect_net(Roots.under(tmp_path)).value
     assert scan.interfaces["veth0"].kind == "veth"
     assert scan.interfaces["eth0"].kind == ""
 
@@ -198,18 +198,18 @@ def test_malformed_netlink_json(tmp_path: Path, content: str) -> None:
         load_netlink(path)
     # The collector turns it into a problem affecting every interface, and still reports the links.
     make_iface(tmp_path, "eth0", 2)
-    scan = collect_net(Roots.under(tmp_path))
+    scan, problems = collect_net(Roots.under(tmp_path))
     assert list(scan.interfaces) == ["eth0"]
     assert scan.interfaces["eth0"].addresses == ()
     assert scan.routes == []
-    assert [(p.object, p.affects) for p in scan.problems] == [(str(path), ("*",))]
+    assert [(p.object, p.affects) for p in problems] == [(str(path), ("*",))]
 
 
 def test_missing_netlink_json_is_a_problem_not_silence(tmp_path: Path) -> None:
     make_iface(tmp_path, "eth0", 2)
-    scan = collect_net(Roots.under(tmp_path))
-    assert len(scan.problems) == 1
-    assert scan.problems[0].affects == ("*",)
+    problems = collect_net(Roots.under(tmp_path)).problems
+    assert len(problems) == 1
+    assert problems[0].affects == ("*",)
     with pytest.raises(ReadError):
         load_netlink(tmp_path / "netlink.json")
 
@@ -232,9 +232,9 @@ def test_unreadable_interface_is_a_problem_for_that_interface(tmp_path: Path) ->
     make_iface(tmp_path, "eth1", 3)
     (dev / "flags").write_text("garbage\n")
     write_netlink(tmp_path, EMPTY_NETLINK)
-    scan = collect_net(Roots.under(tmp_path))
+    scan, problems = collect_net(Roots.under(tmp_path))
     assert list(scan.interfaces) == ["eth1"]
-    assert [(p.object, p.affects) for p in scan.problems] == [("/sys/class/net/eth0", ("eth0",))]
+    assert [(p.object, p.affects) for p in problems] == [("/sys/class/net/eth0", ("eth0",))]
 
 
 def test_interface_vanishing_mid_scan_is_skipped(tmp_path: Path) -> None:
@@ -246,9 +246,9 @@ def test_interface_vanishing_mid_scan_is_skipped(tmp_path: Path) -> None:
         f.unlink()
     gone.rmdir()
     write_netlink(tmp_path, EMPTY_NETLINK)
-    scan = collect_net(Roots.under(tmp_path))
+    scan, problems = collect_net(Roots.under(tmp_path))
     assert list(scan.interfaces) == ["eth0"]
-    assert scan.problems == []
+    assert problems == []
 
 
 def test_sockets_are_read_and_bad_lines_mark_every_interface(tmp_path: Path) -> None:
@@ -265,9 +265,9 @@ def test_sockets_are_read_and_bad_lines_mark_every_interface(tmp_path: Path) -> 
     )
     (pnet / "udp").write_text(header)
     # tcp6/udp6 absent: a kernel without IPv6 is not a problem.
-    scan = collect_net(Roots.under(tmp_path))
+    scan, problems = collect_net(Roots.under(tmp_path))
     assert [(s.proto, s.local_port, s.state, s.inode) for s in scan.sockets] == [("tcp", 22, "LISTEN", 77)]
-    assert [(p.object, p.affects) for p in scan.problems] == [("/proc/net/tcp", ("eth0", "lo"))]
+    assert [(p.object, p.affects) for p in problems] == [("/proc/net/tcp", ("eth0", "lo"))]
 
 
 def _live_roots(base: Path) -> Roots:
@@ -283,10 +283,10 @@ def test_live_uses_the_netlink_dump(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         "routes": [{"family": 4, "destination": "0.0.0.0/0", "gateway": "192.0.2.1", "ifname": "eth0", "table": 254}],
     }
     monkeypatch.setattr(net, "snapshot_netlink", lambda: dump)
-    scan = collect_net(_live_roots(tmp_path))
+    scan, problems = collect_net(_live_roots(tmp_path))
     assert [str(a) for a in scan.interfaces["eth0"].addresses] == ["192.0.2.2/24"]
     assert scan.routes[0].is_default
-    assert scan.problems == []
+    assert problems == []
 
 
 def test_live_netlink_failure_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -296,9 +296,9 @@ def test_live_netlink_failure_is_a_problem(tmp_path: Path, monkeypatch: pytest.M
         raise OSError(errno.EPROTONOSUPPORT, "netlink unavailable")
 
     monkeypatch.setattr(net, "snapshot_netlink", broken)
-    scan = collect_net(_live_roots(tmp_path))
+    scan, problems = collect_net(_live_roots(tmp_path))
     assert "eth0" in scan.interfaces
-    assert [(p.object, p.affects) for p in scan.problems] == [("netlink", ("*",))]
+    assert [(p.object, p.affects) for p in problems] == [("netlink", ("*",))]
 
 
 def test_route_without_an_outgoing_interface_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -307,9 +307,9 @@ def test_route_without_an_outgoing_interface_is_a_problem(tmp_path: Path, monkey
         "routes": [{"family": 4, "destination": "0.0.0.0/0", "gateway": "192.0.2.1", "ifname": "", "table": 254}]
     }
     monkeypatch.setattr(net, "snapshot_netlink", lambda: dump)
-    scan = collect_net(_live_roots(tmp_path))
-    assert len(scan.problems) == 1
-    assert "0.0.0.0/0" in scan.problems[0].detail
+    problems = collect_net(_live_roots(tmp_path)).problems
+    assert len(problems) == 1
+    assert "0.0.0.0/0" in problems[0].detail
 
 
 def test_real_sysfs_of_this_machine_reads_without_problems() -> None:

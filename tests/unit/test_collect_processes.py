@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors.processes import resolve_dev_link, scan_files_on, scan_processes
+from unplugd.agent.collectors.devlinks import resolve_dev_path
+from unplugd.agent.collectors.processes import scan_files_on, scan_processes
 from unplugd.agent.model import DeviceNode
 from unplugd.agent.roots import Roots
 
@@ -53,19 +54,19 @@ def test_captured_tree_matches_by_resolved_node_path(tree: Path) -> None:
     add_process(tree, 101, "lvm-user", {7: "/dev/mapper/vg-data"})
     add_process(tree, 102, "by-uuid", {9: "/dev/disk/by-uuid/1234"})
     add_process(tree, 103, "decoy", {1: "/dev/vdb11", 2: "/dev/vdb", 3: "/dev/../dev/escape/vdb1", 4: "/dev/loop-a"})
-    scan = scan_processes(Roots.under(tree), [VDB1, DM0])
+    scan, problems = scan_processes(Roots.under(tree), [VDB1, DM0])
     got = [(r.pid, r.command, r.fd, r.devno, r.kind, r.target) for r in scan.open_refs]
     assert got == [
         (100, "postgres", 3, (252, 17), "block", "/dev/vdb1"),
         (101, "lvm-user", 7, (253, 0), "block", "/dev/mapper/vg-data"),
         (102, "by-uuid", 9, (252, 17), "block", "/dev/disk/by-uuid/1234"),
     ]
-    assert scan.problems == []
+    assert problems == []
 
 
 def test_captured_fds_stored_as_text_files(tree: Path) -> None:
     add_process(tree, 200, "dd", {3: "/dev/vdb1", 4: "socket:[555]"}, as_text=True)
-    scan = scan_processes(Roots.under(tree), [VDB1], socket_inodes={555})
+    scan = scan_processes(Roots.under(tree), [VDB1], socket_inodes={555}).value
     assert [(r.pid, r.fd) for r in scan.open_refs] == [(200, 3)]
     assert scan.socket_owners == {555: [(200, "dd")]}
 
@@ -73,7 +74,7 @@ def test_captured_fds_stored_as_text_files(tree: Path) -> None:
 def test_socket_owners_only_for_wanted_inodes(tree: Path) -> None:
     add_process(tree, 300, "nginx", {3: "socket:[1001]", 4: "socket:[1002]", 5: "socket:[junk]"})
     add_process(tree, 301, "worker", {3: "socket:[1001]"})
-    scan = scan_processes(Roots.under(tree), [], socket_inodes=[1001])
+    scan = scan_processes(Roots.under(tree), [], socket_inodes=[1001]).value
     assert scan.socket_owners == {1001: [(300, "nginx"), (301, "worker")]}
     assert scan.open_refs == []
 
@@ -85,19 +86,19 @@ def test_nothing_wanted_reads_no_fds(tree: Path, monkeypatch: pytest.MonkeyPatch
         raise AssertionError("readlink called although nothing is wanted")
 
     monkeypatch.setattr(os, "readlink", fail)
-    scan = scan_processes(Roots.under(tree), [])
-    assert (scan.open_refs, scan.socket_owners, scan.problems) == ([], {}, [])
+    scan, problems = scan_processes(Roots.under(tree), [])
+    assert (scan.open_refs, scan.socket_owners, problems) == ([], {}, [])
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("/dev/vdb1", "/dev/vdb1"),
-        ("/dev/mapper/vg-data", "/dev/dm-0"),
-        ("/dev/disk/by-uuid/1234", "/dev/vdb1"),
-        ("/dev//./vdb1", "/dev/vdb1"),
-        ("/dev/mapper/../vdb1", "/dev/vdb1"),
-        ("/dev/not-in-tree", "/dev/not-in-tree"),
+        ("/dev/vdb1", "vdb1"),
+        ("/dev/mapper/vg-data", "dm-0"),
+        ("/dev/disk/by-uuid/1234", "vdb1"),
+        ("/dev//./vdb1", "vdb1"),
+        ("/dev/mapper/../vdb1", "vdb1"),
+        ("/dev/not-in-tree", "not-in-tree"),
         ("/dev/escape/passwd", None),
         ("/dev/../etc/shadow", None),
         ("/dev/loop-a", None),
@@ -105,13 +106,14 @@ def test_nothing_wanted_reads_no_fds(tree: Path, monkeypatch: pytest.MonkeyPatch
         ("/dev/", None),
     ],
 )
-def test_resolve_dev_link(tree: Path, text: str, expected: str | None) -> None:
-    assert resolve_dev_link(tree / "dev", text) == expected
+def test_resolve_dev_path_takes_absent_nodes_as_named(tree: Path, text: str, expected: str | None) -> None:
+    """fd link text in a captured tree, which holds only some nodes: absent ones are taken as named."""
+    assert resolve_dev_path(tree / "dev", text, missing_ok=True) == expected
 
 
 def test_absolute_symlink_inside_dev_is_followed(tree: Path) -> None:
     (tree / "dev" / "root").symlink_to("/dev/vdb1")
-    assert resolve_dev_link(tree / "dev", "/dev/root") == "/dev/vdb1"
+    assert resolve_dev_path(tree / "dev", "/dev/root", missing_ok=True) == "vdb1"
 
 
 def test_pid_vanishing_before_its_fd_dir_opens_is_skipped(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,9 +127,9 @@ def test_pid_vanishing_before_its_fd_dir_opens_is_skipped(tree: Path, monkeypatc
         return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", flaky_open)
-    scan = scan_processes(Roots.under(tree), [VDB1])
+    scan, problems = scan_processes(Roots.under(tree), [VDB1])
     assert [r.pid for r in scan.open_refs] == [101]
-    assert scan.problems == []
+    assert problems == []
 
 
 def test_fd_closed_between_listing_and_readlink_is_skipped(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -140,15 +142,15 @@ def test_fd_closed_between_listing_and_readlink_is_skipped(tree: Path, monkeypat
         return real_readlink(path, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "readlink", flaky_readlink)
-    scan = scan_processes(Roots.under(tree), [VDB1, DM0])
+    scan, problems = scan_processes(Roots.under(tree), [VDB1, DM0])
     assert [(r.pid, r.fd) for r in scan.open_refs] == [(100, 4)]
-    assert scan.problems == []
+    assert problems == []
 
 
 def test_process_exiting_before_comm_is_read_holds_nothing(tree: Path) -> None:
     piddir = add_process(tree, 100, "exiting", {3: "/dev/vdb1"})
     (piddir / "comm").unlink()
-    assert scan_processes(Roots.under(tree), [VDB1]).open_refs == []
+    assert scan_processes(Roots.under(tree), [VDB1]).value.open_refs == []
 
 
 @pytest.mark.parametrize("where", ["open", "listdir", "readlink"])
@@ -170,11 +172,11 @@ def test_permission_denied_is_a_problem_affecting_everything(
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os, where, denied)
-    scan = scan_processes(Roots.under(tree), [VDB1])
+    scan, problems = scan_processes(Roots.under(tree), [VDB1])
     assert [r.pid for r in scan.open_refs] == [101]
-    assert [(p.object, p.affects) for p in scan.problems] == [("/proc/100/fd", ("*",))]
-    assert "Permission denied" in scan.problems[0].detail
-    assert "pid 100 (hidden)" in scan.problems[0].detail
+    assert [(p.object, p.affects) for p in problems] == [("/proc/100/fd", ("*",))]
+    assert "Permission denied" in problems[0].detail
+    assert "pid 100 (hidden)" in problems[0].detail
 
 
 def _fd_dir_of(args: tuple[object, ...], kwargs: dict[str, object], path: object) -> str:
@@ -186,9 +188,9 @@ def _fd_dir_of(args: tuple[object, ...], kwargs: dict[str, object], path: object
 
 
 def test_unlistable_proc_is_a_problem(tmp_path: Path) -> None:
-    scan = scan_processes(Roots.under(tmp_path / "nothing"), [VDB1])
+    scan, problems = scan_processes(Roots.under(tmp_path / "nothing"), [VDB1])
     assert scan.open_refs == []
-    assert [(p.object, p.affects) for p in scan.problems] == [("/proc", ("*",))]
+    assert [(p.object, p.affects) for p in problems] == [("/proc", ("*",))]
 
 
 def _live_roots(base: Path) -> Roots:
@@ -207,7 +209,7 @@ def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
     roots = _live_roots(tmp_path)
 
     renamed = DeviceNode("/dev/some-other-name", null_devno, "char")
-    scan = scan_processes(roots, [renamed])
+    scan = scan_processes(roots, [renamed]).value
     assert [(r.pid, r.fd, r.devno, r.kind) for r in scan.open_refs] == [
         (400, 0, null_devno, "char"),
         (401, 5, null_devno, "char"),
@@ -215,10 +217,10 @@ def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
     assert scan.open_refs[0].target == "/dev/null"
 
     # The same number as a block device is another device.
-    assert scan_processes(roots, [DeviceNode("/dev/null", null_devno, "block")]).open_refs == []
+    assert scan_processes(roots, [DeviceNode("/dev/null", null_devno, "block")]).value.open_refs == []
     # A name alone never matches: /dev/does-not-exist cannot be stat()ed.
     ghost = DeviceNode("/dev/does-not-exist", (252, 99), "block")
-    assert scan_processes(roots, [ghost]).open_refs == []
+    assert scan_processes(roots, [ghost]).value.open_refs == []
 
 
 def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -237,9 +239,9 @@ def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, mon
         return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "stat", flaky_stat)
-    scan = scan_processes(_live_roots(tmp_path), [null])
+    scan, problems = scan_processes(_live_roots(tmp_path), [null])
     assert scan.open_refs == []
-    assert [(p.object, p.affects) for p in scan.problems] == [("/proc/500/fd", ("*",))]
+    assert [(p.object, p.affects) for p in problems] == [("/proc/500/fd", ("*",))]
 
 
 def test_files_on_a_filesystem_are_found_by_its_device_number(tmp_path: Path) -> None:
@@ -249,10 +251,11 @@ def test_files_on_a_filesystem_are_found_by_its_device_number(tmp_path: Path) ->
     path = tmp_path / "held"
     path.write_text("x")
     with open(path) as held:
-        refs = scan_files_on(Roots.live_system(), {devno})
+        refs, problems = scan_files_on(Roots.live_system(), {devno})
+        assert problems == []
         mine = [r for r in refs if r.pid == os.getpid() and r.fd == held.fileno()]
         assert [(r.kind, r.devno, r.target) for r in mine] == [("file", devno, str(path))]
         assert all(r.devno == devno for r in refs)
-        other = scan_files_on(Roots.live_system(), {(devno[0], devno[1] + 1000)})
+        other = scan_files_on(Roots.live_system(), {(devno[0], devno[1] + 1000)}).value
         assert not any(r.pid == os.getpid() and r.fd == held.fileno() for r in other)
-    assert scan_files_on(Roots.under(tmp_path), {devno}) == []
+    assert scan_files_on(Roots.under(tmp_path), {devno}) == ([], [])

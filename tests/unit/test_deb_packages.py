@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.pkgfiles import AGENT, HOST, shipped_sources
 
 BUILD = REPO / "packaging" / "deb" / "build.sh"
-SITE = "usr/lib/python3/dist-packages/unplugd/"
+DIST = "usr/lib/python3/dist-packages/"
+SITE = DIST + "unplugd/"
 PACKAGES = ("python3-unplugd", "unplugd", "unplugctl")
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed (not Debian?)")
@@ -99,6 +101,24 @@ def test_each_package_carries_its_side_and_together_all_of_it(debs: dict[str, De
     # no agent code on a host, no hypervisor code in a guest
     assert not any(f.startswith("host/") for f in agent) and not any(f.startswith("agent/") for f in host)
     assert "py.typed" in {n.removeprefix(SITE) for n in debs["python3-unplugd"].files()}
+
+
+def test_guests_carry_no_host_code_and_hosts_no_agent(debs: dict[str, Deb]) -> None:
+    """What `dpkg-deb -c` lists: a guest installs unplugd + python3-unplugd, a host unplugctl + python3-unplugd."""
+    contract = set(debs["python3-unplugd"].files())
+    guest = contract | set(debs["unplugd"].files())
+    host = contract | set(debs["unplugctl"].files())
+    assert [n for n in guest if n.startswith(DIST + AGENT)] and [n for n in host if n.startswith(DIST + HOST)]
+    assert not [n for n in guest if n.startswith(DIST + HOST) or "unplugctl" in n]
+    assert not [n for n in host if n.startswith(DIST + AGENT) or n.startswith(("etc/", "lib/"))]
+    assert not [n for n in contract if n.startswith((DIST + AGENT, DIST + HOST, "usr/bin/"))]
+
+
+def test_every_source_file_is_in_a_package(debs: dict[str, Deb]) -> None:
+    """Whatever its kind: a module, subpackage or data file added to agent/, host/ or proto/unplugd."""
+    installed = {n for deb in debs.values() for n in deb.files()}
+    missing = sorted(rel for rel, target in shipped_sources().items() if DIST + target not in installed)
+    assert not missing, f"no .deb installs {missing}: packaging/deb/build.sh (copy_py) leaves them out"
 
 
 def test_no_file_is_in_two_packages(debs: dict[str, Deb]) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.fixtures import build_scenarios
 from unplugd.agent import engine, treetext
-from unplugd.agent.model import BlockDevice, ScanProblem
+from unplugd.agent.model import BlockDevice, Collected
 from unplugd.agent.roots import Roots
 
 
@@ -19,9 +19,9 @@ def test_probe_only_disks_without_visible_users(tmp_path: Path, monkeypatch: pyt
 
     def fake_probe(
         roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-    ) -> tuple[frozenset[str], list[ScanProblem]]:
+    ) -> Collected[frozenset[str]]:
         probed.extend(d.name for d in devices)
-        return frozenset(), []
+        return Collected(frozenset(), [])
 
     monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
     inv = engine.scan(Roots.under(tmp_path))
@@ -40,23 +40,23 @@ def test_probe_can_be_turned_off(
     """[readiness] exclusive_probe = false and `inspect --no-probe` open no disk at all."""
     from unplugd.agent import cli
     from unplugd.agent.config import ConfigError, parse_config
-    from unplugd.agent.rpc.engine_api import ModuleEngine
+    from unplugd.agent.daemon.scans import ModuleEngine
 
     treetext.unpack((build_scenarios.SCENARIOS / "multifunction8.tree").read_text(), tmp_path)
     probed: list[list[str]] = []
 
     def fake_probe(
         roots: Roots, devices: Iterable[BlockDevice], skip: Collection[str] = ()
-    ) -> tuple[frozenset[str], list[ScanProblem]]:
+    ) -> Collected[frozenset[str]]:
         probed.append([d.name for d in devices])
-        return frozenset(), []
+        return Collected(frozenset(), [])
 
     monkeypatch.setattr(engine, "probe_exclusive", fake_probe)
-    ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path))
+    ModuleEngine(exclusive_probe=False).scan(Roots.under(tmp_path), own_claims=())
     assert cli.main(["inspect", "--json", "--no-probe", "--root", str(tmp_path)]) == cli.EXIT_OK
     capsys.readouterr()
     assert probed and all(names == [] for names in probed)
-    ModuleEngine().scan(Roots.under(tmp_path))
+    ModuleEngine().scan(Roots.under(tmp_path), own_claims=())
     assert probed[-1], "the default still probes idle disks"
 
     assert not parse_config({"readiness": {"exclusive_probe": False}}).readiness.exclusive_probe

@@ -18,7 +18,7 @@ import pytest
 from tests.fixtures import build_scenarios
 from tests.unit.rpc_fakes import running_server
 from unplugd.agent import cli, treetext
-from unplugd.agent.rpc.engine_api import ModuleEngine
+from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.text import display_text, unescape_octal, wire_text
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2

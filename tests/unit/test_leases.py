@@ -15,12 +15,12 @@ import pytest
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, FakeLinks, running_server
 from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
 from unplugd.agent.model import Address, BlockDevice, Inventory, Mount, NetInterface, OpenRef
+from unplugd.agent.mutations import leases as leases_mod
+from unplugd.agent.mutations.claims import Claim
+from unplugd.agent.mutations.leases import LeaseManager, lease_label, targets_for
 from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc import leases as leases_mod
-from unplugd.agent.rpc.claims import Claim
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
-from unplugd.agent.rpc.leases import LeaseManager, lease_label, targets_for
 from unplugd.v1 import agent_service_pb2 as pb
 
 

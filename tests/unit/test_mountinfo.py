@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo, unescape_octal
+from unplugd.agent.collectors.mounts import collect_mounts, parse_mnt_ns, parse_mountinfo
 from unplugd.agent.errors import ParseError
 from unplugd.agent.model import Mount
 from unplugd.agent.roots import Roots
+from unplugd.text import unescape_octal
 
 ROOT_LINE = "27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard"
 
@@ -152,12 +153,11 @@ def test_collect_mounts_every_namespace_once(proc: Proc) -> None:
     proc.self_is(100)
     (proc.proc / "stat").write_text("cpu 0\n")  # non-pid entries are ignored
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
-    assert scan.problems == []
+    assert problems == []
     assert scan.own_namespace == OWN
     assert scan.root_devno == (254, 0)
-    assert scan.root_source == "/dev/vda"
     assert [(m.mount_id, m.namespace, m.namespace_pid) for m in scan.mounts] == [
         (27, OWN, 100),
         (22, OWN, 100),
@@ -176,9 +176,9 @@ def test_vanished_first_pid_falls_back_to_the_next(proc: Proc) -> None:
     proc.pid(200, OTHER, None)  # exited between readlink and read
     proc.pid(300, OTHER, OTHER_TABLE)
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
-    assert scan.problems == []
+    assert problems == []
     assert {m.namespace_pid for m in scan.mounts if m.namespace == OTHER} == {300}
 
 
@@ -187,10 +187,10 @@ def test_malformed_mountinfo_fails_closed_for_that_namespace_only(proc: Proc) ->
     proc.self_is(1)
     proc.pid(200, OTHER, OTHER_TABLE + "502 500 7:2 / /x rw\n")
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
     assert [m.namespace for m in scan.mounts] == [OWN] * 3
-    (problem,) = scan.problems
+    (problem,) = problems
     assert problem.affects == ("*",)
     assert f"mnt:[{OTHER}]" in problem.object
     assert "line 3" in problem.detail
@@ -202,9 +202,9 @@ def test_unreadable_mountinfo_is_a_problem(proc: Proc) -> None:
     d = proc.pid(200, OTHER, None)
     (d / "mountinfo").mkdir()  # EISDIR: readable by nobody, like EACCES
 
-    scan = collect_mounts(proc.roots)
+    problems = collect_mounts(proc.roots).problems
 
-    (problem,) = scan.problems
+    (problem,) = problems
     assert problem.affects == ("*",)
     assert f"mnt:[{OTHER}]" in problem.object
 
@@ -230,9 +230,9 @@ def test_denied_ns_link_still_reads_the_mountinfo(proc: Proc, monkeypatch: pytes
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
     _deny_ns_links(monkeypatch, {"1", "2", "3"})
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
-    assert scan.problems == []
+    assert problems == []
     assert [(m.mount_id, m.namespace, m.namespace_pid) for m in scan.mounts] == [
         (27, OWN, 100),
         (22, OWN, 100),
@@ -248,9 +248,9 @@ def test_denied_ns_link_and_mountinfo_fail_closed(proc: Proc, monkeypatch: pytes
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
     _deny_ns_links(monkeypatch, {"1"})
-    scan = collect_mounts(proc.roots)
+    problems = collect_mounts(proc.roots).problems
 
-    (problem,) = scan.problems
+    (problem,) = problems
     assert problem.affects == ("*",)
     assert "1 process(es)" in problem.detail
 
@@ -261,22 +261,22 @@ def test_malformed_ns_link_is_a_problem(proc: Proc) -> None:
     d = proc.pid(7, None, OTHER_TABLE)
     os.symlink("mnt:[oops]", d / "ns" / "mnt")
 
-    scan = collect_mounts(proc.roots)
+    problems = collect_mounts(proc.roots).problems
 
-    assert [p.object for p in scan.problems] == [str(d / "ns" / "mnt")]
-    assert scan.problems[0].affects == ("*",)
+    assert [p.object for p in problems] == [str(d / "ns" / "mnt")]
+    assert problems[0].affects == ("*",)
 
 
 def test_no_self_link_is_a_problem_but_other_namespaces_are_read(proc: Proc) -> None:
     proc.pid(200, OTHER, OTHER_TABLE)
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
     assert scan.own_namespace == 0
     assert scan.root_devno is None
     assert len(scan.mounts) == 2
-    assert [p.affects for p in scan.problems] == [("*",)]
-    assert "agent's mount namespace" in scan.problems[0].detail
+    assert [p.affects for p in problems] == [("*",)]
+    assert "agent's mount namespace" in problems[0].detail
 
 
 def test_stacked_root_mounts_pick_the_visible_one(proc: Proc) -> None:
@@ -288,29 +288,29 @@ def test_stacked_root_mounts_pick_the_visible_one(proc: Proc) -> None:
     proc.pid(1, OWN, table)
     proc.self_is(1)
 
-    scan = collect_mounts(proc.roots)
+    scan = collect_mounts(proc.roots).value
 
-    assert (scan.root_devno, scan.root_source) == ((254, 1), "/dev/vda1")
+    assert scan.root_devno == (254, 1)
 
 
 def test_own_namespace_without_root_mount_is_a_problem(proc: Proc) -> None:
     proc.pid(1, OWN, "22 27 0:21 / /proc rw - proc proc rw\n")
     proc.self_is(1)
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
     assert scan.root_devno is None
-    assert [p.detail for p in scan.problems] == ["no mount on / in the agent's namespace"]
+    assert [p.detail for p in problems] == ["no mount on / in the agent's namespace"]
 
 
 def test_no_proc_at_all(tmp_path: Path) -> None:
-    scan = collect_mounts(Roots.under(tmp_path))
+    scan, problems = collect_mounts(Roots.under(tmp_path))
     assert scan.mounts == []
-    assert scan.problems and all(p.affects == ("*",) for p in scan.problems)
+    assert problems and all(p.affects == ("*",) for p in problems)
 
 
 def test_live_system_reads_own_namespace() -> None:
-    scan = collect_mounts(Roots.live_system())
+    scan = collect_mounts(Roots.live_system()).value
     assert scan.own_namespace == parse_mnt_ns(os.readlink("/proc/self/ns/mnt"))
     assert scan.root_devno == (os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev))
     assert any(m.mount_point == "/" and m.namespace == scan.own_namespace for m in scan.mounts)
@@ -323,9 +323,9 @@ def test_namespace_zero_from_a_capture_is_read_per_pid(proc: Proc) -> None:
     proc.pid(100, OWN, OWN_TABLE)
     proc.self_is(100)
 
-    scan = collect_mounts(proc.roots)
+    scan, problems = collect_mounts(proc.roots)
 
-    assert scan.problems == []
+    assert problems == []
     assert [(m.mount_id, m.namespace, m.namespace_pid) for m in scan.mounts if m.namespace != OWN] == [
         (500, 0, 2),
         (501, 0, 2),

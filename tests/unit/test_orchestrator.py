@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,6 +25,8 @@ from unplugd.host.errors import DomainNotFound, GuestBusy, UnplugInProgress
 from unplugd.host.orchestrator import Orchestrator, Outcome, Progress
 from unplugd.host.planner import Verdict
 from unplugd.host.topology import Function, Removal, Topology
+
+_T = TypeVar("_T")
 
 RP1 = port("0000:00/02.0", "rp1")
 RP2 = port("0000:00/02.1", "rp2")
@@ -64,7 +68,7 @@ def slot_of(fn: Function) -> list[Removal]:
     return [Removal(f.qemu_id, f.qom_path) for f in slot.functions]
 
 
-def run(coro):  # type: ignore[no-untyped-def]
+def run(coro: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coro)
 
 

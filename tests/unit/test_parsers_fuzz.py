@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.fuzz.targets import TARGETS, text_of
 from unplugd.agent import treetext
 from unplugd.agent.collectors import mounts, net, rtnetlink, swaps
-from unplugd.agent.model import format_devno, parse_devno
+from unplugd.agent.model import ScanProblem, format_devno, parse_devno
 from unplugd.agent.sysio import parse_uevent
 from unplugd.framing import MAX_PAYLOAD, Frame, FrameDecoder, FrameKind, encode_frame, sync_preamble
 from unplugd.pci import PciAddress, PciPath
@@ -70,7 +70,7 @@ def test_swaps_round_trip_any_path(paths: list[bytes]) -> None:
     text = "Filename\tType\tSize\tUsed\tPriority\n" + "".join(
         f"{_kernel_escape(p)}\tfile\t{i}\t0\t-2\n" for i, p in enumerate(paths)
     )
-    assert [s[0] for s in swaps.parse_swaps(text)] == [text_of(p) for p in paths]
+    assert [s if isinstance(s, ScanProblem) else s[0] for s in swaps.parse_swaps(text)] == [text_of(p) for p in paths]
 
 
 @BOUNDED

@@ -9,6 +9,7 @@ from unplugd.host.errors import AmbiguousDevice, DeviceNotFound
 from unplugd.host.planner import GuestView, StepKind, Verdict, plan, plan_slot, resolve
 from unplugd.host.topology import BusKind, Topology
 from unplugd.pci import PciPath
+from unplugd.v1 import report_pb2
 
 RP1 = port("0000:00/02.0", "rp1")
 RP2 = port("0000:00/02.1", "rp2")
@@ -113,6 +114,18 @@ def test_guest_unreachable_without_report() -> None:
     assert sp.verdict is Verdict.GUEST_UNREACHABLE
     assert "connection refused" in sp.findings[0].detail
     assert [s.kind for s in sp.steps] == [StepKind.UNPLUG, StepKind.WAIT_DELETED]  # nothing to confirm with
+
+
+def test_a_reason_code_from_a_newer_agent_still_blocks() -> None:
+    rep = report(
+        gfunc("0000:01:00.0", "0000:00/02.0/00.0", "BUSY", reasons=[("MOUNTED", "held by something new", True)])
+    )
+    rep.functions[0].reasons[0].code = report_pb2.ReasonCode.ValueType(9999)  # a code this host does not know
+    sp = plan_slot("0000:00/02.0/00", q35(), GuestView.from_report(rep))
+    assert sp.verdict is Verdict.BLOCKED_BY_GUEST
+    guest = sp.functions[0].guest
+    assert guest is not None
+    assert [(r.code, r.detail, r.blocking) for r in guest.reasons] == [("CODE_9999", "held by something new", True)]
 
 
 def test_function_the_guest_does_not_report_is_not_ready() -> None:
@@ -298,7 +311,6 @@ def test_plan_reports_functions_only_one_side_knows() -> None:
 
 
 def test_guest_view_states() -> None:
-    from unplugd.v1 import report_pb2
 
     r = report(gfunc("0000:00:02.0", "0000:00/02.0"))
     r.functions.add(address="0000:00:03.0", pci_path="0000:00/03.0")  # state UNSPECIFIED

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.rpc.logs import JournalSocketHandler, LogfmtFormatter, sd_notify, setup_logging
+from unplugd.agent.daemon.logs import JournalSocketHandler, LogfmtFormatter, sd_notify, setup_logging
 
 
 def _record(msg: str, level: int = logging.INFO, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("unplugd.agent.rpc.leases", level, __file__, 12, msg, (), None)
+    record = logging.LogRecord("unplugd.agent.mutations.leases", level, __file__, 12, msg, (), None)
     for k, v in extra.items():
         setattr(record, k, v)
     return record
@@ -23,7 +23,7 @@ def _record(msg: str, level: int = logging.INFO, **extra: object) -> logging.Log
 def test_logfmt_quotes_and_extra_fields() -> None:
     line = LogfmtFormatter(with_time=False).format(
         _record("lease prepared", lease="ab12", functions="0000:00:06.0,0000:00:07.0", note='say "hi"\nthere'))
-    assert line == ('level=info logger=unplugd.agent.rpc.leases msg="lease prepared" lease=ab12 '
+    assert line == ('level=info logger=unplugd.agent.mutations.leases msg="lease prepared" lease=ab12 '
                     'functions=0000:00:06.0,0000:00:07.0 note="say \\"hi\\"\\012there"')
 
 

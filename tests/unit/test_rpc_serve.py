@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import REPO
 from tests.unit.rpc_fakes import running_server
+from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.agent.rpc import health
-from unplugd.agent.rpc.engine_api import ModuleEngine
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc
 

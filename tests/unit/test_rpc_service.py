@@ -14,8 +14,8 @@ import pytest
 
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, FakeLinks, running_server
 from unplugd.agent.errors import NotPermitted, ParseError
+from unplugd.agent.mutations.leases import lease_label
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
-from unplugd.agent.rpc.leases import lease_label
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 

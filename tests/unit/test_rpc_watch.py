@@ -12,8 +12,8 @@ import pytest
 
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, running_server
 from unplugd.agent.config import Config, ServerConfig
+from unplugd.agent.daemon.events import EventSources, MountNamespaces, parse_ns_inode
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources, MountNamespaces, parse_ns_inode
 from unplugd.agent.rpc.watch import ChangeWatcher, ReportHub, Update, changed_between, filter_report, function_keys
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
@@ -361,7 +361,7 @@ def _proc_event(what: int, pid: int, tgid: int, *, idx: int = 1) -> bytes:
 
 
 def test_parse_proc_events() -> None:
-    from unplugd.agent.rpc.events import PROC_EVENT_EXEC, PROC_EVENT_EXIT, parse_proc_events
+    from unplugd.agent.daemon.events import PROC_EVENT_EXEC, PROC_EVENT_EXIT, parse_proc_events
 
     fork = 0x1
     two = _proc_event(PROC_EVENT_EXEC, 10, 10) + _proc_event(PROC_EVENT_EXIT, 11, 11)

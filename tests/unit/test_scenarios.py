@@ -257,23 +257,6 @@ def test_truncated_archive_still_yields_no_ready_for_what_it_lost(
     assert all(state != "READY" or not codes for state, codes in verdicts(report).values())
 
 
-# --------------------------------------------------------------------------- this machine, captured
-
-
-CAPTURED = Path(build_scenarios.__file__).resolve().parent / "captured"
-
-
-@pytest.mark.parametrize("name", sorted(p.name.removesuffix(".tree") for p in CAPTURED.glob("*.tree")))
-def test_captured_machine_gives_the_recorded_verdicts(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.fixtures.capture_this_machine import verdicts as recorded_form
-    from unplugd.agent.report import report_from_json
-
-    recorded = json.loads((CAPTURED / f"{name}.verdicts.json").read_text())
-    report = inspect_json(capsys, CAPTURED / f"{name}.tree")
-    assert report["hostname"] == recorded["hostname"]
-    assert recorded_form(report_from_json(json.dumps(report))) == recorded["functions"]
-
-
 # --------------------------------------------------------------------------- capture and engine robustness
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fixtures.model_builders import disk, dm, fn, iface, inventory, loop, md, part
+from tests.fixtures.model_builders import disk, dm, fn, iface, inventory, loop, md, mount, part
 from unplugd.agent.errors import UnknownDevice
+from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.selection import select
 
 VDB = fn("0000:00:06.0", block=["vdb"])
@@ -94,3 +95,38 @@ def test_unknown_names(query: str) -> None:
 def test_one_unknown_name_fails_the_whole_selection() -> None:
     with pytest.raises(UnknownDevice):
         select(INV, ["vdb", "nope"])
+
+
+# Loops whose backing file the report places on vdb's stack in every way the policy knows: a /dev/mapper
+# path, a /dev/VG/LV path, a file on a mounted filesystem of vdb1 (deleted meanwhile), a /dev/dm-N path.
+LOOPS = inventory(
+    [VDB, VDC],
+    block=[
+        disk("vdb", (252, 16)),
+        part("vdb1", (252, 17), "vdb"),
+        part("vdb2", (252, 18), "vdb", holders=["dm-0"]),
+        dm("dm-0", (253, 0), "vg0-data", "LVM-x", slaves=["vdb2"]),
+        disk("vdc", (252, 32)),
+        loop("loop0", (7, 0), "/dev/mapper/vg0-data"),
+        loop("loop1", (7, 1), "/dev/vg0/data"),
+        loop("loop2", (7, 2), "/srv/images/disk.raw (deleted)"),
+        loop("loop3", (7, 3), "/dev/dm-0"),
+        loop("loop4", (7, 4), "/var/lib/elsewhere.raw"),  # on / (sda1): below no function
+    ],
+    mounts=[mount((8, 1), "/", "/dev/sda1", mount_id=1), mount((252, 17), "/srv", "/dev/vdb1", mount_id=2)],
+)
+
+
+def test_check_selects_every_device_the_report_stacks_on_a_function() -> None:
+    """`unplugd check NAME` and the report agree: a device in a function's stack selects that function."""
+    stacked = {name: str(v.address) for v in evaluate(LOOPS) for name in v.block_devices}
+    assert {"loop0", "loop1", "loop2", "loop3"} <= stacked.keys() and "loop4" not in stacked
+    for name, bdf in stacked.items():
+        assert bdf in names(select(LOOPS, [name])), name  # type: ignore[arg-type]
+    with pytest.raises(UnknownDevice):
+        select(LOOPS, ["loop4"])
+
+
+@pytest.mark.parametrize("query", ["/dev/vg0/data", "/dev/mapper/vg0-data", "/dev/dm-0", "vg0-data", "/dev/loop1"])
+def test_device_mapper_names_the_policy_knows_select_the_disk_below(query: str) -> None:
+    assert names(select(LOOPS, [query])) == ["0000:00:06.0"]  # type: ignore[arg-type]

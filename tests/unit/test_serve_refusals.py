@@ -23,9 +23,9 @@ from tests.conftest import REPO
 from tests.unit.rpc_fakes import FakeEngine
 from tests.unit.test_tls import Pki, make_ca, make_leaf
 from unplugd.agent.config import Config, TcpConfig, TransportsConfig, VirtioSerialConfig, VsockConfig
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc import health
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer, BridgeSet, ServeError
 from unplugd.agent.transports.bridges import start_bridges
 from unplugd.agent.transports.tls import TlsError, server_credentials

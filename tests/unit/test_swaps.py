@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from unplugd.agent.collectors.swaps import collect_swaps, parse_swaps, swap_file_mount
-from unplugd.agent.errors import ParseError
-from unplugd.agent.model import BlockDevice, Mount, Swap
+from unplugd.agent.collectors.swaps import collect_swaps, parse_swaps
+from unplugd.agent.model import BlockDevice, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots
 
 HEADER = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
@@ -49,9 +48,12 @@ def test_parse_swaps_without_header() -> None:
     ],
 )
 def test_parse_swaps_malformed_names_the_line(bad: str) -> None:
-    with pytest.raises(ParseError) as info:
-        parse_swaps(HEADER + "/dev/vda3 partition 8 0 -2\n" + bad + "\n")
-    assert "line 3" in str(info.value)
+    got = parse_swaps(HEADER + "/dev/vda3 partition 8 0 -2\n" + bad + "\n")
+    assert got[0] == ("/dev/vda3", "partition", 8, 0)
+    (problem,) = got[1:]
+    assert isinstance(problem, ScanProblem)
+    assert "line 3" in problem.object
+    assert problem.affects == ("*",)
 
 
 def _mount(mount_id: int, devno: tuple[int, int], mount_point: str, source: str = "") -> Mount:
@@ -78,17 +80,17 @@ MOUNTS = [
     ],
 )
 def test_swap_file_mount_longest_component_prefix(path: str, mount_id: int) -> None:
-    m = swap_file_mount(path, MOUNTS)
+    m = mount_holding(path, MOUNTS)
     assert m is not None
     assert m.mount_id == mount_id
 
 
 def test_swap_file_mount_stacked_mount_points_last_wins() -> None:
     stacked = [*MOUNTS, _mount(50, (8, 1), "/srv", "/dev/sda1")]
-    m = swap_file_mount("/srv/swap", stacked)
+    m = mount_holding("/srv/swap", stacked)
     assert m is not None
     assert m.mount_id == 50
-    assert swap_file_mount("/swap", []) is None
+    assert mount_holding("/swap", []) is None
 
 
 BLOCK = {
@@ -178,7 +180,7 @@ def test_swap_file_mount_sees_mounts_the_agents_namespace_lacks() -> None:
         replace(_mount(3, (252, 48), "/mnt/swapf", "/dev/vdd"), namespace=host),
         replace(_mount(4, (252, 64), "/mnt", "/dev/vde"), namespace=own),
     ]
-    m = swap_file_mount("/mnt/swapf/swapfile", mounts, own)
+    m = mount_holding("/mnt/swapf/swapfile", mounts, own)
     assert m is not None and m.mount_id == 3
-    m = swap_file_mount("/swapfile", mounts, own)
+    m = mount_holding("/swapfile", mounts, own)
     assert m is not None and m.mount_id == 1  # same mount point in two namespaces: the agent's own

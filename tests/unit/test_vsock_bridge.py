@@ -134,7 +134,7 @@ def test_agent_down_closes_the_vsock_connection_not_the_bridge(tmp_path: Path) -
 
 
 def test_start_bridges_from_config_in_a_thread(tmp_path: Path, agent_sock: Path) -> None:
-    """serve.py's hook: every enabled bridge serves, or the start fails."""
+    """rpc/server.py's hook: every enabled bridge serves, or the start fails."""
     vsock_path = tmp_path / "vsock.sock"
     dev = tmp_path / "root"
     (dev / "dev").mkdir(parents=True)

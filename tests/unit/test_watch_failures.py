@@ -13,9 +13,9 @@ import pytest
 
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine
 from unplugd.agent.config import Config
+from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.errors import WatchStopped
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.events import EventSources
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.agent.rpc.watch import ReportHub, Update, unknown_report
 from unplugd.v1 import agent_service_pb2 as pb

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 
 from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
 from unplugd.agent.model import BlockDevice, Inventory, PciFunction
+from unplugd.agent.mutations.claims import Claim, ClaimFailed, claim_block_device, release_claims
+from unplugd.agent.mutations.links import LinkControl, LinkError
 from unplugd.agent.readiness.policy import evaluate, in_use
 from unplugd.agent.readiness.reasons import Code
 from unplugd.agent.roots import Roots
-from unplugd.agent.rpc.claims import Claim, ClaimFailed, claim_block_device, release_claims
-from unplugd.agent.rpc.links import LinkControl, LinkError
 from unplugd.pci import PciAddress
 
 __all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "lease_label", "targets_for"]

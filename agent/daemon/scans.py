@@ -31,21 +31,28 @@ _V = TypeVar("_V")
 
 
 class EngineApi(Protocol):
-    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory: ...
+    """The one statement of what the service asks the engine; ModuleEngine and
+    CoalescingEngine implement it (and name it as their base, so a drift fails
+    type checking where they are defined), tests fake it.
 
-    def inspect(
-        self,
-        roots: Roots,
-        devices: Sequence[str] = (),
-        *,
-        leased: Mapping[PciAddress, str] = {},
-        own_claims: Collection[str] = (),
-    ) -> report_pb2.Report: ...
+    Every argument is passed by every caller: no defaults to keep in step.
+    """
 
-    def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]: ...
+    def scan(self, roots: Roots, *, own_claims: Collection[str]) -> Inventory:
+        """The inventory; `own_claims`: kernel names of disks our leases hold (not someone else's claim)."""
+        ...
+
+    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
+                own_claims: Collection[str]) -> report_pb2.Report:
+        """The report of `devices` (every function when empty), `leased` functions marked with their lease label."""
+        ...
+
+    def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
+        """The functions `names` (request text, matched against the inventory only) designate."""
+        ...
 
 
-class ModuleEngine:
+class ModuleEngine(EngineApi):
     """The real engine: agent/engine.py and agent/selection.py.
 
     exclusive_probe: [readiness] exclusive_probe of the agent's config.
@@ -54,17 +61,11 @@ class ModuleEngine:
     def __init__(self, *, exclusive_probe: bool = True) -> None:
         self._probe = exclusive_probe
 
-    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
+    def scan(self, roots: Roots, *, own_claims: Collection[str]) -> Inventory:
         return engine.scan(roots, own_claims=own_claims, exclusive_probe=self._probe)
 
-    def inspect(
-        self,
-        roots: Roots,
-        devices: Sequence[str] = (),
-        *,
-        leased: Mapping[PciAddress, str] = {},
-        own_claims: Collection[str] = (),
-    ) -> report_pb2.Report:
+    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
+                own_claims: Collection[str]) -> report_pb2.Report:
         return engine.inspect(roots, devices, leased=leased, own_claims=own_claims, exclusive_probe=self._probe)
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
@@ -135,7 +136,7 @@ class Coalescer(Generic[_V]):
         return value  # type: ignore[return-value]
 
 
-class CoalescingEngine:
+class CoalescingEngine(EngineApi):
     """An EngineApi whose inspect() calls share scans (Coalescer); scan() and select() pass through.
 
     Calls share a scan only when they ask the same question: the same roots,
@@ -146,17 +147,11 @@ class CoalescingEngine:
         self.engine = engine
         self.shared: Coalescer[report_pb2.Report] = Coalescer()
 
-    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
+    def scan(self, roots: Roots, *, own_claims: Collection[str]) -> Inventory:
         return self.engine.scan(roots, own_claims=own_claims)
 
-    def inspect(
-        self,
-        roots: Roots,
-        devices: Sequence[str] = (),
-        *,
-        leased: Mapping[PciAddress, str] = {},
-        own_claims: Collection[str] = (),
-    ) -> report_pb2.Report:
+    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
+                own_claims: Collection[str]) -> report_pb2.Report:
         key = (roots, tuple(devices), frozenset(leased.items()), frozenset(own_claims))
         # One Report object for every caller of a run: read-only (GetReportResponse(report=...) copies it).
         return self.shared.run(

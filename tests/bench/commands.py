@@ -1,18 +1,16 @@
-"""What of unplugd exists in the tree yet: each finder returns it or raises Skipped(why).
+"""The commands the bench runs: the venv's console scripts, and the agent's CLI under Debian's python3.
 
-Other parts are built in parallel; a section asks here and prints
-"skipped: <why>" instead of failing while a piece is missing.
+Each finder returns the argv, checked to answer `--help`, or raises Skipped(why) when this machine
+lacks it (no venv script, no Debian python3). unplugd's own modules the sections import plainly: a
+missing or renamed one is an error, never a skipped row.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from tests.bench.results import Skipped
 
@@ -21,8 +19,6 @@ __all__ = [
     "REPO",
     "VENV_BIN",
     "debian_env",
-    "engine_inspect",
-    "module",
     "unplugctl_argv",
     "unplugd_argv",
     "unplugd_debian_argv",
@@ -31,26 +27,6 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 DEBIAN_PYTHON = "/usr/bin/python3"
-
-
-def module(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        raise Skipped(f"{name} does not exist yet ({exc.name} missing)") from exc
-    except Exception as exc:  # a half-written module of another engineer
-        raise Skipped(f"{name} does not import: {type(exc).__name__}: {exc}") from exc
-
-
-def attr(mod: ModuleType, name: str) -> Any:
-    if not hasattr(mod, name):
-        raise Skipped(f"{mod.__name__}.{name} does not exist yet")
-    return getattr(mod, name)
-
-
-def engine_inspect() -> Callable[..., Any]:
-    """unplugd.agent.engine.inspect(roots, devices=(), *, leased={}, own_claims=()) -> Report."""
-    return attr(module("unplugd.agent.engine"), "inspect")  # type: ignore[no-any-return]
 
 
 def _check_help(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
@@ -65,15 +41,18 @@ def _check_help(argv: Sequence[str], env: dict[str, str] | None = None) -> None:
         raise Skipped(f"`{' '.join(argv[-2:])} --help` fails: {tail}")
 
 
-def unplugd_argv(subcommand: str = "inspect") -> list[str]:
-    """The venv's console script, checked to know the subcommand."""
-    exe = VENV_BIN / "unplugd"
+def _venv_script(name: str, subcommand: str) -> list[str]:
+    exe = VENV_BIN / name
     if not exe.exists():
         raise Skipped(f"{exe} missing (run packaging/dev/venv.sh)")
-    module("unplugd.agent.cli")
     argv = [str(exe), subcommand]
     _check_help(argv)
     return argv
+
+
+def unplugd_argv(subcommand: str = "inspect") -> list[str]:
+    """The venv's console script, checked to know the subcommand."""
+    return _venv_script("unplugd", subcommand)
 
 
 def debian_env() -> dict[str, str]:
@@ -92,10 +71,4 @@ def unplugd_debian_argv(subcommand: str = "inspect") -> list[str]:
 
 
 def unplugctl_argv(subcommand: str = "status") -> list[str]:
-    exe = VENV_BIN / "unplugctl"
-    if not exe.exists():
-        raise Skipped(f"{exe} missing (run packaging/dev/venv.sh)")
-    module("unplugd.host.cli")
-    argv = [str(exe), subcommand]
-    _check_help(argv)
-    return argv
+    return _venv_script("unplugctl", subcommand)
