@@ -65,6 +65,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# After a failed WatchReport, subscribe again this much later: not in a tight loop against an agent
+# that refuses, and soon enough that a guest busy enumerating the new slot is not waited on for long.
+_RESUBSCRIBE_S = 1.0
+
 
 class _Hypervisor(Protocol):
     source: str
@@ -339,14 +343,15 @@ async def _attach(
 ) -> tuple[SlotPlug, ...]:
     """libvirt: each (single-function) slot's XML attached; the plan with the aliases as ids."""
     out: list[SlotPlug] = []
-    for sp in slots:
-        (asked,) = sp.functions
-        xml, alias, expects = libvirt_device(asked.spec.text, sp, asked)
+    # Every device's XML first: one that does not parse stops the call before anything is attached.
+    placed_xml = [(sp, libvirt_device(sp.functions[0].spec.text, sp, sp.functions[0])) for sp in slots]
+    for sp, (xml, ours, expects) in placed_xml:
+        asked = sp.functions[0]
         await backend.attach_xml(xml, persistent=persistent)
         # libvirt keeps a user alias only if it likes it (ua-, no dots...), else names the device itself:
         # the live XML says what it is called now, which is what a detach and the removal event use.
         found = (await backend.topology()).function(asked.path)
-        alias = found.alias if found is not None and found.alias else alias
+        alias = found.alias if found is not None and found.alias else ours
         pf = PlannedFunction(DeviceSpec(asked.spec.driver, (), xml), 0, alias, asked.path, expects)
         placed = SlotPlug(sp.request, sp.bus, sp.slot, (pf,), sp.chosen)
         added.devices.append((placed, pf))
@@ -393,13 +398,22 @@ async def _await_arrival(
             say("waiting", f"{present}/{len(arrivals)} present in the guest")
         return present == len(arrivals)
 
-    async def watch() -> None:
-        async for msg in agent.watch_report(timeout=timeout):
+    async def watch(seconds: float) -> bool:
+        async for msg in agent.watch_report(timeout=seconds):
             if note(_evaluate(slots, msg.report)):
-                return
+                return True
+        return False  # the stream ended
 
-    with contextlib.suppress(TimeoutError, *AGENT_CALL_ERRORS):
-        await asyncio.wait_for(watch(), timeout)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            if await asyncio.wait_for(watch(left), left):
+                break
+        except TimeoutError:
+            break
+        except AGENT_CALL_ERRORS as e:  # a busy or restarting agent: subscribe again until the deadline
+            say("note", f"watching the guest failed ({e}); asking again")
+            await asyncio.sleep(min(_RESUBSCRIBE_S, max(deadline - time.monotonic(), 0)))
     if any(a.arrival is not Arrival.PRESENT for a in latest):
         # The deadline passed (or the stream ended): one fresh report is the last word.
         with contextlib.suppress(*AGENT_CALL_ERRORS):

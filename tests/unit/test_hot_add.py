@@ -524,3 +524,35 @@ def test_plug_usage_errors_exit_2(
     assert _main(*argv) == 2
     assert message in capsys.readouterr().err
     assert cli_session["backend"].calls == []
+
+
+def test_a_watch_that_fails_is_subscribed_again_until_the_deadline(pc: Topology) -> None:
+    """A busy agent's first WatchReport may time out; plug asks again instead of giving up early."""
+    from unplugd.host.client import AgentUnreachable
+
+    class Flaky(FakeAgent):
+        watches = 0
+
+        async def watch_report(self, devices: Any = (), *, timeout: float | None = None) -> AsyncIterator[Any]:
+            self.watches += 1
+            if self.watches == 1:
+                raise AgentUnreachable("unix:/fake", "WatchReport sent nothing within 5s")
+            async for msg in super().watch_report(devices, timeout=timeout):
+                yield msg
+
+    agent = Flaky(report())
+    agent.watch_reports = [_guest_with(("0000:00/03.0/09.0", "ens9f0"), ("0000:00/03.0/09.1", "ens9f1"))]
+    events: list[str] = []
+    r = asyncio.run(plug(FakeQemu(pc), agent, [TWO], timeout=10, progress=lambda p: events.append(p.detail)))
+    assert r.outcome is PlugOutcome.PLUGGED and agent.watches == 2, r.message
+    assert any("asking again" in e for e in events)
+
+
+def test_libvirt_xml_that_does_not_parse_stops_before_anything_is_attached(pc: Topology) -> None:
+    from unplugd.host.devicespec import DeviceSpec
+
+    lv = FakeLibvirt(_libvirt_topology(pc))
+    good, bad = DeviceSpec("libvirt-device", (), NIC_XML), DeviceSpec("libvirt-device", (), "<interface")
+    with pytest.raises(SpecError, match="does not parse"):
+        asyncio.run(plug(lv, FakeAgent(report()), [SlotRequest((good,)), SlotRequest((bad,))]))
+    assert lv.attached == []
