@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -373,3 +374,19 @@ def test_parse_proc_events() -> None:
     assert parse_proc_events([whole[:-4], b"", b"\xff" * 7]) == []  # truncated and garbage
     bad_len = b"\x04\x00\x00\x00" + whole[4:]
     assert parse_proc_events([bad_len]) == []
+
+
+def test_a_driver_or_an_object_appearing_is_a_change() -> None:
+    """A hot-added NIC: the function first, then its driver, then its interface, READY all along
+    (`unplugctl plug` waits on WatchReport for exactly these)."""
+    bare = _report(x=READY)
+    bound = _report(x=READY)
+    bound.functions[0].driver = "virtio-pci"
+    named = _report(x=READY)
+    named.functions[0].driver = "virtio-pci"
+    named.functions[0].net_interfaces.add(name="ens2")
+    disk = _report(x=READY)
+    disk.functions[0].driver = "virtio-pci"
+    disk.functions[0].block_devices.add(name="vdb")
+    keys = [function_keys(r) for r in (bare, bound, named, disk)]
+    assert [changed_between(a, b) for a, b in itertools.pairwise(keys)] == [["x"], ["x"], ["x"]]
