@@ -305,6 +305,8 @@ async def run(args: argparse.Namespace) -> int:
                 _print_slot(sp, sys.stdout)
                 print(sp.verdict.value)
             return EXIT[sp.verdict]
+        if args.command == "release" or args.release:
+            return await _release(orch, args)
         r = await orch.unplug(
             args.device,
             with_companions=args.with_companions,
@@ -319,6 +321,26 @@ async def run(args: argparse.Namespace) -> int:
         else:
             print_result(r, sys.stdout)
         return unplug_exit(r)
+
+
+async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
+    """`release`, and `unplug --release`: the guest's hooks first (host/release.py)."""
+    from unplugd.host.release import release_exit, release_json, release_slot, unplug_released
+
+    if args.command == "release":
+        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=_progress), None
+    else:
+        rel, r = await unplug_released(orch, args.device, timeout=args.timeout, with_companions=args.with_companions,
+                                       force=args.force, dry_run=args.dry_run, progress=_progress)
+    if args.json:
+        doc = release_json(rel) if args.command == "release" else {
+            "release": release_json(rel), "unplug": result_json(r) if r else None}
+        print(json.dumps(doc, indent=2))
+    else:
+        if r is not None:
+            print_result(r, sys.stdout)
+        _print(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
+    return unplug_exit(r) if r is not None else release_exit(rel)
 
 
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
