@@ -163,7 +163,7 @@ class GetAgentInfoResponse(google.protobuf.message.Message):
     version: builtins.str
     @property
     def capabilities(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
-        """"report", "watch", "prepare", "interfaces-down" """
+        """"report", "watch", "prepare", "interfaces-down", "release" """
     kernel: builtins.str
     hostname: builtins.str
     @property
