@@ -12,6 +12,7 @@ that returns between the release and the lease still refuses it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -182,6 +183,7 @@ def release_json(r: ReleaseResult) -> dict[str, Any]:
 async def release_slot(orch: Orchestrator, device: str, *, timeout: float,
                        progress: Callable[[Progress], None] | None = None) -> ReleaseResult:
     """Ask the guest to release the slot of `device` within `timeout` seconds."""
+    start = time.monotonic()
     sp = await orch.check(device)
     devices = sp.guest_devices()
     agent = cast(ReleaseAgent | None, orch.agent)  # AgentClient; AgentLike names only what unplug calls
@@ -201,7 +203,7 @@ async def release_slot(orch: Orchestrator, device: str, *, timeout: float,
     if progress is not None:
         for f in result.functions:
             for line in hook_lines(f):
-                progress(Progress("release", line))
+                progress(Progress("release", line, elapsed=time.monotonic() - start))
     return result
 
 

@@ -5,7 +5,7 @@ system's mount namespace), the host's unplugctl over virtio-serial and QMP.
 - a filesystem a systemd service needs (RequiresMountsFor=) and sits in is released by the shipped
   example hook (the service stopped, the filesystem unmounted) and the disk unplugged; the file
   written in the guest is read back from the disk image on the host afterwards;
-- a hook that fails, or hangs past [release] hook_timeout_seconds, leaves its disk BUSY, and
+- a hook that fails, or hangs past the call's deadline, leaves its disk BUSY, and
   `unplug --release` refuses (exit 3) and leaves it plugged;
 - a group-writable hook is refused, not run, and reported.
 """
@@ -23,8 +23,10 @@ import pytest
 from tests.conftest import REPO, require_vm_tools
 from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port
 
-# 5 s: the hanging hook's case needs a timeout shorter than the test's patience, not a realistic one.
-CONFIG = MUTATIONS_CONFIG + "[release]\nenabled = true\nhook_timeout_seconds = 5.0\n"
+# The example hook lists and stops units and unmounts: seconds on a guest, but 5 s was not enough
+# under TCG on a host busy with other VMs. The hanging hook is ended by the call's deadline instead
+# (--timeout 10), the same kill; hook_timeout_seconds itself is proven by the integration tests.
+CONFIG = MUTATIONS_CONFIG + "[release]\nenabled = true\nhook_timeout_seconds = 120.0\n"
 EXAMPLES = "/usr/share/unplugd/examples/release.d"
 HOOKS = "/etc/unplugd/release.d"
 PAYLOAD = "written in the guest before the release\n"
@@ -125,7 +127,7 @@ def test_a_hook_that_fails_hangs_or_is_unsafe_leaves_the_disk_busy_and_plugged(
     vm: GuestVM, script: str, status: str, detail: str
 ) -> None:
     set_hooks(vm, script)
-    rc, out, err = unplugctl(vm, "release", "stuck", "--timeout", "20", "--json")
+    rc, out, err = unplugctl(vm, "release", "stuck", "--timeout", "10", "--json")
     assert rc == 3, out + err
     (fn,) = json.loads(out)["functions"]
     assert (fn["outcome"], fn["state"]) == ("STILL_BUSY", "BUSY")
@@ -137,7 +139,7 @@ def test_a_hook_that_fails_hangs_or_is_unsafe_leaves_the_disk_busy_and_plugged(
         assert "not today" in err  # the hook's stderr in the progress
     if detail:
         assert h["detail"] == detail
-    rc, out, err = unplugctl(vm, "unplug", "stuck", "--release", "--timeout", "20", "--json")
+    rc, out, err = unplugctl(vm, "unplug", "stuck", "--release", "--timeout", "10", "--json")
     assert rc == 3, out + err
     assert json.loads(out)["unplug"] is None
     assert "stuck" in plugged(vm)

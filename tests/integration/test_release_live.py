@@ -243,3 +243,11 @@ def test_refused_unless_mutations_and_release_are_enabled(tmp_path: Path, hooks:
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert says in (err.value.details() or "")
     assert not marker.exists()
+
+
+def test_agent_info_offers_release_only_when_enabled(tmp_path: Path, hooks: Path) -> None:
+    for mutations, release, offered in ((True, True, True), (True, False, False), (False, True, False)):
+        cfg = release_config(hooks, mutations=mutations, release=release)
+        with running_server(tmp_path, MarkerEngine(), config=cfg) as (_, stub):
+            caps = stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10).capabilities
+        assert ("release" in caps) is offered
