@@ -1,5 +1,6 @@
 """Release hooks on this machine (root): the runner's checks, timeouts and bounds on real processes,
-and RequestRelease end to end through the agent's gRPC server with real hooks.
+and RequestRelease end to end through the agent's gRPC server with real hooks; the interface example hook
+in a network namespace.
 
 The server runs over a fake engine (tests/unit/rpc_fakes.py) whose disk function is mounted until a
 hook creates a marker file: the hook's effect is real, the device is not.
@@ -7,6 +8,7 @@ hook creates a marker file: the hook's effect is real, the device is not.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -16,10 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from tests.conftest import REPO
+from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from tests.unit.rpc_fakes import DISK_FN, FakeEngine, running_server
 from unplugd.agent.config import Config, ReleaseConfig, VirtioSerialConfig
 from unplugd.agent.model import Inventory, Mount
-from unplugd.agent.mutations.release import FunctionHolding, HookRun, HookStatus, MountHeld, run_hooks
+from unplugd.agent.mutations.release import HOOK_PATH, FunctionHolding, HookRun, HookStatus, MountHeld, run_hooks
 from unplugd.agent.roots import Roots
 from unplugd.pci import PciAddress
 from unplugd.v1 import agent_service_pb2 as pb
@@ -251,3 +255,27 @@ def test_agent_info_offers_release_only_when_enabled(tmp_path: Path, hooks: Path
         with running_server(tmp_path, MarkerEngine(), config=cfg) as (_, stub):
             caps = stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=10).capabilities
         assert ("release" in caps) is offered
+
+
+# ------------------------------------------------------------------------------------------ the examples
+
+
+def test_the_unbond_example_frees_an_addressless_port_and_leaves_an_addressed_one(netns: NetNS) -> None:  # noqa: F811
+    """packaging/release.d/60-unbond-and-down in a network namespace: a port without addresses leaves
+    its master and goes down; an interface that still has an address is left up (exit 1). The master
+    is a bridge: this machine's kernel has no bonding module, and the hook treats any master alike."""
+    netns.ip("link", "add", "br0", "type", "bridge")
+    netns.ip("link", "add", "d0", "type", "veth", "peer", "name", "p0")  # veth: this kernel has no dummy
+    netns.ip("link", "set", "d0", "master", "br0")
+    netns.ip("link", "set", "d0", "up")
+    netns.ip("link", "add", "d1", "type", "veth", "peer", "name", "p1")
+    netns.ip("address", "add", "192.0.2.1/24", "dev", "d1")
+    netns.ip("link", "set", "d1", "up")
+    example = str(REPO / "packaging" / "release.d" / "60-unbond-and-down")
+    done = netns.run("env", "-i", f"PATH={HOOK_PATH}", "UNPLUGD_INTERFACES=d0", example)
+    assert (done.returncode, done.stdout) == (0, "d0: out of its master\nd0: down\n"), done.stderr
+    kept = netns.run("env", "-i", f"PATH={HOOK_PATH}", "UNPLUGD_INTERFACES=d1", example)
+    assert (kept.returncode, kept.stderr) == (1, "d1 still has addresses: left up\n")
+    links = {x["ifname"]: x for x in json.loads(netns.run("ip", "-j", "link", "show").stdout)}
+    assert "master" not in links["d0"] and "UP" not in links["d0"]["flags"]
+    assert "UP" in links["d1"]["flags"]
