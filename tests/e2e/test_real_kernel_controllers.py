@@ -148,13 +148,13 @@ def checks(guest: Guest, names: list[str]) -> dict[str, tuple[int, str]]:
     script = "for n in \"$@\"; do out=$(unplugd check \"$n\" 2>&1); echo \"== $? $n\"; echo \"$out\"; done"
     out = guest.vm.exec(["sh", "-c", script, "sh", *names], check=True, timeout=900).stdout
     found: dict[str, tuple[int, str]] = {}
-    name, rc, body = "", 0, []
+    name, rc, body = "", 0, list[str]()
     for line in [*out.splitlines(), "== 0 "]:
         if line.startswith("== "):
             if name:
                 found[name] = (rc, "\n".join(body))
             head, _, name = line[3:].partition(" ")
-            rc, body = int(head), []
+            rc, body = int(head), list[str]()
         else:
             body.append(line)
     return found
