@@ -555,7 +555,7 @@ def _class_reasons(inv: Inventory, f: PciFunction, disks: Sequence[str]) -> list
         return [
             Reason(
                 Code.DRIVER_BOUND_UNKNOWN_CLASS,
-                f"below this {what} the agent found devices of a kind it does not inspect: "
+                f"below this {what} function the agent found devices of a kind it does not inspect: "
                 f"{', '.join(shown)}{more}{missing}",
                 object=unexplained[0].driver,
                 undecided=True,
@@ -569,8 +569,8 @@ def _class_reasons(inv: Inventory, f: PciFunction, disks: Sequence[str]) -> list
         return [
             Reason(
                 Code.EMPTY_CONTROLLER,
-                f"nothing is attached to this {what} (driver {f.driver or drivers[0]}){on}: no disk, network "
-                "interface or other device is below it",
+                f"nothing is attached to this {what} controller (driver {f.driver or drivers[0]}){on}: no disk, "
+                "network interface or other device is below it",
                 blocking=False,
                 object=str(f.address),
             )

@@ -456,7 +456,7 @@ def test_driver_bound_unknown_class(driver: str | None, subdrivers: tuple[str, .
     assert v.state is state
     if state is State.UNKNOWN:
         r = only(v, Code.DRIVER_BOUND_UNKNOWN_CLASS)
-        assert r.undecided and (subdrivers[0] if subdrivers else driver) in r.detail
+        assert r.undecided and (subdrivers[0] if subdrivers else str(driver)) in r.detail
 
 
 @pytest.mark.parametrize(
