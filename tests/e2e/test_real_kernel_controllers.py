@@ -36,7 +36,7 @@ from tests.e2e.real_kernel import CONFIG, FIGURES, unplugctl
 from tests.vm import GuestVM
 
 # The kernel modules each controller needs, loaded by udev at boot from the devices' modaliases.
-MODULES = ("nvme", "virtio_scsi", "ahci", "xhci_pci", "usb_storage", "cdc_ether", "e1000e", "sd_mod")
+MODULES = ("nvme", "virtio_scsi", "ahci", "xhci_pci", "usb_storage", "usbnet", "e1000e", "sd_mod")
 # disk -> (controller qid, its /dev/disk/by-id link name). nvmp is the multipath head of nvmpa and nvmpb.
 DISKS = {
     "nvplain": ("nvplain", "nvme-QEMU_NVMe_Ctrl_nvplain"),
@@ -49,7 +49,7 @@ DISKS = {
 }
 MOUNTED = ("nvplain", "nvmp", "lun1", "sata0", "usb0")  # lun0 and lun2 stay idle: their HBA is busy by lun1
 NIC_MAC = "52:54:00:5b:00:01"
-USB_NIC_MAC = "52:54:00:5b:00:02"
+NIC, USB_NIC = "nic", "usbnic"
 
 
 def pci_path(qid: str) -> str:
@@ -75,8 +75,11 @@ for d in $DISKS; do
     path=$(for l in /dev/disk/by-path/*; do [ "$(readlink -f $l)" = "$dev" ] && echo $l; done | head -1)
     echo "$d ${dev#/dev/} $path"
 done
-for mac in $MACS; do
-    for n in /sys/class/net/*; do [ "$(cat $n/address)" = "$mac" ] && echo "$mac $(basename $n)"; done
+for n in /sys/class/net/*; do
+    [ "$(cat $n/address)" = "$NIC_MAC" ] && echo "nic $(basename $n)"
+    # The USB NIC by where it sits: its MAC is not fixed (cdc_subset, when it wins the race with
+    # cdc_ether at boot, binds the data interface and makes up an address).
+    case "$(readlink -f $n/device)" in */usb*) echo "usbnic $(basename $n)";; esac
 done
 true
 """
@@ -87,7 +90,7 @@ class Guest:
     vm: GuestVM
     kernel: dict[str, str]  # disk -> kernel name (nvme2n1, sdc)
     by_path: dict[str, str]  # disk -> a /dev/disk/by-path link ("" when udev made none: the head's)
-    nics: dict[str, str]  # MAC -> interface name
+    nics: dict[str, str]  # NIC or USB_NIC -> interface name
 
     def names(self, disk: str) -> list[str]:
         """Every name a user would type for a disk."""
@@ -106,7 +109,7 @@ def guest() -> Iterator[Guest]:
         links = " && ".join(f"echo /dev/disk/by-id/{shlex.quote(link)} > /run/dk/{d}.link"
                             for d, (_, link) in DISKS.items())  # fmt: skip
         vm.exec(f"mkdir -p /run/dk && {links}", check=True)
-        env = [f"MODULES={' '.join(MODULES)}", f"DISKS={' '.join(DISKS)}", f"MACS={NIC_MAC} {USB_NIC_MAC}",
+        env = [f"MODULES={' '.join(MODULES)}", f"DISKS={' '.join(DISKS)}", f"NIC_MAC={NIC_MAC}",
                "PATH=/usr/sbin:/usr/bin:/sbin:/bin"]  # fmt: skip
         vm.exec(["sh", "-c", SETUP], env=env, check=True, timeout=600)
         out = vm.exec(["sh", "-c", LOCATE], env=env, check=True, timeout=120).stdout
@@ -120,7 +123,7 @@ def guest() -> Iterator[Guest]:
                 by_path[parts[0]] = parts[2] if len(parts) > 2 else ""
             elif len(parts) == 2:
                 nics[parts[0]] = parts[1]
-        assert set(kernel) == set(DISKS) and set(nics) == {NIC_MAC, USB_NIC_MAC}, out
+        assert set(kernel) == set(DISKS) and set(nics) == {NIC, USB_NIC}, out
         FIGURES.append(f"controllers guest: boot {booted - started:.0f} s, setup {time.monotonic() - booted:.0f} s")
         yield Guest(vm, kernel, by_path, nics)
     FIGURES.append(f"controllers guest: whole module {time.monotonic() - started:.0f} s")
@@ -161,14 +164,14 @@ def checks(guest: Guest, names: list[str]) -> dict[str, tuple[int, str]]:
 
 
 def all_names(guest: Guest) -> list[str]:
-    return [n for d in DISKS for n in guest.names(d)] + [guest.nics[NIC_MAC], guest.nics[USB_NIC_MAC]]
+    return [n for d in DISKS for n in guest.names(d)] + [guest.nics[NIC], guest.nics[USB_NIC]]
 
 
 def expected_paths(guest: Guest, name: str) -> set[str]:
     for d in DISKS:
         if name in guest.names(d):
             return {pci_path("nvmpa"), pci_path("nvmpb")} if d == "nvmp" else {pci_path(DISKS[d][0])}
-    return {pci_path("nic")} if name == guest.nics[NIC_MAC] else {pci_path("xhci")}
+    return {pci_path("nic")} if name == guest.nics[NIC] else {pci_path("xhci")}
 
 
 # --------------------------------------------------------------------------- idle
@@ -201,7 +204,7 @@ def test_every_disk_of_a_controller_is_listed(guest: Guest, idle: dict[str, Any]
     for disk, (qid, _) in DISKS.items():
         assert guest.kernel[disk] in [b["name"] for b in functions[pci_path(qid)].get("blockDevices", [])], disk
     xhci = functions[pci_path("xhci")]
-    assert guest.nics[USB_NIC_MAC] in [n["name"] for n in xhci.get("netInterfaces", [])]
+    assert guest.nics[USB_NIC] in [n["name"] for n in xhci.get("netInterfaces", [])]
 
 
 def test_the_empty_ahci_controller_says_so(idle: dict[str, Any]) -> None:
@@ -230,7 +233,7 @@ def test_unplugctl_check_agrees_when_idle(guest: Guest) -> None:
 @pytest.fixture(scope="module")
 def busy(guest: Guest, idle: dict[str, Any]) -> dict[str, Any]:
     mounts = " && ".join(f"mount $(cat /run/dk/{d}.link) /mnt/dk/{d}" for d in MOUNTED)
-    nic, usb_nic = guest.nics[NIC_MAC], guest.nics[USB_NIC_MAC]
+    nic, usb_nic = guest.nics[NIC], guest.nics[USB_NIC]
     guest.vm.exec(f"{mounts} && ip link set {nic} up && ip addr add 192.0.2.50/24 dev {nic} "
                   f"&& ip link set {usb_nic} up", check=True, timeout=300)  # fmt: skip
     return inspect(guest)
@@ -261,7 +264,7 @@ def test_nics_busy_and_the_usb_controller_names_disk_and_nic(guest: Guest, busy:
     assert codes(nic) == {"LINK_UP", "HAS_ADDRESS"}, text(nic)
     xhci = functions[pci_path("xhci")]
     assert codes(xhci) == {"MOUNTED", "LINK_UP"}, text(xhci)
-    assert guest.nics[USB_NIC_MAC] in text(xhci) and guest.kernel["usb0"] in text(xhci)
+    assert guest.nics[USB_NIC] in text(xhci) and guest.kernel["usb0"] in text(xhci)
     assert functions[pci_path("ahci0")]["state"] == "FUNCTION_STATE_READY"
 
 
