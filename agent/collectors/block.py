@@ -91,14 +91,12 @@ def sysfs_link_target(where: str, text: str) -> str | None:
     return joined if joined.startswith("/sys/") and not joined.startswith("/sys/..") else None
 
 
-class _PathDevice(Exception):
+class _PathDevice(NamedTuple):
     """A hidden per-path device of an NVMe multipath head: no device number, no node; not a block device."""
 
-    def __init__(self, where: str | None, controller: str | None, nsid: str | None) -> None:
-        super().__init__(where)
-        self.where = where  # "/sys/devices/.../nvme/nvme1/nvme2c1n1"
-        self.controller = controller  # its `device` link: the controller's directory
-        self.nsid = nsid
+    where: str | None  # "/sys/devices/.../nvme/nvme1/nvme2c1n1"
+    controller: str | None  # its `device` link: the controller's directory
+    nsid: str | None
 
 
 class _Head(NamedTuple):
@@ -144,11 +142,11 @@ def devno_index(block: Mapping[str, BlockDevice]) -> dict[DevNo, str]:
 
 def _read_device(
     roots: Roots, sysdir: str, name: str, parent: str | None, where: str | None, *, heads: dict[str, _Head]
-) -> BlockDevice:
+) -> BlockDevice | _PathDevice:
     """One device; raises ReadError/ValueError for the caller to turn into a ScanProblem.
 
     where: the device's directory relative to the sysfs root, from its class link (None unknown).
-    An NVMe path device raises _PathDevice; a head whose paths are still to be found lands in heads.
+    An NVMe path device is a _PathDevice; a head whose paths are still to be found lands in heads.
     """
     try:
         present = set(os_listdir(sysdir))
@@ -157,7 +155,7 @@ def _read_device(
     if "dev" not in present:
         if "hidden" in present and (read_text_or(f"{sysdir}/hidden") or "").strip() == "1":
             nsid = read_text_or(f"{sysdir}/nsid") if "nsid" in present else None
-            raise _PathDevice(
+            return _PathDevice(
                 "/sys/" + where if where else None, _link(sysdir, where, "device"), nsid.strip() if nsid else None
             )
         raise ValueError("no device number (no dev attribute)")
@@ -286,10 +284,7 @@ def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
     paths: list[_PathDevice] = []
     for name, sysdir, parent, where in entries:
         try:
-            devices[name] = _read_device(roots, sysdir, name, parent, where, heads=heads)
-        except _PathDevice as path:
-            log.debug("%s is a hidden NVMe path device: its head is the block device", name)
-            paths.append(path)
+            found = _read_device(roots, sysdir, name, parent, where, heads=heads)
         except Vanished as exc:
             # Gone mid-scan (loop detached, disk unplugged): say so; it may have mattered.
             log.debug("block device %s vanished: %s", name, exc)
@@ -298,6 +293,12 @@ def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
             problems.append(ScanProblem(sysdir, str(exc), (name,)))
         except ValueError as exc:
             problems.append(ScanProblem(sysdir, f"malformed: {exc}", (name,)))
+        else:
+            if isinstance(found, _PathDevice):
+                log.debug("%s is a hidden NVMe path device: its head is the block device", name)
+                paths.append(found)
+            else:
+                devices[name] = found
     for name, head in heads.items():
         through = tuple(
             p.where for p in paths if p.where and p.controller in head.controllers and p.nsid == head.nsid
