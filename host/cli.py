@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -222,45 +223,23 @@ def _print(text: str, file: TextIO) -> None:
     print(display_text(text), file=file)
 
 
+def _print_lines(lines: list[str], out: TextIO) -> None:
+    """Lines from host/render.py: escaped piece by piece there, so only its own colour codes remain."""
+    out.write("".join(f"{line}\n" for line in lines))
+
+
 def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
-    bus = f"{sp.slot.bus.kind.value} {sp.slot.bus.name}" if sp.slot else "(guest only)"
-    mf = " multifunction" if sp.slot and sp.slot.multifunction else ""
-    _print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
-    if not sp.hotplug:
-        _print(f"    hardware: {sp.hotplug.reason}", file=out)
-    hidden = 0
-    for fp in sp.functions:
-        if fp.behind_bridge and not steps:
-            hidden += 1
-            continue
-        host = f"{fp.host.name} ({fp.host.model})" if fp.host else "-"
-        guest = fp.guest.address if fp.guest else "-"
-        names = ",".join(fp.guest.names) if fp.guest and fp.guest.names else ""
-        state = fp.guest_state if sp.guest_reachable else "?"
-        mark = "" if fp.requested else "  [leaves with the slot]"
-        _print(f"  {fp.path!s:<26} {host:<40} {guest:<13} {names:<12} {state}{mark}", file=out)
-        if fp.guest:
-            for r in fp.guest.reasons:
-                _print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
-    if hidden:
-        _print(f"    + {hidden} function(s) behind its bridges leave with it (see `check`)", file=out)
-    if steps:
-        for i, s in enumerate(sp.steps, 1):
-            _print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)
+    from unplugd.host import render
+
+    colour = render.wants_colour(out, os.environ)
+    _print_lines(render.slot_lines(sp, verbose=True, colour=colour, steps=steps), out)
 
 
-def print_plan(p: Plan, vm: str, out: TextIO) -> None:
-    state = "reachable" if p.guest_reachable else f"UNREACHABLE ({p.guest_error})"
-    _print(f"VM {vm}: guest agent {state}", file=out)
-    _print(f"{'SLOT / FUNCTION':<28} {'VERDICT':<18} BUS", file=out)
-    for sp in p.slots:
-        _print_slot(sp, out)
-    for g in p.guest_only:
-        _print(f"guest reports {g.address} ({g.path}) which the hypervisor does not know", file=out)
-    for f in p.host_only:
-        _print(f"hypervisor has {f.name} ({f.path}) which the guest does not report", file=out)
-    for pr in p.guest_problems:
-        _print(f"guest could not read: {pr}", file=out)
+def print_plan(p: Plan, vm: str, out: TextIO, *, show_all: bool = False, verbose: bool = False) -> None:
+    from unplugd.host import render
+
+    colour = render.wants_colour(out, os.environ)
+    _print_lines(render.plan_lines(p, vm, show_all=show_all, verbose=verbose, colour=colour), out)
 
 
 def print_result(r: UnplugResult, out: TextIO) -> None:
@@ -322,7 +301,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(plan_json(p, s.vm))
             else:
-                print_plan(p, s.vm, sys.stdout)
+                print_plan(p, s.vm, sys.stdout, show_all=args.all, verbose=args.verbose)
             return 0
         if args.command == "check":
             sp = await orch.check(args.device)
