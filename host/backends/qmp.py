@@ -184,7 +184,7 @@ class _QomDevice:
     type: str
     devfn: int | None
     hotpluggable: bool | None
-    multifunction: bool
+    multifunction: bool | None  # None: not read (a function > 0 beside siblings)
     buses: list[_QomBus]
 
 
@@ -370,8 +370,10 @@ class _Qom:
     ) -> _QomDevice:
         hot, multi = await asyncio.gather(
             _value(hot) if isinstance(hot, bool) else self.get(path, "hotpluggable"),
-            # function 0 beside siblings has it on (QEMU insists); on the others it changes nothing
-            _value(devfn is not None and devfn & 7 == 0) if has_siblings else self.get(path, "multifunction"),
+            # function 0 beside siblings has it on (QEMU insists); on the others it is not read
+            _value(True if devfn is not None and devfn & 7 == 0 else None)
+            if has_siblings
+            else self.get(path, "multifunction"),
         )
         buses: list[_QomBus] = []
         if _may_bridge(dtype):  # only bridges have buses below them: spare the others a qom-list
@@ -384,7 +386,7 @@ class _Qom:
             type=dtype,
             devfn=devfn,
             hotpluggable=hot if isinstance(hot, bool) else None,
-            multifunction=multi is True,
+            multifunction=None if multi is None and has_siblings else multi is True,
             buses=buses,
         )
 
