@@ -308,9 +308,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(slot_json(sp))
             else:
-                _print_slot(sp, sys.stdout, steps=True)
-                for f in sp.findings:
-                    _print(f"{f.verdict.value}: {f.detail}", sys.stdout)
+                _print_slot(sp, sys.stdout, steps=True)  # every finding too (verbose)
             return EXIT[sp.verdict]
         if args.command == "wait-ready":
             sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)

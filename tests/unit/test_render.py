@@ -179,3 +179,14 @@ class _Tty(io.StringIO):
 )
 def test_wants_colour(stream: io.StringIO, environ: dict[str, str], want: bool) -> None:
     assert render.wants_colour(stream, environ) is want
+
+
+def test_the_check_view_says_every_finding_once_and_the_steps() -> None:
+    sp = slot(q35_plan(), "0000:00/02.0/00")
+    lines = render.slot_lines(sp, verbose=True, steps=True)
+    assert sp.findings
+    for f in sp.findings:
+        assert sum(f.detail in line for line in lines) == 1, f.detail
+    assert [line.split(":")[0].strip() for line in lines if line.lstrip().startswith("step ")] == [
+        f"step {i}" for i in range(1, len(sp.steps) + 1)
+    ]
