@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         help="seconds for each libvirt or QMP command (default %(default)s)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr; status: every reason")
 
     p = argparse.ArgumentParser(
         prog="unplugctl",
@@ -86,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     st.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp)")
+    st.add_argument("--all", action="store_true", help="also the infrastructure (root ports, bridges, chipset)")
     for name, helptext in (
         ("check", "verdict for one device (exit code says it)"),
         ("unplug", "unplug a device's slot, safely"),
