@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from unplugd.host.devicespec import DeviceSpec, SlotRequest, SpecError, parse_spec_file, request_from_args
 from unplugd.host.exitcodes import Exit
-from unplugd.host.orchestrator import Orchestrator
-from unplugd.host.placement import BusRoom, FunctionArrival, SlotPlug
-from unplugd.host.plugging import PlugOutcome, PlugProgress, PlugResult
-from unplugd.host.topology import Function
 from unplugd.text import display_text
 
-__all__ = ["PLUG_EXIT", "plug_json", "print_room", "run_hot_add", "slots_json", "split_plug_target"]
+# Like cli.py: parsing the arguments (split_plug_target) imports nothing heavy; the orchestrator,
+# grpc and protobuf come with the command that runs.
+if TYPE_CHECKING:
+    from unplugd.host.orchestrator import Orchestrator
+    from unplugd.host.placement import BusRoom, FunctionArrival, SlotPlug
+    from unplugd.host.plugging import PlugOutcome, PlugProgress, PlugResult
+    from unplugd.host.topology import Function
 
-PLUG_EXIT: dict[PlugOutcome, Exit] = {
-    PlugOutcome.PLUGGED: Exit.OK,
-    PlugOutcome.DRY_RUN: Exit.OK,
-    PlugOutcome.REFUSED: Exit.NOT_HOTPLUGGABLE,
-    PlugOutcome.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
-    PlugOutcome.NOT_CONFIRMED: Exit.NOT_CONFIRMED,
-    PlugOutcome.REJECTED: Exit.REJECTED,
-    PlugOutcome.ROLLBACK_INCOMPLETE: Exit.ROLLBACK_INCOMPLETE,
-    PlugOutcome.HYPERVISOR_LOST: Exit.HYPERVISOR_LOST,
-}
+__all__ = ["plug_exit", "plug_json", "print_room", "run_hot_add", "slots_json", "split_plug_target"]
+
+
+@functools.cache
+def _plug_exit() -> dict[PlugOutcome, Exit]:
+    from unplugd.host.plugging import PlugOutcome
+
+    return {
+        PlugOutcome.PLUGGED: Exit.OK,
+        PlugOutcome.DRY_RUN: Exit.OK,
+        PlugOutcome.REFUSED: Exit.NOT_HOTPLUGGABLE,
+        PlugOutcome.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
+        PlugOutcome.NOT_CONFIRMED: Exit.NOT_CONFIRMED,
+        PlugOutcome.REJECTED: Exit.REJECTED,
+        PlugOutcome.ROLLBACK_INCOMPLETE: Exit.ROLLBACK_INCOMPLETE,
+        PlugOutcome.HYPERVISOR_LOST: Exit.HYPERVISOR_LOST,
+    }
+
+
+def plug_exit(r: PlugResult) -> Exit:
+    return _plug_exit()[r.outcome]
 
 
 def split_plug_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -209,11 +223,13 @@ def _progress(p: PlugProgress) -> None:
 # ------------------------------------------------------------------ commands
 
 
-async def run_hot_add(args: argparse.Namespace, orch: Orchestrator, vm: str) -> int:
+async def run_hot_add(
+    args: argparse.Namespace, orch: Orchestrator, vm: str, *, print_json: Callable[[dict[str, Any]], None]
+) -> int:
     if args.command == "slots":
         rooms = await orch.slots()
         if args.json:
-            print(json.dumps(slots_json(rooms, vm), indent=2))
+            print_json(slots_json(rooms, vm))
         else:
             print_room(rooms, vm, sys.stdout)
         return Exit.OK
@@ -227,7 +243,7 @@ async def run_hot_add(args: argparse.Namespace, orch: Orchestrator, vm: str) -> 
         progress=_progress,
     )
     if args.json:
-        print(json.dumps(plug_json(r), indent=2))
+        print_json(plug_json(r))
     else:
         print_plug(r, sys.stdout)
-    return PLUG_EXIT[r.outcome]
+    return plug_exit(r)

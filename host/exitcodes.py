@@ -25,9 +25,10 @@ class Exit(IntEnum):
     PENDING = 7
     UNCONFIRMED = 8
     HYPERVISOR_LOST = 9
-    NOT_CONFIRMED = 10
-    REJECTED = 11
-    ROLLBACK_INCOMPLETE = 12
+    RELEASE_DISABLED = 10
+    NOT_CONFIRMED = 11
+    REJECTED = 12
+    ROLLBACK_INCOMPLETE = 13
     INTERRUPTED = EXIT_INTERRUPTED
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
@@ -46,6 +47,8 @@ MEANING: dict[Exit, str] = {
     Exit.UNCONFIRMED: "unplugged, but the guest did not confirm",
     Exit.HYPERVISOR_LOST: "the hypervisor went away while waiting (QEMU exited, libvirtd did not come back); "
     "each function says whether it had left",
+    Exit.RELEASE_DISABLED: "release (or unplug --release): the guest does not allow RequestRelease "
+    "([mutations] and [release] enabled = true in its config)",
     Exit.NOT_CONFIRMED: "plug: a function did not arrive in the guest (MISSING, NO_DRIVER) before --timeout; what was "
     "added was removed again (kept with --keep-partial)",
     Exit.REJECTED: "plug: the hypervisor rejected a device or backend; what was added was removed again (kept with "
@@ -58,7 +61,8 @@ MEANING: dict[Exit, str] = {
 # check and wait-ready exit with their verdict's code; unplug too when it refuses.
 SCOPE = (
     "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed; "
-    "plug: 0 every function present in the guest, 4 no agent to confirm with, 5 no room, 9-12 as below"
+    "release and unplug --release: 3 when a function is still busy after the hooks; "
+    "plug: 0 every function present in the guest, 4 no agent to confirm with, 5 no room, 9 and 11-13 as below"
 )
 
 

@@ -29,6 +29,7 @@ import pytest
 from tests.conftest import require_vm_tools
 from tests.e2e.real_kernel import CONFIG, FIGURES, unplugctl
 from tests.vm import GuestVM, pci_bridge, pcie_root_port, virtio_disk
+from unplugd.host.exitcodes import Exit
 
 PLUG_TIMEOUT = "180"  # TCG on shared cores: enumerating, binding virtio and creating vdX takes tens of seconds
 
@@ -173,7 +174,7 @@ def test_pc_a_spec_rejected_halfway_leaves_nothing_behind(pc: GuestVM) -> None:
              "virtio-net-pci,netdev=no-such-netdev,id=rbf2"]  # fmt: skip
     backends = ("--netdev=user,id=rbn0,restrict=on", "--netdev=user,id=rbn1,restrict=on")
     rc, out, err = unplugctl(pc, "plug", *specs, *backends, "--slot", "br0:0x9", "--timeout", "60", "--json")
-    assert rc == 11, out + err
+    assert rc == Exit.REJECTED, out + err
     doc = _json(out)
     assert doc["outcome"] == "REJECTED" and doc["rolledBack"] and not doc["leftovers"], doc
     assert "no-such-netdev" in doc["message"]
@@ -220,7 +221,7 @@ def test_q35_slots_table(q35: GuestVM) -> None:
 def test_q35_refuses_hotplug_off_and_occupied_ports(q35: GuestVM) -> None:
     for slot, why in (("rpoff", "hotplug='off'"), ("rptaken", "occupied by dtaken")):
         rc, out, err = unplugctl(q35, "plug", "virtio-net-pci,netdev=x,id=xx", "--slot", slot)
-        assert rc == 5 and why in out and "nothing was added" in out, out + err
+        assert rc == Exit.NOT_HOTPLUGGABLE and why in out and "nothing was added" in out, out + err
 
 
 def test_q35_nic_into_an_empty_root_port(q35: GuestVM) -> None:
@@ -239,7 +240,7 @@ def test_q35_nic_into_an_empty_root_port(q35: GuestVM) -> None:
 def test_q35_a_device_without_a_guest_driver_is_rolled_back(q35: GuestVM) -> None:
     # pci-testdev (1b36:0005): QEMU's test device, which no guest driver claims.
     rc, out, err = unplugctl(q35, "plug", "pci-testdev,id=nodrv", "--slot", "rpspare", "--timeout", "30", "--json")
-    assert rc == 10, out + err
+    assert rc == Exit.NOT_CONFIRMED, out + err
     doc = _json(out)
     assert doc["outcome"] == "NOT_CONFIRMED" and doc["rolledBack"] and not doc["leftovers"], doc
     (f,) = doc["functions"]

@@ -23,6 +23,7 @@ from unplugd.host.devicespec import (
     request_from_args,
 )
 from unplugd.host.errors import AddRejected, BackendError
+from unplugd.host.exitcodes import Exit
 from unplugd.host.placement import (
     Arrival,
     NoRoom,
@@ -484,12 +485,12 @@ def test_slots_prints_the_table_and_json(cli_session: dict[str, Any], capsys: py
 @pytest.mark.parametrize(
     ("backend", "agent_dead", "specs", "argv", "code", "outcome"),
     [
-        ({}, False, ["e1000"], ["--slot", "br1:0x5"], 5, "REFUSED"),
-        ({}, True, ["e1000"], [], 4, "GUEST_UNREACHABLE"),
-        ({"reject": "up-br1-09-1"}, False, ["e1000", "e1000"], ["--slot", "br1:9"], 11, "REJECTED"),
-        ({}, False, ["e1000"], ["--timeout", "0.05"], 10, "NOT_CONFIRMED"),
-        ({"deaf": True}, False, ["e1000"], ["--timeout", "0.05"], 12, "ROLLBACK_INCOMPLETE"),
-        ({}, False, ["e1000"], ["--dry-run"], 0, "DRY_RUN"),
+        ({}, False, ["e1000"], ["--slot", "br1:0x5"], Exit.NOT_HOTPLUGGABLE, "REFUSED"),
+        ({}, True, ["e1000"], [], Exit.GUEST_UNREACHABLE, "GUEST_UNREACHABLE"),
+        ({"reject": "up-br1-09-1"}, False, ["e1000", "e1000"], ["--slot", "br1:9"], Exit.REJECTED, "REJECTED"),
+        ({}, False, ["e1000"], ["--timeout", "0.05"], Exit.NOT_CONFIRMED, "NOT_CONFIRMED"),
+        ({"deaf": True}, False, ["e1000"], ["--timeout", "0.05"], Exit.ROLLBACK_INCOMPLETE, "ROLLBACK_INCOMPLETE"),
+        ({}, False, ["e1000"], ["--dry-run"], Exit.OK, "DRY_RUN"),
     ],
 )
 def test_plug_exit_codes(
