@@ -15,16 +15,20 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from unplugd.host.client import TlsFiles
+from unplugd.host.client import AgentAddress, TlsFiles
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
 from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+from unplugd.host.relays import Relay
 from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
 from unplugd.text import display_text
+
+if TYPE_CHECKING:
+    from unplugd.host.backends.libvirt import LibvirtBackend
 
 __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
 
@@ -59,7 +63,8 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
 
     async with contextlib.AsyncExitStack() as stack:
         backend: Backend
-        agent_address: str | None = args.agent
+        agent_address: str | AgentAddress | None = args.agent
+        relay: Relay | None = None
         if args.qmp:
             from unplugd.host.backends.qmp import QmpBackend
 
@@ -73,19 +78,38 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
             await stack.enter_async_context(lv)
             backend, vm = lv, args.vm
             if agent_address is None:
-                channel = await lv.agent_channel()
-                agent_address = f"serial:{channel}" if channel else None
+                agent_address, relay = await agent_through_libvirt(lv, args)
         agent: AgentLike | None = None
         if agent_address:
             tls = _tls_files(args)
             try:
                 client = AgentClient(
-                    agent_address, timeout=args.agent_timeout, connect_timeout=args.agent_timeout, tls=tls
+                    agent_address, relay=relay, timeout=args.agent_timeout, connect_timeout=args.agent_timeout,
+                    tls=tls,
                 )
             except ValueError as e:
                 raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
             agent = await stack.enter_async_context(client)
         yield Session(backend, agent, vm)
+
+
+async def agent_through_libvirt(
+    lv: LibvirtBackend, args: argparse.Namespace
+) -> tuple[AgentAddress | None, Relay | None]:
+    """The domain's agent channel: its socket path, or a virStream through libvirt (host/channel.py)."""
+    from unplugd.host.backends.libvirt import AGENT_CHANNEL
+    from unplugd.host.channel import ChannelRelay, route
+
+    path = await lv.agent_channel()
+    how = route(lv.uri, args.agent_channel, path)
+    if how is None or path is None:
+        return None, None
+    if how == "socket":
+        return AgentAddress("serial", path=path), None
+    label = f"{AGENT_CHANNEL} of {lv.domain_name} on {lv.uri}"
+    # the relay gives up a little before the client, so that its reason reaches the caller (as in client.py)
+    relay = ChannelRelay(lv.open_channel, label, force=args.force_channel, connect_timeout=args.agent_timeout * 0.8)
+    return AgentAddress("channel", path=label), relay
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:

@@ -49,6 +49,16 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
     common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
     common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
+    common.add_argument(
+        "--agent-channel",
+        choices=("auto", "socket", "libvirt"),
+        default="auto",
+        help="reach the <channel> by its socket path or through libvirt (virDomainOpenChannel); "
+        "auto: the path on a local URI, libvirt on a remote one (default %(default)s)",
+    )
+    common.add_argument(
+        "--force-channel", action="store_true", help="take the agent's channel from another libvirt client holding it"
+    )
     common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
     common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
     common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")

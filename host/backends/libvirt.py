@@ -50,7 +50,9 @@ __all__ = [
     "DomainLayout",
     "LibvirtBackend",
     "classify_detach_error",
+    "open_connection",
     "parse_domain_xml",
+    "running_domains",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,11 @@ log = logging.getLogger(__name__)
 AGENT_CHANNEL = "org.unplugd.agent.0"
 _HANDOFF_S = 1.0  # how old a layout read for the agent channel may be when topology() takes it over
 _RECONNECT_S = 0.25  # libvirtd restarts in about a second: ask again this often while its socket refuses
+# Keepalive on every connection (virConnectSetKeepAlive): a peer silent for interval * (count + 1)
+# seconds, 20 s, is declared dead: the close callback fires and blocked calls fail, so a remote
+# hypervisor that vanishes mid-wait (cable, ssh tunnel, NAT) ends the wait instead of hanging it.
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
 _T = TypeVar("_T")
 
 _BUS_KINDS = {
@@ -402,15 +409,53 @@ def _ensure_event_loop() -> None:
         _EventLoop.thread.start()
 
 
+async def open_connection(uri: str, timeout: float) -> Any:
+    """libvirt.open(uri) within `timeout`, with keepalive and the event loop that delivers its events."""
+    import libvirt
+
+    _ensure_event_loop()
+
+    def open_() -> Any:
+        conn = libvirt.open(uri)
+        # Drivers without keepalive (test:///, a local embedded driver) refuse it; nothing to detect there.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+        return conn
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(open_), timeout)
+    except TimeoutError as e:
+        raise BackendError(f"libvirt open {uri} got no answer within {timeout:g}s") from e
+    except libvirt.libvirtError as e:
+        raise BackendError(f"libvirt open {uri}: {e.get_error_message()}") from e
+
+
+async def running_domains(conn: Any, timeout: float) -> list[str]:
+    """Names of the running domains on an open connection, sorted."""
+    import libvirt
+
+    def names() -> list[str]:
+        return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(names), timeout)
+    except TimeoutError as e:
+        raise BackendError(f"libvirt listAllDomains got no answer within {timeout:g}s") from e
+    except libvirt.libvirtError as e:
+        raise BackendError(f"libvirt listAllDomains: {e.get_error_message()}") from e
+
+
 class LibvirtBackend:
     """One running libvirt domain. Use as `async with LibvirtBackend(name, uri=...) as be:`."""
 
     source = "libvirt"
 
-    def __init__(self, domain: str, *, uri: str = "qemu:///system", timeout: float = 10.0) -> None:
+    def __init__(self, domain: str, *, uri: str = "qemu:///system", timeout: float = 10.0, conn: Any = None) -> None:
+        """`conn`: an open virConnect to share (fleet commands: one per hypervisor); not closed here."""
         self.domain_name = domain
         self.uri = uri
         self.timeout = timeout
+        self._shared = conn
         self._conn: Any = None
         self._conn_refused: bool | None = None
         self._dom: Any = None
@@ -439,12 +484,14 @@ class LibvirtBackend:
     async def connect(self) -> None:
         import libvirt
 
-        _ensure_event_loop()
-        self._conn_refused = True  # until libvirt answered: what reconnect() may retry
-        try:
-            self._conn = await self._call(lambda: libvirt.open(self.uri), f"open {self.uri}")
-        except BackendError as e:
-            raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
+        if self._shared is not None:
+            self._conn = self._shared
+        else:
+            self._conn_refused = True  # until libvirt answered: what reconnect() may retry
+            try:
+                self._conn = await open_connection(self.uri, self.timeout)
+            except BackendError as e:
+                raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
         self._conn_refused = False
         try:
             self._dom = await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
@@ -459,6 +506,7 @@ class LibvirtBackend:
         """Connect again after the connection broke: libvirtd restarting refuses for a moment, so
         retry until `timeout`; a domain that is gone or stopped is DomainNotFound at once."""
         await self.close()
+        self._shared = None  # the shared connection broke: this backend opens its own from now on
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -473,7 +521,7 @@ class LibvirtBackend:
 
     async def close(self) -> None:
         conn, self._conn, self._dom = self._conn, None, None
-        if conn is not None:
+        if conn is not None and conn is not self._shared:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(conn.close)
 
@@ -492,6 +540,22 @@ class LibvirtBackend:
         layout = await self.layout()
         self._handoff = (time.monotonic(), layout)
         return layout.agent_channel
+
+    async def open_channel(self, force: bool = False, name: str = AGENT_CHANNEL) -> Any:
+        """A blocking virStream on the domain's virtio-serial port `name` (virDomainOpenChannel), over
+        this connection, local or remote; `force` takes the port from another stream
+        (VIR_DOMAIN_CHANNEL_FORCE). host/channel.py speaks the agent's protocol over it."""
+        import libvirt
+
+        flags = libvirt.VIR_DOMAIN_CHANNEL_FORCE if force else 0
+        conn, dom = self._conn, self._dom
+
+        def open_() -> Any:
+            stream = conn.newStream(0)
+            dom.openChannel(name, stream, flags)
+            return stream
+
+        return await self._call(open_, f"open channel {name}")
 
     async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
         """detachDeviceFlags(LIVE), or device_del through the QEMU monitor for a multifunction slot.
