@@ -303,6 +303,10 @@ def unplug_exit(r: UnplugResult) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if getattr(args, "fleet", False):
+        from unplugd.host.fleet_cli import run_fleet_command
+
+        return await run_fleet_command(args)
     async with open_session(args) as s:
         orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
         if args.command == "status":
@@ -348,6 +352,21 @@ async def run(args: argparse.Namespace) -> int:
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     t: list[str] = args.target
     want = 0 if args.command == "status" else 1
+    args.connects = args.connect or ["qemu:///system"]
+    args.connect = args.connects[0]
+    args.fleet = _is_fleet(args)
+    if args.fleet:
+        if args.qmp:
+            p.error("fleet commands (several VMs or --connect URIs, --all-domains, --unpluggable) are libvirt's")
+        if getattr(args, "unpluggable", None) and args.command != "status":
+            p.error("--unpluggable is a status option")
+        domains = t[: len(t) - want]
+        if len(t) < want or (not domains and not args.all_domains) or (domains and args.all_domains):
+            p.error(f"{args.command} over a fleet takes --all-domains or VM..." + (" and then DEVICE" if want else ""))
+        args.vms, args.vm, args.device = domains, None, t[-1] if want else None
+        return
+    if len(args.connects) > 1:
+        p.error(f"{args.command} takes one --connect URI")
     if args.qmp and len(t) == want:
         args.vm = None
     elif len(t) == want + 1:
@@ -356,6 +375,14 @@ def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         form = "VM" if want == 0 else "VM DEVICE"
         p.error(f"{args.command} takes {form}" + (" (VM may be omitted with --qmp)" if args.qmp else ""))
     args.device = t[-1] if want else None
+
+
+def _is_fleet(args: argparse.Namespace) -> bool:
+    """status/check over several domains: more than one VM or URI, --all-domains or --unpluggable."""
+    if args.command not in ("status", "check"):
+        return False
+    vms = len(args.target) - (0 if args.command == "status" else 1)
+    return bool(args.all_domains or len(args.connects) > 1 or vms > 1 or getattr(args, "unpluggable", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
