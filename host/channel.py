@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from unplugd.host.backends.libvirt import in_thread
 from unplugd.host.errors import BackendError
 from unplugd.host.relays import RelayError, SerialRelay, Streams
 from unplugd.splice import close_writer
@@ -172,7 +173,7 @@ class ChannelRelay(SerialRelay):
         try:
             return await asyncio.open_unix_connection(sock=bridge.ours)
         except BaseException:
-            await asyncio.to_thread(bridge.join)
+            await in_thread(bridge.join)
             bridge.ours.close()
             raise
 
@@ -180,7 +181,7 @@ class ChannelRelay(SerialRelay):
         await close_writer(chardev[1])
         bridge, self._bridge = self._bridge, None
         if bridge is not None:
-            await asyncio.to_thread(bridge.join)
+            await in_thread(bridge.join)
             if bridge.error:
                 # grpc sees only a closed connection: this is the reason it will be given
                 self.last_error = f"{self.target}: the stream broke: {bridge.error}"

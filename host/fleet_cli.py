@@ -16,10 +16,9 @@ import json
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
-from unplugd.host.backends.libvirt import LibvirtBackend, open_connection, running_domains
+from unplugd.host.backends.libvirt import LibvirtBackend, in_thread, open_connection, running_domains
 from unplugd.host.cli import UsageError, _print, _tls_files, agent_through_libvirt, plan_json, slot_json
 from unplugd.host.client import AgentClient
 from unplugd.host.errors import HostError
@@ -117,7 +116,7 @@ async def _targets(args: argparse.Namespace, conns: dict[str, Any]) -> tuple[lis
         try:
             return uri, conn, await running_domains(conn, args.hypervisor_timeout)
         except BaseException:
-            await asyncio.to_thread(conn.close)
+            await in_thread(conn.close)
             raise
 
     results = await asyncio.gather(*(connect(u) for u in dict.fromkeys(args.connects)), return_exceptions=True)
@@ -148,9 +147,6 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--unpluggable {e}") from e
     question = Question(device=args.device, unpluggable=selector)
     tls = _tls_files(args)
-    # libvirt calls and stream bridges run in threads: enough workers that --jobs domains do not
-    # queue behind asyncio's default pool (min(32, cores + 4))
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2 * args.jobs + 4))
     conns: dict[str, Any] = {}
     try:
         targets, early = await _targets(args, conns)
@@ -183,7 +179,7 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
     finally:
         for conn in conns.values():
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(conn.close)
+                await in_thread(conn.close)
     everything = early + answers
     if not args.json:
         for a in everything:

@@ -64,7 +64,8 @@ class PrivateLibvirtd:
         script = self.root / "start.sh"
         script.write_text(f"#!/bin/sh\nset -e\nmount --make-rprivate /\n{binds}\n"
                           "mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu\n"
-                          f"exec libvirtd{listen} --config /etc/libvirt/libvirtd.conf --pid-file {self.root}/libvirtd.pid\n")
+                          f"exec libvirtd{listen} --config /etc/libvirt/libvirtd.conf "
+                          f"--pid-file {self.root}/libvirtd.pid\n")
         script.chmod(0o755)
 
     def start(self) -> None:
