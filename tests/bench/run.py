@@ -39,6 +39,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("service", "tests.bench.sec_agent_service"),
     ("host", "tests.bench.sec_host"),
     ("bounds", "tests.bench.sec_bounds"),
+    ("fleet", "tests.bench.sec_fleet"),
 ]
 
 
