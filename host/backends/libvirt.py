@@ -16,7 +16,10 @@ it marks the domain *tainted* (custom-monitor) for the rest of its life.
 Removal events come from VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED on libvirt's
 default event loop implementation (virEventRegisterDefaultImpl), run by one
 daemon thread per process and bridged into asyncio with call_soon_threadsafe.
-libvirt-python's calls block, so they run in worker threads.
+libvirt-python's calls block, so they run in daemon threads (in_thread) with deadlines.
+Every connection has keepalive, and a wait asks the connection whether it is alive every
+keepalive interval: a remote hypervisor that goes silent ends the wait, never hangs it.
+open_channel() gives the agent's <channel> as a virStream (host/channel.py speaks over it).
 """
 
 from __future__ import annotations
