@@ -10,8 +10,19 @@
      +-- MutationDisabled       a mutating call while the config forbids it
      +-- ClaimConflict          PrepareUnplug could not claim every device
      +-- LeaseNotFound          release/renew of a lease that does not exist
+     +-- WatchStopped           the watcher's event sources failed; its streams end
+     +-- ClaimFailed            the kernel refused one exclusive open (mutations/claims.py)
+     +-- LinkError              an interface could not be read or set down/up (mutations/links.py)
+     +-- NetlinkError           a malformed or inconsistent rtnetlink answer (collectors/rtnetlink.py)
+     +-- ConfigError            the configuration is unreadable or invalid (config.py)
+     +-- ServeError             the gRPC server could not start (rpc/server.py)
+     +-- BridgeError            an enabled transport bridge could not start (transports/bridges.py)
+     +-- TlsError               TCP cannot be served: TLS files, the port (transports/tls.py)
+     +-- TreeTextError          a text archive of a tree is malformed or escapes its directory (treetext.py)
 
+The classes named with a module live there, beside what raises them; the rest live here.
 rpc/errors.py maps each to one gRPC status code; the CLI maps them to exit codes.
+tests/unit/test_exception_trees.py checks this drawing against the classes.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from unplugd.agent.errors import AgentError
+
 __all__ = [
     "AddrMsg",
     "LinkMsg",
@@ -79,7 +81,7 @@ _RECV_BUFFER = 65536
 _DUMP_ATTEMPTS = 3
 
 
-class NetlinkError(Exception):
+class NetlinkError(AgentError):
     """A malformed message, a kernel error answer, or a dump that kept changing under us."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from unplugd.agent.errors import AgentError
 from unplugd.agent.model import BlockDevice, DevNo, format_devno
 from unplugd.agent.roots import Roots
 
@@ -38,7 +39,7 @@ class Claim:
     fd: int
 
 
-class ClaimFailed(Exception):
+class ClaimFailed(AgentError):
     """One device could not be claimed; `reason` says why, for people."""
 
     def __init__(self, name: str, reason: str, *, busy: bool = False) -> None:

@@ -10,6 +10,8 @@ import logging
 import threading
 from typing import Any, Protocol
 
+from unplugd.agent.errors import AgentError
+
 __all__ = ["LinkControl", "LinkError", "NetlinkLinks"]
 
 log = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 IFF_UP = 0x1
 
 
-class LinkError(Exception):
+class LinkError(AgentError):
     pass
 
 
