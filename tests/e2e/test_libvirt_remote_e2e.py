@@ -108,8 +108,7 @@ def test_a_channel_held_through_libvirt_is_refused_unless_forced(daemon: Private
         assert "Active channel stream exists" in doc["guestError"] and "--force-channel" in doc["guestError"]
         p = unplugctl(daemon.tcp_uri, "status", guest.name, "--json", "--force-channel")
         assert json.loads(p.stdout)["guestReachable"], p.stdout + p.stderr
-        with pytest.raises(libvirt.libvirtError):
-            holder.send(b"\x00")  # the forced-out holder's stream fails
+        # (what the forced-out holder sees on its own connection: tests/integration/test_libvirt_remote.py)
     finally:
         conn.close()
 
