@@ -186,6 +186,9 @@ def run(quick: bool) -> SectionResult:
         seq = statistics.median(seq_s)
         result.rows.append(_row(f"one domain at a time: {DOMAINS} domains, a connection each (wall)", seq_s,
                                 seq_answers, None, "the ratio's baseline"))
+        s, a = measure(1, shared=True)
+        result.rows.append(_row(f"one domain at a time, {CONNECTIONS} shared connections (wall)", s, a, seq,
+                                "what sharing the connection alone saves"))
         for jobs in (16, 64):
             s, a = measure(jobs, shared=True)
             result.rows.append(_row(f"fleet --jobs {jobs}: {DOMAINS} domains, {CONNECTIONS} shared connections "
