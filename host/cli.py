@@ -331,6 +331,8 @@ async def run(args: argparse.Namespace) -> int:
                 print(json.dumps(slot_json(sp), indent=2))
             else:
                 _print_slot(sp, sys.stdout)
+                for f in sp.findings:  # why it ended so, as check says it (an agent lost mid-wait, say)
+                    _print(f"{f.verdict.value}: {f.detail}", sys.stdout)
                 print(sp.verdict.value)
             return EXIT[sp.verdict]
         r = await orch.unplug(
