@@ -15,9 +15,9 @@ from unplugd.host.exitcodes import help_paragraph
 
 __all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
 
-# Fleet commands: domains asked at once. Each holds a libvirt call in a worker thread and an agent
-# session (under a remote URI a virStream with a thread each way): 16 is near the fastest for 200
-# domains on a 2-core management host (tests/bench/sec_fleet.py) without hundreds of threads.
+# Fleet commands: domains asked at once. Each holds a libvirt call in a thread and an agent session
+# (under a remote URI a virStream with a thread each way), so the bound caps threads. 16 overlaps 16
+# round trips to remote hypervisors; on loopback (tests/bench/sec_fleet.py) 16 and 64 measure alike.
 DEFAULT_JOBS = 16
 
 EPILOG = """\
