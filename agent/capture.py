@@ -5,7 +5,9 @@ DIR/netlink.json), never whole trees:
 
 * sys: every PCI function's directory (ids, driver, the devices below it with
   their dev/uevent/subsystem), hotplug slots, every block device (dev, size,
-  partition, holders/, slaves/, dm/, md/, loop/), every network interface
+  partition, holders/, slaves/, dm/, md/, loop/; hidden, nsid, device and
+  multipath/ of NVMe multipath heads and paths, and the links of their NVMe
+  subsystems), every network interface
   (ifindex, flags, operstate, carrier, address, master/upper_/lower_ links,
   bonding/ and bridge/ as markers), and the class/bus/dev links to them;
 * proc: each pid's ns/mnt link, one mountinfo per mount namespace (plus the
@@ -60,14 +62,14 @@ _SYS_FILES = frozenset(
     {
         "vendor", "device", "class", "dev", "uevent", "size", "partition", "ro", "removable",
         "ifindex", "flags", "operstate", "carrier", "address", "tun_flags", "type",
-        "name", "uuid", "level", "backing_file",
+        "name", "uuid", "level", "backing_file", "hidden", "nsid",
     }
 )  # fmt: skip
-_SYS_LINKS = ("driver", "subsystem", "master", "upper_", "lower_", "module")
+_SYS_LINKS = ("driver", "subsystem", "master", "upper_", "lower_", "module", "device")
 # Directories whose existence is the information (net.py: bond, bridge).
 _SYS_MARKERS = frozenset({"bonding", "bridge"})
 # Directories whose entries are links to other devices (block.py lists them).
-_SYS_LINK_DIRS = frozenset({"holders", "slaves"})
+_SYS_LINK_DIRS = frozenset({"holders", "slaves", "multipath"})
 _SYS_NOISE = frozenset(
     {"power", "msi_irqs", "queue", "queues", "mq", "trace", "statistics", "integrity", "bdi", "hwmon", "wakeup"}
 )
@@ -239,6 +241,12 @@ def _capture_sys(w: _Writer) -> None:
             _device_tree(w, target)
     for _ in _linked_devices(w, "sys/dev/block"):
         pass
+    # NVMe subsystems: block.py follows a multipath head's `device` link to its subsystem and reads
+    # the subsystem's links to its controllers (and its own `subsystem` link, which says what it is).
+    for target in _linked_devices(w, "sys/class/nvme-subsystem"):
+        for _name, sub, st in _entries(w, target):
+            if stat.S_ISLNK(st.st_mode):
+                w.link(sub)
 
 
 # --------------------------------------------------------------------------- proc

@@ -107,6 +107,7 @@ vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
     )
     p.add_argument("--json", action="store_true", help="print the Report as JSON")
     p.add_argument("--device", action="append", default=[], metavar="NAME", help="only these functions (repeatable)")
+    p.add_argument("--all", action="store_true", help="also bridges, root ports and host/ISA bridge functions")
     _add_root(p)
     p.set_defaults(run=_run_inspect)
 
@@ -223,11 +224,18 @@ def _what(f: report_pb2.PciFunction) -> str:
     return f"{text} [{f.driver}]" if f.driver else text
 
 
-def render_table(report: report_pb2.Report, out: TextIO) -> None:
+def _infrastructure(f: report_pb2.PciFunction) -> bool:
+    """A bridge or root port, or a function of the PCI bridge class (host bridge, ISA bridge): what
+    carries the devices, not a device anyone would unplug. Its devices are listed on their own."""
+    return f.is_bridge or f.class_code.lower().removeprefix("0x").startswith("06")  # "060000": base class 06
+
+
+def render_table(report: report_pb2.Report, out: TextIO, *, show_all: bool = True) -> None:
     """A table per slot and function, like lsblk's, with the reasons indented below.
 
     Every text from the guest goes through display_text: no name can add a line,
-    move the cursor or colour the terminal.
+    move the cursor or colour the terminal. Without `show_all`, bridges and the
+    bridge-class functions fold into one line at the end.
     """
     from unplugd.agent.report import state_name
     from unplugd.reason_codes import code_name
@@ -235,7 +243,11 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
     head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
     rows: list[tuple[list[str], report_pb2.PciFunction]] = []
     by_slot: dict[str, list[report_pb2.PciFunction]] = {}
+    folded = 0
     for f in report.functions:
+        if not show_all and _infrastructure(f):
+            folded += 1
+            continue
         by_slot.setdefault(f.slot, []).append(f)
     for slot, functions in by_slot.items():
         for i, f in enumerate(functions):
@@ -262,6 +274,8 @@ def render_table(report: report_pb2.Report, out: TextIO) -> None:
             code = code_name(r.code)
             note = "" if r.blocking else " (warning)"
             out.write(f"{indent}{branch} {code}{note}: {display_text(r.detail)}\n")
+    if folded:
+        out.write(f"+ {folded} bridge(s), root port(s) and host/ISA bridge function(s) not shown: --all shows them\n")
     if report.problems:
         out.write("\ncould not read (functions they touch are UNKNOWN unless busy):\n")
         for p in report.problems:
@@ -285,7 +299,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(to_json(report) + "\n")
     else:
-        render_table(report, sys.stdout)
+        render_table(report, sys.stdout, show_all=args.all or bool(args.device))
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "MutationsConfig",
+    "ReleaseConfig",
     "ServerConfig",
     "TcpConfig",
     "TransportsConfig",
@@ -46,6 +47,13 @@ MAX_LEASE_SECONDS = 3600
 # Open fds have no event: past ten minutes a watch would show a stale holder
 # for longer than any client waits for it.
 MAX_RESCAN_SECONDS = 600.0
+# A release hook stops services and unmounts: ten minutes is longer than any
+# service's own stop timeout (systemd's default is 90 s), and bounds how long
+# one RequestRelease can keep a worker.
+MAX_HOOK_SECONDS = 600.0
+# What is kept of each hook's stdout and stderr: enough for a screenful of
+# diagnostics, small enough that a chatty or hostile hook costs little memory.
+MAX_HOOK_OUTPUT_BYTES = 1024 * 1024
 
 
 class ConfigError(AgentError):
@@ -73,6 +81,20 @@ class MutationsConfig:
     enabled: bool = False
     default_lease_seconds: int = 60
     max_lease_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class ReleaseConfig:
+    # RequestRelease runs the hooks in `directory`; refused unless this and
+    # [mutations] enabled are both true.
+    enabled: bool = False
+    directory: Path = Path("/etc/unplugd/release.d")
+    # Each hook is killed (its whole process group) after this many seconds.
+    hook_timeout_seconds: float = 30.0
+    # Bytes kept of each hook's stdout and of its stderr; the rest is read and dropped.
+    max_output_bytes: int = 16384
+    # The longest a RequestRelease may wait (hooks and the wait for READY), whatever it asks.
+    max_wait_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -143,6 +165,7 @@ class Config:
     mutations: MutationsConfig = field(default_factory=MutationsConfig)
     watch: WatchConfig = field(default_factory=WatchConfig)
     readiness: ReadinessConfig = field(default_factory=ReadinessConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     transports: TransportsConfig = field(default_factory=TransportsConfig)
     # Where the values came from, for log lines; not a key in the file.
     source: str = field(default="defaults", compare=False)
@@ -276,6 +299,14 @@ def _validate(cfg: Config, source: str) -> None:
          "must be between 0 and 0.5 (changes must arrive within a second)")
     need(1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS, "watch.max_namespace_fds",
          f"must be between 1 and {MAX_NAMESPACE_FDS}")
+    rel = cfg.release
+    need(rel.directory.is_absolute(), "release.directory", "must be an absolute path")
+    need(0.1 <= rel.hook_timeout_seconds <= MAX_HOOK_SECONDS, "release.hook_timeout_seconds",
+         f"must be between 0.1 and {MAX_HOOK_SECONDS}")
+    need(0 <= rel.max_output_bytes <= MAX_HOOK_OUTPUT_BYTES, "release.max_output_bytes",
+         f"must be between 0 and {MAX_HOOK_OUTPUT_BYTES}")
+    need(1 <= rel.max_wait_seconds <= MAX_HOOK_SECONDS * 10, "release.max_wait_seconds",
+         f"must be between 1 and {MAX_HOOK_SECONDS * 10:g}")
     need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
     need(all(0 <= c < 0xFFFFFFFF for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids",
          "must be CIDs (0 to 4294967294; -1/any is not a CID)")

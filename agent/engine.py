@@ -23,7 +23,7 @@ from unplugd.agent.collectors.pci import collect_pci, default_pci_ids
 from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_processes
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
-from unplugd.agent.graph import is_active
+from unplugd.agent.graph import function_disks, is_active
 from unplugd.agent.model import (
     BlockDevice,
     Collected,
@@ -157,7 +157,9 @@ def _idle_disks(
     for dev in block.values():
         if dev.holders or dev.devno in used_devnos:
             in_use.add(dev.parent or dev.name)
-    return [block[d] for f in functions for d in f.block_devices if d in block and d not in in_use]
+    disks = function_disks(functions, block)
+    wanted = dict.fromkeys(d for f in functions for d in disks[f.address] if d in block and d not in in_use)
+    return [block[d] for d in wanted]
 
 
 def _with_owners(sockets: Sequence[Socket], owners: Mapping[int, Sequence[tuple[int, str]]]) -> list[Socket]:

@@ -8,8 +8,10 @@
      +-- UnknownDevice          a name matched nothing in the inventory
      +-- InvalidArgument        a request is malformed
      +-- MutationDisabled       a mutating call while the config forbids it
+     |    +-- ReleaseDisabled   RequestRelease while [release] (or [mutations]) is off
      +-- ClaimConflict          PrepareUnplug could not claim every device
      +-- LeaseNotFound          release/renew of a lease that does not exist
+     +-- ReleaseInProgress      RequestRelease while another one runs its hooks
      +-- WatchStopped           the watcher's event sources failed; its streams end
      +-- ClaimFailed            the kernel refused one exclusive open (mutations/claims.py)
      +-- LinkError              an interface could not be read or set down/up (mutations/links.py)
@@ -38,6 +40,8 @@ __all__ = [
     "NotPermitted",
     "ParseError",
     "ReadError",
+    "ReleaseDisabled",
+    "ReleaseInProgress",
     "UnknownDevice",
     "Vanished",
     "WatchStopped",
@@ -88,6 +92,16 @@ class MutationDisabled(AgentError):
         )
 
 
+class ReleaseDisabled(MutationDisabled):
+    def __init__(self, call: str, *, mutations: bool) -> None:
+        AgentError.__init__(
+            self,
+            f"{call} runs the guest's release hooks and is disabled; set "
+            + ("" if mutations else "[mutations] enabled = true and ")
+            + "[release] enabled = true in /etc/unplugd/config.toml to allow it",
+        )
+
+
 class ClaimConflict(AgentError):
     def __init__(self, message: str, reasons: Sequence[str]) -> None:
         super().__init__(message + ("" if not reasons else ": " + "; ".join(reasons)))
@@ -98,6 +112,10 @@ class LeaseNotFound(AgentError):
     # The message never repeats the id: it is a credential, and errors are logged.
     def __init__(self) -> None:
         super().__init__("no such lease (released, expired, or never granted)")
+
+
+class ReleaseInProgress(AgentError):
+    """Another RequestRelease is running its hooks: they run one call at a time."""
 
 
 class WatchStopped(AgentError):

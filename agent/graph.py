@@ -2,9 +2,13 @@
 
 Pure: no I/O, built from one Inventory and only compared with it. The one home of:
 
-* kernel names: a /dev path (/dev/vdb1, /dev/dm-3, /dev/mapper/NAME, /dev/VG/LV) or a name a person
-  types (also vdb1, a device-mapper name) -> the kernel name of a block device in the inventory;
-  names are never turned into paths, so "/dev/../x" matches nothing.
+* kernel names: a /dev path (/dev/vdb1, /dev/dm-3, /dev/mapper/NAME, /dev/VG/LV, a udev link of
+  /dev/disk such as /dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_x) or a name a person types (also vdb1, a
+  device-mapper name) -> the kernel name of a block device in the inventory; names are never turned
+  into paths, so "/dev/../x" matches nothing.
+* which disks a PCI function carries: those below it in sysfs (the collector's walk), and the NVMe
+  multipath heads the kernel files under /sys/devices/virtual/nvme-subsystem, which belong to every
+  function one of their paths runs through (the head's multipath/ links, the kernel's own map).
 * block stacks: partitions, holders (dm, LVM, dm-crypt, md, bcache) and loop devices whose backing
   file is one of these devices or lies on a filesystem of one, and the mounts on each device.
 * interface stacks: the devices stacked on an interface (master, vlan, macvlan, ...).
@@ -16,11 +20,12 @@ policy) all read it, so what the report stacks on a function is what a name sele
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
-from unplugd.agent.model import DevNo, Inventory, Mount, Socket, mount_holding
+from unplugd.agent.model import BlockDevice, DevNo, Inventory, Mount, PciFunction, Socket, mount_holding
+from unplugd.pci import PciAddress
 
-__all__ = ["DeviceGraph", "is_active"]
+__all__ = ["DeviceGraph", "function_disks", "is_active", "owner_of"]
 
 # What the kernel appends to the path of an open file that was unlinked (d_path).
 _DELETED = " (deleted)"
@@ -34,6 +39,31 @@ def is_active(sock: Socket) -> bool:
     return sock.proto.startswith("udp") and (sock.state == "ESTABLISHED" or sock.remote_port != 0)
 
 
+def owner_of(sysfs_dir: str, functions: Iterable[PciFunction]) -> PciFunction | None:
+    """The function a sysfs directory ("/sys/devices/...") lies below: the deepest one, so a device
+    behind a bridge belongs to the function behind it, not to the bridge. None outside every function."""
+    best: PciFunction | None = None
+    for f in functions:
+        below = bool(f.sysfs_path) and sysfs_dir.startswith(f.sysfs_path.rstrip("/") + "/")
+        if below and (best is None or len(f.sysfs_path) > len(best.sysfs_path)):
+            best = f
+    return best
+
+
+def function_disks(
+    functions: Sequence[PciFunction], block: Mapping[str, BlockDevice]
+) -> dict[PciAddress, tuple[str, ...]]:
+    """The whole disks each function carries: its own (found below it), then the multipath heads it
+    has a path of. A head with paths through two functions is a disk of both."""
+    out: dict[PciAddress, list[str]] = {f.address: list(f.block_devices) for f in functions}
+    for name in sorted(block):
+        for path in block[name].multipath:
+            owner = owner_of(path, functions)
+            if owner is not None and name not in out[owner.address]:
+                out[owner.address].append(name)
+    return {address: tuple(disks) for address, disks in out.items()}
+
+
 class DeviceGraph:
     """Indexes over one inventory; build once per scan and ask it as often as needed."""
 
@@ -44,6 +74,8 @@ class DeviceGraph:
         self._loops_on: dict[str, list[str]] = {}
         self._by_dm_name: dict[str, str] = {}
         self._by_devno: dict[DevNo, str] = {}
+        self._by_link: dict[str, str] = {}
+        self._disks = function_disks(inventory.functions, devs)
         self._mounts_by_devno: dict[DevNo, list[Mount]] = {}
         self._mounts_by_source: dict[str, list[Mount]] = {}
         for bd in devs.values():
@@ -51,6 +83,8 @@ class DeviceGraph:
                 self._partitions.setdefault(bd.parent, []).append(bd.name)
             if bd.dm_name:
                 self._by_dm_name[bd.dm_name] = bd.name
+            for link in bd.links:
+                self._by_link.setdefault(link, bd.name)
             self._by_devno.setdefault(bd.devno, bd.name)
         seen: set[tuple[int, int]] = set()
         for m in inventory.mounts:
@@ -78,10 +112,13 @@ class DeviceGraph:
     def kernel_name(self, path: str) -> str | None:
         """Kernel name of the block device a /dev path names (as the kernel writes it), or None.
 
-        Compared with the inventory only: /dev/vdb1, /dev/dm-3, /dev/mapper/NAME, /dev/VG/LV.
+        Compared with the inventory only: /dev/vdb1, /dev/dm-3, /dev/mapper/NAME, /dev/VG/LV, and the
+        udev links of /dev/disk the collector found naming a device (/dev/disk/by-id/...).
         """
         if not path.startswith("/dev/"):
             return None
+        if path in self._by_link:
+            return self._by_link[path]
         rest = path[len("/dev/") :]
         if "/" not in rest:
             return rest if rest in self.inventory.block_devices else None
@@ -119,6 +156,21 @@ class DeviceGraph:
         return self._by_devno.get(best.devno)
 
     # ----------------------------------------------------------------------- block stacks
+
+    def disks_of(self, f: PciFunction) -> tuple[str, ...]:
+        """The whole disks a function carries: below it in sysfs, and multipath heads with a path through it."""
+        return self._disks.get(f.address, f.block_devices)
+
+    def paths_of(self, name: str) -> list[tuple[str, PciAddress | None]]:
+        """An NVMe multipath head's paths: (path device name, the function it runs through or None)."""
+        bd = self.inventory.block_devices.get(name)
+        if bd is None:
+            return []
+        out: list[tuple[str, PciAddress | None]] = []
+        for path in bd.multipath:
+            owner = owner_of(path, self.inventory.functions)
+            out.append((path.rsplit("/", 1)[-1], owner.address if owner is not None else None))
+        return out
 
     def upward(self, name: str) -> list[str]:
         """What sits directly on a block device: partitions, holders, loops."""

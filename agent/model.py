@@ -15,6 +15,7 @@ from unplugd.pci import PciAddress, PciPath
 __all__ = [
     "Address",
     "BlockDevice",
+    "BoundDevice",
     "Collected",
     "DevNo",
     "DeviceNode",
@@ -56,6 +57,26 @@ class DeviceNode:
 
 
 @dataclass(frozen=True)
+class BoundDevice:
+    """A device below a PCI function with a driver bound to it (virtio1: virtio_blk, 2:0:0:0: sd).
+
+    What the function's walk found, so the policy can say what below a function it understands
+    (it holds a disk or an interface) and what it does not (a driver bound to a leaf that holds
+    neither: a tape, a USB keyboard, an entropy source).
+    """
+
+    path: str  # relative to the function's directory: virtio1, usb1/1-1/1-1:1.0
+    driver: str
+    holds: tuple[str, ...] = ()  # disks and interfaces found below it
+    nodes: tuple[str, ...] = ()  # device nodes found below it (/dev/st0)
+    leaf: bool = True  # no other device with a driver below it
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
 class PciFunction:
     address: PciAddress
     path: PciPath
@@ -78,6 +99,8 @@ class PciFunction:
     # Drivers bound to child devices on other buses: virtio-pci binds every
     # virtio function, the class driver (virtio_blk, virtio_net) sits on virtioN.
     subdrivers: tuple[str, ...] = ()
+    # Every device below the function with a driver bound, in walk order.
+    bound: tuple[BoundDevice, ...] = ()
 
     @property
     def base_class(self) -> int:
@@ -97,6 +120,12 @@ class BlockDevice:
     dm_uuid: str | None = None  # CRYPT-..., LVM-...
     backing_file: str | None = None  # loop devices
     md_level: str | None = None  # raid1, ...
+    # An NVMe multipath head (nvme0n1 under /sys/devices/virtual/nvme-subsystem/nvme-subsys0/): the
+    # sysfs directories of its hidden per-path devices (nvme0c0n1 below a controller), from the
+    # kernel's own map, the head's multipath/ links, as "/sys/devices/..." text.
+    multipath: tuple[str, ...] = ()
+    # The udev links in /dev/disk that name it (/dev/disk/by-id/nvme-..., by-path, by-uuid, ...).
+    links: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:

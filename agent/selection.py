@@ -3,8 +3,9 @@
 A name may be a guest BDF (0000:00:06.1, or 00:06.1 in domain 0), a PCI path
 (0000:00/03.0/05.0), a network interface (eth1, or an upper device such as
 bond0 -> the NICs below it), or a block device (vdb, vdb1, dm-0, md0, loop0, a
-device-mapper name, /dev/vdb1, /dev/mapper/NAME, /dev/VG/LV -> the function(s)
-below it). Block and interface stacks are the device graph's (agent/graph.py),
+device-mapper name, /dev/vdb1, /dev/mapper/NAME, /dev/VG/LV, a /dev/disk link
+such as /dev/disk/by-id/X -> the function(s) below it; an NVMe multipath head
+selects every function it has a path through). Block and interface stacks are the device graph's (agent/graph.py),
 the same the report shows: a device in a function's stack selects it.
 
 Names are only ever compared with the inventory, never turned into paths:
@@ -83,7 +84,7 @@ def _functions_below_block(graph: DeviceGraph) -> dict[str, set[PciAddress]]:
     """Block device name -> functions whose disks it is, sits on or is stacked on."""
     out: dict[str, set[PciAddress]] = {}
     for f in graph.inventory.functions:
-        for name in graph.block_closure(f.block_devices):
+        for name in graph.block_closure(graph.disks_of(f)):
             out.setdefault(name, set()).add(f.address)
     return out
 

@@ -8,40 +8,57 @@ to exit codes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import json
+import functools
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TextIO
 
-from unplugd.host.client import AgentAddress, TlsFiles
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
-from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Outcome, Progress, UnplugResult
-from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
-from unplugd.host.relays import Relay
 from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
 from unplugd.text import display_text
 
+# Start-up is part of every command's time: `--help` and a usage error import only the
+# standard library and usage.py; asyncio, grpc, protobuf and the planner come with the
+# command that needs them (inside the functions below).
 if TYPE_CHECKING:
     from unplugd.host.backends.libvirt import LibvirtBackend
+    from unplugd.host.client import AgentAddress, TlsFiles
+    from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Progress, UnplugResult
+    from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+    from unplugd.host.relays import Relay
 
-__all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]
+__all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]  # noqa: F822 (EXIT: __getattr__ below)
 
 log = logging.getLogger(__name__)
 
-# check / wait-ready / a refused unplug exit with the verdict's code.
-EXIT: dict[Verdict, int] = {
-    Verdict.UNPLUGGABLE: Exit.OK,
-    Verdict.BLOCKED_BY_GUEST: Exit.BLOCKED_BY_GUEST,
-    Verdict.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
-    Verdict.NOT_HOTPLUGGABLE: Exit.NOT_HOTPLUGGABLE,
-    Verdict.NEEDS_COMPANIONS: Exit.NEEDS_COMPANIONS,
-}
+
+@functools.cache
+def _exit_by_verdict() -> dict[Verdict, int]:
+    """check / wait-ready / a refused unplug exit with the verdict's code."""
+    from unplugd.host.planner import Verdict
+
+    return {
+        Verdict.UNPLUGGABLE: Exit.OK,
+        Verdict.BLOCKED_BY_GUEST: Exit.BLOCKED_BY_GUEST,
+        Verdict.GUEST_UNREACHABLE: Exit.GUEST_UNREACHABLE,
+        Verdict.NOT_HOTPLUGGABLE: Exit.NOT_HOTPLUGGABLE,
+        Verdict.NEEDS_COMPANIONS: Exit.NEEDS_COMPANIONS,
+    }
+
+
+def __getattr__(name: str) -> dict[Verdict, int]:
+    """`cli.EXIT`, built when first asked for: it needs the planner, which `--help` does not."""
+    if name == "EXIT":
+        return _exit_by_verdict()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = Exit.FAILURE, Exit.USAGE, Exit.PENDING, Exit.UNCONFIRMED
 EXIT_HYPERVISOR_LOST = Exit.HYPERVISOR_LOST
 
@@ -99,6 +116,7 @@ async def agent_through_libvirt(
     """The domain's agent channel: its socket path, or a virStream through libvirt (host/channel.py)."""
     from unplugd.host.backends.libvirt import AGENT_CHANNEL
     from unplugd.host.channel import ChannelRelay, route
+    from unplugd.host.client import AgentAddress
 
     path = await lv.agent_channel()
     how = route(lv.uri, args.agent_channel, path)
@@ -114,6 +132,8 @@ async def agent_through_libvirt(
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
     """Mutual TLS for tcp: agents needs all three files or none."""
+    from unplugd.host.client import TlsFiles
+
     given = [args.tls_ca, args.tls_cert, args.tls_key]
     if not any(given):
         return None
@@ -226,48 +246,28 @@ def _print(text: str, file: TextIO) -> None:
     print(display_text(text), file=file)
 
 
+def _print_lines(lines: list[str], out: TextIO) -> None:
+    """Lines from host/render.py: escaped piece by piece there, so only its own colour codes remain."""
+    out.write("".join(f"{line}\n" for line in lines))
+
+
 def _print_slot(sp: SlotPlan, out: TextIO, *, steps: bool = False) -> None:
-    bus = f"{sp.slot.bus.kind.value} {sp.slot.bus.name}" if sp.slot else "(guest only)"
-    mf = " multifunction" if sp.slot and sp.slot.multifunction else ""
-    _print(f"{sp.slot_path:<28} {sp.verdict.value:<18} {bus}{mf}", file=out)
-    if not sp.hotplug:
-        _print(f"    hardware: {sp.hotplug.reason}", file=out)
-    hidden = 0
-    for fp in sp.functions:
-        if fp.behind_bridge and not steps:
-            hidden += 1
-            continue
-        host = f"{fp.host.name} ({fp.host.model})" if fp.host else "-"
-        guest = fp.guest.address if fp.guest else "-"
-        names = ",".join(fp.guest.names) if fp.guest and fp.guest.names else ""
-        state = fp.guest_state if sp.guest_reachable else "?"
-        mark = "" if fp.requested else "  [leaves with the slot]"
-        _print(f"  {fp.path!s:<26} {host:<40} {guest:<13} {names:<12} {state}{mark}", file=out)
-        if fp.guest:
-            for r in fp.guest.reasons:
-                _print(f"      {'' if r.blocking else '(warning) '}{r.code}: {r.detail}", file=out)
-    if hidden:
-        _print(f"    + {hidden} function(s) behind its bridges leave with it (see `check`)", file=out)
-    if steps:
-        for i, s in enumerate(sp.steps, 1):
-            _print(f"    step {i}: {s.kind.value}: {s.detail}", file=out)
+    from unplugd.host import render
+
+    colour = render.wants_colour(out, os.environ)
+    _print_lines(render.slot_lines(sp, verbose=True, colour=colour, steps=steps), out)
 
 
-def print_plan(p: Plan, vm: str, out: TextIO) -> None:
-    state = "reachable" if p.guest_reachable else f"UNREACHABLE ({p.guest_error})"
-    _print(f"VM {vm}: guest agent {state}", file=out)
-    _print(f"{'SLOT / FUNCTION':<28} {'VERDICT':<18} BUS", file=out)
-    for sp in p.slots:
-        _print_slot(sp, out)
-    for g in p.guest_only:
-        _print(f"guest reports {g.address} ({g.path}) which the hypervisor does not know", file=out)
-    for f in p.host_only:
-        _print(f"hypervisor has {f.name} ({f.path}) which the guest does not report", file=out)
-    for pr in p.guest_problems:
-        _print(f"guest could not read: {pr}", file=out)
+def print_plan(p: Plan, vm: str, out: TextIO, *, show_all: bool = False, verbose: bool = False) -> None:
+    from unplugd.host import render
+
+    colour = render.wants_colour(out, os.environ)
+    _print_lines(render.plan_lines(p, vm, show_all=show_all, verbose=verbose, colour=colour), out)
 
 
 def print_result(r: UnplugResult, out: TextIO) -> None:
+    from unplugd.host.orchestrator import Outcome
+
     if r.plan is not None:
         _print_slot(r.plan, out, steps=r.outcome is Outcome.DRY_RUN)
     for finding in r.overridden:
@@ -281,6 +281,15 @@ def print_result(r: UnplugResult, out: TextIO) -> None:
     _print(f"{r.outcome.value}: {r.message}", file=out)
 
 
+def _print_json(doc: dict[str, Any]) -> None:
+    """Indented for a person at a terminal; one line for a program. The same document either way:
+    indenting takes json's pure-Python encoder, ~6x slower than its C one (50 ms on a 256-function
+    VM's status here: most of what unplugctl itself spends printing)."""
+    import json
+
+    print(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
+
+
 def _progress(p: Progress) -> None:
     print(display_text(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}"), file=sys.stderr, flush=True)
 
@@ -289,10 +298,12 @@ def _progress(p: Progress) -> None:
 
 
 def unplug_exit(r: UnplugResult) -> int:
+    from unplugd.host.orchestrator import Outcome
+
     if r.outcome in (Outcome.UNPLUGGED, Outcome.DRY_RUN):
         return Exit.OK
     if r.outcome in (Outcome.REFUSED, Outcome.GUEST_CHANGED) and r.plan is not None:
-        return EXIT[r.plan.verdict]
+        return _exit_by_verdict()[r.plan.verdict]
     if r.outcome is Outcome.PENDING:
         return EXIT_PENDING
     if r.outcome is Outcome.UNPLUGGED_UNCONFIRMED:
@@ -307,34 +318,35 @@ async def run(args: argparse.Namespace) -> int:
         from unplugd.host.fleet_cli import run_fleet_command
 
         return await run_fleet_command(args)
+    from unplugd.host.orchestrator import Orchestrator
+
+    EXIT = _exit_by_verdict()
     async with open_session(args) as s:
         orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
         if args.command == "status":
             p = await orch.status()
             if args.json:
-                print(json.dumps(plan_json(p, s.vm), indent=2))
+                _print_json(plan_json(p, s.vm))
             else:
-                print_plan(p, s.vm, sys.stdout)
+                print_plan(p, s.vm, sys.stdout, show_all=args.all, verbose=args.verbose)
             return 0
         if args.command == "check":
             sp = await orch.check(args.device)
             if args.json:
-                print(json.dumps(slot_json(sp), indent=2))
+                _print_json(slot_json(sp))
             else:
-                _print_slot(sp, sys.stdout, steps=True)
-                for f in sp.findings:
-                    _print(f"{f.verdict.value}: {f.detail}", sys.stdout)
+                _print_slot(sp, sys.stdout, steps=True)  # every finding too (verbose)
             return EXIT[sp.verdict]
         if args.command == "wait-ready":
             sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)
             if args.json:
-                print(json.dumps(slot_json(sp), indent=2))
+                _print_json(slot_json(sp))
             else:
-                _print_slot(sp, sys.stdout)
-                for f in sp.findings:  # why it ended so, as check says it (an agent lost mid-wait, say)
-                    _print(f"{f.verdict.value}: {f.detail}", sys.stdout)
+                _print_slot(sp, sys.stdout)  # verbose: its findings say why it ended so
                 print(sp.verdict.value)
             return EXIT[sp.verdict]
+        if args.command == "release" or args.release:
+            return await _release(orch, args)
         r = await orch.unplug(
             args.device,
             with_companions=args.with_companions,
@@ -345,10 +357,30 @@ async def run(args: argparse.Namespace) -> int:
             progress=_progress,
         )
         if args.json:
-            print(json.dumps(result_json(r), indent=2))
+            _print_json(result_json(r))
         else:
             print_result(r, sys.stdout)
         return unplug_exit(r)
+
+
+async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
+    """`release`, and `unplug --release`: the guest's hooks first (host/release.py)."""
+    from unplugd.host.release import release_exit, release_json, release_slot, unplug_released
+
+    if args.command == "release":
+        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=_progress), None
+    else:
+        rel, r = await unplug_released(orch, args.device, timeout=args.timeout, with_companions=args.with_companions,
+                                       force=args.force, dry_run=args.dry_run, progress=_progress)
+    if args.json:
+        doc = release_json(rel) if args.command == "release" else {
+            "release": release_json(rel), "unplug": result_json(r) if r else None}
+        _print_json(doc)
+    else:
+        if r is not None:
+            print_result(r, sys.stdout)
+        _print(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
+    return unplug_exit(r) if r is not None else release_exit(rel)
 
 
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -397,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
+    import asyncio
+
     try:
         code = asyncio.run(run(args))
         flush_stdout()

@@ -36,6 +36,7 @@ from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 from unplugd.v1 import report_pb2
 
 __all__ = [
+    "RELEASE_MARGIN",
     "AgentAddress",
     "AgentCallFailed",
     "AgentClient",
@@ -60,6 +61,11 @@ _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+
+# How much longer than its deadline a RequestRelease may take: the agent takes one report after
+# the hooks even when they used the deadline up (release.FIRST_REPORT_GRACE, 10 s), plus transport.
+RELEASE_MARGIN = 15.0
 
 
 class AgentClientError(HostError):
@@ -327,6 +333,14 @@ class AgentClient:
         request = pb.ReleaseUnplugRequest(lease_id=lease_id)
         return await self._unary("ReleaseUnplug", lambda s, t: s.ReleaseUnplug(request, timeout=t), timeout)
 
+    async def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
+                              timeout: float | None = None) -> pb.RequestReleaseResponse:
+        """Ask the guest to release the functions (its release hooks, then a wait for READY) within
+        `deadline_seconds`. `timeout` (default: the deadline plus RELEASE_MARGIN) bounds the call."""
+        request = pb.RequestReleaseRequest(devices=list(devices), deadline_seconds=deadline_seconds)
+        limit = deadline_seconds + RELEASE_MARGIN if timeout is None else timeout
+        return await self._unary("RequestRelease", lambda s, t: s.RequestRelease(request, timeout=t), limit)
+
     async def watch_report(
         self, devices: Sequence[str] = (), *, timeout: float | None = None
     ) -> AsyncGenerator[pb.WatchReportResponse, None]:
@@ -390,6 +404,10 @@ class SyncAgentClient:
 
     def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         return self._run(self._client.release_unplug(lease_id, timeout=timeout))
+
+    def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
+                        timeout: float | None = None) -> pb.RequestReleaseResponse:
+        return self._run(self._client.request_release(devices, deadline_seconds, timeout=timeout))
 
     def watch_report(self, devices: Sequence[str] = (), *, timeout: float | None = None
                      ) -> Generator[pb.WatchReportResponse, None, None]:

@@ -25,6 +25,7 @@ class Exit(IntEnum):
     PENDING = 7
     UNCONFIRMED = 8
     HYPERVISOR_LOST = 9
+    RELEASE_DISABLED = 10
     INTERRUPTED = EXIT_INTERRUPTED
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
@@ -43,12 +44,15 @@ MEANING: dict[Exit, str] = {
     Exit.UNCONFIRMED: "unplugged, but the guest did not confirm",
     Exit.HYPERVISOR_LOST: "the hypervisor went away while waiting (QEMU exited, libvirtd did not come back); "
     "each function says whether it had left",
+    Exit.RELEASE_DISABLED: "release (or unplug --release): the guest does not allow RequestRelease "
+    "([mutations] and [release] enabled = true in its config)",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
     Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 
 # check and wait-ready exit with their verdict's code; unplug too when it refuses.
-SCOPE = "check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed"
+SCOPE = ("check, wait-ready, and unplug when refused, also after --prepare's lease when the guest changed; "
+         "release and unplug --release: 3 when a function is still busy after the hooks")
 
 
 def help_paragraph() -> str:

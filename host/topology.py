@@ -102,7 +102,9 @@ class Function:
     is_bridge: bool = False
     # Does the device type allow hot-unplug at all (QOM `hotpluggable`)? None: unknown.
     hotpluggable: bool | None = None
-    multifunction: bool = False  # multifunction=on set on this function
+    # multifunction=on set on this function; None: not read (QMP: a function > 0 beside siblings,
+    # where the slot is multifunction by its count and the flag changes nothing)
+    multifunction: bool | None = False
     # The address with the bus number firmware assigned; for people and for
     # matching a guest BDF when no guest report is at hand.
     guest_address: PciAddress | None = None

@@ -46,6 +46,7 @@ examples:
   unplugctl unplug web1 vdb --prepare --timeout 60
   unplugctl unplug web1 0000:00/02.1/00 --with-companions --json
   unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
+  unplugctl unplug web1 vdb --release --timeout 120
   unplugctl status --qmp /run/vm.qmp --agent vsock:42:1000
   unplugctl status web1 --connect qemu+ssh://root@hv1/system
   unplugctl status -c qemu+ssh://hv1/system -c qemu+ssh://hv2/system --all-domains --json
@@ -98,7 +99,7 @@ def parser() -> argparse.ArgumentParser:
         help="seconds for each libvirt or QMP command (default %(default)s)",
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr")
+    common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr; status: every reason")
 
     p = argparse.ArgumentParser(
         prog="unplugctl",
@@ -121,10 +122,12 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=GLOB",
         help="fleet: only domains with a device matching alias|target|model|path=GLOB[,...] that is UNPLUGGABLE now",
     )
+    st.add_argument("--all", action="store_true", help="also the infrastructure (root ports, bridges, chipset)")
     for name, helptext in (
         ("check", "verdict for one device (exit code says it)"),
         ("unplug", "unplug a device's slot, safely"),
         ("wait-ready", "wait until the guest releases a device"),
+        ("release", "ask the guest to release a device (its release hooks), then wait until it is ready"),
     ):
         c = sub.add_parser(name, parents=[common], help=helptext, epilog=EPILOG, formatter_class=fmt)
         c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
@@ -134,8 +137,14 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
             c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
             c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
+            c.add_argument("--release", action="store_true",
+                           help="first ask the guest to release the slot (its release hooks); unplug, with a lease, "
+                           "only if every function is then ready (--timeout bounds each half)")
         if name == "wait-ready":
             c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
+        if name == "release":
+            c.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                           help="seconds the guest may take, hooks and the wait (default %(default)s)")
     for name in ("status", "check"):
         fleet = sub.choices[name].add_argument_group("fleet (several domains or --connect URIs)")
         fleet.add_argument("--all-domains", action="store_true", help="every running domain of each --connect URI")

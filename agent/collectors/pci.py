@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unplugd.agent.errors import ReadError, Vanished
-from unplugd.agent.model import Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
+from unplugd.agent.model import BoundDevice, Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
     as_read_error,
@@ -44,6 +44,7 @@ __all__ = [
     "BDF_NAME",
     "PCI_IDS_LOCATIONS",
     "PciIds",
+    "bound_devices",
     "class_name",
     "collect_pci",
     "default_pci_ids",
@@ -305,6 +306,10 @@ class _Below:
     nets: list[str] = field(default_factory=list)
     nodes: list[DeviceNode] = field(default_factory=list)
     subdrivers: list[str] = field(default_factory=list)
+    # Where each was found, relative to the function's directory, to tell which bound device holds what.
+    found_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, disk or interface name)
+    nodes_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, node path)
+    bound_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, driver)
     problems: list[ScanProblem] = field(default_factory=list)
     # Something below vanished mid-walk: what was found may be missing a disk or node.
     vanished: list[str] = field(default_factory=list)
@@ -333,9 +338,12 @@ def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below
         or devtype in ("disk", "partition")
     )
     kind = "block" if is_block else "char"
-    below.nodes.append(DeviceNode(path="/dev/" + uevent.get("DEVNAME", rel[-1]), devno=devno, kind=kind))
+    node = DeviceNode(path="/dev/" + uevent.get("DEVNAME", rel[-1]), devno=devno, kind=kind)
+    below.nodes.append(node)
+    below.nodes_at.append(("/".join(rel), node.path))
     if is_block and (devtype == "disk" or (devtype is None and "partition" not in names)):
         below.disks.append(rel[-1])
+        below.found_at.append(("/".join(rel), rel[-1]))
 
 
 def _lexists(path: str) -> bool:
@@ -365,10 +373,12 @@ def _walk(fdir: str, bdf: str) -> _Below:
                 drv = readlink_or(f"{d}/driver", when=ReadError)
                 if drv is not None:
                     below.subdrivers.append(os.path.basename(drv))
+                    below.bound_at.append(("/".join(rel), os.path.basename(drv)))
             if "dev" in names:
                 _node(d, rel, names, bdf, below)
             if len(rel) >= 2 and rel[-2] == "net":
                 below.nets.append(rel[-1])
+                below.found_at.append(("/".join(rel), rel[-1]))
                 continue  # queues and statistics of an interface hold no devices
         if len(rel) >= _MAX_DEPTH:
             continue
@@ -384,6 +394,29 @@ def _walk(fdir: str, bdf: str) -> _Below:
             subdirs.append(e.name)
         stack.extend((f"{d}/{sub}", (*rel, sub)) for sub in sorted(subdirs, reverse=True))
     return below
+
+
+def bound_devices(
+    bound_at: list[tuple[str, str]], found_at: list[tuple[str, str]], nodes_at: list[tuple[str, str]]
+) -> tuple[BoundDevice, ...]:
+    """The devices below a function with a driver bound, each with what was found below it.
+
+    Pure: paths are relative to the function's directory ("virtio1", "usb1/1-1/1-1:1.0").
+    """
+
+    def below(path: str, at: str) -> bool:
+        return at.startswith(path + "/")
+
+    return tuple(
+        BoundDevice(
+            path=path,
+            driver=driver,
+            holds=tuple(dict.fromkeys(name for at, name in found_at if below(path, at))),
+            nodes=tuple(dict.fromkeys(node for at, node in nodes_at if below(path, at) or at == path)),
+            leaf=not any(below(path, other) for other, _ in bound_at),
+        )
+        for path, driver in bound_at
+    )
 
 
 def _read_ids(fdir: str) -> tuple[int, int, int]:
@@ -481,6 +514,7 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> Collected[list[Pci
                 class_name=class_name(klass),
                 sysfs_path="/sys/" + rel,
                 subdrivers=tuple(dict.fromkeys(below.subdrivers)),
+                bound=bound_devices(below.bound_at, below.found_at, below.nodes_at),
             )
         )
     if pci_ids is not None and functions:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
+from unplugd.agent.graph import DeviceGraph
 from unplugd.agent.model import BlockDevice, Inventory, PciFunction
 from unplugd.agent.mutations.claims import Claim, ClaimFailed, claim_block_device, release_claims
 from unplugd.agent.mutations.links import LinkControl, LinkError
@@ -76,11 +77,16 @@ def targets_for(inventory: Inventory, functions: Sequence[PciFunction], *,
     that is only up does not count when the lease is to set it down.
     """
     verdicts = {v.address: v for v in evaluate(inventory)}
+    graph = DeviceGraph(inventory)
     targets = []
     refusals: list[str] = []
+    taken: set[str] = set()
     for fn in functions:
         disks = []
-        for name in fn.block_devices:
+        for name in graph.disks_of(fn):
+            if name in taken:
+                continue  # an NVMe multipath head of two leased functions: claimed once
+            taken.add(name)
             disk = inventory.block_devices.get(name)
             if disk is None:
                 raise ClaimConflict(f"cannot prepare {fn.address}", [f"{name}: vanished during the scan"])

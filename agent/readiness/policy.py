@@ -60,6 +60,12 @@ _NETWORK_CLASS = 0x02  # PCI base class "network controller"
 # Drivers that bind a NIC without registering an interface (passthrough, userspace I/O).
 _NO_NETDEV_DRIVERS = frozenset({"vfio-pci", "pci-stub", "uio_pci_generic", "igb_uio"})
 _MAX_LISTED = 5
+_STORAGE_CLASS = 0x01  # PCI base class "mass storage controller": SCSI, IDE, SATA, SAS, NVMe, virtio-blk/scsi
+_USB_CONTROLLER = 0x0C03  # PCI class "serial bus controller", subclass USB: UHCI, OHCI, EHCI, xHCI
+# Drivers of a controller's own ports and buses, which hold disks once one is attached: with nothing
+# below them the controller is empty, not unknown. The kernel's names: the USB hub driver (every root
+# hub has one), virtio-scsi's driver on its virtio device.
+_EMPTY_PORT_DRIVERS = frozenset({"hub", "virtio_scsi"})
 
 
 def state_of(reasons: Iterable[Reason]) -> State:
@@ -91,7 +97,7 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
     credentials and reports are read by every client): a LEASED warning.
     """
     idx = _Index.build(inventory)
-    stacks = {f.address: idx.graph.block_closure(f.block_devices) for f in inventory.functions}
+    stacks = {f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions}
     usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
     verdicts: list[FunctionVerdict] = []
     for f in inventory.functions:
@@ -146,7 +152,8 @@ class _Index:
 def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[Reason]:
     """Everything that uses the function itself (no bridge, hotplug or lease reasons)."""
     reasons: list[Reason] = []
-    for name in (d for d in f.block_devices if d not in idx.inv.block_devices):
+    disks = idx.graph.disks_of(f)
+    for name in (d for d in disks if d not in idx.inv.block_devices):
         reasons.append(
             Reason(
                 Code.UNREADABLE,
@@ -159,7 +166,7 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
     reasons.extend(_root_reasons(idx, block))
     reasons.extend(_mount_reasons(idx, block))
     reasons.extend(_swap_reasons(idx, block))
-    reasons.extend(_holder_reasons(idx, f.block_devices))
+    reasons.extend(_holder_reasons(idx, disks))
     reasons.extend(_open_reasons(idx, f, block))
     if any(n in idx.inv.exclusive_busy for n in closure) and not any(
         r.code in _EXPLAINS_EXCL for r in reasons
@@ -198,7 +205,7 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
             continue
         net_names |= idx.graph.interface_stack(ifname)
         reasons.extend(_net_reasons(idx, iface))
-    reasons.extend(_class_reasons(idx.inv, f))
+    reasons.extend(_class_reasons(idx.inv, f, disks))
     if state_of(reasons) is not State.BUSY:
         reasons.extend(_problem_reasons(idx.inv, f, block, net_names))
     return reasons
@@ -487,8 +494,21 @@ def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
 # --------------------------------------------------------------------------- class, problems, bridges
 
 
-def _class_reasons(inv: Inventory, f: PciFunction) -> list[Reason]:
-    if f.block_devices or f.net_interfaces or f.is_bridge:
+def _class_reasons(inv: Inventory, f: PciFunction, disks: Sequence[str]) -> list[Reason]:
+    """What the function's kind says, beyond its disks and interfaces (DESIGN.md: "Disks behind every
+    controller").
+
+    A controller of many devices (a storage controller, a USB host controller) is understood through
+    what sits below it: disks, interfaces, and devices with a driver bound. Below any function, a
+    driver bound to a leaf device that holds neither a disk nor an interface (a tape, a USB keyboard,
+    an entropy source, a console port) is something the agent cannot judge: undecided, named. A
+    controller with nothing attached at all is READY, with a warning that says so.
+    """
+    if f.is_bridge:
+        return []
+    understood = bool(disks or f.net_interfaces)
+    container = f.base_class == _STORAGE_CLASS or (f.class_code >> 8) == _USB_CONTROLLER
+    if understood and not container:
         return []
     drivers: tuple[str, ...]
     if f.subdrivers:
@@ -498,7 +518,17 @@ def _class_reasons(inv: Inventory, f: PciFunction) -> list[Reason]:
     else:
         return []  # nothing bound, nothing below: nothing in the guest uses it
     what = f.class_name or f"class {f.class_code:06x}"
-    if f.base_class == _NETWORK_CLASS and not set(drivers) & _NO_NETDEV_DRIVERS:
+    if f.driver in _NO_NETDEV_DRIVERS:
+        return [
+            Reason(
+                Code.DRIVER_BOUND_UNKNOWN_CLASS,
+                f"driver {f.driver} is bound to this {what}: the device is handed to userspace or a nested "
+                "guest, whose use the agent cannot see",
+                object=f.driver,
+                undecided=True,
+            )
+        ]
+    if not understood and f.base_class == _NETWORK_CLASS:
         # A bound network driver always registers its interface; sysfs shows the agent only the
         # interfaces of its own network namespace, so this one was moved into another (a container).
         named = _named_network_namespaces(inv)
@@ -511,14 +541,60 @@ def _class_reasons(inv: Inventory, f: PciFunction) -> list[Reason]:
                 object=named[0] if named else drivers[0],
             )
         ]
+    # A driver whose device elsewhere below holds a disk or an interface explains its siblings (the
+    # data interface of a USB network adapter is bound to the same driver as its control interface).
+    explained = {b.driver for b in f.bound if b.holds}
+    unexplained = [
+        b for b in f.bound
+        if b.leaf and not b.holds and b.driver not in _EMPTY_PORT_DRIVERS and b.driver not in explained
+    ]  # fmt: skip
+    missing = "" if understood else "; no disk or network interface is below it"
+    if unexplained:
+        shown = [f"{b.name} (driver {b.driver}{_nodes(b.nodes)})" for b in unexplained[:_MAX_LISTED]]
+        more = f" and {len(unexplained) - _MAX_LISTED} more" if len(unexplained) > _MAX_LISTED else ""
+        return [
+            Reason(
+                Code.DRIVER_BOUND_UNKNOWN_CLASS,
+                f"below this {what} function the agent found devices of a kind it does not inspect: "
+                f"{', '.join(shown)}{more}{missing}",
+                object=unexplained[0].driver,
+                undecided=True,
+            )
+        ]
+    if understood:
+        return []
+    if container or any(b.driver in _EMPTY_PORT_DRIVERS for b in f.bound):
+        ports = [b.name for b in f.bound if b.driver in _EMPTY_PORT_DRIVERS]
+        on = f" ({', '.join(ports[:_MAX_LISTED])} without devices)" if ports else ""
+        return [
+            Reason(
+                Code.EMPTY_CONTROLLER,
+                f"nothing is attached to this {what} controller (driver {f.driver or drivers[0]}){on}: no disk, "
+                "network interface or other device is below it",
+                blocking=False,
+                object=str(f.address),
+            )
+        ]
+    nodes = [n.path for n in f.device_nodes]
+    found = f"device nodes {_listed(nodes)}" if nodes else "no device nodes"
     return [
         Reason(
             Code.DRIVER_BOUND_UNKNOWN_CLASS,
-            f"driver {', '.join(drivers)} is bound to a device the agent does not inspect ({what})",
+            f"driver {', '.join(drivers)} is bound to this {what}, a kind of device the agent does not inspect; "
+            f"below it the agent found {found}, and no disk or network interface",
             object=drivers[0],
             undecided=True,
         )
     ]
+
+
+def _listed(items: Sequence[str]) -> str:
+    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return ", ".join(items[:_MAX_LISTED]) + more
+
+
+def _nodes(nodes: Sequence[str]) -> str:
+    return f", nodes {_listed(nodes)}" if nodes else ""
 
 
 def _nsfs_pins(inv: Inventory, kind: str) -> list[tuple[int, str]]:

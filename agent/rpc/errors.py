@@ -4,6 +4,7 @@
     MutationDisabled                  -> PERMISSION_DENIED
     ClaimConflict                     -> FAILED_PRECONDITION (reasons in the message
                                          and as `unplugd-reason` trailing metadata)
+    ReleaseInProgress                 -> FAILED_PRECONDITION (another RequestRelease runs hooks)
     InvalidArgument, ValueError       -> INVALID_ARGUMENT
     ReadError, ParseError             -> UNAVAILABLE (the system changed or could not be
                                          read; asking again may work)
@@ -34,6 +35,7 @@ from unplugd.agent.errors import (
     MutationDisabled,
     ParseError,
     ReadError,
+    ReleaseInProgress,
     UnknownDevice,
     WatchStopped,
 )
@@ -66,6 +68,8 @@ def status_for(exc: BaseException, *, call: str = "") -> RpcStatus:
     if isinstance(exc, ClaimConflict):
         meta = tuple((REASON_METADATA_KEY, _metadata_safe(r)) for r in exc.reasons)
         return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, str(exc), meta)
+    if isinstance(exc, ReleaseInProgress):
+        return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     if isinstance(exc, InvalidArgument | ValueError):
         return RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, str(exc) or type(exc).__name__)
     if isinstance(exc, ReadError | ParseError):

@@ -9,10 +9,11 @@ rpc/errors.py and the server lives on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NoReturn, TypeVar
 
 import grpc
@@ -22,9 +23,11 @@ import unplugd
 from unplugd.agent.config import Config
 from unplugd.agent.daemon.resources import agent_resources
 from unplugd.agent.daemon.scans import EngineApi
-from unplugd.agent.errors import InvalidArgument, MutationDisabled
+from unplugd.agent.errors import InvalidArgument, MutationDisabled, ReleaseDisabled
 from unplugd.agent.mutations.leases import LeaseGrant, LeaseManager
 from unplugd.agent.mutations.prepare import prepare_unplug, select_named
+from unplugd.agent.mutations.release import FunctionState, HookRun, HookStatus, NextStates, Released, Releaser
+from unplugd.agent.report import state_name
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.errors import status_for
 from unplugd.agent.rpc.watch import ReportHub
@@ -32,6 +35,7 @@ from unplugd.agent.transports.listener import Listener
 from unplugd.text import wire_text
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
+from unplugd.v1 import report_pb2
 
 __all__ = ["MAX_NAMES", "MAX_NAME_LENGTH", "AgentServicer", "validate_names"]
 
@@ -76,6 +80,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         self._leases = leases
         self._hub = hub
         self._listeners = listeners
+        self._releaser = Releaser(engine, roots, leases, config.release)
         self._watchers = threading.BoundedSemaphore(max(config.server.max_watchers, 1))
         self._watching = 0  # open WatchReport streams, for GetAgentInfo
         self._watching_lock = threading.Lock()
@@ -98,6 +103,8 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             caps = ["report", "watch"]
             if self._config.mutations.enabled:
                 caps += ["prepare", "interfaces-down"]
+                if self._config.release.enabled:
+                    caps.append("release")
             return pb.GetAgentInfoResponse(
                 version=unplugd.__version__,
                 capabilities=caps,
@@ -171,6 +178,36 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
         return _guard("ReleaseUnplug", context, call)
 
+    def RequestRelease(self, request: pb.RequestReleaseRequest,
+                       context: grpc.ServicerContext) -> pb.RequestReleaseResponse:
+        def call() -> pb.RequestReleaseResponse:
+            if not (self._config.mutations.enabled and self._config.release.enabled):
+                raise ReleaseDisabled("RequestRelease", mutations=self._config.mutations.enabled)
+            results = self._releaser.release(validate_names(request.devices), request.deadline_seconds,
+                                             self._report_states)
+            return pb.RequestReleaseResponse(functions=[_release_message(r) for r in results])
+
+        return _guard("RequestRelease", context, call)
+
+    @contextlib.contextmanager
+    def _report_states(self) -> Iterator[NextStates]:
+        """The watch's reports as the release waits for them: a subscription of its own."""
+        sub = self._hub.subscribe()
+        self._hub.poke()  # the hooks just changed things: a scan now, not at the next event
+
+        def next_states(timeout: float) -> Mapping[str, FunctionState] | None:
+            item = sub.next(timeout)
+            if item is None:
+                return None
+            if isinstance(item, Exception):
+                raise item
+            return {f.address: FunctionState(state_name(f.state), tuple(f.reasons)) for f in item.report.functions}
+
+        try:
+            yield next_states
+        finally:
+            sub.close()
+
     def _require_mutations(self, call: str) -> None:
         if not self._config.mutations.enabled:
             raise MutationDisabled(call)
@@ -185,6 +222,29 @@ def _grant_response(grant: LeaseGrant) -> pb.PrepareUnplugResponse:
         functions=[str(a) for a in grant.functions],
         claimed=list(grant.claimed),
         interfaces_down=list(grant.interfaces_down),
+    )
+
+
+_HOOK_STATUS = {status: pb.HookStatus.Value(f"HOOK_STATUS_{status.value}") for status in HookStatus}
+
+
+def _hook_message(run: HookRun) -> pb.HookResult:
+    return pb.HookResult(
+        name=wire_text(run.name), status=_HOOK_STATUS[run.status], exit_code=run.exit_code, signal=run.signal,
+        stdout=wire_text(run.stdout.decode("utf-8", "surrogateescape")),
+        stderr=wire_text(run.stderr.decode("utf-8", "surrogateescape")),
+        stdout_truncated=run.stdout_truncated, stderr_truncated=run.stderr_truncated,
+        detail=wire_text(run.detail), seconds=run.seconds,
+    )
+
+
+def _release_message(r: Released) -> pb.FunctionRelease:
+    state = report_pb2.FunctionState.Value(f"FUNCTION_STATE_{r.state.state}") if r.state.state else 0
+    return pb.FunctionRelease(
+        address=r.address, pci_path=r.pci_path, outcome=pb.ReleaseOutcome.Value(f"RELEASE_OUTCOME_{r.outcome.value}"),
+        state=state,  # type: ignore[arg-type]
+        reasons=[x for x in r.state.reasons if isinstance(x, report_pb2.Reason)],
+        hooks=[_hook_message(h) for h in r.hooks],
     )
 
 

@@ -184,7 +184,7 @@ class _QomDevice:
     type: str
     devfn: int | None
     hotpluggable: bool | None
-    multifunction: bool
+    multifunction: bool | None  # None: not read (a function > 0 beside siblings)
     buses: list[_QomBus]
 
 
@@ -234,8 +234,9 @@ class _Qom:
       (anonymous devices, chipset functions, buses firmware has not numbered);
     - `hotpluggable` is the device class's flag AND "the parent bus has a hotplug
       handler" (QEMU's device_get_hotpluggable), so it is read once per type and bus;
-    - `multifunction` of function 0 is read only when the slot has no other
-      function: QEMU refuses siblings next to a function 0 without it.
+    - `multifunction` is read only for a function alone in its slot: beside
+      siblings the slot is multifunction by its count (QEMU refuses siblings next
+      to a function 0 without the flag, and on other functions it changes nothing).
     """
 
     def __init__(self, execute: Execute) -> None:
@@ -345,7 +346,9 @@ class _Qom:
         first = {t: i for i, t in reversed(list(enumerate(dtypes))) if t}
         answers = await asyncio.gather(*(self.get(placed[i].path, "hotpluggable") for i in first.values()))
         told = dict(zip(first, answers, strict=True))
-        shared = {d >> 3 for d in devfns if d is not None and d & 7}  # slots with a function > 0
+        # A function that shares its slot needs no `multifunction` read: the slot is multifunction by
+        # its count (Slot.multifunction), and QEMU refuses siblings next to a function 0 without it.
+        per_slot = Counter(d >> 3 for d in devfns if d is not None)
         return list(
             await asyncio.gather(
                 *(
@@ -354,7 +357,7 @@ class _Qom:
                         t,
                         devfn,
                         told.get(t),
-                        has_siblings=devfn is not None and devfn & 7 == 0 and devfn >> 3 in shared,
+                        has_siblings=devfn is not None and per_slot[devfn >> 3] > 1,
                         node=nodes.get(devfn) if devfn is not None else None,
                     )
                     for p, t, devfn in zip(placed, dtypes, devfns, strict=True)
@@ -367,7 +370,10 @@ class _Qom:
     ) -> _QomDevice:
         hot, multi = await asyncio.gather(
             _value(hot) if isinstance(hot, bool) else self.get(path, "hotpluggable"),
-            _value(True) if has_siblings else self.get(path, "multifunction"),
+            # function 0 beside siblings has it on (QEMU insists); on the others it is not read
+            _value(True if devfn is not None and devfn & 7 == 0 else None)
+            if has_siblings
+            else self.get(path, "multifunction"),
         )
         buses: list[_QomBus] = []
         if _may_bridge(dtype):  # only bridges have buses below them: spare the others a qom-list
@@ -380,7 +386,7 @@ class _Qom:
             type=dtype,
             devfn=devfn,
             hotpluggable=hot if isinstance(hot, bool) else None,
-            multifunction=multi is True,
+            multifunction=None if multi is None and has_siblings else multi is True,
             buses=buses,
         )
 

@@ -184,6 +184,12 @@ install -D -m 0755 "$REPO/packaging/systemd/unplugd_generator.py" "$R/lib/system
 install -D -m 0644 "$REPO/packaging/udev/60-unplugd.rules" "$R/lib/udev/rules.d/60-unplugd.rules"
 install -D -m 0644 "$REPO/packaging/config.toml" "$R/etc/unplugd/config.toml"
 echo /etc/unplugd/config.toml >"$R/DEBIAN/conffiles"
+# Release hooks: the directory (empty: none runs until an administrator puts one there) and the
+# examples, enabled by copying them into it (README: "Release hooks").
+install -d -m 0755 "$R/etc/unplugd/release.d"
+for hook in "$REPO"/packaging/release.d/*; do
+    install -D -m 0755 "$hook" "$R/usr/share/unplugd/examples/release.d/$(basename "$hook")"
+done
 chmod 0644 "$R/DEBIAN/conffiles"
 man_page "$R" unplugd.8 8
 man_page "$R" unplugd.conf.5 5

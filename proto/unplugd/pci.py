@@ -75,6 +75,11 @@ class PciPath:
         return cls(int(m.group(1), 16), int(m.group(2), 16), tuple(hops))
 
     def __str__(self) -> str:
+        return self._text
+
+    @cached_property
+    def _text(self) -> str:
+        """Cached: a status of 256 functions prints and keys by each path several times."""
         return f"{self.domain:04x}:{self.root_bus:02x}" + "".join(f"/{s:02x}.{f:x}" for s, f in self.hops)
 
     @cached_property

@@ -57,9 +57,24 @@ SMALL = TreeSpec(
 )
 
 
-def _row(what: str, t: Timing, ref_s: float | None = None, note: str = "", ours: str = "unplugctl") -> Row:
+# Issue 13's targets (ms, on this machine idle): the host's own share of a status, --help, command -> device_del.
+HOST_SHARE_TARGET_MS = 60.0
+HELP_TARGET_MS = 50.0
+TO_DELETE_TARGET_MS = 150.0
+
+
+def _row(
+    what: str,
+    t: Timing,
+    ref_s: float | None = None,
+    note: str = "",
+    ours: str = "unplugctl",
+    target: float | None = None,
+) -> Row:
     return Row(
         what,
+        target=f"< {target:g} ms" if target else "",
+        verdict=("met" if t.median_ms < target else "MISSED") if target else "",
         median_ms=t.median_ms,
         min_ms=t.min_ms,
         runs=t.runs,
@@ -95,7 +110,9 @@ def _qga_calls(runs: int) -> Timing:
             client.close()
 
 
-def _status_rows(result: SectionResult, argv: list[str], agent: RunningAgent, qmp: Path, runs: int) -> float:
+def _status_rows(
+    result: SectionResult, argv: list[str], agent: RunningAgent, qmp: Path, runs: int, figs: dict[str, float]
+) -> float:
     """unplugctl status over QMP; returns the qemu-ga three-call median for the libvirt comparison."""
     qmp_client = QmpSync(qmp)
     try:
@@ -105,6 +122,7 @@ def _status_rows(result: SectionResult, argv: list[str], agent: RunningAgent, qm
     t_qga = _qga_calls(runs)
     baseline = t_query.median_s + t_qga.median_s
     t = time_command([*argv, "--qmp", str(qmp), "--agent", f"unix:{agent.socket}", "--json"], runs)
+    figs["status_s"], figs["query_pci_s"] = t.median_s, t_query.median_s
     result.rows.append(
         _row("unplugctl status --qmp --json (256-function VM)", t, baseline, note=_status_note(t.stdout))
     )
@@ -127,7 +145,7 @@ def _status_rows(result: SectionResult, argv: list[str], agent: RunningAgent, qm
     return t_qga.median_s
 
 
-def _guestpart(result: SectionResult, agent: RunningAgent, runs: int) -> None:
+def _guestpart(result: SectionResult, agent: RunningAgent, runs: int, figs: dict[str, float]) -> None:
     import grpc
 
     from unplugd.v1 import agent_service_pb2 as pb
@@ -136,9 +154,21 @@ def _guestpart(result: SectionResult, agent: RunningAgent, runs: int) -> None:
     with grpc.insecure_channel(agent.target) as channel:
         stub = pb_grpc.AgentServiceStub(channel)
         t = time_call(lambda: stub.GetReport(pb.GetReportRequest(), timeout=30), runs)
+    figs["get_report_s"] = t.median_s
     result.rows.append(_row("  fake agent GetReport on the tree", t, note="the guest's share of status"))
+    start = time_command([sys.executable, "-c", "pass"], runs)
+    figs["python_s"] = start.median_s
+    result.rows.append(_row("  python -c pass", start, note="the interpreter's start: the same-run baseline"))
     t = time_command([*commands.unplugctl_argv("status"), "--help"], runs)
-    result.rows.append(_row("  unplugctl --help", t, note="interpreter start + imports: the floor"))
+    result.rows.append(
+        _row(
+            "  unplugctl --help",
+            t,
+            start.median_s,
+            note="interpreter start + what --help imports",
+            target=HELP_TARGET_MS,
+        )
+    )
 
 
 def _libvirt_rows(
@@ -262,11 +292,33 @@ def _unplug_runs(
         return
     result.rows.append(
         _row(
-            f"unplug {label}: command -> device_del", Timing(samples_s=to_del), note=note + " (incl. interpreter start)"
+            f"unplug {label}: command -> device_del",
+            Timing(samples_s=to_del),
+            note=note + " (incl. interpreter start)",
+            target=TO_DELETE_TARGET_MS,
         )
     )
     if after_last:
         result.rows.append(_row(f"unplug {label}: last DEVICE_DELETED -> exit", Timing(samples_s=after_last)))
+
+
+def _host_share(result: SectionResult, figs: dict[str, float]) -> None:
+    """Issue 13: what unplugctl itself spends of a status, start-up included."""
+    need = ("status_s", "query_pci_s", "get_report_s", "python_s")
+    if not all(k in figs for k in need):
+        result.skip_row("host's own share of status", "a figure it is computed from is missing")
+        return
+    share = figs["status_s"] - figs["query_pci_s"] - figs["get_report_s"]
+    result.rows.append(
+        Row(
+            "host's own share: status - query-pci - GetReport",
+            median_ms=share * 1000,
+            target=f"< {HOST_SHARE_TARGET_MS:g} ms",
+            verdict="met" if share * 1000 < HOST_SHARE_TARGET_MS else "MISSED",
+            versus=f"{share / figs['python_s']:.1f}x python -c pass",
+            note="from the medians above; the same-run interpreter start is the yardstick on a loaded machine",
+        )
+    )
 
 
 def _fleet(result: SectionResult, quick: bool) -> None:
@@ -353,9 +405,13 @@ def run(quick: bool) -> SectionResult:
             f"(bridges, multifunction slots); fake agent: `unplugd serve --root TREE` ({tree.processes} processes, "
             f"{tree.mounts} mounts)"
         )
-        qga_s = part(result, "unplugctl status --qmp", lambda: _status_rows(result, status_argv, agent, qmp, runs))
+        figs: dict[str, float] = {}
+        qga_s = part(
+            result, "unplugctl status --qmp", lambda: _status_rows(result, status_argv, agent, qmp, runs, figs)
+        )
         part(result, "unplugctl status (libvirt)", lambda: _libvirt_rows(result, status_argv, tree, agent, qga_s, runs))
-        part(result, "fake agent GetReport", lambda: _guestpart(result, agent, runs))
+        part(result, "fake agent GetReport", lambda: _guestpart(result, agent, runs, figs))
+        _host_share(result, figs)
         part(result, "unplug overhead", lambda: _unplug_rows(result, unplug_argv, tree, agent, qmp, runs))
     part(result, f"{FLEET} VMs", lambda: _fleet(result, quick))
     result.notes.append(

@@ -69,6 +69,23 @@ def test_status_sees_the_guest(vm: GuestVM) -> None:
     assert verdicts["busy"] == "BLOCKED_BY_GUEST"
 
 
+def test_status_text_shows_the_disks_and_folds_the_rest(vm: GuestVM) -> None:
+    """On q35 the root ports, host bridge and ICH9 functions fold into one line; the disks show,
+    one line each, named for both sides (id and the guest's disk)."""
+    rc, out, err = unplugctl(vm, "status")
+    assert rc == 0, err
+    lines = out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.startswith("0000:")}
+    mine = {dev: next((r for r in rows.values() if f" {dev} (guest vd" in r), "") for dev in ("idle", "busy")}
+    assert "UNPLUGGABLE" in mine["idle"] and "BLOCKED_BY_GUEST" in mine["busy"], out
+    assert not any("pcie-root-port" in r or " mch " in r for r in rows.values()), out
+    assert any(line.startswith("+ ") and "infrastructure slot(s) not shown" in line for line in lines), out
+    assert "NO_HOTPLUG_DRIVER" not in out and "\x1b" not in out  # no colour into a pipe
+    rc, every, err = unplugctl(vm, "status", "--all", "-v")
+    assert rc == 0, err
+    assert sum(line.startswith("0000:") for line in every.splitlines()) > len(rows)
+
+
 def test_mounted_disk_is_blocked_and_stays(vm: GuestVM) -> None:
     rc, out, err = unplugctl(vm, "check", "busy")
     assert rc == 3, out + err

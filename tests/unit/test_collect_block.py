@@ -289,3 +289,109 @@ def test_read_text_reads_small_and_large_files(tmp_path: Path) -> None:
         read_text(str(tmp_path))  # EISDIR
     assert listdir(str(tmp_path / "absent")) == []
     assert listdir(str(tmp_path)) == ["big", "dev"]
+
+
+# --------------------------------------------------------------------------- NVMe multipath (issue 15)
+
+CTRL = {"nvme1": "devices/pci0000:00/0000:00:10.1/0000:02:00.0/nvme", "nvme2": "devices/pci0000:00/0000:00:10.2/0000:03:00.0/nvme"}  # noqa: E501
+SUBSYS = "devices/virtual/nvme-subsystem/nvme-subsys2"
+
+
+def nvme_subsystem(tree: BlockTree, *, paths: dict[str, str], nsid: str = "1", multipath_dir: bool = False) -> Path:
+    """The layout Debian 12's kernel (6.1) shows, recorded in the test guest: head nvme2n1 under the
+    subsystem (its `device` link names it), the subsystem's links to its controllers, and below each
+    controller a hidden path device with no `dev`, whose `device` link names the controller.
+
+    paths: path device name -> controller; multipath_dir: also give the head a multipath/ directory of
+    links, as newer kernels do.
+    """
+    sdir = tree.sys / SUBSYS
+    sdir.mkdir(parents=True)
+    os.symlink("../../../../class/nvme-subsystem", sdir / "subsystem")
+    for ctrl, parent in CTRL.items():
+        (tree.sys / parent / ctrl).mkdir(parents=True)
+        os.symlink(f"../../../{parent.removeprefix('devices/')}/{ctrl}", sdir / ctrl)
+    head = tree.device(SUBSYS, "nvme2n1", "259:1")
+    _write(head / "nsid", "1\n")
+    _write(head / "hidden", "0\n")
+    os.symlink("../../nvme-subsys2", head / "device")
+    for name, ctrl in paths.items():
+        p = tree.sys / CTRL[ctrl] / ctrl / name
+        _write(p / "hidden", "1\n")
+        _write(p / "nsid", nsid + "\n")
+        _write(p / "size", "2048\n")
+        (p / "holders").mkdir()
+        os.symlink(f"../../{ctrl}", p / "device")
+        os.symlink(f"../../{CTRL[ctrl]}/{ctrl}/{name}", tree.sys / "class" / "block" / name)
+        if multipath_dir:
+            (head / "multipath").mkdir(exist_ok=True)
+            os.symlink(f"../../../../../pci0000:00/{CTRL[ctrl].split('/', 2)[2]}/{ctrl}/{name}",
+                       head / "multipath" / name)  # fmt: skip
+    return head
+
+
+WHERE = {
+    "nvme2c1n1": "/sys/devices/pci0000:00/0000:00:10.1/0000:02:00.0/nvme/nvme1/nvme2c1n1",
+    "nvme2c2n1": "/sys/devices/pci0000:00/0000:00:10.2/0000:03:00.0/nvme/nvme2/nvme2c2n1",
+}
+
+
+@pytest.mark.parametrize("multipath_dir", [False, True], ids=["6.1: subsystem links", "multipath/ links"])
+def test_nvme_head_runs_over_its_hidden_paths_which_are_no_devices(tree: BlockTree, multipath_dir: bool) -> None:
+    nvme_subsystem(tree, paths={"nvme2c1n1": "nvme1", "nvme2c2n1": "nvme2"}, multipath_dir=multipath_dir)
+    devices, problems = collect_block(tree.roots)
+    assert problems == []  # a path device has no dev: it is not "vanished during the scan"
+    assert list(devices) == ["nvme2n1"]
+    assert devices["nvme2n1"].multipath == (WHERE["nvme2c1n1"], WHERE["nvme2c2n1"])
+    assert devices["nvme2n1"].devno == (259, 1)
+
+
+def test_a_path_of_another_namespace_is_not_the_heads(tree: BlockTree) -> None:
+    nvme_subsystem(tree, paths={"nvme2c1n1": "nvme1"})
+    other = tree.sys / CTRL["nvme2"] / "nvme2" / "nvme2c2n2"  # namespace 2 through the second controller
+    _write(other / "hidden", "1\n")
+    _write(other / "nsid", "2\n")
+    os.symlink("../../nvme2", other / "device")
+    os.symlink(f"../../{CTRL['nvme2']}/nvme2/nvme2c2n2", tree.sys / "class" / "block" / "nvme2c2n2")
+    devices, problems = collect_block(tree.roots)
+    assert (devices["nvme2n1"].multipath, problems) == ((WHERE["nvme2c1n1"],), [])
+
+
+def test_a_head_with_no_path_found_fails_closed(tree: BlockTree) -> None:
+    nvme_subsystem(tree, paths={"nvme2c1n1": "nvme1"}, nsid="7")
+    devices, problems = collect_block(tree.roots)
+    assert devices["nvme2n1"].multipath == ()
+    (p,) = problems
+    assert p.affects == ("*",) and "no path found" in p.detail
+
+
+def test_a_device_without_dev_that_is_not_hidden_is_a_problem_not_vanished(tree: BlockTree) -> None:
+    odd = tree.disk("vdz", "254:0")
+    (odd / "dev").unlink()
+    devices, problems = collect_block(tree.roots)
+    assert devices == {}
+    assert [(p.affects, "no device number" in p.detail, "vanished" in p.detail) for p in problems] == [
+        (("vdz",), True, False)
+    ]
+
+
+def test_udev_disk_links_name_their_devices(tree: BlockTree) -> None:
+    tree.disk("sdb", "8:16")
+    tree.part(tree.sys / "devices/pci0000:00/0000:00:02.0/virtio1/block/sdb", "sdb1", "8:17")
+    dev = tree.sys.parent / "dev"
+    (dev / "disk" / "by-id").mkdir(parents=True)
+    (dev / "disk" / "by-path").mkdir(parents=True)
+    for node in ("sdb", "sdb1"):
+        (dev / node).write_text("")
+    os.symlink("../../sdb", dev / "disk/by-id/ata-QEMU_HARDDISK_sata0")
+    os.symlink("../../sdb1", dev / "disk/by-id/ata-QEMU_HARDDISK_sata0-part1")
+    os.symlink("../../sdb", dev / "disk/by-path/pci-0000:05:00.0-ata-1")
+    os.symlink("../../../../etc/shadow", dev / "disk/by-id/escape")  # leaves /dev: names nothing
+    os.symlink("../../gone", dev / "disk/by-id/dangling")
+    devices, problems = collect_block(tree.roots)
+    assert problems == []
+    assert devices["sdb"].links == (
+        "/dev/disk/by-id/ata-QEMU_HARDDISK_sata0",
+        "/dev/disk/by-path/pci-0000:05:00.0-ata-1",
+    )
+    assert devices["sdb1"].links == ("/dev/disk/by-id/ata-QEMU_HARDDISK_sata0-part1",)

@@ -477,3 +477,63 @@ def test_walk_follows_no_symlinks_and_stops_at_depth(tree: Tree) -> None:
     assert by["0000:00:02.0"].device_nodes == ()
     assert by["0000:00:02.0"].block_devices == ()
     assert by["0000:00:03.0"].block_devices == ("vdb",)
+
+
+# --------------------------------------------------------------------------- devices bound below (issue 15)
+
+
+def test_usb_controller_records_what_each_bound_device_holds(tree: Tree) -> None:
+    """xHCI with a USB disk and a USB NIC, laid out as the test guest's kernel shows them."""
+    fdir = tree.function("0000:07:00.0", vendor=0x1B36, device=0x000D, klass=0x0C0330, driver="xhci_hcd")
+    tree.child(fdir, "usb1", "usb", "bus/usb")
+    tree.child(fdir, "usb1/1-0:1.0", "hub", "bus/usb")
+    tree.child(fdir, "usb1/1-2", "usb", "bus/usb")
+    ctl = tree.child(fdir, "usb1/1-2/1-2:1.0", "cdc_ether", "bus/usb")
+    tree.child(fdir, "usb1/1-2/1-2:1.1", "cdc_ether", "bus/usb")
+    _write(ctl / "net" / "enx5254005b0002" / "ifindex", "3\n")
+    tree.child(fdir, "usb2", "usb", "bus/usb")
+    tree.child(fdir, "usb2/2-1", "usb", "bus/usb")
+    tree.child(fdir, "usb2/2-1/2-1:1.0", "usb-storage", "bus/usb")
+    lun = tree.child(fdir, "usb2/2-1/2-1:1.0/host19/target19:0:0/19:0:0:0", "sd", "bus/scsi")
+    tree.node(lun / "block" / "sdf", "8:80", "disk", block=True)
+    tree.node(lun / "scsi_generic" / "sg5", "21:5", None, block=False)
+
+    (f,), problems = collect_pci(tree.roots)
+
+    assert problems == []
+    assert (f.block_devices, f.net_interfaces) == (("sdf",), ("enx5254005b0002",))
+    bound = {b.path: (b.driver, b.holds, b.leaf) for b in f.bound}
+    assert bound == {
+        "usb1": ("usb", ("enx5254005b0002",), False),
+        "usb1/1-0:1.0": ("hub", (), True),
+        "usb1/1-2": ("usb", ("enx5254005b0002",), False),
+        "usb1/1-2/1-2:1.0": ("cdc_ether", ("enx5254005b0002",), True),
+        "usb1/1-2/1-2:1.1": ("cdc_ether", (), True),
+        "usb2": ("usb", ("sdf",), False),
+        "usb2/2-1": ("usb", ("sdf",), False),
+        "usb2/2-1/2-1:1.0": ("usb-storage", ("sdf",), False),
+        "usb2/2-1/2-1:1.0/host19/target19:0:0/19:0:0:0": ("sd", ("sdf",), True),
+    }
+    sd = next(b for b in f.bound if b.driver == "sd")
+    assert (sd.name, sd.nodes) == ("19:0:0:0", ("/dev/sdf", "/dev/sg5"))
+
+
+def test_empty_ahci_controller_has_nothing_bound_below(tree: Tree) -> None:
+    fdir = tree.function("0000:06:00.0", vendor=0x8086, device=0x2922, klass=0x010601, driver="ahci")
+    for n in range(6):
+        tree.child(fdir, f"ata{n + 13}/host{n + 12}/scsi_host/host{n + 12}")
+    (f,), problems = collect_pci(tree.roots)
+    assert (problems, f.block_devices, f.bound, f.driver) == ([], (), (), "ahci")
+
+
+def test_hidden_nvme_path_device_below_a_controller_is_no_node_and_no_problem(tree: Tree) -> None:
+    """An NVMe controller of a multipath subsystem: only the hidden path (no dev) sits below it."""
+    fdir = tree.function("0000:02:00.0", vendor=0x1B36, device=0x0010, klass=0x010802, driver="nvme")
+    ctrl = tree.child(fdir, "nvme/nvme1")
+    tree.node(ctrl, "246:1", None, block=False)
+    path = ctrl / "nvme2c1n1"
+    _write(path / "hidden", "1\n")
+    _link(path / "subsystem", "../../../../../../../class/block")
+    (f,), problems = collect_pci(tree.roots)
+    assert problems == []
+    assert f.block_devices == () and [n.path for n in f.device_nodes] == ["/dev/nvme1"]

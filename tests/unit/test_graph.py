@@ -194,3 +194,32 @@ def test_interface_stack(name: str, stack: set[str]) -> None:
 )
 def test_is_active(sock: Socket, active: bool) -> None:
     assert is_active(sock) is active
+
+
+# --------------------------------------------------------------------------- which disks a function carries (issue 15)
+
+
+def test_owner_of_is_the_deepest_function_and_never_a_prefix_of_a_name() -> None:
+    from unplugd.agent.graph import owner_of
+
+    port = fn("0000:00:10.1", "0000:00/10.1", bridge=True, sysfs="/sys/devices/pci0000:00/0000:00:10.1")
+    ctrl = fn("0000:02:00.0", "0000:00/10.1/00.0", sysfs="/sys/devices/pci0000:00/0000:00:10.1/0000:02:00.0")
+    near = fn("0000:00:10.0", "0000:00/10.0", sysfs="/sys/devices/pci0000:00/0000:00:10.0")
+    fs = [port, near, ctrl]
+    assert owner_of(f"{ctrl.sysfs_path}/nvme/nvme1/nvme2c1n1", fs) is ctrl
+    assert owner_of("/sys/devices/pci0000:00/0000:00:10.1/power", fs) is port
+    assert owner_of("/sys/devices/pci0000:00/0000:00:10.10/x", fs) is None  # 10.1 is no component of 10.10
+    assert owner_of("/sys/devices/virtual/nvme-subsystem/nvme-subsys2/nvme2n1", fs) is None
+
+
+def test_function_disks_adds_heads_after_the_functions_own_disks() -> None:
+    from unplugd.agent.graph import function_disks
+    from unplugd.agent.model import BlockDevice
+
+    a = fn("0000:02:00.0", block=["nvme0n1"], sysfs="/sys/devices/pci0000:00/0000:00:10.1/0000:02:00.0")
+    b = fn("0000:03:00.0", sysfs="/sys/devices/pci0000:00/0000:00:10.2/0000:03:00.0")
+    head = BlockDevice("nvme2n1", "disk", (259, 1), 1, multipath=(f"{a.sysfs_path}/nvme/nvme1/nvme2c1n1",
+                                                                  f"{b.sysfs_path}/nvme/nvme2/nvme2c2n1"))  # fmt: skip
+    stray = BlockDevice("nvme3n1", "disk", (259, 5), 1, multipath=("/sys/devices/platform/x/nvme3c3n1",))
+    got = function_disks([a, b], {"nvme2n1": head, "nvme3n1": stray, "nvme0n1": disk("nvme0n1", (259, 0))})
+    assert got == {a.address: ("nvme0n1", "nvme2n1"), b.address: ("nvme2n1",)}

@@ -111,7 +111,7 @@ def test_inspect_json_is_valid_and_still_judges(capsys: pytest.CaptureFixture[st
 
 
 def test_inspect_table_escapes_every_guest_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["inspect", "--root", str(TREE)]) == cli.EXIT_OK
+    assert cli.main(["inspect", "--all", "--root", str(TREE)]) == cli.EXIT_OK  # --all: every function's text
     out = capsys.readouterr().out
     assert not RAW_CONTROL.search(out)
     assert "\t" not in out

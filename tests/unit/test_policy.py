@@ -21,7 +21,18 @@ from tests.fixtures.model_builders import (
     v4,
     v6,
 )
-from unplugd.agent.model import DeviceNode, Inventory, Mount, OpenRef, ScanProblem, Socket, Swap
+from unplugd.agent.model import (
+    BlockDevice,
+    BoundDevice,
+    DeviceNode,
+    Inventory,
+    Mount,
+    OpenRef,
+    PciFunction,
+    ScanProblem,
+    Socket,
+    Swap,
+)
 from unplugd.agent.readiness.policy import evaluate, state_of
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, Reason, State
 from unplugd.pci import PciAddress
@@ -445,7 +456,7 @@ def test_driver_bound_unknown_class(driver: str | None, subdrivers: tuple[str, .
     assert v.state is state
     if state is State.UNKNOWN:
         r = only(v, Code.DRIVER_BOUND_UNKNOWN_CLASS)
-        assert r.undecided and (subdrivers[0] if subdrivers else driver) in r.detail
+        assert r.undecided and (subdrivers[0] if subdrivers else str(driver)) in r.detail
 
 
 @pytest.mark.parametrize(
@@ -579,3 +590,138 @@ def test_every_code_is_exercised_here() -> None:
     text = pathlib.Path(__file__).read_text()
     missing = [c.name for c in Code if f"Code.{c.name}" not in text]
     assert missing == []
+
+
+# --------------------------------------------------------------------------- controllers (issue 15)
+
+SATA = 0x010601
+SCSI = 0x010000
+NVME = 0x010802
+XHCI = 0x0C0330
+ROOT_HUBS = (BoundDevice("usb1", "usb", leaf=False), BoundDevice("usb1/1-0:1.0", "hub"))
+TABLET = (
+    BoundDevice("usb1/1-1", "usb", leaf=False),
+    BoundDevice("usb1/1-1/1-1:1.0", "usbhid", leaf=False),
+    BoundDevice("usb1/1-1/1-1:1.0/0003:0627:0001.0001", "hid-generic", nodes=("/dev/input/event2",)),
+)
+USB_DISK = (
+    BoundDevice("usb2/2-1", "usb", holds=("sdf",), leaf=False),
+    BoundDevice("usb2/2-1/2-1:1.0", "usb-storage", holds=("sdf",), leaf=False),
+    BoundDevice("usb2/2-1/2-1:1.0/host2/target2:0:0/2:0:0:0", "sd", holds=("sdf",)),
+)
+USB_NIC = (
+    BoundDevice("usb1/1-2", "usb", holds=("enx1",), leaf=False),
+    BoundDevice("usb1/1-2/1-2:1.0", "cdc_ether", holds=("enx1",)),
+    BoundDevice("usb1/1-2/1-2:1.1", "cdc_ether"),  # the data interface: same driver, no netdev of its own
+)
+SDF = [disk("sdf", (8, 80))]
+
+
+@pytest.mark.parametrize(
+    ("name", "f", "block", "state", "code"),
+    [
+        ("empty AHCI", fn("0000:00:0b.0", driver="ahci", class_code=SATA), [], State.READY, Code.EMPTY_CONTROLLER),
+        ("empty IDE", fn("0000:00:0b.0", driver="ata_piix", class_code=0x01018A), [], State.READY,
+         Code.EMPTY_CONTROLLER),
+        ("empty NVMe", fn("0000:00:0b.0", driver="nvme", class_code=NVME), [], State.READY, Code.EMPTY_CONTROLLER),
+        ("virtio-scsi without LUNs", fn("0000:00:0b.0", class_code=SCSI, subdrivers=("virtio_scsi",),
+                                        bound=[BoundDevice("virtio3", "virtio_scsi")]), [], State.READY,
+         Code.EMPTY_CONTROLLER),
+        ("xHCI with root hubs only", fn("0000:00:0b.0", driver="xhci_hcd", class_code=XHCI,
+                                        subdrivers=("usb", "hub"), bound=ROOT_HUBS), [], State.READY,
+         Code.EMPTY_CONTROLLER),
+        ("xHCI with a tablet", fn("0000:00:0b.0", driver="xhci_hcd", class_code=XHCI,
+                                  subdrivers=("usb", "hub", "usbhid", "hid-generic"), bound=ROOT_HUBS + TABLET),
+         [], State.UNKNOWN, Code.DRIVER_BOUND_UNKNOWN_CLASS),
+        ("xHCI with an idle disk and a tablet", fn("0000:00:0b.0", driver="xhci_hcd", class_code=XHCI, block=["sdf"],
+                                                   bound=ROOT_HUBS + TABLET + USB_DISK), SDF, State.UNKNOWN,
+         Code.DRIVER_BOUND_UNKNOWN_CLASS),
+        ("xHCI with an idle disk and a NIC down", fn("0000:00:0b.0", driver="xhci_hcd", class_code=XHCI, block=["sdf"],
+                                                     nets=["enx1"], bound=ROOT_HUBS + USB_DISK + USB_NIC), SDF,
+         State.READY, None),
+        ("SCSI HBA with a tape", fn("0000:00:0b.0", driver="mpt3sas", class_code=SCSI, subdrivers=("st",),
+                                    bound=[BoundDevice("host0/target0:0:0/0:0:0:0", "st", nodes=("/dev/st0",))]),
+         [], State.UNKNOWN, Code.DRIVER_BOUND_UNKNOWN_CLASS),
+        ("NVMe handed to vfio", fn("0000:00:0b.0", driver="vfio-pci", class_code=NVME), [], State.UNKNOWN,
+         Code.DRIVER_BOUND_UNKNOWN_CLASS),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_controllers_say_what_they_found(
+    name: str, f: PciFunction, block: list[BlockDevice], state: State, code: Code | None
+) -> None:
+    v = verdict(inventory([f], block=block, ifaces=[iface(n, up=False) for n in f.net_interfaces]), "0000:00:0b.0")
+    assert v.state is state, v.reasons
+    assert codes(v) == ([code] if code else [])
+    if code is Code.EMPTY_CONTROLLER:
+        r = only(v, code)
+        assert not r.blocking and r.object == "0000:00:0b.0"
+        assert "nothing is attached" in r.detail and (f.driver or "") in r.detail
+    if code is Code.DRIVER_BOUND_UNKNOWN_CLASS:
+        r = only(v, code)
+        assert r.undecided
+    if "tablet" in name:
+        # what was found: the driver and its node; what was not: only said when nothing is understood
+        detail = only(v, Code.DRIVER_BOUND_UNKNOWN_CLASS).detail
+        assert "1-1:1.0" not in detail and "0003:0627:0001.0001 (driver hid-generic, nodes /dev/input/event2)" in detail
+        assert ("no disk or network interface" in detail) is (not block)
+    if "tape" in name:
+        assert "0:0:0:0 (driver st, nodes /dev/st0)" in only(v, code).detail  # type: ignore[arg-type]
+
+
+def test_a_busy_disk_behind_a_usb_controller_with_a_tablet_is_busy_not_unknown() -> None:
+    f = fn("0000:00:0b.0", driver="xhci_hcd", class_code=XHCI, block=["sdf"], bound=ROOT_HUBS + TABLET + USB_DISK)
+    v = verdict(inventory([f], block=SDF, mounts=[mount((8, 80), "/media/usb", "/dev/sdf")]), "0000:00:0b.0")
+    assert v.state is State.BUSY
+    assert codes(v) == [Code.MOUNTED, Code.DRIVER_BOUND_UNKNOWN_CLASS]
+
+
+def test_one_mounted_lun_makes_the_hba_busy_naming_it() -> None:
+    luns = [disk("sda", (8, 0)), disk("sdb", (8, 16)), disk("sdc", (8, 32))]
+    f = fn("0000:00:0b.0", class_code=SCSI, block=["sda", "sdb", "sdc"], subdrivers=("virtio_scsi", "sd"))
+    v = verdict(inventory([f], block=luns, mounts=[mount((8, 16), "/srv", "/dev/sdb")]), "0000:00:0b.0")
+    assert v.state is State.BUSY
+    assert [(r.code, r.object) for r in v.reasons] == [(Code.MOUNTED, "sdb")]
+    assert v.block_devices == ("sda", "sdb", "sdc")
+
+
+# An NVMe subsystem: controllers at 02:00.0 and 03:00.0 (behind root ports), one shared namespace whose
+# head nvme2n1 the kernel files under the subsystem; its hidden paths sit below each controller.
+NVA = fn("0000:02:00.0", "0000:00/10.1/00.0", driver="nvme", class_code=NVME,
+         sysfs="/sys/devices/pci0000:00/0000:00:10.1/0000:02:00.0")  # fmt: skip
+NVB = fn("0000:03:00.0", "0000:00/10.2/00.0", driver="nvme", class_code=NVME,
+         sysfs="/sys/devices/pci0000:00/0000:00:10.2/0000:03:00.0")  # fmt: skip
+PORT_A = fn("0000:00:10.1", "0000:00/10.1", driver="pcieport", bridge=True,
+            sysfs="/sys/devices/pci0000:00/0000:00:10.1")  # fmt: skip
+HEAD = BlockDevice(
+    "nvme2n1", "disk", (259, 1), 1 << 30,
+    multipath=(f"{NVA.sysfs_path}/nvme/nvme1/nvme2c1n1", f"{NVB.sysfs_path}/nvme/nvme2/nvme2c2n1"),
+)  # fmt: skip
+
+
+def test_a_multipath_head_in_use_makes_every_function_it_runs_over_busy() -> None:
+    inv = inventory([PORT_A, NVA, NVB], block=[HEAD, part("nvme2n1p1", (259, 2), "nvme2n1")],
+                    mounts=[mount((259, 2), "/data", "/dev/nvme2n1p1")])  # fmt: skip
+    for bdf in ("0000:02:00.0", "0000:03:00.0"):
+        v = verdict(inv, bdf)
+        assert v.state is State.BUSY
+        assert [(r.code, r.object) for r in v.reasons] == [(Code.MOUNTED, "nvme2n1p1")]
+        assert v.block_devices == ("nvme2n1", "nvme2n1p1")
+    # the bridge in front of one controller sees its child busy (the head is the child's, not the port's)
+    port = verdict(inv, "0000:00:10.1")
+    assert port.block_devices == () and codes(port) == [Code.BRIDGE_WITH_CHILDREN]
+
+
+def test_an_idle_multipath_head_leaves_both_ready_and_is_no_empty_controller() -> None:
+    inv = inventory([NVA, NVB], block=[HEAD])
+    for bdf in ("0000:02:00.0", "0000:03:00.0"):
+        v = verdict(inv, bdf)
+        assert (v.state, v.reasons, v.block_devices) == (State.READY, (), ("nvme2n1",))
+
+
+def test_a_head_with_one_path_belongs_to_that_function_only() -> None:
+    one = BlockDevice("nvme2n1", "disk", (259, 1), 1 << 30, multipath=HEAD.multipath[:1])
+    inv = inventory([NVA, NVB], block=[one], mounts=[mount((259, 1), "/data", "/dev/nvme2n1")])
+    assert verdict(inv, "0000:02:00.0").state is State.BUSY
+    b = verdict(inv, "0000:03:00.0")
+    assert (b.state, codes(b)) == (State.READY, [Code.EMPTY_CONTROLLER])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,6 +76,21 @@ EXPECTED: dict[str, dict[str, tuple[str, set[str]]]] = {
         "0000:00:08.0": ("BUSY", {"LINK_UP", "HAS_ADDRESS"}),
         "0000:00:09.0": ("BUSY", {"MOUNTED", "SWAP"}),
     },
+    # issue 15: the head of an NVMe subsystem, filed under /sys/devices/virtual, makes both controllers busy
+    "nvme_multipath": {
+        "0000:00:04.0": ("READY", set()),
+        "0000:00:05.0": ("BUSY", {"MOUNTED"}),
+        "0000:00:06.0": ("BUSY", {"MOUNTED"}),
+    },
+    "controllers": {
+        "0000:00:07.0": ("BUSY", {"MOUNTED"}),
+        "0000:00:08.0": ("READY", set()),
+        "0000:00:09.0": ("READY", {"EMPTY_CONTROLLER"}),
+        "0000:00:0a.0": ("READY", {"EMPTY_CONTROLLER"}),
+        "0000:00:0b.0": ("BUSY", {"MOUNTED"}),
+        "0000:00:0c.0": ("UNKNOWN", {"DRIVER_BOUND_UNKNOWN_CLASS"}),
+        "0000:00:0d.0": ("BUSY", {"LINK_UP", "HAS_ADDRESS"}),
+    },
 }
 
 
@@ -134,6 +150,56 @@ def test_bond_connection_names_its_owner(capsys: pytest.CaptureFixture[str]) -> 
     assert len(report["functions"]) == 2  # type: ignore[arg-type]
     conn = next(r for r in report["functions"][0]["reasons"] if r["code"] == "REASON_CODE_ACTIVE_CONNECTIONS")  # type: ignore[index]
     assert [p["pid"] for p in conn["processes"]] == [600]
+
+
+@pytest.mark.parametrize(
+    ("name", "functions"),
+    [
+        ("nvme2n1", ["0000:00:05.0", "0000:00:06.0"]),
+        ("/dev/nvme2n1", ["0000:00:05.0", "0000:00:06.0"]),
+        ("/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_nvmp", ["0000:00:05.0", "0000:00:06.0"]),
+        ("/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_nvplain", ["0000:00:04.0"]),
+        ("nvme0n1", ["0000:00:04.0"]),
+    ],
+)
+def test_nvme_names_select_the_functions_they_run_over(
+    name: str, functions: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = inspect_json(capsys, SCENARIOS / "nvme_multipath.tree", name)
+    listed: list[dict[str, Any]] = report["functions"]  # type: ignore[assignment]
+    assert [f["address"] for f in listed] == functions
+    for f in listed:
+        if "nvme2n1" in [b["name"] for b in f["blockDevices"]]:
+            (mounted,) = f["reasons"]
+            assert (mounted["object"], mounted["mountPoint"]) == ("nvme2n1", "/data")
+
+
+def test_hidden_nvme_paths_are_not_check_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """A path device has no node: nothing can open it by that name, so it names nothing."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["check", "--root", str(SCENARIOS / "nvme_multipath.tree"), "nvme2c1n1"])
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "no PCI function, interface or block device matches" in capsys.readouterr().err
+
+
+def test_controllers_name_the_disk_in_use_and_what_they_found(capsys: pytest.CaptureFixture[str]) -> None:
+    report = inspect_json(capsys, SCENARIOS / "controllers.tree")
+    listed: list[dict[str, Any]] = report["functions"]  # type: ignore[assignment]
+    by = {f["address"]: f for f in listed}
+    assert [r["object"] for r in by["0000:00:07.0"]["reasons"]] == ["sdb"]  # one of three LUNs
+    assert [r["object"] for r in by["0000:00:0b.0"]["reasons"]] == ["sde"]  # the USB disk, not the NIC (down)
+    assert [n["name"] for n in by["0000:00:0b.0"]["netInterfaces"]] == ["enx5254005b0002"]
+    for bdf, driver in (("0000:00:09.0", "ahci"), ("0000:00:0a.0", "ata_piix")):
+        (empty,) = by[bdf]["reasons"]
+        assert empty["blocking"] is False and f"controller (driver {driver})" in empty["detail"]
+    (tablet,) = by["0000:00:0c.0"]["reasons"]
+    assert "0003:0627:0001.0001 (driver hid-generic, nodes /dev/input/event2)" in tablet["detail"]
+    for name, bdf in (("/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_lun1", "0000:00:07.0"), ("sdc", "0000:00:07.0"),
+                      ("/dev/disk/by-path/pci-0000:00:08.0-ata-1", "0000:00:08.0"),
+                      ("/dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_usb0-0:0", "0000:00:0b.0"),
+                      ("enx5254005b0002", "0000:00:0b.0")):  # fmt: skip
+        one: list[dict[str, Any]] = inspect_json(capsys, SCENARIOS / "controllers.tree", name)["functions"]  # type: ignore[assignment]
+        assert [f["address"] for f in one] == [bdf], name
 
 
 def test_warnings_keep_blocking_false_in_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -130,3 +130,31 @@ def test_check_selects_every_device_the_report_stacks_on_a_function() -> None:
 @pytest.mark.parametrize("query", ["/dev/vg0/data", "/dev/mapper/vg0-data", "/dev/dm-0", "vg0-data", "/dev/loop1"])
 def test_device_mapper_names_the_policy_knows_select_the_disk_below(query: str) -> None:
     assert names(select(LOOPS, [query])) == ["0000:00:06.0"]  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- NVMe multipath, udev links (issue 15)
+
+
+def test_a_multipath_head_selects_every_function_it_runs_over_by_every_name() -> None:
+    from unplugd.agent.model import BlockDevice
+
+    a = fn("0000:02:00.0", driver="nvme", sysfs="/sys/devices/pci0000:00/0000:00:10.1/0000:02:00.0")
+    b = fn("0000:03:00.0", driver="nvme", sysfs="/sys/devices/pci0000:00/0000:00:10.2/0000:03:00.0")
+    head = BlockDevice(
+        "nvme2n1", "disk", (259, 1), 1 << 30,
+        multipath=(f"{a.sysfs_path}/nvme/nvme1/nvme2c1n1", f"{b.sysfs_path}/nvme/nvme2/nvme2c2n1"),
+        links=("/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_nvmp", "/dev/disk/by-path/pci-0000:03:00.0-nvme-1"),
+    )  # fmt: skip
+    inv = inventory([a, b, VDB], block=[head, part("nvme2n1p1", (259, 2), "nvme2n1"), disk("vdb", (252, 16))])
+    for name in ("nvme2n1", "/dev/nvme2n1", "nvme2n1p1", "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_nvmp",
+                 "/dev/disk/by-path/pci-0000:03:00.0-nvme-1"):  # fmt: skip
+        assert [str(f.address) for f in select(inv, [name])] == ["0000:02:00.0", "0000:03:00.0"], name
+    with pytest.raises(UnknownDevice):
+        select(inv, ["/dev/disk/by-id/nvme-other"])  # a link the inventory does not hold is no name
+
+
+def test_a_disk_link_selects_its_function() -> None:
+    from dataclasses import replace
+
+    inv = inventory([VDB], block=[replace(disk("vdb", (252, 16)), links=("/dev/disk/by-id/virtio-data",))])
+    assert [str(f.address) for f in select(inv, ["/dev/disk/by-id/virtio-data"])] == ["0000:00:06.0"]

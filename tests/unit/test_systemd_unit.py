@@ -172,3 +172,43 @@ def test_unit_starts_without_the_port() -> None:
     text = UNIT.read_text()
     assert re.search(r"^WantedBy=multi-user\.target$", text, re.M)
     assert not re.search(r"^(Requires|BindsTo|After)=.*\.device", text, re.M)
+
+
+RELEASE_ON = "[mutations]\nenabled = true\n[release]\nenabled = true\n"
+
+
+def release_dropin(normal: Path) -> Path:
+    return normal / "unplugd.service.d" / "release.conf"
+
+
+@needs_analyze
+def test_the_release_dropin_puts_the_unit_in_the_systems_mount_namespace(tmp_path: Path) -> None:
+    """Release hooks unmount for everyone: with the drop-in nothing gives the unit a mount namespace
+    of its own, CAP_SYS_ADMIN is in its bounding set, and nothing else of the sandbox changes."""
+    system = tmp_path / "root" / "etc" / "systemd" / "system"
+    system.mkdir(parents=True)
+    shutil.copy(UNIT, system)
+    before = checks(tmp_path / "root")
+    normal = generate(tmp_path, RELEASE_ON)
+    assert not dropin(normal).exists()  # no TCP for it
+    shutil.copytree(normal, system, dirs_exist_ok=True)
+    after = checks(tmp_path / "root")
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert all(before[k] and not after[k] for k in changed)  # only relaxed, never tightened
+    assert {"PrivateMounts=", "ProtectSystem=", "ProtectHome=", "PrivateTmp=",
+            "CapabilityBoundingSet=~CAP_SYS_ADMIN"} <= changed
+    assert not any("AF_" in k or "IPAddress" in k or "Namespaces" in k or "Device" in k for k in changed)
+    text = release_dropin(normal).read_text()
+    for line in ("PrivateMounts=no", "ProtectSystem=no", "CapabilityBoundingSet=CAP_SYS_ADMIN",
+                 "SystemCallFilter=@mount", "SecureBits="):
+        assert f"\n{line}\n" in text
+
+
+@pytest.mark.parametrize(
+    "config",
+    [None, (REPO / "packaging" / "config.toml").read_text(), "[release]\nenabled = true\n",
+     "[mutations]\nenabled = true\n", '[mutations]\nenabled = true\n[release]\nenabled = "true"\n', TCP_ON],
+    ids=["absent", "shipped", "release-only", "mutations-only", "string", "tcp"],
+)
+def test_generator_relaxes_nothing_for_release_unless_both_are_enabled(tmp_path: Path, config: str | None) -> None:
+    assert not release_dropin(generate(tmp_path, config)).exists()

@@ -3,23 +3,88 @@
 isort:skip_file
 The guest agent's API. Read-only calls are always served; PrepareUnplug and
 ReleaseUnplug are refused with PERMISSION_DENIED unless the guest's
-configuration enables mutating calls.
+configuration enables mutating calls; RequestRelease also needs
+[release] enabled = true.
 """
 import builtins
 import collections.abc
 import google.protobuf.descriptor
 import google.protobuf.internal.containers
+import google.protobuf.internal.enum_type_wrapper
 import google.protobuf.message
 import google.protobuf.timestamp_pb2
 import sys
+import typing
 import unplugd.v1.report_pb2
 
-if sys.version_info >= (3, 8):
+if sys.version_info >= (3, 10):
     import typing as typing_extensions
 else:
     import typing_extensions
 
 DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+
+class _ReleaseOutcome:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _ReleaseOutcomeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ReleaseOutcome.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    RELEASE_OUTCOME_UNSPECIFIED: _ReleaseOutcome.ValueType  # 0
+    RELEASE_OUTCOME_RELEASED: _ReleaseOutcome.ValueType  # 1
+    """READY at the end (also when it already was: no hook ran then)."""
+    RELEASE_OUTCOME_STILL_BUSY: _ReleaseOutcome.ValueType  # 2
+    """Not READY when the deadline passed: reasons holds what is left."""
+    RELEASE_OUTCOME_NO_HOOK: _ReleaseOutcome.ValueType  # 3
+    """Not READY, and there is no hook to run (none installed): no wait either."""
+
+class ReleaseOutcome(_ReleaseOutcome, metaclass=_ReleaseOutcomeEnumTypeWrapper): ...
+
+RELEASE_OUTCOME_UNSPECIFIED: ReleaseOutcome.ValueType  # 0
+RELEASE_OUTCOME_RELEASED: ReleaseOutcome.ValueType  # 1
+"""READY at the end (also when it already was: no hook ran then)."""
+RELEASE_OUTCOME_STILL_BUSY: ReleaseOutcome.ValueType  # 2
+"""Not READY when the deadline passed: reasons holds what is left."""
+RELEASE_OUTCOME_NO_HOOK: ReleaseOutcome.ValueType  # 3
+"""Not READY, and there is no hook to run (none installed): no wait either."""
+global___ReleaseOutcome = ReleaseOutcome
+
+class _HookStatus:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _HookStatusEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_HookStatus.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    HOOK_STATUS_UNSPECIFIED: _HookStatus.ValueType  # 0
+    HOOK_STATUS_EXITED: _HookStatus.ValueType  # 1
+    """Ran and exited; exit_code says how."""
+    HOOK_STATUS_KILLED: _HookStatus.ValueType  # 2
+    """Killed by a signal it did not get from us (signal says which)."""
+    HOOK_STATUS_TIMED_OUT: _HookStatus.ValueType  # 3
+    """Still running at its timeout (or the call's deadline): its process group was killed."""
+    HOOK_STATUS_REFUSED: _HookStatus.ValueType  # 4
+    """Not run: it failed the ownership and permission checks (detail says which)."""
+    HOOK_STATUS_FAILED_TO_START: _HookStatus.ValueType  # 5
+    """Not run: the exec failed (detail says why)."""
+    HOOK_STATUS_SKIPPED: _HookStatus.ValueType  # 6
+    """Not run: the call's deadline had passed."""
+
+class HookStatus(_HookStatus, metaclass=_HookStatusEnumTypeWrapper): ...
+
+HOOK_STATUS_UNSPECIFIED: HookStatus.ValueType  # 0
+HOOK_STATUS_EXITED: HookStatus.ValueType  # 1
+"""Ran and exited; exit_code says how."""
+HOOK_STATUS_KILLED: HookStatus.ValueType  # 2
+"""Killed by a signal it did not get from us (signal says which)."""
+HOOK_STATUS_TIMED_OUT: HookStatus.ValueType  # 3
+"""Still running at its timeout (or the call's deadline): its process group was killed."""
+HOOK_STATUS_REFUSED: HookStatus.ValueType  # 4
+"""Not run: it failed the ownership and permission checks (detail says which)."""
+HOOK_STATUS_FAILED_TO_START: HookStatus.ValueType  # 5
+"""Not run: the exec failed (detail says why)."""
+HOOK_STATUS_SKIPPED: HookStatus.ValueType  # 6
+"""Not run: the call's deadline had passed."""
+global___HookStatus = HookStatus
 
 @typing_extensions.final
 class GetReportRequest(google.protobuf.message.Message):
@@ -98,7 +163,7 @@ class GetAgentInfoResponse(google.protobuf.message.Message):
     version: builtins.str
     @property
     def capabilities(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
-        """"report", "watch", "prepare", "interfaces-down" """
+        """"report", "watch", "prepare", "interfaces-down", "release" """
     kernel: builtins.str
     hostname: builtins.str
     @property
@@ -301,3 +366,121 @@ class ReleaseUnplugResponse(google.protobuf.message.Message):
     def ClearField(self, field_name: typing_extensions.Literal["interfaces_restored", b"interfaces_restored", "released", b"released"]) -> None: ...
 
 global___ReleaseUnplugResponse = ReleaseUnplugResponse
+
+@typing_extensions.final
+class RequestReleaseRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    DEVICES_FIELD_NUMBER: builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: builtins.int
+    @property
+    def devices(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+        """Functions to release (same forms as GetReportRequest.devices); at least one."""
+    deadline_seconds: builtins.float
+    """Seconds the whole call may take, hooks and the wait; 0 or more than the
+    agent's [release] max_wait_seconds: that maximum.
+    """
+    def __init__(
+        self,
+        *,
+        devices: collections.abc.Iterable[builtins.str] | None = ...,
+        deadline_seconds: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing_extensions.Literal["deadline_seconds", b"deadline_seconds", "devices", b"devices"]) -> None: ...
+
+global___RequestReleaseRequest = RequestReleaseRequest
+
+@typing_extensions.final
+class HookResult(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    STATUS_FIELD_NUMBER: builtins.int
+    EXIT_CODE_FIELD_NUMBER: builtins.int
+    SIGNAL_FIELD_NUMBER: builtins.int
+    STDOUT_FIELD_NUMBER: builtins.int
+    STDERR_FIELD_NUMBER: builtins.int
+    STDOUT_TRUNCATED_FIELD_NUMBER: builtins.int
+    STDERR_TRUNCATED_FIELD_NUMBER: builtins.int
+    DETAIL_FIELD_NUMBER: builtins.int
+    SECONDS_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """The file name in the hooks directory (guest text: \\ooo for bytes that are not UTF-8)."""
+    status: global___HookStatus.ValueType
+    exit_code: builtins.int
+    signal: builtins.int
+    stdout: builtins.str
+    """What it wrote, at most [release] max_output_bytes each, as guest text."""
+    stderr: builtins.str
+    stdout_truncated: builtins.bool
+    stderr_truncated: builtins.bool
+    detail: builtins.str
+    seconds: builtins.float
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        status: global___HookStatus.ValueType = ...,
+        exit_code: builtins.int = ...,
+        signal: builtins.int = ...,
+        stdout: builtins.str = ...,
+        stderr: builtins.str = ...,
+        stdout_truncated: builtins.bool = ...,
+        stderr_truncated: builtins.bool = ...,
+        detail: builtins.str = ...,
+        seconds: builtins.float = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing_extensions.Literal["detail", b"detail", "exit_code", b"exit_code", "name", b"name", "seconds", b"seconds", "signal", b"signal", "status", b"status", "stderr", b"stderr", "stderr_truncated", b"stderr_truncated", "stdout", b"stdout", "stdout_truncated", b"stdout_truncated"]) -> None: ...
+
+global___HookResult = HookResult
+
+@typing_extensions.final
+class FunctionRelease(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: builtins.int
+    PCI_PATH_FIELD_NUMBER: builtins.int
+    OUTCOME_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    REASONS_FIELD_NUMBER: builtins.int
+    HOOKS_FIELD_NUMBER: builtins.int
+    address: builtins.str
+    """Guest BDF and PCI path."""
+    pci_path: builtins.str
+    outcome: global___ReleaseOutcome.ValueType
+    state: unplugd.v1.report_pb2.FunctionState.ValueType
+    """The function's state and reasons in the last report the agent saw."""
+    @property
+    def reasons(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[unplugd.v1.report_pb2.Reason]: ...
+    @property
+    def hooks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___HookResult]:
+        """Every hook, in the order run (empty when the function was READY already)."""
+    def __init__(
+        self,
+        *,
+        address: builtins.str = ...,
+        pci_path: builtins.str = ...,
+        outcome: global___ReleaseOutcome.ValueType = ...,
+        state: unplugd.v1.report_pb2.FunctionState.ValueType = ...,
+        reasons: collections.abc.Iterable[unplugd.v1.report_pb2.Reason] | None = ...,
+        hooks: collections.abc.Iterable[global___HookResult] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing_extensions.Literal["address", b"address", "hooks", b"hooks", "outcome", b"outcome", "pci_path", b"pci_path", "reasons", b"reasons", "state", b"state"]) -> None: ...
+
+global___FunctionRelease = FunctionRelease
+
+@typing_extensions.final
+class RequestReleaseResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    FUNCTIONS_FIELD_NUMBER: builtins.int
+    @property
+    def functions(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___FunctionRelease]: ...
+    def __init__(
+        self,
+        *,
+        functions: collections.abc.Iterable[global___FunctionRelease] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing_extensions.Literal["functions", b"functions"]) -> None: ...
+
+global___RequestReleaseResponse = RequestReleaseResponse

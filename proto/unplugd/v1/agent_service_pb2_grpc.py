@@ -39,6 +39,11 @@ class AgentServiceStub(object):
                 request_serializer=unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugRequest.SerializeToString,
                 response_deserializer=unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugResponse.FromString,
                 )
+        self.RequestRelease = channel.unary_unary(
+                '/unplugd.v1.AgentService/RequestRelease',
+                request_serializer=unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseRequest.SerializeToString,
+                response_deserializer=unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseResponse.FromString,
+                )
 
 
 class AgentServiceServicer(object):
@@ -79,6 +84,15 @@ class AgentServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestRelease(self, request, context):
+        """Ask the guest to let go: run the release hooks ([release] directory) for
+        each function that is not READY, then wait (the watch's report stream)
+        until each is READY or the deadline passes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +120,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ReleaseUnplug,
                     request_deserializer=unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugRequest.FromString,
                     response_serializer=unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugResponse.SerializeToString,
+            ),
+            'RequestRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestRelease,
+                    request_deserializer=unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseRequest.FromString,
+                    response_serializer=unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -199,5 +218,22 @@ class AgentService(object):
         return grpc.experimental.unary_unary(request, target, '/unplugd.v1.AgentService/ReleaseUnplug',
             unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugRequest.SerializeToString,
             unplugd_dot_v1_dot_agent__service__pb2.ReleaseUnplugResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def RequestRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/unplugd.v1.AgentService/RequestRelease',
+            unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseRequest.SerializeToString,
+            unplugd_dot_v1_dot_agent__service__pb2.RequestReleaseResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

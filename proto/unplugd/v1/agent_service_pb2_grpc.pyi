@@ -3,7 +3,8 @@
 isort:skip_file
 The guest agent's API. Read-only calls are always served; PrepareUnplug and
 ReleaseUnplug are refused with PERMISSION_DENIED unless the guest's
-configuration enables mutating calls.
+configuration enables mutating calls; RequestRelease also needs
+[release] enabled = true.
 """
 import abc
 import collections.abc
@@ -48,6 +49,14 @@ class AgentServiceStub:
         unplugd.v1.agent_service_pb2.ReleaseUnplugRequest,
         unplugd.v1.agent_service_pb2.ReleaseUnplugResponse,
     ]
+    RequestRelease: grpc.UnaryUnaryMultiCallable[
+        unplugd.v1.agent_service_pb2.RequestReleaseRequest,
+        unplugd.v1.agent_service_pb2.RequestReleaseResponse,
+    ]
+    """Ask the guest to let go: run the release hooks ([release] directory) for
+    each function that is not READY, then wait (the watch's report stream)
+    until each is READY or the deadline passes.
+    """
 
 class AgentServiceAsyncStub:
     GetReport: grpc.aio.UnaryUnaryMultiCallable[
@@ -76,6 +85,14 @@ class AgentServiceAsyncStub:
         unplugd.v1.agent_service_pb2.ReleaseUnplugRequest,
         unplugd.v1.agent_service_pb2.ReleaseUnplugResponse,
     ]
+    RequestRelease: grpc.aio.UnaryUnaryMultiCallable[
+        unplugd.v1.agent_service_pb2.RequestReleaseRequest,
+        unplugd.v1.agent_service_pb2.RequestReleaseResponse,
+    ]
+    """Ask the guest to let go: run the release hooks ([release] directory) for
+    each function that is not READY, then wait (the watch's report stream)
+    until each is READY or the deadline passes.
+    """
 
 class AgentServiceServicer(metaclass=abc.ABCMeta):
     @abc.abstractmethod
@@ -114,5 +131,15 @@ class AgentServiceServicer(metaclass=abc.ABCMeta):
         request: unplugd.v1.agent_service_pb2.ReleaseUnplugRequest,
         context: _ServicerContext,
     ) -> typing.Union[unplugd.v1.agent_service_pb2.ReleaseUnplugResponse, collections.abc.Awaitable[unplugd.v1.agent_service_pb2.ReleaseUnplugResponse]]: ...
+    @abc.abstractmethod
+    def RequestRelease(
+        self,
+        request: unplugd.v1.agent_service_pb2.RequestReleaseRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[unplugd.v1.agent_service_pb2.RequestReleaseResponse, collections.abc.Awaitable[unplugd.v1.agent_service_pb2.RequestReleaseResponse]]:
+        """Ask the guest to let go: run the release hooks ([release] directory) for
+        each function that is not READY, then wait (the watch's report stream)
+        until each is READY or the deadline passes.
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -72,6 +72,10 @@ class _ReasonCodeEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._Enu
     REASON_CODE_OPEN_BY_PROCESS: _ReasonCode.ValueType  # 4
     REASON_CODE_EXCLUSIVE_CLAIM: _ReasonCode.ValueType  # 5
     REASON_CODE_ROOT_FILESYSTEM: _ReasonCode.ValueType  # 6
+    REASON_CODE_EMPTY_CONTROLLER: _ReasonCode.ValueType  # 7
+    """a storage or USB controller with nothing attached (no disk, interface or
+    other device below it): a warning, it is ready
+    """
     REASON_CODE_LINK_UP: _ReasonCode.ValueType  # 10
     """network"""
     REASON_CODE_HAS_ADDRESS: _ReasonCode.ValueType  # 11
@@ -105,6 +109,10 @@ REASON_CODE_HOLDER: ReasonCode.ValueType  # 3
 REASON_CODE_OPEN_BY_PROCESS: ReasonCode.ValueType  # 4
 REASON_CODE_EXCLUSIVE_CLAIM: ReasonCode.ValueType  # 5
 REASON_CODE_ROOT_FILESYSTEM: ReasonCode.ValueType  # 6
+REASON_CODE_EMPTY_CONTROLLER: ReasonCode.ValueType  # 7
+"""a storage or USB controller with nothing attached (no disk, interface or
+other device below it): a warning, it is ready
+"""
 REASON_CODE_LINK_UP: ReasonCode.ValueType  # 10
 """network"""
 REASON_CODE_HAS_ADDRESS: ReasonCode.ValueType  # 11
