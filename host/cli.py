@@ -28,9 +28,11 @@ from unplugd.text import display_text
 # standard library and usage.py; asyncio, grpc, protobuf and the planner come with the
 # command that needs them (inside the functions below).
 if TYPE_CHECKING:
-    from unplugd.host.client import TlsFiles
+    from unplugd.host.backends.libvirt import LibvirtBackend
+    from unplugd.host.client import AgentAddress, TlsFiles
     from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Progress, UnplugResult
     from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
+    from unplugd.host.relays import Relay
 
 __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]  # noqa: F822 (EXIT: __getattr__ below)
 
@@ -79,7 +81,8 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
 
     async with contextlib.AsyncExitStack() as stack:
         backend: Backend
-        agent_address: str | None = args.agent
+        agent_address: str | AgentAddress | None = args.agent
+        relay: Relay | None = None
         if args.qmp:
             from unplugd.host.backends.qmp import QmpBackend
 
@@ -93,19 +96,39 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
             await stack.enter_async_context(lv)
             backend, vm = lv, args.vm
             if agent_address is None:
-                channel = await lv.agent_channel()
-                agent_address = f"serial:{channel}" if channel else None
+                agent_address, relay = await agent_through_libvirt(lv, args)
         agent: AgentLike | None = None
         if agent_address:
             tls = _tls_files(args)
             try:
                 client = AgentClient(
-                    agent_address, timeout=args.agent_timeout, connect_timeout=args.agent_timeout, tls=tls
+                    agent_address, relay=relay, timeout=args.agent_timeout, connect_timeout=args.agent_timeout,
+                    tls=tls,
                 )
             except ValueError as e:
                 raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
             agent = await stack.enter_async_context(client)
         yield Session(backend, agent, vm)
+
+
+async def agent_through_libvirt(
+    lv: LibvirtBackend, args: argparse.Namespace
+) -> tuple[AgentAddress | None, Relay | None]:
+    """The domain's agent channel: its socket path, or a virStream through libvirt (host/channel.py)."""
+    from unplugd.host.backends.libvirt import AGENT_CHANNEL
+    from unplugd.host.channel import ChannelRelay, route
+    from unplugd.host.client import AgentAddress
+
+    path = await lv.agent_channel()
+    how = route(lv.uri, args.agent_channel, path)
+    if how is None or path is None:
+        return None, None
+    if how == "socket":
+        return AgentAddress("serial", path=path), None
+    label = f"{AGENT_CHANNEL} of {lv.domain_name} on {lv.uri}"
+    # the relay gives up a little before the client, so that its reason reaches the caller (as in client.py)
+    relay = ChannelRelay(lv.open_channel, label, force=args.force_channel, connect_timeout=args.agent_timeout * 0.8)
+    return AgentAddress("channel", path=label), relay
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
@@ -292,6 +315,10 @@ def unplug_exit(r: UnplugResult) -> int:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if getattr(args, "fleet", False):
+        from unplugd.host.fleet_cli import run_fleet_command
+
+        return await run_fleet_command(args)
     from unplugd.host.orchestrator import Orchestrator
 
     EXIT = _exit_by_verdict()
@@ -320,7 +347,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json(slot_json(sp))
             else:
-                _print_slot(sp, sys.stdout)
+                _print_slot(sp, sys.stdout)  # verbose: its findings say why it ended so
                 print(sp.verdict.value)
             return EXIT[sp.verdict]
         if args.command == "release" or args.release:
@@ -362,13 +389,28 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
 
 
 def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    t: list[str] = args.target
+    want = 0 if args.command in ("status", "slots") else 1
+    args.connects = args.connect or ["qemu:///system"]
+    args.connect = args.connects[0]
+    args.fleet = _is_fleet(args)
+    if args.fleet:
+        if args.qmp:
+            p.error("fleet commands (several VMs or --connect URIs, --all-domains, --unpluggable) are libvirt's")
+        if getattr(args, "unpluggable", None) and args.command != "status":
+            p.error("--unpluggable is a status option")
+        domains = t[: len(t) - want]
+        if len(t) < want or (not domains and not args.all_domains) or (domains and args.all_domains):
+            p.error(f"{args.command} over a fleet takes --all-domains or VM..." + (" and then DEVICE" if want else ""))
+        args.vms, args.vm, args.device = domains, None, t[-1] if want else None
+        return
+    if len(args.connects) > 1:
+        p.error(f"{args.command} takes one --connect URI")
     if args.command == "plug":
         from unplugd.host.cli_plug import split_plug_target
 
         split_plug_target(p, args)
         return
-    t: list[str] = args.target
-    want = 0 if args.command in ("status", "slots") else 1
     if args.qmp and len(t) == want:
         args.vm = None
     elif len(t) == want + 1:
@@ -377,6 +419,14 @@ def _split_target(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         form = "VM" if want == 0 else "VM DEVICE"
         p.error(f"{args.command} takes {form}" + (" (VM may be omitted with --qmp)" if args.qmp else ""))
     args.device = t[-1] if want else None
+
+
+def _is_fleet(args: argparse.Namespace) -> bool:
+    """status/check over several domains: more than one VM or URI, --all-domains or --unpluggable."""
+    if args.command not in ("status", "check"):
+        return False
+    vms = len(args.target) - (0 if args.command == "status" else 1)
+    return bool(args.all_domains or len(args.connects) > 1 or vms > 1 or getattr(args, "unpluggable", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,7 +49,9 @@ __all__ = [
     "parse_address",
 ]
 
-Kind = Literal["unix", "vsock", "hvsock", "serial", "tcp"]
+# "channel": the agent's virtio-serial port opened through libvirt (host/channel.py), never parsed from
+# the command line; `path` says which port of which domain on which connection, for messages.
+Kind = Literal["unix", "vsock", "hvsock", "serial", "tcp", "channel"]
 _T = TypeVar("_T")
 
 # Reconnect quickly: a guest agent restarts in about a second. (Not
@@ -103,7 +105,7 @@ class AgentAddress:
     host: str = ""
 
     def __str__(self) -> str:
-        if self.kind in ("unix", "serial"):
+        if self.kind in ("unix", "serial", "channel"):
             return f"{self.kind}:{self.path}"
         if self.kind == "vsock":
             return f"vsock:{self.cid}:{self.port}"
@@ -226,6 +228,8 @@ class AgentClient:
             # the relay gives up a little earlier than we do, so that its
             # reason (not just "timed out") reaches the caller
             relay = self._custom_relay or _relay_for(addr, self.connect_timeout * 0.8)
+            if relay is None and addr.kind == "channel":
+                raise ValueError(f"{addr}: a libvirt channel is reached only through its ChannelRelay")
             if relay is not None:
                 self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
                 try:

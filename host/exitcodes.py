@@ -35,11 +35,12 @@ class Exit(IntEnum):
 
 
 MEANING: dict[Exit, str] = {
-    Exit.OK: "unpluggable / unplugged (status: printed)",
-    Exit.FAILURE: "failure (hypervisor or agent error)",
+    Exit.OK: "unpluggable / unplugged (status: printed); fleet status/check: every domain answered",
+    Exit.FAILURE: "failure (hypervisor or agent error); fleet: some domain failed",
     Exit.USAGE: "usage error: bad arguments, unknown or ambiguous device",
     Exit.BLOCKED_BY_GUEST: "blocked by the guest",
-    Exit.GUEST_UNREACHABLE: "guest unreachable or unknown",
+    Exit.GUEST_UNREACHABLE: "guest unreachable or unknown; fleet: some domain's hypervisor, domain or agent "
+    "could not be reached",
     Exit.NOT_HOTPLUGGABLE: "not hotpluggable (plug: no free hotpluggable slot there, or libvirt and a multifunction "
     "slot; nothing was added)",
     Exit.NEEDS_COMPANIONS: "needs companions (other functions share the slot)",

@@ -224,11 +224,20 @@ class SerialRelay(Relay):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await old
 
+    async def _connect(self) -> Streams:
+        """The byte stream to the port; ChannelRelay (host/channel.py) opens it through libvirt instead."""
+        return await self._reach(asyncio.open_unix_connection(self.chardev_path), "QEMU does not accept the connection")
+
+    async def _disconnect(self, chardev: Streams) -> None:
+        await close_writer(chardev[1])
+
+    def _closed_why(self) -> str:
+        """Why the port's stream ended before the guest answered."""
+        return "QEMU closed the connection"
+
     async def _carry(self, client: Streams) -> None:
         async with self._lock:
-            chardev = await self._reach(
-                asyncio.open_unix_connection(self.chardev_path), "QEMU does not accept the connection"
-            )
+            chardev = await self._connect()
             try:
                 session = secrets.randbits(32) or 1
                 decoder = FrameDecoder()
@@ -236,7 +245,7 @@ class SerialRelay(Relay):
                 self.last_error = None
                 await self._pump(client, chardev, session, decoder, early)
             finally:
-                await close_writer(chardev[1])
+                await self._disconnect(chardev)
 
     async def _open(self, chardev: Streams, session: int, decoder: FrameDecoder) -> list[Frame]:
         """Start the session; returns frames that came right behind the ACCEPT."""
@@ -255,7 +264,7 @@ class SerialRelay(Relay):
                 await asyncio.wait_for(writer.drain(), max(left, 0.01))
                 continue
             if not data:
-                raise RelayError(f"{self.target}: QEMU closed the connection")
+                raise RelayError(f"{self.target}: {self._closed_why()}")
             frames = decoder.feed(data)
             for i, frame in enumerate(frames):
                 if frame.session != session:

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from unplugd.host.exitcodes import help_paragraph
 
-__all__ = ["EPILOG", "parser"]
+__all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
+
+# Fleet commands: domains asked at once. Each holds a libvirt call in a thread and an agent session
+# (under a remote URI a virStream with a thread each way), so the bound caps threads. 16 overlaps 16
+# round trips to remote hypervisors; on loopback (tests/bench/sec_fleet.py) 16 and 64 measure alike.
+DEFAULT_JOBS = 16
 
 EPILOG = """\
 VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
@@ -23,6 +28,12 @@ process given as --qmp SOCKET with --agent ADDRESS (then VM may be omitted).
 DEVICE is a libvirt alias or target (virtio-disk1, vdb, net1), a QEMU id or QOM
 path, a guest PCI address (0000:01:00.0, the guest's numbering) or a PCI path
 (0000:00/02.0/00.0 for a function, 0000:00/02.0/00 for the whole slot).
+
+Remote URIs (qemu+ssh://, qemu+tls://, qemu+tcp://): the agent is reached through
+libvirt itself (virDomainOpenChannel over the same connection), nothing to open on
+the hypervisor. Several DOMAINs, --all-domains or several --connect URIs make
+status and check fleet commands: every domain asked, --jobs at a time, one line
+(--json: one JSON object) per domain, progress on stderr when it is a terminal.
 
 Agent addresses: unix:/path  vsock:CID:PORT  hvsock:/vmm.sock:PORT
 serial:/chardev.sock  tcp:HOST:PORT (mutual TLS).
@@ -37,6 +48,10 @@ examples:
   unplugctl wait-ready web1 net1 --timeout 300 && unplugctl unplug web1 net1
   unplugctl unplug web1 vdb --release --timeout 120
   unplugctl status --qmp /run/vm.qmp --agent vsock:42:1000
+  unplugctl status web1 --connect qemu+ssh://root@hv1/system
+  unplugctl status -c qemu+ssh://hv1/system -c qemu+ssh://hv2/system --all-domains --json
+  unplugctl status -c qemu+ssh://hv1/system --all-domains --unpluggable 'model=hostdev*'
+  unplugctl check -c qemu+ssh://hv1/system web1 web2 web3 net1
 
 Multifunction slots under libvirt: libvirt refuses to detach a device that shares
 a slot. With --with-companions unplugctl issues device_del on function 0 through
@@ -47,9 +62,25 @@ libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--connect", "-c", default="qemu:///system", metavar="URI", help="libvirt URI")
+    common.add_argument(
+        "--connect",
+        "-c",
+        action="append",
+        metavar="URI",
+        help="libvirt URI, local or remote (qemu+ssh://host/system); repeat for a fleet (default qemu:///system)",
+    )
     common.add_argument("--qmp", metavar="SOCKET", help="talk to QEMU's QMP socket instead of libvirt")
     common.add_argument("--agent", metavar="ADDRESS", help="the guest agent (default under libvirt: its <channel>)")
+    common.add_argument(
+        "--agent-channel",
+        choices=("auto", "socket", "libvirt"),
+        default="auto",
+        help="reach the <channel> by its socket path or through libvirt (virDomainOpenChannel); "
+        "auto: the path on a local URI, libvirt on a remote one (default %(default)s)",
+    )
+    common.add_argument(
+        "--force-channel", action="store_true", help="take the agent's channel from another libvirt client holding it"
+    )
     common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
     common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
     common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")
@@ -85,7 +116,12 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=fmt,
     )
-    st.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp)")
+    st.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp); several: a fleet")
+    st.add_argument(
+        "--unpluggable",
+        metavar="KEY=GLOB",
+        help="fleet: only domains with a device matching alias|target|model|path=GLOB[,...] that is UNPLUGGABLE now",
+    )
     st.add_argument("--all", action="store_true", help="also the infrastructure (root ports, bridges, chipset)")
     for name, helptext in (
         ("check", "verdict for one device (exit code says it)"),
@@ -109,6 +145,24 @@ def parser() -> argparse.ArgumentParser:
         if name == "release":
             c.add_argument("--timeout", type=float, default=60.0, metavar="S",
                            help="seconds the guest may take, hooks and the wait (default %(default)s)")
+    for name in ("status", "check"):
+        fleet = sub.choices[name].add_argument_group("fleet (several domains or --connect URIs)")
+        fleet.add_argument("--all-domains", action="store_true", help="every running domain of each --connect URI")
+        fleet.add_argument(
+            "--jobs",
+            "-j",
+            type=int,
+            default=DEFAULT_JOBS,
+            metavar="N",
+            help="domains asked at once (default %(default)s)",
+        )
+        fleet.add_argument(
+            "--domain-timeout",
+            type=float,
+            default=60.0,
+            metavar="S",
+            help="give up on one domain after S seconds (default %(default)s)",
+        )
     _hot_add_parsers(sub, common, fmt)
     return p
 

@@ -16,7 +16,10 @@ it marks the domain *tainted* (custom-monitor) for the rest of its life.
 Removal events come from VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED on libvirt's
 default event loop implementation (virEventRegisterDefaultImpl), run by one
 daemon thread per process and bridged into asyncio with call_soon_threadsafe.
-libvirt-python's calls block, so they run in worker threads.
+libvirt-python's calls block, so they run in daemon threads (in_thread) with deadlines.
+Every connection has keepalive, and a wait asks the connection whether it is alive every
+keepalive interval: a remote hypervisor that goes silent ends the wait, never hangs it.
+open_channel() gives the agent's <channel> as a virStream (host/channel.py speaks over it).
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ __all__ = [
     "DomainLayout",
     "LibvirtBackend",
     "classify_detach_error",
+    "in_thread",
+    "open_connection",
     "parse_domain_xml",
+    "running_domains",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +65,11 @@ log = logging.getLogger(__name__)
 AGENT_CHANNEL = "org.unplugd.agent.0"
 _HANDOFF_S = 1.0  # how old a layout read for the agent channel may be when topology() takes it over
 _RECONNECT_S = 0.25  # libvirtd restarts in about a second: ask again this often while its socket refuses
+# Keepalive on every connection (virConnectSetKeepAlive): a peer silent for interval * (count + 1)
+# seconds, 20 s, is declared dead: the close callback fires and blocked calls fail, so a remote
+# hypervisor that vanishes mid-wait (cable, ssh tunnel, NAT) ends the wait instead of hanging it.
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
 _T = TypeVar("_T")
 
 _BUS_KINDS = {
@@ -375,6 +386,36 @@ def classify_detach_error(device: str, message: str) -> UnplugRefused:
     return classify_unplug_error(device, message)
 
 
+# ---------------------------------------------------------------- blocking calls
+
+
+async def in_thread(fn: Callable[[], _T]) -> _T:
+    """fn() in a daemon thread of its own. Not asyncio.to_thread: a libvirt call to a hypervisor that
+    stopped answering may block for good, and asyncio.run() waits at exit for its executor's threads;
+    a daemon thread is left behind instead, so unplugctl ends with its outcome, never hangs."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as e:  # handed to the awaiting task
+            result, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="libvirt-call", daemon=True).start()
+    return await done
+
+
 # ---------------------------------------------------------------- the event loop thread
 
 
@@ -406,15 +447,53 @@ def _ensure_event_loop() -> None:
         _EventLoop.thread.start()
 
 
+async def open_connection(uri: str, timeout: float) -> Any:
+    """libvirt.open(uri) within `timeout`, with keepalive and the event loop that delivers its events."""
+    import libvirt
+
+    _ensure_event_loop()
+
+    def open_() -> Any:
+        conn = libvirt.open(uri)
+        # Drivers without keepalive (test:///, a local embedded driver) refuse it; nothing to detect there.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+        return conn
+
+    try:
+        return await asyncio.wait_for(in_thread(open_), timeout)
+    except TimeoutError as e:
+        raise BackendError(f"libvirt open {uri} got no answer within {timeout:g}s") from e
+    except libvirt.libvirtError as e:
+        raise BackendError(f"libvirt open {uri}: {e.get_error_message()}") from e
+
+
+async def running_domains(conn: Any, timeout: float) -> list[str]:
+    """Names of the running domains on an open connection, sorted."""
+    import libvirt
+
+    def names() -> list[str]:
+        return sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))
+
+    try:
+        return await asyncio.wait_for(in_thread(names), timeout)
+    except TimeoutError as e:
+        raise BackendError(f"libvirt listAllDomains got no answer within {timeout:g}s") from e
+    except libvirt.libvirtError as e:
+        raise BackendError(f"libvirt listAllDomains: {e.get_error_message()}") from e
+
+
 class LibvirtBackend:
     """One running libvirt domain. Use as `async with LibvirtBackend(name, uri=...) as be:`."""
 
     source = "libvirt"
 
-    def __init__(self, domain: str, *, uri: str = "qemu:///system", timeout: float = 10.0) -> None:
+    def __init__(self, domain: str, *, uri: str = "qemu:///system", timeout: float = 10.0, conn: Any = None) -> None:
+        """`conn`: an open virConnect to share (fleet commands: one per hypervisor); not closed here."""
         self.domain_name = domain
         self.uri = uri
         self.timeout = timeout
+        self._shared = conn
         self._conn: Any = None
         self._conn_refused: bool | None = None
         self._dom: Any = None
@@ -427,7 +506,7 @@ class LibvirtBackend:
         import libvirt
 
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn), self.timeout)
+            return await asyncio.wait_for(in_thread(fn), self.timeout)
         except TimeoutError as e:
             raise BackendError(f"libvirt {what} got no answer within {self.timeout:g}s") from e
         except libvirt.libvirtError as e:
@@ -443,15 +522,18 @@ class LibvirtBackend:
     async def connect(self) -> None:
         import libvirt
 
-        _ensure_event_loop()
-        self._conn_refused = True  # until libvirt answered: what reconnect() may retry
-        try:
-            self._conn = await self._call(lambda: libvirt.open(self.uri), f"open {self.uri}")
-        except BackendError as e:
-            raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
+        if self._shared is not None:
+            self._conn = self._shared
+        else:
+            self._conn_refused = True  # until libvirt answered: what reconnect() may retry
+            try:
+                self._conn = await open_connection(self.uri, self.timeout)
+            except BackendError as e:
+                raise DomainNotFound(f"cannot connect to {self.uri}: {e}") from e
         self._conn_refused = False
         try:
-            self._dom = await asyncio.to_thread(self._conn.lookupByName, self.domain_name)
+            conn = self._conn
+            self._dom = await in_thread(lambda: conn.lookupByName(self.domain_name))
         except libvirt.libvirtError as e:
             await self.close()
             raise DomainNotFound(f"no domain {self.domain_name!r} on {self.uri}: {e.get_error_message()}") from e
@@ -463,6 +545,7 @@ class LibvirtBackend:
         """Connect again after the connection broke: libvirtd restarting refuses for a moment, so
         retry until `timeout`; a domain that is gone or stopped is DomainNotFound at once."""
         await self.close()
+        self._shared = None  # the shared connection broke: this backend opens its own from now on
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -477,9 +560,11 @@ class LibvirtBackend:
 
     async def close(self) -> None:
         conn, self._conn, self._dom = self._conn, None, None
-        if conn is not None:
+        if conn is not None and conn is not self._shared:
+            # bounded: on a connection whose peer went silent, close can wait behind a call that never
+            # returns (the remote driver serialises calls); the connection is dropped either way
             with contextlib.suppress(Exception):
-                await asyncio.to_thread(conn.close)
+                await asyncio.wait_for(in_thread(conn.close), self.timeout)
 
     async def layout(self) -> DomainLayout:
         xml = await self._call(lambda: str(self._dom.XMLDesc(0)), "dumpxml")
@@ -496,6 +581,22 @@ class LibvirtBackend:
         layout = await self.layout()
         self._handoff = (time.monotonic(), layout)
         return layout.agent_channel
+
+    async def open_channel(self, force: bool = False, name: str = AGENT_CHANNEL) -> Any:
+        """A blocking virStream on the domain's virtio-serial port `name` (virDomainOpenChannel), over
+        this connection, local or remote; `force` takes the port from another stream
+        (VIR_DOMAIN_CHANNEL_FORCE). host/channel.py speaks the agent's protocol over it."""
+        import libvirt
+
+        flags = libvirt.VIR_DOMAIN_CHANNEL_FORCE if force else 0
+        conn, dom = self._conn, self._dom
+
+        def open_() -> Any:
+            stream = conn.newStream(0)
+            dom.openChannel(name, stream, flags)
+            return stream
+
+        return await self._call(open_, f"open channel {name}")
 
     async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
         """detachDeviceFlags(LIVE), or device_del through the QEMU monitor for a multifunction slot.
@@ -517,7 +618,8 @@ class LibvirtBackend:
         if xml is None:
             raise DeviceGone(alias, "not in the live domain XML")
         try:
-            await asyncio.to_thread(self._dom.detachDeviceFlags, xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            dom = self._dom
+            await in_thread(lambda: dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE))
         except libvirt.libvirtError as e:
             raise classify_detach_error(alias, e.get_error_message() or str(e)) from e
 
@@ -555,6 +657,8 @@ class LibvirtBackend:
             log.warning("libvirt: the guest refused the removal of %s", alias)
 
         def closed(_conn: Any, reason: int, _opaque: Any) -> None:
+            # reason: VIR_CONNECT_CLOSE_REASON_* (1 EOF, 2 KEEPALIVE, 3 CLIENT)
+            log.info("libvirt: the connection to %s closed (reason %d)", self.uri, reason)
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
         conn = self._conn
@@ -568,21 +672,42 @@ class LibvirtBackend:
             ),
         ]
 
+        async def alive() -> bool:
+            try:
+                return bool(await asyncio.wait_for(in_thread(conn.isAlive), self.timeout))
+            except (TimeoutError, libvirt.libvirtError):
+                return False
+
         async def events() -> AsyncIterator[Removal]:
             while True:
-                removal = await queue.get()
+                try:
+                    removal = await asyncio.wait_for(queue.get(), KEEPALIVE_INTERVAL_S)
+                except TimeoutError:
+                    # The close callback is not enough: measured here (tests/integration/
+                    # test_libvirt_remote.py, libvirtd frozen mid-wait), unplugctl's connection closed
+                    # by keepalive never called it, though a bare connection's does; the cause is not
+                    # pinned down. So ask the connection itself every keepalive interval.
+                    if await alive():
+                        continue
+                    removal = None
                 if removal is None:
-                    raise BackendError(f"the connection to {self.uri} closed while waiting (libvirtd restarted?)")
+                    raise BackendError(f"the connection to {self.uri} closed while waiting (libvirtd restarted, "
+                                       "or silent past keepalive)")
                 yield removal
 
-        try:
-            yield events()
-        finally:
+        def deregister() -> None:
             for cb in ids:
                 with contextlib.suppress(Exception):
                     conn.domainEventDeregisterAny(cb)
             with contextlib.suppress(Exception):
                 conn.unregisterCloseCallback()
+
+        try:
+            yield events()
+        finally:
+            # calls on the connection: off the event loop and bounded, like close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(in_thread(deregister), self.timeout)
 
     # ------------------------------------------------------------ hot-add (host/plugging.py)
 
@@ -598,7 +723,8 @@ class LibvirtBackend:
 
         self._handoff = None
         try:
-            await asyncio.to_thread(self._dom.attachDeviceFlags, xml, self._flags(persistent))
+            dom, flags = self._dom, self._flags(persistent)
+            await in_thread(lambda: dom.attachDeviceFlags(xml, flags))
         except libvirt.libvirtError as e:
             raise AddRejected("attach", e.get_error_message() or str(e)) from e
 
@@ -608,6 +734,7 @@ class LibvirtBackend:
 
         self._handoff = None
         try:
-            await asyncio.to_thread(self._dom.detachDeviceFlags, xml, self._flags(persistent))
+            dom, flags = self._dom, self._flags(persistent)
+            await in_thread(lambda: dom.detachDeviceFlags(xml, flags))
         except libvirt.libvirtError as e:
             raise classify_detach_error("the attached device", e.get_error_message() or str(e)) from e

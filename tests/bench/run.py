@@ -2,7 +2,7 @@
 
     tests/bench/run.py [--quick] [--only SECTION]... [--json FILE|-]
 
-Sections: 1 inspect, 2 tree, 3 procs, 4 service, 5 host, 6 bounds, 7 hotadd (number or name).
+Sections: 1 inspect, 2 tree, 3 procs, 4 service, 5 host, 6 bounds, 7 fleet, 8 hotadd (number or name).
 Each section stops by itself, cleans up what it started (loop devices,
 processes, namespaces, QEMU) even when interrupted, and prints
 "skipped: <why>" for what this machine lacks (root, QEMU, libvirt, a
@@ -39,6 +39,7 @@ SECTIONS: list[tuple[str, str]] = [
     ("service", "tests.bench.sec_agent_service"),
     ("host", "tests.bench.sec_host"),
     ("bounds", "tests.bench.sec_bounds"),
+    ("fleet", "tests.bench.sec_fleet"),
     ("hotadd", "tests.bench.sec_hot_add"),
 ]
 

@@ -1,4 +1,4 @@
-"""Section 7 (issue 11): the seed's case on a real guest, a VM with 128 NICs (16 slots x 8 functions).
+"""Section 8 (issue 11): the seed's case on a real guest, a VM with 128 NICs (16 slots x 8 functions).
 
 A real Debian guest under TCG (tests/vm GuestVM, pc: ACPI hotplug on the root bus) with our packages
 installed, its NICs on QEMU's user network with restrict=on (nothing reaches outside):
@@ -26,7 +26,7 @@ from tests.bench.results import Row, SectionResult, part
 __all__ = ["run"]
 
 KEY = "hotadd"
-TITLE = "7. hot-add: a VM with 128 NICs (16 slots x 8; --quick: 32), plug and unplug of a whole slot (issue 11)"
+TITLE = "8. hot-add: a VM with 128 NICs (16 slots x 8; --quick: 32), plug and unplug of a whole slot (issue 11)"
 FUNCTIONS = 8  # a PCI slot's functions: the case that needs multifunction slots
 FIRST_SLOT = 0x2  # pc: 0 host bridge, 1 PIIX3
 PLUG_SLOT = 0x1C  # free in either size; below the harness' virtio-serial at 0x1e

@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -34,9 +35,13 @@ START_TIMEOUT_S = 30.0  # libvirtd probes QEMU's capabilities on a first start: 
 
 
 class PrivateLibvirtd:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, tcp_port: int | None = None) -> None:
         self.root = root
         self.uri = f"qemu+unix:///system?socket={root}/sock/libvirt-sock"
+        # A remote transport to the same daemon: libvirt's TCP listener on loopback, no auth
+        # (tests only; nothing but this machine can reach 127.0.0.1).
+        self.tcp_port = tcp_port
+        self.tcp_uri = f"qemu+tcp://127.0.0.1:{tcp_port}/system" if tcp_port else None
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _prepare(self) -> None:
@@ -49,13 +54,18 @@ class PrivateLibvirtd:
         shutil.rmtree(etc / "qemu" / "networks" / "autostart", ignore_errors=True)
         with open(etc / "qemu.conf", "a") as f:
             f.write('\nstdio_handler = "file"\n')
-        (etc / "libvirtd.conf").write_text(f'unix_sock_dir = "{self.root}/sock"\nunix_sock_rw_perms = "0700"\n'
-                                           'unix_sock_ro_perms = "0700"\n')
+        conf = f'unix_sock_dir = "{self.root}/sock"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
+        if self.tcp_port:
+            conf += (f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\ntcp_port = "{self.tcp_port}"\n'
+                     'listen_addr = "127.0.0.1"\n')
+        (etc / "libvirtd.conf").write_text(conf)
+        listen = " --listen" if self.tcp_port else ""
         binds = "\n".join(f"mount --bind {self.root / src} {dst}" for src, dst in _BINDS.items())
         script = self.root / "start.sh"
         script.write_text(f"#!/bin/sh\nset -e\nmount --make-rprivate /\n{binds}\n"
                           "mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu\n"
-                          f"exec libvirtd --config /etc/libvirt/libvirtd.conf --pid-file {self.root}/libvirtd.pid\n")
+                          f"exec libvirtd{listen} --config /etc/libvirt/libvirtd.conf "
+                          f"--pid-file {self.root}/libvirtd.pid\n")
         script.chmod(0o755)
 
     def start(self) -> None:
@@ -115,15 +125,23 @@ class PrivateLibvirtd:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _free_port() -> int:
+    """A loopback TCP port nobody listens on now (the kernel's choice; libvirtd binds it right after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @contextlib.contextmanager
-def private_libvirtd() -> Iterator[PrivateLibvirtd]:
+def private_libvirtd(*, tcp: bool = False) -> Iterator[PrivateLibvirtd]:
+    """`tcp`: also listen on a free loopback port (`daemon.tcp_uri`, qemu+tcp://127.0.0.1:PORT/system)."""
     ensure_libvirtd()  # root, libvirtd and QEMU installed, qemu.conf set up for this machine
     if shutil.which("unshare") is None:
         import pytest
 
         pytest.skip("needs unshare (util-linux)")
     root = Path(tempfile.mkdtemp(prefix="unplugd-libvirtd-"))
-    daemon = PrivateLibvirtd(root)
+    daemon = PrivateLibvirtd(root, tcp_port=_free_port() if tcp else None)
     daemon._prepare()
     daemon.start()
     try:

@@ -73,6 +73,12 @@ class FakeAgent(pb_grpc.AgentServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
         return pb.ReleaseUnplugResponse(released=True)
 
+    def RequestRelease(self, request: pb.RequestReleaseRequest, context: grpc.ServicerContext
+                       ) -> pb.RequestReleaseResponse:
+        # As a guest with the default configuration answers: release hooks are off.
+        self.calls.append("RequestRelease")
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "RequestRelease is disabled; set [release] enabled = true")
+
 
 def serve_fake_agent(path: Path) -> tuple[grpc.Server, FakeAgent]:
     agent = FakeAgent()

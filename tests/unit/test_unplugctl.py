@@ -96,11 +96,16 @@ def test_check_json(session, capsys) -> None:  # type: ignore[no-untyped-def]
     [
         [],
         ["check", "dom"],
-        ["check", "a", "b", "c"],
+        ["unplug", "a", "b", "c"],  # several VMs are a fleet, and only status and check ask fleets
         ["unplug", "dom", "vdb", "--timeout", "soon"],
         ["wait-ready", "dom", "vdb"],  # --timeout is required
         ["frobnicate", "dom"],
-        ["status", "a", "b"],
+        ["status", "a", "--all-domains"],  # names or every domain, not both
+        ["check", "--all-domains"],  # a fleet check still needs its DEVICE
+        ["check", "a", "b", "vdb", "--unpluggable", "model=*"],  # a status option
+        ["status", "a", "b", "--qmp", "/run/q.sock"],  # fleets are libvirt's
+        ["status", "a", "--unpluggable", "colour=red"],  # KEY is alias, target, model or path
+        ["unplug", "a", "vdb", "-c", "qemu:///system", "-c", "qemu+ssh://hv/system"],  # one URI to unplug on
     ],
 )
 def test_usage_errors_exit_2(session, capsys, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
