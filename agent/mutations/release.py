@@ -174,11 +174,21 @@ def holding(inventory: Inventory, function: PciFunction, verdict: FunctionVerdic
     for name in function.net_interfaces:
         iface = inventory.interfaces.get(name)
         if iface is not None:
-            interfaces.append(InterfaceHeld(iface.name, iface.admin_up, iface.master, iface.uppers,
-                                            tuple(str(a) for a in iface.addresses)))
+            interfaces.append(
+                InterfaceHeld(
+                    iface.name, iface.admin_up, iface.master, iface.uppers, tuple(str(a) for a in iface.addresses)
+                )
+            )
     reasons = tuple(ReasonHeld(r.code.value, r.detail, r.object, r.blocking) for r in verdict.reasons)
-    return FunctionHolding(str(function.address), str(function.path), verdict.state.value, tuple(closure),
-                           tuple(mounts), tuple(interfaces), reasons)
+    return FunctionHolding(
+        str(function.address),
+        str(function.path),
+        verdict.state.value,
+        tuple(closure),
+        tuple(mounts),
+        tuple(interfaces),
+        reasons,
+    )
 
 
 def _env_item(text: str) -> str:
@@ -212,12 +222,29 @@ def hook_input(h: FunctionHolding) -> bytes:
         "pciPath": h.pci_path,
         "state": h.state,
         "blockDevices": list(h.block_devices),
-        "mounts": [{"device": m.device, "mountPoint": wire_text(m.mount_point), "fstype": wire_text(m.fstype),
-                    "namespacePid": m.namespace_pid} for m in h.mounts],
-        "interfaces": [{"name": i.name, "adminUp": i.admin_up, "master": i.master, "uppers": list(i.uppers),
-                        "addresses": list(i.addresses)} for i in h.interfaces],
-        "reasons": [{"code": r.code, "detail": wire_text(r.detail), "object": wire_text(r.object),
-                     "blocking": r.blocking} for r in h.reasons],
+        "mounts": [
+            {
+                "device": m.device,
+                "mountPoint": wire_text(m.mount_point),
+                "fstype": wire_text(m.fstype),
+                "namespacePid": m.namespace_pid,
+            }
+            for m in h.mounts
+        ],
+        "interfaces": [
+            {
+                "name": i.name,
+                "adminUp": i.admin_up,
+                "master": i.master,
+                "uppers": list(i.uppers),
+                "addresses": list(i.addresses),
+            }
+            for i in h.interfaces
+        ],
+        "reasons": [
+            {"code": r.code, "detail": wire_text(r.detail), "object": wire_text(r.object), "blocking": r.blocking}
+            for r in h.reasons
+        ],
     }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
@@ -292,8 +319,9 @@ def _open_hook(dirfd: int, name: str) -> tuple[int, str]:
     return fd, ""
 
 
-def run_hook(dirfd: int, directory: Path, name: str, *, env: Mapping[str, str], stdin: bytes,
-             timeout: float, max_output: int) -> HookRun:
+def run_hook(
+    dirfd: int, directory: Path, name: str, *, env: Mapping[str, str], stdin: bytes, timeout: float, max_output: int
+) -> HookRun:
     """Check and run one hook of the directory open as `dirfd`."""
     start = time.monotonic()
     fd, why = _open_hook(dirfd, name)
@@ -307,28 +335,45 @@ def run_hook(dirfd: int, directory: Path, name: str, *, env: Mapping[str, str], 
                 executable=f"/proc/self/fd/{fd}",  # the inode just checked, as fexecve(3) runs it
                 pass_fds=(fd,),  # kept open across exec: a script's interpreter reopens it
                 env={k.encode(): v.encode("utf-8", "surrogateescape") for k, v in env.items()},
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd="/", start_new_session=True, close_fds=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
             )
         except OSError as exc:
-            return HookRun(name, HookStatus.FAILED_TO_START, detail=f"cannot execute: {exc.strerror}",
-                           seconds=time.monotonic() - start)
+            return HookRun(
+                name,
+                HookStatus.FAILED_TO_START,
+                detail=f"cannot execute: {exc.strerror}",
+                seconds=time.monotonic() - start,
+            )
     finally:
         os.close(fd)
     out, err = _Bounded(max_output), _Bounded(max_output)
     timed_out = _pump(proc, stdin, out, err, start + timeout)
     code = proc.wait()
     seconds = time.monotonic() - start
-    common = {"stdout": bytes(out.data), "stderr": bytes(err.data), "stdout_truncated": out.truncated,
-              "stderr_truncated": err.truncated, "seconds": seconds}
     if timed_out and code < 0:
-        return HookRun(name, HookStatus.TIMED_OUT, signal=-code,
-                       detail=f"still running after {timeout:g} s: its process group was killed", **common)  # type: ignore[arg-type]
-    if code < 0:
-        return HookRun(name, HookStatus.KILLED, signal=-code,
-                       detail=f"killed by signal {signal.Signals(-code).name}", **common)  # type: ignore[arg-type]
-    detail = "" if not timed_out else "exited; what it left running past the timeout was killed"
-    return HookRun(name, HookStatus.EXITED, exit_code=code, detail=detail, **common)  # type: ignore[arg-type]
+        status, detail = HookStatus.TIMED_OUT, f"still running after {timeout:g} s: its process group was killed"
+    elif code < 0:
+        status, detail = HookStatus.KILLED, f"killed by signal {signal.Signals(-code).name}"
+    else:
+        status = HookStatus.EXITED
+        detail = "" if not timed_out else "exited; what it left running past the timeout was killed"
+    return HookRun(
+        name,
+        status,
+        exit_code=max(code, 0),
+        signal=max(-code, 0),
+        stdout=bytes(out.data),
+        stderr=bytes(err.data),
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        detail=detail,
+        seconds=seconds,
+    )
 
 
 def _pump(proc: subprocess.Popen[bytes], stdin: bytes, out: _Bounded, err: _Bounded, deadline: float) -> bool:
@@ -362,7 +407,7 @@ def _pump(proc: subprocess.Popen[bytes], stdin: bytes, out: _Bounded, err: _Boun
                     _kill_group(proc)
                 elif key.fileobj is proc.stdin:
                     try:
-                        pending = pending[os.write(proc.stdin.fileno(), pending):]
+                        pending = pending[os.write(proc.stdin.fileno(), pending) :]
                     except BlockingIOError:
                         continue
                     except BrokenPipeError:
@@ -394,8 +439,9 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_hooks(directory: Path, h: FunctionHolding, *, timeout: float, max_output: int,
-              deadline: float) -> tuple[list[HookRun], bool]:
+def run_hooks(
+    directory: Path, h: FunctionHolding, *, timeout: float, max_output: int, deadline: float
+) -> tuple[list[HookRun], bool]:
     """Every hook of `directory` for one function, in order; and whether the directory has any.
 
     A directory that is missing has no hooks; one that fails the checks is one REFUSED result
@@ -422,10 +468,13 @@ def run_hooks(directory: Path, h: FunctionHolding, *, timeout: float, max_output
             if left <= 0:
                 runs.append(HookRun(name, HookStatus.SKIPPED, detail="the call's deadline had passed"))
                 continue
-            run = run_hook(dirfd, directory, name, env=env, stdin=data, timeout=min(timeout, left),
-                           max_output=max_output)
-            log.info("release hook ran", extra={"hook": name, "function": h.address, "status": run.status.value,
-                                                "code": run.exit_code})
+            run = run_hook(
+                dirfd, directory, name, env=env, stdin=data, timeout=min(timeout, left), max_output=max_output
+            )
+            log.info(
+                "release hook ran",
+                extra={"hook": name, "function": h.address, "status": run.status.value, "code": run.exit_code},
+            )
             runs.append(run)
         return runs, bool(names)
     finally:
@@ -462,8 +511,13 @@ class Released:
 FIRST_REPORT_GRACE = 10.0
 
 
-def wait_ready(next_states: NextStates, watched: Collection[str], wanted: Collection[str], deadline: float,
-               clock: Callable[[], float] = time.monotonic) -> dict[str, FunctionState]:
+def wait_ready(
+    next_states: NextStates,
+    watched: Collection[str],
+    wanted: Collection[str],
+    deadline: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, FunctionState]:
     """The last state of each `watched` function seen on the stream, once every `wanted` one is
     READY (at once when none is wanted) or at the deadline. At least one report is taken."""
     last: dict[str, FunctionState] = {}
@@ -498,8 +552,9 @@ class Releaser:
         cap = self._config.max_wait_seconds
         return cap if not asked > 0 or asked > cap else asked  # NaN and 0 take the cap
 
-    def release(self, names: Sequence[str], asked_seconds: float,
-                watch: Callable[[], AbstractContextManager[NextStates]]) -> list[Released]:
+    def release(
+        self, names: Sequence[str], asked_seconds: float, watch: Callable[[], AbstractContextManager[NextStates]]
+    ) -> list[Released]:
         """Run the hooks, then wait on `watch` (entered once the hooks are done, so its first
         report is taken after them) until the functions that had hooks (or were READY) are READY."""
         if not names:
@@ -523,13 +578,18 @@ class Releaser:
                     continue
                 held = holding(inventory, f, verdict)
                 r.hooks, had[r.address] = run_hooks(
-                    self._config.directory, held, timeout=self._config.hook_timeout_seconds,
-                    max_output=self._config.max_output_bytes, deadline=deadline)
+                    self._config.directory,
+                    held,
+                    timeout=self._config.hook_timeout_seconds,
+                    max_output=self._config.max_output_bytes,
+                    deadline=deadline,
+                )
         finally:
             self._running.release()
         with watch() as next_states:
-            final = wait_ready(next_states, {r.address for r in results},
-                               [r.address for r in results if had[r.address]], deadline)
+            final = wait_ready(
+                next_states, {r.address for r in results}, [r.address for r in results if had[r.address]], deadline
+            )
         for r in results:
             r.state = final.get(r.address, r.state)
             r.outcome = outcome(r.state.state, had_hooks=had[r.address])
