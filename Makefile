@@ -9,7 +9,7 @@ PROTOC_VENV := $(CACHE)/protoc-venv-$(PROTOC_TOOLS)
 export UNPLUGD_CACHE := $(CACHE)
 export UNPLUGD_PROTOC_PYTHON := $(PROTOC_VENV)/bin/python
 
-.PHONY: help dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench reliability fuzz clean
+.PHONY: help format dev system-deps protoc-venv proto lint typecheck unit pytest test inspect demo bench reliability fuzz clean
 
 help:
 	@echo "make demo     build the guest image, boot a VM, show unplugd and unplugctl at work"
@@ -44,6 +44,7 @@ proto: protoc-venv
 
 lint: dev
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 
 typecheck: dev
@@ -53,6 +54,10 @@ pytest: dev
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The one code format `make lint` checks.
+format: dev
+	$(VENV)/bin/ruff format .
 
 # Coverage-guided (atheris) when it installs, hypothesis otherwise: tests/fuzz/run.py says which.
 FUZZ_SECONDS ?= 60

@@ -284,37 +284,76 @@ def _validate(cfg: Config, source: str) -> None:
     need(0 <= srv.socket_mode <= 0o777, "server.socket_mode", "must be a permission mode like 0o600")
     need(srv.socket_mode & 0o007 == 0, "server.socket_mode", "must not give access to others")
     need(1 <= srv.max_workers <= 256, "server.max_workers", "must be between 1 and 256")
-    need(1 <= srv.max_watchers < srv.max_workers, "server.max_watchers",
-         "must be at least 1 and leave workers for other calls")
-    need(0 <= srv.max_queued_calls <= MAX_QUEUED_CALLS, "server.max_queued_calls",
-         f"must be between 0 and {MAX_QUEUED_CALLS}")
-    need(1 <= mut.default_lease_seconds <= MAX_LEASE_SECONDS, "mutations.default_lease_seconds",
-         f"must be between 1 and {MAX_LEASE_SECONDS}")
-    need(mut.default_lease_seconds <= mut.max_lease_seconds <= MAX_LEASE_SECONDS, "mutations.max_lease_seconds",
-         f"must be between default_lease_seconds and {MAX_LEASE_SECONDS}")
+    need(
+        1 <= srv.max_watchers < srv.max_workers,
+        "server.max_watchers",
+        "must be at least 1 and leave workers for other calls",
+    )
+    need(
+        0 <= srv.max_queued_calls <= MAX_QUEUED_CALLS,
+        "server.max_queued_calls",
+        f"must be between 0 and {MAX_QUEUED_CALLS}",
+    )
+    need(
+        1 <= mut.default_lease_seconds <= MAX_LEASE_SECONDS,
+        "mutations.default_lease_seconds",
+        f"must be between 1 and {MAX_LEASE_SECONDS}",
+    )
+    need(
+        mut.default_lease_seconds <= mut.max_lease_seconds <= MAX_LEASE_SECONDS,
+        "mutations.max_lease_seconds",
+        f"must be between default_lease_seconds and {MAX_LEASE_SECONDS}",
+    )
     # NaN fails every comparison, so it is refused along with what is out of range.
-    need(0.5 <= watch.fd_rescan_seconds <= MAX_RESCAN_SECONDS, "watch.fd_rescan_seconds",
-         f"must be between 0.5 and {MAX_RESCAN_SECONDS}")
-    need(0 <= watch.debounce_seconds <= 0.5, "watch.debounce_seconds",
-         "must be between 0 and 0.5 (changes must arrive within a second)")
-    need(1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS, "watch.max_namespace_fds",
-         f"must be between 1 and {MAX_NAMESPACE_FDS}")
+    need(
+        0.5 <= watch.fd_rescan_seconds <= MAX_RESCAN_SECONDS,
+        "watch.fd_rescan_seconds",
+        f"must be between 0.5 and {MAX_RESCAN_SECONDS}",
+    )
+    need(
+        0 <= watch.debounce_seconds <= 0.5,
+        "watch.debounce_seconds",
+        "must be between 0 and 0.5 (changes must arrive within a second)",
+    )
+    need(
+        1 <= watch.max_namespace_fds <= MAX_NAMESPACE_FDS,
+        "watch.max_namespace_fds",
+        f"must be between 1 and {MAX_NAMESPACE_FDS}",
+    )
     rel = cfg.release
     need(rel.directory.is_absolute(), "release.directory", "must be an absolute path")
-    need(0.1 <= rel.hook_timeout_seconds <= MAX_HOOK_SECONDS, "release.hook_timeout_seconds",
-         f"must be between 0.1 and {MAX_HOOK_SECONDS}")
-    need(0 <= rel.max_output_bytes <= MAX_HOOK_OUTPUT_BYTES, "release.max_output_bytes",
-         f"must be between 0 and {MAX_HOOK_OUTPUT_BYTES}")
-    need(1 <= rel.max_wait_seconds <= MAX_HOOK_SECONDS * 10, "release.max_wait_seconds",
-         f"must be between 1 and {MAX_HOOK_SECONDS * 10:g}")
+    need(
+        0.1 <= rel.hook_timeout_seconds <= MAX_HOOK_SECONDS,
+        "release.hook_timeout_seconds",
+        f"must be between 0.1 and {MAX_HOOK_SECONDS}",
+    )
+    need(
+        0 <= rel.max_output_bytes <= MAX_HOOK_OUTPUT_BYTES,
+        "release.max_output_bytes",
+        f"must be between 0 and {MAX_HOOK_OUTPUT_BYTES}",
+    )
+    need(
+        1 <= rel.max_wait_seconds <= MAX_HOOK_SECONDS * 10,
+        "release.max_wait_seconds",
+        f"must be between 1 and {MAX_HOOK_SECONDS * 10:g}",
+    )
     need(1 <= tr.vsock.port <= 0xFFFFFFFF - 1, "transports.vsock.port", "must be a vsock port number")
-    need(all(0 <= c < 0xFFFFFFFF for c in tr.vsock.allowed_cids), "transports.vsock.allowed_cids",
-         "must be CIDs (0 to 4294967294; -1/any is not a CID)")
+    need(
+        all(0 <= c < 0xFFFFFFFF for c in tr.vsock.allowed_cids),
+        "transports.vsock.allowed_cids",
+        "must be CIDs (0 to 4294967294; -1/any is not a CID)",
+    )
     name = tr.virtio_serial.name
-    need(bool(name) and "/" not in name and name not in (".", ".."), "transports.virtio_serial.name",
-         "must be a port name without '/'")
+    need(
+        bool(name) and "/" not in name and name not in (".", ".."),
+        "transports.virtio_serial.name",
+        "must be a port name without '/'",
+    )
     if tr.tcp.enabled:
         need(bool(tr.tcp.listen), "transports.tcp.listen", "is required when TCP is enabled (host:port)")
         for attr in ("cert", "key", "client_ca"):
-            need(getattr(tr.tcp, attr) is not None, f"transports.tcp.{attr}",
-                 "is required when TCP is enabled: TCP is served only with mutual TLS")
+            need(
+                getattr(tr.tcp, attr) is not None,
+                f"transports.tcp.{attr}",
+                "is required when TCP is enabled: TCP is served only with mutual TLS",
+            )

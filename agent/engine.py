@@ -165,8 +165,7 @@ def _idle_disks(
 def _with_owners(sockets: Sequence[Socket], owners: Mapping[int, Sequence[tuple[int, str]]]) -> list[Socket]:
     """Each socket with the pids that hold it (by inode), as the process scan found them."""
     return [
-        replace(s, pids=tuple(sorted({pid for pid, _ in owners[s.inode]}))) if s.inode in owners else s
-        for s in sockets
+        replace(s, pids=tuple(sorted({pid for pid, _ in owners[s.inode]}))) if s.inode in owners else s for s in sockets
     ]
 
 

@@ -35,6 +35,7 @@ __all__ = [
 
 DevNo = tuple[int, int]
 
+
 def format_devno(devno: DevNo) -> str:
     return f"{devno[0]}:{devno[1]}"
 

@@ -217,4 +217,3 @@ def _add_slots(report: report_pb2.Report, inventory: Inventory, by_addr: Mapping
         state = _PB_STATE[by_addr[f.address].state]
         if _PB_RANK[state] > _PB_RANK[slot.state]:
             slot.state = state
-

@@ -25,16 +25,31 @@ log = logging.getLogger(__name__)
 
 def add_serve_parser(subparsers: Any) -> None:
     p: argparse.ArgumentParser = subparsers.add_parser(
-        "serve", help="run the agent's gRPC service",
-        description="Serve AgentService on a root-only unix socket (and the transports the config enables).")
-    p.add_argument("--config", type=Path, default=None, metavar="FILE",
-                   help="configuration file (default /etc/unplugd/config.toml if present)")
-    p.add_argument("--socket", type=Path, default=None, metavar="PATH",
-                   help="unix socket path (overrides [server] socket)")
-    p.add_argument("--enable-mutations", action="store_true",
-                   help="allow PrepareUnplug/ReleaseUnplug (overrides [mutations] enabled)")
-    p.add_argument("--log-format", choices=("journal", "text"), default=None,
-                   help="journal (structured, for systemd) or text; default: journal under systemd")
+        "serve",
+        help="run the agent's gRPC service",
+        description="Serve AgentService on a root-only unix socket (and the transports the config enables).",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="configuration file (default /etc/unplugd/config.toml if present)",
+    )
+    p.add_argument(
+        "--socket", type=Path, default=None, metavar="PATH", help="unix socket path (overrides [server] socket)"
+    )
+    p.add_argument(
+        "--enable-mutations",
+        action="store_true",
+        help="allow PrepareUnplug/ReleaseUnplug (overrides [mutations] enabled)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("journal", "text"),
+        default=None,
+        help="journal (structured, for systemd) or text; default: journal under systemd",
+    )
     p.add_argument("--root", type=Path, default=None, help=argparse.SUPPRESS)  # serve a captured tree (tests)
     # `run` is what agent/cli.py dispatches on; `func` serves main() below.
     p.set_defaults(func=run_serve, run=run_serve)

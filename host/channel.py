@@ -149,8 +149,15 @@ class _StreamBridge:
 class ChannelRelay(SerialRelay):
     """The agent's virtio-serial port opened through libvirt (a virStream), not its socket path."""
 
-    def __init__(self, opener: StreamOpener, label: str, *, force: bool = False,
-                 connect_timeout: float = 5.0, open_retry: float = 0.5) -> None:
+    def __init__(
+        self,
+        opener: StreamOpener,
+        label: str,
+        *,
+        force: bool = False,
+        connect_timeout: float = 5.0,
+        open_retry: float = 0.5,
+    ) -> None:
         super().__init__(label, connect_timeout=connect_timeout, open_retry=open_retry)
         self.label = label
         self.force = force

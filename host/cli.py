@@ -63,6 +63,7 @@ def __getattr__(name: str) -> dict[Verdict, int]:
 EXIT_FAILURE, EXIT_USAGE, EXIT_PENDING, EXIT_UNCONFIRMED = Exit.FAILURE, Exit.USAGE, Exit.PENDING, Exit.UNCONFIRMED
 EXIT_HYPERVISOR_LOST = Exit.HYPERVISOR_LOST
 
+
 class UsageError(HostError):
     pass
 
@@ -102,7 +103,10 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
             tls = _tls_files(args)
             try:
                 client = AgentClient(
-                    agent_address, relay=relay, timeout=args.agent_timeout, connect_timeout=args.agent_timeout,
+                    agent_address,
+                    relay=relay,
+                    timeout=args.agent_timeout,
+                    connect_timeout=args.agent_timeout,
                     tls=tls,
                 )
             except ValueError as e:
@@ -375,11 +379,21 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
     if args.command == "release":
         rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=_progress), None
     else:
-        rel, r = await unplug_released(orch, args.device, timeout=args.timeout, with_companions=args.with_companions,
-                                       force=args.force, dry_run=args.dry_run, progress=_progress)
+        rel, r = await unplug_released(
+            orch,
+            args.device,
+            timeout=args.timeout,
+            with_companions=args.with_companions,
+            force=args.force,
+            dry_run=args.dry_run,
+            progress=_progress,
+        )
     if args.json:
-        doc = release_json(rel) if args.command == "release" else {
-            "release": release_json(rel), "unplug": result_json(r) if r else None}
+        doc = (
+            release_json(rel)
+            if args.command == "release"
+            else {"release": release_json(rel), "unplug": result_json(r) if r else None}
+        )
         _print_json(doc)
     else:
         if r is not None:

@@ -125,13 +125,15 @@ def parse_address(text: str) -> AgentAddress:
     kind, sep, rest = text.partition(":")
     if not sep or not rest:
         raise ValueError(
-            f"{text!r}: expected unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT, serial:PATH or tcp:HOST:PORT")
+            f"{text!r}: expected unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT, serial:PATH or tcp:HOST:PORT"
+        )
     if kind in ("unix", "serial"):
         return AgentAddress(kind, path=rest)  # type: ignore[arg-type]
     if kind == "vsock":
         cid, _, port = rest.partition(":")
-        return AgentAddress("vsock", cid=_number(cid, "CID", text, 0xFFFFFFFF),
-                            port=_number(port, "port", text, 0xFFFFFFFF))
+        return AgentAddress(
+            "vsock", cid=_number(cid, "CID", text, 0xFFFFFFFF), port=_number(port, "port", text, 0xFFFFFFFF)
+        )
     if kind in ("hvsock", "tcp"):
         head, _, port = rest.rpartition(":")
         if not head:
@@ -301,8 +303,9 @@ class AgentClient:
             return self._unreachable(f"{method} got no answer within {timeout:g}s")
         return AgentCallFailed(str(self.address), method, code, exc.details() or "")
 
-    async def _unary(self, method: str, call: Callable[[pb_grpc.AgentServiceAsyncStub, float], Awaitable[_T]],
-                     timeout: float | None) -> _T:
+    async def _unary(
+        self, method: str, call: Callable[[pb_grpc.AgentServiceAsyncStub, float], Awaitable[_T]], timeout: float | None
+    ) -> _T:
         stub = await self._ready_stub()
         deadline = self.timeout if timeout is None else timeout
         try:
@@ -314,7 +317,8 @@ class AgentClient:
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
         request = pb.GetReportRequest(devices=list(devices))
         response: pb.GetReportResponse = await self._unary(
-            "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout)
+            "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout
+        )
         return response.report
 
     async def get_agent_info(self, *, timeout: float | None = None) -> pb.GetAgentInfoResponse:
@@ -331,16 +335,21 @@ class AgentClient:
         timeout: float | None = None,
     ) -> pb.PrepareUnplugResponse:
         """Claim the functions' block devices for `lease_seconds`; renew with `lease_id`."""
-        request = pb.PrepareUnplugRequest(devices=list(devices), lease_seconds=lease_seconds,
-                                          lease_id=lease_id, take_interfaces_down=take_interfaces_down)
+        request = pb.PrepareUnplugRequest(
+            devices=list(devices),
+            lease_seconds=lease_seconds,
+            lease_id=lease_id,
+            take_interfaces_down=take_interfaces_down,
+        )
         return await self._unary("PrepareUnplug", lambda s, t: s.PrepareUnplug(request, timeout=t), timeout)
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         request = pb.ReleaseUnplugRequest(lease_id=lease_id)
         return await self._unary("ReleaseUnplug", lambda s, t: s.ReleaseUnplug(request, timeout=t), timeout)
 
-    async def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
-                              timeout: float | None = None) -> pb.RequestReleaseResponse:
+    async def request_release(
+        self, devices: Sequence[str], deadline_seconds: float, *, timeout: float | None = None
+    ) -> pb.RequestReleaseResponse:
         """Ask the guest to release the functions (its release hooks, then a wait for READY) within
         `deadline_seconds`. `timeout` (default: the deadline plus RELEASE_MARGIN) bounds the call."""
         request = pb.RequestReleaseRequest(devices=list(devices), deadline_seconds=deadline_seconds)
@@ -403,20 +412,32 @@ class SyncAgentClient:
     def get_agent_info(self, *, timeout: float | None = None) -> pb.GetAgentInfoResponse:
         return self._run(self._client.get_agent_info(timeout=timeout))
 
-    def prepare_unplug(self, devices: Sequence[str], lease_seconds: int, take_interfaces_down: bool = False, *,
-                       lease_id: str = "", timeout: float | None = None) -> pb.PrepareUnplugResponse:
-        return self._run(self._client.prepare_unplug(devices, lease_seconds, take_interfaces_down,
-                                                     lease_id=lease_id, timeout=timeout))
+    def prepare_unplug(
+        self,
+        devices: Sequence[str],
+        lease_seconds: int,
+        take_interfaces_down: bool = False,
+        *,
+        lease_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.PrepareUnplugResponse:
+        return self._run(
+            self._client.prepare_unplug(
+                devices, lease_seconds, take_interfaces_down, lease_id=lease_id, timeout=timeout
+            )
+        )
 
     def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
         return self._run(self._client.release_unplug(lease_id, timeout=timeout))
 
-    def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
-                        timeout: float | None = None) -> pb.RequestReleaseResponse:
+    def request_release(
+        self, devices: Sequence[str], deadline_seconds: float, *, timeout: float | None = None
+    ) -> pb.RequestReleaseResponse:
         return self._run(self._client.request_release(devices, deadline_seconds, timeout=timeout))
 
-    def watch_report(self, devices: Sequence[str] = (), *, timeout: float | None = None
-                     ) -> Generator[pb.WatchReportResponse, None, None]:
+    def watch_report(
+        self, devices: Sequence[str] = (), *, timeout: float | None = None
+    ) -> Generator[pb.WatchReportResponse, None, None]:
         stream = self._client.watch_report(devices, timeout=timeout)
         try:
             while True:

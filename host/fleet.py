@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True, order=True)
 class Target:
     uri: str
@@ -182,8 +181,9 @@ async def ask(target: Target, open_: Open, question: Question, deadline: float) 
         answer = Answer(target, State.UNREACHABLE, f"no answer within {deadline:g}s")
     except HostError as exc:
         answer = Answer(target, state_of(exc), str(exc) or type(exc).__name__)
-    return Answer(answer.target, answer.state, answer.error, answer.plan, answer.slot, answer.matches,
-                  time.monotonic() - start)
+    return Answer(
+        answer.target, answer.state, answer.error, answer.plan, answer.slot, answer.matches, time.monotonic() - start
+    )
 
 
 async def run_fleet(
@@ -209,4 +209,3 @@ async def run_fleet(
         return a
 
     return list(await asyncio.gather(*(one(t) for t in targets)))
-

@@ -159,8 +159,9 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
                 agent: AgentLike | None = None
                 address, relay = await agent_through_libvirt(lv, args)
                 if address is not None:
-                    client = AgentClient(address, relay=relay, timeout=args.agent_timeout,
-                                         connect_timeout=args.agent_timeout, tls=tls)
+                    client = AgentClient(
+                        address, relay=relay, timeout=args.agent_timeout, connect_timeout=args.agent_timeout, tls=tls
+                    )
                     agent = await stack.enter_async_context(client)
                 yield Orchestrator(lv, agent, agent_timeout=args.agent_timeout)
 
@@ -173,8 +174,9 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
 
         for a in early:
             emit(a)
-        answers = await run_fleet(targets, open_, question, jobs=args.jobs, deadline=args.domain_timeout,
-                                  on_answer=emit)
+        answers = await run_fleet(
+            targets, open_, question, jobs=args.jobs, deadline=args.domain_timeout, on_answer=emit
+        )
         progress.finish()
     finally:
         for conn in conns.values():
@@ -188,6 +190,10 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
                 _print(line, sys.stdout)
     if question.unpluggable is not None:
         hits = sum(1 for a in everything if a.matches)
-        print(display_text(f"{hits} of {len(everything)} domain(s) have a device matching {selector} "
-                           "that is UNPLUGGABLE now"), file=sys.stderr)
+        print(
+            display_text(
+                f"{hits} of {len(everything)} domain(s) have a device matching {selector} that is UNPLUGGABLE now"
+            ),
+            file=sys.stderr,
+        )
     return summary_exit(everything)

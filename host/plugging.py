@@ -262,8 +262,7 @@ async def plug(
     if guest is None:
         return PlugResult(
             PlugOutcome.GUEST_UNREACHABLE,
-            f"no answer from the guest agent ({why}): nothing could confirm the devices arrived, so nothing "
-            "was added",
+            f"no answer from the guest agent ({why}): nothing could confirm the devices arrived, so nothing was added",
             slots,
         )
     if dry_run:

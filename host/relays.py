@@ -114,8 +114,10 @@ class Relay(ABC):
         # Assume the worst until the guest answers: when the far end hangs up
         # without a byte (CID not allowed, no agent behind it), grpc may see
         # the failure before this task resumes, and must find the reason.
-        self.last_error = (f"{self.target}: the guest closed the connection without answering "
-                           "(peer not allowed, or the agent is not running)")
+        self.last_error = (
+            f"{self.target}: the guest closed the connection without answering "
+            "(peer not allowed, or the agent is not running)"
+        )
 
         def answered() -> None:
             self.last_error = None
@@ -279,8 +281,9 @@ class SerialRelay(Relay):
             "(is unplugd running with [transports.virtio_serial] enabled? is another client connected?)"
         )
 
-    async def _pump(self, client: Streams, chardev: Streams, session: int, decoder: FrameDecoder,
-                    early: list[Frame]) -> None:
+    async def _pump(
+        self, client: Streams, chardev: Streams, session: int, decoder: FrameDecoder, early: list[Frame]
+    ) -> None:
         async def host_to_guest() -> None:
             while data := await client[0].read(MAX_PAYLOAD):
                 chardev[1].writelines(data_frames(session, data))
@@ -296,8 +299,7 @@ class SerialRelay(Relay):
                 if frame.kind is FrameKind.DATA:
                     client[1].write(frame.payload)
                 elif frame.kind is FrameKind.CLOSE:
-                    log.info("%s: session closed by the guest: %s", self.target,
-                             frame.payload.decode(errors="replace"))
+                    log.info("%s: session closed by the guest: %s", self.target, frame.payload.decode(errors="replace"))
                     return False
             return True
 

@@ -41,8 +41,9 @@ __all__ = [
 
 
 class ReleaseAgent(Protocol):
-    async def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
-                              timeout: float | None = None) -> pb.RequestReleaseResponse: ...
+    async def request_release(
+        self, devices: Sequence[str], deadline_seconds: float, *, timeout: float | None = None
+    ) -> pb.RequestReleaseResponse: ...
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,12 @@ class ReleaseResult:
             return self.error
         if self.released:
             return f"the guest released slot {self.plan.slot_path}"
-        left = [f"{f.address} {f.outcome}" + (f" ({'; '.join(r.detail for r in f.reasons if r.blocking)})"
-                                             if f.reasons else "") for f in self.functions if f.outcome != "RELEASED"]
+        left = [
+            f"{f.address} {f.outcome}"
+            + (f" ({'; '.join(r.detail for r in f.reasons if r.blocking)})" if f.reasons else "")
+            for f in self.functions
+            if f.outcome != "RELEASED"
+        ]
         return f"the guest did not release slot {self.plan.slot_path}: " + ", ".join(left)
 
 
@@ -122,13 +127,30 @@ def functions_from(response: pb.RequestReleaseResponse) -> tuple[FunctionRelease
     out = []
     for f in response.functions:
         hooks = tuple(
-            HookOutcome(h.name, _name(pb.HookStatus, h.status, "HOOK_STATUS_"), h.exit_code, h.signal, h.stdout,
-                        h.stderr, h.stdout_truncated or h.stderr_truncated, h.detail, h.seconds)
+            HookOutcome(
+                h.name,
+                _name(pb.HookStatus, h.status, "HOOK_STATUS_"),
+                h.exit_code,
+                h.signal,
+                h.stdout,
+                h.stderr,
+                h.stdout_truncated or h.stderr_truncated,
+                h.detail,
+                h.seconds,
+            )
             for h in f.hooks
         )
         reasons = tuple(GuestReason(code_name(r.code), r.detail, r.blocking, r.object) for r in f.reasons)
-        out.append(FunctionRelease(f.address, f.pci_path, _name(pb.ReleaseOutcome, f.outcome, "RELEASE_OUTCOME_"),
-                                   _name(report_pb2.FunctionState, f.state, "FUNCTION_STATE_"), reasons, hooks))
+        out.append(
+            FunctionRelease(
+                f.address,
+                f.pci_path,
+                _name(pb.ReleaseOutcome, f.outcome, "RELEASE_OUTCOME_"),
+                _name(report_pb2.FunctionState, f.state, "FUNCTION_STATE_"),
+                reasons,
+                hooks,
+            )
+        )
     return tuple(out)
 
 
@@ -157,8 +179,17 @@ def release_exit(r: ReleaseResult) -> Exit:
 
 
 def _hook_json(h: HookOutcome) -> dict[str, Any]:
-    return {"name": h.name, "status": h.status, "exitCode": h.exit_code, "signal": h.signal, "stdout": h.stdout,
-            "stderr": h.stderr, "truncated": h.truncated, "detail": h.detail, "seconds": h.seconds}
+    return {
+        "name": h.name,
+        "status": h.status,
+        "exitCode": h.exit_code,
+        "signal": h.signal,
+        "stdout": h.stdout,
+        "stderr": h.stderr,
+        "truncated": h.truncated,
+        "detail": h.detail,
+        "seconds": h.seconds,
+    }
 
 
 def release_json(r: ReleaseResult) -> dict[str, Any]:
@@ -168,10 +199,16 @@ def release_json(r: ReleaseResult) -> dict[str, Any]:
         "message": r.message,
         "disabled": r.disabled,
         "functions": [
-            {"address": f.address, "pciPath": f.pci_path, "outcome": f.outcome, "state": f.state,
-             "reasons": [{"code": x.code, "detail": x.detail, "blocking": x.blocking, "object": x.object}
-                         for x in f.reasons],
-             "hooks": [_hook_json(h) for h in f.hooks]}
+            {
+                "address": f.address,
+                "pciPath": f.pci_path,
+                "outcome": f.outcome,
+                "state": f.state,
+                "reasons": [
+                    {"code": x.code, "detail": x.detail, "blocking": x.blocking, "object": x.object} for x in f.reasons
+                ],
+                "hooks": [_hook_json(h) for h in f.hooks],
+            }
             for f in r.functions
         ],
     }
@@ -180,19 +217,22 @@ def release_json(r: ReleaseResult) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the step
 
 
-async def release_slot(orch: Orchestrator, device: str, *, timeout: float,
-                       progress: Callable[[Progress], None] | None = None) -> ReleaseResult:
+async def release_slot(
+    orch: Orchestrator, device: str, *, timeout: float, progress: Callable[[Progress], None] | None = None
+) -> ReleaseResult:
     """Ask the guest to release the slot of `device` within `timeout` seconds."""
     start = time.monotonic()
     sp = await orch.check(device)
     devices = sp.guest_devices()
     agent = cast(ReleaseAgent | None, orch.agent)  # AgentClient; AgentLike names only what unplug calls
     if agent is None or not devices:
-        return ReleaseResult(sp, error="the guest agent is unreachable: " + (
-            "no agent address given" if agent is None else "it reports no function of this slot"))
+        return ReleaseResult(
+            sp,
+            error="the guest agent is unreachable: "
+            + ("no agent address given" if agent is None else "it reports no function of this slot"),
+        )
     try:
-        response = await asyncio.wait_for(agent.request_release(devices, timeout),
-                                          timeout + RELEASE_MARGIN + 1)
+        response = await asyncio.wait_for(agent.request_release(devices, timeout), timeout + RELEASE_MARGIN + 1)
     except AgentCallFailed as e:
         if e.code == grpc.StatusCode.PERMISSION_DENIED:
             return ReleaseResult(sp, error=f"the guest does not allow it: {e.details}", disabled=True)
@@ -207,15 +247,28 @@ async def release_slot(orch: Orchestrator, device: str, *, timeout: float,
     return result
 
 
-async def unplug_released(orch: Orchestrator, device: str, *, timeout: float, with_companions: bool = False,
-                          force: bool = False, dry_run: bool = False,
-                          progress: Callable[[Progress], None] | None = None
-                          ) -> tuple[ReleaseResult, UnplugResult | None]:
+async def unplug_released(
+    orch: Orchestrator,
+    device: str,
+    *,
+    timeout: float,
+    with_companions: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[ReleaseResult, UnplugResult | None]:
     """`unplug --release`: the release, then (only when every function was released) the unplug
     with a lease; None when nothing was unplugged."""
     released = await release_slot(orch, device, timeout=timeout, progress=progress)
     if not released.released:
         return released, None
-    unplug = await orch.unplug(device, with_companions=with_companions, prepare=True, force=force,
-                               dry_run=dry_run, timeout=timeout, progress=progress)
+    unplug = await orch.unplug(
+        device,
+        with_companions=with_companions,
+        prepare=True,
+        force=force,
+        dry_run=dry_run,
+        timeout=timeout,
+        progress=progress,
+    )
     return released, unplug

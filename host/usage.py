@@ -137,14 +137,22 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
             c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
             c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
-            c.add_argument("--release", action="store_true",
-                           help="first ask the guest to release the slot (its release hooks); unplug, with a lease, "
-                           "only if every function is then ready (--timeout bounds each half)")
+            c.add_argument(
+                "--release",
+                action="store_true",
+                help="first ask the guest to release the slot (its release hooks); unplug, with a lease, "
+                "only if every function is then ready (--timeout bounds each half)",
+            )
         if name == "wait-ready":
             c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
         if name == "release":
-            c.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                           help="seconds the guest may take, hooks and the wait (default %(default)s)")
+            c.add_argument(
+                "--timeout",
+                type=float,
+                default=60.0,
+                metavar="S",
+                help="seconds the guest may take, hooks and the wait (default %(default)s)",
+            )
     for name in ("status", "check"):
         fleet = sub.choices[name].add_argument_group("fleet (several domains or --connect URIs)")
         fleet.add_argument("--all-domains", action="store_true", help="every running domain of each --connect URI")

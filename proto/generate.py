@@ -103,8 +103,10 @@ def write_standard(protoc: object, include: Path, target: Path) -> None:
         fds = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     files = sorted(fds.file, key=lambda f: f.name)
     text = STANDARD_TEMPLATE.format(
-        tools=REQUIRED_TOOLS, sources=", ".join(f"proto/{s}" for s in sources),
-        files="".join(f"    {f.SerializeToString()!r},  # {f.name}\n" for f in files))
+        tools=REQUIRED_TOOLS,
+        sources=", ".join(f"proto/{s}" for s in sources),
+        files="".join(f"    {f.SerializeToString()!r},  # {f.name}\n" for f in files),
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
 

@@ -300,9 +300,7 @@ def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
             else:
                 devices[name] = found
     for name, head in heads.items():
-        through = tuple(
-            p.where for p in paths if p.where and p.controller in head.controllers and p.nsid == head.nsid
-        )
+        through = tuple(p.where for p in paths if p.where and p.controller in head.controllers and p.nsid == head.nsid)
         devices[name] = replace(devices[name], multipath=through)
         if not through:
             # Mounted or not, a head no function carries would look idle everywhere: fail closed.

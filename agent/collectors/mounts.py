@@ -203,10 +203,16 @@ def _read_namespace(
         shaped = _shape(text) if shapes is not None else None
         if shaped is not None and shapes is not None and shaped[0] in shapes:
             ids = shaped[1]
-            return [
-                Mount(ids[i][0], ids[i][1], t.devno, t.root, t.mount_point, t.fstype, t.source, t.options, ns, owner)
-                for i, t in shapes[shaped[0]]
-            ], [], frozenset(mid for mid, _ in ids)
+            return (
+                [
+                    Mount(
+                        ids[i][0], ids[i][1], t.devno, t.root, t.mount_point, t.fstype, t.source, t.options, ns, owner
+                    )
+                    for i, t in shapes[shaped[0]]
+                ],
+                [],
+                frozenset(mid for mid, _ in ids),
+            )
         try:
             mounts = parse_mountinfo(text, ns, owner, source=where)
         except ParseError as exc:

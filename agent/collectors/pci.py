@@ -496,8 +496,9 @@ def collect_pci(roots: Roots, pci_ids: Path | None = None) -> Collected[list[Pci
                 continue
             # Still there, but a disk or node below it went while being read: what it
             # holds is not known, so it must not look idle.
-            problems.append(ScanProblem(below.vanished[0], "vanished during the scan; what the function "
-                                                           "holds is not known", (bdf,)))
+            problems.append(
+                ScanProblem(below.vanished[0], "vanished during the scan; what the function holds is not known", (bdf,))
+            )
         functions.append(
             PciFunction(
                 address=address,

@@ -46,8 +46,6 @@ __all__ = ["ProcessScan", "scan_files_on", "scan_processes"]
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class ProcessScan:
     open_refs: list[OpenRef]  # only for the wanted device numbers

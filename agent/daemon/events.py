@@ -71,9 +71,11 @@ _PROC_EVENT = struct.Struct("=IIQII")  # what, cpu, timestamp_ns, then pid, tgid
 
 _MOUNT_EVENTS = select.POLLPRI | select.POLLERR
 # Stands for lost events: treated like an exit, so the namespace set is refreshed.
-_FAKE_EXIT = (_NLMSG.pack(_NLMSG.size + _CN_MSG.size + _PROC_EVENT.size, NLMSG_DONE, 0, 0, 0)
-              + _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, _PROC_EVENT.size, 0)
-              + _PROC_EVENT.pack(PROC_EVENT_EXIT, 0, 0, 1, 1))
+_FAKE_EXIT = (
+    _NLMSG.pack(_NLMSG.size + _CN_MSG.size + _PROC_EVENT.size, NLMSG_DONE, 0, 0, 0)
+    + _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, _PROC_EVENT.size, 0)
+    + _PROC_EVENT.pack(PROC_EVENT_EXIT, 0, 0, 1, 1)
+)
 _IN = select.POLLIN
 DEFAULT_MAX_FILES = WatchConfig.max_namespace_fds  # the reason is there
 
@@ -141,8 +143,10 @@ class MountNamespaces:
         """Warn once when namespaces go without a file, and once when all have one again."""
         over = self.unwatched > 0 and self.full
         if over and not self._warned:
-            log.warning("more mount namespaces than [watch] max_namespace_fds: the rest are read by the "
-                        "periodic rescan only", extra={"watched": len(self.files), "unwatched": self.unwatched})
+            log.warning(
+                "more mount namespaces than [watch] max_namespace_fds: the rest are read by the periodic rescan only",
+                extra={"watched": len(self.files), "unwatched": self.unwatched},
+            )
         elif not over and self._warned:
             log.info("every mount namespace watched again", extra={"watched": len(self.files)})
         self._warned = over
@@ -293,8 +297,10 @@ class EventSources:
             opener()
             self.kinds.append(kind)
         except Exception as exc:
-            log.warning("event source unavailable; changes it would signal show at the next rescan",
-                        extra={"source": kind, "error": str(exc)})
+            log.warning(
+                "event source unavailable; changes it would signal show at the next rescan",
+                extra={"source": kind, "error": str(exc)},
+            )
 
     def _drain_pipe(self, mask: int) -> bool:
         try:

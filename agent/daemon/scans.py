@@ -42,8 +42,9 @@ class EngineApi(Protocol):
         """The inventory; `own_claims`: kernel names of disks our leases hold (not someone else's claim)."""
         ...
 
-    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
-                own_claims: Collection[str]) -> report_pb2.Report:
+    def inspect(
+        self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str], own_claims: Collection[str]
+    ) -> report_pb2.Report:
         """The report of `devices` (every function when empty), `leased` functions marked with their lease label."""
         ...
 
@@ -64,8 +65,9 @@ class ModuleEngine(EngineApi):
     def scan(self, roots: Roots, *, own_claims: Collection[str]) -> Inventory:
         return engine.scan(roots, own_claims=own_claims, exclusive_probe=self._probe)
 
-    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
-                own_claims: Collection[str]) -> report_pb2.Report:
+    def inspect(
+        self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str], own_claims: Collection[str]
+    ) -> report_pb2.Report:
         return engine.inspect(roots, devices, leased=leased, own_claims=own_claims, exclusive_probe=self._probe)
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
@@ -150,12 +152,12 @@ class CoalescingEngine(EngineApi):
     def scan(self, roots: Roots, *, own_claims: Collection[str]) -> Inventory:
         return self.engine.scan(roots, own_claims=own_claims)
 
-    def inspect(self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str],
-                own_claims: Collection[str]) -> report_pb2.Report:
+    def inspect(
+        self, roots: Roots, devices: Sequence[str], *, leased: Mapping[PciAddress, str], own_claims: Collection[str]
+    ) -> report_pb2.Report:
         key = (roots, tuple(devices), frozenset(leased.items()), frozenset(own_claims))
         # One Report object for every caller of a run: read-only (GetReportResponse(report=...) copies it).
-        return self.shared.run(
-            key, lambda: self.engine.inspect(roots, devices, leased=leased, own_claims=own_claims))
+        return self.shared.run(key, lambda: self.engine.inspect(roots, devices, leased=leased, own_claims=own_claims))
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
         return self.engine.select(inventory, names)

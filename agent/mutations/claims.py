@@ -94,9 +94,13 @@ def _open_excl(path: str, device: BlockDevice) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
-            raise ClaimFailed(device.name, "in use: the kernel refused an exclusive open (it or one of its "
-                                           "partitions is mounted, used as swap, held by a device-mapper/md/"
-                                           "loop holder, or claimed by another program)", busy=True) from exc
+            raise ClaimFailed(
+                device.name,
+                "in use: the kernel refused an exclusive open (it or one of its "
+                "partitions is mounted, used as swap, held by a device-mapper/md/"
+                "loop holder, or claimed by another program)",
+                busy=True,
+            ) from exc
         if exc.errno in (errno.ENXIO, errno.ENODEV, errno.ENOENT):
             raise ClaimFailed(device.name, "vanished while being claimed") from exc
         raise ClaimFailed(device.name, f"cannot open its node: {os.strerror(exc.errno or 0)}") from exc
@@ -116,6 +120,8 @@ def _open_private_node(device: BlockDevice) -> int:
         try:
             os.mknod(node, 0o600 | stat.S_IFBLK, os.makedev(*device.devno))
         except OSError as exc:
-            raise ClaimFailed(device.name, f"no device node for {format_devno(device.devno)} and mknod "
-                                           f"failed: {os.strerror(exc.errno or 0)}") from exc
+            raise ClaimFailed(
+                device.name,
+                f"no device node for {format_devno(device.devno)} and mknod failed: {os.strerror(exc.errno or 0)}",
+            ) from exc
         return _open_excl(node, device)

@@ -68,8 +68,9 @@ def lease_label(lease_id: str) -> str:
     return hashlib.sha256(lease_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
-def targets_for(inventory: Inventory, functions: Sequence[PciFunction], *,
-                take_interfaces_down: bool = False) -> list[LeaseTarget]:
+def targets_for(
+    inventory: Inventory, functions: Sequence[PciFunction], *, take_interfaces_down: bool = False
+) -> list[LeaseTarget]:
     """What leasing `functions` means in this inventory: their whole disks and interfaces.
 
     ClaimConflict, naming every reason, when the report shows one of them in
@@ -91,8 +92,11 @@ def targets_for(inventory: Inventory, functions: Sequence[PciFunction], *,
             if disk is None:
                 raise ClaimConflict(f"cannot prepare {fn.address}", [f"{name}: vanished during the scan"])
             disks.append(disk)
-        blocking = [r.detail for r in in_use(verdicts[fn.address])
-                    if not (take_interfaces_down and r.code is Code.LINK_UP and r.object in fn.net_interfaces)]
+        blocking = [
+            r.detail
+            for r in in_use(verdicts[fn.address])
+            if not (take_interfaces_down and r.code is Code.LINK_UP and r.object in fn.net_interfaces)
+        ]
         refusals += [f"{fn.address} is in use: {why}" for why in blocking]
         targets.append(LeaseTarget(fn.address, tuple(disks), tuple(fn.net_interfaces)))
     if refusals:
@@ -115,8 +119,9 @@ class _Lease:
         return lease_label(self.lease_id)
 
     def grant(self) -> LeaseGrant:
-        return LeaseGrant(self.lease_id, self.expires_at, self.functions,
-                          tuple(c.name for c in self.claims), self.interfaces_down)
+        return LeaseGrant(
+            self.lease_id, self.expires_at, self.functions, tuple(c.name for c in self.claims), self.interfaces_down
+        )
 
 
 class LeaseManager:
@@ -165,8 +170,9 @@ class LeaseManager:
 
     # -- changes --------------------------------------------------------------------
 
-    def prepare(self, targets: Sequence[LeaseTarget], seconds: int = 0, *,
-                take_interfaces_down: bool = False) -> LeaseGrant:
+    def prepare(
+        self, targets: Sequence[LeaseTarget], seconds: int = 0, *, take_interfaces_down: bool = False
+    ) -> LeaseGrant:
         if not targets:
             raise InvalidArgument("nothing to prepare")
         duration = self._duration(seconds)
@@ -174,8 +180,11 @@ class LeaseManager:
             if self._closed:
                 raise ClaimConflict("the agent is shutting down", [])
             held = self.leased()
-            taken = [f"{t.function} is already held by lease {held[t.function]} (a label, not its id)" for t in targets
-                     if t.function in held]
+            taken = [
+                f"{t.function} is already held by lease {held[t.function]} (a label, not its id)"
+                for t in targets
+                if t.function in held
+            ]
             if taken:
                 raise ClaimConflict("cannot prepare", taken)
             claims, reasons = self._claim_all(targets)
@@ -189,17 +198,36 @@ class LeaseManager:
             lease_id = secrets.token_hex(16)
             while lease_label(lease_id) in self._leases:  # two live leases never share a label
                 lease_id = secrets.token_hex(16)
-            lease = _Lease(lease_id, tuple(t.function for t in targets), claims, tuple(downs),
-                           self._clock() + duration, take_interfaces_down)
+            lease = _Lease(
+                lease_id,
+                tuple(t.function for t in targets),
+                claims,
+                tuple(downs),
+                self._clock() + duration,
+                take_interfaces_down,
+            )
             self._leases[lease.label] = lease
             self._arm(lease, duration)
-            log.info("lease prepared", extra={"lease": lease.label, "functions": ",".join(map(str, lease.functions)),
-                                              "claimed": ",".join(c.name for c in claims), "seconds": duration})
+            log.info(
+                "lease prepared",
+                extra={
+                    "lease": lease.label,
+                    "functions": ",".join(map(str, lease.functions)),
+                    "claimed": ",".join(c.name for c in claims),
+                    "seconds": duration,
+                },
+            )
         self._on_change()
         return lease.grant()
 
-    def renew(self, lease_id: str, seconds: int = 0, *, functions: Collection[PciAddress] | None = None,
-              take_interfaces_down: bool = False) -> LeaseGrant:
+    def renew(
+        self,
+        lease_id: str,
+        seconds: int = 0,
+        *,
+        functions: Collection[PciAddress] | None = None,
+        take_interfaces_down: bool = False,
+    ) -> LeaseGrant:
         """Extend a lease as it is; nothing changes unless the whole request is valid.
 
         functions: what the request named, if anything: it must be exactly the
@@ -209,11 +237,14 @@ class LeaseManager:
         with self._lock:
             lease = self._find(lease_id)
             if functions is not None and set(functions) != set(lease.functions):
-                raise InvalidArgument("lease_id renews a lease as it is; its devices cannot change "
-                                      "(release it and prepare a new one)")
+                raise InvalidArgument(
+                    "lease_id renews a lease as it is; its devices cannot change (release it and prepare a new one)"
+                )
             if take_interfaces_down and not lease.took_interfaces_down:
-                raise InvalidArgument("a renewal cannot take interfaces down (release the lease and prepare "
-                                      "a new one with take_interfaces_down)")
+                raise InvalidArgument(
+                    "a renewal cannot take interfaces down (release the lease and prepare "
+                    "a new one with take_interfaces_down)"
+                )
             lease.expires_at = self._clock() + duration
             self._arm(lease, duration)
             log.info("lease renewed", extra={"lease": lease.label, "seconds": duration})
@@ -251,8 +282,9 @@ class LeaseManager:
     def _find(self, lease_id: str) -> _Lease:
         """The lease whose id this is: the whole id compared, in constant time."""
         lease = self._leases.get(lease_label(lease_id))
-        if lease is None or not hmac.compare_digest(lease.lease_id.encode(),
-                                                    lease_id.encode("utf-8", "surrogateescape")):
+        if lease is None or not hmac.compare_digest(
+            lease.lease_id.encode(), lease_id.encode("utf-8", "surrogateescape")
+        ):
             raise LeaseNotFound()
         return lease
 

@@ -18,15 +18,24 @@ from unplugd.agent.roots import Roots
 __all__ = ["prepare_unplug", "select_named"]
 
 
-def select_named(engine: EngineApi, roots: Roots, leases: LeaseManager,
-                 names: Sequence[str]) -> tuple[Inventory, list[PciFunction]]:
+def select_named(
+    engine: EngineApi, roots: Roots, leases: LeaseManager, names: Sequence[str]
+) -> tuple[Inventory, list[PciFunction]]:
     """One scan (our own claims known as ours) and the functions `names` designate in it."""
     inventory = engine.scan(roots, own_claims=leases.own_claims())
     return inventory, engine.select(inventory, names)
 
 
-def prepare_unplug(engine: EngineApi, roots: Roots, leases: LeaseManager, names: Sequence[str], *,
-                   lease_id: str, seconds: int, take_interfaces_down: bool) -> LeaseGrant:
+def prepare_unplug(
+    engine: EngineApi,
+    roots: Roots,
+    leases: LeaseManager,
+    names: Sequence[str],
+    *,
+    lease_id: str,
+    seconds: int,
+    take_interfaces_down: bool,
+) -> LeaseGrant:
     """Renew `lease_id` when given (the names, if any, must be the lease's), else lease `names`."""
     if lease_id:
         wanted = None

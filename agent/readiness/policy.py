@@ -51,9 +51,7 @@ _TRANSPORT_DRIVERS = frozenset({"virtio-pci"})
 _NOT_USAGE = frozenset({Code.NO_HOTPLUG_DRIVER, Code.LEASED, Code.BRIDGE_WITH_CHILDREN})
 
 # Reasons that explain why the kernel refuses an exclusive open.
-_EXPLAINS_EXCL = frozenset(
-    {Code.MOUNTED, Code.SWAP, Code.HOLDER, Code.ROOT_FILESYSTEM, Code.OPEN_BY_PROCESS}
-)
+_EXPLAINS_EXCL = frozenset({Code.MOUNTED, Code.SWAP, Code.HOLDER, Code.ROOT_FILESYSTEM, Code.OPEN_BY_PROCESS})
 
 _MAX_CHAINS = 32
 _NETWORK_CLASS = 0x02  # PCI base class "network controller"
@@ -86,8 +84,11 @@ def in_use(verdict: FunctionVerdict) -> list[Reason]:
     function is idle, the slot is the problem) nor a lease (the agent's own
     hold). What a PrepareUnplug lease must not be granted over.
     """
-    return [r for r in verdict.reasons if r.blocking and not r.undecided
-            and r.code not in (Code.NO_HOTPLUG_DRIVER, Code.LEASED)]
+    return [
+        r
+        for r in verdict.reasons
+        if r.blocking and not r.undecided and r.code not in (Code.NO_HOTPLUG_DRIVER, Code.LEASED)
+    ]
 
 
 def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> list[FunctionVerdict]:
@@ -118,12 +119,8 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
             )
         lease = leased.get(f.address)
         if lease is not None:
-            reasons.append(
-                Reason(Code.LEASED, f"held for unplug by lease {lease}", blocking=False, object=lease)
-            )
-        verdicts.append(
-            FunctionVerdict(f.address, f.path, state_of(reasons), tuple(reasons), tuple(stacks[f.address]))
-        )
+            reasons.append(Reason(Code.LEASED, f"held for unplug by lease {lease}", blocking=False, object=lease))
+        verdicts.append(FunctionVerdict(f.address, f.path, state_of(reasons), tuple(reasons), tuple(stacks[f.address])))
     return verdicts
 
 
@@ -168,9 +165,7 @@ def _usage_reasons(idx: _Index, f: PciFunction, closure: Sequence[str]) -> list[
     reasons.extend(_swap_reasons(idx, block))
     reasons.extend(_holder_reasons(idx, disks))
     reasons.extend(_open_reasons(idx, f, block))
-    if any(n in idx.inv.exclusive_busy for n in closure) and not any(
-        r.code in _EXPLAINS_EXCL for r in reasons
-    ):
+    if any(n in idx.inv.exclusive_busy for n in closure) and not any(r.code in _EXPLAINS_EXCL for r in reasons):
         held = [n for n in closure if n in idx.inv.exclusive_busy]
         pins = _pinned_mount_namespaces(idx.inv)
         if pins:

@@ -77,14 +77,21 @@ class HealthRegistry:
             self._cond.notify_all()
 
     def handler(self) -> grpc.GenericRpcHandler:  # type: ignore[type-arg,unused-ignore]
-        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-            "Check": grpc.unary_unary_rpc_method_handler(
-                self.check, request_deserializer=HealthCheckRequest.FromString,
-                response_serializer=HealthCheckResponse.SerializeToString),
-            "Watch": grpc.unary_stream_rpc_method_handler(
-                self.watch, request_deserializer=HealthCheckRequest.FromString,
-                response_serializer=HealthCheckResponse.SerializeToString),
-        })
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    self.check,
+                    request_deserializer=HealthCheckRequest.FromString,
+                    response_serializer=HealthCheckResponse.SerializeToString,
+                ),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    self.watch,
+                    request_deserializer=HealthCheckRequest.FromString,
+                    response_serializer=HealthCheckResponse.SerializeToString,
+                ),
+            },
+        )
 
 
 def add_health(server: grpc.Server) -> HealthRegistry:

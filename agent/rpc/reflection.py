@@ -56,8 +56,11 @@ class ReflectionApi:
     @classmethod
     def of(cls, package: str) -> ReflectionApi:
         request: Any = grpc_std_pb2.MESSAGES[f"{package}.ServerReflectionRequest"]
-        return cls(service=request.DESCRIPTOR.file.services_by_name["ServerReflection"], request=request,
-                   response=grpc_std_pb2.MESSAGES[f"{package}.ServerReflectionResponse"])
+        return cls(
+            service=request.DESCRIPTOR.file.services_by_name["ServerReflection"],
+            request=request,
+            response=grpc_std_pb2.MESSAGES[f"{package}.ServerReflectionResponse"],
+        )
 
 
 V1ALPHA = ReflectionApi.of("grpc.reflection.v1alpha")
@@ -102,8 +105,12 @@ def file_symbols(fdp: descriptor_pb2.FileDescriptorProto) -> Iterator[str]:
 def _fill_json_names(fdp: descriptor_pb2.FileDescriptorProto, fd: descriptor.FileDescriptor) -> None:
     """Set json_name where the generated code left it out, from protobuf's own descriptors, so
     JSON clients (grpcurl) print the same camelCase names as protobuf's JSON mapping."""
-    def fill(scope: str, fields: Iterable[descriptor_pb2.FieldDescriptorProto],
-             find: Callable[[str], descriptor.FieldDescriptor]) -> None:
+
+    def fill(
+        scope: str,
+        fields: Iterable[descriptor_pb2.FieldDescriptorProto],
+        find: Callable[[str], descriptor.FieldDescriptor],
+    ) -> None:
         for field in fields:
             if not field.HasField("json_name"):
                 field.json_name = find(scope + field.name).json_name
@@ -241,11 +248,16 @@ class ReflectionServicer:
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:  # type: ignore[type-arg,unused-ignore]
         return [
-            grpc.method_handlers_generic_handler(api.name, {
-                "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-                    self._stream(api), request_deserializer=api.request.FromString,
-                    response_serializer=api.response.SerializeToString),
-            })
+            grpc.method_handlers_generic_handler(
+                api.name,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        self._stream(api),
+                        request_deserializer=api.request.FromString,
+                        response_serializer=api.response.SerializeToString,
+                    ),
+                },
+            )
             for api in (V1ALPHA, V1)
         ]
 

@@ -144,11 +144,19 @@ class AgentServer:
         if sources is None:
             live, cap = self.roots, config.watch.max_namespace_fds
             sources = (lambda: EventSources(live, max_namespace_fds=cap)) if live.live else EventSources.none
-        self.hub = ReportHub(self._produce, sources=sources, debounce=config.watch.debounce_seconds,
-                             rescan_seconds=config.watch.fd_rescan_seconds)
-        self.leases = LeaseManager(self.roots, default_seconds=config.mutations.default_lease_seconds,
-                                   max_seconds=config.mutations.max_lease_seconds, links=self._links,
-                                   on_change=self.hub.poke)
+        self.hub = ReportHub(
+            self._produce,
+            sources=sources,
+            debounce=config.watch.debounce_seconds,
+            rescan_seconds=config.watch.fd_rescan_seconds,
+        )
+        self.leases = LeaseManager(
+            self.roots,
+            default_seconds=config.mutations.default_lease_seconds,
+            max_seconds=config.mutations.max_lease_seconds,
+            links=self._links,
+            on_change=self.hub.poke,
+        )
 
     @property
     def socket_path(self) -> Path:
@@ -175,8 +183,14 @@ class AgentServer:
             # max_queued_calls more, refuse (RESOURCE_EXHAUSTED) rather than queue without bound.
             maximum_concurrent_rpcs=cfg.max_workers + cfg.max_queued_calls,
         )
-        servicer = AgentServicer(roots=self.roots, engine=self.engine, config=self.config, leases=self.leases,
-                                 hub=self.hub, listeners=self.listeners)
+        servicer = AgentServicer(
+            roots=self.roots,
+            engine=self.engine,
+            config=self.config,
+            leases=self.leases,
+            hub=self.hub,
+            listeners=self.listeners,
+        )
         guarded = cast(grpc.Server, _DecodeGuarded(server))
         agent_service_pb2_grpc.add_AgentServiceServicer_to_server(servicer, guarded)
         self._health = add_health(guarded)
@@ -207,9 +221,15 @@ class AgentServer:
         # Healthy only now: every transport the config enables is up (stop() undoes a failed start).
         self._health.set("", True)
         self._health.set(AGENT_SERVICE, True)
-        log.info("serving", extra={"socket": str(path), "mutations": self.config.mutations.enabled,
-                                   "config": self.config.source,
-                                   "listeners": ",".join(f"{x.transport}:{x.address}" for x in self.listeners())})
+        log.info(
+            "serving",
+            extra={
+                "socket": str(path),
+                "mutations": self.config.mutations.enabled,
+                "config": self.config.source,
+                "listeners": ",".join(f"{x.transport}:{x.address}" for x in self.listeners()),
+            },
+        )
 
     def _add_tcp(self, server: grpc.Server) -> None:
         tcp = self.config.transports.tcp

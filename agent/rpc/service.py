@@ -90,14 +90,14 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext) -> pb.GetReportResponse:
         def call() -> pb.GetReportResponse:
             names = validate_names(request.devices)
-            report = self._engine.inspect(self._roots, names, leased=self._leases.leased(),
-                                          own_claims=self._leases.own_claims())
+            report = self._engine.inspect(
+                self._roots, names, leased=self._leases.leased(), own_claims=self._leases.own_claims()
+            )
             return pb.GetReportResponse(report=report)
 
         return _guard("GetReport", context, call)
 
-    def GetAgentInfo(self, request: pb.GetAgentInfoRequest,
-                     context: grpc.ServicerContext) -> pb.GetAgentInfoResponse:
+    def GetAgentInfo(self, request: pb.GetAgentInfoRequest, context: grpc.ServicerContext) -> pb.GetAgentInfoResponse:
         def call() -> pb.GetAgentInfoResponse:
             uname = os.uname()
             caps = ["report", "watch"]
@@ -117,8 +117,9 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
         return _guard("GetAgentInfo", context, call)
 
-    def WatchReport(self, request: pb.WatchReportRequest,
-                    context: grpc.ServicerContext) -> Iterator[pb.WatchReportResponse]:
+    def WatchReport(
+        self, request: pb.WatchReportRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchReportResponse]:
         # A generator: errors before the first message still end as a status.
         try:
             names = validate_names(request.devices)
@@ -129,8 +130,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
         except Exception as exc:
             _abort("WatchReport", context, exc)
         if not self._watchers.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"at most {self._config.server.max_watchers} WatchReport streams at a time")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self._config.server.max_watchers} WatchReport streams at a time",
+            )
         with self._watching_lock:
             self._watching += 1
         try:
@@ -141,8 +144,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             context.add_callback(sub.close)
             try:
                 for change in sub.changes(addresses, context.is_active):
-                    yield pb.WatchReportResponse(report=change.report, changed=change.changed,
-                                                 initial=change.initial)
+                    yield pb.WatchReportResponse(report=change.report, changed=change.changed, initial=change.initial)
             except Exception as exc:  # the scanner failed or stopped (WatchStopped)
                 _abort("WatchReport", context, exc)
             finally:
@@ -154,20 +156,28 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
     # -- mutating -------------------------------------------------------------------
 
-    def PrepareUnplug(self, request: pb.PrepareUnplugRequest,
-                      context: grpc.ServicerContext) -> pb.PrepareUnplugResponse:
+    def PrepareUnplug(
+        self, request: pb.PrepareUnplugRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareUnplugResponse:
         def call() -> pb.PrepareUnplugResponse:
             self._require_mutations("PrepareUnplug")
-            grant = prepare_unplug(self._engine, self._roots, self._leases, validate_names(request.devices),
-                                   lease_id=request.lease_id, seconds=request.lease_seconds,
-                                   take_interfaces_down=request.take_interfaces_down)
+            grant = prepare_unplug(
+                self._engine,
+                self._roots,
+                self._leases,
+                validate_names(request.devices),
+                lease_id=request.lease_id,
+                seconds=request.lease_seconds,
+                take_interfaces_down=request.take_interfaces_down,
+            )
             self._hub.poke()
             return _grant_response(grant)
 
         return _guard("PrepareUnplug", context, call)
 
-    def ReleaseUnplug(self, request: pb.ReleaseUnplugRequest,
-                      context: grpc.ServicerContext) -> pb.ReleaseUnplugResponse:
+    def ReleaseUnplug(
+        self, request: pb.ReleaseUnplugRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseUnplugResponse:
         def call() -> pb.ReleaseUnplugResponse:
             self._require_mutations("ReleaseUnplug")
             if not request.lease_id:
@@ -178,13 +188,15 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
 
         return _guard("ReleaseUnplug", context, call)
 
-    def RequestRelease(self, request: pb.RequestReleaseRequest,
-                       context: grpc.ServicerContext) -> pb.RequestReleaseResponse:
+    def RequestRelease(
+        self, request: pb.RequestReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.RequestReleaseResponse:
         def call() -> pb.RequestReleaseResponse:
             if not (self._config.mutations.enabled and self._config.release.enabled):
                 raise ReleaseDisabled("RequestRelease", mutations=self._config.mutations.enabled)
-            results = self._releaser.release(validate_names(request.devices), request.deadline_seconds,
-                                             self._report_states)
+            results = self._releaser.release(
+                validate_names(request.devices), request.deadline_seconds, self._report_states
+            )
             return pb.RequestReleaseResponse(functions=[_release_message(r) for r in results])
 
         return _guard("RequestRelease", context, call)
@@ -230,18 +242,25 @@ _HOOK_STATUS = {status: pb.HookStatus.Value(f"HOOK_STATUS_{status.value}") for s
 
 def _hook_message(run: HookRun) -> pb.HookResult:
     return pb.HookResult(
-        name=wire_text(run.name), status=_HOOK_STATUS[run.status], exit_code=run.exit_code, signal=run.signal,
+        name=wire_text(run.name),
+        status=_HOOK_STATUS[run.status],
+        exit_code=run.exit_code,
+        signal=run.signal,
         stdout=wire_text(run.stdout.decode("utf-8", "surrogateescape")),
         stderr=wire_text(run.stderr.decode("utf-8", "surrogateescape")),
-        stdout_truncated=run.stdout_truncated, stderr_truncated=run.stderr_truncated,
-        detail=wire_text(run.detail), seconds=run.seconds,
+        stdout_truncated=run.stdout_truncated,
+        stderr_truncated=run.stderr_truncated,
+        detail=wire_text(run.detail),
+        seconds=run.seconds,
     )
 
 
 def _release_message(r: Released) -> pb.FunctionRelease:
     state = report_pb2.FunctionState.Value(f"FUNCTION_STATE_{r.state.state}") if r.state.state else 0
     return pb.FunctionRelease(
-        address=r.address, pci_path=r.pci_path, outcome=pb.ReleaseOutcome.Value(f"RELEASE_OUTCOME_{r.outcome.value}"),
+        address=r.address,
+        pci_path=r.pci_path,
+        outcome=pb.ReleaseOutcome.Value(f"RELEASE_OUTCOME_{r.outcome.value}"),
         state=state,  # type: ignore[arg-type]
         reasons=[x for x in r.state.reasons if isinstance(x, report_pb2.Reason)],
         hooks=[_hook_message(h) for h in r.hooks],
@@ -262,4 +281,3 @@ def _abort(call: str, context: grpc.ServicerContext, exc: BaseException) -> NoRe
     log.info("call refused", extra={"call": call, "code": status.code.name, "error": status.message})
     context.abort(status.code, status.message)
     raise AssertionError("context.abort returned")  # it raises; keeps type checkers honest
-

@@ -37,8 +37,17 @@ from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.errors import WatchStopped
 from unplugd.v1 import report_pb2
 
-__all__ = ["Change", "ChangeWatcher", "ReportHub", "Subscription", "Update", "changed_between", "filter_report",
-           "function_keys", "unknown_report"]
+__all__ = [
+    "Change",
+    "ChangeWatcher",
+    "ReportHub",
+    "Subscription",
+    "Update",
+    "changed_between",
+    "filter_report",
+    "function_keys",
+    "unknown_report",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +100,12 @@ def unknown_report(last: report_pb2.Report, detail: str) -> report_pb2.Report:
     """
     out = report_pb2.Report()
     out.CopyFrom(last)
-    reason = report_pb2.Reason(code=report_pb2.REASON_CODE_UNREADABLE, blocking=True, object="report",
-                               detail=f"the report could not be built: {detail}")
+    reason = report_pb2.Reason(
+        code=report_pb2.REASON_CODE_UNREADABLE,
+        blocking=True,
+        object="report",
+        detail=f"the report could not be built: {detail}",
+    )
     for f in out.functions:
         f.state = report_pb2.FUNCTION_STATE_UNKNOWN
         del f.reasons[:]
@@ -325,8 +338,13 @@ class ReportHub:
             if self._watcher is None:
                 self._current = self._good = None
                 watcher = ChangeWatcher(
-                    self._produce, self._publish, sources=self._sources, fingerprint=function_keys,
-                    debounce=self._debounce, rescan_seconds=self._rescan, on_error=self._failed,
+                    self._produce,
+                    self._publish,
+                    sources=self._sources,
+                    fingerprint=function_keys,
+                    debounce=self._debounce,
+                    rescan_seconds=self._rescan,
+                    on_error=self._failed,
                     on_died=lambda exc: self._died(watcher, exc),
                 )
                 try:

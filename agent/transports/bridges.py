@@ -54,8 +54,15 @@ def make_bridges(
     tr = config.transports
     out: list[Bridge] = []
     if tr.vsock.enabled:
-        out.append(VsockBridge(tr.vsock.port, backend, allowed_cids=tr.vsock.allowed_cids,
-                               listener_factory=vsock_factory, cid=local_cid()))
+        out.append(
+            VsockBridge(
+                tr.vsock.port,
+                backend,
+                allowed_cids=tr.vsock.allowed_cids,
+                listener_factory=vsock_factory,
+                cid=local_cid(),
+            )
+        )
     if tr.virtio_serial.enabled:
         dev = (roots or Roots.live_system()).dev
         path = port_path(dev, tr.virtio_serial.name)
@@ -84,8 +91,10 @@ class BridgeThread:
                 asyncio.run_coroutine_threadsafe(bridge.start(), self._loop).result(timeout)
             except Exception as exc:
                 self.stop()
-                raise BridgeError(f"{bridge.transport} bridge on {bridge.address} cannot start: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from exc
+                raise BridgeError(
+                    f"{bridge.transport} bridge on {bridge.address} cannot start: "
+                    f"{getattr(exc, 'strerror', None) or exc}"
+                ) from exc
             self._running.append(bridge)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -107,8 +116,9 @@ class BridgeThread:
         self._loop.call_soon_threadsafe(fn)
 
 
-def start_bridges(config: Config, backend: Path, *, roots: Roots | None = None,
-                  vsock_factory: ListenerFactory = vsock_listener) -> BridgeThread:
+def start_bridges(
+    config: Config, backend: Path, *, roots: Roots | None = None, vsock_factory: ListenerFactory = vsock_listener
+) -> BridgeThread:
     """rpc/server.py's hook: start every enabled bridge in front of `backend`; BridgeError if one cannot."""
     thread = BridgeThread(make_bridges(config, backend, roots=roots, vsock_factory=vsock_factory))
     thread.start()

@@ -72,13 +72,16 @@ def _check_usable(cert: Path, key: Path, client_ca: bytes) -> None:
     try:
         ctx.load_cert_chain(cert, key, password=_no_password)
     except (ssl.SSLError, OSError) as exc:
-        raise TlsError(f"transports.tcp.cert {cert} and transports.tcp.key {key} are not a certificate and "
-                       f"its (unencrypted) private key: {getattr(exc, 'reason', None) or exc}") from exc
+        raise TlsError(
+            f"transports.tcp.cert {cert} and transports.tcp.key {key} are not a certificate and "
+            f"its (unencrypted) private key: {getattr(exc, 'reason', None) or exc}"
+        ) from exc
     try:
         ctx.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
     except (ssl.SSLError, ValueError) as exc:
-        raise TlsError(f"transports.tcp.client_ca: no CA certificate in it: "
-                       f"{getattr(exc, 'reason', None) or exc}") from exc
+        raise TlsError(
+            f"transports.tcp.client_ca: no CA certificate in it: {getattr(exc, 'reason', None) or exc}"
+        ) from exc
 
 
 def server_credentials(cert: Path | None, key: Path | None, client_ca: Path | None) -> grpc.ServerCredentials:

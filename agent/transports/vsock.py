@@ -92,8 +92,12 @@ class VsockBridge:
         sock = self._factory(self.port)
         self._sock = sock
         asyncio.get_running_loop().add_reader(sock.fileno(), self._on_accept)
-        log.info("vsock bridge on port %d -> %s (allowed CIDs: %s)", self.port, self._backend,
-                 ",".join(map(str, sorted(self.allowed_cids))))
+        log.info(
+            "vsock bridge on port %d -> %s (allowed CIDs: %s)",
+            self.port,
+            self._backend,
+            ",".join(map(str, sorted(self.allowed_cids))),
+        )
 
     async def stop(self) -> None:
         sock, self._sock = self._sock, None
@@ -117,8 +121,11 @@ class VsockBridge:
             cid = peer[0] if isinstance(peer, tuple) and peer else None
             if cid not in self.allowed_cids:
                 self.refused += 1
-                log.warning("vsock connection from CID %s refused (allowed: %s)", cid,
-                            ",".join(map(str, sorted(self.allowed_cids))))
+                log.warning(
+                    "vsock connection from CID %s refused (allowed: %s)",
+                    cid,
+                    ",".join(map(str, sorted(self.allowed_cids))),
+                )
                 conn.close()
                 continue
             if len(self._tasks) >= self._max:

@@ -333,12 +333,15 @@ def _chipset(root_bus: Bus, machine: str, acpi: bool) -> Iterator[tuple[Bus, Fun
     if root_bus.kind not in (BusKind.PCI_ROOT, BusKind.PCIE_ROOT):
         return
     for slot, fn, what in _chipset_functions(machine, acpi):
-        yield root_bus, Function(
-            path=root_bus.path_of(slot, fn),
-            model=f"chipset {what}",
-            description="built into the machine type; not in libvirt's XML",
-            hotpluggable=False,
-            guest_address=PciAddress(root_bus.domain, 0, slot, fn),
+        yield (
+            root_bus,
+            Function(
+                path=root_bus.path_of(slot, fn),
+                model=f"chipset {what}",
+                description="built into the machine type; not in libvirt's XML",
+                hotpluggable=False,
+                guest_address=PciAddress(root_bus.domain, 0, slot, fn),
+            ),
         )
 
 
@@ -691,8 +694,10 @@ class LibvirtBackend:
                         continue
                     removal = None
                 if removal is None:
-                    raise BackendError(f"the connection to {self.uri} closed while waiting (libvirtd restarted, "
-                                       "or silent past keepalive)")
+                    raise BackendError(
+                        f"the connection to {self.uri} closed while waiting (libvirtd restarted, "
+                        "or silent past keepalive)"
+                    )
                 yield removal
 
         def deregister() -> None:

@@ -531,14 +531,25 @@ class _Builder:
         bridge = parent.path_of(slot, function)
         kind = _BRIDGE_KINDS.get(qdev.type, BusKind.UNKNOWN) if qdev else BusKind.UNKNOWN
         bus = _bus(
-            qbus, f"bus behind {bridge}", kind=kind, domain=parent.domain, root_bus=parent.root_bus, bridge=bridge,
+            qbus,
+            f"bus behind {bridge}",
+            kind=kind,
+            domain=parent.domain,
+            root_bus=parent.root_bus,
+            bridge=bridge,
             number=secondary or None,
         )
         self.add_bus(children, qbus, bus)
 
 
 def _bus(
-    qbus: _QomBus | None, unnamed: str, *, kind: BusKind, domain: int, root_bus: int, bridge: PciPath | None,
+    qbus: _QomBus | None,
+    unnamed: str,
+    *,
+    kind: BusKind,
+    domain: int,
+    root_bus: int,
+    bridge: PciPath | None,
     number: int | None,
 ) -> Bus:
     """A Bus with what QOM says of it (name, hotplug handler and its kind); `unnamed` when QOM had no bus."""

@@ -171,8 +171,11 @@ def last_line(path: Path) -> str:
 
 @contextlib.contextmanager
 def chroot_mounts(root: Path) -> Iterator[None]:
-    points = [(root / "proc", ["-t", "proc", "proc"]), (root / "sys", ["-t", "sysfs", "sysfs"]),
-              (root / "dev", ["--bind", "/dev"])]
+    points = [
+        (root / "proc", ["-t", "proc", "proc"]),
+        (root / "sys", ["-t", "sysfs", "sysfs"]),
+        (root / "dev", ["--bind", "/dev"]),
+    ]
     mounted: list[Path] = []
     try:
         for point, how in points:
@@ -187,7 +190,9 @@ def chroot_mounts(root: Path) -> Iterator[None]:
 def installed_versions(root: Path) -> dict[str, str]:
     out = subprocess.run(
         ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
 
@@ -199,7 +204,8 @@ def build_into(work: Path, mirror: str, digest: str) -> None:
     packages = parse_packages((RECIPE / "packages.txt").read_text())
     run_logged(
         ["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(root), mirror],
-        logfile, f"debootstrap {SUITE} with {len(packages)} packages",
+        logfile,
+        f"debootstrap {SUITE} with {len(packages)} packages",
     )
     shutil.copytree(RECIPE / "files", root, symlinks=True, dirs_exist_ok=True)
     shutil.copy2(RECIPE / "customize.sh", root / "tmp" / "customize.sh")
@@ -219,8 +225,14 @@ def build_into(work: Path, mirror: str, digest: str) -> None:
     run_logged(["mkfs.ext4", "-q", "-F", "-L", ROOT_LABEL, "-d", str(root), str(disk)], logfile, "mkfs.ext4 -d")
     remove_tree(root)
     (work / "cmdline").write_text(CMDLINE + "\n")
-    manifest = {"hash": digest, "suite": SUITE, "kernel": version, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                time.gmtime()), "packages": packages, "versions": versions}
+    manifest = {
+        "hash": digest,
+        "suite": SUITE,
+        "kernel": version,
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "packages": packages,
+        "versions": versions,
+    }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

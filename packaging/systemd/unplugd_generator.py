@@ -95,8 +95,10 @@ def main(argv: list[str]) -> int:
     config = Path(os.environ.get("UNPLUGD_CONFIG") or CONFIG)
     try:
         raw = config.read_bytes()
-        for enabled, name, text in ((tcp_enabled, DROPIN, TCP_DROPIN),
-                                    (release_enabled, RELEASE_DROPIN_NAME, RELEASE_DROPIN)):
+        for enabled, name, text in (
+            (tcp_enabled, DROPIN, TCP_DROPIN),
+            (release_enabled, RELEASE_DROPIN_NAME, RELEASE_DROPIN),
+        ):
             if enabled(raw):
                 target = Path(argv[1]) / name
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -82,8 +82,10 @@ def encode_frame(frame: Frame) -> bytes:
 def data_frames(session: int, data: bytes) -> list[bytes]:
     """Encoded DATA frames carrying `data`, split at MAX_PAYLOAD."""
     view = memoryview(data)
-    return [encode_frame(Frame(FrameKind.DATA, session, bytes(view[i : i + MAX_PAYLOAD])))
-            for i in range(0, len(data), MAX_PAYLOAD)]
+    return [
+        encode_frame(Frame(FrameKind.DATA, session, bytes(view[i : i + MAX_PAYLOAD])))
+        for i in range(0, len(data), MAX_PAYLOAD)
+    ]
 
 
 def sync_preamble() -> bytes:

@@ -85,9 +85,7 @@ class PciPath:
     @cached_property
     def slot_path(self) -> str:
         """The path without the last function: `0000:00/03.0/05` (cached: planners ask a lot)."""
-        head = f"{self.domain:04x}:{self.root_bus:02x}" + "".join(
-            f"/{s:02x}.{f:x}" for s, f in self.hops[:-1]
-        )
+        head = f"{self.domain:04x}:{self.root_bus:02x}" + "".join(f"/{s:02x}.{f:x}" for s, f in self.hops[:-1])
         return f"{head}/{self.hops[-1][0]:02x}"
 
     @property

@@ -14,8 +14,9 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int],
-                first: Callable[[], None] | None = None) -> None:
+async def _pump(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, count: list[int], first: Callable[[], None] | None = None
+) -> None:
     while data := await src.read(CHUNK):
         if first is not None and not count[0]:
             first()
@@ -55,8 +56,10 @@ async def splice(
     """Pump a->b and b->a; an error on either side closes both. Returns the bytes
     carried each way; `on_reply` is called when b sends its first bytes."""
     a_to_b, b_to_a = [0], [0]
-    tasks = [asyncio.ensure_future(_pump(a[0], b[1], a_to_b)),
-             asyncio.ensure_future(_pump(b[0], a[1], b_to_a, on_reply))]
+    tasks = [
+        asyncio.ensure_future(_pump(a[0], b[1], a_to_b)),
+        asyncio.ensure_future(_pump(b[0], a[1], b_to_a, on_reply)),
+    ]
     try:
         pending: set[asyncio.Future[None]] = set(tasks)
         while pending:

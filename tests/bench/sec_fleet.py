@@ -85,8 +85,9 @@ def _report(xml: str) -> bytes:
     for slot in topo.slots:
         for f in slot.functions:
             if f.guest_address is not None:
-                r.functions.add(address=str(f.guest_address), pci_path=str(f.path),
-                                state=report_pb2.FUNCTION_STATE_READY)
+                r.functions.add(
+                    address=str(f.guest_address), pci_path=str(f.path), state=report_pb2.FUNCTION_STATE_READY
+                )
     return pb.GetReportResponse(report=r).SerializeToString()
 
 
@@ -120,18 +121,27 @@ async def _fleet(targets: list[Any], agents: dict[Any, Path], jobs: int, shared:
     return time.perf_counter() - t0, answers
 
 
-def _row(what: str, samples: list[float], answers: list[Any], ref_s: float | None, note: str = "",
-         ours: str = "fleet") -> Row:
+def _row(
+    what: str, samples: list[float], answers: list[Any], ref_s: float | None, note: str = "", ours: str = "fleet"
+) -> Row:
     from unplugd.host.fleet import State
 
     t = Timing(samples_s=samples)
     bad = [a for a in answers if a.state is not State.ANSWERED]
     per = sorted(a.seconds for a in answers)
-    note = (f"per domain median {per[len(per) // 2] * 1000:.0f} ms, max {per[-1] * 1000:.0f} ms; "
-            f"{len(bad)} not answered" + (f" ({bad[0].error})" if bad else "") + (f"; {note}" if note else ""))
-    return Row(what, median_ms=t.median_ms, min_ms=t.min_ms, runs=len(samples),
-               versus=compare(t.median_s, ref_s, ours=ours) if ref_s else "", note=note,
-               raw={"samples_s": samples, "not_answered": len(bad)})
+    note = (
+        f"per domain median {per[len(per) // 2] * 1000:.0f} ms, max {per[-1] * 1000:.0f} ms; "
+        f"{len(bad)} not answered" + (f" ({bad[0].error})" if bad else "") + (f"; {note}" if note else "")
+    )
+    return Row(
+        what,
+        median_ms=t.median_ms,
+        min_ms=t.min_ms,
+        runs=len(samples),
+        versus=compare(t.median_s, ref_s, ours=ours) if ref_s else "",
+        note=note,
+        raw={"samples_s": samples, "not_answered": len(bad)},
+    )
 
 
 def run(quick: bool) -> SectionResult:
@@ -157,9 +167,22 @@ def run(quick: bool) -> SectionResult:
         nodes = _node_files(xml, tmp)
         (tmp / "report.bin").write_bytes(_report(xml))
         (tmp / "agents").mkdir()
-        agents_proc = spawn([sys.executable, "-m", "tests.bench.fleet_agents", "--dir", str(tmp / "agents"),
-                             "--count", str(DOMAINS), "--report", str(tmp / "report.bin")],
-                            cwd=str(commands.REPO), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        agents_proc = spawn(
+            [
+                sys.executable,
+                "-m",
+                "tests.bench.fleet_agents",
+                "--dir",
+                str(tmp / "agents"),
+                "--count",
+                str(DOMAINS),
+                "--report",
+                str(tmp / "report.bin"),
+            ],
+            cwd=str(commands.REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         stack.callback(stop, agents_proc)
         assert agents_proc.stdout is not None
         if agents_proc.stdout.readline().strip() != b"ready":
@@ -185,31 +208,52 @@ def run(quick: bool) -> SectionResult:
 
         seq_s, seq_answers = measure(1, shared=False)
         seq = statistics.median(seq_s)
-        result.rows.append(_row(f"one domain at a time: {DOMAINS} domains, a connection each (wall)", seq_s,
-                                seq_answers, None, "the ratio's baseline"))
+        result.rows.append(
+            _row(
+                f"one domain at a time: {DOMAINS} domains, a connection each (wall)",
+                seq_s,
+                seq_answers,
+                None,
+                "the ratio's baseline",
+            )
+        )
         s, a = measure(1, shared=True)
-        result.rows.append(_row(f"one domain at a time, {CONNECTIONS} shared connections (wall)", s, a, seq,
-                                "what sharing the connection alone saves", ours="shared"))
+        result.rows.append(
+            _row(
+                f"one domain at a time, {CONNECTIONS} shared connections (wall)",
+                s,
+                a,
+                seq,
+                "what sharing the connection alone saves",
+                ours="shared",
+            )
+        )
         for jobs in (16, 64):
             s, a = measure(jobs, shared=True)
-            result.rows.append(_row(f"fleet --jobs {jobs}: {DOMAINS} domains, {CONNECTIONS} shared connections "
-                                    "(wall)", s, a, seq))
+            result.rows.append(
+                _row(f"fleet --jobs {jobs}: {DOMAINS} domains, {CONNECTIONS} shared connections (wall)", s, a, seq)
+            )
         # the shell loop: one `unplugctl status` process per domain, sampled
         t = targets[0]
         argv = [*status_argv, t.domain, "--connect", t.uri, "--agent", f"unix:{agents[t]}", "--json"]
         proc = time_command(argv, SAMPLED_PROCESSES, warmup=1, timeout_s=120)
         loop_s = proc.median_s * DOMAINS
-        result.rows.append(Row(f"`unplugctl status DOMAIN` x {DOMAINS}, one process each (estimated)",
-                               median_ms=loop_s * 1000, runs=SAMPLED_PROCESSES,
-                               versus=compare(loop_s, seq, ours="process loop"),
-                               note=f"{proc.median_ms:.0f} ms per process (median of {SAMPLED_PROCESSES}) x {DOMAINS}",
-                               raw={"samples_s": proc.samples_s}))
+        result.rows.append(
+            Row(
+                f"`unplugctl status DOMAIN` x {DOMAINS}, one process each (estimated)",
+                median_ms=loop_s * 1000,
+                runs=SAMPLED_PROCESSES,
+                versus=compare(loop_s, seq, ours="process loop"),
+                note=f"{proc.median_ms:.0f} ms per process (median of {SAMPLED_PROCESSES}) x {DOMAINS}",
+                raw={"samples_s": proc.samples_s},
+            )
+        )
     result.notes.append(
         f"{CONNECTIONS} test+tcp:// connections to one private libvirtd on loopback (real RPC, test driver), "
         f"{DOMAINS} domains whose XML is the live XML of a real q35 domain; fake agents (a separate process) "
         "answer a canned report listing that layout's functions READY. No network latency: real remote links "
         "add a round trip per call, which the fleet overlaps and the loop pays serially; on loopback the "
-        "shared connections, not the concurrency, make the difference (no latency to overlap here).")
+        "shared connections, not the concurrency, make the difference (no latency to overlap here)."
+    )
     result.seconds = time.monotonic() - t0
     return result
-

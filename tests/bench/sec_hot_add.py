@@ -229,4 +229,3 @@ def run(quick: bool) -> SectionResult:
 def _agent_rss(vm: Any) -> str:
     out = vm.exec("grep VmRSS /proc/$(systemctl show -p MainPID --value unplugd)/status", timeout=30).stdout
     return " ".join(out.split()[1:]) or "?"
-

@@ -47,8 +47,12 @@ def guest(daemon: PrivateLibvirtd) -> Iterator[LibvirtGuest]:
     vm = LibvirtGuest(unplug_layout(), config=MUTATIONS_CONFIG, uri=daemon.uri)
     with vm:
         TIMINGS["boot"] = vm.wait_booted(timeout=600)
-        vm.exec("mkfs.ext4 -q /dev/disk/by-id/virtio-data && mkdir -p /mnt/data "
-                "&& mount /dev/disk/by-id/virtio-data /mnt/data", check=True, timeout=120)
+        vm.exec(
+            "mkfs.ext4 -q /dev/disk/by-id/virtio-data && mkdir -p /mnt/data "
+            "&& mount /dev/disk/by-id/virtio-data /mnt/data",
+            check=True,
+            timeout=120,
+        )
         yield vm
     print(f"\nremote e2e timings (s): {json.dumps({k: round(v, 2) for k, v in TIMINGS.items()})}", file=sys.stderr)
 
@@ -58,13 +62,19 @@ def unplugctl(uri: str, *args: str, timeout: float = 180) -> subprocess.Complete
     start = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     TIMINGS[f"{args[0]} {'tcp' if uri.startswith('qemu+tcp') else 'local'} {' '.join(args[2:3])}"] = (
-        time.monotonic() - start)
+        time.monotonic() - start
+    )
     return p
 
 
 def _verdicts(doc: dict[str, Any]) -> dict[str, str]:
-    return {t: s["verdict"] for s in doc["slots"] for f in s["functions"] if f["host"] and not f["behindBridge"]
-            for t in f["host"]["targets"]}
+    return {
+        t: s["verdict"]
+        for s in doc["slots"]
+        for f in s["functions"]
+        if f["host"] and not f["behindBridge"]
+        for t in f["host"]["targets"]
+    }
 
 
 def test_status_by_remote_uri_is_the_local_answer(daemon: PrivateLibvirtd, guest: LibvirtGuest) -> None:
@@ -84,8 +94,9 @@ def test_status_by_remote_uri_is_the_local_answer(daemon: PrivateLibvirtd, guest
 
 
 @pytest.mark.parametrize(("target", "code"), [("vdb", 3), ("vdc", 0), ("vdd", 6), ("vde", 5)])
-def test_check_by_remote_uri_exits_as_the_local(daemon: PrivateLibvirtd, guest: LibvirtGuest,
-                                                 target: str, code: int) -> None:
+def test_check_by_remote_uri_exits_as_the_local(
+    daemon: PrivateLibvirtd, guest: LibvirtGuest, target: str, code: int
+) -> None:
     assert daemon.tcp_uri is not None
     local = unplugctl(daemon.uri, "check", guest.name, target, "--json")
     remote = unplugctl(daemon.tcp_uri, "check", guest.name, target, "--json")
@@ -93,8 +104,7 @@ def test_check_by_remote_uri_exits_as_the_local(daemon: PrivateLibvirtd, guest: 
     assert json.loads(local.stdout) == json.loads(remote.stdout)
 
 
-def test_a_channel_held_through_libvirt_is_refused_unless_forced(daemon: PrivateLibvirtd,
-                                                                 guest: LibvirtGuest) -> None:
+def test_a_channel_held_through_libvirt_is_refused_unless_forced(daemon: PrivateLibvirtd, guest: LibvirtGuest) -> None:
     import libvirt
 
     assert daemon.tcp_uri is not None
@@ -115,8 +125,21 @@ def test_a_channel_held_through_libvirt_is_refused_unless_forced(daemon: Private
 
 def test_wait_ready_by_remote_uri(daemon: PrivateLibvirtd, guest: LibvirtGuest) -> None:
     assert daemon.tcp_uri is not None
-    cmd = [sys.executable, "-m", "unplugd.host.cli", "wait-ready", guest.name, "vdb", "--timeout", "150",
-           "--connect", daemon.tcp_uri, "--agent-timeout", "20", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unplugd.host.cli",
+        "wait-ready",
+        guest.name,
+        "vdb",
+        "--timeout",
+        "150",
+        "--connect",
+        daemon.tcp_uri,
+        "--agent-timeout",
+        "20",
+        "--json",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         time.sleep(5)  # wait-ready is watching through the channel's stream by now
@@ -148,8 +171,20 @@ def test_hypervisor_silent_mid_wait_ends_with_a_clear_outcome(daemon: PrivateLib
     GUEST_UNREACHABLE (exit 4) saying so, instead of waiting out its --timeout."""
     assert daemon.tcp_uri is not None
     guest.exec("mountpoint -q /mnt/data || mount /dev/disk/by-id/virtio-data /mnt/data", check=True)
-    cmd = [sys.executable, "-m", "unplugd.host.cli", "wait-ready", guest.name, "vdb", "--timeout", "150",
-           "--connect", daemon.tcp_uri, "--agent-timeout", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unplugd.host.cli",
+        "wait-ready",
+        guest.name,
+        "vdb",
+        "--timeout",
+        "150",
+        "--connect",
+        daemon.tcp_uri,
+        "--agent-timeout",
+        "20",
+    ]
     pid = int((daemon.root / "libvirtd.pid").read_text())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -26,8 +26,14 @@ UPGRADE_VERSION = "99.0.0"
 @pytest.fixture(scope="module")
 def vm() -> Iterator[GuestVM]:
     require_vm_tools()
-    with GuestVM("q35", devices=[disk_on_root_port("data0", chassis=1)], packages=None, config=None,
-                 name="unplugd-e2e-lifecycle", allow_reboot=True) as guest:
+    with GuestVM(
+        "q35",
+        devices=[disk_on_root_port("data0", chassis=1)],
+        packages=None,
+        config=None,
+        name="unplugd-e2e-lifecycle",
+        allow_reboot=True,
+    ) as guest:
         guest.wait_booted(timeout=600)
         yield guest
 
@@ -54,16 +60,18 @@ def journal(vm: GuestVM) -> str:
 def test_stock_guest_has_nothing_of_ours(vm: GuestVM) -> None:
     assert vm.exec("dpkg-query -W unplugd").rc != 0
     # nothing preloads the module behind the agent's port: udev loads it when the device shows up
-    out = vm.exec("grep -rls 'virtio_console\\|unplugd' /etc/modules /etc/modules-load.d /etc/modprobe.d "
-                         "/etc/systemd /etc/udev").stdout
+    out = vm.exec(
+        "grep -rls 'virtio_console\\|unplugd' /etc/modules /etc/modules-load.d /etc/modprobe.d /etc/systemd /etc/udev"
+    ).stdout
     assert out.strip() == "", f"the test image carries something of ours: {out}"
 
 
 def test_install_starts_and_enables_the_service(vm: GuestVM) -> None:
     dpkg_install(vm, guest_debs())
     assert vm.exec("systemctl is-enabled unplugd.service").stdout.strip() == "enabled"
-    rc = vm.exec("for i in $(seq 100); do systemctl is-active -q unplugd.service && exit 0; sleep 0.3; done; exit 1",
-                 timeout=60).rc
+    rc = vm.exec(
+        "for i in $(seq 100); do systemctl is-active -q unplugd.service && exit 0; sleep 0.3; done; exit 1", timeout=60
+    ).rc
     assert rc == 0, journal(vm)
     assert "functions" in agent_answers(vm)
 
@@ -80,8 +88,11 @@ def test_after_a_reboot_the_host_reaches_the_agent_over_its_port(vm: GuestVM) ->
 
 
 def test_upgrade_restarts_the_service_and_keeps_the_edited_config(vm: GuestVM) -> None:
-    vm.exec(f"sed -i 's/^exclusive_probe = true/exclusive_probe = false/' {CONFIG} && "
-            f"echo '# edited by the administrator' >>{CONFIG}", check=True)
+    vm.exec(
+        f"sed -i 's/^exclusive_probe = true/exclusive_probe = false/' {CONFIG} && "
+        f"echo '# edited by the administrator' >>{CONFIG}",
+        check=True,
+    )
     edited = vm.read_file(CONFIG)
     assert "exclusive_probe = false" in edited
     pid_before = service(vm, "MainPID")
@@ -90,8 +101,9 @@ def test_upgrade_restarts_the_service_and_keeps_the_edited_config(vm: GuestVM) -
     assert vm.exec("dpkg-query -W -f '${Version}' unplugd", check=True).stdout == UPGRADE_VERSION
     assert vm.read_file(CONFIG) == edited
     assert vm.exec(f"test -e {CONFIG}.dpkg-new -o -e {CONFIG}.dpkg-dist").rc != 0
-    rc = vm.exec("for i in $(seq 100); do systemctl is-active -q unplugd.service && exit 0; sleep 0.3; done; exit 1",
-                 timeout=60).rc
+    rc = vm.exec(
+        "for i in $(seq 100); do systemctl is-active -q unplugd.service && exit 0; sleep 0.3; done; exit 1", timeout=60
+    ).rc
     assert rc == 0, journal(vm)
     assert service(vm, "MainPID") not in ("", "0", pid_before), "the upgrade did not restart the agent"
     assert "functions" in agent_answers(vm)
@@ -111,4 +123,3 @@ def test_purge_removes_the_configuration(vm: GuestVM) -> None:
     assert vm.exec("test -e /etc/unplugd").rc != 0
     assert vm.exec("dpkg-query -W unplugd").rc != 0
     assert vm.exec("test -e /etc/systemd/system/multi-user.target.wants/unplugd.service").rc != 0
-

@@ -148,7 +148,7 @@ def text(f: dict[str, Any]) -> str:
 
 def checks(guest: Guest, names: list[str]) -> dict[str, tuple[int, str]]:
     """`unplugd check NAME` in the guest for each name: (exit code, output)."""
-    script = "for n in \"$@\"; do out=$(unplugd check \"$n\" 2>&1); echo \"== $? $n\"; echo \"$out\"; done"
+    script = 'for n in "$@"; do out=$(unplugd check "$n" 2>&1); echo "== $? $n"; echo "$out"; done'
     out = guest.vm.exec(["sh", "-c", script, "sh", *names], check=True, timeout=900).stdout
     found: dict[str, tuple[int, str]] = {}
     name, rc, body = "", 0, list[str]()

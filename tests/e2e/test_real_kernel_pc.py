@@ -44,7 +44,6 @@ def vm() -> Iterator[GuestVM]:
     FIGURES.append(f"pc real-kernel guest: whole module {time.monotonic() - started:.0f} s")
 
 
-
 def test_the_agent_reached_its_port_after_boot(vm: GuestVM) -> None:
     """The installed package on an i440fx guest: after the boot the agent serves its virtio-serial port
     (the unit's device list was resolved after virtio_console loaded: the udev rule saw to it)."""
@@ -53,6 +52,7 @@ def test_the_agent_reached_its_port_after_boot(vm: GuestVM) -> None:
     assert "Operation not permitted" not in journal, journal
     rc, out, err = unplugctl(vm, "status")
     assert rc == 0, out + err
+
 
 def bdf_of(vm: GuestVM, serial: str) -> str:
     out = vm.exec(f"readlink -f /sys/block/$(basename $(readlink -f /dev/disk/by-id/virtio-{serial}))", check=True)

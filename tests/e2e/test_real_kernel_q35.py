@@ -159,8 +159,12 @@ def guest() -> Iterator[Guest]:
 
 def locate(vm: GuestVM) -> dict[str, str]:
     disks = [q for q in (*BLOCKED, *READY) if q.startswith("d")]
-    out = vm.exec(["sh", "-c", LOCATE], env=[f"DISKS={' '.join(disks)}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-                  check=True, timeout=120).stdout
+    out = vm.exec(
+        ["sh", "-c", LOCATE],
+        env=[f"DISKS={' '.join(disks)}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        check=True,
+        timeout=120,
+    ).stdout
     by_mac = {mac: qid for qid, mac in MACS.items()}
     bdf: dict[str, str] = {}
     for line in out.splitlines():

@@ -53,16 +53,37 @@ def vm() -> Iterator[GuestVM]:
             f" printf '%s' '{PAYLOAD}' > /srv/data/payload.txt;"
             " mkfs.ext4 -q /dev/disk/by-id/virtio-stuck; mkdir -p /mnt/stuck;"
             " mount /dev/disk/by-id/virtio-stuck /mnt/stuck",
-            check=True, timeout=120,
+            check=True,
+            timeout=120,
         )
-        guest.exec(["sh", "-c", "cat > /etc/systemd/system/data-user.service && systemctl daemon-reload "
-                    "&& systemctl start data-user.service"], input=SERVICE, check=True, timeout=120)
+        guest.exec(
+            [
+                "sh",
+                "-c",
+                "cat > /etc/systemd/system/data-user.service && systemctl daemon-reload "
+                "&& systemctl start data-user.service",
+            ],
+            input=SERVICE,
+            check=True,
+            timeout=120,
+        )
         yield guest
 
 
 def unplugctl(vm: GuestVM, *args: str, timeout: float = 240) -> tuple[int, str, str]:
-    cmd = [sys.executable, "-m", "unplugd.host.cli", args[0], "--qmp", str(vm.qmp_socket),
-           "--agent", f"serial:{vm.agent_socket}", "--agent-timeout", "20", *args[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unplugd.host.cli",
+        args[0],
+        "--qmp",
+        str(vm.qmp_socket),
+        "--agent",
+        f"serial:{vm.agent_socket}",
+        "--agent-timeout",
+        "20",
+        *args[1:],
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     return p.returncode, p.stdout, p.stderr
 
@@ -83,8 +104,7 @@ def plugged(vm: GuestVM) -> set[str]:
 
 def test_the_agent_runs_in_the_systems_mount_namespace(vm: GuestVM) -> None:
     """What the release.conf drop-in is for: a hook's umount must unmount for everyone."""
-    r = vm.exec("readlink /proc/1/ns/mnt /proc/$(systemctl show -p MainPID --value unplugd.service)/ns/mnt",
-                check=True)
+    r = vm.exec("readlink /proc/1/ns/mnt /proc/$(systemctl show -p MainPID --value unplugd.service)/ns/mnt", check=True)
     init, agent = r.stdout.split()
     assert init == agent
     assert vm.exec("test -f /run/systemd/generator/unplugd.service.d/release.conf").rc == 0
@@ -117,8 +137,11 @@ def test_the_example_hook_stops_the_service_unmounts_and_the_disk_is_unplugged(v
     ("script", "status", "detail"),
     [
         ("printf '#!/bin/sh\\necho not today >&2\\nexit 1\\n' > 10-fail; chmod 0755 10-fail", "EXITED", ""),
-        ("printf '#!/bin/sh\\numount /mnt/stuck\\n' > 10-gw; chmod 0775 10-gw", "REFUSED",
-         "writable by group (mode 0775)"),
+        (
+            "printf '#!/bin/sh\\numount /mnt/stuck\\n' > 10-gw; chmod 0775 10-gw",
+            "REFUSED",
+            "writable by group (mode 0775)",
+        ),
         ("printf '#!/bin/sh\\nexec sleep 300\\n' > 10-hang; chmod 0755 10-hang", "TIMED_OUT", ""),
     ],
     ids=["fails", "group-writable", "hangs"],

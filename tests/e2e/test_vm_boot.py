@@ -107,7 +107,13 @@ print(json.dumps(r))
 
 # RuntimeDirectory stays with the real service: a transient unit would remove /run/unplugd on exit.
 SKIP_IN_PROBE = {
-    "ExecStart", "Type", "Restart", "RestartSec", "TimeoutStopSec", "RuntimeDirectory", "RuntimeDirectoryMode",
+    "ExecStart",
+    "Type",
+    "Restart",
+    "RestartSec",
+    "TimeoutStopSec",
+    "RuntimeDirectory",
+    "RuntimeDirectoryMode",
 }
 
 
@@ -189,8 +195,7 @@ def test_running_service_answers_the_host_over_virtio_serial(vm: GuestVM, disks:
     def states(client: Any) -> dict[str, tuple[str, set[str]]]:
         report = MessageToDict(client.get_report([bdf1, bdf2], timeout=60))
         return {
-            f["address"]: (f["state"], {r["code"] for r in f.get("reasons", [])})
-            for f in report.get("functions", [])
+            f["address"]: (f["state"], {r["code"] for r in f.get("reasons", [])}) for f in report.get("functions", [])
         }
 
     client = SyncAgentClient(f"serial:{vm.agent_socket}", timeout=60, connect_timeout=30)

@@ -48,15 +48,16 @@ SEEDS: dict[str, list[bytes]] = {
 }
 
 
-
 def _seeds(name: str) -> list[bytes]:
     """SEEDS, plus the binary ones built by the code that writes them (in the parent only: the
     fuzzing child must import the parsers under instrumentation first)."""
     if name == "framing":
         from unplugd.framing import Frame, FrameKind, encode_frame, sync_preamble
 
-        return [encode_frame(Frame(FrameKind.DATA, 1, b"abc")), sync_preamble()[:64] + encode_frame(
-            Frame(FrameKind.CLOSE, 7, b"bye"))]
+        return [
+            encode_frame(Frame(FrameKind.DATA, 1, b"abc")),
+            sync_preamble()[:64] + encode_frame(Frame(FrameKind.CLOSE, 7, b"bye")),
+        ]
     if name == "rtnetlink":
         import struct
 
@@ -96,8 +97,17 @@ def _run_atheris(name: str, seconds: int) -> tuple[int, int]:
     with tempfile.TemporaryDirectory(prefix=f"unplugd-fuzz-{name}-") as corpus:
         for i, seed in enumerate(_seeds(name)):
             (Path(corpus) / f"seed{i}").write_bytes(seed)
-        argv = [sys.executable, __file__, "--child", name, corpus, f"-max_total_time={seconds}",
-                "-print_final_stats=1", f"-artifact_prefix={CRASHES}/{name}-", "-max_len=4096"]
+        argv = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            corpus,
+            f"-max_total_time={seconds}",
+            "-print_final_stats=1",
+            f"-artifact_prefix={CRASHES}/{name}-",
+            "-max_len=4096",
+        ]
         out = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=seconds + 60)
     runs = sum(int(n) for n in _STAT.findall(out.stderr))
     crashed = out.returncode != 0
@@ -144,8 +154,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=60, help="total budget, shared by the targets (default 60)")
     parser.add_argument("--target", action="append", choices=sorted(TARGETS), help="only these (repeatable)")
-    parser.add_argument("--engine", choices=["auto", "hypothesis"], default="auto",
-                        help="hypothesis: skip atheris even when it is installed")
+    parser.add_argument(
+        "--engine",
+        choices=["auto", "hypothesis"],
+        default="auto",
+        help="hypothesis: skip atheris even when it is installed",
+    )
     args = parser.parse_args()
     atheris = _have_atheris() and args.engine == "auto"
     names = args.target or sorted(TARGETS)

@@ -29,8 +29,13 @@ from tests.integration.libvirtd import LAYOUTS, ensure_libvirtd
 
 __all__ = ["PrivateLibvirtd", "private_libvirtd"]
 
-_BINDS = {"run": "/run/libvirt", "lib": "/var/lib/libvirt", "cache": "/var/cache/libvirt",
-          "log": "/var/log/libvirt", "etc": "/etc/libvirt"}
+_BINDS = {
+    "run": "/run/libvirt",
+    "lib": "/var/lib/libvirt",
+    "cache": "/var/cache/libvirt",
+    "log": "/var/log/libvirt",
+    "etc": "/etc/libvirt",
+}
 START_TIMEOUT_S = 30.0  # libvirtd probes QEMU's capabilities on a first start: a few seconds under TCG
 
 
@@ -56,16 +61,20 @@ class PrivateLibvirtd:
             f.write('\nstdio_handler = "file"\n')
         conf = f'unix_sock_dir = "{self.root}/sock"\nunix_sock_rw_perms = "0700"\nunix_sock_ro_perms = "0700"\n'
         if self.tcp_port:
-            conf += (f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\ntcp_port = "{self.tcp_port}"\n'
-                     'listen_addr = "127.0.0.1"\n')
+            conf += (
+                f'listen_tcp = 1\nlisten_tls = 0\nauth_tcp = "none"\ntcp_port = "{self.tcp_port}"\n'
+                'listen_addr = "127.0.0.1"\n'
+            )
         (etc / "libvirtd.conf").write_text(conf)
         listen = " --listen" if self.tcp_port else ""
         binds = "\n".join(f"mount --bind {self.root / src} {dst}" for src, dst in _BINDS.items())
         script = self.root / "start.sh"
-        script.write_text(f"#!/bin/sh\nset -e\nmount --make-rprivate /\n{binds}\n"
-                          "mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu\n"
-                          f"exec libvirtd{listen} --config /etc/libvirt/libvirtd.conf "
-                          f"--pid-file {self.root}/libvirtd.pid\n")
+        script.write_text(
+            f"#!/bin/sh\nset -e\nmount --make-rprivate /\n{binds}\n"
+            "mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu\n"
+            f"exec libvirtd{listen} --config /etc/libvirt/libvirtd.conf "
+            f"--pid-file {self.root}/libvirtd.pid\n"
+        )
         script.chmod(0o755)
 
     def start(self) -> None:
@@ -74,8 +83,12 @@ class PrivateLibvirtd:
         # libvirt prints every failed connect of the wait below to stderr unless a handler takes it.
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
         log = open(self.root / "libvirtd.log", "ab")  # noqa: SIM115 (the daemon keeps it)
-        self.proc = subprocess.Popen(["unshare", "-m", str(self.root / "start.sh")], stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["unshare", "-m", str(self.root / "start.sh")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:

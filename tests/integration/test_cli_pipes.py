@@ -35,8 +35,14 @@ def _into_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _with_head(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """The shell pipeline itself, with pipefail: the status is the command's."""
-    return subprocess.run(["bash", "-c", f"set -o pipefail; {shlex.join(argv)} | head -1"], env=ENV,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {shlex.join(argv)} | head -1"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _quiet(done: subprocess.CompletedProcess[str]) -> None:
@@ -61,6 +67,5 @@ def test_unplugd_inspect_piped_into_head() -> None:
 @pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["check", "net0"]])
 def test_unplugctl_ends_quietly_when_its_reader_left(args: list[str]) -> None:
     with run_qemu("pc") as vm:
-        done = _into_closed_pipe([sys.executable, "-m", "unplugd.host.cli", args[0], "--qmp", vm.qmp,
-                                  *args[1:]])
+        done = _into_closed_pipe([sys.executable, "-m", "unplugd.host.cli", args[0], "--qmp", vm.qmp, *args[1:]])
     _quiet(done)

@@ -89,8 +89,9 @@ def _function(report: dict[str, object]) -> dict[str, object]:
     return f  # type: ignore[no-any-return]
 
 
-def test_inspect_json_judges_the_disk(hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]],
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_json_judges_the_disk(
+    hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
     disk, mount_point, holder = hostile
     assert cli.main(["inspect", "--json", "--no-probe", "--device", disk.disk]) == cli.EXIT_OK
     out = capsys.readouterr().out
@@ -104,8 +105,9 @@ def test_inspect_json_judges_the_disk(hostile: tuple[LoopDisk, bytes, subprocess
     assert held[0]["command"] == wire_text(os.fsdecode(COMM))
 
 
-def test_inspect_table_and_check(hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]],
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_inspect_table_and_check(
+    hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]
+) -> None:
     disk, _, _ = hostile
     assert cli.main(["inspect", "--no-probe"]) == cli.EXIT_OK
     out = capsys.readouterr().out
@@ -122,8 +124,9 @@ def test_inspect_table_and_check(hostile: tuple[LoopDisk, bytes, subprocess.Pope
     assert not RAW_CONTROL.search(capsys.readouterr().out)
 
 
-def test_get_report_over_a_real_server(hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]],
-                                       tmp_path: Path) -> None:
+def test_get_report_over_a_real_server(
+    hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
     disk, mount_point, _ = hostile
     cfg = Config().with_overrides(socket=tmp_path / "run" / "agent.sock")
     server = AgentServer(cfg, roots=Roots.live_system(), sources=EventSources.none)

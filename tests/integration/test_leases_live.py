@@ -78,10 +78,16 @@ class Loops:
         with open(image, "wb") as f:
             f.truncate(64 << 20)
         if partitions:
-            subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\n,32M,L\n,,S\n", text=True,
-                           check=True, capture_output=True)
-        made = subprocess.run(["losetup", "-f", "-P", "--show", str(image)], capture_output=True, text=True,
-                              check=False)
+            subprocess.run(
+                ["sfdisk", "-q", str(image)],
+                input="label: dos\n,32M,L\n,,S\n",
+                text=True,
+                check=True,
+                capture_output=True,
+            )
+        made = subprocess.run(
+            ["losetup", "-f", "-P", "--show", str(image)], capture_output=True, text=True, check=False
+        )
         if made.returncode != 0:
             pytest.skip(f"no loop device: {made.stderr.strip()}")
         path = made.stdout.strip()
@@ -280,8 +286,12 @@ time.sleep(600)
 
 def test_claims_end_when_the_agent_is_killed(loops: Loops) -> None:
     disk = loops.disk(partitions=True)
-    agent = subprocess.Popen([sys.executable, "-c", _HOLDER, disk.name], stdout=subprocess.PIPE, text=True,
-                             env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"})
+    agent = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, disk.name],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"},
+    )
     try:
         assert agent.stdout is not None and agent.stdout.readline().strip() == "claimed"
         assert loops.mount(f"/dev/{disk.name}p1")[0] == errno.EBUSY

@@ -110,8 +110,21 @@ def test_status_over_tcp_reads_the_same_topology_and_seeks_the_agent_through_lib
 def test_fleet_status_over_two_uris_and_one_that_refuses(daemon: PrivateLibvirtd, domain: str) -> None:
     assert daemon.tcp_uri is not None
     dead = "qemu+tcp://127.0.0.1:1/system"  # nothing listens on port 1
-    p = unplugctl("status", "-c", daemon.tcp_uri, "-c", daemon.uri, "-c", dead, "--all-domains", "--json",
-                  "--agent-timeout", "2", "--hypervisor-timeout", "5")
+    p = unplugctl(
+        "status",
+        "-c",
+        daemon.tcp_uri,
+        "-c",
+        daemon.uri,
+        "-c",
+        dead,
+        "--all-domains",
+        "--json",
+        "--agent-timeout",
+        "2",
+        "--hypervisor-timeout",
+        "5",
+    )
     assert p.returncode == 4, p.stdout + p.stderr  # the domains' guests and one URI unreachable
     lines = [json.loads(line) for line in p.stdout.splitlines()]
     by = {(d["uri"], d["domain"]): d for d in lines}
@@ -121,8 +134,9 @@ def test_fleet_status_over_two_uris_and_one_that_refuses(daemon: PrivateLibvirtd
     assert a["state"] == b["state"] == "unreachable"  # no guest OS: no agent
     assert _slots(a["status"]) == _slots(b["status"])
     # the filter: no domain has anything UNPLUGGABLE without a guest answer; text lists none
-    f = unplugctl("status", "-c", daemon.tcp_uri, "--all-domains", "--unpluggable", "target=vd*",
-                  "--agent-timeout", "2")
+    f = unplugctl(
+        "status", "-c", daemon.tcp_uri, "--all-domains", "--unpluggable", "target=vd*", "--agent-timeout", "2"
+    )
     assert f.returncode == 4 and f.stdout == "", f.stdout + f.stderr
     assert "0 of 1 domain(s) have a device matching target=vd*" in f.stderr
 
@@ -132,8 +146,24 @@ def test_a_hypervisor_gone_silent_mid_wait_is_lost_not_a_hang(daemon: PrivateLib
     notices; the wait ends HYPERVISOR_LOST (exit 9) well before --timeout."""
     assert daemon.tcp_uri is not None and daemon.proc is not None
     timeout = 120.0
-    cmd = [sys.executable, "-m", "unplugd.host.cli", "unplug", domain, "vdb", "-c", daemon.tcp_uri, "--force",
-           "--timeout", str(timeout), "--json", "--agent-timeout", "2", "--hypervisor-timeout", "5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unplugd.host.cli",
+        "unplug",
+        domain,
+        "vdb",
+        "-c",
+        daemon.tcp_uri,
+        "--force",
+        "--timeout",
+        str(timeout),
+        "--json",
+        "--agent-timeout",
+        "2",
+        "--hypervisor-timeout",
+        "5",
+    ]
     pid = int((daemon.root / "libvirtd.pid").read_text())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
@@ -158,5 +188,7 @@ def test_a_hypervisor_gone_silent_mid_wait_is_lost_not_a_hang(daemon: PrivateLib
     assert [f["removed"] for f in doc["functions"]] == [False]
     # (not PENDING: keepalive ended the wait, about interval * (count + 1) s in, long before --timeout)
     assert "lost the hypervisor" in doc["message"], doc["message"]
-    print(f"frozen libvirtd: HYPERVISOR_LOST after {waited:.1f}s "
-          f"(keepalive {KEEPALIVE_INTERVAL_S}s x {KEEPALIVE_COUNT})", file=sys.stderr)
+    print(
+        f"frozen libvirtd: HYPERVISOR_LOST after {waited:.1f}s (keepalive {KEEPALIVE_INTERVAL_S}s x {KEEPALIVE_COUNT})",
+        file=sys.stderr,
+    )

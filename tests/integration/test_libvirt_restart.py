@@ -28,8 +28,9 @@ def daemon() -> Iterator[PrivateLibvirtd]:
         yield d
 
 
-def _unplug_with_libvirtd_stopped(daemon: PrivateLibvirtd, name: str, *,
-                                  restart: bool) -> tuple[UnplugResult, list[Progress]]:
+def _unplug_with_libvirtd_stopped(
+    daemon: PrivateLibvirtd, name: str, *, restart: bool
+) -> tuple[UnplugResult, list[Progress]]:
     async def go() -> tuple[UnplugResult, list[Progress]]:
         seen: list[Progress] = []
         waiting = asyncio.Event()
@@ -40,8 +41,9 @@ def _unplug_with_libvirtd_stopped(daemon: PrivateLibvirtd, name: str, *,
                 waiting.set()
 
         async with LibvirtBackend(name, uri=daemon.uri, timeout=RECONNECT_TIMEOUT_S) as be:
-            task = asyncio.ensure_future(Orchestrator(be, None).unplug("vdb", force=True, timeout=15,
-                                                                       progress=progress))
+            task = asyncio.ensure_future(
+                Orchestrator(be, None).unplug("vdb", force=True, timeout=15, progress=progress)
+            )
             await asyncio.wait_for(waiting.wait(), 60)
             await asyncio.to_thread(daemon.restart if restart else daemon.stop)
             return await asyncio.wait_for(task, 120), seen

@@ -150,8 +150,9 @@ def test_qemu_killed_while_waiting_for_device_deleted() -> None:
                 if p.event == "requested":
                     waiting.set()
 
-            unplug = asyncio.ensure_future(Orchestrator(be, None).unplug("pxb-net", force=True, timeout=60,
-                                                                         progress=progress))
+            unplug = asyncio.ensure_future(
+                Orchestrator(be, None).unplug("pxb-net", force=True, timeout=60, progress=progress)
+            )
             await asyncio.wait_for(waiting.wait(), 30)
             vm.proc.send_signal(signal.SIGKILL)
             killed = time.monotonic()

@@ -32,8 +32,9 @@ from unplugd.v1.agent_service_pb2_grpc import AgentServiceStub
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="hooks must be owned by root")
 
-HELD = FunctionHolding("0000:00:06.0", "0000:00/06.0", "BUSY", ("vdb", "vdb1"),
-                       (MountHeld("vdb1", "/srv/da ta\n\\x", "ext4", 1),))
+HELD = FunctionHolding(
+    "0000:00:06.0", "0000:00/06.0", "BUSY", ("vdb", "vdb1"), (MountHeld("vdb1", "/srv/da ta\n\\x", "ext4", 1),)
+)
 
 
 def hook(directory: Path, name: str, body: str, mode: int = 0o755) -> Path:
@@ -58,10 +59,18 @@ def run(directory: Path, timeout: float = 5.0, max_output: int = 1000) -> dict[s
 def test_hooks_run_in_lexical_order_with_environment_and_json(hooks: Path, tmp_path: Path) -> None:
     log = tmp_path / "order"
     hook(hooks, "20-second", f"#!/bin/sh\necho 20 >> {log}\n")
-    hook(hooks, "10-first", f'#!/bin/sh\necho 10 >> {log}\nprintf "%s|%s" "$UNPLUGD_FUNCTION" '
-                            '"$UNPLUGD_MOUNT_POINTS"\necho oops >&2\nexit 7\n')
-    hook(hooks, "30-python", "#!/usr/bin/python3\nimport json, sys\nd = json.load(sys.stdin)\n"
-                             "print(d['function'], d['mounts'][0]['mountPoint'], d['blockDevices'])\n")
+    hook(
+        hooks,
+        "10-first",
+        f'#!/bin/sh\necho 10 >> {log}\nprintf "%s|%s" "$UNPLUGD_FUNCTION" '
+        '"$UNPLUGD_MOUNT_POINTS"\necho oops >&2\nexit 7\n',
+    )
+    hook(
+        hooks,
+        "30-python",
+        "#!/usr/bin/python3\nimport json, sys\nd = json.load(sys.stdin)\n"
+        "print(d['function'], d['mounts'][0]['mountPoint'], d['blockDevices'])\n",
+    )
     hook(hooks, "10-first~", "#!/bin/sh\nexit 99\n")  # an editor's backup: not a hook
     hook(hooks, ".hidden", "#!/bin/sh\nexit 99\n")
     got = run(hooks)
@@ -77,8 +86,11 @@ def test_hooks_run_in_lexical_order_with_environment_and_json(hooks: Path, tmp_p
 
 @pytest.mark.parametrize(
     ("mode", "why"),
-    [(0o775, "writable by group (mode 0775)"), (0o757, "writable by others (mode 0757)"),
-     (0o644, "not executable by its owner (mode 0644)")],
+    [
+        (0o775, "writable by group (mode 0775)"),
+        (0o757, "writable by others (mode 0757)"),
+        (0o644, "not executable by its owner (mode 0644)"),
+    ],
 )
 def test_unsafe_hooks_are_refused_not_run(hooks: Path, tmp_path: Path, mode: int, why: str) -> None:
     marker = tmp_path / "ran"
@@ -108,7 +120,8 @@ def test_an_unsafe_directory_runs_nothing(hooks: Path, tmp_path: Path) -> None:
     hooks.chmod(0o777)
     runs, had = run_hooks(hooks, HELD, timeout=5, max_output=100, deadline=time.monotonic() + 60)
     assert had and [(r.status, r.detail) for r in runs] == [
-        (HookStatus.REFUSED, "the hooks directory is writable by group and others (mode 0777)")]
+        (HookStatus.REFUSED, "the hooks directory is writable by group and others (mode 0777)")
+    ]
     assert not marker.exists()
     assert run_hooks(hooks / "missing", HELD, timeout=5, max_output=100, deadline=time.monotonic() + 60) == ([], False)
 
@@ -173,18 +186,28 @@ class MarkerEngine(FakeEngine):
         inv = super().scan(roots, own_claims=own_claims)
         return inv if not self.marker.exists() else replace(inv, mounts=())
 
-    def inspect(self, roots: Roots, devices: Sequence[str] = (), *,
-                leased: Mapping[PciAddress, str] = {}, own_claims: Collection[str] = ()) -> report_pb2.Report:
-        self.set_state(DISK_FN, report_pb2.FUNCTION_STATE_READY if self.marker.exists()
-                       else report_pb2.FUNCTION_STATE_BUSY)
+    def inspect(
+        self,
+        roots: Roots,
+        devices: Sequence[str] = (),
+        *,
+        leased: Mapping[PciAddress, str] = {},
+        own_claims: Collection[str] = (),
+    ) -> report_pb2.Report:
+        self.set_state(
+            DISK_FN, report_pb2.FUNCTION_STATE_READY if self.marker.exists() else report_pb2.FUNCTION_STATE_BUSY
+        )
         return super().inspect(roots, devices, leased=leased, own_claims=own_claims)
 
 
 def release_config(hooks: Path, *, mutations: bool = True, release: bool = True, timeout: float = 5.0) -> Config:
     cfg = Config()
-    return replace(cfg, transports=replace(cfg.transports, virtio_serial=VirtioSerialConfig(enabled=False)),
-                   mutations=replace(cfg.mutations, enabled=mutations),
-                   release=ReleaseConfig(enabled=release, directory=hooks, hook_timeout_seconds=timeout))
+    return replace(
+        cfg,
+        transports=replace(cfg.transports, virtio_serial=VirtioSerialConfig(enabled=False)),
+        mutations=replace(cfg.mutations, enabled=mutations),
+        release=ReleaseConfig(enabled=release, directory=hooks, hook_timeout_seconds=timeout),
+    )
 
 
 @pytest.fixture
@@ -194,27 +217,32 @@ def serve(tmp_path: Path, hooks: Path) -> Iterator[tuple[MarkerEngine, AgentServ
         yield engine, stub
 
 
-def test_request_release_runs_the_hook_and_waits_for_ready(serve: tuple[MarkerEngine, AgentServiceStub], hooks: Path,
-                                                          tmp_path: Path) -> None:
+def test_request_release_runs_the_hook_and_waits_for_ready(
+    serve: tuple[MarkerEngine, AgentServiceStub], hooks: Path, tmp_path: Path
+) -> None:
     engine, stub = serve
-    hook(hooks, "10-release", f"#!/bin/sh\ntouch {engine.marker}\necho released \"$UNPLUGD_MOUNT_POINTS\"\n")
+    hook(hooks, "10-release", f'#!/bin/sh\ntouch {engine.marker}\necho released "$UNPLUGD_MOUNT_POINTS"\n')
     resp = stub.RequestRelease(pb.RequestReleaseRequest(devices=["vdb"], deadline_seconds=20), timeout=40)
     (f,) = resp.functions
     assert (f.address, f.outcome) == (str(DISK_FN), pb.RELEASE_OUTCOME_RELEASED)
     assert f.state == report_pb2.FUNCTION_STATE_READY
     assert [(h.name, h.status, h.exit_code, h.stdout) for h in f.hooks] == [
-        ("10-release", pb.HOOK_STATUS_EXITED, 0, "released /srv/data\n")]
+        ("10-release", pb.HOOK_STATUS_EXITED, 0, "released /srv/data\n")
+    ]
 
 
 @pytest.mark.parametrize(
     ("body", "mode", "status"),
-    [("#!/bin/sh\necho cannot >&2\nexit 1\n", 0o755, pb.HOOK_STATUS_EXITED),
-     ("#!/bin/sh\nexec sleep 300\n", 0o755, pb.HOOK_STATUS_TIMED_OUT),
-     ("#!/bin/sh\ntouch {marker}\n", 0o775, pb.HOOK_STATUS_REFUSED)],
+    [
+        ("#!/bin/sh\necho cannot >&2\nexit 1\n", 0o755, pb.HOOK_STATUS_EXITED),
+        ("#!/bin/sh\nexec sleep 300\n", 0o755, pb.HOOK_STATUS_TIMED_OUT),
+        ("#!/bin/sh\ntouch {marker}\n", 0o775, pb.HOOK_STATUS_REFUSED),
+    ],
     ids=["fails", "hangs", "group-writable"],
 )
-def test_a_failing_hanging_or_unsafe_hook_leaves_it_busy(serve: tuple[MarkerEngine, AgentServiceStub], hooks: Path,
-                                                        body: str, mode: int, status: int) -> None:
+def test_a_failing_hanging_or_unsafe_hook_leaves_it_busy(
+    serve: tuple[MarkerEngine, AgentServiceStub], hooks: Path, body: str, mode: int, status: int
+) -> None:
     engine, stub = serve
     hook(hooks, "10-release", body.format(marker=engine.marker), mode)
     resp = stub.RequestRelease(pb.RequestReleaseRequest(devices=["vdb"], deadline_seconds=4), timeout=40)
@@ -232,17 +260,23 @@ def test_no_hook_answers_at_once(serve: tuple[MarkerEngine, AgentServiceStub]) -
     assert time.monotonic() - t0 < 30  # did not wait for the 60 s deadline
 
 
-@pytest.mark.parametrize(("mutations", "release", "says"), [
-    (False, True, "[mutations] enabled = true and [release] enabled = true"),
-    (True, False, "set [release] enabled = true"),
-])
-def test_refused_unless_mutations_and_release_are_enabled(tmp_path: Path, hooks: Path, mutations: bool,
-                                                          release: bool, says: str) -> None:
+@pytest.mark.parametrize(
+    ("mutations", "release", "says"),
+    [
+        (False, True, "[mutations] enabled = true and [release] enabled = true"),
+        (True, False, "set [release] enabled = true"),
+    ],
+)
+def test_refused_unless_mutations_and_release_are_enabled(
+    tmp_path: Path, hooks: Path, mutations: bool, release: bool, says: str
+) -> None:
     marker = tmp_path / "ran"
     hook(hooks, "10-release", f"#!/bin/sh\ntouch {marker}\n")
     cfg = release_config(hooks, mutations=mutations, release=release)
-    with (running_server(tmp_path, MarkerEngine(marker=marker), config=cfg) as (_, stub),
-          pytest.raises(grpc.RpcError) as err):
+    with (
+        running_server(tmp_path, MarkerEngine(marker=marker), config=cfg) as (_, stub),
+        pytest.raises(grpc.RpcError) as err,
+    ):
         stub.RequestRelease(pb.RequestReleaseRequest(devices=["vdb"]), timeout=10)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert says in (err.value.details() or "")

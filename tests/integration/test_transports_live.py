@@ -27,8 +27,18 @@ needs_qemu = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64")
 class Qemu:
     def __init__(self, tmp: Path, *args: str) -> None:
         self.qmp_path = tmp / "qmp.sock"
-        cmd = [str(QEMU), "-accel", "tcg", "-nodefaults", "-display", "none", "-S",
-               "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *args]
+        cmd = [
+            str(QEMU),
+            "-accel",
+            "tcg",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-S",
+            "-qmp",
+            f"unix:{self.qmp_path},server=on,wait=off",
+            *args,
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(100):
             if self.qmp_path.exists() or self.proc.poll() is not None:
@@ -96,7 +106,8 @@ def _recv(sock: socket.socket, timeout: float) -> bytes:
 
 @needs_qemu
 def test_qemu_chardev_serves_one_client_at_a_time_and_the_next_after_it_leaves(
-        tmp_path: Path, qemu_factory: QemuFactory) -> None:
+    tmp_path: Path, qemu_factory: QemuFactory
+) -> None:
     """Why the serial relay serialises sessions and the guest must expect a new
     session at any time: QEMU's chardev socket (server=on) serves one client;
     a second one connects (backlog) but is not served until the first leaves,
@@ -104,8 +115,14 @@ def test_qemu_chardev_serves_one_client_at_a_time_and_the_next_after_it_leaves(
     A QMP monitor as the chardev's frontend makes the serving visible: it
     greets each client it serves."""
     chardev = tmp_path / "chardev.sock"
-    q = qemu_factory("-machine", "none", "-chardev", f"socket,id=c0,path={chardev},server=on,wait=off",
-                     "-mon", "chardev=c0,mode=control")
+    q = qemu_factory(
+        "-machine",
+        "none",
+        "-chardev",
+        f"socket,id=c0,path={chardev},server=on,wait=off",
+        "-mon",
+        "chardev=c0,mode=control",
+    )
     assert str(q.chardev("c0")["filename"]).startswith("disconnected:")
 
     first = socket.socket(socket.AF_UNIX)
@@ -136,8 +153,14 @@ def test_serial_relay_against_qemu_chardev_with_foreign_bytes(tmp_path: Path, qe
     answers our frames with JSON errors): the relay drops the bytes, never
     crashes, and the client reports the agent unreachable within its deadline."""
     chardev = tmp_path / "chardev.sock"
-    qemu_factory("-machine", "none", "-chardev", f"socket,id=c0,path={chardev},server=on,wait=off",
-                 "-mon", "chardev=c0,mode=control")
+    qemu_factory(
+        "-machine",
+        "none",
+        "-chardev",
+        f"socket,id=c0,path={chardev},server=on,wait=off",
+        "-mon",
+        "chardev=c0,mode=control",
+    )
 
     async def main() -> None:
         for _ in range(2):  # and again: QEMU takes the next client
@@ -152,16 +175,24 @@ def test_serial_relay_against_qemu_chardev_with_foreign_bytes(tmp_path: Path, qe
 
 @needs_qemu
 def test_serial_relay_against_a_virtio_serial_port_no_guest_has_opened(
-        tmp_path: Path, qemu_factory: QemuFactory) -> None:
+    tmp_path: Path, qemu_factory: QemuFactory
+) -> None:
     """The real device model: q35 + virtio-serial-pci + virtserialport on a
     chardev socket, CPUs stopped (-S), so no guest ever opens the port. QEMU
     accepts the host connection but does not read from it while the guest
     side is closed; the client must fail cleanly within its deadline and say
     what to check, and the chardev must be free again afterwards."""
     chardev = tmp_path / "chardev.sock"
-    q = qemu_factory("-machine", "q35", "-device", "virtio-serial-pci,id=vser0",
-                     "-chardev", f"socket,id=agent0,path={chardev},server=on,wait=off",
-                     "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.unplugd.agent.0")
+    q = qemu_factory(
+        "-machine",
+        "q35",
+        "-device",
+        "virtio-serial-pci,id=vser0",
+        "-chardev",
+        f"socket,id=agent0,path={chardev},server=on,wait=off",
+        "-device",
+        "virtserialport,bus=vser0.0,chardev=agent0,name=org.unplugd.agent.0",
+    )
     assert q.chardev("agent0")["frontend-open"] is False
 
     async def main() -> None:

@@ -69,7 +69,11 @@ def watching(fingerprint: object) -> Iterator[tuple[Changes, ChangeWatcher[objec
     changes = Changes()
     watcher: ChangeWatcher[object] = ChangeWatcher(
         lambda: fingerprint(engine.scan(roots)),  # type: ignore[operator]
-        changes, sources=lambda: EventSources(roots), debounce=0.1, rescan_seconds=60)
+        changes,
+        sources=lambda: EventSources(roots),
+        debounce=0.1,
+        rescan_seconds=60,
+    )
     watcher.start()
     try:
         assert watcher.wait_ready(10)
@@ -91,10 +95,21 @@ def disk(tmp_path: Path) -> Iterator[LoopDisk]:
 def namespace_holder() -> Iterator[subprocess.Popen[str]]:
     """A process in a new private mount namespace that mounts what it reads on stdin."""
     proc = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'echo ready; while read -r op a b; do if [ "$op" = m ]; then mount "$a" "$b"; else umount "$a"; fi; '
-         "echo done; done"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'echo ready; while read -r op a b; do if [ "$op" = m ]; then mount "$a" "$b"; else umount "$a"; fi; '
+            "echo done; done",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         yield proc
@@ -192,7 +207,9 @@ def test_link_down_and_address_removal_in_a_netns(netns: NetNS) -> None:  # noqa
     netns.ip("addr", "add", "192.0.2.1/24", "dev", "uw0")
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns.name, sys.executable, "-c", _NET_WATCH, "uw0"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
         env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
     try:
@@ -224,5 +241,3 @@ def test_link_down_and_address_removal_in_a_netns(netns: NetNS) -> None:  # noqa
             proc.wait(10)
         if proc.stdout is not None:
             proc.stdout.close()
-
-

@@ -34,5 +34,7 @@ def held(pid: int) -> Held:
 def span(before: Held, after: Held, peak: Held | None = None) -> str:
     """'fds 12->14, RSS 38.1->41.0 MiB (peak 45.2), threads 9->40'."""
     top = max(after.hwm_kib, peak.hwm_kib if peak else 0) / 1024
-    return (f"fds {before.fds}->{after.fds}, RSS {before.rss_mib:.1f}->{after.rss_mib:.1f} MiB "
-            f"(peak {top:.1f}), threads {before.threads}->{after.threads}")
+    return (
+        f"fds {before.fds}->{after.fds}, RSS {before.rss_mib:.1f}->{after.rss_mib:.1f} MiB "
+        f"(peak {top:.1f}), threads {before.threads}->{after.threads}"
+    )

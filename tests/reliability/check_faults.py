@@ -49,9 +49,15 @@ def _vanishing() -> list[Row]:
             result = sweep(sc, Path(work))
         states = ", ".join(f"{k} {v}" for k, v in sorted(result.states.items()))
         unlisted = f" ({result.unlisted} runs: gone before the scan listed it)" if result.unlisted else ""
-        rows.append(Row(f"{sc.name} vanishes before each step of a scan", f"{result.steps} scans",
-                        f"{states}{unlisted}; {len(result.lies)} false answers", ok=not result.lies,
-                        raw={"lies": result.lies[:5]}))
+        rows.append(
+            Row(
+                f"{sc.name} vanishes before each step of a scan",
+                f"{result.steps} scans",
+                f"{states}{unlisted}; {len(result.lies)} false answers",
+                ok=not result.lies,
+                raw={"lies": result.lies[:5]},
+            )
+        )
     return rows
 
 
@@ -63,8 +69,9 @@ async def _kill_once(qmp: str, proc: subprocess.Popen[bytes], delay: float) -> t
             if p.event == "requested":
                 waiting.set()
 
-        task = asyncio.ensure_future(Orchestrator(be, None).unplug("pxb-net", force=True, timeout=60,
-                                                                   progress=progress))
+        task = asyncio.ensure_future(
+            Orchestrator(be, None).unplug("pxb-net", force=True, timeout=60, progress=progress)
+        )
         await asyncio.wait_for(waiting.wait(), 30)
         await asyncio.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -85,9 +92,15 @@ def _qemu_kills() -> list[Row]:
         outcomes[f"{outcome} (exit {code})"] += 1
         after.append(took)
     ok = set(outcomes) == {"HYPERVISOR_LOST (exit 9)"}
-    return [Row("QEMU SIGKILLed while unplugctl waits for DEVICE_DELETED (random 0-1 s into the wait)",
-                f"{KILLS} runs", f"{', '.join(f'{k} x{v}' for k, v in outcomes.items())}; the wait ended "
-                f"{min(after) * 1000:.0f}-{max(after) * 1000:.0f} ms after the kill (timeout 60 s)", ok=ok)]
+    return [
+        Row(
+            "QEMU SIGKILLed while unplugctl waits for DEVICE_DELETED (random 0-1 s into the wait)",
+            f"{KILLS} runs",
+            f"{', '.join(f'{k} x{v}' for k, v in outcomes.items())}; the wait ended "
+            f"{min(after) * 1000:.0f}-{max(after) * 1000:.0f} ms after the kill (timeout 60 s)",
+            ok=ok,
+        )
+    ]
 
 
 def _libvirtd_restarts() -> list[Row]:
@@ -103,9 +116,14 @@ def _libvirtd_restarts() -> list[Row]:
             outcomes[f"{res.outcome.value} (exit {unplug_exit(res)})"] += 1
             reconnected += any(p.detail == "connected to libvirt again" for p in seen)
     ok = set(outcomes) == {"PENDING (exit 7)"} and reconnected == RESTARTS
-    return [Row("libvirtd restarted while unplugctl waits for a pending detach (no guest to eject it)",
-                f"{RESTARTS} runs", f"reconnected {reconnected}/{RESTARTS}; "
-                f"{', '.join(f'{k} x{v}' for k, v in outcomes.items())}", ok=ok)]
+    return [
+        Row(
+            "libvirtd restarted while unplugctl waits for a pending detach (no guest to eject it)",
+            f"{RESTARTS} runs",
+            f"reconnected {reconnected}/{RESTARTS}; {', '.join(f'{k} x{v}' for k, v in outcomes.items())}",
+            ok=ok,
+        )
+    ]
 
 
 def _broken_pipes() -> list[Row]:
@@ -116,15 +134,28 @@ def _broken_pipes() -> list[Row]:
         r, w = os.pipe()
         os.close(r)
         try:
-            done = subprocess.run([sys.executable, "-m", "unplugd.agent.cli", "inspect"], stdout=w,
-                                  stderr=subprocess.PIPE, env=env, text=True, timeout=120, check=False)
+            done = subprocess.run(
+                [sys.executable, "-m", "unplugd.agent.cli", "inspect"],
+                stdout=w,
+                stderr=subprocess.PIPE,
+                env=env,
+                text=True,
+                timeout=120,
+                check=False,
+            )
         finally:
             os.close(w)
         codes[done.returncode] += 1
         noisy += bool(done.stderr.strip())
     ok = set(codes) == {EXIT_BROKEN_PIPE} and noisy == 0
-    return [Row("`unplugd inspect` (this machine) into a pipe whose reader left", f"{PIPES} runs",
-                f"exit {', '.join(f'{c} x{n}' for c, n in codes.items())}; {noisy} with anything on stderr", ok=ok)]
+    return [
+        Row(
+            "`unplugd inspect` (this machine) into a pipe whose reader left",
+            f"{PIPES} runs",
+            f"exit {', '.join(f'{c} x{n}' for c, n in codes.items())}; {noisy} with anything on stderr",
+            ok=ok,
+        )
+    ]
 
 
 def run(options: Options) -> list[Row]:

@@ -77,8 +77,12 @@ def _mount_names(tmp: Path) -> Row:
         finally:
             engine.collect_pci = real  # type: ignore[attr-defined]
     bad = sum(v for k, v in outcomes.items() if k != "ok")
-    return Row("loop disk mounted at a random hostile name (newline, ESC, non-UTF-8 bytes)", f"{NAMES} names",
-               ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())), ok=bad == 0)
+    return Row(
+        "loop disk mounted at a random hostile name (newline, ESC, non-UTF-8 bytes)",
+        f"{NAMES} names",
+        ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())),
+        ok=bad == 0,
+    )
 
 
 def _judge(point: Path) -> str:
@@ -95,8 +99,11 @@ def _judge(point: Path) -> str:
     if not mounted:
         return "no MOUNTED reason"
     want = os.fsencode(point)
-    if not any(want == os.fsencode(unescape_octal(r["detail"]).split(" is mounted on ", 1)[1].rsplit(" (", 1)[0])
-               for r in mounted if " is mounted on " in r["detail"]):
+    if not any(
+        want == os.fsencode(unescape_octal(r["detail"]).split(" is mounted on ", 1)[1].rsplit(" (", 1)[0])
+        for r in mounted
+        if " is mounted on " in r["detail"]
+    ):
         return "mount point not recovered from the wire"
     return "ok"
 
@@ -130,9 +137,12 @@ def _garbage(tmp: Path) -> Row:
         server.stop(grace=0.2)
     # Random bytes can happen to be a valid message; those are answered (or refused for what they say).
     wrong = codes["INTERNAL"] + codes["UNKNOWN"]
-    return Row(f"random bytes as the request of each of {len(methods)} methods", f"{GARBAGE * len(methods)} calls",
-               ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) + f"; serving afterwards: {alive}",
-               ok=wrong == 0 and alive)
+    return Row(
+        f"random bytes as the request of each of {len(methods)} methods",
+        f"{GARBAGE * len(methods)} calls",
+        ", ".join(f"{k} {v}" for k, v in sorted(codes.items())) + f"; serving afterwards: {alive}",
+        ok=wrong == 0 and alive,
+    )
 
 
 def _trees(tmp: Path) -> list[Row]:
@@ -150,8 +160,11 @@ def _trees(tmp: Path) -> list[Row]:
     def no_capture(d: Path) -> None:
         (d / "etc").mkdir()
 
-    cases = {"a link to /etc/shadow as a sysfs file": shadow_link, "a FIFO where /proc/swaps is read": fifo,
-             "a directory that is no capture": no_capture}
+    cases = {
+        "a link to /etc/shadow as a sysfs file": shadow_link,
+        "a FIFO where /proc/swaps is read": fifo,
+        "a directory that is no capture": no_capture,
+    }
     for what, build in cases.items():
         codes: Counter[int] = Counter()
         worst = 0.0
@@ -160,15 +173,26 @@ def _trees(tmp: Path) -> list[Row]:
             tree.mkdir()
             build(tree)
             t0 = time.monotonic()
-            proc = subprocess.run([sys.executable, "-m", "unplugd.agent.cli", "inspect", "--json", "--root", str(tree)],
-                                  capture_output=True, timeout=60, check=False, cwd=REPO)
+            proc = subprocess.run(
+                [sys.executable, "-m", "unplugd.agent.cli", "inspect", "--json", "--root", str(tree)],
+                capture_output=True,
+                timeout=60,
+                check=False,
+                cwd=REPO,
+            )
             worst = max(worst, time.monotonic() - t0)
             codes[proc.returncode] += 1
             leaked = b"root:" in proc.stdout
-        rows.append(Row(f"inspect --root, {what}", f"{TREES} runs",
-                        ", ".join(f"exit {k} x{v}" for k, v in sorted(codes.items())) + f"; slowest {worst:.1f} s"
-                        + ("; /etc/shadow LEAKED" if leaked else ""),
-                        ok=not leaked and worst < 30 and 1 not in codes))
+        rows.append(
+            Row(
+                f"inspect --root, {what}",
+                f"{TREES} runs",
+                ", ".join(f"exit {k} x{v}" for k, v in sorted(codes.items()))
+                + f"; slowest {worst:.1f} s"
+                + ("; /etc/shadow LEAKED" if leaked else ""),
+                ok=not leaked and worst < 30 and 1 not in codes,
+            )
+        )
     return rows
 
 
@@ -177,4 +201,3 @@ def run(options: Options) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="unplugd-hostile-") as work:
         tmp = Path(work)
         return [_mount_names(tmp), _garbage(tmp), *_trees(tmp)]
-

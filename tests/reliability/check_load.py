@@ -49,8 +49,7 @@ MAX_WORKERS = 256  # the most [server] max_workers allows
 
 def load_config(clients: int, watchers: int) -> str:
     workers = min(MAX_WORKERS, clients + watchers + SPARE_WORKERS)
-    return (f"[server]\nmax_workers = {workers}\nmax_watchers = {watchers}\n"
-            f"max_queued_calls = {clients * 2}\n")
+    return f"[server]\nmax_workers = {workers}\nmax_watchers = {watchers}\nmax_queued_calls = {clients * 2}\n"
 
 
 @dataclass
@@ -70,8 +69,13 @@ def _error_name(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def _drive(call: Callable[[], Awaitable[Any]], watch: Callable[[], AsyncIterator[Any]],
-                 clients: int, watchers: int, duration_s: float) -> Outcome:
+async def _drive(
+    call: Callable[[], Awaitable[Any]],
+    watch: Callable[[], AsyncIterator[Any]],
+    clients: int,
+    watchers: int,
+    duration_s: float,
+) -> Outcome:
     out = Outcome()
     stop_at = time.monotonic() + duration_s
 
@@ -110,11 +114,13 @@ async def _drive(call: Callable[[], Awaitable[Any]], watch: Callable[[], AsyncIt
 async def _over_unix(agent: RunningAgent, options: Options, *, watch: bool = True) -> Outcome:
     # A subchannel pool per channel: otherwise grpc shares one connection among them all.
     own = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(agent.target, options=own)
-                for _ in range(options.clients + (options.watchers if watch else 0))]
+    channels = [
+        grpc.aio.insecure_channel(agent.target, options=own)
+        for _ in range(options.clients + (options.watchers if watch else 0))
+    ]
     stubs = [pb_grpc.AgentServiceStub(ch) for ch in channels]
     calls = iter(stubs[: options.clients])
-    watches = iter(stubs[options.clients:])
+    watches = iter(stubs[options.clients :])
     per_task: dict[asyncio.Task[Any] | None, Any] = {}
 
     def stub_for_call() -> Any:
@@ -139,11 +145,11 @@ async def _over_serial(chardev: str, options: Options) -> Outcome:
     from unplugd.host.client import AgentClient
 
     async with AgentClient(f"serial:{chardev}", timeout=CALL_TIMEOUT_S) as client:
+
         async def call() -> Any:
             return await client.get_report(timeout=CALL_TIMEOUT_S)
 
-        return await _drive(call, lambda: client.watch_report(), options.clients, options.watchers,
-                            options.duration_s)
+        return await _drive(call, lambda: client.watch_report(), options.clients, options.watchers, options.duration_s)
 
 
 def _alone_s(agent: RunningAgent, runs: int = 10) -> float:
@@ -173,9 +179,12 @@ class Peak:
             with contextlib.suppress(OSError):
                 h = held(self.pid)
                 if self.top is None or h.fds > self.top.fds or h.rss_kib > self.top.rss_kib:
-                    self.top = Held(max(h.fds, self.top.fds if self.top else 0),
-                                    max(h.rss_kib, self.top.rss_kib if self.top else 0),
-                                    h.hwm_kib, max(h.threads, self.top.threads if self.top else 0))
+                    self.top = Held(
+                        max(h.fds, self.top.fds if self.top else 0),
+                        max(h.rss_kib, self.top.rss_kib if self.top else 0),
+                        h.hwm_kib,
+                        max(h.threads, self.top.threads if self.top else 0),
+                    )
 
     def __enter__(self) -> Peak:
         self._thread.start()
@@ -186,15 +195,26 @@ class Peak:
         self._thread.join()
 
 
-def _rows(label: str, options: Options, out: Outcome, alone_s: float, before: Held, peak: Held | None,
-          after: Held, cpu_s: float, watchers: int) -> list[Row]:
+def _rows(
+    label: str,
+    options: Options,
+    out: Outcome,
+    alone_s: float,
+    before: Held,
+    peak: Held | None,
+    after: Held,
+    cpu_s: float,
+    watchers: int,
+) -> list[Row]:
     lat = sorted(out.latencies_s)
     n = len(lat)
     errors = sum(out.errors.values())
     if n:
         p50, p99 = lat[n // 2], lat[min(n - 1, int(n * 0.99))]
-        timing = (f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (one GetReport on the idle agent: "
-                  f"{alone_s * 1000:.0f} ms, so p99 = {p99 / alone_s:.1f} of them)")
+        timing = (
+            f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms (one GetReport on the idle agent: "
+            f"{alone_s * 1000:.0f} ms, so p99 = {p99 / alone_s:.1f} of them)"
+        )
     else:
         p50 = p99 = 0.0
         timing = "no call answered"
@@ -202,29 +222,43 @@ def _rows(label: str, options: Options, out: Outcome, alone_s: float, before: He
     if n:
         timing += f"; agent CPU {cpu_s:.1f} s = {cpu_s / n * 1000:.1f} ms a call"
     peak_text = f"; peak fds {peak.fds}, peak threads {peak.threads}" if peak else ""
-    rows = [Row(
-        f"{options.clients} GetReport clients x {options.duration_s:g} s over {label}",
-        f"{n + errors:,} calls",
-        f"{err_text}, {timing}; agent {span(before, after, peak)}{peak_text}",
-        ok=errors == 0 and n > 0,
-        raw={"p50_s": p50, "p99_s": p99, "alone_s": alone_s, "errors": dict(out.errors), "calls": n, "cpu_s": cpu_s,
-             "before": before.__dict__, "after": after.__dict__, "peak": peak.__dict__ if peak else None},
-    )]
+    rows = [
+        Row(
+            f"{options.clients} GetReport clients x {options.duration_s:g} s over {label}",
+            f"{n + errors:,} calls",
+            f"{err_text}, {timing}; agent {span(before, after, peak)}{peak_text}",
+            ok=errors == 0 and n > 0,
+            raw={
+                "p50_s": p50,
+                "p99_s": p99,
+                "alone_s": alone_s,
+                "errors": dict(out.errors),
+                "calls": n,
+                "cpu_s": cpu_s,
+                "before": before.__dict__,
+                "after": after.__dict__,
+                "peak": peak.__dict__ if peak else None,
+            },
+        )
+    ]
     if not watchers:
         return rows
     watch_err = sum(out.watch_errors.values())
-    rows.append(Row(
-        f"{watchers} WatchReport streams open meanwhile, over {label}",
-        f"{watchers} streams",
-        f"{out.watch_initial} got their initial report, {out.watch_messages} messages, {watch_err} ended in error"
-        + (f" ({dict(out.watch_errors)})" if watch_err else ""),
-        ok=out.watch_initial == watchers and watch_err == 0,
-    ))
+    rows.append(
+        Row(
+            f"{watchers} WatchReport streams open meanwhile, over {label}",
+            f"{watchers} streams",
+            f"{out.watch_initial} got their initial report, {out.watch_messages} messages, {watch_err} ended in error"
+            + (f" ({dict(out.watch_errors)})" if watch_err else ""),
+            ok=out.watch_initial == watchers and watch_err == 0,
+        )
+    )
     return rows
 
 
-def _measure(agent: RunningAgent, label: str, options: Options, drive: Callable[[], Outcome],
-             watchers: int) -> list[Row]:
+def _measure(
+    agent: RunningAgent, label: str, options: Options, drive: Callable[[], Outcome], watchers: int
+) -> list[Row]:
     alone = _alone_s(agent)
     before = held(agent.pid)
     cpu0 = cpu_seconds(agent.pid)
@@ -239,13 +273,28 @@ def _measure(agent: RunningAgent, label: str, options: Options, drive: Callable[
 def run(options: Options) -> list[Row]:
     rows: list[Row] = []
     with running_agent() as agent:  # the packaged defaults: 16 workers, 512 queued calls
-        rows += _measure(agent, "unix, default config, no watchers", options,
-                         lambda: asyncio.run(_over_unix(agent, options, watch=False)), 0)
+        rows += _measure(
+            agent,
+            "unix, default config, no watchers",
+            options,
+            lambda: asyncio.run(_over_unix(agent, options, watch=False)),
+            0,
+        )
     with running_agent(config=load_config(options.clients, options.watchers)) as agent:
         workers = min(MAX_WORKERS, options.clients + options.watchers + SPARE_WORKERS)
-        rows += _measure(agent, f"unix ({workers} workers)", options,
-                         lambda: asyncio.run(_over_unix(agent, options)), options.watchers)
+        rows += _measure(
+            agent,
+            f"unix ({workers} workers)",
+            options,
+            lambda: asyncio.run(_over_unix(agent, options)),
+            options.watchers,
+        )
         with _bridge_guest(agent, "serial") as (chardev, _proc):
-            rows += _measure(agent, "virtio-serial (fake port, real bridge, host relay)", options,
-                             lambda: asyncio.run(_over_serial(str(chardev), options)), options.watchers)
+            rows += _measure(
+                agent,
+                "virtio-serial (fake port, real bridge, host relay)",
+                options,
+                lambda: asyncio.run(_over_serial(str(chardev), options)),
+                options.watchers,
+            )
     return rows

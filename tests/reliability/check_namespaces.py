@@ -114,15 +114,19 @@ def run(options: Options) -> list[Row]:
                 raise RuntimeError("no initial WatchReport message")
             watching = settled(agent.pid)
             t0 = time.monotonic()
-            with crowd(options.namespaces, namespaces=True) as spaces, \
-                    crowd(options.processes, namespaces=False) as procs:
+            with (
+                crowd(options.namespaces, namespaces=True) as spaces,
+                crowd(options.processes, namespaces=False) as procs,
+            ):
                 spawn_s = time.monotonic() - t0
                 crowded = settled(agent.pid)
                 full_ms = _report_ms(agent)
                 watched, unwatched = split_by_file(agent.pid, spaces.pids)
                 if not watched or not unwatched:
-                    raise RuntimeError(f"{len(watched)} crowd namespaces with a file, {len(unwatched)} without: "
-                                       "the cap did not split the crowd")
+                    raise RuntimeError(
+                        f"{len(watched)} crowd namespaces with a file, {len(unwatched)} without: "
+                        "the cap did not split the crowd"
+                    )
                 first = time_mount_event(watch, watched[0], dirs / "src", dirs / "dst0", address)
                 last = time_mount_event(watch, unwatched[-1], dirs / "src", dirs / "dst1", address)
                 during = held(agent.pid)
@@ -132,23 +136,49 @@ def run(options: Options) -> list[Row]:
         after = settled(agent.pid)
     n = f"{options.namespaces:,} mount namespaces + {options.processes:,} processes"
     held_by_ns = crowded.fds - watching.fds
-    rows.append(Row(
-        f"{n}, agent watching (max_namespace_fds {cap})", f"spawned in {spawn_s:.0f} s",
-        f"agent idle {_fmt(idle)}; watching {_fmt(watching)}; with the crowd {_fmt(crowded)} "
-        f"(+{held_by_ns} fds); crowd gone {_fmt(gone)}; unwatched {_fmt(after)}; "
-        f"peak RSS {during.hwm_kib / 1024:.1f} MiB",
-        ok=held_by_ns <= cap and gone.fds <= watching.fds + 2,
-        raw={"idle": idle.__dict__, "watching": watching.__dict__, "crowded": crowded.__dict__,
-             "gone": gone.__dict__, "after": after.__dict__, "during": during.__dict__},
-    ))
-    rows.append(Row(f"full GetReport with {n}", "3 calls",
-                    f"median {full_ms:.0f} ms (without the crowd {alone_ms:.0f} ms)", ok=None,
-                    raw={"full_ms": full_ms, "alone_ms": alone_ms}))
-    rows.append(Row(f"bind mount in a crowd namespace the agent holds a file for (pid {watched[0]})", "1 mount",
-                    _event_text(first), ok=first is not None))
-    rows.append(Row(f"bind mount in a crowd namespace past the cap (pid {unwatched[-1]}, "
-                    f"{len(unwatched):,} such)", "1 mount",
-                    f"{_event_text(last)} (promise: within max(fd_rescan_seconds {WatchConfig.fd_rescan_seconds:g} s, "
-                    "4 scans) + one scan)", ok=last is not None))
+    rows.append(
+        Row(
+            f"{n}, agent watching (max_namespace_fds {cap})",
+            f"spawned in {spawn_s:.0f} s",
+            f"agent idle {_fmt(idle)}; watching {_fmt(watching)}; with the crowd {_fmt(crowded)} "
+            f"(+{held_by_ns} fds); crowd gone {_fmt(gone)}; unwatched {_fmt(after)}; "
+            f"peak RSS {during.hwm_kib / 1024:.1f} MiB",
+            ok=held_by_ns <= cap and gone.fds <= watching.fds + 2,
+            raw={
+                "idle": idle.__dict__,
+                "watching": watching.__dict__,
+                "crowded": crowded.__dict__,
+                "gone": gone.__dict__,
+                "after": after.__dict__,
+                "during": during.__dict__,
+            },
+        )
+    )
+    rows.append(
+        Row(
+            f"full GetReport with {n}",
+            "3 calls",
+            f"median {full_ms:.0f} ms (without the crowd {alone_ms:.0f} ms)",
+            ok=None,
+            raw={"full_ms": full_ms, "alone_ms": alone_ms},
+        )
+    )
+    rows.append(
+        Row(
+            f"bind mount in a crowd namespace the agent holds a file for (pid {watched[0]})",
+            "1 mount",
+            _event_text(first),
+            ok=first is not None,
+        )
+    )
+    rows.append(
+        Row(
+            f"bind mount in a crowd namespace past the cap (pid {unwatched[-1]}, {len(unwatched):,} such)",
+            "1 mount",
+            f"{_event_text(last)} (promise: within max(fd_rescan_seconds {WatchConfig.fd_rescan_seconds:g} s, "
+            "4 scans) + one scan)",
+            ok=last is not None,
+        )
+    )
     _ = procs
     return rows

@@ -45,8 +45,14 @@ class FailingEngine(ModuleEngine):
         super().__init__()
         self.failing = threading.Event()
 
-    def inspect(self, roots: Roots, devices: Sequence[str] = (), *, leased: Mapping[PciAddress, str] = {},
-                own_claims: Collection[str] = ()) -> report_pb2.Report:
+    def inspect(
+        self,
+        roots: Roots,
+        devices: Sequence[str] = (),
+        *,
+        leased: Mapping[PciAddress, str] = {},
+        own_claims: Collection[str] = (),
+    ) -> report_pb2.Report:
         if self.failing.is_set():
             raise RuntimeError("injected engine failure")
         return super().inspect(roots, devices, leased=leased, own_claims=own_claims)
@@ -93,18 +99,23 @@ class Stream:
     def first_after(self, since: float, want: Any) -> float | None:
         """Seconds from `since` to the first item after it that `want` accepts; None after WAIT_S."""
         with self.cond:
+
             def found() -> float | None:
                 for at, item in self.got:
                     if at >= since and want(item):
                         return at - since
                 return None
+
             self.cond.wait_for(lambda: found() is not None, WAIT_S)
             return found()
 
 
 def _unknown(item: Any) -> bool:
-    return isinstance(item, pb.WatchReportResponse) and bool(item.report.functions) and all(
-        f.state == UNKNOWN for f in item.report.functions)
+    return (
+        isinstance(item, pb.WatchReportResponse)
+        and bool(item.report.functions)
+        and all(f.state == UNKNOWN for f in item.report.functions)
+    )
 
 
 def _recovered(item: Any) -> bool:
@@ -122,7 +133,8 @@ def _ms(xs: list[float]) -> str:
 def _server(tmp: Path, engine: FailingEngine, dead: threading.Event) -> Iterator[AgentServer]:
     # More streams than the default 8 watchers: every subscriber must be told.
     cfg = Config(server=ServerConfig(max_workers=SUBSCRIBERS * 2, max_watchers=SUBSCRIBERS + 1)).with_overrides(
-        socket=tmp / "agent.sock")
+        socket=tmp / "agent.sock"
+    )
     server = AgentServer(cfg, engine=engine, sources=lambda: DyingSources(dead), bridges=lambda c, p: _NoBridges())
     server.start()
     try:
@@ -164,11 +176,18 @@ def run(options: Options) -> list[Row]:
                 missed += sum(1 for x in got + back if x is None)
                 to_unknown += [x for x in got if x is not None]
                 to_back += [x for x in back if x is not None]
-            rows.append(Row(
-                f"watch, engine raises mid-stream ({SUBSCRIBERS} subscribers)", f"{ROUNDS} failures",
-                f"UNKNOWN reached {len(to_unknown)}/{ROUNDS * SUBSCRIBERS} streams ({_ms(to_unknown)}); "
-                f"real report back in {_ms(to_back)}" if to_unknown and to_back else f"{missed} streams silent",
-                ok=missed == 0, raw={"to_unknown_s": to_unknown, "to_back_s": to_back}))
+            rows.append(
+                Row(
+                    f"watch, engine raises mid-stream ({SUBSCRIBERS} subscribers)",
+                    f"{ROUNDS} failures",
+                    f"UNKNOWN reached {len(to_unknown)}/{ROUNDS * SUBSCRIBERS} streams ({_ms(to_unknown)}); "
+                    f"real report back in {_ms(to_back)}"
+                    if to_unknown and to_back
+                    else f"{missed} streams silent",
+                    ok=missed == 0,
+                    raw={"to_unknown_s": to_unknown, "to_back_s": to_back},
+                )
+            )
 
             engine.failing.set()
             codes = []
@@ -180,10 +199,15 @@ def run(options: Options) -> list[Row]:
                     codes.append(exc.code().name)
             engine.failing.clear()
             after = stub.GetReport(pb.GetReportRequest(), timeout=30)
-            rows.append(Row("GetReport, engine raises", f"{ROUNDS} calls",
-                            f"status {', '.join(sorted(set(codes)))}; then served again "
-                            f"({len(after.report.functions)} functions)",
-                            ok="OK" not in codes and bool(after.report.functions)))
+            rows.append(
+                Row(
+                    "GetReport, engine raises",
+                    f"{ROUNDS} calls",
+                    f"status {', '.join(sorted(set(codes)))}; then served again "
+                    f"({len(after.report.functions)} functions)",
+                    ok="OK" not in codes and bool(after.report.functions),
+                )
+            )
 
             t0 = time.monotonic()
             dead.set()
@@ -194,13 +218,20 @@ def run(options: Options) -> list[Row]:
             t1 = time.monotonic()
             first = fresh.first_after(t1, lambda m: isinstance(m, pb.WatchReportResponse))
             ended_ok = [x for x in ended if x is not None]
-            rows.append(Row(
-                f"watch, event source dies ({SUBSCRIBERS} subscribers)", "1 death",
-                f"UNAVAILABLE on {len(ended_ok)}/{SUBSCRIBERS} streams"
-                + (f" ({_ms(ended_ok)})" if ended_ok else "")
-                + (f"; a new subscriber got a report in {first * 1000:.0f} ms" if first is not None
-                   else "; a new subscriber got NOTHING"),
-                ok=len(ended_ok) == SUBSCRIBERS and first is not None))
+            rows.append(
+                Row(
+                    f"watch, event source dies ({SUBSCRIBERS} subscribers)",
+                    "1 death",
+                    f"UNAVAILABLE on {len(ended_ok)}/{SUBSCRIBERS} streams"
+                    + (f" ({_ms(ended_ok)})" if ended_ok else "")
+                    + (
+                        f"; a new subscriber got a report in {first * 1000:.0f} ms"
+                        if first is not None
+                        else "; a new subscriber got NOTHING"
+                    ),
+                    ok=len(ended_ok) == SUBSCRIBERS and first is not None,
+                )
+            )
             fresh.call.cancel()
             channel.close()
     return rows

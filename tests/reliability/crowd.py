@@ -43,16 +43,22 @@ class Crowd:
 def _script(count: int, namespaces: bool) -> str:
     cmd = "unshare -m --propagation private sleep" if namespaces else "sleep"
     # `echo $!` after each: the parent reads every pid; `wait` reaps them as they die.
-    return (f"for ((i=0; i<{count}; i++)); do {cmd} {BOUND_S} </dev/null >/dev/null 2>&1 & echo $!; done; "
-            "echo done; wait")
+    return (
+        f"for ((i=0; i<{count}; i++)); do {cmd} {BOUND_S} </dev/null >/dev/null 2>&1 & echo $!; done; echo done; wait"
+    )
 
 
 @contextlib.contextmanager
 def crowd(count: int, *, namespaces: bool) -> Iterator[Crowd]:
     """`count` sleeping processes (each in a new mount namespace if `namespaces`), gone afterwards."""
-    bash = subprocess.Popen(["bash", "-c", _script(count, namespaces)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=die_with_parent)
+    bash = subprocess.Popen(
+        ["bash", "-c", _script(count, namespaces)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        preexec_fn=die_with_parent,
+    )
     got = Crowd([], namespaces)
     spawned = False
     assert bash.stdout is not None

@@ -44,8 +44,9 @@ class FakeAgent(pb_grpc.AgentServiceServicer):
         self.calls.append("GetAgentInfo")
         return pb.GetAgentInfoResponse(version="test", capabilities=["report", "watch"], hostname="guest")
 
-    def WatchReport(self, request: pb.WatchReportRequest, context: grpc.ServicerContext
-                    ) -> Iterator[pb.WatchReportResponse]:
+    def WatchReport(
+        self, request: pb.WatchReportRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchReportResponse]:
         self.calls.append("WatchReport")
         devices = list(request.devices)
         yield pb.WatchReportResponse(report=report_for(devices), changed=devices, initial=True)
@@ -56,25 +57,31 @@ class FakeAgent(pb_grpc.AgentServiceServicer):
             report.functions[0].state = report_pb2.FUNCTION_STATE_BUSY if busy else report_pb2.FUNCTION_STATE_READY
             yield pb.WatchReportResponse(report=report, changed=[report.functions[0].address])
 
-    def PrepareUnplug(self, request: pb.PrepareUnplugRequest, context: grpc.ServicerContext
-                      ) -> pb.PrepareUnplugResponse:
+    def PrepareUnplug(
+        self, request: pb.PrepareUnplugRequest, context: grpc.ServicerContext
+    ) -> pb.PrepareUnplugResponse:
         self.calls.append("PrepareUnplug")
         if request.lease_seconds > 900:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease_seconds above 900")
         lease = f"lease-{len(self.leases) + 1}"
         self.leases[lease] = list(request.devices)
-        return pb.PrepareUnplugResponse(lease_id=lease, functions=list(request.devices),
-                                        interfaces_down=["eth1"] if request.take_interfaces_down else [])
+        return pb.PrepareUnplugResponse(
+            lease_id=lease,
+            functions=list(request.devices),
+            interfaces_down=["eth1"] if request.take_interfaces_down else [],
+        )
 
-    def ReleaseUnplug(self, request: pb.ReleaseUnplugRequest, context: grpc.ServicerContext
-                      ) -> pb.ReleaseUnplugResponse:
+    def ReleaseUnplug(
+        self, request: pb.ReleaseUnplugRequest, context: grpc.ServicerContext
+    ) -> pb.ReleaseUnplugResponse:
         self.calls.append("ReleaseUnplug")
         if self.leases.pop(request.lease_id, None) is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no lease {request.lease_id!r}")
         return pb.ReleaseUnplugResponse(released=True)
 
-    def RequestRelease(self, request: pb.RequestReleaseRequest, context: grpc.ServicerContext
-                       ) -> pb.RequestReleaseResponse:
+    def RequestRelease(
+        self, request: pb.RequestReleaseRequest, context: grpc.ServicerContext
+    ) -> pb.RequestReleaseResponse:
         # As a guest with the default configuration answers: release hooks are off.
         self.calls.append("RequestRelease")
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "RequestRelease is disabled; set [release] enabled = true")

@@ -194,8 +194,9 @@ class FakeAgent:
         served.CopyFrom(self.reports.pop(0) if len(self.reports) > 1 else self.reports[0])
         for f in served.functions:
             if f.address in self.leased:
-                f.reasons.add(code=report_pb2.REASON_CODE_LEASED, detail="held for unplug by lease 0123abcd",
-                              blocking=False)
+                f.reasons.add(
+                    code=report_pb2.REASON_CODE_LEASED, detail="held for unplug by lease 0123abcd", blocking=False
+                )
         return served
 
     async def prepare_unplug(

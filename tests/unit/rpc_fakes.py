@@ -30,20 +30,36 @@ NIC_FN = PciAddress.parse("0000:00:07.0")
 
 
 def _function(addr: PciAddress, **kw: object) -> PciFunction:
-    return PciFunction(address=addr, path=PciPath(0, 0, ((addr.slot, addr.function),)), vendor_id=0x1AF4,
-                       device_id=0x1001, class_code=0x010000, driver="virtio-pci", is_bridge=False,
-                       hotplug_slot=str(addr.slot), **kw)  # type: ignore[arg-type]
+    return PciFunction(
+        address=addr,
+        path=PciPath(0, 0, ((addr.slot, addr.function),)),
+        vendor_id=0x1AF4,
+        device_id=0x1001,
+        class_code=0x010000,
+        driver="virtio-pci",
+        is_bridge=False,
+        hotplug_slot=str(addr.slot),
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 @dataclass
 class FakeEngine:
-    inventory: Inventory = field(default_factory=lambda: Inventory(
-        functions=(_function(DISK_FN, block_devices=("vdb",)), _function(NIC_FN, net_interfaces=("eth1",))),
-        block_devices={"vdb": BlockDevice("vdb", "disk", (254, 16), 1 << 30),
-                       "vdb1": BlockDevice("vdb1", "part", (254, 17), 1 << 29, parent="vdb")},
-    ))
-    states: dict[str, int] = field(default_factory=lambda: {
-        str(DISK_FN): report_pb2.FUNCTION_STATE_READY, str(NIC_FN): report_pb2.FUNCTION_STATE_BUSY})
+    inventory: Inventory = field(
+        default_factory=lambda: Inventory(
+            functions=(_function(DISK_FN, block_devices=("vdb",)), _function(NIC_FN, net_interfaces=("eth1",))),
+            block_devices={
+                "vdb": BlockDevice("vdb", "disk", (254, 16), 1 << 30),
+                "vdb1": BlockDevice("vdb1", "part", (254, 17), 1 << 29, parent="vdb"),
+            },
+        )
+    )
+    states: dict[str, int] = field(
+        default_factory=lambda: {
+            str(DISK_FN): report_pb2.FUNCTION_STATE_READY,
+            str(NIC_FN): report_pb2.FUNCTION_STATE_BUSY,
+        }
+    )
     fail_with: Exception | None = None
     calls: list[tuple[str, object]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -52,8 +68,14 @@ class FakeEngine:
         self._record("scan", frozenset(own_claims))
         return self.inventory
 
-    def inspect(self, roots: Roots, devices: Sequence[str] = (), *,
-                leased: Mapping[PciAddress, str] = {}, own_claims: Collection[str] = ()) -> report_pb2.Report:
+    def inspect(
+        self,
+        roots: Roots,
+        devices: Sequence[str] = (),
+        *,
+        leased: Mapping[PciAddress, str] = {},
+        own_claims: Collection[str] = (),
+    ) -> report_pb2.Report:
         self._record("inspect", (tuple(devices), dict(leased), frozenset(own_claims)))
         chosen = {str(f.address) for f in self.select(self.inventory, devices)}
         report = report_pb2.Report(hostname="fake")
@@ -64,8 +86,9 @@ class FakeEngine:
                 continue
             f = report.functions.add(address=str(fn.address), pci_path=str(fn.path), state=states[str(fn.address)])
             if fn.address in leased:
-                f.reasons.add(code=report_pb2.REASON_CODE_LEASED, detail=f"leased by {leased[fn.address]}",
-                              blocking=False)
+                f.reasons.add(
+                    code=report_pb2.REASON_CODE_LEASED, detail=f"leased by {leased[fn.address]}", blocking=False
+                )
             report.slots.add(address=fn.address.slot_key, functions=[str(fn.address)])
         return report
 
@@ -76,8 +99,11 @@ class FakeEngine:
             return list(inventory.functions)
         out = []
         for name in names:
-            match = [f for f in inventory.functions
-                     if name in (str(f.address), str(f.path)) or name in f.block_devices or name in f.net_interfaces]
+            match = [
+                f
+                for f in inventory.functions
+                if name in (str(f.address), str(f.path)) or name in f.block_devices or name in f.net_interfaces
+            ]
             if not match:
                 raise UnknownDevice(name)
             out += [f for f in match if f not in out]
@@ -111,7 +137,11 @@ class FakeLinks:
 
 @contextmanager
 def running_server(
-    tmp_path: Path, engine: EngineApi | None = None, *, mutations: bool = False, links: FakeLinks | None = None,
+    tmp_path: Path,
+    engine: EngineApi | None = None,
+    *,
+    mutations: bool = False,
+    links: FakeLinks | None = None,
     config: Config | None = None,
 ) -> Iterator[tuple[AgentServer, agent_service_pb2_grpc.AgentServiceStub]]:
     if config is None:
@@ -120,8 +150,13 @@ def running_server(
         config = replace(Config(), transports=no_serial)
     cfg = config.with_overrides(socket=tmp_path / "run" / "agent.sock", enable_mutations=mutations)
     # A captured-tree root: nothing here can touch the live system's devices.
-    server = AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=engine or FakeEngine(),
-                         sources=EventSources.none, links=links or FakeLinks())
+    server = AgentServer(
+        cfg,
+        roots=Roots.under(tmp_path / "tree"),
+        engine=engine or FakeEngine(),
+        sources=EventSources.none,
+        links=links or FakeLinks(),
+    )
     server.start()
     channel = grpc.insecure_channel(server.target)
     try:

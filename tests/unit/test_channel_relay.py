@@ -106,8 +106,10 @@ class FakeLibvirt:
         holder = next((s for s in self.streams if not s.aborted.is_set() and not s.broken), None)
         if holder is not None:
             if not force:
-                raise BackendError("libvirt open channel org.unplugd.agent.0: operation failed: "
-                                   "Active channel stream exists for this domain")
+                raise BackendError(
+                    "libvirt open channel org.unplugd.agent.0: operation failed: "
+                    "Active channel stream exists for this domain"
+                )
             self.forced += 1
             holder.abort()
         stream = FakeStream(self.path)
@@ -142,13 +144,13 @@ def test_a_held_channel_is_refused_unless_forced(tmp_path: Path) -> None:
             lv = FakeLibvirt(r.chardev.path)
             first = AgentClient(ADDRESS, relay=ChannelRelay(lv.open, "vm", connect_timeout=4), timeout=5)
             assert names(await first.get_report(["a"])) == ["a"]  # holds the channel now
-            second = AgentClient(ADDRESS, relay=ChannelRelay(lv.open, "vm", connect_timeout=2), timeout=3,
-                                 connect_timeout=3)
+            second = AgentClient(
+                ADDRESS, relay=ChannelRelay(lv.open, "vm", connect_timeout=2), timeout=3, connect_timeout=3
+            )
             with pytest.raises(AgentUnreachable, match=r"Active channel stream exists.*--force-channel"):
                 await second.get_report(["b"])
             await second.close()
-            forced = AgentClient(ADDRESS, relay=ChannelRelay(lv.open, "vm", force=True, connect_timeout=4),
-                                 timeout=5)
+            forced = AgentClient(ADDRESS, relay=ChannelRelay(lv.open, "vm", force=True, connect_timeout=4), timeout=5)
             assert names(await forced.get_report(["c"])) == ["c"]
             assert lv.forced == 1
             await forced.close()
@@ -157,8 +159,9 @@ def test_a_held_channel_is_refused_unless_forced(tmp_path: Path) -> None:
     run(main())
 
 
-def _quiet_watch(self: FakeAgent, request: pb.WatchReportRequest, context: grpc.ServicerContext
-                 ) -> Iterator[pb.WatchReportResponse]:
+def _quiet_watch(
+    self: FakeAgent, request: pb.WatchReportRequest, context: grpc.ServicerContext
+) -> Iterator[pb.WatchReportResponse]:
     """The first report, then nothing changes: a wait that only the broken stream can end."""
     devices = list(request.devices)
     yield pb.WatchReportResponse(report=report_for(devices), changed=devices, initial=True)
@@ -166,8 +169,9 @@ def _quiet_watch(self: FakeAgent, request: pb.WatchReportRequest, context: grpc.
         time.sleep(0.05)
 
 
-def test_a_stream_that_breaks_mid_watch_ends_it_with_the_reason(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_stream_that_breaks_mid_watch_ends_it_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(FakeAgent, "WatchReport", _quiet_watch)
 
     async def main() -> None:

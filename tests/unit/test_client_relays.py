@@ -82,15 +82,19 @@ def test_hybrid_vsock_round_trips(tmp_path: Path, agent_sock: Path) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "message"),
-    [("refuse", "CONNECT refused (the connection was closed)"),
-     ("garbage", "CONNECT refused (it answered b'HELLO?\\n')"),
-     ("silent", "no answer to CONNECT within 0.8s")],
+    [
+        ("refuse", "CONNECT refused (the connection was closed)"),
+        ("garbage", "CONNECT refused (it answered b'HELLO?\\n')"),
+        ("silent", "no answer to CONNECT within 0.8s"),
+    ],
 )
 def test_hybrid_vsock_failures_are_explained(tmp_path: Path, agent_sock: Path, mode: str, message: str) -> None:
     async def main() -> None:
         vmm = tmp_path / "fc.vsock"
-        async with fake_vmm(vmm, agent_sock, mode=mode), \
-                AgentClient(f"hvsock:{vmm}:{GUEST_PORT}", timeout=3, connect_timeout=1) as client:
+        async with (
+            fake_vmm(vmm, agent_sock, mode=mode),
+            AgentClient(f"hvsock:{vmm}:{GUEST_PORT}", timeout=3, connect_timeout=1) as client,
+        ):
             with pytest.raises(AgentUnreachable) as exc:
                 await client.get_report()
             assert message in str(exc.value)

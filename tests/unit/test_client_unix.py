@@ -31,6 +31,7 @@ def run(coro: Awaitable[None]) -> None:
 
 def test_read_calls_and_error_status(tmp_path: Path) -> None:
     with running_server(tmp_path) as (server, _):
+
         async def main() -> None:
             async with AgentClient(server.target, timeout=5) as client:
                 report = await client.get_report()
@@ -54,6 +55,7 @@ def test_read_calls_and_error_status(tmp_path: Path) -> None:
 def test_prepare_release_and_watch(tmp_path: Path) -> None:
     engine = FakeEngine()
     with running_server(tmp_path, engine, mutations=True) as (server, _):
+
         async def main() -> None:
             async with AgentClient(server.target, timeout=5) as client:
                 lease = await client.prepare_unplug([str(NIC_FN)], 30, take_interfaces_down=True)
@@ -99,8 +101,10 @@ def test_sync_facade_takes_the_clients_options(tmp_path: Path) -> None:
     silent.bind(str(tmp_path / "silent.sock"))
     silent.listen()  # never accepts: the connection waits in the backlog, grpc's handshake never ends
     try:
-        with SyncAgentClient(f"unix:{tmp_path}/silent.sock", timeout=5, connect_timeout=0.5) as client, \
-                pytest.raises(AgentUnreachable, match=r"no connection within 0\.5s"):
+        with (
+            SyncAgentClient(f"unix:{tmp_path}/silent.sock", timeout=5, connect_timeout=0.5) as client,
+            pytest.raises(AgentUnreachable, match=r"no connection within 0\.5s"),
+        ):
             client.get_agent_info()
     finally:
         silent.close()
@@ -125,6 +129,7 @@ def test_missing_socket_is_unreachable_quickly(tmp_path: Path) -> None:
 def test_deadline_is_enforced(tmp_path: Path) -> None:
     server, _ = serve_fake_agent(tmp_path / "a.sock")
     try:
+
         async def main() -> None:
             async with AgentClient(f"unix:{tmp_path}/a.sock", timeout=0.5) as client:
                 t0 = time.monotonic()
@@ -146,8 +151,10 @@ def test_deadline_is_enforced(tmp_path: Path) -> None:
         ("vsock:3:1000", AgentAddress("vsock", cid=3, port=1000)),
         ("hvsock:/run/fc/v.sock:1000", AgentAddress("hvsock", path="/run/fc/v.sock", port=1000)),
         ("hvsock:/odd:path.sock:52", AgentAddress("hvsock", path="/odd:path.sock", port=52)),
-        ("serial:/var/lib/libvirt/qemu/channel/target/d/org.unplugd.agent.0",
-         AgentAddress("serial", path="/var/lib/libvirt/qemu/channel/target/d/org.unplugd.agent.0")),
+        (
+            "serial:/var/lib/libvirt/qemu/channel/target/d/org.unplugd.agent.0",
+            AgentAddress("serial", path="/var/lib/libvirt/qemu/channel/target/d/org.unplugd.agent.0"),
+        ),
         ("tcp:10.0.0.5:7443", AgentAddress("tcp", host="10.0.0.5", port=7443)),
         ("tcp:[fd00::5]:7443", AgentAddress("tcp", host="fd00::5", port=7443)),
         ("tcp:guest.example:7443", AgentAddress("tcp", host="guest.example", port=7443)),
@@ -160,8 +167,22 @@ def test_parse_address(text: str, expected: AgentAddress) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "unix", "unix:", "vsock:3", "vsock:x:1", "vsock:3:-1", "vsock:3:99999999999", "hvsock:/p",
-     "hvsock::5", "tcp:host", "tcp:host:65536", "tcp::80", "http://x", "qmp:/x"],
+    [
+        "",
+        "unix",
+        "unix:",
+        "vsock:3",
+        "vsock:x:1",
+        "vsock:3:-1",
+        "vsock:3:99999999999",
+        "hvsock:/p",
+        "hvsock::5",
+        "tcp:host",
+        "tcp:host:65536",
+        "tcp::80",
+        "http://x",
+        "qmp:/x",
+    ],
 )
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):

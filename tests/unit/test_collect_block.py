@@ -293,7 +293,10 @@ def test_read_text_reads_small_and_large_files(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- NVMe multipath (issue 15)
 
-CTRL = {"nvme1": "devices/pci0000:00/0000:00:10.1/0000:02:00.0/nvme", "nvme2": "devices/pci0000:00/0000:00:10.2/0000:03:00.0/nvme"}  # noqa: E501
+CTRL = {
+    "nvme1": "devices/pci0000:00/0000:00:10.1/0000:02:00.0/nvme",
+    "nvme2": "devices/pci0000:00/0000:00:10.2/0000:03:00.0/nvme",
+}
 SUBSYS = "devices/virtual/nvme-subsystem/nvme-subsys2"
 
 

@@ -248,7 +248,9 @@ def test_lintian_reports_no_errors(debs: dict[str, Deb]) -> None:
         pytest.skip("lintian not installed: packaging/dev/system-deps.sh (make dev) installs it")
     proc = subprocess.run(
         ["lintian", "--fail-on", "error", "--tag-display-limit", "0", *(str(d.path) for d in debs.values())],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     errors = [line for line in proc.stdout.splitlines() if line.startswith("E:")]
     assert errors == [] and proc.returncode == 0, proc.stdout + proc.stderr

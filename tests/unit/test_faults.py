@@ -40,8 +40,16 @@ IDLE_FN = "0000:00:07.0"
 OTHER_NS = 4026532999
 
 # The calls the collectors reach the filesystem through (sysio, os.* in the collectors, pathlib, open).
-_PATCHED = [(os, "open"), (os, "listdir"), (os, "readlink"), (os, "stat"), (os, "lstat"), (os, "scandir"),
-            (builtins, "open"), (io, "open")]
+_PATCHED = [
+    (os, "open"),
+    (os, "listdir"),
+    (os, "readlink"),
+    (os, "stat"),
+    (os, "lstat"),
+    (os, "scandir"),
+    (builtins, "open"),
+    (io, "open"),
+]
 
 
 @dataclass(frozen=True)
@@ -109,18 +117,45 @@ BUSY_OR_UNKNOWN = frozenset({"BUSY", "UNKNOWN"})
 
 SCENARIOS = [
     # A partition's sysfs entries vanish while mountinfo still shows it mounted.
-    Scenario("partition", mounted_partition,
-             [_VDB1, "sys/class/block/vdb1", "sys/dev/block/252:17", "dev/vdb1"], BUSY_OR_UNKNOWN,
-             listed_by="listdir sys/class/block"),
+    Scenario(
+        "partition",
+        mounted_partition,
+        [_VDB1, "sys/class/block/vdb1", "sys/dev/block/252:17", "dev/vdb1"],
+        BUSY_OR_UNKNOWN,
+        listed_by="listdir sys/class/block",
+    ),
     # The holder on top of a partition vanishes while its mount is still listed.
-    Scenario("holder", held_by_lvm,
-             ["sys/devices/virtual/block/dm-0", "sys/class/block/dm-0", "sys/block/dm-0", "sys/dev/block/253:0",
-              "dev/dm-0", "dev/mapper/vg0-data"], BUSY_OR_UNKNOWN, listed_by="listdir sys/class/block"),
+    Scenario(
+        "holder",
+        held_by_lvm,
+        [
+            "sys/devices/virtual/block/dm-0",
+            "sys/class/block/dm-0",
+            "sys/block/dm-0",
+            "sys/dev/block/253:0",
+            "dev/dm-0",
+            "dev/mapper/vg0-data",
+        ],
+        BUSY_OR_UNKNOWN,
+        listed_by="listdir sys/class/block",
+    ),
     # The whole function is hot-removed mid-scan (its mount lingers, lazily): gone or not READY.
-    Scenario("function", mounted_partition,
-             [_DISK_FN_DIR, "sys/bus/pci/devices/0000:00:06.0", "sys/block/vdb", "sys/class/block/vdb",
-              "sys/class/block/vdb1", "sys/dev/block/252:16", "sys/dev/block/252:17", "dev/vdb", "dev/vdb1"],
-             BUSY_OR_UNKNOWN | {"ABSENT"}),
+    Scenario(
+        "function",
+        mounted_partition,
+        [
+            _DISK_FN_DIR,
+            "sys/bus/pci/devices/0000:00:06.0",
+            "sys/block/vdb",
+            "sys/class/block/vdb",
+            "sys/class/block/vdb1",
+            "sys/dev/block/252:16",
+            "sys/dev/block/252:17",
+            "dev/vdb",
+            "dev/vdb1",
+        ],
+        BUSY_OR_UNKNOWN | {"ABSENT"},
+    ),
     # The process holding the disk exits between the /proc listing and reading its fds:
     # it held it (BUSY) or holds nothing any more (READY); both are true.
     Scenario("process", open_by_process, ["proc/300"], frozenset({"BUSY", "READY"})),
@@ -132,8 +167,9 @@ SCENARIOS = [
 class Vanishing:
     """Counts filesystem calls under `root`; deletes the victims just before call number `at`."""
 
-    def __init__(self, root: Path, victims: Sequence[str], at: int | None,
-                 appear: Callable[[Path], None] | None = None) -> None:
+    def __init__(
+        self, root: Path, victims: Sequence[str], at: int | None, appear: Callable[[Path], None] | None = None
+    ) -> None:
         self.root = str(root)
         self.victims = [root / v for v in victims]
         self.at = at

@@ -162,11 +162,18 @@ def test_one_domain_failing_never_stops_the_others() -> None:
     fleet.hang = {"vm4"}
     targets = [Target("u", f"vm{i}") for i in range(8)]
     seen: list[str] = []
-    answers = _run(fleet, targets, Question(), jobs=3, deadline=0.5,
-                   on_answer=lambda a: seen.append(a.target.domain))
+    answers = _run(fleet, targets, Question(), jobs=3, deadline=0.5, on_answer=lambda a: seen.append(a.target.domain))
     states = {a.target.domain: a.state for a in answers}
-    assert states == {"vm0": State.ANSWERED, "vm1": State.UNREACHABLE, "vm2": State.FAILED, "vm3": State.UNREACHABLE,
-                      "vm4": State.UNREACHABLE, "vm5": State.ANSWERED, "vm6": State.ANSWERED, "vm7": State.ANSWERED}
+    assert states == {
+        "vm0": State.ANSWERED,
+        "vm1": State.UNREACHABLE,
+        "vm2": State.FAILED,
+        "vm3": State.UNREACHABLE,
+        "vm4": State.UNREACHABLE,
+        "vm5": State.ANSWERED,
+        "vm6": State.ANSWERED,
+        "vm7": State.ANSWERED,
+    }
     assert "no answer within 0.5s" in answers[4].error
     assert "connection refused" in answers[3].error  # the plan says why the guest was not reached
     assert sorted(seen) == [t.domain for t in targets]  # every answer was emitted, as it came
@@ -191,8 +198,12 @@ def test_output_lines() -> None:
     a, b = _run(fleet, [Target("qemu+tcp://hv/system", "a"), Target("qemu+tcp://hv/system", "b")], q)
     doc = json.loads(json.dumps(answer_json(a, q)))
     assert (doc["uri"], doc["domain"], doc["state"]) == ("qemu+tcp://hv/system", "a", "answered")
-    assert doc["unpluggable"] == [{"slotPath": "0000:00/02.0/00", "devices": [
-        {"pciPath": "0000:00/02.0/00.0", "alias": None, "targets": ["vdb"], "model": "virtio-blk-pci"}]}]
+    assert doc["unpluggable"] == [
+        {
+            "slotPath": "0000:00/02.0/00",
+            "devices": [{"pciPath": "0000:00/02.0/00.0", "alias": None, "targets": ["vdb"], "model": "virtio-blk-pci"}],
+        }
+    ]
     assert doc["status"]["guestReachable"] is True
     assert answer_line(a, q) == "qemu+tcp://hv/system a: UNPLUGGABLE now: 0000:00/02.0/00.0 (virtio-blk-pci)"
     assert answer_line(b, q) == "qemu+tcp://hv/system b: UNREACHABLE: domain 'b' is not running"
@@ -200,8 +211,9 @@ def test_output_lines() -> None:
     plain = Question()
     # status plans each slot whole: the root ports' slot and the hotplug='off' port are NOT_HOTPLUGGABLE,
     # vdb's port and the multifunction slot (both functions asked for) UNPLUGGABLE
-    assert answer_line(a, plain) == ("qemu+tcp://hv/system a: guest agent reachable; "
-                                     "4 slots: 2 NOT_HOTPLUGGABLE, 2 UNPLUGGABLE")
+    assert answer_line(a, plain) == (
+        "qemu+tcp://hv/system a: guest agent reachable; 4 slots: 2 NOT_HOTPLUGGABLE, 2 UNPLUGGABLE"
+    )
     checked = _run(fleet, [Target("u", "a")], Question(device="vdb"))[0]
     assert answer_line(checked, Question(device="vdb")) == "u a: vdb 0000:00/02.0/00 UNPLUGGABLE"
     assert answer_json(checked, Question(device="vdb"))["verdict"] == "UNPLUGGABLE"
@@ -216,4 +228,3 @@ def test_a_busy_guest_is_not_listed_by_the_filter() -> None:
     (a,) = asyncio.run(run_fleet([Target("u", "x")], busy, q))
     assert a.state is State.ANSWERED and a.matches == ()
     assert answer_line(a, q) is None
-

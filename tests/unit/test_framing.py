@@ -192,8 +192,9 @@ def test_garbage_only_keeps_memory_bounded() -> None:
 def test_random_corruption_never_raises_and_never_invents_frames() -> None:
     """Property: whatever is done to a stream, every frame out of it is one that went in."""
     rng = random.Random(5)
-    originals = [Frame(FrameKind(rng.randint(1, 4)), rng.randint(1, 5), rng.randbytes(rng.randint(0, 200)))
-                 for _ in range(40)]
+    originals = [
+        Frame(FrameKind(rng.randint(1, 4)), rng.randint(1, 5), rng.randbytes(rng.randint(0, 200))) for _ in range(40)
+    ]
     wire = bytearray(b"".join(encode_frame(f) for f in originals))
     for _ in range(300):
         damaged = bytearray(wire)
@@ -220,6 +221,7 @@ def test_reset_forgets_partial_frame() -> None:
 
 
 # -- the guest session state machine ------------------------------------
+
 
 def test_session_open_accept_data_close() -> None:
     s = GuestSession()

@@ -149,7 +149,18 @@ def test_upward(name: str, up: list[str]) -> None:
 
 def test_block_closure_is_breadth_first_and_skips_unknown_disks() -> None:
     assert GRAPH.block_closure(["vdb", "vdz"]) == [
-        "vdb", "vdb1", "vdb2", "vdb3", "md0", "dm-0", "dm-1", "loop2", "loop0", "loop1", "loop3", "loop7",
+        "vdb",
+        "vdb1",
+        "vdb2",
+        "vdb3",
+        "md0",
+        "dm-0",
+        "dm-1",
+        "loop2",
+        "loop0",
+        "loop1",
+        "loop3",
+        "loop7",
     ]
     assert GRAPH.block_closure(["vdc"]) == ["vdc", "vdc1", "loop5"]
     assert GRAPH.block_closure([]) == []

@@ -38,8 +38,20 @@ def agent_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pat
     treetext.unpack((FIXTURES / "scenarios" / "multifunction8.tree").read_text(), tree)
     sock = tmp_path / "run" / "agent.sock"
     proc = subprocess.Popen(
-        [python, "-m", "unplugd.agent.cli", "serve", "--socket", str(sock), "--root", str(tree),
-         "--log-format", "text", "--config", str(REPO / "packaging" / "config.toml")],
+        [
+            python,
+            "-m",
+            "unplugd.agent.cli",
+            "serve",
+            "--socket",
+            str(sock),
+            "--root",
+            str(tree),
+            "--log-format",
+            "text",
+            "--config",
+            str(REPO / "packaging" / "config.toml"),
+        ],
         env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"},
         stderr=subprocess.DEVNULL,
     )
@@ -58,8 +70,13 @@ def grpcurl(sock: Path, *verb: str, data: str | None = None) -> str:
     """grpcurl [-d DATA] -unix SOCKET VERB...: flags go before the address."""
     assert GRPCURL is not None
     flags = ["-d", data] if data is not None else []
-    p = subprocess.run([GRPCURL, "-plaintext", "-unix", *flags, str(sock), *verb],
-                       capture_output=True, text=True, timeout=30, check=False)
+    p = subprocess.run(
+        [GRPCURL, "-plaintext", "-unix", *flags, str(sock), *verb],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert p.returncode == 0, p.stderr
     return p.stdout
 

@@ -98,8 +98,10 @@ def test_inspect_json_is_valid_and_still_judges(capsys: pytest.CaptureFixture[st
     assert not RAW_CONTROL.search(out.replace("\n", "")), "JSON carries controls as \\u escapes"
     report = json.loads(out)
     got = {
-        f["address"]: (f["state"].removeprefix("FUNCTION_STATE_"),
-                       {r["code"].removeprefix("REASON_CODE_") for r in f["reasons"]})
+        f["address"]: (
+            f["state"].removeprefix("FUNCTION_STATE_"),
+            {r["code"].removeprefix("REASON_CODE_") for r in f["reasons"]},
+        )
         for f in report["functions"]
     }
     assert {a: got[a] for a in EXPECTED} == EXPECTED
@@ -132,8 +134,9 @@ def test_check_exits_busy_and_escapes(capsys: pytest.CaptureFixture[str]) -> Non
 def test_render_table_escapes_a_hand_made_report() -> None:
     """Any string field may come from the guest: hostname, names, details and problems too."""
     report = report_pb2.Report(hostname="h\x1b]0;pwned\x07", kernel="6\n1")
-    f = report.functions.add(address="0000:00:06.0", slot="0000:00:06", device_name="disk\u202e",
-                             state=report_pb2.FUNCTION_STATE_BUSY)
+    f = report.functions.add(
+        address="0000:00:06.0", slot="0000:00:06", device_name="disk\u202e", state=report_pb2.FUNCTION_STATE_BUSY
+    )
     f.block_devices.add(name="vdb\n")
     f.reasons.add(code=report_pb2.REASON_CODE_MOUNTED, detail="on /x\r\x1b[2K", blocking=True)
     report.problems.add(object="/proc/\x9b1m", detail="bad\x00")
@@ -165,7 +168,6 @@ def test_get_report_and_watch_report_serve_hostile_names(tmp_path: Path) -> None
         stream.cancel()
 
 
-
 def test_verbose_log_lines_escape_guest_names(tmp_path: Path) -> None:
     """A slot directory named with an ANSI sequence is logged (-v) escaped, like the table shows it."""
     import os
@@ -177,7 +179,11 @@ def test_verbose_log_lines_escape_guest_names(tmp_path: Path) -> None:
     slot = root / "sys/bus/pci/slots" / "evil\x1b[31m\udcff"
     slot.mkdir(parents=True)
     (slot / "address").write_text("not an address\n")
-    out = subprocess.run([sys.executable, "-m", "unplugd.agent.cli", "-v", "inspect", "--root", str(root)],
-                         capture_output=True, env=dict(os.environ, PYTHONIOENCODING="utf-8"), check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "unplugd.agent.cli", "-v", "inspect", "--root", str(root)],
+        capture_output=True,
+        env=dict(os.environ, PYTHONIOENCODING="utf-8"),
+        check=True,
+    )
     assert b"\x1b" not in out.stderr and b"\xff" not in out.stderr
     assert b"evil\\033[31m\\377" in out.stderr

@@ -58,10 +58,13 @@ _DM = BlockDevice("dm-0", "dm", (253, 0), 1 << 29, dm_name="vg-lv", dm_uuid="LVM
 # -- refused over what the report shows in use ------------------------------------------
 
 
-@pytest.mark.parametrize(("extra", "why"), [
-    ({"mounts": (_MOUNT,)}, "mounted on /srv/data"),
-    ({"open_refs": (_OPEN,)}, "pid 812 (dd) holds /dev/vdb"),
-])
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"mounts": (_MOUNT,)}, "mounted on /srv/data"),
+        ({"open_refs": (_OPEN,)}, "pid 812 (dd) holds /dev/vdb"),
+    ],
+)
 def test_lease_refused_on_a_disk_in_use(extra: dict[str, object], why: str) -> None:
     """A claim the kernel would grant (an fd held open does not stop O_EXCL) is refused all the same."""
     inv = _inventory(interfaces={"eth1": _ETH1_DOWN}, **extra)
@@ -86,10 +89,13 @@ def test_idle_functions_are_leased() -> None:
     inv = _inventory(interfaces={"eth1": _ETH1_DOWN})
     targets = targets_for(inv, inv.functions)
     assert [(t.function, [d.name for d in t.disks], t.interfaces) for t in targets] == [
-        (DISK_FN, ["vdb"], ()), (NIC_FN, [], ("eth1",))]
+        (DISK_FN, ["vdb"], ()),
+        (NIC_FN, [], ("eth1",)),
+    ]
     # Only what the report calls in use refuses: no hotplug driver is not use.
-    no_slot = _inventory(interfaces={"eth1": _ETH1_DOWN},
-                         functions=tuple(replace(f, hotplug_slot=None) for f in inv.functions))
+    no_slot = _inventory(
+        interfaces={"eth1": _ETH1_DOWN}, functions=tuple(replace(f, hotplug_slot=None) for f in inv.functions)
+    )
     assert len(targets_for(no_slot, no_slot.functions)) == 2
 
 
@@ -108,8 +114,9 @@ def test_an_interface_only_up_is_leased_when_the_lease_sets_it_down() -> None:
 
 def test_service_refuses_a_lease_over_a_device_in_use(tmp_path: Path) -> None:
     engine = FakeEngine()
-    up = NetInterface("eth1", 3, admin_up=True, operstate="up", carrier=True,
-                      addresses=(Address(socket.AF_INET, "10.0.0.5", 24),))
+    up = NetInterface(
+        "eth1", 3, admin_up=True, operstate="up", carrier=True, addresses=(Address(socket.AF_INET, "10.0.0.5", 24),)
+    )
     engine.inventory = replace(engine.inventory, interfaces={"eth1": up})
     links = FakeLinks(up={"eth1"})
     with running_server(tmp_path, engine, mutations=True, links=links) as (server, stub):
@@ -125,14 +132,18 @@ def test_service_refuses_a_lease_over_a_device_in_use(tmp_path: Path) -> None:
 # -- renewal: all or nothing --------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("bad", "code"), [
-    (pb.PrepareUnplugRequest(devices=["vdb"]), grpc.StatusCode.INVALID_ARGUMENT),  # other devices
-    (pb.PrepareUnplugRequest(devices=["eth1", "nosuch0"]), grpc.StatusCode.NOT_FOUND),  # one name unknown
-    (pb.PrepareUnplugRequest(devices=["eth1", "bad\x07"]), grpc.StatusCode.INVALID_ARGUMENT),
-    (pb.PrepareUnplugRequest(devices=["eth1"], take_interfaces_down=True), grpc.StatusCode.INVALID_ARGUMENT),
-])
-def test_a_partly_invalid_renewal_renews_nothing(tmp_path: Path, bad: pb.PrepareUnplugRequest,
-                                                 code: grpc.StatusCode) -> None:
+@pytest.mark.parametrize(
+    ("bad", "code"),
+    [
+        (pb.PrepareUnplugRequest(devices=["vdb"]), grpc.StatusCode.INVALID_ARGUMENT),  # other devices
+        (pb.PrepareUnplugRequest(devices=["eth1", "nosuch0"]), grpc.StatusCode.NOT_FOUND),  # one name unknown
+        (pb.PrepareUnplugRequest(devices=["eth1", "bad\x07"]), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.PrepareUnplugRequest(devices=["eth1"], take_interfaces_down=True), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_a_partly_invalid_renewal_renews_nothing(
+    tmp_path: Path, bad: pb.PrepareUnplugRequest, code: grpc.StatusCode
+) -> None:
     engine = FakeEngine()
     engine.inventory = replace(engine.inventory, interfaces={"eth1": _ETH1_DOWN})
     with running_server(tmp_path, engine, mutations=True) as (server, stub):
@@ -146,8 +157,9 @@ def test_a_partly_invalid_renewal_renews_nothing(tmp_path: Path, bad: pb.Prepare
         assert _code(err.value) == code
         assert server.leases.get(grant.lease_id).expires_at == before
         # The same renewal, valid, goes through.
-        ok = stub.PrepareUnplug(pb.PrepareUnplugRequest(lease_id=grant.lease_id, devices=["eth1"],
-                                                        lease_seconds=600), timeout=5)
+        ok = stub.PrepareUnplug(
+            pb.PrepareUnplugRequest(lease_id=grant.lease_id, devices=["eth1"], lease_seconds=600), timeout=5
+        )
         assert server.leases.get(grant.lease_id).expires_at > before and ok.lease_id == grant.lease_id
 
 

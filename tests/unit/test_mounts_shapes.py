@@ -34,7 +34,13 @@ def test_copied_namespaces_keep_their_own_ids_and_share_the_first_ones_strings(t
     assert [(m.mount_id, m.namespace_pid) for m in third] == [(2500, 400), (2501, 400)]
     for a, b in zip(first, copy, strict=True):
         assert (a.devno, a.root, a.mount_point, a.fstype, a.source, a.options) == (
-            b.devno, b.root, b.mount_point, b.fstype, b.source, b.options)
+            b.devno,
+            b.root,
+            b.mount_point,
+            b.fstype,
+            b.source,
+            b.options,
+        )
         assert a.mount_point is b.mount_point  # shared, not a second copy
     assert copy[1].mount_point == "/mnt/private data"  # unescaped as when parsed
 
@@ -74,5 +80,9 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
     assert {m.mount_point for m in scan.mounts if m.namespace == OWN} == {"/", "/proc", "/srv"}  # whole
     for ns in (OTHER, OTHER + 1):
         assert {m.mount_point for m in scan.mounts if m.namespace == ns} == {
-            "/", "/mnt/private data", "/home", "/run/netns/peer"}
+            "/",
+            "/mnt/private data",
+            "/home",
+            "/run/netns/peer",
+        }
     assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504, 1505]

@@ -78,8 +78,13 @@ def test_unplug_whole_slot_in_order() -> None:
     res = run(Orchestrator(be, agent).unplug("mf-disk", with_companions=True, prepare=True, progress=seen.append))
     assert res.outcome is Outcome.UNPLUGGED, res.message
     # check, prepare, check again (only LEASED is new), unplug, confirm, release
-    assert agent.calls == ["get_report", "prepare 0000:02:00.0,0000:02:00.1", "get_report", "get_report",
-                           "release lease-1"]
+    assert agent.calls == [
+        "get_report",
+        "prepare 0000:02:00.0,0000:02:00.1",
+        "get_report",
+        "get_report",
+        "release lease-1",
+    ]
     assert [c for c in be.calls if c.startswith("unplug")] == ["unplug mf-disk"]
     assert all(f.removed and f.guest_gone for f in res.functions)
     assert res.lease_released is True
@@ -174,6 +179,7 @@ def test_missed_event_is_caught_by_the_final_topology_read() -> None:
 
 def test_agent_dies_mid_unplug() -> None:
     """Unreachable once the hypervisor has the request: removed, unconfirmed, the lease left to the kernel."""
+
     def die(fn: Function) -> list[Removal]:
         agent.dead = True
         return slot_of(fn)
@@ -212,8 +218,16 @@ def test_a_use_that_appears_after_the_lease_releases_it_and_refuses() -> None:
 
 
 def test_force_covers_only_what_the_check_showed() -> None:
-    unknown = report(*ROOTS, gfunc("0000:01:00.0", "0000:00/02.0/00.0", "UNKNOWN",
-                                   reasons=[("UNREADABLE", "/proc/42/fd: permission denied", False)]), *MF)
+    unknown = report(
+        *ROOTS,
+        gfunc(
+            "0000:01:00.0",
+            "0000:00/02.0/00.0",
+            "UNKNOWN",
+            reasons=[("UNREADABLE", "/proc/42/fd: permission denied", False)],
+        ),
+        *MF,
+    )
     # Still UNKNOWN after the lease: what --force accepted; the unplug goes ahead.
     be, agent = FakeBackend(topo(), slot_of), FakeAgent(unknown, unknown, AFTER_DISK1)
     res = run(Orchestrator(be, agent).unplug("disk1", prepare=True, force=True))
@@ -227,8 +241,7 @@ def test_force_covers_only_what_the_check_showed() -> None:
 
 def test_the_lease_outlasts_the_wait() -> None:
     be, agent = FakeBackend(topo(), slot_of), FakeAgent(BEFORE, BEFORE, AFTER_DISK1)
-    res = run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True,
-                                                                                   timeout=600))
+    res = run(Orchestrator(be, agent, agent_timeout=1, confirm_timeout=10).unplug("disk1", prepare=True, timeout=600))
     assert agent.lease_seconds >= 600 + 10 + 2
     assert not any("granted the lease for" in n for n in res.notes)
     # An agent that grants less (its max_lease_seconds) is said to, up front.

@@ -87,13 +87,20 @@ def test_rtnetlink_link_keeps_any_interface_name(ifindex: int, name: bytes) -> N
 
 
 @BOUNDED
-@given(rows=st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 0xFFFF), st.integers(1, 11),
-                               st.integers(0, 2**40)), min_size=1, max_size=5))
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 0xFFFF), st.integers(1, 11), st.integers(0, 2**40)),
+        min_size=1,
+        max_size=5,
+    )
+)
 def test_proc_net_reads_every_well_formed_line(rows: list[tuple[int, int, int, int]]) -> None:
     lines = ["  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode"]
     for n, (ip, port, state, inode) in enumerate(rows):
-        lines.append(f"{n:4d}: {ip:08X}:{port:04X} 00000000:0000 {state:02X} 00000000:00000000 "
-                     f"00:00000000 00000000     0        0 {inode} 1 0000000000000000 20 4 30 10 -1")
+        lines.append(
+            f"{n:4d}: {ip:08X}:{port:04X} 00000000:0000 {state:02X} 00000000:00000000 "
+            f"00:00000000 00000000     0        0 {inode} 1 0000000000000000 20 4 30 10 -1"
+        )
     problems: list[object] = []
     found = net.parse_proc_net("\n".join(lines) + "\n", "tcp", problems)  # type: ignore[arg-type]
     assert problems == []
@@ -101,11 +108,17 @@ def test_proc_net_reads_every_well_formed_line(rows: list[tuple[int, int, int, i
 
 
 @BOUNDED
-@given(pairs=st.dictionaries(st.text(st.characters(exclude_characters="=\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
-                                     min_size=1, max_size=10).map(str.strip).filter(bool),
-                             st.text(st.characters(exclude_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
-                                     max_size=20).map(str.strip),
-                             max_size=6))
+@given(
+    pairs=st.dictionaries(
+        st.text(st.characters(exclude_characters="=\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), min_size=1, max_size=10)
+        .map(str.strip)
+        .filter(bool),
+        st.text(st.characters(exclude_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), max_size=20).map(
+            str.strip
+        ),
+        max_size=6,
+    )
+)
 def test_uevent_round_trips(pairs: dict[str, str]) -> None:
     assert parse_uevent("".join(f"{k}={v}\n" for k, v in pairs.items())) == pairs
 
@@ -117,10 +130,16 @@ def test_devno_round_trips(major: int, minor: int) -> None:
 
 
 @BOUNDED
-@given(domain=st.integers(0, 0xFFFF), bus=st.integers(0, 0xFF), slot=st.integers(0, 0x1F), fn=st.integers(0, 7),
-       hops=st.lists(st.tuples(st.integers(0, 0x1F), st.integers(0, 7)), min_size=1, max_size=4))
-def test_pci_address_and_path_round_trip(domain: int, bus: int, slot: int, fn: int,
-                                         hops: list[tuple[int, int]]) -> None:
+@given(
+    domain=st.integers(0, 0xFFFF),
+    bus=st.integers(0, 0xFF),
+    slot=st.integers(0, 0x1F),
+    fn=st.integers(0, 7),
+    hops=st.lists(st.tuples(st.integers(0, 0x1F), st.integers(0, 7)), min_size=1, max_size=4),
+)
+def test_pci_address_and_path_round_trip(
+    domain: int, bus: int, slot: int, fn: int, hops: list[tuple[int, int]]
+) -> None:
     addr = PciAddress(domain, bus, slot, fn)
     assert PciAddress.parse(str(addr)) == addr
     p = PciPath(domain, bus, tuple(hops))
@@ -157,9 +176,12 @@ entry_name = component.filter(lambda b: b not in (b".", b"..")).map(text_of)
 
 
 @BOUNDED
-@given(files=st.dictionaries(st.lists(entry_name, min_size=1, max_size=3).map("/".join),
-                             st.binary(max_size=64), min_size=1, max_size=6),
-       link=st.binary(min_size=1, max_size=32).filter(lambda b: b"\0" not in b).map(text_of))
+@given(
+    files=st.dictionaries(
+        st.lists(entry_name, min_size=1, max_size=3).map("/".join), st.binary(max_size=64), min_size=1, max_size=6
+    ),
+    link=st.binary(min_size=1, max_size=32).filter(lambda b: b"\0" not in b).map(text_of),
+)
 def test_treetext_round_trips_any_name_and_content(files: dict[str, bytes], link: str) -> None:
     names = sorted(files)
     # a file cannot also be a directory of another entry

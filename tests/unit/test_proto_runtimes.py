@@ -30,7 +30,10 @@ print(json.dumps({"protobuf": google.protobuf.__version__, "grpc": grpc.__versio
 
 def _run(python: str) -> dict[str, object]:
     out = subprocess.run(
-        [python, "-c", ROUNDTRIP], check=True, capture_output=True, text=True,
+        [python, "-c", ROUNDTRIP],
+        check=True,
+        capture_output=True,
+        text=True,
         env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"},
     )
     return json.loads(out.stdout)  # type: ignore[no-any-return]

@@ -57,8 +57,22 @@ _T = TypeVar("_T")
 
 
 def test_hook_names_run_in_byte_order_and_skip_leftovers() -> None:
-    names = ["20-b", "10-a", "10-a~", ".hidden", "10-a.dpkg-old", "10-a.dpkg-dist", "30-c.disabled", "B", "a",
-             "40 space", "50-x.rpmnew", "-dash", "60.py", "\udcff"]
+    names = [
+        "20-b",
+        "10-a",
+        "10-a~",
+        ".hidden",
+        "10-a.dpkg-old",
+        "10-a.dpkg-dist",
+        "30-c.disabled",
+        "B",
+        "a",
+        "40 space",
+        "50-x.rpmnew",
+        "-dash",
+        "60.py",
+        "\udcff",
+    ]
     assert hook_names(names) == ["10-a", "20-b", "60.py", "B", "a"]
 
 
@@ -90,8 +104,14 @@ def test_unsafe(st: os.stat_result, directory: bool, why: str) -> None:
 
 @pytest.mark.parametrize(
     ("state", "had", "want"),
-    [("READY", True, Outcome.RELEASED), ("READY", False, Outcome.RELEASED), ("BUSY", True, Outcome.STILL_BUSY),
-     ("UNKNOWN", True, Outcome.STILL_BUSY), ("BUSY", False, Outcome.NO_HOOK), ("", False, Outcome.NO_HOOK)],
+    [
+        ("READY", True, Outcome.RELEASED),
+        ("READY", False, Outcome.RELEASED),
+        ("BUSY", True, Outcome.STILL_BUSY),
+        ("UNKNOWN", True, Outcome.STILL_BUSY),
+        ("BUSY", False, Outcome.NO_HOOK),
+        ("", False, Outcome.NO_HOOK),
+    ],
 )
 def test_outcome(state: str, had: bool, want: Outcome) -> None:
     assert outcome(state, had_hooks=had) is want
@@ -102,12 +122,19 @@ HOSTILE = "/srv/a b\n\\\udcff\u202e"
 
 def _engine_inventory() -> tuple[FakeEngine, object]:
     engine = FakeEngine()
-    inv = replace(engine.inventory, mounts=(
-        Mount(1, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),
-        Mount(2, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),  # same point, same namespace
-        Mount(3, 0, (254, 17), "/", "/data", "ext4", "/dev/vdb1", "rw", 22, 812),
-    ), interfaces={"eth1": NetInterface("eth1", 3, True, "up", True, master="bond0", uppers=("bond0",),
-                                        addresses=(Address(2, "10.0.0.2", 24),))})
+    inv = replace(
+        engine.inventory,
+        mounts=(
+            Mount(1, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),
+            Mount(2, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),  # same point, same namespace
+            Mount(3, 0, (254, 17), "/", "/data", "ext4", "/dev/vdb1", "rw", 22, 812),
+        ),
+        interfaces={
+            "eth1": NetInterface(
+                "eth1", 3, True, "up", True, master="bond0", uppers=("bond0",), addresses=(Address(2, "10.0.0.2", 24),)
+            )
+        },
+    )
     return engine, inv
 
 
@@ -125,8 +152,13 @@ def test_holding_names_the_stack_its_mounts_interfaces_and_reasons() -> None:
 
 
 def test_environment_and_json_carry_hostile_names_safely() -> None:
-    h = FunctionHolding("0000:00:06.0", "0000:00/06.0", "BUSY", ("vdb", "vdb1"),
-                        (MountHeld("vdb1", HOSTILE, "ext4", 1), MountHeld("vdb1", "/data", "ext4", 1)))
+    h = FunctionHolding(
+        "0000:00:06.0",
+        "0000:00/06.0",
+        "BUSY",
+        ("vdb", "vdb1"),
+        (MountHeld("vdb1", HOSTILE, "ext4", 1), MountHeld("vdb1", "/data", "ext4", 1)),
+    )
     env = hook_environment(h, timeout=30)
     assert env["UNPLUGD_MOUNT_POINTS"].split("\n") == ["/srv/a b\\012\\134\\377\u202e", "/data"]
     assert env["UNPLUGD_BLOCK_DEVICES"] == "vdb\nvdb1"
@@ -139,10 +171,12 @@ def test_environment_and_json_carry_hostile_names_safely() -> None:
 
 def test_wait_ready_stops_when_every_wanted_function_is_ready() -> None:
     busy, ready = FunctionState("BUSY"), FunctionState("READY")
-    stream: list[Mapping[str, FunctionState] | None] = [{"a": busy, "b": busy, "c": busy},
-                                                        {"a": ready, "b": busy, "c": busy},
-                                                        {"a": ready, "b": ready, "c": busy},
-                                                        {"a": busy, "b": busy, "c": busy}]
+    stream: list[Mapping[str, FunctionState] | None] = [
+        {"a": busy, "b": busy, "c": busy},
+        {"a": ready, "b": busy, "c": busy},
+        {"a": ready, "b": ready, "c": busy},
+        {"a": busy, "b": busy, "c": busy},
+    ]
     asked: list[float] = []
 
     def next_states(timeout: float) -> Mapping[str, FunctionState] | None:
@@ -168,8 +202,9 @@ def test_wait_ready_ends_at_the_deadline_and_takes_one_report_even_past_it() -> 
     assert wait_ready(lambda t: {"a": FunctionState("BUSY")}, {"a"}, [], deadline=5.0) == {"a": FunctionState("BUSY")}
 
 
-@pytest.mark.parametrize(("asked", "got"), [(0.0, 600.0), (float("nan"), 600.0), (-1.0, 600.0), (30.0, 30.0),
-                                            (601.0, 600.0)])
+@pytest.mark.parametrize(
+    ("asked", "got"), [(0.0, 600.0), (float("nan"), 600.0), (-1.0, 600.0), (30.0, 30.0), (601.0, 600.0)]
+)
 def test_the_deadline_is_capped_by_the_config(asked: float, got: float) -> None:
     releaser = Releaser(FakeEngine(), Roots.under("/nonexistent"), None, ReleaseConfig())  # type: ignore[arg-type]
     assert releaser.deadline_seconds(asked) == got
@@ -180,8 +215,12 @@ def test_the_deadline_is_capped_by_the_config(asked: float, got: float) -> None:
 
 def _response() -> pb.RequestReleaseResponse:
     resp = pb.RequestReleaseResponse()
-    f = resp.functions.add(address="0000:01:00.0", pci_path="0000:00/02.0/00.0",
-                           outcome=pb.RELEASE_OUTCOME_STILL_BUSY, state=report_pb2.FUNCTION_STATE_BUSY)
+    f = resp.functions.add(
+        address="0000:01:00.0",
+        pci_path="0000:00/02.0/00.0",
+        outcome=pb.RELEASE_OUTCOME_STILL_BUSY,
+        state=report_pb2.FUNCTION_STATE_BUSY,
+    )
     f.reasons.add(code=report_pb2.REASON_CODE_MOUNTED, detail="vdb1 is mounted on /data", blocking=True)
     f.hooks.add(name="10-fail", status=pb.HOOK_STATUS_EXITED, exit_code=1, stderr="a\nb\n", seconds=0.25)
     f.hooks.add(name="20-hang", status=pb.HOOK_STATUS_TIMED_OUT, signal=9, seconds=5.0, detail="still running")
@@ -213,8 +252,12 @@ def _result(**kw: object) -> ReleaseResult:
     ("result", "code"),
     [
         (_result(functions=(FunctionRelease("a", "p", "RELEASED", "READY"),)), Exit.OK),
-        (_result(functions=(FunctionRelease("a", "p", "RELEASED", "READY"),
-                            FunctionRelease("b", "p", "NO_HOOK", "BUSY"))), Exit.BLOCKED_BY_GUEST),
+        (
+            _result(
+                functions=(FunctionRelease("a", "p", "RELEASED", "READY"), FunctionRelease("b", "p", "NO_HOOK", "BUSY"))
+            ),
+            Exit.BLOCKED_BY_GUEST,
+        ),
         (_result(functions=(FunctionRelease("a", "p", "STILL_BUSY", "BUSY"),)), Exit.BLOCKED_BY_GUEST),
         (_result(), Exit.BLOCKED_BY_GUEST),  # nothing released is not released
         (_result(error="RequestRelease refused", disabled=True), Exit.RELEASE_DISABLED),
@@ -230,8 +273,9 @@ class ReleasingAgent(FakeAgent):
         super().__init__(*reports)
         self.answer = answer
 
-    async def request_release(self, devices: Sequence[str], deadline_seconds: float, *,
-                              timeout: float | None = None) -> pb.RequestReleaseResponse:
+    async def request_release(
+        self, devices: Sequence[str], deadline_seconds: float, *, timeout: float | None = None
+    ) -> pb.RequestReleaseResponse:
         self._check(f"request_release {','.join(devices)} {deadline_seconds:g}")
         if isinstance(self.answer, Exception):
             raise self.answer
@@ -244,8 +288,12 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def test_unplug_release_unplugs_with_a_lease_once_released() -> None:
     released = pb.RequestReleaseResponse()
-    released.functions.add(address="0000:01:00.0", pci_path="0000:00/02.0/00.0",
-                           outcome=pb.RELEASE_OUTCOME_RELEASED, state=report_pb2.FUNCTION_STATE_READY)
+    released.functions.add(
+        address="0000:01:00.0",
+        pci_path="0000:00/02.0/00.0",
+        outcome=pb.RELEASE_OUTCOME_RELEASED,
+        state=report_pb2.FUNCTION_STATE_READY,
+    )
     ready = AFTER_DISK1.__class__()
     ready.CopyFrom(BUSY_DISK1)
     ready.functions[2].CopyFrom(gfunc("0000:01:00.0", "0000:00/02.0/00.0", blocks=("vdb",)))
@@ -270,11 +318,13 @@ def test_unplug_release_unplugs_nothing_unless_released(answer: object) -> None:
     assert unplug is None and not rel.released
     assert not [c for c in be.calls if c.startswith("unplug")]
     assert not [c for c in agent.calls if c.startswith("prepare")]
-    assert release_exit(rel) == (Exit.RELEASE_DISABLED if isinstance(answer, AgentCallFailed) else
-                                 Exit.BLOCKED_BY_GUEST)
+    assert release_exit(rel) == (
+        Exit.RELEASE_DISABLED if isinstance(answer, AgentCallFailed) else Exit.BLOCKED_BY_GUEST
+    )
 
 
 def test_hook_outcome_summary() -> None:
     assert HookOutcome("x", "EXITED", 0, seconds=1.0).summary() == "exit 0 after 1.0 s"
     assert HookOutcome("x", "SKIPPED", detail="the call's deadline had passed").summary() == (
-        "skipped: the call's deadline had passed")
+        "skipped: the call's deadline had passed"
+    )

@@ -139,8 +139,9 @@ def test_every_read_is_bounded(tree: Path, capsys: pytest.CaptureFixture[str], m
     assert any("swaps" in o and "larger than 65536 bytes" in d for o, d in _problems(report).items())
 
 
-def test_a_text_archive_is_bounded(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_text_archive_is_bounded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(treetext, "MAX_ARCHIVE_BYTES", 1024)
     assert cli.main(["inspect", "--root", str(SCENARIOS / "multifunction8.tree")]) == cli.EXIT_FAILURE
     assert "larger than 1024 bytes" in capsys.readouterr().err
@@ -185,8 +186,9 @@ def test_capture_of_a_tree_copies_nothing_from_outside_it(tree: Path, tmp_path: 
     assert "loop" not in copied.split("file proc/")[0]  # this machine's loop devices are not the tree's
 
 
-def test_a_root_spelled_with_dots_reads_the_same(tree: Path, capsys: pytest.CaptureFixture[str],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_root_spelled_with_dots_reads_the_same(
+    tree: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Collectors normalise some paths ("a/../tree/sys/..." -> "tree/sys/..."): still inside the tree."""
     (tree.parent / "a").mkdir()
     monkeypatch.chdir(tree.parent)

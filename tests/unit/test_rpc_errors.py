@@ -23,20 +23,23 @@ from unplugd.agent.errors import (
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY, status_for
 
 
-@pytest.mark.parametrize(("exc", "code"), [
-    (UnknownDevice("vdz"), grpc.StatusCode.NOT_FOUND),
-    (LeaseNotFound(), grpc.StatusCode.NOT_FOUND),
-    (MutationDisabled("PrepareUnplug"), grpc.StatusCode.PERMISSION_DENIED),
-    (ClaimConflict("cannot prepare", ["vdb: busy"]), grpc.StatusCode.FAILED_PRECONDITION),
-    (InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),
-    (ValueError("not a PCI address"), grpc.StatusCode.INVALID_ARGUMENT),
-    (ReadError("/sys/x", "I/O error"), grpc.StatusCode.UNAVAILABLE),
-    (Vanished("/proc/1", "gone"), grpc.StatusCode.UNAVAILABLE),
-    (NotPermitted("/proc/1/fd", "denied"), grpc.StatusCode.UNAVAILABLE),
-    (ParseError("mountinfo", "short line"), grpc.StatusCode.UNAVAILABLE),
-    (RuntimeError("bug"), grpc.StatusCode.INTERNAL),
-    (AttributeError("bug"), grpc.StatusCode.INTERNAL),
-])
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (UnknownDevice("vdz"), grpc.StatusCode.NOT_FOUND),
+        (LeaseNotFound(), grpc.StatusCode.NOT_FOUND),
+        (MutationDisabled("PrepareUnplug"), grpc.StatusCode.PERMISSION_DENIED),
+        (ClaimConflict("cannot prepare", ["vdb: busy"]), grpc.StatusCode.FAILED_PRECONDITION),
+        (InvalidArgument("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ValueError("not a PCI address"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ReadError("/sys/x", "I/O error"), grpc.StatusCode.UNAVAILABLE),
+        (Vanished("/proc/1", "gone"), grpc.StatusCode.UNAVAILABLE),
+        (NotPermitted("/proc/1/fd", "denied"), grpc.StatusCode.UNAVAILABLE),
+        (ParseError("mountinfo", "short line"), grpc.StatusCode.UNAVAILABLE),
+        (RuntimeError("bug"), grpc.StatusCode.INTERNAL),
+        (AttributeError("bug"), grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_mapping(exc: Exception, code: grpc.StatusCode) -> None:
     assert status_for(exc).code == code
 
@@ -63,9 +66,15 @@ _MALFORMED = b"\x0a\x7f\x01"  # field 1 claims 127 bytes and has 1
 
 
 @pytest.mark.parametrize("payload", [_BAD_UTF8, _MALFORMED], ids=["invalid-utf8", "malformed"])
-@pytest.mark.parametrize(("method", "streaming"), [
-    ("GetReport", False), ("WatchReport", True), ("ReleaseUnplug", False), ("PrepareUnplug", False),
-])
+@pytest.mark.parametrize(
+    ("method", "streaming"),
+    [
+        ("GetReport", False),
+        ("WatchReport", True),
+        ("ReleaseUnplug", False),
+        ("PrepareUnplug", False),
+    ],
+)
 def test_undecodable_request_is_invalid_argument_with_one_log_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str, streaming: bool, payload: bytes
 ) -> None:

@@ -22,9 +22,12 @@ def _record(msg: str, level: int = logging.INFO, **extra: object) -> logging.Log
 
 def test_logfmt_quotes_and_extra_fields() -> None:
     line = LogfmtFormatter(with_time=False).format(
-        _record("lease prepared", lease="ab12", functions="0000:00:06.0,0000:00:07.0", note='say "hi"\nthere'))
-    assert line == ('level=info logger=unplugd.agent.mutations.leases msg="lease prepared" lease=ab12 '
-                    'functions=0000:00:06.0,0000:00:07.0 note="say \\"hi\\"\\012there"')
+        _record("lease prepared", lease="ab12", functions="0000:00:06.0,0000:00:07.0", note='say "hi"\nthere')
+    )
+    assert line == (
+        'level=info logger=unplugd.agent.mutations.leases msg="lease prepared" lease=ab12 '
+        'functions=0000:00:06.0,0000:00:07.0 note="say \\"hi\\"\\012there"'
+    )
 
 
 def test_logfmt_priority_prefix_for_journald_stderr() -> None:
@@ -37,7 +40,7 @@ def test_logfmt_priority_prefix_for_journald_stderr() -> None:
 def test_journal_native_encoding() -> None:
     data = JournalSocketHandler.encode([("MESSAGE", "one line"), ("EXCEPTION", "two\nlines")])
     assert data.startswith(b"MESSAGE=one line\nEXCEPTION\n")
-    assert data[len(b"MESSAGE=one line\nEXCEPTION\n"):][:8] == struct.pack("<Q", 9)
+    assert data[len(b"MESSAGE=one line\nEXCEPTION\n") :][:8] == struct.pack("<Q", 9)
     assert data.endswith(b"two\nlines\n")
     assert JournalSocketHandler.field_name("lease") == "LEASE"
     assert JournalSocketHandler.field_name("mount-point") == "MOUNT_POINT"

@@ -22,8 +22,12 @@ from unplugd.agent.rpc.reflection import V1, V1ALPHA, ReflectionIndex, file_symb
 from unplugd.v1 import agent_service_pb2, report_pb2
 
 AGENT = "unplugd.v1.AgentService"
-ALL_SERVICES = {AGENT, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                "grpc.reflection.v1.ServerReflection"}
+ALL_SERVICES = {
+    AGENT,
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+}
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
 
 
@@ -33,13 +37,14 @@ def _message_class(desc: Any) -> Any:
 
 def _official(channel: grpc.Channel, **request: Any) -> Any:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    return next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]),
-                                               timeout=10)))
+    return next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(**request)]), timeout=10)))
 
 
 def _file_names(response: Any) -> list[str]:
-    return [descriptor_pb2.FileDescriptorProto.FromString(raw).name
-            for raw in response.file_descriptor_response.file_descriptor_proto]
+    return [
+        descriptor_pb2.FileDescriptorProto.FromString(raw).name
+        for raw in response.file_descriptor_response.file_descriptor_proto
+    ]
 
 
 @pytest.fixture
@@ -49,6 +54,7 @@ def channel(tmp_path: Path) -> Iterator[grpc.Channel]:
 
 
 # --- the pure part -------------------------------------------------------------------------------
+
 
 def _sample_file() -> descriptor_pb2.FileDescriptorProto:
     f = descriptor_pb2.FileDescriptorProto(name="s.proto", package="p.q")
@@ -62,12 +68,41 @@ def _sample_file() -> descriptor_pb2.FileDescriptorProto:
     return f
 
 
-@pytest.mark.parametrize(("package", "expected"), [
-    ("p.q", {"p.q.Outer", "p.q.Outer.x", "p.q.Outer.choice", "p.q.Outer.Inner", "p.q.Outer.Inner.Mode",
-             "p.q.Outer.Inner.MODE_A", "p.q.Top", "p.q.TOP_UNSPECIFIED", "p.q.Svc", "p.q.Svc.Call"}),
-    ("", {"Outer", "Outer.x", "Outer.choice", "Outer.Inner", "Outer.Inner.Mode", "Outer.Inner.MODE_A",
-          "Top", "TOP_UNSPECIFIED", "Svc", "Svc.Call"}),
-])
+@pytest.mark.parametrize(
+    ("package", "expected"),
+    [
+        (
+            "p.q",
+            {
+                "p.q.Outer",
+                "p.q.Outer.x",
+                "p.q.Outer.choice",
+                "p.q.Outer.Inner",
+                "p.q.Outer.Inner.Mode",
+                "p.q.Outer.Inner.MODE_A",
+                "p.q.Top",
+                "p.q.TOP_UNSPECIFIED",
+                "p.q.Svc",
+                "p.q.Svc.Call",
+            },
+        ),
+        (
+            "",
+            {
+                "Outer",
+                "Outer.x",
+                "Outer.choice",
+                "Outer.Inner",
+                "Outer.Inner.Mode",
+                "Outer.Inner.MODE_A",
+                "Top",
+                "TOP_UNSPECIFIED",
+                "Svc",
+                "Svc.Call",
+            },
+        ),
+    ],
+)
 def test_file_symbols_names_everything_a_file_declares(package: str, expected: set[str]) -> None:
     f = _sample_file()
     f.package = package
@@ -84,12 +119,15 @@ def test_index_returns_the_file_first_then_each_dependency_once() -> None:
     report_files = index.files_by_name("unplugd/v1/report.proto")
     assert report_files is not None
     assert [descriptor_pb2.FileDescriptorProto.FromString(raw).name for raw in report_files] == [
-        "unplugd/v1/report.proto", "google/protobuf/timestamp.proto"]
+        "unplugd/v1/report.proto",
+        "google/protobuf/timestamp.proto",
+    ]
     # JSON clients (grpcurl) print json_name: the served files carry protobuf's own names.
     served = descriptor_pb2.FileDescriptorProto.FromString(report_files[0])
     report = next(m for m in served.message_type if m.name == "Report")
     assert {f.name: f.json_name for f in report.field} == {
-        f.name: f.json_name for f in report_pb2.Report.DESCRIPTOR.fields}
+        f.name: f.json_name for f in report_pb2.Report.DESCRIPTOR.fields
+    }
     assert {f.json_name for f in report.field} >= {"generatedAt", "agentVersion", "fromCapture"}
     assert index.files_by_name("no/such.proto") is None
     assert index.files_containing_symbol("unplugd.v1") is None  # a package is no symbol
@@ -98,6 +136,7 @@ def test_index_returns_the_file_first_then_each_dependency_once() -> None:
 
 
 # --- the official client against the in-process server -------------------------------------------
+
 
 def test_official_client_lists_services(channel: grpc.Channel) -> None:
     assert set(ProtoReflectionDescriptorDatabase(channel).get_services()) == ALL_SERVICES
@@ -125,8 +164,11 @@ def test_report_decoded_with_reflected_descriptors_only(channel: grpc.Channel) -
     assert "functions" in report_desc.fields_by_name
     method = pool.FindMethodByName(f"{AGENT}.GetReport")
     request_cls, response_cls = _message_class(method.input_type), _message_class(method.output_type)
-    call = channel.unary_unary(f"/{AGENT}/GetReport", request_serializer=request_cls.SerializeToString,
-                               response_deserializer=response_cls.FromString)
+    call = channel.unary_unary(
+        f"/{AGENT}/GetReport",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
     response = call(request_cls(devices=[str(NIC_FN)]), timeout=10)
     assert type(response) is not agent_service_pb2.GetReportResponse
     report = response.report
@@ -134,8 +176,13 @@ def test_report_decoded_with_reflected_descriptors_only(channel: grpc.Channel) -
     assert report.hostname == "fake"
     assert [f.address for f in report.functions] == [str(NIC_FN)]
     state = report.functions[0].state
-    assert report_desc.fields_by_name["functions"].message_type.fields_by_name["state"] \
-        .enum_type.values_by_number[state].name == "FUNCTION_STATE_BUSY"
+    assert (
+        report_desc.fields_by_name["functions"]
+        .message_type.fields_by_name["state"]
+        .enum_type.values_by_number[state]
+        .name
+        == "FUNCTION_STATE_BUSY"
+    )
     everything = call(request_cls(), timeout=10).report
     assert {f.address for f in everything.functions} == {str(DISK_FN), str(NIC_FN)}
 
@@ -145,8 +192,11 @@ def test_health_described_as_served(channel: grpc.Channel) -> None:
     check = pool.FindMethodByName("grpc.health.v1.Health.Check")
     assert pool.FindMethodByName("grpc.health.v1.Health.Watch").server_streaming
     request_cls, response_cls = _message_class(check.input_type), _message_class(check.output_type)
-    stub = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=request_cls.SerializeToString,
-                               response_deserializer=response_cls.FromString)
+    stub = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
     status = stub(request_cls(service=AGENT), timeout=10).status
     assert check.output_type.fields_by_name["status"].enum_type.values_by_number[status].name == "SERVING"
 
@@ -164,10 +214,16 @@ def test_unknown_names_are_not_found(channel: grpc.Channel) -> None:
     db = ProtoReflectionDescriptorDatabase(channel)
     with pytest.raises(KeyError):
         descriptor_pool.DescriptorPool(db).FindMessageTypeByName("unplugd.v1.NoSuchMessage")
-    for request in ({"file_containing_symbol": "unplugd.v1.NoSuchMessage"}, {"file_by_filename": "etc/shadow"},
-                    {"all_extension_numbers_of_type": "no.Such"},
-                    {"file_containing_extension": reflection_pb2.ExtensionRequest(containing_type="unplugd.v1.Report",
-                                                                                  extension_number=100)}):
+    for request in (
+        {"file_containing_symbol": "unplugd.v1.NoSuchMessage"},
+        {"file_by_filename": "etc/shadow"},
+        {"all_extension_numbers_of_type": "no.Such"},
+        {
+            "file_containing_extension": reflection_pb2.ExtensionRequest(
+                containing_type="unplugd.v1.Report", extension_number=100
+            )
+        },
+    ):
         response = _official(channel, **request)
         assert response.WhichOneof("message_response") == "error_response", request
         assert response.error_response.error_code == NOT_FOUND
@@ -178,8 +234,10 @@ def test_unknown_names_are_not_found(channel: grpc.Channel) -> None:
 
 def test_one_stream_answers_each_request_in_order(channel: grpc.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    requests = [reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)
-                for s in ("unplugd.v1.Report", "nope.Nope", "grpc.health.v1.Health")]
+    requests = [
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=s)
+        for s in ("unplugd.v1.Report", "nope.Nope", "grpc.health.v1.Health")
+    ]
     answers = list(stub.ServerReflectionInfo(iter(requests), timeout=10))
     assert [a.original_request for a in answers] == requests
     assert _file_names(answers[0])[0] == "unplugd/v1/report.proto"
@@ -200,15 +258,19 @@ def test_garbage_requests_leave_reflection_serving(channel: grpc.Channel) -> Non
 
 # --- the real `unplugd serve` under Debian's python3 ---------------------------------------------
 
+
 def _ours(channel: grpc.Channel, api: Any) -> Callable[..., Any]:
-    info = channel.stream_stream(f"/{api.name}/ServerReflectionInfo",
-                                 request_serializer=api.request.SerializeToString,
-                                 response_deserializer=api.response.FromString)
+    info = channel.stream_stream(
+        f"/{api.name}/ServerReflectionInfo",
+        request_serializer=api.request.SerializeToString,
+        response_deserializer=api.response.FromString,
+    )
     return lambda **request: next(iter(info(iter([api.request(**request)]), timeout=10)))
 
 
-@pytest.mark.parametrize("agent_process", [pytest.param(("/usr/bin/python3", "unplugd.agent.cli"), id="debian-cli")],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "agent_process", [pytest.param(("/usr/bin/python3", "unplugd.agent.cli"), id="debian-cli")], indirect=True
+)
 def test_reflection_under_debian_python(agent_process: tuple[subprocess.Popen[str], Path]) -> None:  # noqa: F811
     _, sock = agent_process
     with grpc.insecure_channel(f"unix:{sock}") as ch:
@@ -216,14 +278,20 @@ def test_reflection_under_debian_python(agent_process: tuple[subprocess.Popen[st
             ask = _ours(ch, api)
             assert {s.name for s in ask(list_services="*").list_services_response.service} == ALL_SERVICES
             assert _file_names(ask(file_containing_symbol=f"{AGENT}.GetReport")) == [
-                "unplugd/v1/agent_service.proto", "google/protobuf/timestamp.proto", "unplugd/v1/report.proto"]
+                "unplugd/v1/agent_service.proto",
+                "google/protobuf/timestamp.proto",
+                "unplugd/v1/report.proto",
+            ]
             assert ask(file_containing_symbol="no.Such").error_response.error_code == NOT_FOUND
         # and the official client, decoding a response from reflected descriptors alone
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(ch))
         method = pool.FindMethodByName(f"{AGENT}.GetAgentInfo")
         request_cls, response_cls = _message_class(method.input_type), _message_class(method.output_type)
-        info = ch.unary_unary(f"/{AGENT}/GetAgentInfo", request_serializer=request_cls.SerializeToString,
-                              response_deserializer=response_cls.FromString)(request_cls(), timeout=10)
+        info = ch.unary_unary(
+            f"/{AGENT}/GetAgentInfo",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )(request_cls(), timeout=10)
         assert info.version and not info.mutating_enabled
         health_check = pool.FindMethodByName("grpc.health.v1.Health.Check")
         assert health_check.input_type.fields_by_name["service"].number == 1

@@ -26,14 +26,18 @@ from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc
 
 # (python, entry module): `unplugd serve` through the CLI, and the serve module on its own.
-PYTHONS = [pytest.param((sys.executable, "unplugd.agent.serve"), id="venv"),
-           pytest.param(("/usr/bin/python3", "unplugd.agent.cli"), id="debian-cli")]
+PYTHONS = [
+    pytest.param((sys.executable, "unplugd.agent.serve"), id="venv"),
+    pytest.param(("/usr/bin/python3", "unplugd.agent.cli"), id="debian-cli"),
+]
 
 
 def _health_check(channel: grpc.Channel, service: str = "") -> int:
-    check = channel.unary_unary("/grpc.health.v1.Health/Check",
-                                request_serializer=health.HealthCheckRequest.SerializeToString,
-                                response_deserializer=health.HealthCheckResponse.FromString)
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health.HealthCheckRequest.SerializeToString,
+        response_deserializer=health.HealthCheckResponse.FromString,
+    )
     return int(check(health.HealthCheckRequest(service=service), timeout=5).status)
 
 
@@ -49,9 +53,23 @@ def agent_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
     (tmp_path / "tree").mkdir()
     env = {"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(
-        [python, "-m", entry, "serve", "--socket", str(sock), "--root", str(tmp_path / "tree"),
-         "--log-format", "text", "--config", str(REPO / "packaging" / "config.toml")],
-        env=env, stderr=subprocess.PIPE, text=True,
+        [
+            python,
+            "-m",
+            entry,
+            "serve",
+            "--socket",
+            str(sock),
+            "--root",
+            str(tmp_path / "tree"),
+            "--log-format",
+            "text",
+            "--config",
+            str(REPO / "packaging" / "config.toml"),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30
@@ -116,9 +134,11 @@ def test_health_unknown_service_and_watch(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             _health_check(channel, "no.such.Service")
         assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
-        watch = channel.unary_stream("/grpc.health.v1.Health/Watch",
-                                     request_serializer=health.HealthCheckRequest.SerializeToString,
-                                     response_deserializer=health.HealthCheckResponse.FromString)
+        watch = channel.unary_stream(
+            "/grpc.health.v1.Health/Watch",
+            request_serializer=health.HealthCheckRequest.SerializeToString,
+            response_deserializer=health.HealthCheckResponse.FromString,
+        )
         stream = watch(health.HealthCheckRequest(service=""), timeout=10)
         assert next(stream).status == health.SERVING
         server.stop(grace=0.2)  # shutting down: watchers hear NOT_SERVING

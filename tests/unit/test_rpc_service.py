@@ -92,10 +92,13 @@ def no_file_access() -> Iterator[list[str]]:
         armed[0] = False
 
 
-@pytest.mark.parametrize("name", ["../../etc/shadow", "/dev/../x", "/etc/shadow", "nonexistent-x", "0000:00:1f.7",
-                                  "zz:zz:zz.z", "vdb/../../shadow"])
-def test_unknown_names_are_not_found_without_touching_files(tmp_path: Path, name: str,
-                                                            no_file_access: list[str]) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["../../etc/shadow", "/dev/../x", "/etc/shadow", "nonexistent-x", "0000:00:1f.7", "zz:zz:zz.z", "vdb/../../shadow"],
+)
+def test_unknown_names_are_not_found_without_touching_files(
+    tmp_path: Path, name: str, no_file_access: list[str]
+) -> None:
     with running_server(tmp_path) as (_, stub):
         with pytest.raises(grpc.RpcError) as err:
             stub.GetReport(pb.GetReportRequest(devices=[name]), timeout=5)
@@ -107,21 +110,27 @@ def test_unknown_names_are_not_found_without_touching_files(tmp_path: Path, name
 @pytest.mark.parametrize("names", [[""], ["   "], ["vdb\x00"], ["a\nb"], ["x" * 300], ["vdb"] * 600])
 def test_malformed_names_are_invalid_argument(tmp_path: Path, names: list[str]) -> None:
     with running_server(tmp_path) as (_, stub):
-        for call in (lambda: stub.GetReport(pb.GetReportRequest(devices=names), timeout=5),
-                     lambda: list(stub.WatchReport(pb.WatchReportRequest(devices=names), timeout=5))):
+        for call in (
+            lambda: stub.GetReport(pb.GetReportRequest(devices=names), timeout=5),
+            lambda: list(stub.WatchReport(pb.WatchReportRequest(devices=names), timeout=5)),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert _code(err.value) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-@pytest.mark.parametrize(("exc", "code"), [
-    (NotPermitted("/proc/1/fd", "Permission denied"), grpc.StatusCode.UNAVAILABLE),
-    (ParseError("mountinfo", "truncated"), grpc.StatusCode.UNAVAILABLE),
-    (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
-    (KeyError("x"), grpc.StatusCode.INTERNAL),
-])
-def test_engine_failures_map_to_status_and_server_keeps_serving(tmp_path: Path, exc: Exception,
-                                                                 code: grpc.StatusCode) -> None:
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (NotPermitted("/proc/1/fd", "Permission denied"), grpc.StatusCode.UNAVAILABLE),
+        (ParseError("mountinfo", "truncated"), grpc.StatusCode.UNAVAILABLE),
+        (RuntimeError("boom"), grpc.StatusCode.INTERNAL),
+        (KeyError("x"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_engine_failures_map_to_status_and_server_keeps_serving(
+    tmp_path: Path, exc: Exception, code: grpc.StatusCode
+) -> None:
     engine = FakeEngine()
     with running_server(tmp_path, engine) as (_, stub):
         engine.fail_with = exc
@@ -135,8 +144,10 @@ def test_engine_failures_map_to_status_and_server_keeps_serving(tmp_path: Path, 
 def test_mutations_refused_when_disabled(tmp_path: Path) -> None:
     links = FakeLinks()
     with running_server(tmp_path, links=links) as (server, stub):
-        for call in (lambda: stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"]), timeout=5),
-                     lambda: stub.ReleaseUnplug(pb.ReleaseUnplugRequest(lease_id="x"), timeout=5)):
+        for call in (
+            lambda: stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"]), timeout=5),
+            lambda: stub.ReleaseUnplug(pb.ReleaseUnplugRequest(lease_id="x"), timeout=5),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert _code(err.value) == grpc.StatusCode.PERMISSION_DENIED
@@ -149,8 +160,9 @@ def test_prepare_report_leased_renew_release(tmp_path: Path) -> None:
     engine = FakeEngine()
     links = FakeLinks(up={"eth1"})
     with running_server(tmp_path, engine, mutations=True, links=links) as (server, stub):
-        grant = stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"], lease_seconds=30,
-                                                           take_interfaces_down=True), timeout=5)
+        grant = stub.PrepareUnplug(
+            pb.PrepareUnplugRequest(devices=["eth1"], lease_seconds=30, take_interfaces_down=True), timeout=5
+        )
         assert list(grant.functions) == [str(NIC_FN)]
         assert list(grant.interfaces_down) == ["eth1"] and "eth1" not in links.up
         assert grant.lease_id and grant.expires_at.seconds > 0
@@ -186,8 +198,7 @@ def test_prepare_claim_failure_is_failed_precondition_with_reasons(tmp_path: Pat
         # The server runs on a captured tree: the disk cannot be claimed, so the
         # whole call fails and the NIC named with it is not left down or leased.
         with pytest.raises(grpc.RpcError) as err:
-            stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1", "vdb"], take_interfaces_down=True),
-                               timeout=5)
+            stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1", "vdb"], take_interfaces_down=True), timeout=5)
         assert _code(err.value) == grpc.StatusCode.FAILED_PRECONDITION
         reasons = [v for k, v in err.value.trailing_metadata() if k == REASON_METADATA_KEY]  # type: ignore[attr-defined]
         assert len(reasons) == 1 and reasons[0].startswith("vdb:")
@@ -196,11 +207,14 @@ def test_prepare_claim_failure_is_failed_precondition_with_reasons(tmp_path: Pat
         assert "eth1" in links.up and links.log == []
 
 
-@pytest.mark.parametrize(("request_", "code"), [
-    (pb.PrepareUnplugRequest(), grpc.StatusCode.INVALID_ARGUMENT),
-    (pb.PrepareUnplugRequest(devices=["../../etc/shadow"]), grpc.StatusCode.NOT_FOUND),
-    (pb.PrepareUnplugRequest(devices=["eth1\x00"]), grpc.StatusCode.INVALID_ARGUMENT),
-])
+@pytest.mark.parametrize(
+    ("request_", "code"),
+    [
+        (pb.PrepareUnplugRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.PrepareUnplugRequest(devices=["../../etc/shadow"]), grpc.StatusCode.NOT_FOUND),
+        (pb.PrepareUnplugRequest(devices=["eth1\x00"]), grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_prepare_bad_arguments(tmp_path: Path, request_: pb.PrepareUnplugRequest, code: grpc.StatusCode) -> None:
     with running_server(tmp_path, mutations=True) as (server, stub):
         with pytest.raises(grpc.RpcError) as err:

@@ -43,28 +43,46 @@ def test_ours_live_beside_the_official_packages_not_in_the_default_pool() -> Non
     default = descriptor_pool.Default()
     for name in ("grpc.health.v1.HealthCheckRequest", "grpc.reflection.v1alpha.ServerReflectionRequest"):
         assert default.FindMessageTypeByName(name) is not grpc_std_pb2.MESSAGES[name].DESCRIPTOR
-    assert default.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest") is \
-        official_health.HealthCheckRequest.DESCRIPTOR
+    assert (
+        default.FindMessageTypeByName("grpc.health.v1.HealthCheckRequest")
+        is official_health.HealthCheckRequest.DESCRIPTOR
+    )
 
 
 def _shape(desc: Any) -> object:
     """What the wire and a reflection client see of a message: names, numbers, types, enums, oneofs."""
-    return (desc.full_name,
-            sorted((f.name, f.number, f.type, f.is_repeated,
-                    f.message_type.full_name if f.message_type else "",
-                    f.containing_oneof.name if f.containing_oneof else "") for f in desc.fields),
-            sorted((e.full_name, sorted((v.name, v.number) for v in e.values)) for e in desc.enum_types))
+    return (
+        desc.full_name,
+        sorted(
+            (
+                f.name,
+                f.number,
+                f.type,
+                f.is_repeated,
+                f.message_type.full_name if f.message_type else "",
+                f.containing_oneof.name if f.containing_oneof else "",
+            )
+            for f in desc.fields
+        ),
+        sorted((e.full_name, sorted((v.name, v.number) for v in e.values)) for e in desc.enum_types),
+    )
 
 
 def _methods(svc: Any) -> dict[str, object]:
-    return {m.name: (m.input_type.full_name, m.output_type.full_name, m.client_streaming, m.server_streaming)
-            for m in svc.methods}
+    return {
+        m.name: (m.input_type.full_name, m.output_type.full_name, m.client_streaming, m.server_streaming)
+        for m in svc.methods
+    }
 
 
-@pytest.mark.parametrize(("ours", "official"), [
-    (health.HealthCheckRequest.DESCRIPTOR.file, official_health.DESCRIPTOR),
-    (reflection.V1ALPHA.request.DESCRIPTOR.file, official_reflection.DESCRIPTOR),
-], ids=["health", "reflection-v1alpha"])
+@pytest.mark.parametrize(
+    ("ours", "official"),
+    [
+        (health.HealthCheckRequest.DESCRIPTOR.file, official_health.DESCRIPTOR),
+        (reflection.V1ALPHA.request.DESCRIPTOR.file, official_reflection.DESCRIPTOR),
+    ],
+    ids=["health", "reflection-v1alpha"],
+)
 def test_same_interface_as_the_official_definitions(ours: Any, official: Any) -> None:
     """Everything we declare, the official package declares alike (newer ones add to health: List)."""
     assert ours.package == official.package

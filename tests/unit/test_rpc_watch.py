@@ -48,8 +48,7 @@ def test_watcher_emits_only_on_change_and_within_a_second() -> None:
     box = Box(1)
     seen = Seen()
     event = seen.event
-    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen,
-                                             sources=EventSources.none, debounce=0.05, rescan_seconds=60)
+    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen, sources=EventSources.none, debounce=0.05, rescan_seconds=60)
     w.start()
     try:
         assert w.wait_ready(5) and seen == [1]
@@ -70,8 +69,7 @@ def test_watcher_emits_only_on_change_and_within_a_second() -> None:
 def test_watcher_debounces_bursts() -> None:
     box = Box(0)
     seen = Seen()
-    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen, sources=EventSources.none,
-                                             debounce=0.2, rescan_seconds=60)
+    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen, sources=EventSources.none, debounce=0.2, rescan_seconds=60)
     w.start()
     try:
         assert w.wait_ready(5)
@@ -90,8 +88,7 @@ def test_watcher_rescans_on_its_slow_tick_without_events() -> None:
     box = Box("a")
     seen = Seen()
     event = seen.event
-    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen,
-                                             sources=EventSources.none, debounce=0, rescan_seconds=0.3)
+    w: ChangeWatcher[object] = ChangeWatcher(box.get, seen, sources=EventSources.none, debounce=0, rescan_seconds=0.3)
     w.start()
     try:
         assert w.wait_ready(5)
@@ -115,9 +112,9 @@ def test_watcher_survives_failing_snapshots() -> None:
 
     seen = Seen()
     event = seen.event
-    w: ChangeWatcher[object] = ChangeWatcher(snap, seen,
-                                             sources=EventSources.none, debounce=0, rescan_seconds=60,
-                                             on_error=errors.append)
+    w: ChangeWatcher[object] = ChangeWatcher(
+        snap, seen, sources=EventSources.none, debounce=0, rescan_seconds=60, on_error=errors.append
+    )
     w.start()
     try:
         assert w.wait_ready(5)
@@ -275,10 +272,17 @@ def test_server_stop_ends_watch_streams(tmp_path: Path) -> None:
 # -- event sources ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("mnt:[4026531841]", 4026531841), ("mnt:[]", None), ("mnt:4026531841", None), ("", None),
-    ("mnt:[12a]", None), ("net:[7]", 7),
-])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("mnt:[4026531841]", 4026531841),
+        ("mnt:[]", None),
+        ("mnt:4026531841", None),
+        ("", None),
+        ("mnt:[12a]", None),
+        ("net:[7]", 7),
+    ],
+)
 def test_parse_ns_inode(text: str, want: int | None) -> None:
     assert parse_ns_inode(text) == want
 
@@ -339,12 +343,12 @@ def test_mount_namespaces_hold_at_most_max_files_oldest_first(tmp_path: Path) ->
 
 def test_event_sources_hold_no_more_namespace_fds_than_the_cap() -> None:
     """Live: this machine's namespaces, capped at 1 mountinfo file."""
+
     def fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
     before = fds()
-    sources = EventSources(Roots.live_system(), udev=False, netlink=False, proc_connector=False,
-                           max_namespace_fds=1)
+    sources = EventSources(Roots.live_system(), udev=False, netlink=False, proc_connector=False, max_namespace_fds=1)
     try:
         assert sources.namespaces == 1
         assert fds() - before == 1 + 2  # one mountinfo and the wake pipe

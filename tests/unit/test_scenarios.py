@@ -276,9 +276,7 @@ TOUCHED = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_tree_is_unknown_never_ready(
-    damage: str, mf8: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_damaged_tree_is_unknown_never_ready(damage: str, mf8: Path, capsys: pytest.CaptureFixture[str]) -> None:
     DAMAGE[damage](mf8)
     report = inspect_json(capsys, mf8)
     got = verdicts(report)

@@ -45,9 +45,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 def _health(target: str) -> int:
     with grpc.insecure_channel(target) as ch:
-        check = ch.unary_unary("/grpc.health.v1.Health/Check",
-                               request_serializer=health.HealthCheckRequest.SerializeToString,
-                               response_deserializer=health.HealthCheckResponse.FromString)
+        check = ch.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health.HealthCheckRequest.SerializeToString,
+            response_deserializer=health.HealthCheckResponse.FromString,
+        )
         return int(check(health.HealthCheckRequest(service=""), timeout=5).status)
 
 
@@ -56,19 +58,21 @@ _NO_SERIAL = VirtioSerialConfig(enabled=False)  # on by default; only the test t
 
 def _server(tmp_path: Path, transports: TransportsConfig, **kw: object) -> AgentServer:
     cfg = Config(transports=transports).with_overrides(socket=tmp_path / "run" / "agent.sock")
-    return AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=FakeEngine(),
-                       sources=EventSources.none, **kw)  # type: ignore[arg-type]
+    return AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=FakeEngine(), sources=EventSources.none, **kw)  # type: ignore[arg-type]
 
 
 @needs_openssl
-@pytest.mark.parametrize(("files", "why"), [
-    ({"key": "missing.key"}, "No such file"),
-    ({"cert": "."}, "Is a directory"),
-    ({"cert": "server.key"}, "are not a certificate and its"),  # a key where the certificate goes
-    ({"cert": "junk.pem"}, "are not a certificate and its"),  # PEM armour, no certificate inside
-    ({"key": "other.key"}, "are not a certificate and its"),  # another certificate's key
-    ({"client_ca": "server.key"}, "client_ca: no CA certificate"),
-])
+@pytest.mark.parametrize(
+    ("files", "why"),
+    [
+        ({"key": "missing.key"}, "No such file"),
+        ({"cert": "."}, "Is a directory"),
+        ({"cert": "server.key"}, "are not a certificate and its"),  # a key where the certificate goes
+        ({"cert": "junk.pem"}, "are not a certificate and its"),  # PEM armour, no certificate inside
+        ({"key": "other.key"}, "are not a certificate and its"),  # another certificate's key
+        ({"client_ca": "server.key"}, "client_ca: no CA certificate"),
+    ],
+)
 def test_unusable_tls_files_are_refused(pki: Pki, files: dict[str, str], why: str) -> None:
     paths = {"cert": pki.p("server.pem"), "key": pki.p("server.key"), "client_ca": pki.p("ca.pem")}
     paths.update({k: pki.p(v) for k, v in files.items()})
@@ -78,15 +82,17 @@ def test_unusable_tls_files_are_refused(pki: Pki, files: dict[str, str], why: st
 
 @needs_openssl
 def test_tcp_with_a_mismatched_key_fails_the_start_and_is_never_healthy(pki: Pki, tmp_path: Path) -> None:
-    tcp = TcpConfig(enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("other.key"),
-                    client_ca=pki.p("ca.pem"))
+    tcp = TcpConfig(
+        enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("other.key"), client_ca=pki.p("ca.pem")
+    )
     server = _server(tmp_path, TransportsConfig(tcp=tcp, virtio_serial=_NO_SERIAL))
     with pytest.raises(ServeError, match="TCP with mutual TLS cannot be served"):
         server.start()
     server.stop(grace=0)
     assert not server.socket_path.exists()
-    good = TcpConfig(enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("server.key"),
-                     client_ca=pki.p("ca.pem"))
+    good = TcpConfig(
+        enabled=True, listen="127.0.0.1:0", cert=pki.p("server.pem"), key=pki.p("server.key"), client_ca=pki.p("ca.pem")
+    )
     with _server(tmp_path, TransportsConfig(tcp=good, virtio_serial=_NO_SERIAL)) as ok:
         assert [x.transport for x in ok.listeners()] == ["unix", "tcp-mtls"]
         assert _health(ok.target) == health.SERVING
@@ -104,8 +110,9 @@ def test_vsock_that_cannot_listen_fails_the_start_never_healthy(tmp_path: Path) 
 
         return start_bridges(config, backend, roots=Roots.under(tmp_path / "tree"), vsock_factory=no_vsock)
 
-    server = _server(tmp_path, TransportsConfig(vsock=VsockConfig(enabled=True), virtio_serial=_NO_SERIAL),
-                     bridges=bridges)
+    server = _server(
+        tmp_path, TransportsConfig(vsock=VsockConfig(enabled=True), virtio_serial=_NO_SERIAL), bridges=bridges
+    )
     with pytest.raises(ServeError, match=r"vsock bridge .* cannot start: Address family not supported"):
         server.start()
     server.stop(grace=0)
@@ -119,8 +126,7 @@ def test_virtio_serial_waits_for_its_port_and_starts(tmp_path: Path) -> None:
     def bridges(config: Config, backend: Path) -> BridgeSet:
         return start_bridges(config, backend, roots=Roots.under(tmp_path / "tree"))
 
-    with _server(tmp_path, TransportsConfig(virtio_serial=VirtioSerialConfig(enabled=True)),
-                 bridges=bridges) as server:
+    with _server(tmp_path, TransportsConfig(virtio_serial=VirtioSerialConfig(enabled=True)), bridges=bridges) as server:
         assert "virtio-serial" in [x.transport for x in server.listeners()]
         assert _health(server.target) == health.SERVING
 
@@ -142,9 +148,26 @@ def _serve(tmp_path: Path, config: str, notify: Path) -> subprocess.CompletedPro
     (tmp_path / "tree").mkdir(exist_ok=True)
     env = {"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin", "NOTIFY_SOCKET": str(notify)}
     return subprocess.run(
-        [sys.executable, "-m", "unplugd.agent.cli", "serve", "--socket", str(tmp_path / "run" / "agent.sock"),
-         "--root", str(tmp_path / "tree"), "--log-format", "text", "--config", str(tmp_path / "c.toml")],
-        env=env, capture_output=True, text=True, timeout=60, check=False)
+        [
+            sys.executable,
+            "-m",
+            "unplugd.agent.cli",
+            "serve",
+            "--socket",
+            str(tmp_path / "run" / "agent.sock"),
+            "--root",
+            str(tmp_path / "tree"),
+            "--log-format",
+            "text",
+            "--config",
+            str(tmp_path / "c.toml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def _notified(sock: socket.socket) -> list[str]:
@@ -156,13 +179,17 @@ def _notified(sock: socket.socket) -> list[str]:
             return out
 
 
-@pytest.mark.parametrize(("config", "key"), [
-    ("[mutations]\nmax_lease_seconds = 100000\n", "mutations.max_lease_seconds"),
-    ("[server]\nmax_watchers = 0\n", "server.max_watchers"),
-    ("[watch]\nfd_rescan_seconds = inf\n", "watch.fd_rescan_seconds"),
-])
-def test_serve_exits_with_one_line_naming_the_key(tmp_path: Path, notify_socket: tuple[Path, socket.socket],
-                                                  config: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "key"),
+    [
+        ("[mutations]\nmax_lease_seconds = 100000\n", "mutations.max_lease_seconds"),
+        ("[server]\nmax_watchers = 0\n", "server.max_watchers"),
+        ("[watch]\nfd_rescan_seconds = inf\n", "watch.fd_rescan_seconds"),
+    ],
+)
+def test_serve_exits_with_one_line_naming_the_key(
+    tmp_path: Path, notify_socket: tuple[Path, socket.socket], config: str, key: str
+) -> None:
     path, sock = notify_socket
     done = _serve(tmp_path, config, path)
     assert done.returncode == 2
@@ -173,10 +200,13 @@ def test_serve_exits_with_one_line_naming_the_key(tmp_path: Path, notify_socket:
 
 @needs_openssl
 def test_serve_with_unusable_tls_exits_non_zero_without_ready(
-        pki: Pki, tmp_path: Path, notify_socket: tuple[Path, socket.socket]) -> None:
+    pki: Pki, tmp_path: Path, notify_socket: tuple[Path, socket.socket]
+) -> None:
     path, sock = notify_socket
-    config = (f'[transports.tcp]\nenabled = true\nlisten = "127.0.0.1:0"\ncert = "{pki.p("server.pem")}"\n'
-              f'key = "{pki.p("other.key")}"\nclient_ca = "{pki.p("ca.pem")}"\n')
+    config = (
+        f'[transports.tcp]\nenabled = true\nlisten = "127.0.0.1:0"\ncert = "{pki.p("server.pem")}"\n'
+        f'key = "{pki.p("other.key")}"\nclient_ca = "{pki.p("ca.pem")}"\n'
+    )
     done = _serve(tmp_path, config, path)
     assert done.returncode == 1, done.stderr
     errors = [line for line in done.stderr.splitlines() if "level=error" in line]

@@ -132,7 +132,10 @@ def test_generator_never_fails_on_an_unwritable_dir(tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "UNPLUGD_CONFIG": str(cfg)}
     proc = subprocess.run(
         [str(GENERATOR), str(blocker), str(tmp_path / "e"), str(tmp_path / "l")],
-        capture_output=True, text=True, env=env, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     assert proc.returncode == 0
     assert "unplugd-generator:" in proc.stderr
@@ -195,19 +198,35 @@ def test_the_release_dropin_puts_the_unit_in_the_systems_mount_namespace(tmp_pat
     after = checks(tmp_path / "root")
     changed = {k for k in before if before[k] != after.get(k)}
     assert all(before[k] and not after[k] for k in changed)  # only relaxed, never tightened
-    assert {"PrivateMounts=", "ProtectSystem=", "ProtectHome=", "PrivateTmp=",
-            "CapabilityBoundingSet=~CAP_SYS_ADMIN"} <= changed
+    assert {
+        "PrivateMounts=",
+        "ProtectSystem=",
+        "ProtectHome=",
+        "PrivateTmp=",
+        "CapabilityBoundingSet=~CAP_SYS_ADMIN",
+    } <= changed
     assert not any("AF_" in k or "IPAddress" in k or "Namespaces" in k or "Device" in k for k in changed)
     text = release_dropin(normal).read_text()
-    for line in ("PrivateMounts=no", "ProtectSystem=no", "CapabilityBoundingSet=CAP_SYS_ADMIN",
-                 "SystemCallFilter=@mount", "SecureBits="):
+    for line in (
+        "PrivateMounts=no",
+        "ProtectSystem=no",
+        "CapabilityBoundingSet=CAP_SYS_ADMIN",
+        "SystemCallFilter=@mount",
+        "SecureBits=",
+    ):
         assert f"\n{line}\n" in text
 
 
 @pytest.mark.parametrize(
     "config",
-    [None, (REPO / "packaging" / "config.toml").read_text(), "[release]\nenabled = true\n",
-     "[mutations]\nenabled = true\n", '[mutations]\nenabled = true\n[release]\nenabled = "true"\n', TCP_ON],
+    [
+        None,
+        (REPO / "packaging" / "config.toml").read_text(),
+        "[release]\nenabled = true\n",
+        "[mutations]\nenabled = true\n",
+        '[mutations]\nenabled = true\n[release]\nenabled = "true"\n',
+        TCP_ON,
+    ],
     ids=["absent", "shipped", "release-only", "mutations-only", "string", "tcp"],
 )
 def test_generator_relaxes_nothing_for_release_unless_both_are_enabled(tmp_path: Path, config: str | None) -> None:

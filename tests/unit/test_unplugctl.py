@@ -170,8 +170,13 @@ def test_guest_text_is_escaped_in_every_table(session, capsys) -> None:  # type:
     evil = "\n\x1b[2J\x1b[31mOK\u202e"
     guest = report(
         *ROOTS,
-        gfunc("0000:01:00.0", "0000:00/02.0/00.0", "BUSY", reasons=[("MOUNTED", "vdb1 on /srv" + evil, True)],
-              blocks=("vdb" + evil,)),
+        gfunc(
+            "0000:01:00.0",
+            "0000:00/02.0/00.0",
+            "BUSY",
+            reasons=[("MOUNTED", "vdb1 on /srv" + evil, True)],
+            blocks=("vdb" + evil,),
+        ),
         *MF,
         OFFG,
     )

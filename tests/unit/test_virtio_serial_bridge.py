@@ -37,13 +37,24 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path, *, visible_hangup: bool = True, agent: bool = True,
-              opener: Callable[[FakeVirtioPort], Callable[[], FakePortHandle]] | None = None) -> AsyncIterator[Rig]:
+async def rig(
+    tmp_path: Path,
+    *,
+    visible_hangup: bool = True,
+    agent: bool = True,
+    opener: Callable[[FakeVirtioPort], Callable[[], FakePortHandle]] | None = None,
+) -> AsyncIterator[Rig]:
     agent_sock = tmp_path / "agent.sock"
     server, fake = serve_fake_agent(agent_sock) if agent else (None, FakeAgent())
     port = FakeVirtioPort()
-    bridge = VirtioSerialBridge(opener(port) if opener else port.open, agent_sock, address="fake",
-                                hup_retry=0.05, max_hup_retry=0.2, reopen_delay=0.05)
+    bridge = VirtioSerialBridge(
+        opener(port) if opener else port.open,
+        agent_sock,
+        address="fake",
+        hup_retry=0.05,
+        max_hup_retry=0.2,
+        reopen_delay=0.05,
+    )
     chardev = FakeChardev(port, tmp_path / "chardev.sock", visible_hangup=visible_hangup)
     await chardev.start()
     await bridge.start()
@@ -90,7 +101,10 @@ def test_watch_stream_and_errors_cross_the_bridge(tmp_path: Path) -> None:
             messages = [m async for m in client.watch_report(["0000:00:07.0"])]
             assert messages[0].initial and len(messages) == 4
             assert [m.report.functions[0].state for m in messages[1:]] == [
-                report_pb2.FUNCTION_STATE_BUSY, report_pb2.FUNCTION_STATE_READY, report_pb2.FUNCTION_STATE_BUSY]
+                report_pb2.FUNCTION_STATE_BUSY,
+                report_pb2.FUNCTION_STATE_READY,
+                report_pb2.FUNCTION_STATE_BUSY,
+            ]
             lease = await client.prepare_unplug(["0000:00:07.0"], 30)
             assert (await client.release_unplug(lease.lease_id)).released
 
@@ -107,8 +121,12 @@ def test_garbage_between_frames_does_not_kill_the_session_or_the_bridge(tmp_path
             # unknown session, a frame with a broken checksum.
             broken = bytearray(encode_frame(Frame(FrameKind.DATA, 1234, b"x" * 40)))
             broken[-1] ^= 0xFF
-            junk = (rng.randbytes(3000) + b"\x9fUPD\x01" + encode_frame(Frame(FrameKind.DATA, 999, b"stale"))
-                    + bytes(broken))
+            junk = (
+                rng.randbytes(3000)
+                + b"\x9fUPD\x01"
+                + encode_frame(Frame(FrameKind.DATA, 999, b"stale"))
+                + bytes(broken)
+            )
             r.port.host_socket.send(junk)
             await asyncio.sleep(0.2)
             for i in range(3):
@@ -274,9 +292,14 @@ def test_guest_bridge_on_debian_python3(tmp_path: Path) -> None:
     probe = subprocess.run(["/usr/bin/python3", "-c", "import grpc"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip("no Debian python3-grpcio")
-    guest = subprocess.Popen(["/usr/bin/python3", "-c", GUEST_ON_DEBIAN, str(tmp_path)], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, cwd=REPO,
-                             env={"PYTHONPATH": f"{REPO / '.dev'}:{REPO}", "PATH": "/usr/bin:/bin"})
+    guest = subprocess.Popen(
+        ["/usr/bin/python3", "-c", GUEST_ON_DEBIAN, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={"PYTHONPATH": f"{REPO / '.dev'}:{REPO}", "PATH": "/usr/bin:/bin"},
+    )
     try:
         assert guest.stdout is not None
         line = guest.stdout.readline()

@@ -95,8 +95,9 @@ def test_host_cid_accepted_other_cids_refused(tmp_path: Path, agent_sock: Path) 
 def test_allowed_cids_are_configurable(tmp_path: Path, agent_sock: Path) -> None:
     async def main() -> None:
         vsock_path = tmp_path / "vsock.sock"
-        bridge = VsockBridge(1000, agent_sock, allowed_cids=[3],
-                             listener_factory=lambda port: FakeVsockListener(vsock_path))
+        bridge = VsockBridge(
+            1000, agent_sock, allowed_cids=[3], listener_factory=lambda port: FakeVsockListener(vsock_path)
+        )
         await bridge.start()
         try:
             relay = VsockRelay(3, 1000, dial=dialer(tmp_path, vsock_path, source_cid=3))
@@ -116,8 +117,9 @@ def test_allowed_cids_are_configurable(tmp_path: Path, agent_sock: Path) -> None
 def test_agent_down_closes_the_vsock_connection_not_the_bridge(tmp_path: Path) -> None:
     async def main() -> None:
         vsock_path = tmp_path / "vsock.sock"
-        bridge = VsockBridge(1000, tmp_path / "nothing.sock",
-                             listener_factory=lambda port: FakeVsockListener(vsock_path))
+        bridge = VsockBridge(
+            1000, tmp_path / "nothing.sock", listener_factory=lambda port: FakeVsockListener(vsock_path)
+        )
         await bridge.start()
         try:
             for _ in range(2):
@@ -142,10 +144,10 @@ def test_start_bridges_from_config_in_a_thread(tmp_path: Path, agent_sock: Path)
     (dev / "proc").mkdir()
     from unplugd.agent.roots import Roots
 
-    config = parse_config({"transports": {"vsock": {"enabled": True, "port": 999},
-                                          "virtio_serial": {"enabled": True}}})
-    running = start_bridges(config, agent_sock, roots=Roots.under(dev),
-                            vsock_factory=lambda port: FakeVsockListener(vsock_path))
+    config = parse_config({"transports": {"vsock": {"enabled": True, "port": 999}, "virtio_serial": {"enabled": True}}})
+    running = start_bridges(
+        config, agent_sock, roots=Roots.under(dev), vsock_factory=lambda port: FakeVsockListener(vsock_path)
+    )
     try:
         got = {(x.transport, x.address) for x in running.listeners}
         assert ("virtio-serial", str(dev / "dev/virtio-ports/org.unplugd.agent.0")) in got
@@ -173,8 +175,9 @@ def test_connection_limit(tmp_path: Path, agent_sock: Path) -> None:
 
     async def main() -> None:
         vsock_path = tmp_path / "vsock.sock"
-        bridge = VsockBridge(1000, agent_sock, max_connections=1,
-                             listener_factory=lambda port: FakeVsockListener(vsock_path))
+        bridge = VsockBridge(
+            1000, agent_sock, max_connections=1, listener_factory=lambda port: FakeVsockListener(vsock_path)
+        )
         await bridge.start()
         try:
             relay = VsockRelay(3, 1000, dial=dialer(tmp_path, vsock_path, source_cid=2))

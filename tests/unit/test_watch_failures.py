@@ -128,8 +128,13 @@ def test_watch_report_over_grpc_unknown_then_unavailable(tmp_path: Path) -> None
     dead = threading.Event()
     engine = FakeEngine()
     cfg = Config().with_overrides(socket=tmp_path / "run" / "agent.sock")
-    server = AgentServer(cfg, roots=Roots.under(tmp_path / "tree"), engine=engine,
-                         sources=lambda: DyingSources(dead), bridges=lambda c, p: _NoBridges())
+    server = AgentServer(
+        cfg,
+        roots=Roots.under(tmp_path / "tree"),
+        engine=engine,
+        sources=lambda: DyingSources(dead),
+        bridges=lambda c, p: _NoBridges(),
+    )
     server.start()
     channel = grpc.insecure_channel(server.target)
     try:
@@ -179,8 +184,9 @@ def test_slow_scans_stretch_the_rescan_tick() -> None:
         times.append(time.monotonic())
         return len(times)
 
-    w: ChangeWatcher[int] = ChangeWatcher(slow, lambda v: None, sources=EventSources.none, debounce=0,
-                                          rescan_seconds=0.05)
+    w: ChangeWatcher[int] = ChangeWatcher(
+        slow, lambda v: None, sources=EventSources.none, debounce=0, rescan_seconds=0.05
+    )
     w.start()
     try:
         time.sleep(2.0)

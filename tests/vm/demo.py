@@ -79,12 +79,16 @@ class Demo:
     def run(self) -> None:
         vm = self.vm
         step("The guest: mount a filesystem on 'data', hold 'scratch' open, bring nic1 up with an address")
-        self.guest("mkfs.ext4 -q -L data /dev/disk/by-id/virtio-data && mkdir -p /data && "
-                   "mount /dev/disk/by-id/virtio-data /data && findmnt /data")
+        self.guest(
+            "mkfs.ext4 -q -L data /dev/disk/by-id/virtio-data && mkdir -p /data && "
+            "mount /dev/disk/by-id/virtio-data /data && findmnt /data"
+        )
         self.guest("setsid sh -c 'exec sleep 3600 < /dev/disk/by-id/virtio-scratch' >/dev/null 2>&1 &", show=True)
         ifname = self._ifname_of("nic1")
-        self.guest(f"ip link set {ifname} up && ip addr add 192.0.2.10/24 dev {ifname} && "
-                   f"ip route add default via 192.0.2.1 dev {ifname} && ip -br addr show {ifname}")
+        self.guest(
+            f"ip link set {ifname} up && ip addr add 192.0.2.10/24 dev {ifname} && "
+            f"ip route add default via 192.0.2.1 dev {ifname} && ip -br addr show {ifname}"
+        )
 
         step("Inside the guest: `unplugd inspect` (the same report the host will get)")
         self.guest("unplugd inspect")
@@ -192,12 +196,16 @@ class LibvirtDemo:
                 print(f"  {line.strip()}")
 
         step("The guest: mount a filesystem on vdb (serial 'data')")
-        self.guest("mkfs.ext4 -q -L data /dev/disk/by-id/virtio-data && mkdir -p /data && "
-                   "mount /dev/disk/by-id/virtio-data /data && findmnt /data")
+        self.guest(
+            "mkfs.ext4 -q -L data /dev/disk/by-id/virtio-data && mkdir -p /data && "
+            "mount /dev/disk/by-id/virtio-data /data && findmnt /data"
+        )
 
         step("On the host, by domain name only: every slot, its hardware and the guest's answer")
-        print("(DEVICE names below are libvirt's targets; the guest numbers its disks itself, after its "
-              "SATA root disk sda: libvirt's vdb is the guest's vda, as the table's guest column shows)")
+        print(
+            "(DEVICE names below are libvirt's targets; the guest numbers its disks itself, after its "
+            "SATA root disk sda: libvirt's vdb is the guest's vda, as the table's guest column shows)"
+        )
         self.unplugctl("status")
 
         step("vdb is mounted (3), vdd shares its slot with a NIC (6), vde's root port has hotplug='off' (5)")
@@ -212,8 +220,10 @@ class LibvirtDemo:
             raise DemoFailed("the guest still sees vdc after the unplug")
         print("guest: /dev/disk/by-id/virtio-idle is gone")
 
-        step("The multifunction slot, with consent: libvirt refuses to detach it, so device_del goes "
-             "through its QEMU monitor passthrough (and libvirt marks the domain tainted)")
+        step(
+            "The multifunction slot, with consent: libvirt refuses to detach it, so device_del goes "
+            "through its QEMU monitor passthrough (and libvirt marks the domain tainted)"
+        )
         self.unplugctl("unplug", "vdd", "--with-companions", "--timeout", "60")
         left = self.vm.live_pci_functions(3)
         if left:
@@ -242,8 +252,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="leave the VM running until Enter is pressed")
     p.add_argument("--skip-libvirt", action="store_true", help="skip the second phase (the libvirt domain)")
     args = p.parse_args(argv)
-    step("Building the guest image (cached by a hash of its recipe) and the .debs; dpkg -i in a stock guest, "
-         "then booting it (q35, TCG)")
+    step(
+        "Building the guest image (cached by a hash of its recipe) and the .debs; dpkg -i in a stock guest, "
+        "then booting it (q35, TCG)"
+    )
     try:
         with GuestVM("q35", devices=devices(), config=GUEST_CONFIG, name="unplugd-demo") as vm:
             vm.wait_booted(timeout=600)

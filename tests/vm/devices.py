@@ -100,9 +100,10 @@ def virtio_disk(
     disk = DataDisk(f"{qid}.qcow2", size)
     return Device(
         (
-            "-drive", f"file={{workdir}}/{disk.name},if=none,id=drv-{qid},format=qcow2,cache=unsafe",
-            "-device", f"virtio-blk-pci,drive=drv-{qid},id={qid},serial={serial}"
-            + _placement(bus, addr, multifunction),
+            "-drive",
+            f"file={{workdir}}/{disk.name},if=none,id=drv-{qid},format=qcow2,cache=unsafe",
+            "-device",
+            f"virtio-blk-pci,drive=drv-{qid},id={qid},serial={serial}" + _placement(bus, addr, multifunction),
         ),
         (disk,),
         (qid,),
@@ -122,8 +123,10 @@ def virtio_net(
     mac_opt = f",mac={mac}" if mac else ""
     return Device(
         (
-            "-netdev", f"user,id=net-{qid},restrict=on",
-            "-device", f"virtio-net-pci,netdev=net-{qid},id={qid}{mac_opt}" + _placement(bus, addr, multifunction),
+            "-netdev",
+            f"user,id=net-{qid},restrict=on",
+            "-device",
+            f"virtio-net-pci,netdev=net-{qid},id={qid}{mac_opt}" + _placement(bus, addr, multifunction),
         ),
         (),
         (qid,),

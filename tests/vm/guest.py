@@ -235,8 +235,14 @@ class GuestVM(GuestBase):
         if machine not in ("q35", "pc"):
             raise ValueError(f"machine must be q35 or pc, not {machine!r}")
         super().__init__(
-            name=name, memory_mb=memory_mb, cpus=cpus, image=image, packages=packages, config=config,
-            keep_workdir=keep_workdir, workdir_prefix="unplugd-vm-",
+            name=name,
+            memory_mb=memory_mb,
+            cpus=cpus,
+            image=image,
+            packages=packages,
+            config=config,
+            keep_workdir=keep_workdir,
+            workdir_prefix="unplugd-vm-",
         )
         self.root_disk = root_disk
         self.allow_reboot = allow_reboot
@@ -269,24 +275,55 @@ class GuestVM(GuestBase):
         w = self.workdir
         bus = "pcie.0" if self.machine == "q35" else "pci.0"
         cmd = [
-            QEMU, "-name", f"{self.name},debug-threads=on",
-            "-machine", self.machine, "-accel", "tcg",
-            "-m", str(self.memory_mb), "-smp", str(self.cpus),
-            "-nodefaults", "-no-user-config", "-display", "none", "-vga", "none",
-            "-kernel", str(img.kernel), "-initrd", str(img.initrd), "-append", img.cmdline,
-            "-drive", f"file={w}/root.qcow2,if=ide,index=0,format=qcow2,cache=unsafe",
-            "-chardev", f"socket,id=con0,path={self.console_socket},server=on,wait=off,logfile={self.serial_log}",
-            "-serial", "chardev:con0",
-            "-chardev", f"socket,id=mon0,path={self._monitor_socket},server=on,wait=off",
-            "-mon", "chardev=mon0,mode=control",
-            "-chardev", f"socket,id=qmp0,path={self.qmp_socket},server=on,wait=off",
-            "-mon", "chardev=qmp0,mode=control",
-            "-device", f"virtio-serial-pci,id=vser0,bus={bus},addr={SERIAL_ADDR}",
-            "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,nr=1,chardev=qga0,name={QGA_PORT}",
-            "-chardev", f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
-            "-device", f"virtserialport,bus=vser0.0,nr=2,chardev=agent0,name={AGENT_PORT}",
-            "-pidfile", str(w / "qemu.pid"),
+            QEMU,
+            "-name",
+            f"{self.name},debug-threads=on",
+            "-machine",
+            self.machine,
+            "-accel",
+            "tcg",
+            "-m",
+            str(self.memory_mb),
+            "-smp",
+            str(self.cpus),
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-vga",
+            "none",
+            "-kernel",
+            str(img.kernel),
+            "-initrd",
+            str(img.initrd),
+            "-append",
+            img.cmdline,
+            "-drive",
+            f"file={w}/root.qcow2,if=ide,index=0,format=qcow2,cache=unsafe",
+            "-chardev",
+            f"socket,id=con0,path={self.console_socket},server=on,wait=off,logfile={self.serial_log}",
+            "-serial",
+            "chardev:con0",
+            "-chardev",
+            f"socket,id=mon0,path={self._monitor_socket},server=on,wait=off",
+            "-mon",
+            "chardev=mon0,mode=control",
+            "-chardev",
+            f"socket,id=qmp0,path={self.qmp_socket},server=on,wait=off",
+            "-mon",
+            "chardev=qmp0,mode=control",
+            "-device",
+            f"virtio-serial-pci,id=vser0,bus={bus},addr={SERIAL_ADDR}",
+            "-chardev",
+            f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,nr=1,chardev=qga0,name={QGA_PORT}",
+            "-chardev",
+            f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vser0.0,nr=2,chardev=agent0,name={AGENT_PORT}",
+            "-pidfile",
+            str(w / "qemu.pid"),
         ]
         if not self.allow_reboot:
             cmd.append("-no-reboot")
@@ -494,7 +531,6 @@ def run_tool(cmd: list[str]) -> None:
         raise VMError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
 
 
-
 class _Booting(Protocol):
     serial_log: Path
 
@@ -538,6 +574,7 @@ def wait_for_boot(vm: _Booting, qga: GuestAgent, started_at: float, timeout: flo
     progress(f"booted: qemu-ga after {ga_seconds:.1f}s, systemd {state} after {boot_seconds:.1f}s")
     return boot_seconds
 
+
 def _tail(path: Path, lines: int) -> str:
     try:
         text = path.read_bytes()[-16384:].decode(errors="replace")
@@ -556,4 +593,3 @@ def _kill_leftovers() -> None:
     for vm in list(_live):
         with contextlib.suppress(Exception):
             vm.close()
-

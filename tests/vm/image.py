@@ -76,9 +76,7 @@ def build_debs(outdir: Path | None = None, version: str | None = None) -> tuple[
     env = dict(os.environ)
     if version is not None:
         env["UNPLUGD_DEB_VERSION"] = version
-    proc = subprocess.run(
-        ["sh", str(DEB_BUILDER), str(outdir)], capture_output=True, text=True, check=False, env=env
-    )
+    proc = subprocess.run(["sh", str(DEB_BUILDER), str(outdir)], capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"deb build failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return tuple(Path(line) for line in proc.stdout.split() if line.endswith(".deb"))

@@ -32,8 +32,11 @@ DPKG_TIMEOUT = 300.0
 
 def copy_into(vm: GuestVM, source: Path, dest: str) -> None:
     """Copy a host file into the guest (through qemu-ga's stdin of `cat`)."""
-    vm.exec(["sh", "-c", f"mkdir -p {shlex.quote(str(Path(dest).parent))} && cat >{shlex.quote(dest)}"],
-            input=source.read_bytes(), check=True)
+    vm.exec(
+        ["sh", "-c", f"mkdir -p {shlex.quote(str(Path(dest).parent))} && cat >{shlex.quote(dest)}"],
+        input=source.read_bytes(),
+        check=True,
+    )
 
 
 def dpkg_install(vm: GuestVM, debs: Sequence[Path]) -> ExecResult:

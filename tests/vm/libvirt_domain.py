@@ -228,8 +228,14 @@ class LibvirtGuest(GuestBase):
         keep_workdir: keep logs and sockets after exit (default: UNPLUGD_VM_KEEP=1).
         """
         super().__init__(
-            name=name or f"unplugd-e2e-{uuid.uuid4().hex[:8]}", memory_mb=memory_mb, cpus=cpus, image=image,
-            packages=packages, config=config, keep_workdir=keep_workdir, workdir_prefix="unplugd-lv-",
+            name=name or f"unplugd-e2e-{uuid.uuid4().hex[:8]}",
+            memory_mb=memory_mb,
+            cpus=cpus,
+            image=image,
+            packages=packages,
+            config=config,
+            keep_workdir=keep_workdir,
+            workdir_prefix="unplugd-lv-",
         )
         self.devices = tuple(devices)
         self.uri = uri

@@ -125,8 +125,13 @@ def fake_image(tmp_path: Path) -> GuestImage:
 
 @pytest.mark.parametrize(("machine", "bus"), [("q35", "pcie.0"), ("pc", "pci.0")])
 def test_command_line(fake_image: GuestImage, machine: str, bus: str) -> None:
-    vm = GuestVM(machine, devices=[disk_on_root_port("data0", chassis=1)], image=fake_image, packages=None,  # type: ignore[arg-type]
-                 extra_args=["-S"])
+    vm = GuestVM(
+        machine,
+        devices=[disk_on_root_port("data0", chassis=1)],
+        image=fake_image,
+        packages=None,  # type: ignore[arg-type]
+        extra_args=["-S"],
+    )
     try:
         cmd = vm.command_line()
         joined = " ".join(cmd)
