@@ -50,6 +50,7 @@ Route = Literal["socket", "libvirt"]
 StreamOpener = Callable[[bool], Awaitable[Any]]
 
 _CHUNK = 64 * 1024  # bytes per virStreamRecv: one frame's payload at most (framing.MAX_PAYLOAD) plus headers
+_CAUSE_GRACE = 1.0  # seconds a failed send waits for the receiving side to report why the stream ended
 # libvirt's "another stream holds this channel" (qemuDomainOpenChannel -> virChrdevOpen)
 _HELD = "active channel stream exists"
 
@@ -88,6 +89,7 @@ class _StreamBridge:
         self.stream = stream
         self.ours, self._theirs = socket.socketpair()
         self.error: str | None = None
+        self._error_is_cause = False
         self._ended = threading.Event()
         self._threads = [
             threading.Thread(target=self._up, name=f"channel-up {label}", daemon=True),
@@ -108,6 +110,9 @@ class _StreamBridge:
                     view = view[sent:]
         except (OSError, libvirt.libvirtError) as exc:
             self._fail(exc)
+            # A failed send says only that the stream is gone; the receiving side hears why (end of
+            # file, keepalive timeout). Give it a moment to say so before our abort silences it.
+            self._ended.wait(_CAUSE_GRACE)
         finally:
             self.end()
 
@@ -116,18 +121,30 @@ class _StreamBridge:
         import libvirt
 
         try:
-            while data := self.stream.recv(_CHUNK):
+            while True:
+                try:
+                    data = self.stream.recv(_CHUNK)
+                except (OSError, libvirt.libvirtError) as exc:
+                    self._fail(exc, cause=True)
+                    break
+                if not data:
+                    break
                 self._theirs.sendall(data)
-        except (OSError, libvirt.libvirtError) as exc:
+        except OSError as exc:
             self._fail(exc)
         finally:
             self.end()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, *, cause: bool = False) -> None:
+        """Keep the best reason: what the stream said when it ended beats a write that failed."""
         if self._ended.is_set():
             return  # our own abort woke the thread: not an error
         msg = exc.get_error_message() if hasattr(exc, "get_error_message") else str(exc)
-        self.error = self.error or msg or type(exc).__name__
+        msg = msg or type(exc).__name__
+        if cause and not self._error_is_cause:
+            self.error, self._error_is_cause = msg, True
+        elif self.error is None:
+            self.error = msg
 
     def end(self) -> None:
         """Abort the stream (frees a thread blocked in recv or send) and close our side; idempotent."""
