@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Sequence
 
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
+from unplugd.host.output import print_line, progress_line
 from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
-from unplugd.text import display_text
 
 # Start-up is part of every command's time: `--help` and a usage error import only the
 # standard library and usage.py; asyncio, grpc, protobuf and the planner come with the
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from unplugd.host.backends.libvirt import LibvirtBackend
     from unplugd.host.client import AgentAddress, TlsFiles
-    from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Progress, UnplugResult
+    from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, UnplugResult
     from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
     from unplugd.host.relays import Relay
 
@@ -248,12 +248,6 @@ def result_json(r: UnplugResult) -> dict[str, Any]:
     }
 
 
-def _print(text: str, file: TextIO) -> None:
-    """One line whose pieces came from the guest (names, reasons, problems) or the hypervisor:
-    escaped, so none of them can add a line, move the cursor or colour the terminal."""
-    print(display_text(text), file=file)
-
-
 def _print_lines(lines: list[str], out: TextIO) -> None:
     """Lines from host/render.py: escaped piece by piece there, so only its own colour codes remain."""
     out.write("".join(f"{line}\n" for line in lines))
@@ -279,14 +273,14 @@ def print_result(r: UnplugResult, out: TextIO) -> None:
     if r.plan is not None:
         _print_slot(r.plan, out, steps=r.outcome is Outcome.DRY_RUN)
     for finding in r.overridden:
-        _print(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", file=out)
+        print_line(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", out)
     for f in r.functions:
         gone = {True: "gone from the guest", False: "STILL IN THE GUEST", None: "guest not confirmed"}[f.guest_gone]
         state = "removed" if f.removed else "NOT removed"
-        _print(f"  {f.name} ({f.path}): {state}, {gone}", file=out)
+        print_line(f"  {f.name} ({f.path}): {state}, {gone}", out)
     for n in r.notes:
-        _print(f"  note: {n}", file=out)
-    _print(f"{r.outcome.value}: {r.message}", file=out)
+        print_line(f"  note: {n}", out)
+    print_line(f"{r.outcome.value}: {r.message}", out)
 
 
 def _print_json(doc: dict[str, Any]) -> None:
@@ -296,10 +290,6 @@ def _print_json(doc: dict[str, Any]) -> None:
     import json
 
     print(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
-
-
-def _progress(p: Progress) -> None:
-    print(display_text(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}"), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
@@ -350,7 +340,7 @@ async def run(args: argparse.Namespace) -> int:
                 _print_slot(sp, sys.stdout, steps=True)  # every finding too (verbose)
             return EXIT[sp.verdict]
         if args.command == "wait-ready":
-            sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)
+            sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else progress_line)
             if args.json:
                 _print_json(slot_json(sp))
             else:
@@ -366,7 +356,7 @@ async def run(args: argparse.Namespace) -> int:
             force=args.force,
             dry_run=args.dry_run,
             timeout=args.timeout,
-            progress=_progress,
+            progress=progress_line,
         )
         if args.json:
             _print_json(result_json(r))
@@ -380,7 +370,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
     from unplugd.host.release import release_exit, release_json, release_slot, unplug_released
 
     if args.command == "release":
-        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=_progress), None
+        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=progress_line), None
     else:
         rel, r = await unplug_released(
             orch,
@@ -389,7 +379,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
             with_companions=args.with_companions,
             force=args.force,
             dry_run=args.dry_run,
-            progress=_progress,
+            progress=progress_line,
         )
     if args.json:
         doc = (
@@ -401,7 +391,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
     else:
         if r is not None:
             print_result(r, sys.stdout)
-        _print(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
+        print_line(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
     return unplug_exit(r) if r is not None else release_exit(rel)
 
 
@@ -467,10 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
     except (DeviceNotFound, AmbiguousDevice, UsageError, SpecError) as e:
-        _print(f"unplugctl: {e}", sys.stderr)
+        print_line(f"unplugctl: {e}", sys.stderr)
         return EXIT_USAGE
     except HostError as e:
-        _print(f"unplugctl: {e}", sys.stderr)
+        print_line(f"unplugctl: {e}", sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return Exit.INTERRUPTED
