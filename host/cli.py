@@ -80,13 +80,34 @@ class Session:
 
 @contextlib.asynccontextmanager
 async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
-    """The backend and agent client for the VM the arguments name. Tests replace this."""
+    """The backend and agent client for the VM the arguments name. Tests replace this.
+
+    An agent named on the command line is opened first and, for a command that reads the report
+    first, asked for it at once (AgentClient.start_report): the agent scans while this process
+    imports and connects the backend and reads the topology.
+    """
     from unplugd.host.client import AgentClient
 
     async with contextlib.AsyncExitStack() as stack:
+
+        async def open_agent(address: str | AgentAddress, relay: Relay | None) -> AgentLike:
+            try:
+                client = AgentClient(
+                    address,
+                    relay=relay,
+                    timeout=args.agent_timeout,
+                    connect_timeout=args.agent_timeout,
+                    tls=_tls_files(args),
+                )
+            except ValueError as e:
+                raise UsageError(f"bad agent address {address!r}: {e}") from e
+            agent = await stack.enter_async_context(client)
+            if _reads_report_first(args):
+                await client.start_report(timeout=args.agent_timeout)
+            return agent
+
         backend: Backend
-        agent_address: str | AgentAddress | None = args.agent
-        relay: Relay | None = None
+        agent: AgentLike | None = await open_agent(args.agent, None) if args.agent else None
         if args.qmp:
             from unplugd.host.backends.qmp import QmpBackend
 
@@ -99,22 +120,9 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
             lv = LibvirtBackend(args.vm, uri=args.connect, timeout=args.hypervisor_timeout)
             await stack.enter_async_context(lv)
             backend, vm = lv, args.vm
-            if agent_address is None:
-                agent_address, relay = await agent_through_libvirt(lv, args)
-        agent: AgentLike | None = None
-        if agent_address:
-            tls = _tls_files(args)
-            try:
-                client = AgentClient(
-                    agent_address,
-                    relay=relay,
-                    timeout=args.agent_timeout,
-                    connect_timeout=args.agent_timeout,
-                    tls=tls,
-                )
-            except ValueError as e:
-                raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
-            agent = await stack.enter_async_context(client)
+            if not args.agent:
+                address, relay = await agent_through_libvirt(lv, args)
+                agent = await open_agent(address, relay) if address else None
         yield Session(backend, agent, vm)
 
 
@@ -136,6 +144,12 @@ async def agent_through_libvirt(
     # the relay gives up a little before the client, so that its reason reaches the caller (as in client.py)
     relay = ChannelRelay(lv.open_channel, label, force=args.force_channel, connect_timeout=args.agent_timeout * 0.8)
     return AgentAddress("channel", path=label), relay
+
+
+def _reads_report_first(args: argparse.Namespace) -> bool:
+    """status, check and unplug begin with the guest's full report (Orchestrator.snapshot); the hook-first
+    paths (release, unplug --release), wait-ready's watch and the hot-add commands do not."""
+    return args.command in ("status", "check", "unplug") and not getattr(args, "release", False)
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
@@ -316,10 +330,11 @@ async def run(args: argparse.Namespace) -> int:
         from unplugd.host.fleet_cli import run_fleet_command
 
         return await run_fleet_command(args)
-    from unplugd.host.orchestrator import Orchestrator
-
-    EXIT = _exit_by_verdict()
     async with open_session(args) as s:
+        # imported once the session is open: the agent may be scanning for us meanwhile (open_session)
+        from unplugd.host.orchestrator import Orchestrator
+
+        EXIT = _exit_by_verdict()
         orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
         if args.command in ("slots", "plug"):
             from unplugd.host.cli_plug import run_hot_add
