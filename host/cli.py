@@ -463,20 +463,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     import asyncio
 
-    from unplugd.host.devicespec import SpecError
-
     try:
         code = asyncio.run(run(args))
         flush_stdout()
         return code
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
-    except (DeviceNotFound, AmbiguousDevice, UsageError, SpecError) as e:
+    except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
         print_line(f"unplugctl: {e}", sys.stderr)
         return EXIT_USAGE
     except HostError as e:
+        # a bad device spec (plug) is a usage error; devicespec is imported here, not before every command
+        from unplugd.host.devicespec import SpecError
+
         print_line(f"unplugctl: {e}", sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_USAGE if isinstance(e, SpecError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return Exit.INTERRUPTED
 
