@@ -24,16 +24,18 @@ import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypedDict, TypeVar, Unpack, cast
+from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
 
 from unplugd.host.errors import HostError
-from unplugd.host.relays import HybridVsockRelay, Relay, SerialRelay, VsockRelay
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 from unplugd.v1 import report_pb2
+
+if TYPE_CHECKING:  # relays.py (framing, splice) is imported when an address needs one: not for unix: ones
+    from unplugd.host.relays import Relay
 
 __all__ = [
     "AGENT_CALL_ERRORS",
@@ -174,6 +176,8 @@ class AgentOptions(TypedDict, total=False):
 
 
 def _relay_for(address: AgentAddress, connect_timeout: float) -> Relay | None:
+    from unplugd.host.relays import HybridVsockRelay, SerialRelay, VsockRelay
+
     if address.kind == "vsock":
         return VsockRelay(address.cid, address.port, connect_timeout=connect_timeout)
     if address.kind == "hvsock":
