@@ -14,23 +14,24 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TextIO
 
-from unplugd.host.devicespec import SpecError
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
+from unplugd.host.output import print_line, progress_line
 from unplugd.host.usage import EPILOG, parser
 from unplugd.stdio import broken_pipe, flush_stdout
-from unplugd.text import display_text
 
 # Start-up is part of every command's time: `--help` and a usage error import only the
 # standard library and usage.py; asyncio, grpc, protobuf and the planner come with the
-# command that needs them (inside the functions below).
+# command that needs them (inside the functions below). Not even typing and dataclasses
+# (~4 and ~12 ms of a ~40 ms --help): mypy takes any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any, TextIO
+
     from unplugd.host.backends.libvirt import LibvirtBackend
     from unplugd.host.client import AgentAddress, TlsFiles
-    from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, Progress, UnplugResult
+    from unplugd.host.orchestrator import AgentLike, Backend, Orchestrator, UnplugResult
     from unplugd.host.planner import FunctionPlan, Plan, SlotPlan, Verdict
     from unplugd.host.relays import Relay
 
@@ -68,22 +69,45 @@ class UsageError(HostError):
     pass
 
 
-@dataclass
 class Session:
-    backend: Backend
-    agent: AgentLike | None
-    vm: str
+    """What open_session yields: the VM's backend, its agent client (None: unreachable) and its name."""
+
+    def __init__(self, backend: Backend, agent: AgentLike | None, vm: str) -> None:
+        self.backend = backend
+        self.agent = agent
+        self.vm = vm
 
 
 @contextlib.asynccontextmanager
 async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
-    """The backend and agent client for the VM the arguments name. Tests replace this."""
+    """The backend and agent client for the VM the arguments name. Tests replace this.
+
+    An agent named on the command line is opened first and, for a command that reads the report
+    first, asked for it at once (AgentClient.start_report): the agent scans while this process
+    imports and connects the backend and reads the topology.
+    """
     from unplugd.host.client import AgentClient
 
     async with contextlib.AsyncExitStack() as stack:
+
+        async def open_agent(address: str | AgentAddress, relay: Relay | None) -> AgentLike:
+            try:
+                client = AgentClient(
+                    address,
+                    relay=relay,
+                    timeout=args.agent_timeout,
+                    connect_timeout=args.agent_timeout,
+                    tls=_tls_files(args),
+                )
+            except ValueError as e:
+                raise UsageError(f"bad agent address {address!r}: {e}") from e
+            agent = await stack.enter_async_context(client)
+            if _reads_report_first(args):
+                await client.start_report(timeout=args.agent_timeout)
+            return agent
+
         backend: Backend
-        agent_address: str | AgentAddress | None = args.agent
-        relay: Relay | None = None
+        agent: AgentLike | None = await open_agent(args.agent, None) if args.agent else None
         if args.qmp:
             from unplugd.host.backends.qmp import QmpBackend
 
@@ -96,22 +120,9 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
             lv = LibvirtBackend(args.vm, uri=args.connect, timeout=args.hypervisor_timeout)
             await stack.enter_async_context(lv)
             backend, vm = lv, args.vm
-            if agent_address is None:
-                agent_address, relay = await agent_through_libvirt(lv, args)
-        agent: AgentLike | None = None
-        if agent_address:
-            tls = _tls_files(args)
-            try:
-                client = AgentClient(
-                    agent_address,
-                    relay=relay,
-                    timeout=args.agent_timeout,
-                    connect_timeout=args.agent_timeout,
-                    tls=tls,
-                )
-            except ValueError as e:
-                raise UsageError(f"bad agent address {agent_address!r}: {e}") from e
-            agent = await stack.enter_async_context(client)
+            if not args.agent:
+                address, relay = await agent_through_libvirt(lv, args)
+                agent = await open_agent(address, relay) if address else None
         yield Session(backend, agent, vm)
 
 
@@ -133,6 +144,12 @@ async def agent_through_libvirt(
     # the relay gives up a little before the client, so that its reason reaches the caller (as in client.py)
     relay = ChannelRelay(lv.open_channel, label, force=args.force_channel, connect_timeout=args.agent_timeout * 0.8)
     return AgentAddress("channel", path=label), relay
+
+
+def _reads_report_first(args: argparse.Namespace) -> bool:
+    """status, check and unplug begin with the guest's full report (Orchestrator.snapshot); the hook-first
+    paths (release, unplug --release), wait-ready's watch and the hot-add commands do not."""
+    return args.command in ("status", "check", "unplug") and not getattr(args, "release", False)
 
 
 def _tls_files(args: argparse.Namespace) -> TlsFiles | None:
@@ -245,12 +262,6 @@ def result_json(r: UnplugResult) -> dict[str, Any]:
     }
 
 
-def _print(text: str, file: TextIO) -> None:
-    """One line whose pieces came from the guest (names, reasons, problems) or the hypervisor:
-    escaped, so none of them can add a line, move the cursor or colour the terminal."""
-    print(display_text(text), file=file)
-
-
 def _print_lines(lines: list[str], out: TextIO) -> None:
     """Lines from host/render.py: escaped piece by piece there, so only its own colour codes remain."""
     out.write("".join(f"{line}\n" for line in lines))
@@ -276,14 +287,14 @@ def print_result(r: UnplugResult, out: TextIO) -> None:
     if r.plan is not None:
         _print_slot(r.plan, out, steps=r.outcome is Outcome.DRY_RUN)
     for finding in r.overridden:
-        _print(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", file=out)
+        print_line(f"FORCED: overriding {finding.verdict.value}: {finding.detail}", out)
     for f in r.functions:
         gone = {True: "gone from the guest", False: "STILL IN THE GUEST", None: "guest not confirmed"}[f.guest_gone]
         state = "removed" if f.removed else "NOT removed"
-        _print(f"  {f.name} ({f.path}): {state}, {gone}", file=out)
+        print_line(f"  {f.name} ({f.path}): {state}, {gone}", out)
     for n in r.notes:
-        _print(f"  note: {n}", file=out)
-    _print(f"{r.outcome.value}: {r.message}", file=out)
+        print_line(f"  note: {n}", out)
+    print_line(f"{r.outcome.value}: {r.message}", out)
 
 
 def _print_json(doc: dict[str, Any]) -> None:
@@ -293,10 +304,6 @@ def _print_json(doc: dict[str, Any]) -> None:
     import json
 
     print(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
-
-
-def _progress(p: Progress) -> None:
-    print(display_text(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}"), file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------ commands
@@ -323,10 +330,11 @@ async def run(args: argparse.Namespace) -> int:
         from unplugd.host.fleet_cli import run_fleet_command
 
         return await run_fleet_command(args)
-    from unplugd.host.orchestrator import Orchestrator
-
-    EXIT = _exit_by_verdict()
     async with open_session(args) as s:
+        # imported once the session is open: the agent may be scanning for us meanwhile (open_session)
+        from unplugd.host.orchestrator import Orchestrator
+
+        EXIT = _exit_by_verdict()
         orch = Orchestrator(s.backend, s.agent, agent_timeout=args.agent_timeout)
         if args.command in ("slots", "plug"):
             from unplugd.host.cli_plug import run_hot_add
@@ -347,7 +355,7 @@ async def run(args: argparse.Namespace) -> int:
                 _print_slot(sp, sys.stdout, steps=True)  # every finding too (verbose)
             return EXIT[sp.verdict]
         if args.command == "wait-ready":
-            sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else _progress)
+            sp = await orch.wait_ready(args.device, timeout=args.timeout, progress=None if args.json else progress_line)
             if args.json:
                 _print_json(slot_json(sp))
             else:
@@ -363,7 +371,7 @@ async def run(args: argparse.Namespace) -> int:
             force=args.force,
             dry_run=args.dry_run,
             timeout=args.timeout,
-            progress=_progress,
+            progress=progress_line,
         )
         if args.json:
             _print_json(result_json(r))
@@ -377,7 +385,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
     from unplugd.host.release import release_exit, release_json, release_slot, unplug_released
 
     if args.command == "release":
-        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=_progress), None
+        rel, r = await release_slot(orch, args.device, timeout=args.timeout, progress=progress_line), None
     else:
         rel, r = await unplug_released(
             orch,
@@ -386,7 +394,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
             with_companions=args.with_companions,
             force=args.force,
             dry_run=args.dry_run,
-            progress=_progress,
+            progress=progress_line,
         )
     if args.json:
         doc = (
@@ -398,7 +406,7 @@ async def _release(orch: Orchestrator, args: argparse.Namespace) -> int:
     else:
         if r is not None:
             print_result(r, sys.stdout)
-        _print(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
+        print_line(("RELEASED: " if rel.released else "NOT RELEASED: ") + rel.message, sys.stdout)
     return unplug_exit(r) if r is not None else release_exit(rel)
 
 
@@ -461,12 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
-    except (DeviceNotFound, AmbiguousDevice, UsageError, SpecError) as e:
-        _print(f"unplugctl: {e}", sys.stderr)
+    except (DeviceNotFound, AmbiguousDevice, UsageError) as e:
+        print_line(f"unplugctl: {e}", sys.stderr)
         return EXIT_USAGE
     except HostError as e:
-        _print(f"unplugctl: {e}", sys.stderr)
-        return EXIT_FAILURE
+        # a bad device spec (plug) is a usage error; devicespec is imported here, not before every command
+        from unplugd.host.devicespec import SpecError
+
+        print_line(f"unplugctl: {e}", sys.stderr)
+        return EXIT_USAGE if isinstance(e, SpecError) else EXIT_FAILURE
     except KeyboardInterrupt:
         return Exit.INTERRUPTED
 

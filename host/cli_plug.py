@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from unplugd.host.devicespec import DeviceSpec, SlotRequest, SpecError, parse_spec_file, request_from_args
 from unplugd.host.exitcodes import Exit
-from unplugd.text import display_text
+from unplugd.host.output import print_line, progress_line
 
 # Like cli.py: parsing the arguments (split_plug_target) imports nothing heavy; the orchestrator,
 # grpc and protobuf come with the command that runs.
 if TYPE_CHECKING:
     from unplugd.host.orchestrator import Orchestrator
     from unplugd.host.placement import BusRoom, FunctionArrival, SlotPlug
-    from unplugd.host.plugging import PlugOutcome, PlugProgress, PlugResult
+    from unplugd.host.plugging import PlugOutcome, PlugResult
     from unplugd.host.topology import Function
 
 __all__ = ["plug_exit", "plug_json", "print_room", "run_hot_add", "slots_json", "split_plug_target"]
@@ -98,10 +98,6 @@ def _xml_spec(xml: str) -> DeviceSpec:
 # ------------------------------------------------------------------ output
 
 
-def _print(text: str, out: TextIO) -> None:
-    print(display_text(text), file=out)
-
-
 def slots_json(rooms: tuple[BusRoom, ...], vm: str) -> dict[str, Any]:
     return {
         "vm": vm,
@@ -147,19 +143,19 @@ def _who(f: Function) -> str:
 
 
 def print_room(rooms: tuple[BusRoom, ...], vm: str, out: TextIO) -> None:
-    _print(f"VM {vm}: where a device can be hot-added", out)
+    print_line(f"VM {vm}: where a device can be hot-added", out)
     wide = max([len(r.bus.key) for r in rooms] + [4])
-    _print(f"{'BUS':<16} {'KIND':<28} {'PATH':<{wide}} {'FREE SLOTS':<20} {'8 FN':<4} WHY NOT / TAKEN", out)
+    print_line(f"{'BUS':<16} {'KIND':<28} {'PATH':<{wide}} {'FREE SLOTS':<20} {'8 FN':<4} WHY NOT / TAKEN", out)
     for r in rooms:
         free = _ranges(r.free) or "-"
         whole = "yes" if r.whole_slot else "no"
         taken = ", ".join(f"{s.number:#04x} ({'+'.join(_who(f) for f in s.functions)})" for s in r.occupied)
         why = r.hotplug.reason if not r.hotplug else f"occupied: {taken}" if taken and not r.free else ""
-        _print(f"{r.bus.name:<16} {r.bus.kind.value:<28} {r.bus.key:<{wide}} {free:<20} {whole:<4} {why}", out)
+        print_line(f"{r.bus.name:<16} {r.bus.kind.value:<28} {r.bus.key:<{wide}} {free:<20} {whole:<4} {why}", out)
         if taken and r.free:
-            _print(f"    occupied: {taken}", out)
+            print_line(f"    occupied: {taken}", out)
         for n, reason in r.refused:
-            _print(f"    slot {n:#04x}: {reason}", out)
+            print_line(f"    slot {n:#04x}: {reason}", out)
 
 
 def _arrival_json(a: FunctionArrival) -> dict[str, Any]:
@@ -207,17 +203,13 @@ def plug_json(r: PlugResult) -> dict[str, Any]:
 def print_plug(r: PlugResult, out: TextIO) -> None:
     for sp in r.slots:
         order = " then ".join(pf.qemu_id for pf in sp.order)
-        _print(f"slot {sp.slot_path} ({sp.bus.name} {sp.slot:#04x}){' chosen' if sp.chosen else ''}: {order}", out)
+        print_line(f"slot {sp.slot_path} ({sp.bus.name} {sp.slot:#04x}){' chosen' if sp.chosen else ''}: {order}", out)
     for a in r.arrivals:
         where = f" {a.address}" if a.address else ""
-        _print(f"  {a.planned.qemu_id:<16} {a.planned.path!s:<22}{where} {a.arrival.value}: {a.detail}", out)
+        print_line(f"  {a.planned.qemu_id:<16} {a.planned.path!s:<22}{where} {a.arrival.value}: {a.detail}", out)
     for left in r.leftovers:
-        _print(f"  LEFT BEHIND: {left}", out)
-    _print(f"{r.outcome.value}: {r.message}", out)
-
-
-def _progress(p: PlugProgress) -> None:
-    print(display_text(f"[{p.elapsed:6.2f}s] {p.event}: {p.detail}"), file=sys.stderr, flush=True)
+        print_line(f"  LEFT BEHIND: {left}", out)
+    print_line(f"{r.outcome.value}: {r.message}", out)
 
 
 # ------------------------------------------------------------------ commands
@@ -240,7 +232,7 @@ async def run_hot_add(
         keep_partial=args.keep_partial,
         persistent=args.persistent,
         dry_run=args.dry_run,
-        progress=_progress,
+        progress=progress_line,
     )
     if args.json:
         print_json(plug_json(r))

@@ -24,16 +24,18 @@ import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypedDict, TypeVar, Unpack, cast
+from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
 
 from unplugd.host.errors import HostError
-from unplugd.host.relays import HybridVsockRelay, Relay, SerialRelay, VsockRelay
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
 from unplugd.v1 import report_pb2
+
+if TYPE_CHECKING:  # relays.py (framing, splice) is imported when an address needs one: not for unix: ones
+    from unplugd.host.relays import Relay
 
 __all__ = [
     "AGENT_CALL_ERRORS",
@@ -174,6 +176,8 @@ class AgentOptions(TypedDict, total=False):
 
 
 def _relay_for(address: AgentAddress, connect_timeout: float) -> Relay | None:
+    from unplugd.host.relays import HybridVsockRelay, SerialRelay, VsockRelay
+
     if address.kind == "vsock":
         return VsockRelay(address.cid, address.port, connect_timeout=connect_timeout)
     if address.kind == "hvsock":
@@ -204,6 +208,7 @@ class AgentClient:
         self._relay_dir: Path | None = None
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.AgentServiceAsyncStub | None = None
+        self._early: asyncio.Future[report_pb2.Report] | None = None  # start_report()'s call
 
     async def __aenter__(self) -> AgentClient:
         await self.connect()
@@ -249,6 +254,11 @@ class AgentClient:
         self._stub = cast("pb_grpc.AgentServiceAsyncStub", pb_grpc.AgentServiceStub(channel))
 
     async def close(self) -> None:
+        early, self._early = self._early, None
+        if early is not None:  # started and never asked for: its answer or error goes unread
+            early.cancel()
+            with contextlib.suppress(BaseException):
+                await early
         channel, self._channel, self._stub = self._channel, None, None
         if channel is not None:
             await channel.close(None)
@@ -314,7 +324,38 @@ class AgentClient:
             raise self._translate(method, exc, deadline) from exc
 
     # -- calls ----------------------------------------------------------
+    async def start_report(self, *, timeout: float | None = None) -> None:
+        """Ask for the full report now; the next get_report() of every device takes this answer.
+
+        For a command whose first step reads the report (status, check, unplug): it returns once the
+        request is with gRPC's core, which sends it and reads the answer from its own threads, so the
+        agent's scan runs while this process imports and reads the rest (QEMU's topology). Errors
+        come from that get_report(), as they would have.
+        """
+        if self._early is not None:
+            return
+        handed = asyncio.Event()
+        self._early = asyncio.ensure_future(self._report_call(handed, timeout))
+        await handed.wait()
+        await asyncio.sleep(0)  # the call's own task runs once: that hands the request to the core
+
+    async def _report_call(self, handed: asyncio.Event, timeout: float | None) -> report_pb2.Report:
+        try:
+            stub = await self._ready_stub()
+            deadline = self.timeout if timeout is None else timeout
+            call = stub.GetReport(pb.GetReportRequest(), timeout=deadline)
+        finally:
+            handed.set()
+        try:
+            response: pb.GetReportResponse = await call
+        except grpc.aio.AioRpcError as exc:
+            raise self._translate("GetReport", exc, deadline) from exc
+        return response.report
+
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
+        if not devices and self._early is not None:
+            early, self._early = self._early, None
+            return await early
         request = pb.GetReportRequest(devices=list(devices))
         response: pb.GetReportResponse = await self._unary(
             "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout

@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator
 from typing import Any, TextIO
 
 from unplugd.host.backends.libvirt import LibvirtBackend, in_thread, open_connection, running_domains
-from unplugd.host.cli import UsageError, _print, _tls_files, agent_through_libvirt, plan_json, slot_json
+from unplugd.host.cli import UsageError, _tls_files, agent_through_libvirt, plan_json, slot_json
 from unplugd.host.client import AgentClient
 from unplugd.host.errors import HostError
 from unplugd.host.fleet import Answer, Question, Selector, State, Target, run_fleet, summary_exit
 from unplugd.host.orchestrator import AgentLike, Orchestrator
+from unplugd.host.output import print_line
 from unplugd.host.planner import SlotPlan
 from unplugd.text import display_text
 
@@ -187,7 +188,7 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
         for a in everything:
             line = answer_line(a, question)
             if line is not None:
-                _print(line, sys.stdout)
+                print_line(line, sys.stdout)
     if question.unpluggable is not None:
         hits = sum(1 for a in everything if a.matches)
         print(

@@ -9,9 +9,12 @@ host/cli.py runs what it parses.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from unplugd.host.exitcodes import help_paragraph
+
+TYPE_CHECKING = False  # not typing's: `--help` imports no more than it needs (see cli.py)
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
 
@@ -19,6 +22,14 @@ __all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
 # (under a remote URI a virStream with a thread each way), so the bound caps threads. 16 overlaps 16
 # round trips to remote hypervisors; on loopback (tests/bench/sec_fleet.py) 16 and 64 measure alike.
 DEFAULT_JOBS = 16
+
+
+def _path(text: str) -> Path:
+    """argparse's type for file arguments: pathlib is imported when one is given, not for `--help`."""
+    from pathlib import Path
+
+    return Path(text)
+
 
 EPILOG = """\
 VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
@@ -81,9 +92,9 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--force-channel", action="store_true", help="take the agent's channel from another libvirt client holding it"
     )
-    common.add_argument("--tls-ca", type=Path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
-    common.add_argument("--tls-cert", type=Path, metavar="PEM", help="tcp: agents: our client certificate")
-    common.add_argument("--tls-key", type=Path, metavar="PEM", help="tcp: agents: our client key")
+    common.add_argument("--tls-ca", type=_path, metavar="PEM", help="tcp: agents: CA that signed the agent's cert")
+    common.add_argument("--tls-cert", type=_path, metavar="PEM", help="tcp: agents: our client certificate")
+    common.add_argument("--tls-key", type=_path, metavar="PEM", help="tcp: agents: our client key")
     common.add_argument(
         "--agent-timeout",
         type=float,
@@ -223,7 +234,7 @@ def _hot_add_parsers(
     pl.add_argument("--slot", metavar="BUS:SLOT", help="where (default: a free hotpluggable slot)")
     pl.add_argument("--netdev", action="append", default=[], metavar="SPEC", help="create this -netdev first")
     pl.add_argument("--blockdev", action="append", default=[], metavar="SPEC", help="create this -blockdev first")
-    pl.add_argument("--file", type=Path, metavar="SPECFILE", help="slots to fill, from a JSON or TOML file")
+    pl.add_argument("--file", type=_path, metavar="SPECFILE", help="slots to fill, from a JSON or TOML file")
     pl.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait this long for the guest")
     pl.add_argument("--keep-partial", action="store_true", help="on failure keep what was added")
     pl.add_argument("--persistent", action="store_true", help="libvirt: add to the domain's config too")

@@ -133,7 +133,7 @@ def _status_rows(
         subprocess.run([*argv, "--qmp", str(proxy.listen), "--json"], capture_output=True, timeout=120, check=False)
     result.notes.append(
         f"one `unplugctl status` sends {proxy.commands} QMP commands to this VM (query-pci + QOM look-ups), "
-        f"one round trip each; a query-pci alone takes {t_query.median_ms:.1f} ms"
+        f"up to 8 in flight; a query-pci alone takes {t_query.median_ms:.1f} ms"
     )
     result.rows.append(_row("  QMP query-pci, one round trip", t_query, note="raw topology, no QOM, no verdict"))
     result.rows.append(

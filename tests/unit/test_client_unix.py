@@ -187,3 +187,36 @@ def test_parse_address(text: str, expected: AgentAddress) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_a_report_started_early_is_sent_at_once_and_answers_the_first_full_read(tmp_path: Path) -> None:
+    """status, check and unplug ask before importing the rest (cli.open_session): the agent scans meanwhile."""
+    engine = FakeEngine()
+    with running_server(tmp_path, engine) as (server, _):
+
+        async def main() -> None:
+            async with AgentClient(server.target, timeout=5) as client:
+                await client.start_report()
+                deadline = time.monotonic() + 10
+                while not engine.calls and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the event loop blocked, as by imports: the request is out all the same
+                assert [c for c, _ in engine.calls if c == "inspect"] == ["inspect"]
+                engine.set_state(DISK_FN, report_pb2.FUNCTION_STATE_BUSY)
+                first = await client.get_report()  # the early answer, from before the change
+                assert {f.address: f.state for f in first.functions}[str(DISK_FN)] == report_pb2.FUNCTION_STATE_READY
+                again = await client.get_report()  # a new call
+                assert {f.address: f.state for f in again.functions}[str(DISK_FN)] == report_pb2.FUNCTION_STATE_BUSY
+                assert [c for c, _ in engine.calls if c == "inspect"] == ["inspect", "inspect"]
+                await client.start_report()  # never read: closing drops it quietly
+
+        run(main())
+
+
+def test_a_report_started_early_fails_where_it_is_read(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with AgentClient(f"unix:{tmp_path / 'none.sock'}", connect_timeout=1) as client:
+            await client.start_report()  # no agent there: nothing raised yet
+            with pytest.raises(AgentUnreachable):
+                await client.get_report()
+
+    run(main())

@@ -1,0 +1,48 @@
+"""`unplugctl --help` and a usage error load no more than argparse needs: start-up is part of every command."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+# Each is several milliseconds of a ~40 ms --help (issue 13): the commands that need them import them.
+NOT_FOR_HELP = (
+    "asyncio",
+    "grpc",
+    "google.protobuf",
+    "qemu",
+    "libvirt",
+    "unplugd.v1",
+    "unplugd.host.planner",
+    "unplugd.host.devicespec",
+    "dataclasses",
+    "typing",
+    "pathlib",
+    "tomllib",
+    "json",
+)
+
+# The probe itself imports nothing beyond what the interpreter's start has loaded (its answer is a repr).
+PROBE = """
+import contextlib, io, sys
+from unplugd.host.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    code = main(sys.argv[1:])
+print(repr([code, sorted(sys.modules)]))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["status", "--help"], ["unplug"]], ids=["help", "status-help", "usage"])
+def test_help_and_usage_errors_import_nothing_heavy(argv: list[str]) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{PROBE}", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    code, modules = ast.literal_eval(out)
+    assert code == (2 if argv == ["unplug"] else 0)
+    assert [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)] == []
