@@ -301,13 +301,19 @@ def _inspect(root: str | None, devices: Sequence[str], *, probe: bool = True) ->
         return engine.inspect_data(roots, devices, exclusive_probe=probe)
 
 
+def _json_text(data: Data) -> str:
+    """Indented on a terminal only, as unplugctl does: json's indenting encoder is pure Python
+    (~100 ms of CPU for a report naming 2,000 processes), the compact one is C."""
+    from unplugd.agent.reportdata import to_json
+
+    return to_json(data, indent=2 if sys.stdout.isatty() else None)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     # --json prints the report's data as protobuf's JSON mapping would, without importing protobuf.
     data = _inspect(args.root, args.device, probe=not args.no_probe)
     if args.json:
-        from unplugd.agent.reportdata import to_json
-
-        sys.stdout.write(to_json(data) + "\n")
+        sys.stdout.write(_json_text(data) + "\n")
     else:
         from unplugd.agent.report import from_data
 
@@ -316,7 +322,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from unplugd.agent.reportdata import REASON_PREFIX, STATE_PREFIX, to_json
+    from unplugd.agent.reportdata import REASON_PREFIX, STATE_PREFIX
 
     data = _inspect(args.root, [args.device], probe=not args.no_probe)
     states = [f["state"].removeprefix(STATE_PREFIX) for f in data["functions"]]
@@ -327,7 +333,7 @@ def _run_check(args: argparse.Namespace) -> int:
     else:
         code = EXIT_OK
     if args.json:
-        sys.stdout.write(to_json(data) + "\n")
+        sys.stdout.write(_json_text(data) + "\n")
         return code
     for f, state in zip(data["functions"], states, strict=True):
         sys.stdout.write(f"{f['address']} ({display_text(_data_objects(f))}): {state}\n")

@@ -51,7 +51,7 @@ def _json_kwargs() -> dict[str, bool]:
     return {"including_default_value_fields": True}
 
 
-def to_json(report: report_pb2.Report, *, indent: int = 2) -> str:
+def to_json(report: report_pb2.Report, *, indent: int | None = 2) -> str:
     """The canonical JSON mapping (lowerCamelCase names, enum names as strings)."""
     from google.protobuf import json_format
 

@@ -85,7 +85,7 @@ def keep_functions(data: Data, addresses: Collection[str]) -> Data:
 # --------------------------------------------------------------------------- JSON
 
 
-def to_json(data: Data, *, indent: int = 2) -> str:
+def to_json(data: Data, *, indent: int | None = 2) -> str:
     """protobuf's canonical JSON of the Report, as json_format.MessageToJson prints it with defaults."""
     return json.dumps(_json_message(data), indent=indent)
 

@@ -7,6 +7,7 @@ venv's protobuf and on Debian 12's.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -31,6 +32,7 @@ def test_json_equals_json_format_byte_for_byte(tree: Path) -> None:
     data = _data(tree)
     assert data["functions"], "a tree without functions proves nothing"
     assert reportdata.to_json(data) == to_json(from_data(data))
+    assert reportdata.to_json(data, indent=None) == to_json(from_data(data), indent=None)  # not on a terminal
 
 
 @pytest.mark.parametrize(
@@ -128,3 +130,21 @@ def test_json_equals_json_format_on_debian_protobuf() -> None:
         env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"},
     )
     assert json.loads(out.stdout) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stdout", "lines"), [(io.StringIO, 1), (_Terminal, "many")])
+def test_json_is_indented_on_a_terminal_only(
+    monkeypatch: pytest.MonkeyPatch, stdout: type[io.StringIO], lines: int | str
+) -> None:
+    out = stdout()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["inspect", "--json", "--root", str(FIXTURES / "scenarios" / "bond.tree")]) == cli.EXIT_OK
+    text = out.getvalue()
+    count = len(text.splitlines())
+    assert count == 1 if lines == 1 else count > 100
+    assert json.loads(text)["functions"]
