@@ -102,30 +102,37 @@ def _json_name(field: str) -> str:
     return name
 
 
-def _is_default(field: str, value: object) -> bool:
-    if field in _ENUM_FIELDS:
-        return isinstance(value, str) and value.endswith("_UNSPECIFIED")
-    return value in ("", 0, [], ()) and not isinstance(value, dict)  # False == 0
-
-
 def _json_message(msg: Mapping[str, Any]) -> dict[str, Any]:
-    """Set fields first, in field order, then those at their default (json_format's order)."""
+    """Set fields first, in field order, then those at their default (json_format's order).
+
+    One loop with the common cases first (a report naming 2,000 processes has ~40,000 fields):
+    strings as they are, lists of strings as they are, lists of messages converted."""
     out: dict[str, Any] = {}
     defaults: dict[str, Any] = {}
+    names = _JSON_NAMES
     for field, value in msg.items():
-        (defaults if _is_default(field, value) else out)[_json_name(field)] = _json_value(field, value)
+        name = names.get(field) or _json_name(field)
+        kind = type(value)
+        if kind is str:
+            if value and not (field in _ENUM_FIELDS and value.endswith("_UNSPECIFIED")):
+                out[name] = value
+            else:
+                defaults[name] = value
+        elif kind is list:
+            if not value:
+                defaults[name] = []
+            elif type(value[0]) is dict:
+                out[name] = [_json_message(v) for v in value]
+            else:  # repeated strings (no repeated 64-bit integers in report.proto)
+                out[name] = value
+        elif kind is dict:
+            out[name] = _timestamp(value) if field in _TIMESTAMP_FIELDS else _json_message(value)
+        elif value:  # int, bool
+            out[name] = str(value) if field in _INT64_FIELDS else value
+        else:
+            defaults[name] = str(value) if field in _INT64_FIELDS else value
     out.update(defaults)
     return out
-
-
-def _json_value(field: str, value: Any) -> Any:
-    if isinstance(value, dict):
-        return _timestamp(value) if field in _TIMESTAMP_FIELDS else _json_message(value)
-    if isinstance(value, list | tuple):
-        return [_json_value(field, v) for v in value]
-    if field in _INT64_FIELDS:
-        return str(value)
-    return value
 
 
 def _timestamp(ts: Mapping[str, int]) -> str:
