@@ -313,7 +313,7 @@ print(before, index.built, files is not None and len(files) == 2, health)
 
 @pytest.mark.parametrize("python", ["/usr/bin/python3", "venv"])
 def test_descriptor_pb2_is_imported_by_the_first_question_only(python: str) -> None:
-    """Serving imports no descriptor_pb2 (~2.8 MiB of RSS on PyPI's protobuf); a question builds the index."""
+    """Serving imports no descriptor_pb2 (memory and start-up on PyPI's protobuf); a question builds the index."""
     import sys
 
     exe = sys.executable if python == "venv" else python
