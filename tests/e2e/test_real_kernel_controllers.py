@@ -10,7 +10,8 @@ e1000e NIC. Idle first, then in use (every disk but two LUNs mounted, the NICs u
   interface each reason names, the multipath head on both of its functions, the empty controller
   READY with its warning, and no problem about the hidden path devices;
 - `unplugd check NAME` for every name a user would type (kernel name, /dev path, /dev/disk/by-id and
-  by-path links): the function(s) it runs over and the exit code of their state;
+  by-path links), through the CLI's main() in one guest interpreter: the function(s) it runs over and
+  the exit code of their state;
 - the host's `unplugctl check` of every controller agreeing (exit 0 / 3), and of the head's name
   naming both slots it spans;
 - `unplugd capture` reproduces the in-use report offline (UNPLUGD_DK_CAPTURE_TO=FILE keeps the tree:
@@ -146,20 +147,29 @@ def text(f: dict[str, Any]) -> str:
     return "\n".join(f"{r['code']} {r.get('object', '')}: {r.get('detail', '')}" for r in f.get("reasons", []))
 
 
+# `unplugd check NAME` for each name through the CLI's own main() in one guest interpreter: an
+# interpreter start and the imports cost seconds each under TCG, ~30 names a state.
+_CHECKS_PY = """
+import contextlib, io, json, sys
+from unplugd.agent import cli
+found = {}
+for name in sys.argv[1:]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = cli.main(["check", name])
+        except SystemExit as exc:  # a usage error: argparse exits
+            rc = exc.code
+    found[name] = [rc, out.getvalue()]
+print(json.dumps(found))
+"""
+
+
 def checks(guest: Guest, names: list[str]) -> dict[str, tuple[int, str]]:
     """`unplugd check NAME` in the guest for each name: (exit code, output)."""
-    script = 'for n in "$@"; do out=$(unplugd check "$n" 2>&1); echo "== $? $n"; echo "$out"; done'
-    out = guest.vm.exec(["sh", "-c", script, "sh", *names], check=True, timeout=900).stdout
-    found: dict[str, tuple[int, str]] = {}
-    name, rc, body = "", 0, list[str]()
-    for line in [*out.splitlines(), "== 0 "]:
-        if line.startswith("== "):
-            if name:
-                found[name] = (rc, "\n".join(body))
-            head, _, name = line[3:].partition(" ")
-            rc, body = int(head), list[str]()
-        else:
-            body.append(line)
+    out = guest.vm.exec(["python3", "-c", _CHECKS_PY, *names], check=True, timeout=900).stdout
+    found = {name: (int(rc), text) for name, (rc, text) in json.loads(out).items()}
+    assert sorted(found) == sorted(names), out
     return found
 
 

@@ -1,10 +1,12 @@
-"""The watcher on real kernel objects: each change wakes it within a second, through events.
+"""The watcher on real kernel objects: each change wakes it through events, not the slow rescan.
 
 Loop devices are no PCI functions, so the watcher runs on the real Inventory
 (engine.scan) with a fingerprint of the objects a test makes: mounts of its
 loop partitions, or the state of its veth pair. The report a subscriber gets
 is derived from that same Inventory; the rescan tick is set to a minute, so
-only events can explain a wake-up within a second.
+only events can explain a wake-up well within it. (How soon is a benchmark's
+figure, `make bench`, not this test's: on a loaded 2-core machine running two
+test workers and TCG guests a wake-up can wait seconds for a core.)
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from unplugd.agent.model import Inventory, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.watch import ChangeWatcher
 
-LIMIT = 1.0
+# A sixth of the 60 s rescan tick: only an event wakes the watcher this soon; the rest is margin
+# for a loaded machine.
+LIMIT = 10.0
 
 
 class Changes:
@@ -46,7 +50,7 @@ class Changes:
             self.items.append((time.monotonic(), value))
             self.cond.notify_all()
 
-    def wait_for(self, want: object, since: float, timeout: float = 5.0) -> float:
+    def wait_for(self, want: object, since: float, timeout: float = 2 * LIMIT) -> float:
         """Seconds from `since` until a report equal to `want` arrived."""
         with self.cond:
             ok = self.cond.wait_for(lambda: any(t >= since and v == want for t, v in self.items), timeout)
@@ -158,7 +162,7 @@ def test_mount_in_a_namespace_born_after_the_watcher_started(disk: LoopDisk, tmp
                 pytest.fail(f"took {took:.2f}s; sources: {watcher._sources.kinds if watcher._sources else None}")
         # The holder was killed: its namespace and the mount in it go away.
         gone = time.monotonic()
-        assert changes.wait_for((), gone - 0.05, timeout=5) < LIMIT
+        assert changes.wait_for((), gone - 0.05) < LIMIT
 
 
 _NET_WATCH = """
@@ -189,7 +193,7 @@ class NetWatcher:
     def __init__(self, proc: subprocess.Popen[str]) -> None:
         self.proc = proc
 
-    def next_report(self, timeout: float = 5.0) -> tuple[float, dict[str, object]]:
+    def next_report(self, timeout: float = 2 * LIMIT) -> tuple[float, dict[str, object]]:
         box: list[str] = []
         assert self.proc.stdout is not None
         reader = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
