@@ -45,6 +45,9 @@ __all__ = ["ProcessScan", "scan_files_on", "scan_processes"]
 
 log = logging.getLogger(__name__)
 
+_S_IFMT = 0o170000  # stat.S_IFMT's mask, applied inline in the fd loop
+_FILE_TYPE = {"block": stat.S_IFBLK, "char": stat.S_IFCHR}
+
 
 @dataclass(frozen=True)
 class ProcessScan:
@@ -74,7 +77,10 @@ class _Scanner:
     def __init__(self, roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int]) -> None:
         self.roots = roots
         self.live = roots.live
-        self.by_devno: dict[tuple[DevNo, str], DeviceNode] = {(n.devno, n.kind): n for n in wanted}
+        # Live, an fd matches by what stat() of it answers: (st_rdev, file type) -> the node.
+        self.by_rdev: dict[tuple[int, int], DeviceNode] = {
+            (os.makedev(*n.devno), _FILE_TYPE[n.kind]): n for n in wanted if n.kind in _FILE_TYPE
+        }
         self.by_path: dict[str, DeviceNode] = {}
         self.resolved: dict[str, str | None] = {}
         if not self.live:
@@ -122,10 +128,13 @@ class _Scanner:
             return
         refs: list[OpenRef] = []
         inodes: list[int] = []
-        # The hot loop of a scan (tens of thousands of fds): locals only, text tests first.
+        # The hot loop of a scan (tens of thousands of fds): locals only, text tests first, and
+        # live, one stat() per device fd looked up by (st_rdev, type) with nothing built for a miss.
         readlink = os.readlink
+        fstat = os.stat
         live = self.live
         want_devices = self.want_devices
+        by_rdev = self.by_rdev
         sockets = self.sockets
         for name in names:
             try:
@@ -144,14 +153,26 @@ class _Scanner:
             # Live, a node may also show under another root's dev/ (a container's
             # rootfs seen from here); stat() decides, the text only pre-filters.
             if target.startswith("/dev/") or (live and "/dev/" in target):
-                if want_devices:
-                    try:
-                        ref = self._match_device(pid, name, dfd, target)
-                    except OSError as exc:
-                        self.problem(pid, exc, proc_dir)
-                        return
+                if not want_devices:
+                    continue
+                if not live:
+                    ref = self._match_captured(pid, name, target)
                     if ref is not None:
                         refs.append(ref)
+                    continue
+                try:
+                    st = fstat(name, dir_fd=dfd)  # follows the fd to the opened inode
+                except OSError as exc:
+                    if exc.errno in VANISHED_ERRNOS:
+                        continue  # closed meanwhile: nothing held through it any more
+                    self.problem(pid, exc, proc_dir)  # unreadable: never a silent "not held"
+                    return
+                node = by_rdev.get((st.st_rdev, st.st_mode & _S_IFMT))
+                if node is not None:
+                    fd_num = int(name) if name.isdigit() else None
+                    refs.append(
+                        OpenRef(pid=pid, command="", devno=node.devno, kind=node.kind, target=target, fd=fd_num)
+                    )
             elif sockets and target.startswith("socket:["):
                 inode = _socket_inode(target)
                 if inode is not None and inode in sockets:
@@ -182,25 +203,8 @@ class _Scanner:
             return None
         return data.decode("utf-8", "surrogateescape").strip()
 
-    def _match_device(self, pid: int, name: str, dfd: int, target: str) -> OpenRef | None:
-        fd_num = int(name) if name.isdigit() else None
-        if self.live:
-            try:
-                st = os.stat(name, dir_fd=dfd)  # follows the fd to the opened inode
-            except OSError as exc:
-                if exc.errno in VANISHED_ERRNOS:
-                    return None  # closed meanwhile: nothing held through it any more
-                raise  # unreadable: the caller records it, never a silent "not held"
-            if stat.S_ISBLK(st.st_mode):
-                kind = "block"
-            elif stat.S_ISCHR(st.st_mode):
-                kind = "char"
-            else:
-                return None
-            devno = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if (devno, kind) not in self.by_devno:
-                return None
-            return OpenRef(pid=pid, command="", devno=devno, kind=kind, target=target, fd=fd_num)
+    def _match_captured(self, pid: int, name: str, target: str) -> OpenRef | None:
+        """A captured tree keeps only the link text: resolved inside roots.dev, matched by node path."""
         node = self.by_path.get(target)
         if node is None:
             if target in self.resolved:
@@ -211,6 +215,7 @@ class _Scanner:
                 node = self.by_path.get(canonical)
         if node is None:
             return None
+        fd_num = int(name) if name.isdigit() else None
         return OpenRef(pid=pid, command="", devno=node.devno, kind=node.kind, target=target, fd=fd_num)
 
     @staticmethod

@@ -13,7 +13,8 @@ from tests.fixtures.model_builders import OTHER_NS, disk, fn, iface, inventory, 
 from unplugd.agent.model import DeviceNode, ScanProblem
 from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.readiness.reasons import Code, FunctionVerdict, ProcessRef, Reason, State
-from unplugd.agent.report import build_report, keep_functions, report_from_json, state_name, to_json, worst
+from unplugd.agent.report import build_report, from_data, report_from_json, state_name, to_json, worst
+from unplugd.agent.reportdata import Data, keep_functions, report_data
 from unplugd.v1 import report_pb2
 
 VDB = fn("0000:00:06.0", block=["vdb"], nodes=[DeviceNode("/dev/vdb", (252, 16), "block")])
@@ -23,6 +24,10 @@ BLOCK = [disk("vdb", (252, 16)), part("vdb1", (252, 17), "vdb"), disk("vdc", (25
 
 
 def report_for(**kw: object) -> report_pb2.Report:
+    return from_data(data_for(**kw))
+
+
+def data_for(**kw: object) -> Data:
     inv = inventory(
         [VDB, VDC, ETH1],
         block=BLOCK,
@@ -34,7 +39,7 @@ def report_for(**kw: object) -> report_pb2.Report:
         problems=[ScanProblem("/proc/9/fd", "Permission denied", ("devno:1:1",))],
         **kw,  # type: ignore[arg-type]
     )
-    return build_report(inv, evaluate(inv))
+    return report_data(inv, evaluate(inv))
 
 
 def test_every_code_has_a_proto_value_and_back() -> None:
@@ -101,7 +106,7 @@ def test_net_interface_message() -> None:
 
 
 def test_keep_functions_keeps_whole_slots() -> None:
-    r = keep_functions(report_for(), {"0000:00:06.1"})
+    r = from_data(keep_functions(data_for(), {"0000:00:06.1"}))
     assert [f.address for f in r.functions] == ["0000:00:06.1"]
     assert [s.address for s in r.slots] == ["0000:00:06"]
     assert list(r.slots[0].functions) == ["0000:00:06.0", "0000:00:06.1"]

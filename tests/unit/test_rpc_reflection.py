@@ -296,3 +296,35 @@ def test_reflection_under_debian_python(agent_process: tuple[subprocess.Popen[st
         health_check = pool.FindMethodByName("grpc.health.v1.Health.Check")
         assert health_check.input_type.fields_by_name["service"].number == 1
         assert health_check.containing_service.full_name == health.SERVICE_NAME
+
+
+LAZY = r"""
+import sys
+import grpc
+from unplugd.agent.rpc import reflection, server  # everything `unplugd serve` imports
+from unplugd.v1 import agent_service_pb2, grpc_std_pb2
+index = reflection.add_reflection(grpc.server(None), [agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"]])
+before = "google.protobuf.descriptor_pb2" in sys.modules
+files = index.files_by_name("unplugd/v1/report.proto")
+health = "grpc.health.v1.HealthCheckRequest" in grpc_std_pb2.MESSAGES
+print(before, index.built, files is not None and len(files) == 2, health)
+"""
+
+
+@pytest.mark.parametrize("python", ["/usr/bin/python3", "venv"])
+def test_descriptor_pb2_is_imported_by_the_first_question_only(python: str) -> None:
+    """Serving imports no descriptor_pb2 (memory and start-up on PyPI's protobuf); a question builds the index."""
+    import sys
+
+    exe = sys.executable if python == "venv" else python
+    if not Path(exe).exists():
+        pytest.skip(f"no {exe}")
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [exe, "-c", LAZY],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(repo / ".dev"), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    assert out.stdout.split() == ["False", "True", "True", "True"]
