@@ -468,12 +468,29 @@ class LibvirtDemo:
             raise DemoFailed(f"expected {count} lines about {self.name} saying {words!r}, got: {mine}")
 
 
+class Clock:
+    """Where the demo's time went, for its last line: (what, seconds) in order."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.monotonic()
+        self.parts: list[tuple[str, float]] = []
+
+    def lap(self, what: str) -> None:
+        now = time.monotonic()
+        self.parts.append((what, now - self._last))
+        self._last = now
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{what} {_minutes(s)}" for what, s in self.parts)
+        return f"{_minutes(time.monotonic() - self.start)} ({parts})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="make demo", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--keep", action="store_true", help="leave each VM running until Enter is pressed")
     p.add_argument("--skip-libvirt", action="store_true", help="skip the second phase (the libvirt domain)")
     args = p.parse_args(argv)
-    started = time.monotonic()
+    clock = Clock()
     step(
         "Building the guest image (cached by a hash of its recipe) and the .debs; dpkg -i in a stock guest, "
         "then booting it (q35, TCG): as a QEMU VM, and meanwhile as a libvirt domain for phase 2"
@@ -482,33 +499,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             domain: LibvirtGuest | None = None
             with GuestVM("q35", devices=devices(), config=GUEST_CONFIG, name="unplugd-demo") as vm:
+                clock.lap("image, packages and install")
                 if not args.skip_libvirt:
                     # Booted while phase 1 runs: a TCG boot takes minutes of one core, phase 1 mostly
-                    # waits on its guest; the two overlap instead of adding up.
+                    # waits on its guest; on two free cores the boots overlap instead of adding up.
                     subprocess.run(["sh", str(LIBVIRTD_SETUP)], check=True, timeout=60)
                     domain = stack.enter_context(
                         LibvirtGuest(unplug_layout(), config=GUEST_CONFIG, name=f"unplugd-demo-{os.getpid()}")
                     )
                 vm.wait_booted(timeout=600)
+                clock.lap("VM boot")
                 Demo(vm).run()
+                clock.lap("phase 1")
                 if args.keep:
                     print(f"QMP: {vm.qmp_socket}\nagent: serial:{vm.agent_socket}")
                     input("Enter stops the VM. ")
             if domain is not None:
-                libvirt_phase(domain, args.keep)
+                libvirt_phase(domain, args.keep, clock)
     except DemoFailed as e:
-        print(f"\ndemo FAILED after {_minutes(time.monotonic() - started)}: {e}", file=sys.stderr)
+        print(f"\ndemo FAILED after {_minutes(time.monotonic() - clock.start)}: {e}", file=sys.stderr)
         return 1
-    print(f"\n{BOLD}demo OK{RESET}: every step did what it showed, in {_minutes(time.monotonic() - started)}")
+    print(f"\n{BOLD}demo OK{RESET}: every step did what it showed, in {clock.summary()}")
     return 0
 
 
-def libvirt_phase(domain: LibvirtGuest, keep: bool) -> None:
+def libvirt_phase(domain: LibvirtGuest, keep: bool, clock: Clock) -> None:
     step("Phase 2: the same guest as a transient libvirt domain (libvirtd started if needed)")
     domain.wait_booted(timeout=600)
+    clock.lap("the domain's boot, past phase 1")
     helper_dir = Path(tempfile.mkdtemp(prefix="unplugd-demo-"))
     try:
         LibvirtDemo(domain, helper_dir).run()
+        clock.lap("phase 2")
         if keep:
             print(f"domain: {domain.name} (virsh -c {domain.uri} ...)")
             input("Enter stops the domain. ")
