@@ -50,8 +50,11 @@ lint: dev
 typecheck: dev
 	$(VENV)/bin/mypy -p unplugd
 
+# Two workers (the machine's cores): the VM modules run two at a time, each whole in one worker
+# (loadfile keeps a module's guest to one process); tests/conftest.py starts the longest first.
+TEST_JOBS ?= 2
 pytest: dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

@@ -5,6 +5,11 @@
 # it starts only what is not running and never restarts a running daemon.
 set -eu
 
+# One setup at a time: `make test` runs two pytest workers, and both may ask at once.
+mkdir -p /run/lock
+exec 9>/run/lock/unplugd-libvirtd-setup.lock
+flock 9
+
 CONF=/etc/libvirt/qemu.conf
 MARK="# unplugd dev settings (packaging/dev/libvirtd-setup.sh)"
 
@@ -27,8 +32,11 @@ if ! getent passwd libvirt-qemu >/dev/null; then
 fi
 mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu /run/libvirt
 
-pgrep -x virtlogd >/dev/null || virtlogd -d
-if pgrep -x libvirtd >/dev/null; then
+# By pid file, not by name: a test's private libvirtd (tests/integration/private_libvirtd.py) is
+# also called libvirtd, and it is not the system's.
+running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running /run/virtlogd.pid || virtlogd -d
+if running /run/libvirtd.pid; then
     if [ "${changed:-0}" = 1 ]; then
         echo "libvirtd-setup: $CONF changed while libvirtd runs; restart libvirtd to apply it" >&2
     fi

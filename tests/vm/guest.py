@@ -436,7 +436,10 @@ class GuestVM(GuestBase):
         if not self.allow_reboot:
             raise VMError("reboot needs GuestVM(allow_reboot=True); without it QEMU exits")
         old_boot = self.read_file("/proc/sys/kernel/random/boot_id").strip()
-        self.exec("systemctl --no-block reboot", check=True)
+        try:
+            self._qga.send("guest-shutdown", {"mode": "reboot"})
+        except GuestAgentError as exc:
+            raise VMError(f"guest-shutdown (reboot): {exc}") from exc
         self._started_at = time.monotonic()
         deadline = self._started_at + timeout
         while True:  # the old boot may answer qemu-ga for a moment after the reboot was queued

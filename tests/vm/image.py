@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.vm.shared import made_once, run_dir
+
 __all__ = ["GUEST_PACKAGES", "GuestImage", "build_debs", "build_image", "cache_dir", "guest_debs"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,13 +68,24 @@ GUEST_PACKAGES = ("python3-unplugd", "unplugd")
 
 @functools.cache
 def build_debs(outdir: Path | None = None, version: str | None = None) -> tuple[Path, ...]:
-    """Build every .deb from the current work tree (once per process, outdir and version).
+    """Build every .deb from the current work tree (once per run under xdist, else once per process).
 
     version overrides the package version (UNPLUGD_DEB_VERSION), e.g. a higher one to test an upgrade.
     """
-    if outdir is None:
-        outdir = Path(tempfile.mkdtemp(prefix="unplugd-deb-"))
-        atexit.register(shutil.rmtree, outdir, True)
+    if outdir is not None:
+        return _build_debs_into(outdir, version)
+    if run_dir() is not None:
+
+        def build(into: Path) -> None:
+            _build_debs_into(into, version)
+
+        return tuple(sorted(made_once(f"debs-{version or 'tree'}", build).glob("*.deb")))
+    outdir = Path(tempfile.mkdtemp(prefix="unplugd-deb-"))
+    atexit.register(shutil.rmtree, outdir, True)
+    return _build_debs_into(outdir, version)
+
+
+def _build_debs_into(outdir: Path, version: str | None) -> tuple[Path, ...]:
     env = dict(os.environ)
     if version is not None:
         env["UNPLUGD_DEB_VERSION"] = version

@@ -2,7 +2,7 @@
 
 The test image is stock Debian 12 plus the packages' dependencies (the guest has no network) and the
 tools the tests drive (lvm2, mdadm, ...): nothing of ours, no module preloads, no unit drop-ins. To
-test what users run, installed_root() boots that image once per process and config, copies the .debs
+test what users run, installed_root() boots that image once per run and config, copies the .debs
 in, runs `dpkg -i`, writes the config an administrator would, and powers the guest off. Every VM
 then boots an overlay of that disk: each test starts from the reboot that follows an install, which
 is where a package's boot-time mistakes show (the agent starting before its virtio-serial port).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import shlex
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from tests.vm.guest import GuestVM, VMError, progress, run_tool
 from tests.vm.image import GuestImage
 from tests.vm.qga import ExecResult
+from tests.vm.shared import made_once, run_dir
 
 __all__ = ["copy_into", "dpkg_install", "installed_root", "write_config"]
 
@@ -62,10 +64,20 @@ def write_config(vm: GuestVM, text: str) -> None:
 def installed_root(debs: tuple[Path, ...], config: str | None, image: GuestImage) -> Path:
     """A qcow2 disk (over the stock image) of a guest that installed debs, wrote config and powered off.
 
-    Once per process, debs and config: later VMs boot overlays of it. Removed when the process exits.
+    Once per run (every xdist worker shares it, tests/vm/shared.py) or, outside xdist, once per
+    process, debs and config: later VMs boot overlays of it. Removed when the run or process ends.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="unplugd-installed-"))
-    atexit.register(shutil.rmtree, workdir, True)
+    if run_dir() is None:
+        workdir = Path(tempfile.mkdtemp(prefix="unplugd-installed-"))
+        atexit.register(shutil.rmtree, workdir, True)
+        _install(workdir, debs, config, image)
+    else:
+        key = hashlib.sha256(repr((tuple(map(str, debs)), config, str(image.dir))).encode()).hexdigest()[:16]
+        workdir = made_once(f"installed-{key}", lambda d: _install(d, debs, config, image))
+    return workdir / "root.qcow2"
+
+
+def _install(workdir: Path, debs: tuple[Path, ...], config: str | None, image: GuestImage) -> None:
     disk = workdir / "root.qcow2"
     run_tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(image.disk), "-F", "raw", str(disk)])
     names = ", ".join(d.name.split("_", 1)[0] for d in debs)
@@ -79,4 +91,3 @@ def installed_root(debs: tuple[Path, ...], config: str | None, image: GuestImage
         # lose its answer when the guest goes down first.
         if not vm.shutdown(timeout=180):
             raise VMError("the guest did not power off after the install; its disk may be incomplete")
-    return disk

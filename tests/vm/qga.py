@@ -148,6 +148,24 @@ class GuestAgent:
                 if "return" in reply:
                     return reply["return"]
 
+    def send(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> None:
+        """Send a command that qemu-ga does not answer on success (guest-shutdown): sync, send, go.
+
+        Waiting for guest-exec-status of a `reboot` instead races the reboot, which may stop qemu-ga
+        before it answers.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            sock = self._connect(deadline)
+            try:
+                self._sync(sock, deadline)
+                req: dict[str, Any] = {"execute": command}
+                if arguments:
+                    req["arguments"] = arguments
+                self._send(sock, json.dumps(req).encode() + b"\n")
+            finally:
+                self.close()  # whatever comes back belongs to a guest going down
+
     def ping(self, timeout: float = 3.0) -> bool:
         try:
             self.call("guest-ping", timeout=timeout)
