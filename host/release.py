@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
 import grpc
@@ -247,6 +247,15 @@ async def release_slot(
     return result
 
 
+def _later(progress: Callable[[Progress], None] | None, offset: float) -> Callable[[Progress], None] | None:
+    """`progress` for a step that starts `offset` seconds into the command: its elapsed times go on
+    from the release's instead of starting again at zero."""
+    if progress is None:
+        return None
+    report = progress
+    return lambda p: report(replace(p, elapsed=p.elapsed + offset))
+
+
 async def unplug_released(
     orch: Orchestrator,
     device: str,
@@ -259,6 +268,7 @@ async def unplug_released(
 ) -> tuple[ReleaseResult, UnplugResult | None]:
     """`unplug --release`: the release, then (only when every function was released) the unplug
     with a lease; None when nothing was unplugged."""
+    start = time.monotonic()
     released = await release_slot(orch, device, timeout=timeout, progress=progress)
     if not released.released:
         return released, None
@@ -269,6 +279,6 @@ async def unplug_released(
         force=force,
         dry_run=dry_run,
         timeout=timeout,
-        progress=progress,
+        progress=_later(progress, time.monotonic() - start),
     )
     return released, unplug

@@ -37,7 +37,7 @@ from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.roots import Roots
 from unplugd.host.client import AgentCallFailed
 from unplugd.host.exitcodes import Exit
-from unplugd.host.orchestrator import Orchestrator
+from unplugd.host.orchestrator import Orchestrator, Progress
 from unplugd.host.orchestrator import Outcome as UnplugOutcome
 from unplugd.host.release import (
     FunctionRelease,
@@ -304,6 +304,37 @@ def test_unplug_release_unplugs_with_a_lease_once_released() -> None:
     assert unplug is not None and unplug.outcome is UnplugOutcome.UNPLUGGED and unplug.lease_id
     assert agent.calls[1] == "request_release 0000:01:00.0 30"
     assert agent.calls.index("request_release 0000:01:00.0 30") < agent.calls.index("prepare 0000:01:00.0")
+
+
+class SlowReleasingAgent(ReleasingAgent):
+    """Its hooks take a moment, as real ones do: the release's progress then reads well past zero."""
+
+    async def request_release(
+        self, devices: Sequence[str], deadline_seconds: float, *, timeout: float | None = None
+    ) -> pb.RequestReleaseResponse:
+        await asyncio.sleep(0.05)
+        return await super().request_release(devices, deadline_seconds, timeout=timeout)
+
+
+def test_unplug_release_progress_times_go_on_from_the_release() -> None:
+    """One command, one clock: the unplug half's progress does not start again at zero."""
+    released = pb.RequestReleaseResponse()
+    released.functions.add(
+        address="0000:01:00.0",
+        pci_path="0000:00/02.0/00.0",
+        outcome=pb.RELEASE_OUTCOME_RELEASED,
+        state=report_pb2.FUNCTION_STATE_READY,
+    )
+    ready = AFTER_DISK1.__class__()
+    ready.CopyFrom(BUSY_DISK1)
+    ready.functions[2].CopyFrom(gfunc("0000:01:00.0", "0000:00/02.0/00.0", blocks=("vdb",)))
+    agent = SlowReleasingAgent(released, BUSY_DISK1, ready, ready, AFTER_DISK1)
+    seen: list[Progress] = []
+    _run(unplug_released(Orchestrator(FakeBackend(topo(), slot_of), agent), "disk1", timeout=30, progress=seen.append))
+    events = [p.event for p in seen]
+    assert events[0] == "release" and "planned" in events and events[-1] != "release"
+    times = [p.elapsed for p in seen]
+    assert times == sorted(times) and times[0] >= 0.05, seen
 
 
 @pytest.mark.parametrize(
