@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Literal
 
 import pytest
 
@@ -124,12 +125,12 @@ def fake_image(tmp_path: Path) -> GuestImage:
 
 
 @pytest.mark.parametrize(("machine", "bus"), [("q35", "pcie.0"), ("pc", "pci.0")])
-def test_command_line(fake_image: GuestImage, machine: str, bus: str) -> None:
+def test_command_line(fake_image: GuestImage, machine: Literal["q35", "pc"], bus: str) -> None:
     vm = GuestVM(
         machine,
         devices=[disk_on_root_port("data0", chassis=1)],
         image=fake_image,
-        packages=None,  # type: ignore[arg-type]
+        packages=None,
         extra_args=["-S"],
     )
     try:
