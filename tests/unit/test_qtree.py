@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.unit.test_topology_qmp import replay
 from unplugd.host.backends import qmp
-from unplugd.host.backends.qmp import QmpCommandError, build_topology
 from unplugd.host.backends.qtree import multifunction_by_slot
 from unplugd.host.topology import Topology
 
@@ -81,30 +78,18 @@ def _qtree_of(topo: Topology, flip: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read(answers: Mapping[str, Any], asked: list[str]) -> Topology:
-    async def execute(command: str, arguments: Mapping[str, Any] | None) -> Any:
-        key = json.dumps([command, arguments or {}], sort_keys=True)
-        asked.append(key)
-        answer = answers[key]
-        if "error" in answer:
-            raise QmpCommandError(command, answer["error"])
-        return answer["return"]
-
-    return asyncio.run(build_topology(execute, "vm"))
-
-
 QTREE_KEY = json.dumps(["human-monitor-command", {"command-line": "info qtree"}], sort_keys=True)
 
 
 def test_many_lone_functions_read_multifunction_from_one_qtree(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = json.loads((FIXTURES / "pc.json").read_text())["answers"]
-    plain = _read(answers, [])
+    plain = replay(answers, asked=[])
     lone = [s.functions[0] for s in plain.slots if len(s.functions) == 1 and s.functions[0].qemu_id]
     flip = lone[0].qemu_id
     assert flip is not None
     monkeypatch.setattr(qmp, "_QTREE_MIN_READS", 1)  # the fixture's 8 lone functions count as many
     asked: list[str] = []
-    topo = _read({**answers, QTREE_KEY: {"return": _qtree_of(plain, flip)}}, asked)
+    topo = replay({**answers, QTREE_KEY: {"return": _qtree_of(plain, flip)}}, asked=asked)
     assert QTREE_KEY in asked
     assert not [k for k in asked if '"multifunction"' in k]  # no qom-get of it left
     by_id = {f.qemu_id: f for f in topo.functions()}
@@ -115,11 +100,11 @@ def test_many_lone_functions_read_multifunction_from_one_qtree(monkeypatch: pyte
 
 def test_a_function_the_qtree_does_not_name_is_asked_of_qom(monkeypatch: pytest.MonkeyPatch) -> None:
     answers = json.loads((FIXTURES / "pc.json").read_text())["answers"]
-    plain = _read(answers, [])
+    plain = replay(answers, asked=[])
     monkeypatch.setattr(qmp, "_QTREE_MIN_READS", 1)
     for qtree in ({"error": "HMP disabled"}, {"return": "bus: main-system-bus\n"}):
         asked: list[str] = []
-        topo = _read({**answers, QTREE_KEY: qtree}, asked)
+        topo = replay({**answers, QTREE_KEY: qtree}, asked=asked)
         assert QTREE_KEY in asked and [k for k in asked if '"multifunction"' in k]
         assert [f.multifunction for f in topo.functions()] == [f.multifunction for f in plain.functions()]
 
@@ -128,5 +113,5 @@ def test_a_function_the_qtree_does_not_name_is_asked_of_qom(monkeypatch: pytest.
 def test_few_lone_functions_are_read_one_by_one(name: str) -> None:
     """A small VM's few qom-gets ride along with the walk; a qtree would cost QEMU more than they do."""
     asked: list[str] = []
-    _read(json.loads((FIXTURES / f"{name}.json").read_text())["answers"], asked)
+    replay(json.loads((FIXTURES / f"{name}.json").read_text())["answers"], asked=asked)
     assert QTREE_KEY not in asked and [k for k in asked if '"multifunction"' in k]

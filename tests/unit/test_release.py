@@ -286,7 +286,8 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     return asyncio.run(coro)
 
 
-def test_unplug_release_unplugs_with_a_lease_once_released() -> None:
+def _disk1_released() -> tuple[pb.RequestReleaseResponse, report_pb2.Report]:
+    """The agent's answer that disk1 was released, and the report in which it is then READY."""
     released = pb.RequestReleaseResponse()
     released.functions.add(
         address="0000:01:00.0",
@@ -297,6 +298,11 @@ def test_unplug_release_unplugs_with_a_lease_once_released() -> None:
     ready = AFTER_DISK1.__class__()
     ready.CopyFrom(BUSY_DISK1)
     ready.functions[2].CopyFrom(gfunc("0000:01:00.0", "0000:00/02.0/00.0", blocks=("vdb",)))
+    return released, ready
+
+
+def test_unplug_release_unplugs_with_a_lease_once_released() -> None:
+    released, ready = _disk1_released()
     be = FakeBackend(topo(), slot_of)
     agent = ReleasingAgent(released, BUSY_DISK1, ready, ready, AFTER_DISK1)
     rel, unplug = _run(unplug_released(Orchestrator(be, agent), "disk1", timeout=30))
@@ -318,16 +324,7 @@ class SlowReleasingAgent(ReleasingAgent):
 
 def test_unplug_release_progress_times_go_on_from_the_release() -> None:
     """One command, one clock: the unplug half's progress does not start again at zero."""
-    released = pb.RequestReleaseResponse()
-    released.functions.add(
-        address="0000:01:00.0",
-        pci_path="0000:00/02.0/00.0",
-        outcome=pb.RELEASE_OUTCOME_RELEASED,
-        state=report_pb2.FUNCTION_STATE_READY,
-    )
-    ready = AFTER_DISK1.__class__()
-    ready.CopyFrom(BUSY_DISK1)
-    ready.functions[2].CopyFrom(gfunc("0000:01:00.0", "0000:00/02.0/00.0", blocks=("vdb",)))
+    released, ready = _disk1_released()
     agent = SlowReleasingAgent(released, BUSY_DISK1, ready, ready, AFTER_DISK1)
     seen: list[Progress] = []
     _run(unplug_released(Orchestrator(FakeBackend(topo(), slot_of), agent), "disk1", timeout=30, progress=seen.append))

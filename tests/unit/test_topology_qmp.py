@@ -36,9 +36,13 @@ def load(name: str) -> dict[str, Any]:
     return doc
 
 
-def replay(answers: Mapping[str, Any], *, drop: str = "") -> Topology:
+def replay(answers: Mapping[str, Any], *, drop: str = "", asked: list[str] | None = None) -> Topology:
+    """The topology read against recorded answers; `asked` collects every command as it is sent."""
+
     async def execute(command: str, arguments: Mapping[str, Any] | None) -> Any:
         key = json.dumps([command, arguments or {}], sort_keys=True)
+        if asked is not None:
+            asked.append(key)
         if drop and (drop in key or key not in answers):
             raise QmpCommandError(command, "dropped by the test")
         answer = answers[key]
@@ -229,18 +233,8 @@ def test_removal_from_event() -> None:
 @pytest.mark.parametrize("name", ["pc", "q35", "pc-unnumbered", "q35-unnumbered"])
 def test_each_fact_is_asked_once_and_ids_spare_the_per_device_reads(name: str) -> None:
     """QEMU answers one QMP command at a time: the read must not ask what it knows or already asked."""
-    answers = load(name)["answers"]
     asked: list[str] = []
-
-    async def execute(command: str, arguments: Mapping[str, Any] | None) -> Any:
-        key = json.dumps([command, arguments or {}], sort_keys=True)
-        asked.append(key)
-        answer = answers[key]
-        if "error" in answer:
-            raise QmpCommandError(command, answer["error"])
-        return answer["return"]
-
-    topo = asyncio.run(build_topology(execute, "vm"))
+    topo = replay(load(name)["answers"], asked=asked)
     assert len(asked) == len(set(asked))
     gets = [json.loads(k)[1] for k in asked if json.loads(k)[0] == "qom-get"]
     named = {f.qom_path for f in topo.functions() if f.qemu_id and f.qom_path}
