@@ -6,9 +6,11 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.e2e.real_kernel import FIGURES
 from tests.vm.shared import run_dir_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,6 +53,29 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _xdist_controller(config) and not hasattr(config, "workerinput") and config.option.testrunuid:
         shutil.rmtree(run_dir_for(config.option.testrunuid), ignore_errors=True)
+
+
+# The VM figures the e2e tests collect (boot and scenario times, latencies) are printed at the end,
+# never asserted. Under xdist they are gathered in the workers: each hands its own to the controller.
+_FIGURES_KEY = "unplugd_vm_figures"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput[_FIGURES_KEY] = list(FIGURES)
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest alone does not know it
+def pytest_testnodedown(node: Any, error: object) -> None:
+    FIGURES.extend(getattr(node, "workeroutput", {}).get(_FIGURES_KEY, []))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FIGURES:
+        terminalreporter.section("VM figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -26,7 +26,7 @@ __all__ = [
     "unplugctl",
 ]
 
-# Timings of the VM runs, printed at the end of the session (tests/e2e/conftest.py): never asserted.
+# Timings of the VM runs, printed at the end of the session (tests/conftest.py): never asserted.
 FIGURES: list[str] = []
 
 SCENARIOS_SH = Path(__file__).with_name("real_kernel_scenarios.sh")
