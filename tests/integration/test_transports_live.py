@@ -77,6 +77,18 @@ class Qemu:
 QemuFactory = Callable[..., Qemu]
 
 
+def _monitor_on_chardev(chardev: Path) -> tuple[str, ...]:
+    """QEMU arguments: no machine, a QMP monitor as the frontend of a server chardev socket c0."""
+    return (
+        "-machine",
+        "none",
+        "-chardev",
+        f"socket,id=c0,path={chardev},server=on,wait=off",
+        "-mon",
+        "chardev=c0,mode=control",
+    )
+
+
 @pytest.fixture
 def qemu_factory(tmp_path: Path) -> Iterator[QemuFactory]:
     """Start QEMU with extra arguments; every one is killed at teardown, even on failure."""
@@ -115,14 +127,7 @@ def test_qemu_chardev_serves_one_client_at_a_time_and_the_next_after_it_leaves(
     A QMP monitor as the chardev's frontend makes the serving visible: it
     greets each client it serves."""
     chardev = tmp_path / "chardev.sock"
-    q = qemu_factory(
-        "-machine",
-        "none",
-        "-chardev",
-        f"socket,id=c0,path={chardev},server=on,wait=off",
-        "-mon",
-        "chardev=c0,mode=control",
-    )
+    q = qemu_factory(*_monitor_on_chardev(chardev))
     assert str(q.chardev("c0")["filename"]).startswith("disconnected:")
 
     first = socket.socket(socket.AF_UNIX)
@@ -153,14 +158,7 @@ def test_serial_relay_against_qemu_chardev_with_foreign_bytes(tmp_path: Path, qe
     answers our frames with JSON errors): the relay drops the bytes, never
     crashes, and the client reports the agent unreachable within its deadline."""
     chardev = tmp_path / "chardev.sock"
-    qemu_factory(
-        "-machine",
-        "none",
-        "-chardev",
-        f"socket,id=c0,path={chardev},server=on,wait=off",
-        "-mon",
-        "chardev=c0,mode=control",
-    )
+    qemu_factory(*_monitor_on_chardev(chardev))
 
     async def main() -> None:
         for _ in range(2):  # and again: QEMU takes the next client
