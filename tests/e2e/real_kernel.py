@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.vm import MUTATIONS_CONFIG, DataDisk, Device, GuestVM, root_ports, virtio_disk
@@ -24,6 +26,7 @@ __all__ = [
     "SCENARIOS_SH",
     "port_of",
     "unplugctl",
+    "unplugctl_process",
 ]
 
 # Timings of the VM runs, printed at the end of the session (tests/conftest.py): never asserted.
@@ -136,3 +139,13 @@ def unplugctl(vm: GuestVM, *args: str) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = host_cli.main(argv)
     return rc, out.getvalue(), err.getvalue()
+
+
+def unplugctl_process(vm: GuestVM, *args: str, timeout: float) -> tuple[int, str, str]:
+    """unplugctl as a user runs it (its own interpreter), with the VM's QMP and agent channel."""
+    from tests.conftest import REPO
+
+    cmd = [sys.executable, "-m", "unplugd.host.cli", args[0], "--qmp", str(vm.qmp_socket),
+           "--agent", f"serial:{vm.agent_socket}", "--agent-timeout", "20", *args[1:]]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return p.returncode, p.stdout, p.stderr

@@ -123,23 +123,15 @@ def test_a_channel_held_through_libvirt_is_refused_unless_forced(daemon: Private
         conn.close()
 
 
+def _wait_ready_vdb(domain: str, uri: str) -> list[str]:
+    """`unplugctl wait-ready DOMAIN vdb` over the remote URI, as its own process."""
+    return [sys.executable, "-m", "unplugd.host.cli", "wait-ready", domain, "vdb", "--timeout", "150",
+            "--connect", uri, "--agent-timeout", "20"]  # fmt: skip
+
+
 def test_wait_ready_by_remote_uri(daemon: PrivateLibvirtd, guest: LibvirtGuest) -> None:
     assert daemon.tcp_uri is not None
-    cmd = [
-        sys.executable,
-        "-m",
-        "unplugd.host.cli",
-        "wait-ready",
-        guest.name,
-        "vdb",
-        "--timeout",
-        "150",
-        "--connect",
-        daemon.tcp_uri,
-        "--agent-timeout",
-        "20",
-        "--json",
-    ]
+    cmd = [*_wait_ready_vdb(guest.name, daemon.tcp_uri), "--json"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         time.sleep(5)  # wait-ready is watching through the channel's stream by now
@@ -171,20 +163,7 @@ def test_hypervisor_silent_mid_wait_ends_with_a_clear_outcome(daemon: PrivateLib
     GUEST_UNREACHABLE (exit 4) saying so, instead of waiting out its --timeout."""
     assert daemon.tcp_uri is not None
     guest.exec("mountpoint -q /mnt/data || mount /dev/disk/by-id/virtio-data /mnt/data", check=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "unplugd.host.cli",
-        "wait-ready",
-        guest.name,
-        "vdb",
-        "--timeout",
-        "150",
-        "--connect",
-        daemon.tcp_uri,
-        "--agent-timeout",
-        "20",
-    ]
+    cmd = _wait_ready_vdb(guest.name, daemon.tcp_uri)
     pid = int((daemon.root / "libvirtd.pid").read_text())
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_vm_tools
+from tests.conftest import require_vm_tools
+from tests.e2e.real_kernel import unplugctl_process
 from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port
 
 # The example hook lists and stops units and unmounts: seconds on a guest, but 5 s was not enough
@@ -71,21 +71,7 @@ def vm() -> Iterator[GuestVM]:
 
 
 def unplugctl(vm: GuestVM, *args: str, timeout: float = 240) -> tuple[int, str, str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "unplugd.host.cli",
-        args[0],
-        "--qmp",
-        str(vm.qmp_socket),
-        "--agent",
-        f"serial:{vm.agent_socket}",
-        "--agent-timeout",
-        "20",
-        *args[1:],
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    return p.returncode, p.stdout, p.stderr
+    return unplugctl_process(vm, *args, timeout=timeout)
 
 
 def set_hooks(vm: GuestVM, script: str) -> None:

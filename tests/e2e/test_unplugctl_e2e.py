@@ -9,13 +9,12 @@ disk first (the kernel then refuses to mount it) and releases the lease.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, require_vm_tools
+from tests.conftest import require_vm_tools
+from tests.e2e.real_kernel import unplugctl_process
 from tests.vm import MUTATIONS_CONFIG, GuestVM, disk_on_root_port
 
 CONFIG = MUTATIONS_CONFIG
@@ -41,22 +40,7 @@ def vm() -> Iterator[GuestVM]:
 
 
 def unplugctl(vm: GuestVM, *args: str, timeout: float = 180) -> tuple[int, str, str]:
-    sub = args[0]
-    cmd = [
-        sys.executable,
-        "-m",
-        "unplugd.host.cli",
-        sub,
-        "--qmp",
-        str(vm.qmp_socket),
-        "--agent",
-        f"serial:{vm.agent_socket}",
-        "--agent-timeout",
-        "20",
-        *args[1:],
-    ]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    return p.returncode, p.stdout, p.stderr
+    return unplugctl_process(vm, *args, timeout=timeout)
 
 
 def test_status_sees_the_guest(vm: GuestVM) -> None:
