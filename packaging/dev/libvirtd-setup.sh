@@ -35,13 +35,15 @@ mkdir -p /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu /ru
 # By pid file, not by name: a test's private libvirtd (tests/integration/private_libvirtd.py) is
 # also called libvirtd, and it is not the system's.
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-running /run/virtlogd.pid || virtlogd -d
+# `9>&-`: a daemon that inherited the lock's descriptor would hold the lock for as long as it
+# runs, and every later setup would wait on it forever.
+running /run/virtlogd.pid || virtlogd -d 9>&-
 if running /run/libvirtd.pid; then
     if [ "${changed:-0}" = 1 ]; then
         echo "libvirtd-setup: $CONF changed while libvirtd runs; restart libvirtd to apply it" >&2
     fi
 else
-    libvirtd -d
+    libvirtd -d 9>&-
 fi
 
 # Wait for the daemon to answer (up to 20 s).

@@ -20,6 +20,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SETUP = REPO / "packaging" / "dev" / "libvirtd-setup.sh"
+SETUP_LOCK = "/run/lock/unplugd-libvirtd-setup.lock"  # the one SETUP takes
 URI = "qemu:///system"
 
 

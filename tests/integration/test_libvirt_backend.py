@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import TypeVar
 
 import pytest
 
-from tests.integration.libvirtd import URI, ensure_libvirtd, transient_domain
+from tests.integration.libvirtd import SETUP_LOCK, URI, ensure_libvirtd, transient_domain
 from unplugd.host.backends.libvirt import LibvirtBackend
 from unplugd.host.errors import DomainNotFound, HotplugUnsupported, MultifunctionRefused
 from unplugd.host.orchestrator import Orchestrator, Outcome
@@ -40,6 +42,17 @@ def with_backend(name: str, body: Callable[[LibvirtBackend], Awaitable[T]]) -> T
 
 def alias(t: Topology, name: str) -> Function:
     return next(f for f in t.functions() if f.alias == name)
+
+
+def test_the_setup_leaves_no_daemon_holding_its_lock(libvirtd: None) -> None:
+    # A daemon started with the lock's descriptor open held the lock while it ran, and every later
+    # setup (the other test worker's, the next module's) waited on it until its timeout.
+    holders = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            holders += [fd_dir.parent.name for fd in fd_dir.iterdir() if os.readlink(fd) == SETUP_LOCK]
+    assert holders == []
+    ensure_libvirtd()
 
 
 def test_topology_and_channel(q35: tuple[str, Path]) -> None:
