@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from unplugd.host.relays import Relay
 
 __all__ = ["EPILOG", "EXIT", "main", "open_session", "parser"]  # noqa: F822 (EXIT: __getattr__ below)
-
-log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -452,12 +449,14 @@ def _is_fleet(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parser()
+    p = parser(lazy=True)
     try:
         args = p.parse_args(argv)
         _split_target(p, args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
+    import logging  # not before: `--help` and a usage error do without it (~8 ms, see the top)
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)

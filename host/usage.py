@@ -9,12 +9,17 @@ host/cli.py runs what it parses.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import sys
 
 from unplugd.host.exitcodes import help_paragraph
 
 TYPE_CHECKING = False  # not typing's: `--help` imports no more than it needs (see cli.py)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
+    from typing import Any
 
 __all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
 
@@ -71,8 +76,116 @@ libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
 """.replace("{exit_codes}", help_paragraph())
 
 
-def parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, the same steps, without importing shutil: argparse makes a
+    help formatter for every add_argument and imports shutil for its width (bz2, lzma, zlib: ~3 ms)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    out = sys.__stdout__
+    if columns <= 0 and out is not None:
+        try:
+            columns = os.get_terminal_size(out.fileno()).columns
+        except (ValueError, OSError):
+            columns = 0
+    return columns or 80  # shutil's fallback
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter with the terminal's width found as shutil finds it (_columns)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
+    """Subcommands whose parsers are built when chosen: `unplugctl --help` lists every command from
+    its one-line help, and a command builds its own parser only (~100 add_argument calls in all).
+    add_command registers a name, its help and its builder; parse_args builds the chosen one,
+    build_all every one (the manual page and the completion read them all)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._builders: dict[str, Callable[[], argparse.ArgumentParser]] = {}
+        # what `choices` holds for a command not built yet: parse_args never meets it (__call__ builds first)
+        self._unbuilt = argparse.ArgumentParser(prog=f"{self._prog_prefix} (not built)", add_help=False)
+
+    def add_command(
+        self,
+        name: str,
+        help: str,
+        build: Callable[[argparse.ArgumentParser], None],
+        *,
+        common: Callable[[], argparse.ArgumentParser],
+        epilog: str,
+    ) -> None:
+        def made() -> argparse.ArgumentParser:
+            # what add_parser(name, parents=[common], ...) makes; its help line is the pseudo-action below
+            p = argparse.ArgumentParser(
+                prog=f"{self._prog_prefix} {name}", parents=[common()], epilog=epilog, formatter_class=_Formatter
+            )
+            build(p)
+            return p
+
+        self._choices_actions.append(self._ChoicesPseudoAction(name, (), help))
+        self._builders[name] = made
+        self._name_parser_map[name] = self._unbuilt
+
+    def build(self, name: str) -> argparse.ArgumentParser:
+        made = self._builders.pop(name, None)
+        if made is not None:
+            self._name_parser_map[name] = made()
+        built: argparse.ArgumentParser = self._name_parser_map[name]
+        return built
+
+    def build_all(self) -> None:
+        for name in list(self._builders):
+            self.build(name)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        if values and values[0] in self._builders:
+            self.build(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def parser(*, lazy: bool = False) -> argparse.ArgumentParser:
+    """unplugctl's parser. lazy: each command's own parser is built when the command is parsed
+    (cli.main: start-up); otherwise all at once, so that `choices` holds every command's parser."""
+    p = argparse.ArgumentParser(
+        prog="unplugctl",
+        description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands)
+    assert isinstance(sub, _Commands)
+    common = functools.cache(_common)  # once a parser, for the commands built
+    for name, helptext, build, epilog in (
+        ("status", "every slot: hardware, guest state, verdict", _status, EPILOG),
+        ("check", "verdict for one device (exit code says it)", _check, EPILOG),
+        ("unplug", "unplug a device's slot, safely", _unplug, EPILOG),
+        ("wait-ready", "wait until the guest releases a device", _wait_ready, EPILOG),
+        (
+            "release",
+            "ask the guest to release a device (its release hooks), then wait until it is ready",
+            _release,
+            EPILOG,
+        ),
+        ("slots", "where a device can be hot-added: every bus, its free and taken slots", _slots, EPILOG),
+        ("plug", "hot-add devices (a whole multifunction slot), confirmed by the guest", _plug, PLUG_EPILOG),
+    ):
+        sub.add_command(name, helptext, build, common=common, epilog=epilog)
+    if not lazy:
+        sub.build_all()
+    return p
+
+
+def _common() -> argparse.ArgumentParser:
+    """The options every command takes."""
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument(
         "--connect",
         "-c",
@@ -111,22 +224,10 @@ def parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     common.add_argument("--verbose", "-v", action="store_true", help="log progress to stderr; status: every reason")
+    return common
 
-    p = argparse.ArgumentParser(
-        prog="unplugctl",
-        description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.RawDescriptionHelpFormatter
-    st = sub.add_parser(
-        "status",
-        parents=[common],
-        help="every slot: hardware, guest state, verdict",
-        epilog=EPILOG,
-        formatter_class=fmt,
-    )
+
+def _status(st: argparse.ArgumentParser) -> None:
     st.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp); several: a fleet")
     st.add_argument(
         "--unpluggable",
@@ -134,56 +235,67 @@ def parser() -> argparse.ArgumentParser:
         help="fleet: only domains with a device matching alias|target|model|path=GLOB[,...] that is UNPLUGGABLE now",
     )
     st.add_argument("--all", action="store_true", help="also the infrastructure (root ports, bridges, chipset)")
-    for name, helptext in (
-        ("check", "verdict for one device (exit code says it)"),
-        ("unplug", "unplug a device's slot, safely"),
-        ("wait-ready", "wait until the guest releases a device"),
-        ("release", "ask the guest to release a device (its release hooks), then wait until it is ready"),
-    ):
-        c = sub.add_parser(name, parents=[common], help=helptext, epilog=EPILOG, formatter_class=fmt)
-        c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
-        if name == "unplug":
-            c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
-            c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
-            c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
-            c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
-            c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
-            c.add_argument(
-                "--release",
-                action="store_true",
-                help="first ask the guest to release the slot (its release hooks); unplug, with a lease, "
-                "only if every function is then ready (--timeout bounds each half)",
-            )
-        if name == "wait-ready":
-            c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
-        if name == "release":
-            c.add_argument(
-                "--timeout",
-                type=float,
-                default=60.0,
-                metavar="S",
-                help="seconds the guest may take, hooks and the wait (default %(default)s)",
-            )
-    for name in ("status", "check"):
-        fleet = sub.choices[name].add_argument_group("fleet (several domains or --connect URIs)")
-        fleet.add_argument("--all-domains", action="store_true", help="every running domain of each --connect URI")
-        fleet.add_argument(
-            "--jobs",
-            "-j",
-            type=int,
-            default=DEFAULT_JOBS,
-            metavar="N",
-            help="domains asked at once (default %(default)s)",
-        )
-        fleet.add_argument(
-            "--domain-timeout",
-            type=float,
-            default=60.0,
-            metavar="S",
-            help="give up on one domain after S seconds (default %(default)s)",
-        )
-    _hot_add_parsers(sub, common, fmt)
-    return p
+    _fleet(st)
+
+
+def _one_device(c: argparse.ArgumentParser) -> None:
+    c.add_argument("target", nargs="+", metavar="VM DEVICE", help="VM (omit with --qmp) and DEVICE")
+
+
+def _check(c: argparse.ArgumentParser) -> None:
+    _one_device(c)
+    _fleet(c)
+
+
+def _unplug(c: argparse.ArgumentParser) -> None:
+    _one_device(c)
+    c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
+    c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
+    c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
+    c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
+    c.add_argument(
+        "--release",
+        action="store_true",
+        help="first ask the guest to release the slot (its release hooks); unplug, with a lease, "
+        "only if every function is then ready (--timeout bounds each half)",
+    )
+
+
+def _wait_ready(c: argparse.ArgumentParser) -> None:
+    _one_device(c)
+    c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
+
+
+def _release(c: argparse.ArgumentParser) -> None:
+    _one_device(c)
+    c.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds the guest may take, hooks and the wait (default %(default)s)",
+    )
+
+
+def _fleet(c: argparse.ArgumentParser) -> None:
+    fleet = c.add_argument_group("fleet (several domains or --connect URIs)")
+    fleet.add_argument("--all-domains", action="store_true", help="every running domain of each --connect URI")
+    fleet.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=DEFAULT_JOBS,
+        metavar="N",
+        help="domains asked at once (default %(default)s)",
+    )
+    fleet.add_argument(
+        "--domain-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="give up on one domain after S seconds (default %(default)s)",
+    )
 
 
 PLUG_EPILOG = """\
@@ -210,26 +322,11 @@ slot, which unplugctl refuses and says to use --qmp for.
 """.replace("{exit_codes}", help_paragraph())
 
 
-def _hot_add_parsers(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
-    fmt: type[argparse.RawDescriptionHelpFormatter],
-) -> None:
-    sl = sub.add_parser(
-        "slots",
-        parents=[common],
-        help="where a device can be hot-added: every bus, its free and taken slots",
-        epilog=EPILOG,
-        formatter_class=fmt,
-    )
+def _slots(sl: argparse.ArgumentParser) -> None:
     sl.add_argument("target", nargs="*", metavar="VM", help="VM (omit with --qmp)")
-    pl = sub.add_parser(
-        "plug",
-        parents=[common],
-        help="hot-add devices (a whole multifunction slot), confirmed by the guest",
-        epilog=PLUG_EPILOG,
-        formatter_class=fmt,
-    )
+
+
+def _plug(pl: argparse.ArgumentParser) -> None:
     pl.add_argument("target", nargs="*", metavar="VM DEVICE-SPEC", help="VM (omit with --qmp), then device specs")
     pl.add_argument("--slot", metavar="BUS:SLOT", help="where (default: a free hotpluggable slot)")
     pl.add_argument("--netdev", action="append", default=[], metavar="SPEC", help="create this -netdev first")

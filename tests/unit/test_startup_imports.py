@@ -23,6 +23,8 @@ NOT_FOR_HELP = (
     "pathlib",
     "tomllib",
     "json",
+    "logging",  # ~25 M instructions with what it imports: main() imports it once the arguments parsed
+    "shutil",  # argparse's width for every add_argument: usage._columns finds it without (bz2, lzma, zlib)
 )
 
 # The probe itself imports nothing beyond what the interpreter's start has loaded (its answer is a repr).
