@@ -31,13 +31,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from unplugd.host import plugging
 from unplugd.host.client import AGENT_CALL_ERRORS, AgentUnreachable
-from unplugd.host.devicespec import SlotRequest
 from unplugd.host.errors import BackendError, HostError, UnplugRefused
-from unplugd.host.placement import BusRoom, room
 from unplugd.host.planner import (
     Finding,
     GuestView,
@@ -49,11 +46,17 @@ from unplugd.host.planner import (
     plan_slot,
     resolve,
 )
-from unplugd.host.plugging import PlugResult
 from unplugd.host.topology import Function, Removal, Topology
 from unplugd.pci import PciPath
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
+
+if TYPE_CHECKING:
+    # hot-add's (slots, plug): imported by those two methods, not by status, check and unplug
+    # (devicespec brings tomllib, placement and plugging their dataclasses: ~20 ms of a status)
+    from unplugd.host.devicespec import SlotRequest
+    from unplugd.host.placement import BusRoom
+    from unplugd.host.plugging import PlugResult
 
 __all__ = [
     "AgentLike",
@@ -535,10 +538,14 @@ class Orchestrator:
 
     async def slots(self) -> tuple[BusRoom, ...]:
         """Every bus with its free and taken slots: where a hot-add can go."""
+        from unplugd.host.placement import room
+
         return room(await self.backend.topology())
 
     async def plug(self, requests: Sequence[SlotRequest], **options: Any) -> PlugResult:
         """Hot-add whole slots, confirmed by the guest, all or nothing (see plugging.plug for options)."""
+        from unplugd.host import plugging
+
         return await plugging.plug(self.backend, self.agent, requests, agent_timeout=self.agent_timeout, **options)
 
     # ------------------------------------------------------------ wait-ready
