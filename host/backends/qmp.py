@@ -316,22 +316,23 @@ class _Qom:
             self._types[handler] = asyncio.ensure_future(self.get(handler, "type"))
         return await self._types[handler]
 
-    async def root_bus(self) -> str | None:
-        """QOM path of the machine's root bus (/machine/q35/pcie.0, /machine/i440fx/pci.0)."""
+    async def root_bus(self) -> tuple[str, str] | None:
+        """QOM path and type of the machine's root bus (/machine/q35/pcie.0 PCIE, /machine/i440fx/pci.0 PCI)."""
         for name, typ in await self.children("/machine"):
             if not (typ.startswith("child<") and "host" in typ.lower()):
                 continue
             host = f"/machine/{name}"
             for sub, subtype in await self.children(host):
                 if subtype in ("child<PCI>", "child<PCIE>"):
-                    return f"{host}/{sub}"
+                    return f"{host}/{sub}", subtype[6:-1]
         return None
 
-    async def bus(self, path: str, nodes: Sequence[PciNode] = ()) -> _QomBus:
-        """One PCI bus and everything below it; `nodes`: what query-pci lists on it."""
-        props, btype, handler = await asyncio.gather(
-            self.children(path), self.get(path, "type"), self.get(path, "hotplug-handler")
-        )
+    async def bus(self, path: str, nodes: Sequence[PciNode] = (), btype: str | None = None) -> _QomBus:
+        """One PCI bus and everything below it; `nodes`: what query-pci lists on it; `btype`: its type
+        when the listing that found it said it (child<PCI>: QOM names a child link by the child's type),
+        else it is read."""
+        known: Awaitable[Any] = _value(btype) if btype is not None else self.get(path, "type")
+        props, read_type, handler = await asyncio.gather(self.children(path), known, self.get(path, "hotplug-handler"))
         handler = handler if isinstance(handler, str) else None
         handler_type = await self.handler_type(handler) if handler else ""
         if handler and _mechanism(str(handler_type or "")) == "pciehp" and await self.get(handler, "hotplug") is False:
@@ -342,7 +343,7 @@ class _Qom:
         links = [(name, typ[5:-1]) for name, typ in props if name.startswith("child[") and typ.startswith("link<")]
         placed = await self._place(path, links, nodes)
         devices = await self._devices(path, placed, {n.devfn: n for n in nodes})
-        return _QomBus(path, str(btype or ""), handler, str(handler_type or ""), devices)
+        return _QomBus(path, str(read_type or ""), handler, str(handler_type or ""), devices)
 
     async def _place(self, path: str, links: Sequence[tuple[str, str]], nodes: Sequence[PciNode]) -> list[_Placed]:
         """The bus's devices, resolving only the links the named devices leave unexplained.
@@ -420,9 +421,9 @@ class _Qom:
         buses: list[_QomBus] = []
         if _may_bridge(dtype):  # only bridges have buses below them: spare the others a qom-list
             props = await self.children(path)
-            sub = [name for name, typ in props if _is_bus_type(_child_type(typ) or "")]
+            sub = [(name, t) for name, t in ((n, _child_type(typ) or "") for n, typ in props) if _is_bus_type(t)]
             below = node.children if node else ()
-            buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}", below) for name in sub)))
+            buses = list(await asyncio.gather(*(self.bus(f"{path}/{name}", below, t) for name, t in sub)))
         return _QomDevice(
             path=path,
             type=dtype,
@@ -624,7 +625,7 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
     lone, total = _lone_functions(node for _, nodes in roots for node in nodes)
     if lone >= _QTREE_MIN_READS and lone >= _QTREE_MIN_SHARE * total:
         qom.use_qtree()
-    machine, root_path, _ = await asyncio.gather(qom.get("/machine", "type"), qom.root_bus(), qom.load_peripheral())
+    machine, root, _ = await asyncio.gather(qom.get("/machine", "type"), qom.root_bus(), qom.load_peripheral())
     machine = str(machine or "").removesuffix("-machine")
     nodes_of = dict(roots)
 
@@ -638,7 +639,7 @@ async def build_topology(execute: Execute, vm: str) -> Topology:
         return number, await qom.bus(parent, nodes) if isinstance(parent, str) and parent else None
 
     async def machine_root() -> tuple[int, _QomBus | None]:
-        return 0, await qom.bus(root_path, nodes_of.get(0, ())) if root_path else None
+        return 0, await qom.bus(root[0], nodes_of.get(0, ()), root[1]) if root else None
 
     found = await asyncio.gather(machine_root(), *(expander(number, nodes) for number, nodes in roots))
     by_number = {number: qbus for number, qbus in found if qbus is not None}

@@ -248,3 +248,28 @@ def test_each_fact_is_asked_once_and_ids_spare_the_per_device_reads(name: str) -
     pairs = {(s.bus.key, f.model) for s in topo.slots for f in s.functions if f.qom_path in named}
     hot_reads = [g for g in gets if g["path"] in named and g["property"] == "hotpluggable"]
     assert len(hot_reads) == len(pairs)
+
+
+@pytest.mark.parametrize("name", ["pc", "q35", "pc-unnumbered", "q35-unnumbered"])
+def test_a_bus_listed_by_its_parent_has_its_type_from_the_listing(name: str) -> None:
+    """qom-list names each child link `child<TYPE>`: a bus found so is not asked its `type` again."""
+    answers = load(name)["answers"]
+    asked: list[str] = []
+    topo = replay(answers, asked=asked)
+    listed: dict[str, str] = {}  # bus path -> the type its parent's listing gave
+    for key in asked:
+        command, args = json.loads(key)
+        if command == "qom-list":
+            for p in answers[key].get("return", []):
+                if p["type"] in ("child<PCI>", "child<PCIE>"):
+                    listed[f"{args['path']}/{p['name']}"] = p["type"][6:-1]
+    walked = {json.loads(k)[1]["path"] for k in asked if json.loads(k)[0] == "qom-list"} & set(listed)
+    assert len(walked) >= 2  # the root bus and a bridge's at least
+    type_reads = [json.loads(k)[1]["path"] for k in asked if json.loads(k)[0] == "qom-get" and '"type"' in k]
+    assert not walked & set(type_reads)
+    # and the listing's type is the one a read gives: the recorded answer, where the capture asked it
+    for path in walked:
+        recorded = answers.get(json.dumps(["qom-get", {"path": path, "property": "type"}], sort_keys=True))
+        if recorded is not None:
+            assert recorded["return"] == listed[path]
+    assert {s.bus.kind for s in topo.slots} - {BusKind.UNKNOWN}
