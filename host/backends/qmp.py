@@ -243,7 +243,8 @@ class _Qom:
       only links on a bus that these cannot account for are resolved one by one
       (anonymous devices, chipset functions, buses firmware has not numbered);
     - `hotpluggable` is the device class's flag AND "the parent bus has a hotplug
-      handler" (QEMU's device_get_hotpluggable), so it is read once per type and bus;
+      handler" (QEMU's device_get_hotpluggable), so it is read at most once per type
+      and bus, and not at all where a true answer elsewhere proved both (hotpluggable);
     - `multifunction` is read only for a function alone in its slot: beside
       siblings the slot is multifunction by its count (QEMU refuses siblings next
       to a function 0 without the flag, and on other functions it changes nothing);
@@ -257,6 +258,9 @@ class _Qom:
         self._qtree: asyncio.Future[dict[tuple[str, int], bool]] | None = None
         # handler path -> the read of its type: buses read side by side share one handler (ACPI's)
         self._types: dict[str, asyncio.Future[Any]] = {}
+        # `hotpluggable` reads that prove a type's half (the first of the type) and a bus's (see hotpluggable)
+        self._type_read: dict[str, asyncio.Future[Any]] = {}
+        self._bus_reads: dict[str, list[asyncio.Future[Any]]] = {}
 
     async def _run(self, command: str, arguments: Mapping[str, Any]) -> Any:
         async with self._slots:
@@ -268,6 +272,21 @@ class _Qom:
         except QmpCommandError as e:
             log.debug("qom-get %s %s: %s", path, prop, e.desc)
             return None
+
+    async def hotpluggable(self, bus: str, dtype: str, path: str) -> Any:
+        """A device's `hotpluggable`. QEMU's is its type's flag AND its bus's (device_get_hotpluggable),
+        so a true answer proves both halves: a device whose type and bus were each seen true somewhere
+        is not asked (on the bench VM the first bus's reads tell every type, and one read each bus the
+        rest: 33 reads -> 16). Otherwise, and whenever a half is not proven, it is read."""
+        of_type, on_bus = self._type_read.get(dtype), self._bus_reads.setdefault(bus, [])
+        if of_type is not None and on_bus:
+            if await of_type is True and True in await asyncio.gather(*on_bus):
+                return True
+            return await self.get(path, "hotpluggable")
+        read = asyncio.ensure_future(self.get(path, "hotpluggable"))
+        self._type_read.setdefault(dtype, read)
+        on_bus.append(read)
+        return await read
 
     def use_qtree(self) -> None:
         """Ask `info qtree` once, now, for every function's `multifunction` (see _QTREE_MIN_READS)."""
@@ -378,7 +397,7 @@ class _Qom:
         dtypes = [str(t or "") for t in types]
         # One device of each type tells the rest (a failed read leaves each to ask for itself).
         first = {t: i for i, t in reversed(list(enumerate(dtypes))) if t}
-        answers = await asyncio.gather(*(self.get(placed[i].path, "hotpluggable") for i in first.values()))
+        answers = await asyncio.gather(*(self.hotpluggable(bus, t, placed[i].path) for t, i in first.items()))
         told = dict(zip(first, answers, strict=True))
         # A function that shares its slot needs no `multifunction` read: the slot is multifunction by
         # its count (Slot.multifunction), and QEMU refuses siblings next to a function 0 without it.
