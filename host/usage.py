@@ -95,8 +95,11 @@ def _columns() -> int:
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     """argparse's formatter with the terminal's width found as shutil finds it (_columns)."""
 
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None):
-        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None, **kw: Any
+    ) -> None:
+        # **kw: what later Pythons add (3.14: color) passes through
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width, **kw)
 
 
 class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
