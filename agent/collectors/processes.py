@@ -4,7 +4,12 @@ Live system: every fd whose link names something under /dev/ is stat()ed
 through the fd entry itself, which follows to the inode actually opened, so
 the match is by (device number, block|char) and never by name: a node renamed,
 recreated elsewhere or seen through another mount namespace's /dev still
-matches. Captured trees keep only the link text, so there the text is resolved
+matches. The text alone never clears a dev/ fd, not even for a process in the
+agent's own mount namespace: the kernel writes the path from the root of the
+tree the file was opened in, so a node in a lazily unmounted (detached) tree, or
+one bound over /dev/null in another namespace, reads "/dev/null" whatever it is
+(tests/integration/test_processes_live.py holds such a process for each case).
+Captured trees keep only the link text, so there the text is resolved
 inside roots.dev (following the tree's own symlinks, /dev/mapper/x -> dm-0)
 and matched by node path.
 
