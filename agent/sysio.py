@@ -19,7 +19,6 @@ that reason; outside `beneath` (the live system) they are the os functions.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import os
@@ -92,10 +91,6 @@ def as_read_error(path: StrPath, exc: OSError) -> ReadError:
 # --------------------------------------------------------------------------- a captured tree, closed
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
 _SYS_OPENAT2 = 437  # the same number on every architecture (the syscall table was unified by then)
 _RESOLVE_NO_MAGICLINKS = 0x02  # /proc/PID/fd/N and friends point anywhere: never through them
 _RESOLVE_IN_ROOT = 0x10  # "/" and ".." stop at the dirfd, absolute links start there
@@ -107,29 +102,48 @@ _EAGAIN_TRIES = 8
 _DIRS_KEPT = 64
 
 
+# ctypes is imported by the first open in a captured tree, not at import: the live system never
+# needs it, and its import is ~2-4 ms of `unplugd inspect`'s start-up.
 @functools.cache
-def _syscall() -> Any:
+def _syscall() -> tuple[Any, Any]:
+    """libc's syscall() and ctypes.get_errno."""
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    return libc.syscall
+    return libc.syscall, ctypes.get_errno
+
+
+@functools.cache
+def _open_how() -> Any:
+    """struct open_how, as ctypes declares it."""
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+    return OpenHow
 
 
 @functools.cache
 def _how(flags: int) -> tuple[Any, int]:
     """open_how for flags, built once: the struct and its size as openat2 takes them."""
-    how = _OpenHow(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
+    import ctypes
+
+    how = _open_how()(flags, 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     return ctypes.byref(how), ctypes.sizeof(how)
 
 
 def _openat2(dirfd: int, path: str, flags: int) -> int:
     how, size = _how(flags)
     raw = path.encode("utf-8", "surrogateescape")
+    syscall, get_errno = _syscall()
     err = errno.EAGAIN
     for _ in range(_EAGAIN_TRIES):
-        fd: int = _syscall()(_SYS_OPENAT2, dirfd, raw, how, size)
+        fd: int = syscall(_SYS_OPENAT2, dirfd, raw, how, size)
         if fd >= 0:
             return fd
-        err = ctypes.get_errno()
+        err = get_errno()
         if err != errno.EAGAIN:
             break
     if err in (errno.ENOSYS, errno.E2BIG):  # Linux < 5.6, or a seccomp filter that hides it

@@ -8,6 +8,7 @@ whose block_devices names the real loop disk; no seam in the engine.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -247,3 +248,25 @@ def test_lease_refused_while_a_process_holds_the_disk(disk: LoopDisk) -> None:
         proc.wait()
     inv = inventory_with(disk.disk)
     assert [t.function for t in targets_for(inv, [f for f in inv.functions if f.address == SYNTHETIC])] == [SYNTHETIC]
+
+
+LIVE_IMPORTS = r"""
+import contextlib, io, sys
+from unplugd.agent.cli import main
+with contextlib.redirect_stdout(io.StringIO()) as out:
+    code = main(["inspect", "--json", "--no-probe"])
+print(repr([int(code), "ctypes" in sys.modules, len(out.getvalue())]))
+"""
+
+
+def test_inspect_json_on_this_vm_leaves_ctypes_unloaded() -> None:
+    # ctypes serves openat2 beneath a captured tree only; on the live system it is start-up cost.
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{LIVE_IMPORTS}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    code, ctypes_loaded, printed = ast.literal_eval(out)
+    assert code == 0 and printed > 0
+    assert ctypes_loaded is False

@@ -7,7 +7,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -50,9 +50,16 @@ def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
             p.wait(timeout=10)
 
 
-def hold_open(path: str, procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """A `sleep` that holds `path` open on fd 3, ready once the fd is there."""
-    proc = subprocess.Popen(["bash", "-c", 'exec 3<"$1"; exec sleep 300', "hold", path])
+def hold_open(
+    path: str, procs: list[subprocess.Popen[bytes]], *, prefix: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """A `sleep` that holds `path` open on fd 3, ready once the fd is there; `prefix` runs it (unshare -m)."""
+    return _holder([*prefix, "bash", "-c", 'exec 3<"$1"; exec sleep 300', "hold", path], procs)
+
+
+def _holder(argv: Sequence[str], procs: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """A command that ends as `sleep` holding fd 3, ready once it has exec'd sleep."""
+    proc = subprocess.Popen(argv)
     procs.append(proc)
     fd3 = Path(f"/proc/{proc.pid}/fd/3")
     deadline = time.monotonic() + 10
@@ -109,3 +116,68 @@ def test_char_node_number_matches_and_kind_matters(holders: list[subprocess.Pope
     assert (3, "sleep", "char") in [(r.fd, r.command, r.kind) for r in as_char]
     as_block = scan_processes(roots, [DeviceNode("/dev/null", devno, "block")]).value.open_refs
     assert [r for r in as_block if r.pid == proc.pid] == []
+
+
+# A link text names the node in whatever tree the opener saw: the scan must stat() every fd whose
+# text names a dev/ node, whoever holds it. These fail if it trusts the text anywhere, even for a
+# process in the agent's own mount namespace (a per-process namespace test is not enough).
+
+
+def _held(loop_device: DeviceNode, proc: subprocess.Popen[bytes]) -> list[tuple[int | None, str, str]]:
+    refs = scan_processes(Roots.live_system(), [loop_device]).value.open_refs
+    return [(r.fd, r.kind, r.target) for r in refs if r.pid == proc.pid]
+
+
+def test_own_namespace_detached_mount_text_names_dev_null(
+    loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    # A container's rootfs (tmpfs) with the disk's node named dev/null, lazily unmounted while a
+    # process of our own mount namespace holds the node: the link then reads "/dev/null", the
+    # path inside the detached tree.
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "unplugd-test", str(rootfs)], check=True)
+    try:
+        (rootfs / "dev").mkdir()
+        os.mknod(rootfs / "dev" / "null", stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
+        proc = hold_open(str(rootfs / "dev" / "null"), holders)
+    finally:
+        subprocess.run(["umount", "-l", str(rootfs)], check=True)
+    assert os.readlink(f"/proc/{proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
+    assert os.readlink(f"/proc/{proc.pid}/fd/3") == "/dev/null"
+    assert _held(loop_device, proc) == [(3, "block", "/dev/null")]
+
+
+def test_other_namespace_node_bound_over_dev_null(
+    loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]]
+) -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare missing")
+    # Its own mount namespace (unshare makes its mounts private): the disk bound over /dev/null there only.
+    proc = _holder(
+        [
+            "unshare",
+            "-m",
+            "bash",
+            "-c",
+            'mount --bind "$1" /dev/null && exec 3</dev/null && exec sleep 300',
+            "hold",
+            loop_device.path,
+        ],
+        holders,
+    )
+    assert os.readlink(f"/proc/{proc.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    assert os.readlink(f"/proc/{proc.pid}/fd/3") == "/dev/null"
+    assert _held(loop_device, proc) == [(3, "block", "/dev/null")]
+
+
+def test_deleted_node_still_held(
+    loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    dev = tmp_path / "rootfs" / "dev"
+    dev.mkdir(parents=True)
+    node = dev / "gone"
+    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
+    proc = hold_open(str(node), holders)
+    node.unlink()
+    assert _held(loop_device, proc) == [(3, "block", f"{node} (deleted)")]
