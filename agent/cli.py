@@ -20,6 +20,7 @@ from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
+from unplugd.helpformat import RawDescriptionHelpFormatter
 from unplugd.stdio import broken_pipe, flush_stdout
 from unplugd.text import display_text
 
@@ -104,7 +105,7 @@ examples:
 (0000:00/03.0/05.0), an interface (eth1, bond0) or a block device (vdb,
 vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="print the Report as JSON")
     p.add_argument("--device", action="append", default=[], metavar="NAME", help="only these functions (repeatable)")
@@ -125,7 +126,7 @@ examples:
   unplugd check vdb || echo "vdb is in use"
   unplugd check 0000:00:07.0 --json
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     p.add_argument("device", metavar="DEVICE", help="PCI address, PCI path, interface or block device name")
     p.add_argument("--json", action="store_true", help="print the Report as JSON")
@@ -144,7 +145,7 @@ examples:
   unplugd capture /tmp/guest
   unplugd capture /tmp/guest --text guest.tree   also pack it as a text archive
 """,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", metavar="DIR", help="a directory that does not exist yet or is empty")
     p.add_argument("--text", metavar="FILE", help="also write the tree as a reviewable text archive")
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unplugd",
         description=_DESCRIPTION,
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the collectors do (to stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

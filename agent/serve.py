@@ -18,6 +18,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from unplugd.helpformat import HelpFormatter
+
 __all__ = ["add_serve_parser", "main", "run_serve"]
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ def add_serve_parser(subparsers: Any) -> None:
         "serve",
         help="run the agent's gRPC service",
         description="Serve AgentService on a root-only unix socket (and the transports the config enables).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--config",
@@ -97,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m unplugd.agent.serve`: the serve command on its own."""
-    parser = argparse.ArgumentParser(prog="unplugd")
+    parser = argparse.ArgumentParser(prog="unplugd", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
     args = parser.parse_args(argv)

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 
+from unplugd.helpformat import RawDescriptionHelpFormatter
 from unplugd.host.exitcodes import help_paragraph
 
 TYPE_CHECKING = False  # not typing's: `--help` imports no more than it needs (see cli.py)
@@ -76,32 +75,6 @@ libvirt's QEMU monitor passthrough instead; libvirt then marks the domain
 """.replace("{exit_codes}", help_paragraph())
 
 
-def _columns() -> int:
-    """shutil.get_terminal_size().columns, the same steps, without importing shutil: argparse makes a
-    help formatter for every add_argument and imports shutil for its width (bz2, lzma, zlib: ~3 ms)."""
-    try:
-        columns = int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        columns = 0
-    out = sys.__stdout__
-    if columns <= 0 and out is not None:
-        try:
-            columns = os.get_terminal_size(out.fileno()).columns
-        except (ValueError, OSError):
-            columns = 0
-    return columns or 80  # shutil's fallback
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's formatter with the terminal's width found as shutil finds it (_columns)."""
-
-    def __init__(
-        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None, **kw: Any
-    ) -> None:
-        # **kw: what later Pythons add (3.14: color) passes through
-        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width, **kw)
-
-
 class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
     """Subcommands whose parsers are built when chosen: `unplugctl --help` lists every command from
     its one-line help, and a command builds its own parser only (~100 add_argument calls in all).
@@ -126,7 +99,10 @@ class _Commands(argparse._SubParsersAction):  # type: ignore[type-arg]
         def made() -> argparse.ArgumentParser:
             # what add_parser(name, parents=[common], ...) makes; its help line is the pseudo-action below
             p = argparse.ArgumentParser(
-                prog=f"{self._prog_prefix} {name}", parents=[common()], epilog=epilog, formatter_class=_Formatter
+                prog=f"{self._prog_prefix} {name}",
+                parents=[common()],
+                epilog=epilog,
+                formatter_class=RawDescriptionHelpFormatter,
             )
             build(p)
             return p
@@ -161,7 +137,7 @@ def parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         prog="unplugctl",
         description="Is it safe to hot-unplug this PCI device from the VM right now? And then do it.",
         epilog=EPILOG,
-        formatter_class=_Formatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Commands)
     assert isinstance(sub, _Commands)
@@ -188,7 +164,7 @@ def parser(*, lazy: bool = False) -> argparse.ArgumentParser:
 
 def _common() -> argparse.ArgumentParser:
     """The options every command takes."""
-    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=RawDescriptionHelpFormatter)
     common.add_argument(
         "--connect",
         "-c",

@@ -65,12 +65,3 @@ def test_lazy_parser_builds_the_chosen_command_only() -> None:
     p.parse_args(["unplug", "web1", "vdb"])
     assert _built(p) == {"unplug"}
     assert _built(usage.parser()) == set(COMMANDS)
-
-
-@pytest.mark.parametrize("columns", ["0", "45", "junk"])
-def test_help_width_follows_columns_as_shutil_reads_it(columns: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import shutil
-
-    monkeypatch.setenv("COLUMNS", columns)
-    wrapped = argparse.RawDescriptionHelpFormatter("unplugctl", width=shutil.get_terminal_size().columns - 2)
-    assert usage._Formatter("unplugctl")._width == wrapped._width
