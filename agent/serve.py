@@ -57,7 +57,7 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from unplugd.agent.config import ConfigError, load_config
-    from unplugd.agent.daemon.footprint import import_asyncio_without_ssl
+    from unplugd.agent.daemon.footprint import import_asyncio_without_ssl, release_free_heap
     from unplugd.agent.daemon.logs import sd_notify, setup_logging
     from unplugd.agent.exitcodes import Exit
     from unplugd.agent.roots import Roots
@@ -88,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         log.error("cannot start", extra={"error": str(exc)})
         server.stop(grace=0)
         return Exit.FAILURE
+    release_free_heap()  # what start-up freed below live chunks: ~3 MiB of the idle RSS (daemon/footprint.py)
     sd_notify("READY=1\nSTATUS=serving on " + str(server.socket_path))
     try:
         while not stop.wait(3600):
