@@ -57,11 +57,12 @@ def add_serve_parser(subparsers: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from unplugd.agent.config import ConfigError, load_config
-    from unplugd.agent.daemon.footprint import import_asyncio_without_ssl, release_free_heap
+    from unplugd.agent.daemon.footprint import import_asyncio_without_ssl, one_malloc_arena, release_free_heap
     from unplugd.agent.daemon.logs import sd_notify, setup_logging
     from unplugd.agent.exitcodes import Exit
     from unplugd.agent.roots import Roots
 
+    one_malloc_arena()  # before any thread: per-thread arenas keep what they held (daemon/footprint.py)
     import_asyncio_without_ssl()  # before grpc, whose cygrpc imports asyncio: ~4 MiB of RSS (daemon/footprint.py)
     from unplugd.agent.rpc.server import AgentServer, ServeError
 

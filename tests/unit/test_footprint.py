@@ -72,3 +72,50 @@ def test_release_free_heap_gives_freed_pages_back() -> None:
     trimmed, released_kib = ast.literal_eval(out)
     assert trimmed is True  # glibc (Debian): malloc_trim exists
     assert released_kib > 20_000  # most of the ~40 MB freed
+
+
+# Four threads malloc while all alive; glibc reserves each new arena as 64 MiB of address space whose
+# unused part is PROT_NONE: such mappings (over 1 MiB, so no thread stack's 4 KiB guard) count arenas.
+ARENA_PROBE = """
+import sys, threading
+from unplugd.agent.daemon.footprint import one_malloc_arena
+limited = one_malloc_arena() if sys.argv[1] == "one" else None
+barrier = threading.Barrier(5)
+
+def work() -> None:
+    keep = [bytes(10_000) + bytes([i % 256]) for i in range(100)]  # over pymalloc's 512 bytes: malloc
+    barrier.wait()
+    barrier.wait()
+    del keep
+
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+barrier.wait()
+arenas = 0
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    if fields[1] == "---p" and len(fields) == 5 and end - start > 1 << 20:
+        arenas += 1
+barrier.wait()
+for t in threads:
+    t.join()
+print(repr([limited, arenas]))
+"""
+
+
+def _thread_arenas(mode: str) -> list[object]:
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{ARENA_PROBE}", mode],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result: list[object] = ast.literal_eval(out)
+    return result
+
+
+def test_one_malloc_arena_keeps_threads_in_the_main_arena() -> None:
+    assert _thread_arenas("default")[1] != 0  # glibc's default: the threads got arenas of their own
+    assert _thread_arenas("one") == [True, 0]
