@@ -1,10 +1,20 @@
-"""daemon/footprint.py: asyncio imported without ssl still serves plain streams, and ssl stays importable."""
+"""daemon/footprint.py: asyncio without ssl still serves streams and TLS; malloc_trim and one arena do what they say."""
 
 from __future__ import annotations
 
 import ast
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.unit.test_tls import Pki, make_ca, make_leaf
+from unplugd.host.client import SyncAgentClient
 
 # Run in a fresh interpreter: this one has imported asyncio and ssl long ago.
 PROBE = """
@@ -119,3 +129,52 @@ def _thread_arenas(mode: str) -> list[object]:
 def test_one_malloc_arena_keeps_threads_in_the_main_arena() -> None:
     assert _thread_arenas("default")[1] != 0  # glibc's default: the threads got arenas of their own
     assert _thread_arenas("one") == [True, 0]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("pki")
+    make_ca(d, "ca")
+    make_leaf(d, "ca", "server", san="IP:127.0.0.1", usage="serverAuth")
+    make_leaf(d, "ca", "client", san="DNS:unplugctl", usage="clientAuth")
+    return Pki(d)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("python", [sys.executable, "/usr/bin/python3"], ids=["venv", "debian"])
+def test_serve_process_answers_mutual_tls_after_asyncio_without_ssl(pki: Pki, tmp_path: Path, python: str) -> None:
+    """serve hid ssl from asyncio; TCP's TLS (grpc's own, the files checked with ssl) still serves."""
+    port = _free_port()
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "c.toml").write_text(
+        f'[transports.tcp]\nenabled = true\nlisten = "127.0.0.1:{port}"\ncert = "{pki.p("server.pem")}"\n'
+        f'key = "{pki.p("server.key")}"\nclient_ca = "{pki.p("ca.pem")}"\n'
+        "[transports.virtio_serial]\nenabled = false\n"
+    )
+    sock = tmp_path / "run" / "agent.sock"
+    argv = [python, "-m", "unplugd.agent.cli", "serve", "--socket", str(sock), "--root", str(tmp_path / "tree")]
+    proc = subprocess.Popen(
+        [*argv, "--log-format", "text", "--config", str(tmp_path / "c.toml")],
+        env={"PYTHONPATH": str(REPO / ".dev"), "PATH": "/usr/bin:/bin"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)[1]
+            time.sleep(0.05)
+        with SyncAgentClient(f"tcp:127.0.0.1:{port}", tls=pki.client(), timeout=10) as client:
+            assert client.get_agent_info().version
+            assert client.get_report().from_capture
+    finally:
+        proc.kill()
+        proc.communicate(timeout=10)
