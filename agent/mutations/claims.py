@@ -18,7 +18,6 @@ import errno
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +114,8 @@ def _open_excl(path: str, device: BlockDevice) -> int:
 
 def _open_private_node(device: BlockDevice) -> int:
     # No usable node under /dev (no udev, say): make one only we can see.
+    import tempfile  # here, not at the top: it brings random; the serving agent rarely gets here
+
     with tempfile.TemporaryDirectory(prefix="unplugd-claim-") as tmp:
         node = os.path.join(tmp, "node")
         try:

@@ -16,15 +16,14 @@ Lease ids are credentials: whoever has one may renew or release the lease.
 They are compared in constant time and never written where other clients can
 read them (reports, errors, logs): those name a lease by its label, the first
 12 hex digits of the id's SHA-256, which its holder can match and nobody can
-turn back into the id.
+turn back into the id. hashlib, hmac and secrets are imported by the calls that
+need them: each loads OpenSSL's libcrypto (~3.3 MiB resident), which an agent
+that never leases has no use for (daemon/footprint.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -65,6 +64,8 @@ class LeaseGrant:
 
 def lease_label(lease_id: str) -> str:
     """How reports and logs name a lease: never the id, which is a credential."""
+    import hashlib  # here, not at the top: libcrypto (module docstring)
+
     return hashlib.sha256(lease_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
@@ -195,6 +196,8 @@ class LeaseManager:
                 release_claims(claims)
                 self._links_restore(downs)
                 raise ClaimConflict("cannot prepare " + ", ".join(str(t.function) for t in targets), reasons)
+            import secrets  # here, not at the top: libcrypto through hmac (module docstring)
+
             lease_id = secrets.token_hex(16)
             while lease_label(lease_id) in self._leases:  # two live leases never share a label
                 lease_id = secrets.token_hex(16)
@@ -281,6 +284,8 @@ class LeaseManager:
 
     def _find(self, lease_id: str) -> _Lease:
         """The lease whose id this is: the whole id compared, in constant time."""
+        import hmac  # here, not at the top: libcrypto (module docstring)
+
         lease = self._leases.get(lease_label(lease_id))
         if lease is None or not hmac.compare_digest(
             lease.lease_id.encode(), lease_id.encode("utf-8", "surrogateescape")

@@ -163,3 +163,16 @@ def test_real_engine_never_turns_names_into_paths(tmp_path: Path) -> None:
     finally:
         armed[0] = False
     assert seen == []
+
+
+@pytest.mark.parametrize("agent_process", PYTHONS, indirect=True)
+def test_serving_maps_neither_python_ssl_nor_hashlib(agent_process: tuple[subprocess.Popen[str], Path]) -> None:
+    """Each maps OpenSSL's libcrypto, ~4 MiB of RSS (daemon/footprint.py): TLS and leases load them when used."""
+    proc, sock = agent_process
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        stub = agent_service_pb2_grpc.AgentServiceStub(channel)
+        assert stub.GetReport(pb.GetReportRequest(), timeout=10).report.from_capture
+    mapped = {os.path.basename(line.split()[-1]) for line in Path(f"/proc/{proc.pid}/maps").read_text().splitlines()}
+    assert any(n.startswith("_asyncio.") for n in mapped)  # grpc's cygrpc imported asyncio, without ssl
+    # Python's own: Debian's libgrpc links the system's libssl itself, which no import can avoid.
+    assert [n for n in mapped if n.startswith(("_ssl.", "_hashlib."))] == []
