@@ -8,7 +8,6 @@ whose block_devices names the real loop disk; no seam in the engine.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import os
@@ -29,6 +28,7 @@ from tests.integration.loopdev import (
     run,
     swapped_on,
 )
+from tests.probe import probe
 from unplugd.agent import engine
 from unplugd.agent.capture import capture
 from unplugd.agent.model import Inventory, PciFunction
@@ -261,12 +261,6 @@ print(repr([int(code), "ctypes" in sys.modules, len(out.getvalue())]))
 
 def test_inspect_json_on_this_vm_leaves_ctypes_unloaded() -> None:
     # ctypes serves openat2 beneath a captured tree only; on the live system it is start-up cost.
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{LIVE_IMPORTS}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    code, ctypes_loaded, printed = ast.literal_eval(out)
+    code, ctypes_loaded, printed = probe(LIVE_IMPORTS)
     assert code == 0 and printed > 0
     assert ctypes_loaded is False

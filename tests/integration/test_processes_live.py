@@ -91,14 +91,18 @@ def test_process_holding_a_loop_device_is_found_then_gone(
     assert [r for r in scan_processes(roots, [loop_device]).value.open_refs if r.pid == proc.pid] == []
 
 
+def _node_of(device: DeviceNode, path: Path) -> Path:
+    """A block node of `device`'s number at `path`, as a container's own dev/ would hold one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFBLK | 0o600, os.makedev(*device.devno))
+    return path
+
+
 def test_alias_node_under_another_dev_dir_matches_by_number(
     loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     # What a container's rootfs looks like from here: its own dev/ with a node of the same number.
-    alias_dir = tmp_path / "rootfs" / "dev"
-    alias_dir.mkdir(parents=True)
-    alias = alias_dir / "data-disk"
-    os.mknod(alias, stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
+    alias = _node_of(loop_device, tmp_path / "rootfs" / "dev" / "data-disk")
     proc = hold_open(str(alias), holders)
     refs = [r for r in scan_processes(Roots.live_system(), [loop_device]).value.open_refs if r.pid == proc.pid]
     assert [(r.fd, r.devno, r.target) for r in refs] == [(3, loop_device.devno, str(alias))]
@@ -138,9 +142,7 @@ def test_own_namespace_detached_mount_text_names_dev_null(
     rootfs.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "unplugd-test", str(rootfs)], check=True)
     try:
-        (rootfs / "dev").mkdir()
-        os.mknod(rootfs / "dev" / "null", stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
-        proc = hold_open(str(rootfs / "dev" / "null"), holders)
+        proc = hold_open(str(_node_of(loop_device, rootfs / "dev" / "null")), holders)
     finally:
         subprocess.run(["umount", "-l", str(rootfs)], check=True)
     assert os.readlink(f"/proc/{proc.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt")
@@ -174,10 +176,7 @@ def test_other_namespace_node_bound_over_dev_null(
 def test_deleted_node_still_held(
     loop_device: DeviceNode, holders: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    dev = tmp_path / "rootfs" / "dev"
-    dev.mkdir(parents=True)
-    node = dev / "gone"
-    os.mknod(node, stat.S_IFBLK | 0o600, os.makedev(*loop_device.devno))
+    node = _node_of(loop_device, tmp_path / "rootfs" / "dev" / "gone")
     proc = hold_open(str(node), holders)
     node.unlink()
     assert _held(loop_device, proc) == [(3, "block", f"{node} (deleted)")]

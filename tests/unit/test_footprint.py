@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import shutil
 import socket
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.probe import probe
 from tests.unit.test_tls import Pki, make_ca, make_leaf
 from unplugd.host.client import SyncAgentClient
 
@@ -40,13 +40,7 @@ print(repr([first, ssl_after_asyncio, data, ssl.PROTOCOL_TLS_SERVER is not None,
 
 
 def test_asyncio_without_ssl_streams_and_ssl_later() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{PROBE}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    first, ssl_after_asyncio, data, ssl_works, second = ast.literal_eval(out)
+    first, ssl_after_asyncio, data, ssl_works, second = probe(PROBE)
     assert first is True and ssl_after_asyncio is False
     assert data == b"plain bytes" and ssl_works
     assert second is False  # asyncio is there already: nothing to do
@@ -73,13 +67,7 @@ print(repr([trimmed, before - rss_kib()]))
 
 
 def test_release_free_heap_gives_freed_pages_back() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{TRIM_PROBE}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    trimmed, released_kib = ast.literal_eval(out)
+    trimmed, released_kib = probe(TRIM_PROBE)
     assert trimmed is True  # glibc (Debian): malloc_trim exists
     assert released_kib > 20_000  # most of the ~40 MB freed
 
@@ -116,13 +104,7 @@ print(repr([limited, arenas]))
 
 
 def _thread_arenas(mode: str) -> list[object]:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{ARENA_PROBE}", mode],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    result: list[object] = ast.literal_eval(out)
+    result: list[object] = probe(ARENA_PROBE, mode)
     return result
 
 

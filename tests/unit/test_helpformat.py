@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ast
-import subprocess
-import sys
 
 import pytest
 
+from tests.probe import probe
 from unplugd import helpformat
 
 
@@ -46,10 +44,4 @@ print(repr(sorted(sys.modules)))
 
 
 def test_the_agents_parser_loads_no_shutil() -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{PROBE}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "shutil" not in ast.literal_eval(out)
+    assert "shutil" not in probe(PROBE)

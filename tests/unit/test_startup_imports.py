@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ast
-import subprocess
-import sys
-
 import pytest
+
+from tests.probe import probe
 
 # Each is several milliseconds of a ~40 ms --help (issue 13): the commands that need them import them.
 NOT_FOR_HELP = (
@@ -39,12 +37,6 @@ print(repr([code, sorted(sys.modules)]))
 
 @pytest.mark.parametrize("argv", [["--help"], ["status", "--help"], ["unplug"]], ids=["help", "status-help", "usage"])
 def test_help_and_usage_errors_import_nothing_heavy(argv: list[str]) -> None:
-    out = subprocess.run(
-        [sys.executable, "-c", f"import sys; sys.path[:0] = {sys.path!r}\n{PROBE}", *argv],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    code, modules = ast.literal_eval(out)
+    code, modules = probe(PROBE, *argv)
     assert code == (2 if argv == ["unplug"] else 0)
     assert [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)] == []
