@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,15 @@ def _health_check(channel: grpc.Channel, service: str = "") -> int:
         response_deserializer=health.HealthCheckResponse.FromString,
     )
     return int(check(health.HealthCheckRequest(service=service), timeout=5).status)
+
+
+def _accepts(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 @pytest.fixture
@@ -73,7 +83,7 @@ def agent_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
     )
     try:
         deadline = time.monotonic() + 30
-        while not sock.exists():
+        while not _accepts(sock):  # not just there: the socket file exists from bind(), before listen()
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"agent did not start: {proc.communicate(timeout=5)[1]}")
             time.sleep(0.05)
