@@ -6,13 +6,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
 from tests.probe import probe
+from tests.serving import wait_accepting
 from tests.unit.test_tls import Pki, make_ca, make_leaf
 from unplugd.host.client import SyncAgentClient
 
@@ -150,10 +150,7 @@ def test_serve_process_answers_mutual_tls_after_asyncio_without_ssl(pki: Pki, tm
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)[1]
-            time.sleep(0.05)
+        wait_accepting(proc, sock)
         with SyncAgentClient(f"tcp:127.0.0.1:{port}", tls=pki.client(), timeout=10) as client:
             assert client.get_agent_info().version
             assert client.get_report().from_capture

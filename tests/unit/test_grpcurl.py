@@ -10,13 +10,13 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import FIXTURES, REPO
+from tests.serving import wait_accepting
 from unplugd.agent import treetext
 
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
@@ -56,10 +56,7 @@ def agent_socket(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pat
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "agent did not start"
-            time.sleep(0.05)
+        wait_accepting(proc, sock)
         yield sock
     finally:
         proc.kill()

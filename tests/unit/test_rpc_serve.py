@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import grpc
 import pytest
 
 from tests.conftest import REPO
+from tests.serving import wait_accepting
 from tests.unit.rpc_fakes import running_server
 from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.agent.rpc import health
@@ -40,15 +40,6 @@ def _health_check(channel: grpc.Channel, service: str = "") -> int:
         response_deserializer=health.HealthCheckResponse.FromString,
     )
     return int(check(health.HealthCheckRequest(service=service), timeout=5).status)
-
-
-def _accepts(sock: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        try:
-            probe.connect(str(sock))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture
@@ -82,11 +73,7 @@ def agent_process(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tu
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not _accepts(sock):  # not just there: the socket file exists from bind(), before listen()
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"agent did not start: {proc.communicate(timeout=5)[1]}")
-            time.sleep(0.05)
+        wait_accepting(proc, sock)
         yield proc, sock
     finally:
         if proc.poll() is None:
