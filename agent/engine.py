@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 from unplugd.agent.collectors.block import collect_block, probe_exclusive
@@ -167,7 +166,7 @@ def _idle_disks(
 def _with_owners(sockets: Sequence[Socket], owners: Mapping[int, Sequence[tuple[int, str]]]) -> list[Socket]:
     """Each socket with the pids that hold it (by inode), as the process scan found them."""
     return [
-        replace(s, pids=tuple(sorted({pid for pid, _ in owners[s.inode]}))) if s.inode in owners else s for s in sockets
+        s._replace(pids=tuple(sorted({pid for pid, _ in owners[s.inode]}))) if s.inode in owners else s for s in sockets
     ]
 
 

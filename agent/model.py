@@ -1,4 +1,4 @@
-"""The agent's model: frozen dataclasses that collectors produce and the policy reads.
+"""The agent's model: the records (NamedTuples) that collectors produce and the policy reads.
 
 No I/O here and no protobuf: report.py is the one place the model meets the wire.
 Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, eth0).
@@ -7,7 +7,6 @@ Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, et
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Generic, NamedTuple, TypeVar
 
 from unplugd.pci import PciAddress, PciPath
@@ -48,8 +47,7 @@ def parse_devno(text: str) -> DevNo:
     return int(major), int(minor)
 
 
-@dataclass(frozen=True)
-class DeviceNode:
+class DeviceNode(NamedTuple):
     """A /dev node that belongs to a PCI function (its disk, partitions, char devices)."""
 
     path: str  # as the kernel names it: /dev/vda1
@@ -57,8 +55,7 @@ class DeviceNode:
     kind: str  # "block" | "char"
 
 
-@dataclass(frozen=True)
-class BoundDevice:
+class BoundDevice(NamedTuple):
     """A device below a PCI function with a driver bound to it (virtio1: virtio_blk, 2:0:0:0: sd).
 
     What the function's walk found, so the policy can say what below a function it understands
@@ -77,8 +74,7 @@ class BoundDevice:
         return self.path.rsplit("/", 1)[-1]
 
 
-@dataclass(frozen=True)
-class PciFunction:
+class PciFunction(NamedTuple):
     address: PciAddress
     path: PciPath
     vendor_id: int
@@ -108,8 +104,7 @@ class PciFunction:
         return (self.class_code >> 16) & 0xFF
 
 
-@dataclass(frozen=True)
-class BlockDevice:
+class BlockDevice(NamedTuple):
     name: str  # vda, vda1, dm-0, md0, loop3
     kind: str  # "disk" | "part" | "dm" | "md" | "loop"
     devno: DevNo
@@ -134,9 +129,9 @@ class BlockDevice:
         return f"{self.name} ({self.dm_name})" if self.dm_name else self.name
 
 
-# slots: a scan holds one per mount per namespace, tens of thousands when users make namespaces.
-@dataclass(frozen=True, slots=True)
-class Mount:
+# A tuple, no per-instance dict: a scan holds one per mount per namespace, tens of thousands when users
+# make namespaces.
+class Mount(NamedTuple):
     mount_id: int
     parent_id: int
     devno: DevNo
@@ -151,8 +146,7 @@ class Mount:
     namespace_pid: int = 0
 
 
-@dataclass(frozen=True)
-class Swap:
+class Swap(NamedTuple):
     path: str  # /dev/vdb2 or /swapfile
     kind: str  # "partition" | "file"
     # The device that holds the swap: the partition itself, or the
@@ -162,8 +156,7 @@ class Swap:
     used_kib: int = 0
 
 
-@dataclass(frozen=True)
-class OpenRef:
+class OpenRef(NamedTuple):
     """A process holding a device node open (fd, or mapped through maps/cwd/root)."""
 
     pid: int
@@ -174,8 +167,7 @@ class OpenRef:
     fd: int | None = None  # None for cwd/root/mmap references
 
 
-@dataclass(frozen=True)
-class Address:
+class Address(NamedTuple):
     family: int  # socket.AF_INET | socket.AF_INET6
     address: str
     prefixlen: int
@@ -185,8 +177,7 @@ class Address:
         return f"{self.address}/{self.prefixlen}"
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     family: int
     destination: str  # "0.0.0.0/0", "::/0", "10.0.0.0/8"
     gateway: str | None
@@ -198,8 +189,7 @@ class Route:
         return self.destination.endswith("/0")
 
 
-@dataclass(frozen=True)
-class Socket:
+class Socket(NamedTuple):
     proto: str  # tcp | tcp6 | udp | udp6
     local: str
     local_port: int
@@ -210,8 +200,7 @@ class Socket:
     pids: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
-class NetInterface:
+class NetInterface(NamedTuple):
     name: str
     ifindex: int
     admin_up: bool  # IFF_UP
@@ -225,8 +214,7 @@ class NetInterface:
     addresses: tuple[Address, ...] = ()
 
 
-@dataclass(frozen=True)
-class ScanProblem:
+class ScanProblem(NamedTuple):
     """Something the agent could not read; the functions it touches are UNKNOWN."""
 
     object: str  # /proc/812/fd, mountinfo of mnt:[4026532] ...
@@ -252,16 +240,15 @@ class Collected(NamedTuple, Generic[_T_co]):
     problems: list[ScanProblem]
 
 
-@dataclass(frozen=True)
-class Inventory:
+class Inventory(NamedTuple):
     """Everything the collectors saw in one scan."""
 
     functions: tuple[PciFunction, ...]
-    block_devices: dict[str, BlockDevice] = field(default_factory=dict)
+    block_devices: dict[str, BlockDevice] = {}  # a default shared by every Inventory: never mutated
     mounts: tuple[Mount, ...] = ()
     swaps: tuple[Swap, ...] = ()
     open_refs: tuple[OpenRef, ...] = ()
-    interfaces: dict[str, NetInterface] = field(default_factory=dict)
+    interfaces: dict[str, NetInterface] = {}
     routes: tuple[Route, ...] = ()
     sockets: tuple[Socket, ...] = ()
     # Device number of the filesystem mounted on / in the agent's namespace.

@@ -7,8 +7,8 @@ DIR/proc, DIR/dev and DIR/netlink.json as written by `unplugd capture`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 __all__ = ["CAPTURE_MARKS", "Roots", "is_capture"]
 
@@ -19,8 +19,7 @@ __all__ = ["CAPTURE_MARKS", "Roots", "is_capture"]
 CAPTURE_MARKS = ("sys", "proc")
 
 
-@dataclass(frozen=True)
-class Roots:
+class Roots(NamedTuple):
     sys: Path
     proc: Path
     dev: Path

@@ -31,7 +31,6 @@ import logging
 import os
 import stat
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -301,7 +300,7 @@ def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
                 devices[name] = found
     for name, head in heads.items():
         through = tuple(p.where for p in paths if p.where and p.controller in head.controllers and p.nsid == head.nsid)
-        devices[name] = replace(devices[name], multipath=through)
+        devices[name] = devices[name]._replace(multipath=through)
         if not through:
             # Mounted or not, a head no function carries would look idle everywhere: fail closed.
             problems.append(
@@ -313,7 +312,7 @@ def collect_block(roots: Roots) -> Collected[dict[str, BlockDevice]]:
     links, link_problems = _disk_links(roots, devices.keys())
     problems.extend(link_problems)
     for name, named in links.items():
-        devices[name] = replace(devices[name], links=tuple(named))
+        devices[name] = devices[name]._replace(links=tuple(named))
     return Collected(devices, problems)
 
 

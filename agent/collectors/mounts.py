@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
 from unplugd.agent.model import Collected, DevNo, Mount, ScanProblem, parse_devno
@@ -77,8 +77,7 @@ def parse_mountinfo(text: str, namespace: int = 0, namespace_pid: int = 0, sourc
     return mounts
 
 
-@dataclass(frozen=True)
-class MountScan:
+class MountScan(NamedTuple):
     mounts: list[Mount]  # own namespace first and whole; of the others only what can pin a device
     own_namespace: int  # 0 when the agent's own namespace link was unreadable
     root_devno: DevNo | None  # device of "/" in the agent's namespace
@@ -95,12 +94,14 @@ def _root_mount(mounts: list[Mount]) -> Mount | None:
     return top[-1] if top else None
 
 
-@dataclass
 class _Pids:
-    by_ns: dict[int, list[int]] = field(default_factory=dict)  # mount namespace inode -> its pids, ascending
-    denied: list[int] = field(default_factory=list)  # pids whose ns link is denied
-    problems: list[ScanProblem] = field(default_factory=list)
-    exited: bool = False  # some process exited between the listing and reading its ns link
+    __slots__ = ("by_ns", "denied", "exited", "problems")
+
+    def __init__(self) -> None:
+        self.by_ns: dict[int, list[int]] = {}  # mount namespace inode -> its pids, ascending
+        self.denied: list[int] = []  # pids whose ns link is denied
+        self.problems: list[ScanProblem] = []
+        self.exited = False  # some process exited between the listing and reading its ns link
 
 
 def _scan_pids(roots: Roots) -> _Pids:

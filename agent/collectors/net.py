@@ -23,9 +23,8 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from unplugd.agent.collectors import rtnetlink
 from unplugd.agent.errors import ParseError, ReadError, Vanished
@@ -78,17 +77,15 @@ _ANY = {4: str(ipaddress.IPv4Address(0)), 6: str(ipaddress.IPv6Address(0))}  # a
 _RT_TABLE_MAIN = 254
 
 
-@dataclass(frozen=True)
-class NetlinkData:
+class NetlinkData(NamedTuple):
     """Addresses, routes and link kinds as rtnetlink reports them."""
 
     addresses: dict[str, tuple[Address, ...]]  # by interface name
     routes: tuple[Route, ...]
-    kinds: dict[str, str] = field(default_factory=dict)  # IFLA_INFO_KIND by name: veth, bond, ...
+    kinds: dict[str, str] = {}  # IFLA_INFO_KIND by name: veth, bond, ...
 
 
-@dataclass(frozen=True)
-class NetScan:
+class NetScan(NamedTuple):
     interfaces: dict[str, NetInterface]
     routes: list[Route]
     sockets: list[Socket]
@@ -430,7 +427,7 @@ def collect_net(roots: Roots) -> Collected[NetScan]:
             problems.append(ScanProblem(object=f"/sys/class/net/{name}", detail=str(exc), affects=(name,)))
             continue
         if name in addresses:
-            iface = replace(iface, addresses=addresses[name])
+            iface = iface._replace(addresses=addresses[name])
         interfaces[name] = iface
     routes = list(netlink.routes) if netlink else []
     for route in routes:

@@ -19,8 +19,8 @@ import logging
 import os
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from unplugd.agent.errors import ReadError, Vanished
 from unplugd.agent.model import BoundDevice, Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
@@ -129,12 +129,11 @@ def is_bridge_class(class_code: int) -> bool:
     return (class_code >> 8) & 0xFFFF in (0x0604, 0x0607)
 
 
-@dataclass(frozen=True)
-class PciIds:
+class PciIds(NamedTuple):
     """Names from pci.ids: vendors by id, devices by (vendor, device)."""
 
-    vendors: Mapping[int, str] = field(default_factory=dict)
-    devices: Mapping[tuple[int, int], str] = field(default_factory=dict)
+    vendors: Mapping[int, str] = {}
+    devices: Mapping[tuple[int, int], str] = {}
 
 
 def _parse_vendor_block(lines: Iterator[str], vendor: int, devices: dict[tuple[int, int], str]) -> None:
@@ -298,21 +297,23 @@ def _hotplug_slots(roots: Roots) -> Collected[dict[str, str]]:
     return Collected(slots, problems)
 
 
-@dataclass
 class _Below:
     """What the walk finds below one function."""
 
-    disks: list[str] = field(default_factory=list)
-    nets: list[str] = field(default_factory=list)
-    nodes: list[DeviceNode] = field(default_factory=list)
-    subdrivers: list[str] = field(default_factory=list)
-    # Where each was found, relative to the function's directory, to tell which bound device holds what.
-    found_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, disk or interface name)
-    nodes_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, node path)
-    bound_at: list[tuple[str, str]] = field(default_factory=list)  # (rel path, driver)
-    problems: list[ScanProblem] = field(default_factory=list)
-    # Something below vanished mid-walk: what was found may be missing a disk or node.
-    vanished: list[str] = field(default_factory=list)
+    __slots__ = ("bound_at", "disks", "found_at", "nets", "nodes", "nodes_at", "problems", "subdrivers", "vanished")
+
+    def __init__(self) -> None:
+        self.disks: list[str] = []
+        self.nets: list[str] = []
+        self.nodes: list[DeviceNode] = []
+        self.subdrivers: list[str] = []
+        # Where each was found, relative to the function's directory, to tell which bound device holds what.
+        self.found_at: list[tuple[str, str]] = []  # (rel path, disk or interface name)
+        self.nodes_at: list[tuple[str, str]] = []  # (rel path, node path)
+        self.bound_at: list[tuple[str, str]] = []  # (rel path, driver)
+        self.problems: list[ScanProblem] = []
+        # Something below vanished mid-walk: what was found may be missing a disk or node.
+        self.vanished: list[str] = []
 
 
 def _node(d: str, rel: tuple[str, ...], names: set[str], bdf: str, below: _Below) -> None:
@@ -533,6 +534,6 @@ def _with_names(functions: list[PciFunction], pci_ids: Path) -> list[PciFunction
         return functions
     ids = parse_pci_ids(text, {f.vendor_id for f in functions})
     return [
-        replace(f, vendor_name=ids.vendors.get(f.vendor_id), device_name=ids.devices.get((f.vendor_id, f.device_id)))
+        f._replace(vendor_name=ids.vendors.get(f.vendor_id), device_name=ids.devices.get((f.vendor_id, f.device_id)))
         for f in functions
     ]

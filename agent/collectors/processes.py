@@ -30,8 +30,8 @@ import logging
 import os
 import stat
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
@@ -54,11 +54,10 @@ _S_IFMT = 0o170000  # stat.S_IFMT's mask, applied inline in the fd loop
 _FILE_TYPE = {"block": stat.S_IFBLK, "char": stat.S_IFCHR}
 
 
-@dataclass(frozen=True)
-class ProcessScan:
+class ProcessScan(NamedTuple):
     open_refs: list[OpenRef]  # only for the wanted device numbers
     # socket inode -> [(pid, command)], only for the wanted inodes
-    socket_owners: dict[int, list[tuple[int, str]]] = field(default_factory=dict)
+    socket_owners: dict[int, list[tuple[int, str]]] = {}
 
 
 def _node_path(dev_root: Path, text: str) -> str | None:

@@ -23,7 +23,6 @@ import ipaddress
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from unplugd.agent.graph import DeviceGraph, is_active
 from unplugd.agent.model import (
@@ -127,13 +126,15 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
 # --------------------------------------------------------------------------- indexes
 
 
-@dataclass
 class _Index:
     """The inventory, its device graph, and open references by what they hold."""
 
-    inv: Inventory
-    graph: DeviceGraph
-    refs: dict[tuple[str, DevNo], list[OpenRef]] = field(default_factory=lambda: defaultdict(list))
+    __slots__ = ("graph", "inv", "refs")
+
+    def __init__(self, inv: Inventory, graph: DeviceGraph) -> None:
+        self.inv = inv
+        self.graph = graph
+        self.refs: dict[tuple[str, DevNo], list[OpenRef]] = defaultdict(list)
 
     @classmethod
     def build(cls, inv: Inventory) -> _Index:

@@ -7,8 +7,8 @@ query-remove vetoes and udisks' checks (DESIGN.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 from unplugd.pci import PciAddress, PciPath
 
@@ -45,15 +45,13 @@ class Code(Enum):
     BRIDGE_WITH_CHILDREN = "BRIDGE_WITH_CHILDREN"
 
 
-@dataclass(frozen=True)
-class ProcessRef:
+class ProcessRef(NamedTuple):
     pid: int
     command: str
     fds: tuple[str, ...] = ()  # "/dev/vdb1 (fd 3)"
 
 
-@dataclass(frozen=True)
-class Reason:
+class Reason(NamedTuple):
     code: Code
     detail: str
     blocking: bool = True
@@ -66,12 +64,11 @@ class Reason:
     undecided: bool = False
 
 
-@dataclass(frozen=True)
-class FunctionVerdict:
+class FunctionVerdict(NamedTuple):
     address: PciAddress
     path: PciPath
     state: State
-    reasons: tuple[Reason, ...] = field(default_factory=tuple)
+    reasons: tuple[Reason, ...] = ()
     # The block devices the verdict covers: the function's disks, their
     # partitions and every holder stacked on them (the report lists them).
     block_devices: tuple[str, ...] = ()

@@ -8,8 +8,8 @@ both sides see the same way, unlike bus numbers behind bridges. No I/O here.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 __all__ = ["PciAddress", "PciPath"]
 
@@ -18,8 +18,7 @@ _PATH = re.compile(r"^([0-9a-fA-F]{4,8}):([0-9a-fA-F]{2})((?:/[0-9a-fA-F]{2}\.[0
 _HOP = re.compile(r"^([0-9a-fA-F]{2})\.([0-7])$")
 
 
-@dataclass(frozen=True, order=True)
-class PciAddress:
+class PciAddress(NamedTuple):
     """A guest bus/device/function address, e.g. 0000:00:06.1."""
 
     domain: int
@@ -46,18 +45,22 @@ class PciAddress:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}"
 
 
-@dataclass(frozen=True, order=True)
-class PciPath:
+class _PathFields(NamedTuple):
+    domain: int
+    root_bus: int
+    hops: tuple[tuple[int, int], ...]
+
+
+class PciPath(_PathFields):
     """Path from the root bus: domain, root bus number, then (slot, function) hops.
 
     `0000:00/03.0/05.0` is function 0 of slot 5 on the bus behind the bridge at
     slot 3 function 0 of root bus 0. Guest and host agree on it; bus numbers
     behind bridges they do not.
-    """
 
-    domain: int
-    root_bus: int
-    hops: tuple[tuple[int, int], ...]
+    A NamedTuple's subclass (no __slots__): the fields are the tuple's, the instance dict holds the
+    cached texts.
+    """
 
     @classmethod
     def parse(cls, text: str) -> PciPath:

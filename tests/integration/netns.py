@@ -16,12 +16,21 @@ import pytest
 from tests.conftest import REPO, require_root
 
 # Runs inside the namespace (ip netns exec also remounts /sys for it) and prints the scan as JSON.
+# The records are NamedTuples: each becomes a dict, recursively (json would write them as lists).
 _COLLECT = """
-import dataclasses, json
+import json
 from unplugd.agent.collectors.net import collect_net
 from unplugd.agent.roots import Roots
+def plain(x):
+    if hasattr(x, "_asdict"):
+        return {k: plain(v) for k, v in x._asdict().items()}
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    return x
 net, problems = collect_net(Roots.live_system())
-print(json.dumps({**dataclasses.asdict(net), "problems": [dataclasses.asdict(p) for p in problems]}))
+print(json.dumps({**plain(net), "problems": [plain(p) for p in problems]}))
 """
 
 

@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -169,7 +168,7 @@ def test_exclusive_claim_on_the_disk_blocks_mount_of_a_partition(disk: LoopDisk,
 
 def test_probe_opens_only_the_node_with_the_right_number(disk: LoopDisk, tmp_path: Path) -> None:
     """A private /dev where the names lie: the probe trusts st_rdev, never the name."""
-    roots = replace(Roots.under(tmp_path / "fake"), sys=LIVE.sys, live=True)
+    roots = Roots.under(tmp_path / "fake")._replace(sys=LIVE.sys, live=True)
     (roots.dev / "block").mkdir(parents=True)
     whole, p1, p2 = _mine(disk)
     # /dev/<disk> is really partition 2; the by-number link of p1 is right.

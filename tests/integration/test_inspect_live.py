@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,7 +59,7 @@ def synthetic_function(disk: str) -> PciFunction:
 
 def inventory_with(disk: str, roots: Roots | None = None) -> Inventory:
     inv = engine.scan(roots or Roots.live_system())
-    return replace(inv, functions=(*inv.functions, synthetic_function(disk)))
+    return inv._replace(functions=(*inv.functions, synthetic_function(disk)))
 
 
 def verdict_for(disk: LoopDisk, roots: Roots | None = None) -> FunctionVerdict:

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -245,7 +244,7 @@ def test_claim_finds_the_node_by_devno_only(loops: Loops, tmp_path: Path) -> Non
     # /dev without any node: the claim makes a private node from the number.
     empty = tmp_path / "emptydev"
     empty.mkdir()
-    roots = replace(Roots.live_system(), dev=empty)
+    roots = Roots.live_system()._replace(dev=empty)
     claim = claim_block_device(roots, disk)
     assert loops.mount(f"/dev/{disk.name}")[0] == errno.EBUSY
     release_claims([claim])
@@ -254,13 +253,13 @@ def test_claim_finds_the_node_by_devno_only(loops: Loops, tmp_path: Path) -> Non
     decoy = tmp_path / "decoydev"
     decoy.mkdir()
     os.symlink("/dev/null", decoy / disk.name)
-    claim = claim_block_device(replace(Roots.live_system(), dev=decoy), disk)
+    claim = claim_block_device(Roots.live_system()._replace(dev=decoy), disk)
     assert os.major(os.fstat(claim.fd).st_rdev) == disk.devno[0]
     release_claims([claim])
     # A number no driver serves (not a loop minor: opening one creates it).
     with pytest.raises(ClaimFailed, match="vanished"):
-        gone = replace(disk, name="gone", devno=(_unused_major(), 0))
-        claim_block_device(replace(Roots.live_system(), dev=empty), gone)
+        gone = disk._replace(name="gone", devno=(_unused_major(), 0))
+        claim_block_device(Roots.live_system()._replace(dev=empty), gone)
 
 
 def _unused_major() -> int:

@@ -180,11 +180,11 @@ class MarkerEngine(FakeEngine):
 
     def __post_init__(self) -> None:
         mount = Mount(1, 0, (254, 17), "/", "/srv/data", "ext4", "/dev/vdb1", "rw", 4026531840, 1)
-        self.inventory = replace(self.inventory, mounts=(mount,))
+        self.inventory = self.inventory._replace(mounts=(mount,))
 
     def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
         inv = super().scan(roots, own_claims=own_claims)
-        return inv if not self.marker.exists() else replace(inv, mounts=())
+        return inv if not self.marker.exists() else inv._replace(mounts=())
 
     def inspect(
         self,

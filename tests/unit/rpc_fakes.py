@@ -39,8 +39,8 @@ def _function(addr: PciAddress, **kw: object) -> PciFunction:
         driver="virtio-pci",
         is_bridge=False,
         hotplug_slot=str(addr.slot),
-        **kw,
-    )  # type: ignore[arg-type]
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -228,7 +227,7 @@ def test_probe_exclusive_is_empty_on_captured_trees(tree: BlockTree) -> None:
 
 
 def _live_roots(tmp_path: Path) -> Roots:
-    return replace(Roots.under(tmp_path), live=True)
+    return Roots.under(tmp_path)._replace(live=True)
 
 
 def test_probe_never_opens_a_node_that_is_not_the_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,7 +45,7 @@ def _manager() -> LeaseManager:
 
 
 def _inventory(**kw: object) -> Inventory:
-    return replace(FakeEngine().inventory, **kw)  # type: ignore[arg-type]
+    return FakeEngine().inventory._replace(**kw)  # type: ignore[arg-type]
 
 
 _ETH1_DOWN = NetInterface("eth1", 3, admin_up=False, operstate="down", carrier=None)
@@ -76,8 +75,8 @@ def test_lease_refused_on_a_disk_in_use(extra: dict[str, object], why: str) -> N
 
 def test_lease_refused_on_a_disk_with_a_holder_above_a_partition() -> None:
     disks = dict(FakeEngine().inventory.block_devices)
-    disks["vdb1"] = replace(disks["vdb1"], holders=("dm-0",))
-    disks["dm-0"] = replace(_DM, slaves=("vdb1",))
+    disks["vdb1"] = disks["vdb1"]._replace(holders=("dm-0",))
+    disks["dm-0"] = _DM._replace(slaves=("vdb1",))
     inv = _inventory(block_devices=disks, interfaces={"eth1": _ETH1_DOWN})
     with pytest.raises(ClaimConflict) as err:
         targets_for(inv, inv.functions)
@@ -94,20 +93,20 @@ def test_idle_functions_are_leased() -> None:
     ]
     # Only what the report calls in use refuses: no hotplug driver is not use.
     no_slot = _inventory(
-        interfaces={"eth1": _ETH1_DOWN}, functions=tuple(replace(f, hotplug_slot=None) for f in inv.functions)
+        interfaces={"eth1": _ETH1_DOWN}, functions=tuple(f._replace(hotplug_slot=None) for f in inv.functions)
     )
     assert len(targets_for(no_slot, no_slot.functions)) == 2
 
 
 def test_an_interface_only_up_is_leased_when_the_lease_sets_it_down() -> None:
-    up = replace(_ETH1_DOWN, admin_up=True, operstate="up")
+    up = _ETH1_DOWN._replace(admin_up=True, operstate="up")
     inv = _inventory(interfaces={"eth1": up})
     nic = [f for f in inv.functions if f.address == NIC_FN]
     with pytest.raises(ClaimConflict, match="eth1 is administratively up"):
         targets_for(inv, nic)
     assert [t.function for t in targets_for(inv, nic, take_interfaces_down=True)] == [NIC_FN]
     # An address still counts: setting the link down does not remove it.
-    addressed = _inventory(interfaces={"eth1": replace(up, addresses=(Address(socket.AF_INET, "10.0.0.5", 24),))})
+    addressed = _inventory(interfaces={"eth1": up._replace(addresses=(Address(socket.AF_INET, "10.0.0.5", 24),))})
     with pytest.raises(ClaimConflict, match=r"eth1 has 10\.0\.0\.5/24"):
         targets_for(addressed, nic, take_interfaces_down=True)
 
@@ -117,7 +116,7 @@ def test_service_refuses_a_lease_over_a_device_in_use(tmp_path: Path) -> None:
     up = NetInterface(
         "eth1", 3, admin_up=True, operstate="up", carrier=True, addresses=(Address(socket.AF_INET, "10.0.0.5", 24),)
     )
-    engine.inventory = replace(engine.inventory, interfaces={"eth1": up})
+    engine.inventory = engine.inventory._replace(interfaces={"eth1": up})
     links = FakeLinks(up={"eth1"})
     with running_server(tmp_path, engine, mutations=True, links=links) as (server, stub):
         with pytest.raises(grpc.RpcError) as err:
@@ -145,7 +144,7 @@ def test_a_partly_invalid_renewal_renews_nothing(
     tmp_path: Path, bad: pb.PrepareUnplugRequest, code: grpc.StatusCode
 ) -> None:
     engine = FakeEngine()
-    engine.inventory = replace(engine.inventory, interfaces={"eth1": _ETH1_DOWN})
+    engine.inventory = engine.inventory._replace(interfaces={"eth1": _ETH1_DOWN})
     with running_server(tmp_path, engine, mutations=True) as (server, stub):
         grant = stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"], lease_seconds=30), timeout=5)
         before = server.leases.get(grant.lease_id).expires_at
@@ -181,7 +180,7 @@ def test_renewal_checks_happen_under_the_manager_too() -> None:
 def test_lease_ids_appear_in_no_report_error_info_or_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     engine = FakeEngine()
-    engine.inventory = replace(engine.inventory, interfaces={"eth1": _ETH1_DOWN})
+    engine.inventory = engine.inventory._replace(interfaces={"eth1": _ETH1_DOWN})
     with running_server(tmp_path, engine, mutations=True) as (server, stub):
         grant = stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"]), timeout=5)
         secret = grant.lease_id

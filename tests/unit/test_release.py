@@ -8,7 +8,6 @@ import json
 import os
 import stat
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -122,8 +121,7 @@ HOSTILE = "/srv/a b\n\\\udcff\u202e"
 
 def _engine_inventory() -> tuple[FakeEngine, object]:
     engine = FakeEngine()
-    inv = replace(
-        engine.inventory,
+    inv = engine.inventory._replace(
         mounts=(
             Mount(1, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),
             Mount(2, 0, (254, 17), "/", HOSTILE, "ext4", "/dev/vdb1", "rw", 11, 1),  # same point, same namespace

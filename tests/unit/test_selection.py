@@ -154,7 +154,5 @@ def test_a_multipath_head_selects_every_function_it_runs_over_by_every_name() ->
 
 
 def test_a_disk_link_selects_its_function() -> None:
-    from dataclasses import replace
-
-    inv = inventory([VDB], block=[replace(disk("vdb", (252, 16)), links=("/dev/disk/by-id/virtio-data",))])
+    inv = inventory([VDB], block=[disk("vdb", (252, 16))._replace(links=("/dev/disk/by-id/virtio-data",))])
     assert [str(f.address) for f in select(inv, ["/dev/disk/by-id/virtio-data"])] == ["0000:00:06.0"]

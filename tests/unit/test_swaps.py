@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -175,10 +174,10 @@ def test_swap_file_mount_sees_mounts_the_agents_namespace_lacks() -> None:
     """The service's namespace need not see a later mount (found on the real kernel): pid 1's does."""
     own, host = 4026532500, 4026531840
     mounts = [
-        replace(_mount(1, (8, 1), "/", "/dev/sda1"), namespace=own),
-        replace(_mount(2, (8, 1), "/", "/dev/sda1"), namespace=host),
-        replace(_mount(3, (252, 48), "/mnt/swapf", "/dev/vdd"), namespace=host),
-        replace(_mount(4, (252, 64), "/mnt", "/dev/vde"), namespace=own),
+        _mount(1, (8, 1), "/", "/dev/sda1")._replace(namespace=own),
+        _mount(2, (8, 1), "/", "/dev/sda1")._replace(namespace=host),
+        _mount(3, (252, 48), "/mnt/swapf", "/dev/vdd")._replace(namespace=host),
+        _mount(4, (252, 64), "/mnt", "/dev/vde")._replace(namespace=own),
     ]
     m = mount_holding("/mnt/swapf/swapfile", mounts, own)
     assert m is not None and m.mount_id == 3
