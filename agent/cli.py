@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from unplugd.agent import lazylog
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
@@ -42,8 +42,6 @@ __all__ = [
     "open_roots",
     "render_table",
 ]
-
-log = logging.getLogger(__name__)
 
 EXIT_OK = Exit.OK
 EXIT_FAILURE = Exit.FAILURE
@@ -111,7 +109,7 @@ vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
     p.add_argument("--device", action="append", default=[], metavar="NAME", help="only these functions (repeatable)")
     p.add_argument("--all", action="store_true", help="also bridges, root ports and host/ISA bridge functions")
     _add_root(p)
-    p.set_defaults(run=_run_inspect)
+    p.set_defaults(run=_run_inspect, lazy_logging=True)
 
 
 def _add_check(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -131,7 +129,7 @@ examples:
     p.add_argument("device", metavar="DEVICE", help="PCI address, PCI path, interface or block device name")
     p.add_argument("--json", action="store_true", help="print the Report as JSON")
     _add_root(p)
-    p.set_defaults(run=_run_check)
+    p.set_defaults(run=_run_check, lazy_logging=True)
 
 
 def _add_capture(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -357,20 +355,28 @@ def _run_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _EscapingFormatter(logging.Formatter):
-    """Log messages name guest objects (paths, slots, interfaces): escaped like the table.
-    A traceback, appended after the message, keeps its lines."""
+def _log_to_stderr(verbose: bool) -> None:
+    """Log records to stderr, their messages escaped like the table: they name guest objects (paths,
+    slots, interfaces). A traceback, appended after the message, keeps its lines."""
+    import logging
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        return display_text(super().formatMessage(record))
+    class EscapingFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            return display_text(super().formatMessage(record))
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter("unplugd: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(_EscapingFormatter("unplugd: %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler])
+    # inspect and check import logging only to log something (lazylog): a warning, or -v.
+    if getattr(args, "lazy_logging", False) and not args.verbose:
+        lazylog.defer(lambda: _log_to_stderr(verbose=False))
+    else:
+        _log_to_stderr(args.verbose)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         code = run(args)

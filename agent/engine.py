@@ -11,7 +11,6 @@ the agent keeps serving.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
@@ -23,6 +22,7 @@ from unplugd.agent.collectors.processes import ProcessScan, scan_files_on, scan_
 from unplugd.agent.collectors.swaps import collect_swaps
 from unplugd.agent.errors import AgentError, ReadError
 from unplugd.agent.graph import function_disks, is_active
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import (
     BlockDevice,
     Collected,
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # the CLI's JSON (inspect_data) imports no protobuf: ~30 ms o
 
 __all__ = ["inspect", "inspect_data", "scan"]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")

@@ -10,19 +10,18 @@ reflection, and the transports hook `start_bridges(config, backend)`).
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from unplugd.agent.lazylog import Logger
 from unplugd.helpformat import HelpFormatter
 
 __all__ = ["add_serve_parser", "main", "run_serve"]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # `unplugd inspect` imports this module: no logging import (lazylog)
 
 
 def add_serve_parser(subparsers: Any) -> None:
@@ -59,6 +58,9 @@ def add_serve_parser(subparsers: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import logging  # here, not at the top: `unplugd inspect` imports this module for its parser
+    import threading
+
     from unplugd.agent.config import ConfigError, load_config
     from unplugd.agent.daemon.footprint import import_asyncio_without_ssl, one_malloc_arena, release_free_heap
     from unplugd.agent.daemon.logs import sd_notify, setup_logging

@@ -27,7 +27,6 @@ filesystems, active swap, dm/md members and other O_EXCL openers all claim.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Collection, Iterable, Mapping
@@ -36,6 +35,7 @@ from typing import NamedTuple
 
 from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import BlockDevice, Collected, DevNo, ScanProblem, format_devno, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
@@ -61,7 +61,7 @@ __all__ = [
     "sysfs_link_target",
 ]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 _LOOP_MAJOR = 7
 

@@ -12,11 +12,11 @@ Line format (proc(5)):
 
 from __future__ import annotations
 
-import logging
 import re
 from typing import NamedTuple
 
 from unplugd.agent.errors import NotPermitted, ParseError, ReadError, Vanished
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import Collected, DevNo, Mount, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import as_read_error, listdir, os_readlink, read_text, readlink, readlink_or
@@ -24,7 +24,7 @@ from unplugd.text import unescape_octal
 
 __all__ = ["MountScan", "collect_mounts", "parse_mnt_ns", "parse_mountinfo"]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 _NS = re.compile(r"^mnt:\[(\d+)\]$")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import logging
 import os
 import socket
 import sys
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple
 
 from unplugd.agent.collectors import rtnetlink
 from unplugd.agent.errors import ParseError, ReadError, Vanished
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import Address, Collected, NetInterface, Route, ScanProblem, Socket
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import listdir, parse_uevent, read_text, readlink_or
@@ -47,7 +47,7 @@ __all__ = [
     "snapshot_netlink",
 ]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 IFF_UP = 0x1
 _IFF_TAP = 0x0002  # tun_flags: a tap (ethernet) device rather than tun

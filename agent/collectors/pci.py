@@ -15,7 +15,6 @@ drivers bound to child devices (virtio_blk on virtio1 for a virtio-pci function)
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Collection, Iterator, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from unplugd.agent.errors import ReadError, Vanished
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import BoundDevice, Collected, DeviceNode, PciFunction, ScanProblem, parse_devno
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
@@ -54,7 +54,7 @@ __all__ = [
     "parse_slot_address",
 ]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 PCI_IDS_LOCATIONS = (Path("/usr/share/misc/pci.ids"), Path("/usr/share/hwdata/pci.ids"))
 

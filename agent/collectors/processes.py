@@ -26,7 +26,6 @@ ScanProblem that affects everything, so the policy says UNKNOWN, not READY.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 from collections.abc import Collection, Sequence
@@ -35,6 +34,7 @@ from typing import NamedTuple
 
 from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError, Vanished
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import Collected, DeviceNode, DevNo, OpenRef, ScanProblem
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import (
@@ -48,7 +48,7 @@ from unplugd.agent.sysio import (
 
 __all__ = ["ProcessScan", "scan_files_on", "scan_processes"]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 _S_IFMT = 0o170000  # stat.S_IFMT's mask, applied inline in the fd loop
 _FILE_TYPE = {"block": stat.S_IFBLK, "char": stat.S_IFCHR}

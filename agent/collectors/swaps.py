@@ -12,7 +12,6 @@ agent's own first: model.mount_holding).
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import stat
@@ -21,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from unplugd.agent.collectors.block import devno_index
 from unplugd.agent.collectors.devlinks import resolve_dev_path
 from unplugd.agent.errors import ReadError
+from unplugd.agent.lazylog import Logger
 from unplugd.agent.model import BlockDevice, Collected, DevNo, Mount, ScanProblem, Swap, mount_holding
 from unplugd.agent.roots import Roots
 from unplugd.agent.sysio import read_text
@@ -28,7 +28,7 @@ from unplugd.text import unescape_octal
 
 __all__ = ["collect_swaps", "parse_swaps"]
 
-log = logging.getLogger(__name__)
+log = Logger(__name__)  # imports logging only to log (lazylog)
 
 SwapLine = tuple[str, str, int, int]
 
