@@ -5,7 +5,8 @@ PciPath (`0000:00/02.0/00.0`) names it by the chain of slot.function hops from t
 both sides see the same way, unlike bus numbers behind bridges. No I/O here.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: a NamedTuple compiles each field's annotation given as a
+# string (typing.ForwardRef), ~25 us a field, and every `unplugd` start creates these classes.
 
 import re
 from functools import cached_property
@@ -27,7 +28,7 @@ class PciAddress(NamedTuple):
     function: int
 
     @classmethod
-    def parse(cls, text: str) -> PciAddress:
+    def parse(cls, text: str) -> "PciAddress":
         m = _BDF.match(text.strip())
         if not m:
             raise ValueError(f"not a PCI address (DDDD:BB:SS.F): {text!r}")
@@ -63,7 +64,7 @@ class PciPath(_PathFields):
     """
 
     @classmethod
-    def parse(cls, text: str) -> PciPath:
+    def parse(cls, text: str) -> "PciPath":
         m = _PATH.match(text.strip())
         if not m:
             raise ValueError(f"not a PCI path (DDDD:BB/SS.F[/SS.F...]): {text!r}")
@@ -96,7 +97,7 @@ class PciPath(_PathFields):
         return self.hops[-1][1]
 
     @property
-    def parent(self) -> PciPath | None:
+    def parent(self) -> "PciPath | None":
         """The bridge this function sits behind, None on a root bus."""
         if len(self.hops) < 2:
             return None
