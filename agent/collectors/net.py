@@ -18,7 +18,6 @@ becomes a ScanProblem, so the interfaces it touches are UNKNOWN, never READY.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import socket
 import sys
@@ -308,6 +307,8 @@ def parse_netlink(data: Any) -> NetlinkData:
 
 def load_netlink(path: Path) -> NetlinkData:
     """Read and validate a captured netlink.json: ParseError on garbage, ReadError when unreadable."""
+    import json  # captured trees only: the live scan asks the kernel
+
     text = read_text(path)
     try:
         data = json.loads(text)
