@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack, cast
 
 import grpc
@@ -32,7 +30,10 @@ import grpc.aio
 from unplugd.host.errors import HostError
 
 if TYPE_CHECKING:
-    # relays.py (framing, splice) is imported when an address needs one: not for unix: ones.
+    # relays.py (framing, splice), and tempfile, shutil and pathlib for its directory, are imported
+    # when an address needs a relay: not for unix: ones (~5 ms before the first request).
+    from pathlib import Path
+
     # The messages (protobuf, ~25 ms) come with the first call that needs them (each imports them):
     # start_report's request goes out without them, so they load while the agent scans.
     from unplugd.host.relays import Relay
@@ -248,17 +249,20 @@ class AgentClient:
             if relay is None and addr.kind == "channel":
                 raise ValueError(f"{addr}: a libvirt channel is reached only through its ChannelRelay")
             if relay is not None:
+                import tempfile
+                from pathlib import Path
+
                 self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
                 try:
                     target = str(await relay.start(self._relay_dir))
                 except BaseException:
-                    shutil.rmtree(self._relay_dir, ignore_errors=True)
-                    self._relay_dir = None
+                    self._remove_relay_dir()
                     raise
                 self._relay = relay
             # the authority is irrelevant on a unix socket; keep it stable
             options.append(("grpc.default_authority", "unplugd-agent"))
-            channel = grpc.aio.insecure_channel(f"unix:{Path(target).absolute()}", options=options)
+            # absolute as Path.absolute() makes it: joined to the working directory, not normalized
+            channel = grpc.aio.insecure_channel(f"unix:{os.path.join(os.getcwd(), target)}", options=options)
         self._channel = channel
 
     async def close(self) -> None:
@@ -273,7 +277,12 @@ class AgentClient:
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.stop()
+        self._remove_relay_dir()
+
+    def _remove_relay_dir(self) -> None:
         if self._relay_dir is not None:
+            import shutil
+
             shutil.rmtree(self._relay_dir, ignore_errors=True)
             self._relay_dir = None
 
