@@ -34,6 +34,8 @@ from unplugd.agent.model import (
     NetInterface,
     OpenRef,
     PciFunction,
+    Route,
+    Socket,
     Swap,
     format_devno,
 )
@@ -100,11 +102,12 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
     idx = _Index.build(inventory)
     stacks = {f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions}
     usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
+    states: dict[PciAddress, State] = {}  # usage states, filled as bridges ask (nested bridges ask again)
     verdicts: list[FunctionVerdict] = []
     for f in inventory.functions:
         reasons = list(usage[f.address])
         if f.is_bridge:
-            reasons.extend(_bridge_reasons(inventory, f, usage))
+            reasons.extend(_bridge_reasons(inventory, f, usage, states))
         if f.hotplug_slot is None:
             # Blocking, not a warning: without acpiphp/pciehp driving the slot the
             # guest never acts on the eject request, so the host's device_del
@@ -134,12 +137,18 @@ class _Index:
     inv: Inventory
     graph: DeviceGraph
     refs: dict[tuple[str, DevNo], list[OpenRef]] = field(default_factory=lambda: defaultdict(list))
+    # Looked at once per interface: found once, in the inventory's order (hundreds of interfaces
+    # each going over every route and socket, parsing each socket's address, was most of evaluate).
+    default_routes: list[Route] = field(default_factory=list)
+    active_sockets: list[tuple[Socket, str]] = field(default_factory=list)  # (socket, _norm_ip(local))
 
     @classmethod
     def build(cls, inv: Inventory) -> _Index:
         idx = cls(inv, DeviceGraph(inv))
         for ref in inv.open_refs:
             idx.refs[(ref.kind, ref.devno)].append(ref)
+        idx.default_routes = [r for r in inv.routes if r.is_default]
+        idx.active_sockets = [(s, _norm_ip(s.local)) for s in inv.sockets if is_active(s)]
         return idx
 
 
@@ -444,8 +453,8 @@ def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
             )
         )
     stack = idx.graph.interface_stack(name)
-    for route in inv.routes:
-        if route.is_default and route.ifname in stack:
+    for route in idx.default_routes:
+        if route.ifname in stack:
             via = f" via {route.gateway}" if route.gateway else ""
             over = f" (on top of {name})" if route.ifname != name else ""
             reasons.append(
@@ -466,7 +475,7 @@ def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
         reasons.append(Reason(Code.UPPER_DEVICE, detail, object=up, chain=(name, up)))
     local = {_norm_ip(a.address) for n in stack if (i := inv.interfaces.get(n)) for a in i.addresses}
     # A connection pins the address it is bound to: on this interface or one stacked on it.
-    active = [s for s in inv.sockets if is_active(s) and _norm_ip(s.local) in local]
+    active = [s for s, ip in idx.active_sockets if ip in local]
     if active:
         pids = sorted({p for s in active for p in s.pids})
         conns = [f"{s.proto} {s.local}:{s.local_port} <-> {s.remote}:{s.remote_port}" for s in active[:3]]
@@ -648,7 +657,12 @@ def _problem_reasons(
     ]
 
 
-def _bridge_reasons(inv: Inventory, bridge: PciFunction, usage: Mapping[PciAddress, list[Reason]]) -> list[Reason]:
+def _bridge_reasons(
+    inv: Inventory,
+    bridge: PciFunction,
+    usage: Mapping[PciAddress, list[Reason]],
+    states: dict[PciAddress, State],
+) -> list[Reason]:
     hops = bridge.path.hops
     behind = [
         f
@@ -660,7 +674,9 @@ def _bridge_reasons(inv: Inventory, bridge: PciFunction, usage: Mapping[PciAddre
     ]
     if not behind:
         return []
-    states = {f.address: state_of(r for r in usage[f.address] if r.code not in _NOT_USAGE) for f in behind}
+    for f in behind:
+        if f.address not in states:
+            states[f.address] = state_of(r for r in usage[f.address] if r.code not in _NOT_USAGE)
     busy = [f for f in behind if states[f.address] is State.BUSY]
     unknown = [f for f in behind if states[f.address] is State.UNKNOWN]
     if busy:
