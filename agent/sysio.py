@@ -196,15 +196,18 @@ class _Tree:
         head, _, name = rel.rpartition("/")
         if name in ("", ".", ".."):
             raise OSError(errno.EINVAL, "not a name in a directory", os.fspath(path))
-        return self.dir(head), name
+        fd = self.dirs.get(head)
+        return (self._keep(head) if fd is None else fd), name
 
     def dir(self, rel: str) -> int:
         """The directory rel ("" for the base), kept open for the next call there (do not close it)."""
         fd = self.dirs.get(rel)
-        if fd is None:
-            fd = self.dirs[rel] = self._open_dir(rel)
-            if len(self.dirs) > _DIRS_KEPT:
-                os.close(self.dirs.pop(next(iter(self.dirs))))  # the oldest
+        return self._keep(rel) if fd is None else fd
+
+    def _keep(self, rel: str) -> int:
+        fd = self.dirs[rel] = self._open_dir(rel)
+        if len(self.dirs) > _DIRS_KEPT:
+            os.close(self.dirs.pop(next(iter(self.dirs))))  # the oldest
         return fd
 
     def _open_dir(self, rel: str) -> int:
