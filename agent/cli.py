@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
@@ -22,13 +23,12 @@ from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.helpformat import RawDescriptionHelpFormatter
 from unplugd.stdio import broken_pipe, flush_stdout
-from unplugd.text import display_text
+from unplugd.text import display_text, wants_colour
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
 # completion (packaging/docs/generate.py) need only this module and the stdlib.
 if TYPE_CHECKING:
     from unplugd.agent.reportdata import Data
-    from unplugd.v1 import report_pb2
 
 __all__ = [
     "EXIT_BUSY",
@@ -40,7 +40,6 @@ __all__ = [
     "build_parser",
     "main",
     "open_roots",
-    "render_table",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,10 +92,11 @@ def _add_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "inspect",
         help="show every PCI function's readiness",
-        description="Show every PCI function, grouped by slot, with its state and the reasons.",
+        description="Show every PCI function, grouped by slot, with its state and its first reason (-v: every reason).",
         epilog="""\
 examples:
-  unplugd inspect
+  unplugd inspect                    a line per function and its first reason
+  unplugd inspect -v                 every reason
   unplugd inspect --device 0000:00:06.0 --device eth1
   unplugd inspect --json | jq '.functions[] | {address, state}'
   unplugd inspect --root tests/fixtures/scenarios/bond.tree
@@ -110,6 +110,13 @@ vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
     p.add_argument("--json", action="store_true", help="print the Report as JSON")
     p.add_argument("--device", action="append", default=[], metavar="NAME", help="only these functions (repeatable)")
     p.add_argument("--all", action="store_true", help="also bridges, root ports and host/ISA bridge functions")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        dest="every_reason",
+        action="store_true",
+        help="every reason of every function (without: the first, and how many more)",
+    )
     _add_root(p)
     p.set_defaults(run=_run_inspect)
 
@@ -209,89 +216,6 @@ def _require_capture(base: Path, root: str) -> None:
         )
 
 
-# --------------------------------------------------------------------------- table
-
-
-def _objects(f: report_pb2.PciFunction) -> str:
-    names = [b.name for b in f.block_devices] + [n.name for n in f.net_interfaces]
-    if not names:
-        names = [n.path.removeprefix("/dev/") for n in f.device_nodes]
-    return ",".join(names) or "-"
-
-
-def _data_objects(f: Data) -> str:
-    """_objects of a function in reportdata's form."""
-    names = [b["name"] for b in f["block_devices"]] + [n["name"] for n in f["net_interfaces"]]
-    if not names:
-        names = [n["path"].removeprefix("/dev/") for n in f["device_nodes"]]
-    return ",".join(names) or "-"
-
-
-def _what(f: report_pb2.PciFunction) -> str:
-    kind = f.class_name or f"class {f.class_code}"
-    name = f.device_name or ""
-    text = f"{kind}: {name}" if name else kind
-    return f"{text} [{f.driver}]" if f.driver else text
-
-
-def _infrastructure(f: report_pb2.PciFunction) -> bool:
-    """A bridge or root port, or a function of the PCI bridge class (host bridge, ISA bridge): what
-    carries the devices, not a device anyone would unplug. Its devices are listed on their own."""
-    return f.is_bridge or f.class_code.lower().removeprefix("0x").startswith("06")  # "060000": base class 06
-
-
-def render_table(report: report_pb2.Report, out: TextIO, *, show_all: bool = True) -> None:
-    """A table per slot and function, like lsblk's, with the reasons indented below.
-
-    Every text from the guest goes through display_text: no name can add a line,
-    move the cursor or colour the terminal. Without `show_all`, bridges and the
-    bridge-class functions fold into one line at the end.
-    """
-    from unplugd.agent.report import state_name
-    from unplugd.reason_codes import code_name
-
-    head = ["SLOT", "FUNCTION", "PCI PATH", "DEVICE", "OBJECTS", "STATE"]
-    rows: list[tuple[list[str], report_pb2.PciFunction]] = []
-    by_slot: dict[str, list[report_pb2.PciFunction]] = {}
-    folded = 0
-    for f in report.functions:
-        if not show_all and _infrastructure(f):
-            folded += 1
-            continue
-        by_slot.setdefault(f.slot, []).append(f)
-    for slot, functions in by_slot.items():
-        for i, f in enumerate(functions):
-            cells = [slot if i == 0 else "", f.address, f.pci_path, _what(f), _objects(f), state_name(f.state)]
-            rows.append(([display_text(c) for c in cells], f))
-    widths = [max([len(head[c])] + [len(r[0][c]) for r in rows]) for c in range(len(head))]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-
-    where = display_text(report.hostname) or "this system"
-    if report.from_capture:
-        where += " (captured tree)"
-    out.write(f"{where}, kernel {display_text(report.kernel) or '?'}\n")
-    if not rows:
-        out.write("no PCI functions found\n")
-    else:
-        out.write(line(head) + "\n")
-    indent = " " * (widths[0] + 2)
-    for cells, f in rows:
-        out.write(line(cells) + "\n")
-        for n, r in enumerate(f.reasons):
-            branch = "└─" if n == len(f.reasons) - 1 else "├─"
-            code = code_name(r.code)
-            note = "" if r.blocking else " (warning)"
-            out.write(f"{indent}{branch} {code}{note}: {display_text(r.detail)}\n")
-    if folded:
-        out.write(f"+ {folded} bridge(s), root port(s) and host/ISA bridge function(s) not shown: --all shows them\n")
-    if report.problems:
-        out.write("\ncould not read (functions they touch are UNKNOWN unless busy):\n")
-        for p in report.problems:
-            out.write(f"  {display_text(p.object)}: {display_text(p.detail)}\n")
-
-
 # --------------------------------------------------------------------------- commands
 
 
@@ -316,13 +240,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(_json_text(data) + "\n")
     else:
-        from unplugd.agent.report import from_data
+        from unplugd.agent.render import table_lines
 
-        render_table(from_data(data), sys.stdout, show_all=args.all or bool(args.device))
+        lines = table_lines(
+            data,
+            show_all=args.all or bool(args.device),
+            verbose=args.every_reason or args.verbose,
+            colour=wants_colour(sys.stdout, os.environ),
+        )
+        sys.stdout.write("".join(line + "\n" for line in lines))
     return EXIT_OK
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from unplugd.agent.render import function_objects
     from unplugd.agent.reportdata import REASON_PREFIX, STATE_PREFIX
 
     data = _inspect(args.root, [args.device], probe=not args.no_probe)
@@ -337,7 +268,7 @@ def _run_check(args: argparse.Namespace) -> int:
         sys.stdout.write(_json_text(data) + "\n")
         return code
     for f, state in zip(data["functions"], states, strict=True):
-        sys.stdout.write(f"{f['address']} ({display_text(_data_objects(f))}): {state}\n")
+        sys.stdout.write(f"{f['address']} ({display_text(function_objects(f))}): {state}\n")
         for r in f["reasons"]:
             name = r["code"].removeprefix(REASON_PREFIX)
             sys.stdout.write(f"  {name}{'' if r['blocking'] else ' (warning)'}: {display_text(r['detail'])}\n")

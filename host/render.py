@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import TextIO
 
 from unplugd.host.planner import FunctionPlan, GuestReason, Plan, SlotPlan, Verdict
-from unplugd.text import display_text
+from unplugd.text import display_text, paint, wants_colour
 
 __all__ = [
     "device_name",
@@ -45,13 +44,8 @@ _BRIDGE_CLASS = 0x06  # PCI base class "bridge": host, ISA, PCI-to-PCI, other
 _IMPLIED_BY: Mapping[str, Verdict] = {"NO_HOTPLUG_DRIVER": Verdict.NOT_HOTPLUGGABLE}
 
 
-def wants_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
-    """Colour only on a terminal, and never when NO_COLOR is set to anything (no-color.org)."""
-    return not environ.get("NO_COLOR") and stream.isatty()
-
-
 def _paint(verdict: Verdict, text: str, colour: bool) -> str:
-    return f"\033[{_COLOURS[verdict]}m{text}\033[0m" if colour else text
+    return paint(_COLOURS[verdict], text, colour)
 
 
 def _is_bridge(fp: FunctionPlan) -> bool:

@@ -29,7 +29,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["display_text", "unescape_octal", "wire_text"]
+TYPE_CHECKING = False  # not typing's: `unplugctl --help` imports no typing (tests/unit/test_startup_imports.py)
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import TextIO
+
+__all__ = ["display_text", "paint", "unescape_octal", "wants_colour", "wire_text"]
 
 _SURROGATE_ESCAPED = range(0xDC80, 0xDD00)  # what surrogateescape decodes a stray byte 0x80-0xFF to
 _WIRE_UNSAFE = re.compile("[\\\\\ud800-\udfff]")
@@ -51,6 +56,16 @@ def wire_text(text: str) -> str:
     if text.isascii():  # O(1) in CPython: the fast path for almost every kernel name
         return text.replace("\\", "\\134") if "\\" in text else text
     return _WIRE_UNSAFE.sub(lambda m: _octal(m.group()), text)
+
+
+def wants_colour(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set to anything (no-color.org)."""
+    return not environ.get("NO_COLOR") and stream.isatty()
+
+
+def paint(sgr: str, text: str, colour: bool) -> str:
+    """`text` in the SGR colour `sgr` ("31": red) when `colour`; escape guest text before, never after."""
+    return f"\033[{sgr}m{text}\033[0m" if colour else text
 
 
 def display_text(text: str) -> str:

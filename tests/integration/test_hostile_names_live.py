@@ -9,7 +9,6 @@ test_inspect_live.py); everything else is the live system through the real colle
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from tests.integration.loopdev import (
 )
 from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_function
-from unplugd.agent import cli, engine
+from unplugd.agent import cli, engine, render
 from unplugd.agent.config import Config
 from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.model import Collected
@@ -109,17 +108,16 @@ def test_inspect_table_and_check(
     hostile: tuple[LoopDisk, bytes, subprocess.Popen[bytes]], capsys: pytest.CaptureFixture[str]
 ) -> None:
     disk, _, _ = hostile
-    assert cli.main(["inspect", "--no-probe"]) == cli.EXIT_OK
+    assert cli.main(["inspect", "-v", "--no-probe"]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert "\x1b" not in out and not RAW_CONTROL.search(out)
     assert "\\033[31mRED\\377\\376" in out  # the mount point, escaped
     # every line is one the table means to write: one report, rendered, counted
-    report = engine.inspect(Roots.live_system(), [disk.disk], exclusive_probe=False)
-    buf = io.StringIO()
-    cli.render_table(report, buf)
-    reasons = sum(len(f.reasons) for f in report.functions)
-    problems = 2 + len(report.problems) if report.problems else 0
-    assert len(buf.getvalue().splitlines()) == 2 + len(report.functions) + reasons + problems
+    data = engine.inspect_data(Roots.live_system(), [disk.disk], exclusive_probe=False)
+    lines = render.table_lines(data, show_all=True, verbose=True)
+    reasons = sum(len(f["reasons"]) for f in data["functions"])
+    problems = 2 + len(data["problems"]) if data["problems"] else 0
+    assert len(lines) == 2 + len(data["functions"]) + reasons + problems
     assert cli.main(["check", "--no-probe", disk.parts[0]]) == cli.EXIT_BUSY
     assert not RAW_CONTROL.search(capsys.readouterr().out)
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -31,11 +30,11 @@ from tests.integration.loopdev import loop_disk, mounted_in_private_namespace
 from tests.integration.loopdev import run as run_tool
 from tests.integration.test_inspect_live import SYNTHETIC, TABLE, synthetic_function
 from tests.reliability.registry import Options, Row
-from unplugd.agent import cli, engine
+from unplugd.agent import engine, render
 from unplugd.agent.config import Config
 from unplugd.agent.daemon.events import EventSources
 from unplugd.agent.model import Collected
-from unplugd.agent.report import to_json
+from unplugd.agent.reportdata import to_json
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.server import AgentServer
 from unplugd.text import unescape_octal
@@ -86,10 +85,8 @@ def _mount_names(tmp: Path) -> Row:
 
 
 def _judge(point: Path) -> str:
-    report = engine.inspect(Roots.live_system(), [], exclusive_probe=False)
-    table = io.StringIO()
-    cli.render_table(report, table)
-    if RAW_CONTROL.search(table.getvalue()):
+    report = engine.inspect_data(Roots.live_system(), [], exclusive_probe=False)
+    if RAW_CONTROL.search("\n".join(render.table_lines(report, show_all=True, verbose=True))):
         return "raw control character in the table"
     data = json.loads(to_json(report))
     fn = next((f for f in data["functions"] if f["address"] == str(SYNTHETIC)), None)

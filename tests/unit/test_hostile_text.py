@@ -7,7 +7,6 @@ backing file, a process name, an interface name and the hostname.
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 
 from tests.fixtures import build_scenarios
 from tests.unit.rpc_fakes import running_server
-from unplugd.agent import cli, treetext
+from unplugd.agent import cli, render, treetext
 from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.text import display_text, unescape_octal, wire_text
 from unplugd.v1 import agent_service_pb2 as pb
@@ -113,7 +112,8 @@ def test_inspect_json_is_valid_and_still_judges(capsys: pytest.CaptureFixture[st
 
 
 def test_inspect_table_escapes_every_guest_text(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["inspect", "--all", "--root", str(TREE)]) == cli.EXIT_OK  # --all: every function's text
+    # --all: every function's text; -v: every reason's
+    assert cli.main(["inspect", "--all", "-v", "--root", str(TREE)]) == cli.EXIT_OK
     out = capsys.readouterr().out
     assert not RAW_CONTROL.search(out)
     assert "\t" not in out
@@ -122,6 +122,12 @@ def test_inspect_table_escapes_every_guest_text(capsys: pytest.CaptureFixture[st
     report = json.loads(_json(["inspect", "--json", "--root", str(TREE)], capsys))
     reasons = sum(len(f["reasons"]) for f in report["functions"])
     assert len(out.splitlines()) == 2 + len(report["functions"]) + reasons
+    # without -v, a reason line at most per function: the count of lines cannot grow with a guest's names
+    assert cli.main(["inspect", "--all", "--root", str(TREE)]) == cli.EXIT_OK
+    short = capsys.readouterr().out
+    assert not RAW_CONTROL.search(short)
+    with_reasons = sum(1 for f in report["functions"] if f["reasons"])
+    assert len(short.splitlines()) <= 2 + len(report["functions"]) + with_reasons + 1
 
 
 def test_check_exits_busy_and_escapes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,20 +137,27 @@ def test_check_exits_busy_and_escapes(capsys: pytest.CaptureFixture[str]) -> Non
     assert len(out.splitlines()) == 3  # the function and its two reasons (the mount, the loop on it)
 
 
-def test_render_table_escapes_a_hand_made_report() -> None:
+def test_the_table_escapes_a_hand_made_report() -> None:
     """Any string field may come from the guest: hostname, names, details and problems too."""
-    report = report_pb2.Report(hostname="h\x1b]0;pwned\x07", kernel="6\n1")
-    f = report.functions.add(
-        address="0000:00:06.0", slot="0000:00:06", device_name="disk\u202e", state=report_pb2.FUNCTION_STATE_BUSY
-    )
-    f.block_devices.add(name="vdb\n")
-    f.reasons.add(code=report_pb2.REASON_CODE_MOUNTED, detail="on /x\r\x1b[2K", blocking=True)
-    report.problems.add(object="/proc/\x9b1m", detail="bad\x00")
-    out = io.StringIO()
-    cli.render_table(report, out)
-    text = out.getvalue()
-    assert not RAW_CONTROL.search(text) and "\r" not in text
-    assert len(text.splitlines()) == 7  # title, head, function, reason, blank, problems title, problem
+    data = {
+        "hostname": "h\x1b]0;pwned\x07",
+        "kernel": "6\n1",
+        "functions": [
+            {
+                "address": "0000:00:06.0",
+                "slot": "0000:00:06",
+                "device_name": "disk\u202e",
+                "state": "FUNCTION_STATE_BUSY",
+                "block_devices": [{"name": "vdb\n"}],
+                "reasons": [{"code": "REASON_CODE_MOUNTED", "detail": "on /x\r\x1b[2K", "blocking": True}],
+            }
+        ],
+        "problems": [{"object": "/proc/\x9b1m", "detail": "bad\x00"}],
+    }
+    for verbose in (False, True):
+        text = "\n".join(render.table_lines(data, verbose=verbose))
+        assert not RAW_CONTROL.search(text) and "\r" not in text
+        assert len(text.splitlines()) == 7  # title, head, function, reason, blank, problems title, problem
 
 
 def _json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -254,7 +254,7 @@ class Demo:
 
         step("Inside the guest: `unplugd inspect` (the same report the host will get)")
         self.guest("unplugd inspect")
-        showed("one line per function, grouped by slot; BUSY names why (mounted, held open, link up, route)")
+        showed("a line per function, grouped by slot, and the first reason a BUSY one has (-v: every reason)")
 
         step("On the host: every slot, its hardware and the guest's answer for each function")
         self.unplugctl("status")
