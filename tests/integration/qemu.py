@@ -182,7 +182,7 @@ def _all_numbered(buses: object) -> bool:
                 bus = br.get("bus")
                 if not isinstance(bus, dict) or not bus.get("secondary"):
                     return False
-                if not walk(br.get("devices") or []):  # type: ignore[arg-type]
+                if not walk(br.get("devices") or []):
                     return False
         return True
 

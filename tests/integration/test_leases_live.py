@@ -98,7 +98,7 @@ class Loops:
             if not os.path.exists(f"/sys/class/block/{name}p1"):
                 subprocess.run(["partx", "--add", path], check=True, capture_output=True)
             for part in (f"{path}p1", f"{path}p2"):
-                _wait_for(lambda p=part: os.path.exists(p))  # type: ignore[misc]
+                _wait_for(lambda p=part: os.path.exists(p))
             subprocess.run(["mkfs.ext4", "-q", "-F", f"{path}p1"], check=True, capture_output=True)
             subprocess.run(["mkswap", f"{path}p2"], check=True, capture_output=True)
         else:

@@ -1,17 +1,21 @@
-"""A fake engine and an in-process agent server for the rpc tests.
+"""A fake engine and an in-process agent server for the rpc tests, and typed client helpers.
 
 FakeEngine keeps a small inventory (a disk function and a NIC function) and
 a per-function state the test can change; it records what the service
 passes in (leased, own_claims) so tests can assert on it.
+
+next_message, cancel, details and trailing_values type the few client calls
+whose grpc-stubs declarations are narrower or looser than grpcio's runtime.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar, cast
 
 import grpc
 
@@ -29,7 +33,9 @@ DISK_FN = PciAddress.parse("0000:00:06.0")
 NIC_FN = PciAddress.parse("0000:00:07.0")
 
 
-def _function(addr: PciAddress, **kw: object) -> PciFunction:
+def _function(
+    addr: PciAddress, *, block_devices: tuple[str, ...] = (), net_interfaces: tuple[str, ...] = ()
+) -> PciFunction:
     return PciFunction(
         address=addr,
         path=PciPath(0, 0, ((addr.slot, addr.function),)),
@@ -39,8 +45,9 @@ def _function(addr: PciAddress, **kw: object) -> PciFunction:
         driver="virtio-pci",
         is_bridge=False,
         hotplug_slot=str(addr.slot),
-        **kw,
-    )  # type: ignore[arg-type]
+        block_devices=block_devices,
+        net_interfaces=net_interfaces,
+    )
 
 
 @dataclass
@@ -164,3 +171,44 @@ def running_server(
     finally:
         channel.close()
         server.stop(grace=0.2)
+
+
+# -- client calls, typed at the grpc-stubs boundary -----------------------------------------
+
+T = TypeVar("T")
+
+
+def next_message(stream: grpc.CallIterator[T]) -> T:
+    """The stream's next message (StopIteration at its end, RpcError on a failed call).
+
+    grpc-stubs declares CallIterator with __iter__ only; grpcio's call object is its own
+    iterator (__iter__ returns self), so iter() goes on where the stream is, it does not restart.
+    """
+    return next(iter(stream))
+
+
+def cancel(call: grpc.RpcContext) -> None:
+    """Cancel a client call."""
+    # grpc-stubs leaves RpcContext.cancel unannotated (an untyped call under --strict);
+    # grpcio's returns whether it cancelled, which no test here needs.
+    cast("Callable[[], object]", call.cancel)()
+
+
+def details(err: grpc.RpcError) -> str:
+    """The status message of a failed call; every status this server sends carries one."""
+    text = err.details()
+    assert text is not None, f"{err.code()} without details"
+    return text
+
+
+def trailing_values(err: grpc.RpcError, key: str) -> list[str]:
+    """The text values of a failed call's trailing metadata under `key`, in order."""
+    # grpc-stubs types RpcError.trailing_metadata() as _Metadatum with bytes values; grpcio's
+    # items are (key, value) pairs, value a str for keys without the "-bin" suffix: grpc.Metadata.
+    pairs = cast("grpc.Metadata", err.trailing_metadata())
+    values = []
+    for k, v in pairs:
+        if k == key:
+            assert isinstance(v, str), (k, v)
+            values.append(v)
+    return values

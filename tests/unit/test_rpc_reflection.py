@@ -176,13 +176,11 @@ def test_report_decoded_with_reflected_descriptors_only(channel: grpc.Channel) -
     assert report.hostname == "fake"
     assert [f.address for f in report.functions] == [str(NIC_FN)]
     state = report.functions[0].state
-    assert (
-        report_desc.fields_by_name["functions"]
-        .message_type.fields_by_name["state"]
-        .enum_type.values_by_number[state]
-        .name
-        == "FUNCTION_STATE_BUSY"
-    )
+    function_desc = report_desc.fields_by_name["functions"].message_type
+    assert function_desc is not None
+    state_enum = function_desc.fields_by_name["state"].enum_type
+    assert state_enum is not None
+    assert state_enum.values_by_number[state].name == "FUNCTION_STATE_BUSY"
     everything = call(request_cls(), timeout=10).report
     assert {f.address for f in everything.functions} == {str(DISK_FN), str(NIC_FN)}
 
@@ -198,7 +196,9 @@ def test_health_described_as_served(channel: grpc.Channel) -> None:
         response_deserializer=response_cls.FromString,
     )
     status = stub(request_cls(service=AGENT), timeout=10).status
-    assert check.output_type.fields_by_name["status"].enum_type.values_by_number[status].name == "SERVING"
+    status_enum = check.output_type.fields_by_name["status"].enum_type
+    assert status_enum is not None
+    assert status_enum.values_by_number[status].name == "SERVING"
 
 
 def test_reflection_describes_itself(channel: grpc.Channel) -> None:
@@ -247,12 +247,15 @@ def test_one_stream_answers_each_request_in_order(channel: grpc.Channel) -> None
 
 def test_garbage_requests_leave_reflection_serving(channel: grpc.Channel) -> None:
     for service in (V1ALPHA.name, V1.name):
-        raw = channel.stream_stream(f"/{service}/ServerReflectionInfo")
+        # No (de)serializers: raw bytes both ways.
+        raw = channel.stream_stream(
+            f"/{service}/ServerReflectionInfo", request_serializer=None, response_deserializer=None
+        )
         for payload in (b"\xff\xff\xff", b"\x22\x03\xff\xfe\xfd", os.urandom(64)):
             try:
                 list(raw(iter([payload]), timeout=5))
             except grpc.RpcError as err:
-                assert err.code() != grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                assert err.code() != grpc.StatusCode.UNAVAILABLE
     assert set(ProtoReflectionDescriptorDatabase(channel).get_services()) == ALL_SERVICES
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.serving import wait_accepting
-from tests.unit.rpc_fakes import running_server
+from tests.unit.rpc_fakes import next_message, running_server
 from unplugd.agent.daemon.scans import ModuleEngine
 from unplugd.agent.rpc import health
 from unplugd.v1 import agent_service_pb2 as pb
@@ -94,16 +94,16 @@ def test_serve_answers_and_stops_on_sigterm(agent_process: tuple[subprocess.Pope
         assert report.from_capture and len(report.functions) == 0
         with pytest.raises(grpc.RpcError) as err:
             stub.GetReport(pb.GetReportRequest(devices=["../../etc/shadow"]), timeout=10)
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert _health_check(channel) == health.SERVING
         assert _health_check(channel, "unplugd.v1.AgentService") == health.SERVING
         # SIGTERM while a watch stream is open: the stream ends, the agent exits 0.
         stream = stub.WatchReport(pb.WatchReportRequest(), timeout=30)
-        assert next(stream).initial
+        assert next_message(stream).initial
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         with pytest.raises((StopIteration, grpc.RpcError)):
-            next(stream)
+            next_message(stream)
     _, stderr = proc.communicate(timeout=15)
     assert proc.returncode == 0, stderr
     assert time.monotonic() - t0 < 5
@@ -114,15 +114,21 @@ def test_serve_answers_and_stops_on_sigterm(agent_process: tuple[subprocess.Pope
 def test_garbage_requests_leave_the_server_serving(tmp_path: Path) -> None:
     with running_server(tmp_path) as (server, stub), grpc.insecure_channel(server.target) as channel:
         for method in ("GetReport", "PrepareUnplug", "ReleaseUnplug", "GetAgentInfo"):
-            raw = channel.unary_unary(f"/unplugd.v1.AgentService/{method}")
+            # No (de)serializers: raw bytes both ways.
+            raw = channel.unary_unary(
+                f"/unplugd.v1.AgentService/{method}", request_serializer=None, response_deserializer=None
+            )
             for payload in (b"\xff\xff\xff", b"\x0a\x05abc", os.urandom(64)):
                 try:
                     raw(payload, timeout=5)
                 except grpc.RpcError as err:
-                    assert err.code() != grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                    assert err.code() != grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError) as unknown:
-            channel.unary_unary("/unplugd.v1.AgentService/NoSuchCall")(b"", timeout=5)
-        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+            raw = channel.unary_unary(
+                "/unplugd.v1.AgentService/NoSuchCall", request_serializer=None, response_deserializer=None
+            )
+            raw(b"", timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert len(stub.GetReport(pb.GetReportRequest(), timeout=5).report.functions) == 2
 
 
@@ -130,16 +136,16 @@ def test_health_unknown_service_and_watch(tmp_path: Path) -> None:
     with running_server(tmp_path) as (server, _), grpc.insecure_channel(server.target) as channel:
         with pytest.raises(grpc.RpcError) as err:
             _health_check(channel, "no.such.Service")
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         watch = channel.unary_stream(
             "/grpc.health.v1.Health/Watch",
             request_serializer=health.HealthCheckRequest.SerializeToString,
             response_deserializer=health.HealthCheckResponse.FromString,
         )
         stream = watch(health.HealthCheckRequest(service=""), timeout=10)
-        assert next(stream).status == health.SERVING
+        assert next_message(stream).status == health.SERVING
         server.stop(grace=0.2)  # shutting down: watchers hear NOT_SERVING
-        assert next(stream).status == health.NOT_SERVING
+        assert next_message(stream).status == health.NOT_SERVING
 
 
 def test_real_engine_never_turns_names_into_paths(tmp_path: Path) -> None:
@@ -156,7 +162,7 @@ def test_real_engine_never_turns_names_into_paths(tmp_path: Path) -> None:
             for name in ("../../etc/shadow", "/etc/shadow", "../../../../../../etc/shadow"):
                 with pytest.raises(grpc.RpcError) as err:
                     stub.GetReport(pb.GetReportRequest(devices=[name]), timeout=10)
-                assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         armed[0] = False
     assert seen == []

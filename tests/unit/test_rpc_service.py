@@ -12,7 +12,17 @@ import grpc
 import psutil
 import pytest
 
-from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, FakeLinks, running_server
+from tests.unit.rpc_fakes import (
+    DISK_FN,
+    NIC_FN,
+    FakeEngine,
+    FakeLinks,
+    cancel,
+    details,
+    next_message,
+    running_server,
+    trailing_values,
+)
 from unplugd.agent.errors import NotPermitted, ParseError
 from unplugd.agent.mutations.leases import lease_label
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
@@ -22,7 +32,7 @@ from unplugd.v1 import report_pb2
 
 def _code(call: object) -> grpc.StatusCode:
     assert isinstance(call, grpc.RpcError)
-    return call.code()  # type: ignore[no-any-return,attr-defined]
+    return call.code()
 
 
 def test_get_report_all_and_filtered(tmp_path: Path) -> None:
@@ -68,9 +78,9 @@ def test_agent_info_reports_its_footprint(tmp_path: Path) -> None:
         assert abs(res.started_at.ToNanoseconds() / 1e9 - me.create_time()) < 1
         assert res.cpu_user_seconds > 0 and (res.leases, res.watchers) == (0, 0)
         stream = stub.WatchReport(pb.WatchReportRequest(), timeout=10)
-        next(stream)
+        next_message(stream)
         assert stub.GetAgentInfo(pb.GetAgentInfoRequest(), timeout=5).resources.watchers == 1
-        stream.cancel()
+        cancel(stream)
 
 
 @pytest.fixture
@@ -103,7 +113,7 @@ def test_unknown_names_are_not_found_without_touching_files(
         with pytest.raises(grpc.RpcError) as err:
             stub.GetReport(pb.GetReportRequest(devices=[name]), timeout=5)
         assert _code(err.value) == grpc.StatusCode.NOT_FOUND
-        assert name in err.value.details()  # type: ignore[attr-defined]
+        assert name in details(err.value)
     assert no_file_access == []
 
 
@@ -151,7 +161,7 @@ def test_mutations_refused_when_disabled(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert _code(err.value) == grpc.StatusCode.PERMISSION_DENIED
-            assert "mutations" in err.value.details()  # type: ignore[attr-defined]
+            assert "mutations" in details(err.value)
         assert server.leases.leased() == {}
     assert links.log == []
 
@@ -200,9 +210,9 @@ def test_prepare_claim_failure_is_failed_precondition_with_reasons(tmp_path: Pat
         with pytest.raises(grpc.RpcError) as err:
             stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1", "vdb"], take_interfaces_down=True), timeout=5)
         assert _code(err.value) == grpc.StatusCode.FAILED_PRECONDITION
-        reasons = [v for k, v in err.value.trailing_metadata() if k == REASON_METADATA_KEY]  # type: ignore[attr-defined]
+        reasons = trailing_values(err.value, REASON_METADATA_KEY)
         assert len(reasons) == 1 and reasons[0].startswith("vdb:")
-        assert "vdb" in err.value.details()  # type: ignore[attr-defined]
+        assert "vdb" in details(err.value)
         assert server.leases.leased() == {} and server.leases.own_claims() == frozenset()
         assert "eth1" in links.up and links.log == []
 

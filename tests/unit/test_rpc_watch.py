@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, running_server
+from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, cancel, next_message, running_server
 from unplugd.agent.config import Config, ServerConfig
 from unplugd.agent.daemon.events import EventSources, MountNamespaces, parse_ns_inode
 from unplugd.agent.roots import Roots
@@ -197,10 +197,10 @@ def test_hub_reports_a_failing_first_scan_and_close_ends_streams() -> None:
 # -- WatchReport over gRPC -------------------------------------------------------------
 
 
-def _next(stream: object, timeout: float = 2.0) -> pb.WatchReportResponse:
+def _next(stream: grpc.CallIterator[pb.WatchReportResponse], timeout: float = 2.0) -> pb.WatchReportResponse:
     """The next message, failing the test when none arrives in time."""
     box: list[object] = []
-    t = threading.Thread(target=lambda: box.append(next(stream)), daemon=True)  # type: ignore[call-overload]
+    t = threading.Thread(target=lambda: box.append(next_message(stream)), daemon=True)
     t.start()
     t.join(timeout)
     assert box, f"no WatchReport message within {timeout}s"
@@ -222,7 +222,7 @@ def test_watch_report_initial_then_changes(tmp_path: Path) -> None:
         assert time.monotonic() - t0 < 1.0
         assert not change.initial and list(change.changed) == [str(DISK_FN)]
         assert change.report.functions[0].state == BUSY
-        stream.cancel()  # type: ignore[attr-defined]
+        cancel(stream)
         deadline = time.monotonic() + 5
         while server.hub.running and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -242,22 +242,22 @@ def test_watch_report_filtered_and_leases_show(tmp_path: Path) -> None:
         assert [r.code for r in change.report.functions[0].reasons] == [report_pb2.REASON_CODE_LEASED]
         stub.ReleaseUnplug(pb.ReleaseUnplugRequest(lease_id=grant.lease_id), timeout=5)
         assert list(_next(stream).report.functions[0].reasons) == []
-        stream.cancel()  # type: ignore[attr-defined]
+        cancel(stream)
 
 
 def test_watch_report_unknown_device_and_too_many_watchers(tmp_path: Path) -> None:
     cfg = Config(server=ServerConfig(max_workers=4, max_watchers=1))
     with running_server(tmp_path, config=cfg) as (_, stub):
         with pytest.raises(grpc.RpcError) as err:
-            next(stub.WatchReport(pb.WatchReportRequest(devices=["../x"]), timeout=5))
-        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+            next_message(stub.WatchReport(pb.WatchReportRequest(devices=["../x"]), timeout=5))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
         one = stub.WatchReport(pb.WatchReportRequest(), timeout=30)
         _next(one)
         with pytest.raises(grpc.RpcError) as err:
-            next(stub.WatchReport(pb.WatchReportRequest(), timeout=5))
-        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            next_message(stub.WatchReport(pb.WatchReportRequest(), timeout=5))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert stub.GetReport(pb.GetReportRequest(), timeout=5).report.functions  # unary calls still served
-        one.cancel()  # type: ignore[attr-defined]
+        cancel(one)
 
 
 def test_server_stop_ends_watch_streams(tmp_path: Path) -> None:
@@ -266,7 +266,7 @@ def test_server_stop_ends_watch_streams(tmp_path: Path) -> None:
         _next(stream)
         server.hub.close()
         with pytest.raises(StopIteration):
-            next(stream)
+            next_message(stream)
 
 
 # -- event sources ---------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,19 +18,21 @@ HOST_BRIDGE = "0000:00:00.0"
 ROOT_DISK = "0000:00:02.0"
 
 
-def inspect_json(capsys: pytest.CaptureFixture[str], root: Path | str, *devices: str) -> dict[str, object]:
+def inspect_json(capsys: pytest.CaptureFixture[str], root: Path | str, *devices: str) -> dict[str, Any]:
+    """The report `unplugd inspect --json` prints, as parsed JSON: the tests assert its shape."""
     argv = ["inspect", "--json", "--root", str(root)]
     for d in devices:
         argv += ["--device", d]
     assert cli.main(argv) == cli.EXIT_OK
     out = capsys.readouterr()
     assert "Traceback" not in out.err
-    return json.loads(out.out)  # type: ignore[no-any-return]
+    report: dict[str, Any] = json.loads(out.out)
+    return report
 
 
-def verdicts(report: dict[str, object]) -> dict[str, tuple[str, set[str]]]:
+def verdicts(report: dict[str, Any]) -> dict[str, tuple[str, set[str]]]:
     out = {}
-    for f in report["functions"]:  # type: ignore[attr-defined]
+    for f in report["functions"]:
         codes = {r["code"].removeprefix("REASON_CODE_") for r in f["reasons"]}
         out[f["address"]] = (f["state"].removeprefix("FUNCTION_STATE_"), codes)
     return out
@@ -114,8 +117,8 @@ def test_scenario_verdicts(name: str, capsys: pytest.CaptureFixture[str]) -> Non
 
 def test_multifunction_slot_lists_all_eight_functions(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "multifunction8.tree", "vde")
-    assert [f["address"] for f in report["functions"]] == ["0000:00:05.7"]  # type: ignore[index]
-    (slot,) = report["slots"]  # type: ignore[misc]
+    assert [f["address"] for f in report["functions"]] == ["0000:00:05.7"]
+    (slot,) = report["slots"]
     assert slot["functions"] == [f"0000:00:05.{n}" for n in range(8)]
     assert slot["state"] == "FUNCTION_STATE_BUSY"
     assert slot["hotplugSlot"] == "5"
@@ -123,13 +126,13 @@ def test_multifunction_slot_lists_all_eight_functions(capsys: pytest.CaptureFixt
 
 def test_bridge_child_has_a_path_through_the_bridge(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "behind_bridge.tree", "vdb1")
-    (f,) = report["functions"]  # type: ignore[misc]
+    (f,) = report["functions"]
     assert (f["address"], f["pciPath"], f["slotPath"]) == ("0000:01:05.0", "0000:00/03.0/05.0", "0000:00/03.0/05")
 
 
 def test_crypt_lvm_chain_and_mapper_name(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "crypt_lvm.tree", "/dev/mapper/vg0-data")
-    (f,) = report["functions"]  # type: ignore[misc]
+    (f,) = report["functions"]
     holder = next(r for r in f["reasons"] if r["code"] == "REASON_CODE_HOLDER")
     assert holder["chain"] == ["vdb", "vdb2", "dm-0", "dm-1"]
     mounted = next(r for r in f["reasons"] if r["code"] == "REASON_CODE_MOUNTED")
@@ -139,16 +142,16 @@ def test_crypt_lvm_chain_and_mapper_name(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_md_mount_in_other_namespace_names_the_pid(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "md_two_slots.tree", "md0")
-    assert len(report["functions"]) == 2  # type: ignore[arg-type]
-    for f in report["functions"]:  # type: ignore[attr-defined]
+    assert len(report["functions"]) == 2
+    for f in report["functions"]:
         mounted = next(r for r in f["reasons"] if r["code"] == "REASON_CODE_MOUNTED")
         assert "pid 500" in mounted["detail"]
 
 
 def test_bond_connection_names_its_owner(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "bond.tree", "bond0")
-    assert len(report["functions"]) == 2  # type: ignore[arg-type]
-    conn = next(r for r in report["functions"][0]["reasons"] if r["code"] == "REASON_CODE_ACTIVE_CONNECTIONS")  # type: ignore[index]
+    assert len(report["functions"]) == 2
+    conn = next(r for r in report["functions"][0]["reasons"] if r["code"] == "REASON_CODE_ACTIVE_CONNECTIONS")
     assert [p["pid"] for p in conn["processes"]] == [600]
 
 
@@ -166,7 +169,7 @@ def test_nvme_names_select_the_functions_they_run_over(
     name: str, functions: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = inspect_json(capsys, SCENARIOS / "nvme_multipath.tree", name)
-    listed: list[dict[str, Any]] = report["functions"]  # type: ignore[assignment]
+    listed: list[dict[str, Any]] = report["functions"]
     assert [f["address"] for f in listed] == functions
     for f in listed:
         if "nvme2n1" in [b["name"] for b in f["blockDevices"]]:
@@ -184,7 +187,7 @@ def test_hidden_nvme_paths_are_not_check_names(capsys: pytest.CaptureFixture[str
 
 def test_controllers_name_the_disk_in_use_and_what_they_found(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "controllers.tree")
-    listed: list[dict[str, Any]] = report["functions"]  # type: ignore[assignment]
+    listed: list[dict[str, Any]] = report["functions"]
     by = {f["address"]: f for f in listed}
     assert [r["object"] for r in by["0000:00:07.0"]["reasons"]] == ["sdb"]  # one of three LUNs
     assert [r["object"] for r in by["0000:00:0b.0"]["reasons"]] == ["sde"]  # the USB disk, not the NIC (down)
@@ -198,15 +201,15 @@ def test_controllers_name_the_disk_in_use_and_what_they_found(capsys: pytest.Cap
                       ("/dev/disk/by-path/pci-0000:00:08.0-ata-1", "0000:00:08.0"),
                       ("/dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_usb0-0:0", "0000:00:0b.0"),
                       ("enx5254005b0002", "0000:00:0b.0")):  # fmt: skip
-        one: list[dict[str, Any]] = inspect_json(capsys, SCENARIOS / "controllers.tree", name)["functions"]  # type: ignore[assignment]
+        one: list[dict[str, Any]] = inspect_json(capsys, SCENARIOS / "controllers.tree", name)["functions"]
         assert [f["address"] for f in one] == [bdf], name
 
 
 def test_warnings_keep_blocking_false_in_json(capsys: pytest.CaptureFixture[str]) -> None:
     report = inspect_json(capsys, SCENARIOS / "behind_bridge.tree", "0000:00:03.0")
-    assert report["functions"][0]["reasons"][0]["blocking"] is True  # type: ignore[index]
+    assert report["functions"][0]["reasons"][0]["blocking"] is True
     report = inspect_json(capsys, SCENARIOS / "nic_down.tree")
-    eth1 = next(f for f in report["functions"] if f["address"] == "0000:00:08.0")  # type: ignore[attr-defined]
+    eth1 = next(f for f in report["functions"] if f["address"] == "0000:00:08.0")
     assert eth1["netInterfaces"][0]["adminUp"] is False
 
 
@@ -239,7 +242,12 @@ def _self_loop(path: Path) -> None:
     os.symlink(path.name, path)
 
 
-DAMAGE = {
+def _file_to_dir(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+DAMAGE: dict[str, Callable[[Path], object]] = {
     "truncated mountinfo line": lambda r: _agent_mountinfo(r).write_text(
         _agent_mountinfo(r).read_text() + "77 1 252:16 / /x rw\n"
     ),
@@ -253,7 +261,7 @@ DAMAGE = {
     "garbage in swaps": lambda r: (r / "proc/swaps").write_text(
         (r / "proc/swaps").read_text() + "/dev/vdc\tpartition\tlots\n"
     ),
-    "swaps is a directory": lambda r: ((r / "proc/swaps").unlink(), (r / "proc/swaps").mkdir()),
+    "swaps is a directory": lambda r: _file_to_dir(r / "proc/swaps"),
     "netlink.json not JSON": lambda r: (r / "netlink.json").write_text('{"links": [\n'),
     "netlink.json wrong shape": lambda r: (r / "netlink.json").write_text('{"addresses": [{"ifname": 3}]}'),
     "unreadable class file": lambda r: _self_loop(r / "sys/devices/pci0000:00/0000:00:05.1/class"),
@@ -362,14 +370,14 @@ def test_a_failing_collector_is_a_problem_not_a_crash(
     got = verdicts(report)
     assert got["0000:00:05.1"] == ("UNKNOWN", {"UNREADABLE"})  # idle disk: swap state unknown
     assert got["0000:00:05.0"][0] == "BUSY"  # still mounted
-    assert any("internal error: ZeroDivisionError" in p["detail"] for p in report["problems"])  # type: ignore[attr-defined]
+    assert any("internal error: ZeroDivisionError" in p["detail"] for p in report["problems"])
 
 
 def test_the_agents_own_lease_fd_is_not_a_holder(mf8: Path) -> None:
     """The agent holds leased disks open itself (O_EXCL); that must read LEASED, not OPEN_BY_PROCESS."""
     from unplugd.agent import engine
-    from unplugd.agent.model import PciAddress
     from unplugd.agent.roots import Roots
+    from unplugd.pci import PciAddress
     from unplugd.v1 import report_pb2
 
     os.symlink("/dev/vdc", mf8 / f"proc/{build_scenarios.AGENT_PID}/fd/9")
