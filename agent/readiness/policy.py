@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from unplugd.agent.graph import DeviceGraph, is_active
@@ -93,18 +93,27 @@ def in_use(verdict: FunctionVerdict) -> list[Reason]:
     ]
 
 
-def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> list[FunctionVerdict]:
+def evaluate(
+    inventory: Inventory, leased: Mapping[PciAddress, str] = {}, *, only: Collection[PciAddress] | None = None
+) -> list[FunctionVerdict]:
     """One verdict per function of the inventory, in its order.
 
     leased: functions held by an unplug lease (its label, never the id: ids are
     credentials and reports are read by every client): a LEASED warning.
+    only: verdicts for these functions and the others of their slots (a slot's state is its
+    functions' worst) rather than for every function; each the verdict a full evaluate gives.
     """
     idx = _Index.build(inventory)
-    stacks = {f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions}
-    usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
+    judged, needed = _judged(inventory, only)
+    stacks = {
+        f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions if f.address in needed
+    }
+    usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions if f.address in needed}
     states: dict[PciAddress, State] = {}  # usage states, filled as bridges ask (nested bridges ask again)
     verdicts: list[FunctionVerdict] = []
     for f in inventory.functions:
+        if f.address not in judged:
+            continue
         reasons = list(usage[f.address])
         if f.is_bridge:
             reasons.extend(_bridge_reasons(inventory, f, usage, states))
@@ -125,6 +134,24 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
             reasons.append(Reason(Code.LEASED, f"held for unplug by lease {lease}", blocking=False, object=lease))
         verdicts.append(FunctionVerdict(f.address, f.path, state_of(reasons), tuple(reasons), tuple(stacks[f.address])))
     return verdicts
+
+
+def _judged(inventory: Inventory, only: Collection[PciAddress] | None) -> tuple[Container[PciAddress], set[PciAddress]]:
+    """(the functions to give a verdict, the functions whose usage those verdicts read).
+
+    A verdict reads the function's own usage and, for a bridge, the usage of every function
+    behind it (_bridge_reasons); nothing else of another function.
+    """
+    everything = {f.address for f in inventory.functions}
+    if only is None:
+        return everything, everything
+    slots = {a.slot_key for a in only}
+    judged = {f.address for f in inventory.functions if f.address.slot_key in slots}
+    needed = set(judged)
+    for bridge in inventory.functions:
+        if bridge.is_bridge and bridge.address in judged:
+            needed.update(f.address for f in _behind(inventory, bridge))
+    return judged, needed
 
 
 # --------------------------------------------------------------------------- indexes
@@ -663,15 +690,7 @@ def _bridge_reasons(
     usage: Mapping[PciAddress, list[Reason]],
     states: dict[PciAddress, State],
 ) -> list[Reason]:
-    hops = bridge.path.hops
-    behind = [
-        f
-        for f in inv.functions
-        if f.path.domain == bridge.path.domain
-        and f.path.root_bus == bridge.path.root_bus
-        and len(f.path.hops) > len(hops)
-        and f.path.hops[: len(hops)] == hops
-    ]
+    behind = _behind(inv, bridge)
     if not behind:
         return []
     for f in behind:
@@ -708,6 +727,19 @@ def _bridge_reasons(
             object=str(behind[0].address),
             chain=tuple(str(f.address) for f in behind),
         )
+    ]
+
+
+def _behind(inv: Inventory, bridge: PciFunction) -> list[PciFunction]:
+    """The functions below a bridge (on its secondary bus and further down), in inventory order."""
+    hops = bridge.path.hops
+    return [
+        f
+        for f in inv.functions
+        if f.path.domain == bridge.path.domain
+        and f.path.root_bus == bridge.path.root_bus
+        and len(f.path.hops) > len(hops)
+        and f.path.hops[: len(hops)] == hops
     ]
 
 
