@@ -216,12 +216,14 @@ def inspect_data(
 ) -> Data:
     """scan + evaluate + report_data, keeping only the functions `devices` name (all for none).
 
-    UnknownDevice when a name matches nothing. Every function is evaluated
-    even when filtering: bridges and slots depend on their neighbours.
+    UnknownDevice when a name matches nothing. Named devices are judged with
+    the rest of their slots, and a bridge with what is behind it: the verdicts
+    are those of the full report.
     """
     inventory = scan(roots, own_claims=own_claims, exclusive_probe=exclusive_probe)
     chosen = select(inventory, devices)
-    data = report_data(inventory, evaluate(inventory, leased))
+    # Named devices: verdicts only for their slots (evaluate reads what else they depend on).
+    data = report_data(inventory, evaluate(inventory, leased, only={f.address for f in chosen} if devices else None))
     if devices:
         data = keep_functions(data, {str(f.address) for f in chosen})
     return data

@@ -23,10 +23,10 @@ import errno
 import functools
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from unplugd.agent.errors import NotPermitted, ReadError, Vanished
 from unplugd.agent.roots import Roots
@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 StrPath = str | os.PathLike[str]
+_L = TypeVar("_L")
 
 # The errnos that say "the object went away": a process exited (ESRCH, or ENOENT on its /proc
 # entries), a directory of it went (ENOTDIR when a name in the path is no longer a directory), a
@@ -157,7 +158,10 @@ class _Tree:
     def __init__(self, base: Path) -> None:
         self.base = str(base).rstrip("/") or "/"  # as Roots joins its paths, so a prefix test suffices
         self.prefix = self.base.rstrip("/") + "/"
-        self.dirs: dict[str, int] = {}  # directory (relative) -> O_PATH fd, oldest first
+        # directory (relative, "" for the base) -> fd, oldest first: O_RDONLY|O_DIRECTORY, so one open
+        # serves both to list the directory and as the dir_fd of what is in it (O_PATH only where it
+        # may be searched but not read)
+        self.dirs: dict[str, int] = {}
         try:
             self.fd = os.open(self.base, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
@@ -193,11 +197,37 @@ class _Tree:
         if name in ("", ".", ".."):
             raise OSError(errno.EINVAL, "not a name in a directory", os.fspath(path))
         fd = self.dirs.get(head)
-        if fd is None:
-            fd = self.dirs[head] = _openat2(self._dirfd(), head or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            if len(self.dirs) > _DIRS_KEPT:
-                os.close(self.dirs.pop(next(iter(self.dirs))))  # the oldest
-        return fd, name
+        return (self._keep(head) if fd is None else fd), name
+
+    def dir(self, rel: str) -> int:
+        """The directory rel ("" for the base), kept open for the next call there (do not close it)."""
+        fd = self.dirs.get(rel)
+        return self._keep(rel) if fd is None else fd
+
+    def _keep(self, rel: str) -> int:
+        fd = self.dirs[rel] = self._open_dir(rel)
+        if len(self.dirs) > _DIRS_KEPT:
+            os.close(self.dirs.pop(next(iter(self.dirs))))  # the oldest
+        return fd
+
+    def _open_dir(self, rel: str) -> int:
+        # By name in its parent when that is open (a walk goes down one level at a time), never
+        # through a link there; else, or when the name is a link, resolved beneath the base.
+        head, _, name = rel.rpartition("/")
+        above = self.dirs.get(head) if name not in ("", ".", "..") else None
+        if above is not None:
+            try:
+                return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=above)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EACCES):
+                    raise
+        try:
+            return _openat2(self._dirfd(), rel or ".", _O_DIR)
+        except OSError as exc:
+            if exc.errno != errno.EACCES:
+                raise
+        # Searchable, not readable: its files can still be opened (listing it says EACCES).
+        return _openat2(self._dirfd(), rel or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def close(self) -> None:
         for fd in self.dirs.values():
@@ -251,16 +281,23 @@ def _open_file(path: StrPath) -> int:
     return os.open(name, _O_FILE | os.O_NOFOLLOW, dir_fd=dfd)
 
 
-def _open_dir(tree: _Tree, path: StrPath) -> int:
-    """A directory of the tree, O_DIRECTORY (which opens no device): by name in its (kept) parent,
-    or, when the name is a link, resolved beneath the base."""
+def _list_dir(tree: _Tree, path: StrPath, listing: Callable[[int], _L]) -> _L:
+    """listing(fd) of a directory of the tree, kept open (tree.dir) for what is read in it next.
+
+    os.listdir/scandir of an fd list a dup of it and rewind it, so the kept fd is left as it was.
+    """
+    rel = tree.rel(path)
     try:
-        dfd, name = tree.parent(path)
-        return os.open(name, _O_DIR | os.O_NOFOLLOW, dir_fd=dfd)
+        return listing(tree.dir("" if rel == "." else rel))
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EINVAL):
+        if exc.errno != errno.EBADF:
             raise
-    return tree.open(path, _O_DIR)
+    # kept O_PATH (searchable, not readable): open it to list it, for the kernel's answer (EACCES)
+    fd = tree.open(path, _O_DIR)
+    try:
+        return listing(fd)
+    finally:
+        os.close(fd)
 
 
 def os_open_dir(path: StrPath) -> int:
@@ -310,11 +347,7 @@ def os_listdir(path: StrPath) -> list[str]:
     tree = _TREE.get()
     if tree is None:
         return os.listdir(path)
-    fd = _open_dir(tree, path)
-    try:
-        return os.listdir(fd)
-    finally:
-        os.close(fd)
+    return _list_dir(tree, path, os.listdir)
 
 
 def os_scandir(path: StrPath) -> list[os.DirEntry[str]]:
@@ -323,12 +356,12 @@ def os_scandir(path: StrPath) -> list[os.DirEntry[str]]:
     if tree is None:
         with os.scandir(path) as it:
             return list(it)
-    fd = _open_dir(tree, path)
-    try:
-        with os.scandir(fd) as it:
-            return list(it)
-    finally:
-        os.close(fd)
+    return _list_dir(tree, path, _scandir_list)
+
+
+def _scandir_list(fd: int) -> list[os.DirEntry[str]]:
+    with os.scandir(fd) as it:
+        return list(it)
 
 
 # --------------------------------------------------------------------------- readers

@@ -449,6 +449,22 @@ def _is_fleet(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _command(argv)
+    if argv is None:
+        # The process's own command line: the process ends when this returns. Its finalization
+        # collects garbage over every object left, twice (the report, the plan and their JSON
+        # among them), though reference counting frees them all the same: frozen, the collector
+        # skips them (-38 M instructions of a 256-function status, ~4%). The output is flushed and
+        # the agent's lease released before this point; only finalizers of objects in reference
+        # cycles go unrun, which Python does not promise at exit either. Not for a caller in a
+        # process that goes on (tests): nothing frozen is ever collected.
+        import gc
+
+        gc.freeze()
+    return code
+
+
+def _command(argv: Sequence[str] | None) -> int:
     p = parser(lazy=True)
     try:
         args = p.parse_args(argv)

@@ -19,23 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
+import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal, TypedDict, TypeVar, Unpack, cast
 
 import grpc
 import grpc.aio
 
 from unplugd.host.errors import HostError
-from unplugd.v1 import agent_service_pb2 as pb
-from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
-from unplugd.v1 import report_pb2
 
-if TYPE_CHECKING:  # relays.py (framing, splice) is imported when an address needs one: not for unix: ones
+if TYPE_CHECKING:
+    # relays.py (framing, splice), and tempfile, shutil and pathlib for its directory, are imported
+    # when an address needs a relay: not for unix: ones (~5 ms before the first request).
+    from pathlib import Path
+
+    # The messages (protobuf, ~25 ms) come with the first call that needs them (each imports them):
+    # start_report's request goes out without them, so they load while the agent scans.
     from unplugd.host.relays import Relay
+    from unplugd.v1 import agent_service_pb2 as pb
+    from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
+    from unplugd.v1 import report_pb2
 
 __all__ = [
     "AGENT_CALL_ERRORS",
@@ -64,6 +68,13 @@ _CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
+
+
+# start_report's call, made before the messages are imported: the method's path in the generated stub
+# (agent_service_pb2_grpc) and an empty GetReportRequest's wire form, which is no bytes at all
+# (tests/unit/test_client_unix.py holds both to the generated code).
+GET_REPORT_METHOD = "/unplugd.v1.AgentService/GetReport"
+EMPTY_REQUEST = b""
 
 
 # How much longer than its deadline a RequestRelease may take: the agent takes one report after
@@ -220,7 +231,7 @@ class AgentClient:
     # -- connection -----------------------------------------------------
     async def connect(self) -> None:
         """Set up the channel (and relay); cheap, does not contact the agent."""
-        if self._stub is not None:
+        if self._channel is not None:
             return
         addr = self.address
         options = list(_CHANNEL_OPTIONS)
@@ -238,20 +249,21 @@ class AgentClient:
             if relay is None and addr.kind == "channel":
                 raise ValueError(f"{addr}: a libvirt channel is reached only through its ChannelRelay")
             if relay is not None:
+                import tempfile
+                from pathlib import Path
+
                 self._relay_dir = Path(tempfile.mkdtemp(prefix="unplugctl-relay-"))
                 try:
                     target = str(await relay.start(self._relay_dir))
                 except BaseException:
-                    shutil.rmtree(self._relay_dir, ignore_errors=True)
-                    self._relay_dir = None
+                    self._remove_relay_dir()
                     raise
                 self._relay = relay
             # the authority is irrelevant on a unix socket; keep it stable
             options.append(("grpc.default_authority", "unplugd-agent"))
-            channel = grpc.aio.insecure_channel(f"unix:{Path(target).absolute()}", options=options)
+            # absolute as Path.absolute() makes it: joined to the working directory, not normalized
+            channel = grpc.aio.insecure_channel(f"unix:{os.path.join(os.getcwd(), target)}", options=options)
         self._channel = channel
-        # the generated class serves both APIs; the .pyi types the aio one separately
-        self._stub = cast("pb_grpc.AgentServiceAsyncStub", pb_grpc.AgentServiceStub(channel))
 
     async def close(self) -> None:
         early, self._early = self._early, None
@@ -265,16 +277,30 @@ class AgentClient:
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.stop()
+        self._remove_relay_dir()
+
+    def _remove_relay_dir(self) -> None:
         if self._relay_dir is not None:
+            import shutil
+
             shutil.rmtree(self._relay_dir, ignore_errors=True)
             self._relay_dir = None
 
     async def _ready_stub(self) -> pb_grpc.AgentServiceAsyncStub:
-        """The stub once the channel is READY; fails on the first failed attempt
-        or after connect_timeout."""
+        """The stub once the channel is READY (_ready_channel)."""
+        channel = await self._ready_channel()
+        if self._stub is None:
+            from unplugd.v1 import agent_service_pb2_grpc as pb_grpc
+
+            # the generated class serves both APIs; the .pyi types the aio one separately
+            self._stub = cast("pb_grpc.AgentServiceAsyncStub", pb_grpc.AgentServiceStub(channel))
+        return self._stub
+
+    async def _ready_channel(self) -> grpc.aio.Channel:
+        """The channel once it is READY; fails on the first failed attempt or after connect_timeout."""
         await self.connect()
-        channel, stub = self._channel, self._stub
-        assert channel is not None and stub is not None
+        channel = self._channel
+        assert channel is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.connect_timeout
         state = channel.get_state(try_to_connect=True)
@@ -297,7 +323,7 @@ class AgentClient:
             except TimeoutError:
                 raise self._unreachable(f"no connection within {self.connect_timeout:g}s") from None
             state = channel.get_state(try_to_connect=True)
-        return stub
+        return channel
 
     def _unreachable(self, cause: str) -> AgentUnreachable:
         relay_error = self._relay.last_error if self._relay is not None else None
@@ -319,9 +345,18 @@ class AgentClient:
         stub = await self._ready_stub()
         deadline = self.timeout if timeout is None else timeout
         try:
-            return await call(stub, deadline)
+            answer = await call(stub, deadline)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(method, exc, deadline) from exc
+        if answer is None:  # grpc.aio's answer when the stub could not parse the bytes (it logs why)
+            raise self._undecodable(method)
+        return answer
+
+    def _undecodable(self, method: str) -> AgentCallFailed:
+        """The agent's answer is no message of the method's type (a broken or hostile agent)."""
+        return AgentCallFailed(
+            str(self.address), method, grpc.StatusCode.INTERNAL, f"the answer is no {method} response"
+        )
 
     # -- calls ----------------------------------------------------------
     async def start_report(self, *, timeout: float | None = None) -> None:
@@ -340,22 +375,33 @@ class AgentClient:
         await asyncio.sleep(0)  # the call's own task runs once: that hands the request to the core
 
     async def _report_call(self, handed: asyncio.Event, timeout: float | None) -> report_pb2.Report:
+        # bytes in and out: the request needs no protobuf, which is imported while the agent scans
         try:
-            stub = await self._ready_stub()
+            channel = await self._ready_channel()
             deadline = self.timeout if timeout is None else timeout
-            call = stub.GetReport(pb.GetReportRequest(), timeout=deadline)
+            # no (de)serializer: the request is these bytes and the answer comes back as bytes
+            call = channel.unary_unary(GET_REPORT_METHOD, None, None)(EMPTY_REQUEST, timeout=deadline)
         finally:
             handed.set()
         try:
-            response: pb.GetReportResponse = await call
+            answer = await call
         except grpc.aio.AioRpcError as exc:
             raise self._translate("GetReport", exc, deadline) from exc
-        return response.report
+        from google.protobuf.message import DecodeError
+
+        from unplugd.v1 import agent_service_pb2 as pb
+
+        try:
+            return pb.GetReportResponse.FromString(answer).report
+        except DecodeError:
+            raise self._undecodable("GetReport") from None
 
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
         if not devices and self._early is not None:
             early, self._early = self._early, None
             return await early
+        from unplugd.v1 import agent_service_pb2 as pb
+
         request = pb.GetReportRequest(devices=list(devices))
         response: pb.GetReportResponse = await self._unary(
             "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout
@@ -363,6 +409,8 @@ class AgentClient:
         return response.report
 
     async def get_agent_info(self, *, timeout: float | None = None) -> pb.GetAgentInfoResponse:
+        from unplugd.v1 import agent_service_pb2 as pb
+
         request = pb.GetAgentInfoRequest()
         return await self._unary("GetAgentInfo", lambda s, t: s.GetAgentInfo(request, timeout=t), timeout)
 
@@ -376,6 +424,8 @@ class AgentClient:
         timeout: float | None = None,
     ) -> pb.PrepareUnplugResponse:
         """Claim the functions' block devices for `lease_seconds`; renew with `lease_id`."""
+        from unplugd.v1 import agent_service_pb2 as pb
+
         request = pb.PrepareUnplugRequest(
             devices=list(devices),
             lease_seconds=lease_seconds,
@@ -385,6 +435,8 @@ class AgentClient:
         return await self._unary("PrepareUnplug", lambda s, t: s.PrepareUnplug(request, timeout=t), timeout)
 
     async def release_unplug(self, lease_id: str, *, timeout: float | None = None) -> pb.ReleaseUnplugResponse:
+        from unplugd.v1 import agent_service_pb2 as pb
+
         request = pb.ReleaseUnplugRequest(lease_id=lease_id)
         return await self._unary("ReleaseUnplug", lambda s, t: s.ReleaseUnplug(request, timeout=t), timeout)
 
@@ -393,6 +445,8 @@ class AgentClient:
     ) -> pb.RequestReleaseResponse:
         """Ask the guest to release the functions (its release hooks, then a wait for READY) within
         `deadline_seconds`. `timeout` (default: the deadline plus RELEASE_MARGIN) bounds the call."""
+        from unplugd.v1 import agent_service_pb2 as pb
+
         request = pb.RequestReleaseRequest(devices=list(devices), deadline_seconds=deadline_seconds)
         limit = deadline_seconds + RELEASE_MARGIN if timeout is None else timeout
         return await self._unary("RequestRelease", lambda s, t: s.RequestRelease(request, timeout=t), limit)
@@ -403,6 +457,8 @@ class AgentClient:
         """The current report, then each change. The first message must come
         within the client's call timeout; `timeout` bounds the whole stream
         (None: until the caller stops iterating)."""
+        from unplugd.v1 import agent_service_pb2 as pb
+
         stub = await self._ready_stub()
         call = stub.WatchReport(pb.WatchReportRequest(devices=list(devices)), timeout=timeout)
         first = True

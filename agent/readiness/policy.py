@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Container, Iterable, Mapping, Sequence
 
 from unplugd.agent.graph import DeviceGraph, is_active
 from unplugd.agent.model import (
@@ -33,6 +33,8 @@ from unplugd.agent.model import (
     NetInterface,
     OpenRef,
     PciFunction,
+    Route,
+    Socket,
     Swap,
     format_devno,
 )
@@ -90,20 +92,30 @@ def in_use(verdict: FunctionVerdict) -> list[Reason]:
     ]
 
 
-def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> list[FunctionVerdict]:
+def evaluate(
+    inventory: Inventory, leased: Mapping[PciAddress, str] = {}, *, only: Collection[PciAddress] | None = None
+) -> list[FunctionVerdict]:
     """One verdict per function of the inventory, in its order.
 
     leased: functions held by an unplug lease (its label, never the id: ids are
     credentials and reports are read by every client): a LEASED warning.
+    only: verdicts for these functions and the others of their slots (a slot's state is its
+    functions' worst) rather than for every function; each the verdict a full evaluate gives.
     """
     idx = _Index.build(inventory)
-    stacks = {f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions}
-    usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions}
+    judged, needed = _judged(inventory, only)
+    stacks = {
+        f.address: idx.graph.block_closure(idx.graph.disks_of(f)) for f in inventory.functions if f.address in needed
+    }
+    usage = {f.address: _usage_reasons(idx, f, stacks[f.address]) for f in inventory.functions if f.address in needed}
+    states: dict[PciAddress, State] = {}  # usage states, filled as bridges ask (nested bridges ask again)
     verdicts: list[FunctionVerdict] = []
     for f in inventory.functions:
+        if f.address not in judged:
+            continue
         reasons = list(usage[f.address])
         if f.is_bridge:
-            reasons.extend(_bridge_reasons(inventory, f, usage))
+            reasons.extend(_bridge_reasons(inventory, f, usage, states))
         if f.hotplug_slot is None:
             # Blocking, not a warning: without acpiphp/pciehp driving the slot the
             # guest never acts on the eject request, so the host's device_del
@@ -123,24 +135,48 @@ def evaluate(inventory: Inventory, leased: Mapping[PciAddress, str] = {}) -> lis
     return verdicts
 
 
+def _judged(inventory: Inventory, only: Collection[PciAddress] | None) -> tuple[Container[PciAddress], set[PciAddress]]:
+    """(the functions to give a verdict, the functions whose usage those verdicts read).
+
+    A verdict reads the function's own usage and, for a bridge, the usage of every function
+    behind it (_bridge_reasons); nothing else of another function.
+    """
+    everything = {f.address for f in inventory.functions}
+    if only is None:
+        return everything, everything
+    slots = {a.slot_key for a in only}
+    judged = {f.address for f in inventory.functions if f.address.slot_key in slots}
+    needed = set(judged)
+    for bridge in inventory.functions:
+        if bridge.is_bridge and bridge.address in judged:
+            needed.update(f.address for f in _behind(inventory, bridge))
+    return judged, needed
+
+
 # --------------------------------------------------------------------------- indexes
 
 
 class _Index:
     """The inventory, its device graph, and open references by what they hold."""
 
-    __slots__ = ("graph", "inv", "refs")
+    __slots__ = ("active_sockets", "default_routes", "graph", "inv", "refs")
 
     def __init__(self, inv: Inventory, graph: DeviceGraph) -> None:
         self.inv = inv
         self.graph = graph
         self.refs: dict[tuple[str, DevNo], list[OpenRef]] = defaultdict(list)
+        # Looked at once per interface: found once, in the inventory's order (hundreds of interfaces
+        # each going over every route and socket, parsing each socket's address, was most of evaluate).
+        self.default_routes: list[Route] = []
+        self.active_sockets: list[tuple[Socket, str]] = []  # (socket, _norm_ip(local))
 
     @classmethod
     def build(cls, inv: Inventory) -> _Index:
         idx = cls(inv, DeviceGraph(inv))
         for ref in inv.open_refs:
             idx.refs[(ref.kind, ref.devno)].append(ref)
+        idx.default_routes = [r for r in inv.routes if r.is_default]
+        idx.active_sockets = [(s, _norm_ip(s.local)) for s in inv.sockets if is_active(s)]
         return idx
 
 
@@ -445,8 +481,8 @@ def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
             )
         )
     stack = idx.graph.interface_stack(name)
-    for route in inv.routes:
-        if route.is_default and route.ifname in stack:
+    for route in idx.default_routes:
+        if route.ifname in stack:
             via = f" via {route.gateway}" if route.gateway else ""
             over = f" (on top of {name})" if route.ifname != name else ""
             reasons.append(
@@ -467,7 +503,7 @@ def _net_reasons(idx: _Index, iface: NetInterface) -> list[Reason]:
         reasons.append(Reason(Code.UPPER_DEVICE, detail, object=up, chain=(name, up)))
     local = {_norm_ip(a.address) for n in stack if (i := inv.interfaces.get(n)) for a in i.addresses}
     # A connection pins the address it is bound to: on this interface or one stacked on it.
-    active = [s for s in inv.sockets if is_active(s) and _norm_ip(s.local) in local]
+    active = [s for s, ip in idx.active_sockets if ip in local]
     if active:
         pids = sorted({p for s in active for p in s.pids})
         conns = [f"{s.proto} {s.local}:{s.local_port} <-> {s.remote}:{s.remote_port}" for s in active[:3]]
@@ -649,19 +685,18 @@ def _problem_reasons(
     ]
 
 
-def _bridge_reasons(inv: Inventory, bridge: PciFunction, usage: Mapping[PciAddress, list[Reason]]) -> list[Reason]:
-    hops = bridge.path.hops
-    behind = [
-        f
-        for f in inv.functions
-        if f.path.domain == bridge.path.domain
-        and f.path.root_bus == bridge.path.root_bus
-        and len(f.path.hops) > len(hops)
-        and f.path.hops[: len(hops)] == hops
-    ]
+def _bridge_reasons(
+    inv: Inventory,
+    bridge: PciFunction,
+    usage: Mapping[PciAddress, list[Reason]],
+    states: dict[PciAddress, State],
+) -> list[Reason]:
+    behind = _behind(inv, bridge)
     if not behind:
         return []
-    states = {f.address: state_of(r for r in usage[f.address] if r.code not in _NOT_USAGE) for f in behind}
+    for f in behind:
+        if f.address not in states:
+            states[f.address] = state_of(r for r in usage[f.address] if r.code not in _NOT_USAGE)
     busy = [f for f in behind if states[f.address] is State.BUSY]
     unknown = [f for f in behind if states[f.address] is State.UNKNOWN]
     if busy:
@@ -693,6 +728,19 @@ def _bridge_reasons(inv: Inventory, bridge: PciFunction, usage: Mapping[PciAddre
             object=str(behind[0].address),
             chain=tuple(str(f.address) for f in behind),
         )
+    ]
+
+
+def _behind(inv: Inventory, bridge: PciFunction) -> list[PciFunction]:
+    """The functions below a bridge (on its secondary bus and further down), in inventory order."""
+    hops = bridge.path.hops
+    return [
+        f
+        for f in inv.functions
+        if f.path.domain == bridge.path.domain
+        and f.path.root_bus == bridge.path.root_bus
+        and len(f.path.hops) > len(hops)
+        and f.path.hops[: len(hops)] == hops
     ]
 
 

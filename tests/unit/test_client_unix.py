@@ -8,13 +8,17 @@ import socket
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
 
+from tests.probe import probe
 from tests.unit.fake_agent import serve_fake_agent
 from tests.unit.rpc_fakes import DISK_FN, NIC_FN, FakeEngine, running_server
 from unplugd.host.client import (
+    EMPTY_REQUEST,
+    GET_REPORT_METHOD,
     AgentAddress,
     AgentCallFailed,
     AgentClient,
@@ -22,7 +26,7 @@ from unplugd.host.client import (
     SyncAgentClient,
     parse_address,
 )
-from unplugd.v1 import report_pb2
+from unplugd.v1 import agent_service_pb2, agent_service_pb2_grpc, report_pb2
 
 
 def run(coro: Awaitable[None]) -> None:
@@ -220,3 +224,76 @@ def test_a_report_started_early_fails_where_it_is_read(tmp_path: Path) -> None:
                 await client.get_report()
 
     run(main())
+
+
+class _MethodRecorder:
+    """A stand-in channel: the generated stub tells it each method's path."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def unary_unary(self, method: str, *args: object, **kwargs: object) -> None:
+        self.methods.append(method)
+
+    unary_stream = unary_unary
+
+
+def test_the_early_request_is_the_generated_get_report_with_no_fields() -> None:
+    """start_report sends bytes it wrote itself (before protobuf is imported): they must be what the stub sends."""
+    channel = _MethodRecorder()
+    agent_service_pb2_grpc.AgentServiceStub(cast(grpc.Channel, channel))
+    assert GET_REPORT_METHOD in channel.methods
+    assert GET_REPORT_METHOD.endswith("/GetReport")
+    assert agent_service_pb2.GetReportRequest().SerializeToString() == EMPTY_REQUEST
+
+
+# A fresh process: the test process has imported protobuf long ago.
+EARLY_PROBE = """
+import asyncio, sys
+from unplugd.host.client import AgentClient
+
+async def main():
+    async with AgentClient(sys.argv[1], timeout=10) as client:
+        await client.start_report()
+        loaded = "google.protobuf" in sys.modules
+        report = await client.get_report()
+        return loaded, sorted(f.address for f in report.functions)
+
+print(repr(asyncio.run(main())))
+"""
+
+
+def test_the_early_request_goes_out_before_protobuf_is_imported(tmp_path: Path) -> None:
+    with running_server(tmp_path) as (server, _):
+        loaded, addresses = probe(EARLY_PROBE, server.target)
+    assert loaded is False
+    assert addresses == sorted([str(DISK_FN), str(NIC_FN)])
+
+
+def test_an_answer_that_is_no_report_fails_as_a_call_early_or_not(tmp_path: Path) -> None:
+    """A broken or hostile agent's bytes: an AgentCallFailed either way, never a parser's exception."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    garbage = grpc.unary_unary_rpc_method_handler(lambda request, context: b"\xff\xff\xff")
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("unplugd.v1.AgentService", {"GetReport": garbage}),)
+    )
+    server.add_insecure_port(f"unix:{tmp_path / 'agent.sock'}")
+    server.start()
+    try:
+
+        async def main() -> None:
+            async with AgentClient(f"unix:{tmp_path / 'agent.sock'}", timeout=5) as client:
+                await client.start_report()
+                with pytest.raises(AgentCallFailed) as early:
+                    await client.get_report()
+                with pytest.raises(AgentCallFailed) as late:
+                    await client.get_report(["vdb"])
+            for failed in (early.value, late.value):
+                assert failed.code == grpc.StatusCode.INTERNAL
+                assert failed.method == "GetReport"
+
+        run(main())
+    finally:
+        server.stop(None)

@@ -109,6 +109,26 @@ def test_reads_outside_the_base_are_refused_beneath_a_tree(tree: Path) -> None:
     assert sysio.os_listdir("/etc")  # the live system, outside `beneath`
 
 
+def test_a_kept_directory_lists_whole_each_time_and_links_in_it_stay_beneath(tmp_path: Path) -> None:
+    """A directory once listed is kept open for what is read in it, and its children are opened
+    by name in it: listing it again gives every entry again, and a child that is a link, absolute
+    or climbing, still resolves beneath the base (the base's entries, not this machine's /)."""
+    base = tmp_path / "t"
+    (base / "a" / "sub").mkdir(parents=True)
+    for name in ("x", "y", "z"):
+        (base / "a" / name).write_text(name)
+    os.symlink("/", base / "a" / "abs")
+    os.symlink("../../../../..", base / "a" / "up")
+    with beneath(Roots.under(base)):
+        first = sorted(sysio.os_listdir(base / "a"))
+        assert sysio.read_text(base / "a" / "y") == "y"
+        assert sorted(sysio.os_listdir(base / "a")) == first == ["abs", "sub", "up", "x", "y", "z"]
+        assert sorted(e.name for e in sysio.os_scandir(base / "a")) == first
+        assert sysio.os_listdir(base / "a" / "abs") == ["a"]
+        assert sysio.os_listdir(base / "a" / "up") == ["a"]
+        assert sysio.os_listdir(base / "a" / "sub") == []
+
+
 # --------------------------------------------------------------------------- FIFOs, devices, sizes
 
 

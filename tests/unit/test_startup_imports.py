@@ -40,3 +40,20 @@ def test_help_and_usage_errors_import_nothing_heavy(argv: list[str]) -> None:
     code, modules = probe(PROBE, *argv)
     assert code == (2 if argv == ["unplug"] else 0)
     assert [m for m in modules if any(m == n or m.startswith(n + ".") for n in NOT_FOR_HELP)] == []
+
+
+# main() of the process's own command line leaves its objects to reference counting at exit (cli.main).
+FREEZE_PROBE = """
+import contextlib, gc, io, sys
+from unplugd.host.cli import main
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    given = main(["unplug"])
+    after_given = gc.get_freeze_count()
+    sys.argv = ["unplugctl", "unplug"]
+    own = main()
+print(repr([given, after_given, own, gc.get_freeze_count() > 0]))
+"""
+
+
+def test_only_the_process_own_command_freezes_the_collector_for_its_exit() -> None:
+    assert probe(FREEZE_PROBE) == [2, 0, 2, True]
