@@ -7,7 +7,8 @@ Device numbers are (major, minor) tuples; names are kernel names (vda1, dm-0, et
 # No `from __future__ import annotations`: a NamedTuple compiles each field's annotation given as a
 # string (typing.ForwardRef), ~25 us a field, and every `unplugd` start creates these classes.
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Generic, NamedTuple, TypeVar
 
 from unplugd.pci import PciAddress, PciPath
@@ -245,11 +246,11 @@ class Inventory(NamedTuple):
     """Everything the collectors saw in one scan."""
 
     functions: tuple[PciFunction, ...]
-    block_devices: dict[str, BlockDevice] = {}  # a default shared by every Inventory: never mutated
+    block_devices: Mapping[str, BlockDevice] = MappingProxyType({})  # read-only: a default every Inventory shares
     mounts: tuple[Mount, ...] = ()
     swaps: tuple[Swap, ...] = ()
     open_refs: tuple[OpenRef, ...] = ()
-    interfaces: dict[str, NetInterface] = {}
+    interfaces: Mapping[str, NetInterface] = MappingProxyType({})
     routes: tuple[Route, ...] = ()
     sockets: tuple[Socket, ...] = ()
     # Device number of the filesystem mounted on / in the agent's namespace.
