@@ -37,7 +37,7 @@ from unplugd.agent.model import (
     Swap,
 )
 from unplugd.agent.readiness.policy import evaluate
-from unplugd.agent.reportdata import Data, keep_functions, report_data
+from unplugd.agent.reportdata import Data, functions_data, keep_functions, report_data
 from unplugd.agent.roots import Roots
 from unplugd.agent.selection import select
 from unplugd.agent.sysio import beneath, read_text_or, readlink
@@ -188,6 +188,23 @@ def _wanted_nodes(block: Mapping[str, BlockDevice], nodes: Sequence[DeviceNode])
     for node in nodes:
         out.setdefault((node.devno, node.kind), node)
     return list(out.values())
+
+
+def functions(roots: Roots) -> report_pb2.Report:
+    """The PCI functions alone, unjudged (GetReportRequest.functions_only): the PCI scan, no other."""
+    from unplugd.agent.report import from_data
+
+    step = _Steps()
+    with beneath(roots):
+        found = step("PCI devices", [], collect_pci, roots, default_pci_ids())
+        inventory = Inventory(
+            functions=tuple(found),
+            problems=tuple(step.problems),
+            hostname=_first_line(roots, "sys", "kernel", "hostname"),
+            kernel=_first_line(roots, "sys", "kernel", "osrelease"),
+            live=roots.live,
+        )
+    return from_data(functions_data(inventory))
 
 
 def inspect(

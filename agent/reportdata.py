@@ -22,7 +22,17 @@ from unplugd.agent.readiness.reasons import FunctionVerdict, Reason, State
 from unplugd.pci import PciAddress
 from unplugd.text import wire_text as _w
 
-__all__ = ["REASON_PREFIX", "STATE_PREFIX", "Data", "keep_functions", "report_data", "to_json", "worst"]
+__all__ = [
+    "REASON_PREFIX",
+    "STATE_PREFIX",
+    "UNJUDGED",
+    "Data",
+    "functions_data",
+    "keep_functions",
+    "report_data",
+    "to_json",
+    "worst",
+]
 
 Data = dict[str, Any]
 
@@ -31,6 +41,7 @@ REASON_PREFIX = "REASON_CODE_"  # and ReasonCode's (unplugd.reason_codes.PREFIX,
 
 _RANK = {State.READY: 0, State.UNKNOWN: 1, State.BUSY: 2}
 _STATE = {s: STATE_PREFIX + s.value for s in State}
+UNJUDGED = STATE_PREFIX + "UNSPECIFIED"  # functions_data's state: nothing was judged
 _LABEL_RANK = {_STATE[s]: r for s, r in _RANK.items()}
 
 # What the JSON mapping needs to know of report.proto beyond names and Python types (the test
@@ -68,6 +79,15 @@ def report_data(inventory: Inventory, verdicts: Sequence[FunctionVerdict]) -> Da
         "problems": [{"object": _w(p.object), "detail": _w(p.detail)} for p in inventory.problems],
         "from_capture": not inventory.live,
     }
+
+
+def functions_data(inventory: Inventory) -> Data:
+    """The Report of an inventory of PCI functions alone, unjudged (GetReportRequest.functions_only):
+    each function and slot at UNJUDGED, without reasons."""
+    data = report_data(inventory, [FunctionVerdict(f.address, f.path, State.READY) for f in inventory.functions])
+    for item in (*data["functions"], *data["slots"]):
+        item["state"] = UNJUDGED
+    return data
 
 
 def keep_functions(data: Data, addresses: Collection[str]) -> Data:

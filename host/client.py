@@ -402,7 +402,16 @@ class AgentClient:
             return await early
         from unplugd.v1 import agent_service_pb2 as pb
 
-        request = pb.GetReportRequest(devices=list(devices))
+        return await self._get_report(pb.GetReportRequest(devices=list(devices)), timeout)
+
+    async def get_functions(self, *, timeout: float | None = None) -> report_pb2.Report:
+        """Which PCI functions the guest has, unjudged (GetReport's functions_only): the agent's PCI
+        scan alone, what confirming an unplug needs. An agent older than the field sends the full report."""
+        from unplugd.v1 import agent_service_pb2 as pb
+
+        return await self._get_report(pb.GetReportRequest(functions_only=True), timeout)
+
+    async def _get_report(self, request: pb.GetReportRequest, timeout: float | None) -> report_pb2.Report:
         response: pb.GetReportResponse = await self._unary(
             "GetReport", lambda s, t: s.GetReport(request, timeout=t), timeout
         )

@@ -92,6 +92,8 @@ class AgentLike(Protocol):
 
     async def get_report(self, *, timeout: float | None = None) -> report_pb2.Report: ...
 
+    async def get_functions(self, *, timeout: float | None = None) -> report_pb2.Report: ...
+
     async def prepare_unplug(
         self, devices: Sequence[str], lease_seconds: int, *, timeout: float | None = None
     ) -> pb.PrepareUnplugResponse: ...
@@ -500,7 +502,11 @@ class Orchestrator:
             return {g.path for g in view.functions if g.path in paths}
 
         try:
-            report = await asyncio.wait_for(self.agent.get_report(timeout=self.agent_timeout), self.agent_timeout + 1)
+            # Only which functions the guest still has: its PCI scan, not a full report (~1/3 of its
+            # time on the bench's 256-function guest with 2,000 processes, a few ms on most guests).
+            report = await asyncio.wait_for(
+                self.agent.get_functions(timeout=self.agent_timeout), self.agent_timeout + 1
+            )
             still = present(report)
             if still:
                 # The guest may not have finished removing them: watch, bounded.

@@ -52,6 +52,10 @@ class EngineApi(Protocol):
         """The functions `names` (request text, matched against the inventory only) designate."""
         ...
 
+    def functions(self, roots: Roots) -> report_pb2.Report:
+        """The PCI functions alone, unjudged: a report with no state and no reasons (functions_only)."""
+        ...
+
 
 class ModuleEngine(EngineApi):
     """The real engine: agent/engine.py and agent/selection.py.
@@ -72,6 +76,9 @@ class ModuleEngine(EngineApi):
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
         return selection.select(inventory, names)
+
+    def functions(self, roots: Roots) -> report_pb2.Report:
+        return engine.functions(roots)
 
 
 @dataclass
@@ -139,7 +146,7 @@ class Coalescer(Generic[_V]):
 
 
 class CoalescingEngine(EngineApi):
-    """An EngineApi whose inspect() calls share scans (Coalescer); scan() and select() pass through.
+    """An EngineApi whose inspect() calls share scans (Coalescer); scan(), select() and functions() pass through.
 
     Calls share a scan only when they ask the same question: the same roots,
     devices, leases and own claims.
@@ -161,3 +168,6 @@ class CoalescingEngine(EngineApi):
 
     def select(self, inventory: Inventory, names: Sequence[str]) -> list[PciFunction]:
         return self.engine.select(inventory, names)
+
+    def functions(self, roots: Roots) -> report_pb2.Report:
+        return self.engine.functions(roots)  # the PCI scan alone: cheap enough not to share

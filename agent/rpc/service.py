@@ -90,6 +90,10 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
     def GetReport(self, request: pb.GetReportRequest, context: grpc.ServicerContext) -> pb.GetReportResponse:
         def call() -> pb.GetReportResponse:
             names = validate_names(request.devices)
+            if request.functions_only:
+                if names:
+                    raise InvalidArgument("functions_only names no devices: it lists every function the guest has")
+                return pb.GetReportResponse(report=self._engine.functions(self._roots))
             report = self._engine.inspect(
                 self._roots, names, leased=self._leases.leased(), own_claims=self._leases.own_claims()
             )

@@ -190,6 +190,14 @@ class FakeAgent:
 
     async def get_report(self, devices: Sequence[str] = (), *, timeout: float | None = None) -> report_pb2.Report:
         self._check("get_report")
+        return self._next_report()
+
+    async def get_functions(self, *, timeout: float | None = None) -> report_pb2.Report:
+        """The next report whole, as an agent older than functions_only answers: the functions are there."""
+        self._check("get_functions")
+        return self._next_report()
+
+    def _next_report(self) -> report_pb2.Report:
         served = report_pb2.Report()
         served.CopyFrom(self.reports.pop(0) if len(self.reports) > 1 else self.reports[0])
         for f in served.functions:

@@ -116,6 +116,13 @@ class FakeEngine:
             out += [f for f in match if f not in out]
         return out
 
+    def functions(self, roots: Roots) -> report_pb2.Report:
+        self._record("functions", None)
+        report = report_pb2.Report(hostname="fake")
+        for fn in self.inventory.functions:
+            report.functions.add(address=str(fn.address), pci_path=str(fn.path))
+        return report
+
     def set_state(self, addr: PciAddress, state: int) -> None:
         with self.lock:
             self.states[str(addr)] = state

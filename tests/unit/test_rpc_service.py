@@ -46,6 +46,17 @@ def test_get_report_all_and_filtered(tmp_path: Path) -> None:
     assert ("inspect", (("eth1",), {}, frozenset())) in engine.calls
 
 
+def test_get_report_functions_only_asks_the_engine_for_functions_alone(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    with running_server(tmp_path, engine) as (_, stub):
+        listed = stub.GetReport(pb.GetReportRequest(functions_only=True), timeout=5).report
+        assert [f.address for f in listed.functions] == [str(DISK_FN), str(NIC_FN)]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetReport(pb.GetReportRequest(functions_only=True, devices=["eth1"]), timeout=5)
+        assert _code(err.value) == grpc.StatusCode.INVALID_ARGUMENT
+    assert [what for what, _ in engine.calls] == ["functions"]  # no scan, no inspect
+
+
 def test_socket_is_root_only_and_removed_on_stop(tmp_path: Path) -> None:
     with running_server(tmp_path) as (server, _):
         mode = os.stat(server.socket_path).st_mode

@@ -15,49 +15,49 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from unplugd.v1 import report_pb2 as unplugd_dot_v1_dot_report__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eunplugd/v1/agent_service.proto\x12\nunplugd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17unplugd/v1/report.proto\"#\n\x10GetReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"7\n\x11GetReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\"\x15\n\x13GetAgentInfoRequest\".\n\x08Listener\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xd1\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\'\n\tlisteners\x18\x05 \x03(\x0b\x32\x14.unplugd.v1.Listener\x12\x18\n\x10mutating_enabled\x18\x06 \x01(\x08\x12-\n\tresources\x18\x07 \x01(\x0b\x32\x1a.unplugd.v1.AgentResources\"\xce\x01\n\x0e\x41gentResources\x12\x11\n\trss_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x63pu_user_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x10\n\x08open_fds\x18\x05 \x01(\r\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x10\n\x08watchers\x18\x08 \x01(\r\"%\n\x12WatchReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"[\n\x13WatchReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"n\n\x14PrepareUnplugRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1c\n\x14take_interfaces_down\x18\x04 \x01(\x08\"\x96\x01\n\x15PrepareUnplugResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tfunctions\x18\x03 \x03(\t\x12\x0f\n\x07\x63laimed\x18\x04 \x03(\t\x12\x17\n\x0finterfaces_down\x18\x05 \x03(\t\"(\n\x14ReleaseUnplugRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"F\n\x15ReleaseUnplugResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x1b\n\x13interfaces_restored\x18\x02 \x03(\t\"B\n\x15RequestReleaseRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x02 \x01(\x01\"\xda\x01\n\nHookResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.unplugd.v1.HookStatus\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06signal\x18\x04 \x01(\x05\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x18\n\x10stdout_truncated\x18\x07 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x08 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\x12\x0f\n\x07seconds\x18\n \x01(\x01\"\xd7\x01\n\x0f\x46unctionRelease\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08pci_path\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.unplugd.v1.ReleaseOutcome\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.unplugd.v1.FunctionState\x12#\n\x07reasons\x18\x05 \x03(\x0b\x32\x12.unplugd.v1.Reason\x12%\n\x05hooks\x18\x06 \x03(\x0b\x32\x16.unplugd.v1.HookResult\"H\n\x16RequestReleaseResponse\x12.\n\tfunctions\x18\x01 \x03(\x0b\x32\x1b.unplugd.v1.FunctionRelease*\x8c\x01\n\x0eReleaseOutcome\x12\x1f\n\x1bRELEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18RELEASE_OUTCOME_RELEASED\x10\x01\x12\x1e\n\x1aRELEASE_OUTCOME_STILL_BUSY\x10\x02\x12\x1b\n\x17RELEASE_OUTCOME_NO_HOOK\x10\x03*\xc7\x01\n\nHookStatus\x12\x1b\n\x17HOOK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12HOOK_STATUS_EXITED\x10\x01\x12\x16\n\x12HOOK_STATUS_KILLED\x10\x02\x12\x19\n\x15HOOK_STATUS_TIMED_OUT\x10\x03\x12\x17\n\x13HOOK_STATUS_REFUSED\x10\x04\x12\x1f\n\x1bHOOK_STATUS_FAILED_TO_START\x10\x05\x12\x17\n\x13HOOK_STATUS_SKIPPED\x10\x06\x32\x82\x04\n\x0c\x41gentService\x12H\n\tGetReport\x12\x1c.unplugd.v1.GetReportRequest\x1a\x1d.unplugd.v1.GetReportResponse\x12Q\n\x0cGetAgentInfo\x12\x1f.unplugd.v1.GetAgentInfoRequest\x1a .unplugd.v1.GetAgentInfoResponse\x12P\n\x0bWatchReport\x12\x1e.unplugd.v1.WatchReportRequest\x1a\x1f.unplugd.v1.WatchReportResponse0\x01\x12T\n\rPrepareUnplug\x12 .unplugd.v1.PrepareUnplugRequest\x1a!.unplugd.v1.PrepareUnplugResponse\x12T\n\rReleaseUnplug\x12 .unplugd.v1.ReleaseUnplugRequest\x1a!.unplugd.v1.ReleaseUnplugResponse\x12W\n\x0eRequestRelease\x12!.unplugd.v1.RequestReleaseRequest\x1a\".unplugd.v1.RequestReleaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eunplugd/v1/agent_service.proto\x12\nunplugd.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17unplugd/v1/report.proto\";\n\x10GetReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x16\n\x0e\x66unctions_only\x18\x02 \x01(\x08\"7\n\x11GetReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\"\x15\n\x13GetAgentInfoRequest\".\n\x08Listener\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\xd1\x01\n\x14GetAgentInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12\x0e\n\x06kernel\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\'\n\tlisteners\x18\x05 \x03(\x0b\x32\x14.unplugd.v1.Listener\x12\x18\n\x10mutating_enabled\x18\x06 \x01(\x08\x12-\n\tresources\x18\x07 \x01(\x0b\x32\x1a.unplugd.v1.AgentResources\"\xce\x01\n\x0e\x41gentResources\x12\x11\n\trss_bytes\x18\x01 \x01(\x04\x12\x18\n\x10\x63pu_user_seconds\x18\x02 \x01(\x01\x12\x1a\n\x12\x63pu_system_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12\x10\n\x08open_fds\x18\x05 \x01(\r\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06leases\x18\x07 \x01(\r\x12\x10\n\x08watchers\x18\x08 \x01(\r\"%\n\x12WatchReportRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\"[\n\x13WatchReportResponse\x12\"\n\x06report\x18\x01 \x01(\x0b\x32\x12.unplugd.v1.Report\x12\x0f\n\x07\x63hanged\x18\x02 \x03(\t\x12\x0f\n\x07initial\x18\x03 \x01(\x08\"n\n\x14PrepareUnplugRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x1c\n\x14take_interfaces_down\x18\x04 \x01(\x08\"\x96\x01\n\x15PrepareUnplugResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tfunctions\x18\x03 \x03(\t\x12\x0f\n\x07\x63laimed\x18\x04 \x03(\t\x12\x17\n\x0finterfaces_down\x18\x05 \x03(\t\"(\n\x14ReleaseUnplugRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"F\n\x15ReleaseUnplugResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x1b\n\x13interfaces_restored\x18\x02 \x03(\t\"B\n\x15RequestReleaseRequest\x12\x0f\n\x07\x64\x65vices\x18\x01 \x03(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x02 \x01(\x01\"\xda\x01\n\nHookResult\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06status\x18\x02 \x01(\x0e\x32\x16.unplugd.v1.HookStatus\x12\x11\n\texit_code\x18\x03 \x01(\x05\x12\x0e\n\x06signal\x18\x04 \x01(\x05\x12\x0e\n\x06stdout\x18\x05 \x01(\t\x12\x0e\n\x06stderr\x18\x06 \x01(\t\x12\x18\n\x10stdout_truncated\x18\x07 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x08 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\x12\x0f\n\x07seconds\x18\n \x01(\x01\"\xd7\x01\n\x0f\x46unctionRelease\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08pci_path\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.unplugd.v1.ReleaseOutcome\x12(\n\x05state\x18\x04 \x01(\x0e\x32\x19.unplugd.v1.FunctionState\x12#\n\x07reasons\x18\x05 \x03(\x0b\x32\x12.unplugd.v1.Reason\x12%\n\x05hooks\x18\x06 \x03(\x0b\x32\x16.unplugd.v1.HookResult\"H\n\x16RequestReleaseResponse\x12.\n\tfunctions\x18\x01 \x03(\x0b\x32\x1b.unplugd.v1.FunctionRelease*\x8c\x01\n\x0eReleaseOutcome\x12\x1f\n\x1bRELEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18RELEASE_OUTCOME_RELEASED\x10\x01\x12\x1e\n\x1aRELEASE_OUTCOME_STILL_BUSY\x10\x02\x12\x1b\n\x17RELEASE_OUTCOME_NO_HOOK\x10\x03*\xc7\x01\n\nHookStatus\x12\x1b\n\x17HOOK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12HOOK_STATUS_EXITED\x10\x01\x12\x16\n\x12HOOK_STATUS_KILLED\x10\x02\x12\x19\n\x15HOOK_STATUS_TIMED_OUT\x10\x03\x12\x17\n\x13HOOK_STATUS_REFUSED\x10\x04\x12\x1f\n\x1bHOOK_STATUS_FAILED_TO_START\x10\x05\x12\x17\n\x13HOOK_STATUS_SKIPPED\x10\x06\x32\x82\x04\n\x0c\x41gentService\x12H\n\tGetReport\x12\x1c.unplugd.v1.GetReportRequest\x1a\x1d.unplugd.v1.GetReportResponse\x12Q\n\x0cGetAgentInfo\x12\x1f.unplugd.v1.GetAgentInfoRequest\x1a .unplugd.v1.GetAgentInfoResponse\x12P\n\x0bWatchReport\x12\x1e.unplugd.v1.WatchReportRequest\x1a\x1f.unplugd.v1.WatchReportResponse0\x01\x12T\n\rPrepareUnplug\x12 .unplugd.v1.PrepareUnplugRequest\x1a!.unplugd.v1.PrepareUnplugResponse\x12T\n\rReleaseUnplug\x12 .unplugd.v1.ReleaseUnplugRequest\x1a!.unplugd.v1.ReleaseUnplugResponse\x12W\n\x0eRequestRelease\x12!.unplugd.v1.RequestReleaseRequest\x1a\".unplugd.v1.RequestReleaseResponseb\x06proto3')
 
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, globals())
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'unplugd.v1.agent_service_pb2', globals())
 if _descriptor._USE_C_DESCRIPTORS == False:
 
   DESCRIPTOR._options = None
-  _RELEASEOUTCOME._serialized_start=1783
-  _RELEASEOUTCOME._serialized_end=1923
-  _HOOKSTATUS._serialized_start=1926
-  _HOOKSTATUS._serialized_end=2125
+  _RELEASEOUTCOME._serialized_start=1807
+  _RELEASEOUTCOME._serialized_end=1947
+  _HOOKSTATUS._serialized_start=1950
+  _HOOKSTATUS._serialized_end=2149
   _GETREPORTREQUEST._serialized_start=104
-  _GETREPORTREQUEST._serialized_end=139
-  _GETREPORTRESPONSE._serialized_start=141
-  _GETREPORTRESPONSE._serialized_end=196
-  _GETAGENTINFOREQUEST._serialized_start=198
-  _GETAGENTINFOREQUEST._serialized_end=219
-  _LISTENER._serialized_start=221
-  _LISTENER._serialized_end=267
-  _GETAGENTINFORESPONSE._serialized_start=270
-  _GETAGENTINFORESPONSE._serialized_end=479
-  _AGENTRESOURCES._serialized_start=482
-  _AGENTRESOURCES._serialized_end=688
-  _WATCHREPORTREQUEST._serialized_start=690
-  _WATCHREPORTREQUEST._serialized_end=727
-  _WATCHREPORTRESPONSE._serialized_start=729
-  _WATCHREPORTRESPONSE._serialized_end=820
-  _PREPAREUNPLUGREQUEST._serialized_start=822
-  _PREPAREUNPLUGREQUEST._serialized_end=932
-  _PREPAREUNPLUGRESPONSE._serialized_start=935
-  _PREPAREUNPLUGRESPONSE._serialized_end=1085
-  _RELEASEUNPLUGREQUEST._serialized_start=1087
-  _RELEASEUNPLUGREQUEST._serialized_end=1127
-  _RELEASEUNPLUGRESPONSE._serialized_start=1129
-  _RELEASEUNPLUGRESPONSE._serialized_end=1199
-  _REQUESTRELEASEREQUEST._serialized_start=1201
-  _REQUESTRELEASEREQUEST._serialized_end=1267
-  _HOOKRESULT._serialized_start=1270
-  _HOOKRESULT._serialized_end=1488
-  _FUNCTIONRELEASE._serialized_start=1491
-  _FUNCTIONRELEASE._serialized_end=1706
-  _REQUESTRELEASERESPONSE._serialized_start=1708
-  _REQUESTRELEASERESPONSE._serialized_end=1780
-  _AGENTSERVICE._serialized_start=2128
-  _AGENTSERVICE._serialized_end=2642
+  _GETREPORTREQUEST._serialized_end=163
+  _GETREPORTRESPONSE._serialized_start=165
+  _GETREPORTRESPONSE._serialized_end=220
+  _GETAGENTINFOREQUEST._serialized_start=222
+  _GETAGENTINFOREQUEST._serialized_end=243
+  _LISTENER._serialized_start=245
+  _LISTENER._serialized_end=291
+  _GETAGENTINFORESPONSE._serialized_start=294
+  _GETAGENTINFORESPONSE._serialized_end=503
+  _AGENTRESOURCES._serialized_start=506
+  _AGENTRESOURCES._serialized_end=712
+  _WATCHREPORTREQUEST._serialized_start=714
+  _WATCHREPORTREQUEST._serialized_end=751
+  _WATCHREPORTRESPONSE._serialized_start=753
+  _WATCHREPORTRESPONSE._serialized_end=844
+  _PREPAREUNPLUGREQUEST._serialized_start=846
+  _PREPAREUNPLUGREQUEST._serialized_end=956
+  _PREPAREUNPLUGRESPONSE._serialized_start=959
+  _PREPAREUNPLUGRESPONSE._serialized_end=1109
+  _RELEASEUNPLUGREQUEST._serialized_start=1111
+  _RELEASEUNPLUGREQUEST._serialized_end=1151
+  _RELEASEUNPLUGRESPONSE._serialized_start=1153
+  _RELEASEUNPLUGRESPONSE._serialized_end=1223
+  _REQUESTRELEASEREQUEST._serialized_start=1225
+  _REQUESTRELEASEREQUEST._serialized_end=1291
+  _HOOKRESULT._serialized_start=1294
+  _HOOKRESULT._serialized_end=1512
+  _FUNCTIONRELEASE._serialized_start=1515
+  _FUNCTIONRELEASE._serialized_end=1730
+  _REQUESTRELEASERESPONSE._serialized_start=1732
+  _REQUESTRELEASERESPONSE._serialized_end=1804
+  _AGENTSERVICE._serialized_start=2152
+  _AGENTSERVICE._serialized_end=2666
 # @@protoc_insertion_point(module_scope)

@@ -91,15 +91,24 @@ class GetReportRequest(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: builtins.int
+    FUNCTIONS_ONLY_FIELD_NUMBER: builtins.int
     @property
     def devices(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Guest BDFs, PCI paths, interface names or block device names; empty: all."""
+    functions_only: builtins.bool
+    """Only which PCI functions the guest has (addresses, paths, ids, driver, slots), unjudged: nothing
+    is scanned for use, every state is FUNCTION_STATE_UNSPECIFIED and no function has reasons or
+    devices below it. What a host asks to confirm that an unplug's functions are gone: the PCI scan
+    alone. With `devices`, not allowed (a function that is gone has no name to match). An agent that
+    predates this field sends the full report, which answers the same question.
+    """
     def __init__(
         self,
         *,
         devices: collections.abc.Iterable[builtins.str] | None = ...,
+        functions_only: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing_extensions.Literal["devices", b"devices"]) -> None: ...
+    def ClearField(self, field_name: typing_extensions.Literal["devices", b"devices", "functions_only", b"functions_only"]) -> None: ...
 
 global___GetReportRequest = GetReportRequest
 
