@@ -36,6 +36,7 @@ __all__ = ["run"]
 KEY = "service"
 TITLE = "4. agent service: round trips, memory, idle CPU, watch latency (issue 3)"
 RSS_TARGET_BYTES = 40_000_000  # "under 40 MB" (issue 3): 38.1 MiB
+RSS_TARGET_MIB = 40.0  # "under 40 MiB on both runtimes" (issue 13), the later and looser reading
 WATCH_TARGET_S = 1.0
 
 
@@ -200,15 +201,17 @@ def _rss_series(result: SectionResult, agent: RunningAgent, requests: int, label
     warm = series[1][1] if len(series) > 1 else series[0][1]
     growth = (series[-1][1] - warm) / 1024
     peak = max(kib for _, kib in series) / 1024
-    ok = peak * 1024 * 1024 < RSS_TARGET_BYTES and growth < 2.0
+    flat = growth < 2.0
+    ok = peak * 1024 * 1024 < RSS_TARGET_BYTES and flat
+    ok_mib = peak < RSS_TARGET_MIB and flat
     result.rows.append(
         Row(
             f"agent RSS along {requests} GetReport requests{label}",
             rss_mib=series[-1][1] / 1024,
             value=f"{series[0][1] / 1024:.1f} -> {series[-1][1] / 1024:.1f} MiB "
             f"(+{growth:.1f} after the first {step}); VmHWM {hwm / 1024:.1f} MiB",
-            target=f"< 40 MB ({RSS_TARGET_BYTES / 2**20:.1f} MiB) and flat",
-            verdict="met" if ok else "MISSED",
+            target=f"< 40 MiB (issue 13) / < 40 MB = {RSS_TARGET_BYTES / 2**20:.1f} MiB (issue 3), flat",
+            verdict=f"{'met' if ok_mib else 'MISSED'} / {'met' if ok else 'MISSED'}",
             note=f"{requests / elapsed:.0f} req/s",
             raw={"series_kib": series, "vmhwm_kib": hwm, "seconds": elapsed},
         )
