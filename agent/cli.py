@@ -113,7 +113,7 @@ vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
         "--verbose",
         dest="every_reason",
         action="store_true",
-        help="every reason of every function (without: the first, and how many more)",
+        help="every reason of every function (without: the first, and the codes of the others)",
     )
     _add_root(p)
     p.set_defaults(run=_run_inspect, lazy_logging=True)

@@ -8,7 +8,7 @@ sequences in a line are ours.
 What is shown without --all / -v:
 - Bridges, root ports and functions of the bridge class (host bridge, ISA
   bridge) fold into one line: they carry devices, each shown in its own slot.
-- Each function's first reason, with a count of the others. The first is the
+- Each function's first reason, with the codes of the others. The first is the
   one only this function has: a reason that repeats a problem listed under
   "could not read" (UNREADABLE of the same object), or NO_HOTPLUG_DRIVER (about
   the slot, not the device), comes first only when nothing else does.
@@ -71,15 +71,21 @@ def _said_elsewhere(r: Data, listed: set[str], machine_wide_no_hotplug: bool) ->
     return code == _NO_HOTPLUG and machine_wide_no_hotplug
 
 
-def _first_reason(f: Data, listed: set[str], machine_wide_no_hotplug: bool) -> tuple[Data | None, int]:
-    """The reason to show and how many others the function has that no other line says."""
+def _first_reason(f: Data, listed: set[str], machine_wide_no_hotplug: bool) -> tuple[Data | None, list[str]]:
+    """The reason to show, and the codes of the others the function has that no other line says."""
     reasons: Sequence[Data] = f.get("reasons", ())
     own = [r for r in reasons if not _said_elsewhere(r, listed, machine_wide_no_hotplug)]
     if not own:
-        return (reasons[0] if reasons else None), 0
+        return (reasons[0] if reasons else None), []
     # A slot's NO_HOTPLUG_DRIVER, when not machine-wide, still yields to what uses the device.
-    ranked = sorted(own, key=lambda r: (not r.get("blocking"), r.get("code") == _NO_HOTPLUG))
-    return ranked[0], len(own) - 1
+    first, *others = sorted(own, key=lambda r: (not r.get("blocking"), r.get("code") == _NO_HOTPLUG))
+    codes = dict.fromkeys(display_text(r.get("code", "").removeprefix(REASON_PREFIX)) for r in others)
+    return first, list(codes)
+
+
+def _more(codes: Sequence[str]) -> str:
+    """What the other reasons are about, by code (`-v` says each): `(+ HAS_ADDRESS, DEFAULT_ROUTE: -v)`."""
+    return f" (+ {', '.join(codes)}: -v)" if codes else ""
 
 
 def table_lines(data: Data, *, show_all: bool = False, verbose: bool = False, colour: bool = False) -> list[str]:
@@ -121,7 +127,7 @@ def table_lines(data: Data, *, show_all: bool = False, verbose: bool = False, co
             continue
         first, more = _first_reason(f, listed, no_hotplug)
         if first is not None:
-            lines.append(f"{indent}└─ {_reason_text(first)}" + (f" (+{more} more: -v)" if more else ""))
+            lines.append(f"{indent}└─ {_reason_text(first)}{_more(more)}")
     if folded:
         lines.append(f"+ {folded} bridge(s), root port(s) and host/ISA bridge function(s) not shown: --all shows them")
     if no_hotplug and not verbose:

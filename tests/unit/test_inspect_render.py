@@ -56,7 +56,7 @@ def test_infrastructure_folds_unless_all(show_all: bool, shown: list[str]) -> No
     assert folded == ([] if show_all else [f"+ 2 {folded[0].split(' ', 2)[2]}"])
 
 
-def test_a_line_per_function_with_its_first_reason_and_how_many_more() -> None:
+def test_a_line_per_function_with_its_first_reason_and_what_the_others_are() -> None:
     busy = _fn(
         "0000:00:06.0",
         "BUSY",
@@ -66,7 +66,7 @@ def test_a_line_per_function_with_its_first_reason_and_how_many_more() -> None:
     lines = render.table_lines(_report(busy, _fn("0000:00:07.0")))
     assert [line.split()[-1] for line in lines[2:]] == ["BUSY", "-v)", "READY"]  # READY: no reason line
     reason_lines = [line.strip() for line in lines if line.startswith(" ")]
-    assert reason_lines == ["└─ MOUNTED: vdb is mounted on /data (+1 more: -v)"]
+    assert reason_lines == ["└─ MOUNTED: vdb is mounted on /data (+ OPEN_BY_PROCESS: -v)"]
     every = [line.strip() for line in render.table_lines(_report(busy), verbose=True) if line.startswith(" ")]
     assert every == ["├─ MOUNTED: vdb is mounted on /data", "└─ OPEN_BY_PROCESS: pid 812 holds vdb"]
 
@@ -81,15 +81,26 @@ def test_a_reason_said_elsewhere_yields_to_the_functions_own() -> None:
     ready_elsewhere = _fn("0000:00:07.0", "READY")  # has a hotplug driver: NO_HOTPLUG_DRIVER is not machine-wide
     lines = render.table_lines(_report(fn, ready_elsewhere, problems=(PROBLEM,)))
     reasons = [line.strip() for line in lines if line.startswith(" ") and not line.startswith("  /proc")]
-    # the listed problem is not counted again; the slot's reason is
-    assert reasons == ["└─ HAS_ADDRESS: eth1 has 10.0.0.2/24 (+1 more: -v)"]
+    # the listed problem is not named again; the slot's reason is
+    assert reasons == ["└─ HAS_ADDRESS: eth1 has 10.0.0.2/24 (+ NO_HOTPLUG_DRIVER: -v)"]
     assert lines[-1] == "  /proc/1/fd: cannot read the open files of pid 1"
+
+
+def test_the_others_are_named_once_by_code() -> None:
+    fn = _fn(
+        "0000:00:06.0",
+        "BUSY",
+        (_reason("LINK_UP", "eth1 is up"), _reason("DEFAULT_ROUTE", "IPv4"), _reason("DEFAULT_ROUTE", "IPv6")),
+    )
+    assert [line.strip() for line in render.table_lines(_report(fn)) if line.startswith(" ")] == [
+        "└─ LINK_UP: eth1 is up (+ DEFAULT_ROUTE: -v)"
+    ]
 
 
 def test_a_warning_yields_to_a_blocking_reason() -> None:
     fn = _fn("0000:00:06.0", "BUSY", (_reason("LINK_UP", "eth1 is up", blocking=False), _reason("MOUNTED", "m")))
     assert [line.strip() for line in render.table_lines(_report(fn)) if line.startswith(" ")] == [
-        "└─ MOUNTED: m (+1 more: -v)"
+        "└─ MOUNTED: m (+ LINK_UP: -v)"
     ]
 
 
@@ -109,7 +120,7 @@ def test_no_hotplug_driver_on_every_function_is_said_once() -> None:
     lines = render.table_lines(report)
     assert sum("NO_HOTPLUG_DRIVER" in line for line in lines) == 2  # the 07.0's only reason, and the summary
     assert lines[-1].startswith("NO_HOTPLUG_DRIVER on every function shown")
-    assert next(line.strip() for line in lines if line.startswith(" ")) == "└─ MOUNTED: m"  # not "+1 more"
+    assert next(line.strip() for line in lines if line.startswith(" ")) == "└─ MOUNTED: m"  # not "+ NO_HOTPLUG_DRIVER"
     assert not any(line.startswith("NO_HOTPLUG_DRIVER on every") for line in render.table_lines(report, verbose=True))
 
 
