@@ -251,8 +251,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from unplugd.agent.render import function_objects
-    from unplugd.agent.reportdata import REASON_PREFIX, STATE_PREFIX
+    from unplugd.agent.render import function_objects, reason_text
+    from unplugd.agent.reportdata import STATE_PREFIX
 
     data = _inspect(args.root, [args.device], probe=not args.no_probe)
     states = [f["state"].removeprefix(STATE_PREFIX) for f in data["functions"]]
@@ -268,8 +268,7 @@ def _run_check(args: argparse.Namespace) -> int:
     for f, state in zip(data["functions"], states, strict=True):
         sys.stdout.write(f"{f['address']} ({display_text(function_objects(f))}): {state}\n")
         for r in f["reasons"]:
-            name = r["code"].removeprefix(REASON_PREFIX)
-            sys.stdout.write(f"  {name}{'' if r['blocking'] else ' (warning)'}: {display_text(r['detail'])}\n")
+            sys.stdout.write(f"  {reason_text(r)}\n")
     return code
 
 

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from unplugd.agent.reportdata import REASON_PREFIX, STATE_PREFIX, Data
 from unplugd.text import display_text, paint
 
-__all__ = ["function_objects", "is_infrastructure", "table_lines"]
+__all__ = ["function_objects", "is_infrastructure", "reason_text", "table_lines"]
 
 _NO_HOTPLUG = REASON_PREFIX + "NO_HOTPLUG_DRIVER"
 _UNREADABLE = REASON_PREFIX + "UNREADABLE"
@@ -58,10 +58,14 @@ def _state(f: Data) -> str:
     return str(f.get("state", "")).removeprefix(STATE_PREFIX) or "UNSPECIFIED"
 
 
-def _reason_text(r: Data) -> str:
+def _code(r: Data) -> str:
+    return display_text(r.get("code", "").removeprefix(REASON_PREFIX))
+
+
+def reason_text(r: Data) -> str:
+    """`MOUNTED: vdb1 is mounted on /data (ext4)`, `LINK_UP (warning): ...`: one reason, escaped."""
     warning = "" if r.get("blocking") else " (warning)"
-    code = display_text(r.get("code", "").removeprefix(REASON_PREFIX))
-    return f"{code}{warning}: {display_text(r.get('detail', ''))}"
+    return f"{_code(r)}{warning}: {display_text(r.get('detail', ''))}"
 
 
 def _said_elsewhere(r: Data, listed: set[str], machine_wide_no_hotplug: bool) -> bool:
@@ -79,7 +83,7 @@ def _first_reason(f: Data, listed: set[str], machine_wide_no_hotplug: bool) -> t
         return (reasons[0] if reasons else None), []
     # A slot's NO_HOTPLUG_DRIVER, when not machine-wide, still yields to what uses the device.
     first, *others = sorted(own, key=lambda r: (not r.get("blocking"), r.get("code") == _NO_HOTPLUG))
-    codes = dict.fromkeys(display_text(r.get("code", "").removeprefix(REASON_PREFIX)) for r in others)
+    codes = dict.fromkeys(_code(r) for r in others)
     return first, list(codes)
 
 
@@ -122,12 +126,12 @@ def table_lines(data: Data, *, show_all: bool = False, verbose: bool = False, co
         reasons: Sequence[Data] = f.get("reasons", ())
         if verbose:
             lines.extend(
-                f"{indent}{'└─' if n == len(reasons) - 1 else '├─'} {_reason_text(r)}" for n, r in enumerate(reasons)
+                f"{indent}{'└─' if n == len(reasons) - 1 else '├─'} {reason_text(r)}" for n, r in enumerate(reasons)
             )
             continue
         first, more = _first_reason(f, listed, no_hotplug)
         if first is not None:
-            lines.append(f"{indent}└─ {_reason_text(first)}{_more(more)}")
+            lines.append(f"{indent}└─ {reason_text(first)}{_more(more)}")
     if folded:
         lines.append(f"+ {folded} bridge(s), root port(s) and host/ISA bridge function(s) not shown: --all shows them")
     if no_hotplug and not verbose:
