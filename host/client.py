@@ -311,7 +311,7 @@ class AgentClient:
         while state != grpc.ChannelConnectivity.READY:
             if state in (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING):
                 attempted = True
-            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and attempted:
+            elif state == grpc.ChannelConnectivity.TRANSIENT_FAILURE and attempted and self._failed_for_good():
                 raise self._unreachable("connection failed")
             elif state == grpc.ChannelConnectivity.SHUTDOWN:
                 raise self._unreachable("client closed")
@@ -325,8 +325,19 @@ class AgentClient:
             state = channel.get_state(try_to_connect=True)
         return channel
 
+    def _failed_for_good(self) -> bool:
+        """Whether a failed attempt ends the wait before connect_timeout.
+
+        Direct sockets fail for a reason (refused, absent). A relay says why it failed (last_error)
+        before it closes grpc's connection; a failure it did not explain is grpc's own handshake
+        timer (20 s, whatever connect_timeout is) giving up while the relay still waits for a guest
+        that may yet answer: an agent restarting, a bridge reopening its port. grpc dials again.
+        """
+        return self._relay is None or self._relay.last_error is not None
+
     def _unreachable(self, cause: str) -> AgentUnreachable:
-        relay_error = self._relay.last_error if self._relay is not None else None
+        relay = self._relay
+        relay_error = (relay.last_error or relay.waiting) if relay is not None else None
         if relay_error:
             cause = f"{relay_error} ({cause})"
         return AgentUnreachable(str(self.address), cause)

@@ -57,6 +57,9 @@ class Relay(ABC):
         self.connect_timeout = connect_timeout
         self.path: Path | None = None
         self.last_error: str | None = None
+        # what an unanswered handshake is waiting for, while it waits: the reason a caller whose
+        # deadline passes first gives (grpc's own dials supersede a handshake before it times out)
+        self.waiting: str | None = None
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -194,6 +197,9 @@ class HybridVsockRelay(Relay):
         await self._splice(client, upstream)
 
 
+_SILENT_GUEST = "is unplugd running with [transports.virtio_serial] enabled? is another client connected?"
+
+
 class SerialRelay(Relay):
     """QEMU's chardev socket of the agent's virtio-serial port.
 
@@ -257,6 +263,7 @@ class SerialRelay(Relay):
         open_frame = encode_frame(Frame(FrameKind.OPEN, session))
         writer.write(sync_preamble() + open_frame)
         await writer.drain()
+        self.waiting = f"{self.target}: no answer from the guest yet ({_SILENT_GUEST})"
         while (left := deadline - loop.time()) > 0:
             try:
                 data = await asyncio.wait_for(reader.read(65536), min(self.open_retry, left))
@@ -272,14 +279,12 @@ class SerialRelay(Relay):
                 if frame.session != session:
                     continue
                 if frame.kind is FrameKind.ACCEPT:
+                    self.waiting = None
                     return frames[i + 1 :]
                 if frame.kind is FrameKind.CLOSE:
                     why = frame.payload.decode(errors="replace") or "no reason given"
                     raise RelayError(f"{self.target}: the guest bridge refused the session: {why}")
-        raise RelayError(
-            f"{self.target}: no answer from the guest within {self.connect_timeout:g}s "
-            "(is unplugd running with [transports.virtio_serial] enabled? is another client connected?)"
-        )
+        raise RelayError(f"{self.target}: no answer from the guest within {self.connect_timeout:g}s ({_SILENT_GUEST})")
 
     async def _pump(
         self, client: Streams, chardev: Streams, session: int, decoder: FrameDecoder, early: list[Frame]

@@ -15,7 +15,7 @@ import pytest
 
 from tests.unit.fake_agent import serve_fake_agent
 from unplugd.host.client import AgentClient, AgentUnreachable
-from unplugd.host.relays import VsockRelay
+from unplugd.host.relays import Relay, VsockRelay
 from unplugd.splice import splice
 
 GUEST_PORT = 1000
@@ -142,6 +142,53 @@ def test_a_dial_that_never_answers_is_named_with_the_timeout() -> None:
         relay = VsockRelay(3, GUEST_PORT, dial=hang, connect_timeout=0.5)
         async with AgentClient("vsock:3:1000", timeout=3, connect_timeout=1, relay=relay) as client:
             with pytest.raises(AgentUnreachable, match=r"vsock CID 3 port 1000: no answer within 0\.5s"):
+                await client.get_agent_info()
+
+    run(main())
+
+
+class _DropsFirstDial(Relay):
+    """Ends grpc's first connection without a reason, as grpc's own handshake timer (20 s, whatever the
+    client's connect_timeout) ends an attempt the relay is still carrying; carries the next ones."""
+
+    def __init__(self, agent_sock: Path) -> None:
+        super().__init__(connect_timeout=2)
+        self.agent_sock = agent_sock
+        self.dials = 0
+
+    @property
+    def target(self) -> str:
+        return "test relay"
+
+    async def _carry(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        self.dials += 1
+        if self.dials > 1:
+            await splice(client, await asyncio.open_unix_connection(str(self.agent_sock)))
+
+
+def test_an_attempt_the_relay_did_not_explain_is_dialled_again_within_the_timeout(agent_sock: Path) -> None:
+    """A guest that answers after grpc gave up on one attempt (an agent restarting) is reached within
+    connect_timeout, not reported unreachable at the first failure."""
+
+    async def main() -> None:
+        relay = _DropsFirstDial(agent_sock)
+        async with AgentClient("vsock:3:1000", timeout=5, connect_timeout=5, relay=relay) as client:
+            assert (await client.get_agent_info()).version
+        assert relay.dials >= 2
+
+    run(main())
+
+
+def test_at_the_deadline_the_relay_says_what_it_was_waiting_for(agent_sock: Path) -> None:
+    """Every attempt ended unexplained while the relay waited on the guest: the error names the wait."""
+
+    class Waits(_DropsFirstDial):
+        async def _carry(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+            self.waiting = "test relay: no answer from the guest yet"
+
+    async def main() -> None:
+        async with AgentClient("vsock:3:1000", timeout=3, connect_timeout=1.5, relay=Waits(agent_sock)) as client:
+            with pytest.raises(AgentUnreachable, match=r"no answer from the guest yet \(no connection within 1\.5s\)"):
                 await client.get_agent_info()
 
     run(main())
