@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unplugd.agent import lazylog
+from unplugd.agent import entry, lazylog, reportsock
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
@@ -114,6 +114,13 @@ vdb1, dm-0, /dev/mapper/vg-lv): the function(s) below it are shown.
         dest="every_reason",
         action="store_true",
         help="every reason of every function (without: the first, and the codes of the others)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="scan from this process even when the agent (unplugd serve) runs: when the agent is suspect, "
+        "or to see what this process itself can read (without it, inspect asks the agent's report socket "
+        "first and scans here only if no agent answers)",
     )
     _add_root(p)
     p.set_defaults(run=_run_inspect, lazy_logging=True)
@@ -232,7 +239,18 @@ def _json_text(data: Data) -> str:
     return to_json(data, indent=2 if sys.stdout.isatty() else None)
 
 
+def _agent_may_answer(args: argparse.Namespace) -> bool:
+    """The agent's report is the one asked for: the live system, every function, the probe on; not
+    --local, and no -v before the command (it logs what this process's collectors do)."""
+    return args.ask_agent and not (args.local or args.root or args.device or args.no_probe or args.verbose)
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
+    if _agent_may_answer(args):
+        answer = reportsock.ask()
+        if isinstance(answer, reportsock.Answer):
+            return entry.print_answer(answer, as_json=args.json, show_all=args.all, verbose=args.every_reason)
+        entry.say_failed(answer)
     # --json prints the report's data as protobuf's JSON mapping would, without importing protobuf.
     data = _inspect(args.root, args.device, probe=not args.no_probe)
     if args.json:
@@ -299,9 +317,11 @@ def _log_to_stderr(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, ask_agent: bool = True) -> int:
+    """ask_agent=False: entry.main asked the agent already (and it could not answer)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.ask_agent = ask_agent
     # inspect and check import logging only to log something (lazylog): a warning, or -v.
     if getattr(args, "lazy_logging", False) and not args.verbose:
         lazylog.defer(lambda: _log_to_stderr(verbose=False))

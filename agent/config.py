@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from unplugd.agent.errors import AgentError
+from unplugd.agent.reportsock import REPORT_SOCKET_NAME
 
 __all__ = [
     "DEFAULT_PATH",
@@ -73,6 +74,12 @@ class ServerConfig:
     # the next one); past this many more, RESOURCE_EXHAUSTED. A waiting call
     # costs grpc a few KiB.
     max_queued_calls: int = 512
+
+    @property
+    def report_socket(self) -> Path:
+        """The report socket (`unplugd inspect` answered by the agent: agent/reportsock.py), beside
+        the gRPC one, with its mode; not a key of its own: one directory to configure, one to find."""
+        return self.socket.parent / REPORT_SOCKET_NAME
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ __all__ = [
     "STATE_PREFIX",
     "UNJUDGED",
     "Data",
+    "from_json",
     "functions_data",
     "keep_functions",
     "report_data",
@@ -154,6 +155,46 @@ def _json_message(msg: Mapping[str, Any]) -> dict[str, Any]:
             defaults[name] = str(value) if field in _INT64_FIELDS else value
     out.update(defaults)
     return out
+
+
+def from_json(doc: Mapping[str, Any]) -> Data:
+    """to_json's document (parsed) back into the data: what the table renders of the agent's answer.
+
+    The inverse of _json_message: lowerCamelCase -> the proto's names, int64 strings -> ints,
+    the timestamp -> seconds and nanos (tests/unit/test_reportdata.py: from_json(to_json(d)) == d)."""
+    out: Data = {}
+    for name, value in doc.items():
+        field = _FIELD_NAMES.get(name) or _field_name(name)
+        if type(value) is dict:
+            out[field] = from_json(value)
+        elif type(value) is list and value and type(value[0]) is dict:
+            out[field] = [from_json(v) for v in value]
+        elif field in _INT64_FIELDS:
+            out[field] = int(value)
+        elif field in _TIMESTAMP_FIELDS:
+            out[field] = _timestamp_back(value)
+        else:
+            out[field] = value
+    return out
+
+
+_FIELD_NAMES: dict[str, str] = {}
+
+
+def _field_name(name: str) -> str:
+    """lowerCamelCase -> snake_case (mountPoints -> mount_points): _json_name's inverse."""
+    field = _FIELD_NAMES[name] = "".join("_" + c.lower() if c.isupper() else c for c in name)
+    return field
+
+
+def _timestamp_back(text: str) -> dict[str, int]:
+    """_timestamp's inverse: '2026-12-02T14:44:27.5Z' -> seconds and nanos (UTC)."""
+    import datetime  # the table of the agent's answer only
+
+    whole, _, fraction = text.removesuffix("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(whole)  # not strptime, which imports re and locale
+    seconds = (moment - datetime.datetime(1970, 1, 1)) // datetime.timedelta(seconds=1)
+    return {"seconds": seconds, "nanos": int(fraction.ljust(9, "0")) if fraction else 0}
 
 
 def _timestamp(ts: Mapping[str, int]) -> str:

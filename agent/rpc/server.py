@@ -1,6 +1,7 @@
 """The agent's gRPC server and its lifecycle (what `unplugd serve` runs).
 
-The server always listens on a root-only unix socket; the transport bridges
+The server always listens on a root-only unix socket; beside it, the report
+socket answers `unplugd inspect` (daemon/reportserver.py: JSON, no gRPC). The transport bridges
 (vsock, virtio-serial: agent/transports) carry remote connections to it.
 They are started through one hook, `start_bridges(config, socket)`, which
 returns a BridgeSet: its listeners (for GetAgentInfo) and stop(). TCP is
@@ -13,7 +14,7 @@ virtio-serial bridge waits for its port, which may appear later.
 
 Shutdown (SIGTERM, SIGINT): health NOT_SERVING, bridges stopped, watch
 streams ended, in-flight calls given a grace period, every lease released,
-the socket removed. A crash or SIGKILL still frees the device claims: the
+the sockets removed. A crash or SIGKILL still frees the device claims: the
 kernel drops them with the process's file descriptors.
 """
 
@@ -34,7 +35,8 @@ import grpc
 
 from unplugd.agent.config import Config
 from unplugd.agent.daemon.events import EventSources
-from unplugd.agent.daemon.scans import CoalescingEngine, EngineApi, ModuleEngine
+from unplugd.agent.daemon.reportserver import ReportServer
+from unplugd.agent.daemon.scans import Coalescer, CoalescingEngine, EngineApi, ModuleEngine
 from unplugd.agent.errors import AgentError
 from unplugd.agent.mutations.leases import LeaseManager
 from unplugd.agent.mutations.links import LinkControl, NetlinkLinks
@@ -58,6 +60,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 AGENT_SERVICE = agent_service_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+
+# The report socket's client reads as soon as bytes come (a report of 2,000 processes, ~1 MB,
+# takes milliseconds); one that has not taken the answer in this long is not going to, and
+# holds a worker until then.
+REPORT_WRITE_TIMEOUT_S = 10.0
+# Connections the kernel queues for the report socket while its slots are busy; past them a
+# client's connect fails at once and it scans for itself.
+REPORT_BACKLOG = 64
 
 
 if TYPE_CHECKING:
@@ -127,6 +137,7 @@ class AgentServer:
         sources: Callable[[], EventSources] | None = None,
         links: LinkControl | None = None,
         bridges: BridgeStarter = start_bridges,
+        report_json: Callable[[], bytes] | None = None,
     ) -> None:
         self.config = config
         self.roots = roots if roots is not None else Roots.live_system()
@@ -141,6 +152,11 @@ class AgentServer:
         self._server: grpc.Server | None = None
         self._health: HealthRegistry | None = None
         self._socket_id: tuple[int, int] | None = None
+        # The report socket's answer (tests hand in their own); its scans shared like GetReport's.
+        self._report_json = report_json if report_json is not None else self._fresh_report_json
+        self._report_rounds: Coalescer[bytes] = Coalescer()
+        self._report: ReportServer | None = None
+        self._report_id: tuple[int, int] | None = None
         if sources is None:
             live, cap = self.roots, config.watch.max_namespace_fds
             sources = (lambda: EventSources(live, max_namespace_fds=cap)) if live.live else EventSources.none
@@ -170,6 +186,25 @@ class AgentServer:
     def _produce(self) -> Any:
         return self.engine.inspect(self.roots, (), leased=self.leases.leased(), own_claims=self.leases.own_claims())
 
+    def _fresh_report_json(self) -> bytes:
+        """What `unplugd inspect --json` prints (compact), for this system now, with the agent's
+        leases and [readiness] exclusive_probe."""
+        from unplugd.agent import engine
+        from unplugd.agent.reportdata import to_json
+
+        data = engine.inspect_data(
+            self.roots,
+            (),
+            leased=self.leases.leased(),
+            own_claims=self.leases.own_claims(),
+            exclusive_probe=self.config.readiness.exclusive_probe,
+        )
+        return to_json(data, indent=None).encode()
+
+    def _report_answer(self) -> bytes:
+        # Each connection gets the first run that starts after it came (Coalescer): fresh, never cached.
+        return self._report_rounds.run("report", self._report_json)
+
     def listeners(self) -> list[Listener]:
         return [Listener("unix", str(self.socket_path)), *self._tcp, *self._bridges.listeners]
 
@@ -177,8 +212,9 @@ class AgentServer:
         path = self.socket_path
         _prepare_socket_path(path)
         cfg = self.config.server
+        workers = futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="unplugd-rpc")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="unplugd-rpc"),
+            workers,
             # Calls past the workers wait in grpc's queue (a few KiB each); past
             # max_queued_calls more, refuse (RESOURCE_EXHAUSTED) rather than queue without bound.
             maximum_concurrent_rpcs=cfg.max_workers + cfg.max_queued_calls,
@@ -214,6 +250,7 @@ class AgentServer:
         st = os.stat(path)
         self._socket_id = (st.st_dev, st.st_ino)
         self._server = server
+        self._start_report_socket(workers)
         try:
             self._bridges = self._bridge_starter(self.config, path)
         except AgentError as exc:
@@ -225,11 +262,39 @@ class AgentServer:
             "serving",
             extra={
                 "socket": str(path),
+                "report_socket": str(self.config.server.report_socket),
                 "mutations": self.config.mutations.enabled,
                 "config": self.config.source,
                 "listeners": ",".join(f"{x.transport}:{x.address}" for x in self.listeners()),
             },
         )
+
+    def _start_report_socket(self, workers: futures.ThreadPoolExecutor) -> None:
+        """The report socket beside the gRPC one, made the same way (a stale one replaced, another
+        agent's refused, born with the socket's mode), answered in the gRPC workers."""
+        cfg = self.config.server
+        path = cfg.report_socket
+        _prepare_socket_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+            sock.listen(REPORT_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise ServeError(f"cannot listen on {path}: {exc}") from exc
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, cfg.socket_mode)
+        st = os.stat(path)
+        self._report_id = (st.st_dev, st.st_ino)
+        # Half the workers that watch streams cannot take (8 of the default 16): GetReport and the
+        # other calls keep the rest even while every report slot waits on a client.
+        slots = max(1, (cfg.max_workers - cfg.max_watchers) // 2)
+        self._report = ReportServer(
+            sock, self._report_answer, workers.submit, slots=slots, write_timeout_s=REPORT_WRITE_TIMEOUT_S
+        )
+        self._report.start()
 
     def _add_tcp(self, server: grpc.Server) -> None:
         tcp = self.config.transports.tcp
@@ -249,6 +314,12 @@ class AgentServer:
         with _logged("stopping bridges"):
             self._bridges.stop()
         self._bridges = _NoBridges()
+        if self._report is not None:
+            self._report.stop()
+            self._report = None
+        if self._report_id is not None:
+            _remove_own_socket(self.config.server.report_socket, self._report_id)
+            self._report_id = None
         self.hub.close()
         if self._server is not None:
             self._server.stop(grace).wait(grace + 1)

@@ -51,10 +51,11 @@ copy_py() {
     done
 }
 
-# entry_point ROOT NAME MODULE: /usr/bin/NAME running MODULE's main(), as pip's scripts do.
+# entry_point ROOT NAME MODULE: /usr/bin/NAME running unplugd.MODULE's main(), as pip's scripts do
+# (pyproject.toml's [project.scripts]).
 entry_point() {
     mkdir -p "$1/usr/bin"
-    printf '#!/usr/bin/python3\nfrom unplugd.%s.cli import main\nraise SystemExit(main())\n' "$3" >"$1/usr/bin/$2"
+    printf '#!/usr/bin/python3\nfrom unplugd.%s import main\nraise SystemExit(main())\n' "$3" >"$1/usr/bin/$2"
     chmod 0755 "$1/usr/bin/$2"
 }
 
@@ -178,7 +179,7 @@ pack "$R" python3-unplugd python "$PY_DEP, python3-grpcio, python3-protobuf" \
 R="$STAGE/unplugd"
 install -d "$R/DEBIAN"
 copy_py "$REPO/agent" "$R/$SITE/agent"
-entry_point "$R" unplugd agent
+entry_point "$R" unplugd agent.entry
 install -D -m 0644 "$REPO/packaging/systemd/unplugd.service" "$R/lib/systemd/system/unplugd.service"
 install -D -m 0755 "$REPO/packaging/systemd/unplugd_generator.py" "$R/lib/systemd/system-generators/unplugd-generator"
 install -D -m 0644 "$REPO/packaging/udev/60-unplugd.rules" "$R/lib/udev/rules.d/60-unplugd.rules"
@@ -280,7 +281,7 @@ pack "$R" unplugd admin \
 R="$STAGE/unplugctl"
 install -d "$R/DEBIAN"
 copy_py "$REPO/host" "$R/$SITE/host"
-entry_point "$R" unplugctl host
+entry_point "$R" unplugctl host.cli
 man_page "$R" unplugctl.1 1
 completion "$R" unplugctl
 install -d "$R/usr/share/doc/unplugctl"

@@ -29,10 +29,12 @@ touch .dev/.stamp
 [ "${1:-}" != links ] || exit 0
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$(pwd)/.dev" >"$site/unplugd-dev.pth"
-for tool in unplugd:agent unplugctl:host; do
-    name=${tool%%:*}; pkg=${tool#*:}
-    printf '#!%s\nfrom unplugd.%s.cli import main\nraise SystemExit(main())\n' \
-        "$(pwd)/$VENV/bin/python" "$pkg" >"$VENV/bin/$name"
+# pyproject.toml's [project.scripts], as the .deb writes them (unplugd's main is agent/entry.py's:
+# `unplugd inspect` asks the running agent before the CLI is imported)
+for tool in unplugd:agent.entry unplugctl:host.cli; do
+    name=${tool%%:*}; module=${tool#*:}
+    printf '#!%s\nfrom unplugd.%s import main\nraise SystemExit(main())\n' \
+        "$(pwd)/$VENV/bin/python" "$module" >"$VENV/bin/$name"
     chmod +x "$VENV/bin/$name"
 done
 touch "$VENV/.stamp"

@@ -108,7 +108,7 @@ def test_wheel_metadata_license_and_commands(dist: Dist) -> None:
     parser = configparser.ConfigParser()
     parser.read_string(entry_points)
     scripts = dict(parser["console_scripts"])
-    assert scripts == {"unplugd": "unplugd.agent.cli:main", "unplugctl": "unplugd.host.cli:main"}
+    assert scripts == {"unplugd": "unplugd.agent.entry:main", "unplugctl": "unplugd.host.cli:main"}
     assert scripts == PYPROJECT["project"]["scripts"]
 
 
@@ -129,7 +129,7 @@ def test_wheel_runs_both_commands(dist: Dist, tmp_path: Path) -> None:
         z.extractall(tmp_path)
     # Debian's python3 has the dependencies (system-deps) and no .pth pointing at the work tree.
     python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-    for module, command in (("unplugd.agent.cli", "inspect"), ("unplugd.host.cli", "wait-ready")):
+    for module, command in (("unplugd.agent.entry", "inspect"), ("unplugd.host.cli", "wait-ready")):
         code = (
             "import sys; sys.path.insert(0, sys.argv[1]); import unplugd; print(unplugd.__file__); "
             f"from {module} import main; sys.exit(main(['--help']))"

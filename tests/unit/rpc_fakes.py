@@ -157,6 +157,7 @@ def running_server(
     mutations: bool = False,
     links: FakeLinks | None = None,
     config: Config | None = None,
+    report_json: Callable[[], bytes] | None = None,
 ) -> Iterator[tuple[AgentServer, agent_service_pb2_grpc.AgentServiceStub]]:
     if config is None:
         # The virtio-serial bridge is on by default; these servers serve a captured tree, not this machine's port.
@@ -170,6 +171,7 @@ def running_server(
         engine=engine or FakeEngine(),
         sources=EventSources.none,
         links=links or FakeLinks(),
+        report_json=report_json,
     )
     server.start()
     channel = grpc.insecure_channel(server.target)

@@ -143,7 +143,7 @@ def test_the_agent_package_ships_unit_rule_generator_and_config(debs: dict[str, 
         assert deb.read(name) == src.read_bytes(), name
     assert files["lib/systemd/system-generators/unplugd-generator"].mode & 0o111  # systemd runs it
     assert files["usr/bin/unplugd"].mode & 0o111
-    assert b"unplugd.agent.cli" in deb.read("usr/bin/unplugd")
+    assert b"unplugd.agent.entry" in deb.read("usr/bin/unplugd")
     assert (deb.control("conffiles") or "").split() == ["/etc/unplugd/config.toml"]
     assert not [n for n in debs["unplugctl"].files() if n.startswith(("lib/", "etc/"))]
     assert b"unplugd.host.cli" in debs["unplugctl"].read("usr/bin/unplugctl")

@@ -35,6 +35,19 @@ def test_json_equals_json_format_byte_for_byte(tree: Path) -> None:
     assert reportdata.to_json(data, indent=None) == to_json(from_data(data), indent=None)  # not on a terminal
 
 
+@pytest.mark.parametrize("tree", TREES, ids=[t.name for t in TREES])
+def test_from_json_gives_back_the_data_the_json_was_printed_from(tree: Path) -> None:
+    """The table of the agent's answer (entry.print_answer) renders what the local scan would."""
+    data = _data(tree)
+    assert reportdata.from_json(json.loads(reportdata.to_json(data, indent=None))) == data
+
+
+@pytest.mark.parametrize("nanos", [0, 5_000_000, 123_456_000, 123_456_789])
+def test_from_json_reads_every_timestamp_precision(nanos: int) -> None:
+    data = {"generated_at": {"seconds": 1_796_222_937, "nanos": nanos}}
+    assert reportdata.from_json(json.loads(reportdata.to_json(data))) == data
+
+
 @pytest.mark.parametrize(
     ("nanos", "fraction"), [(0, ""), (5_000_000, ".005"), (123_456_000, ".123456"), (123_456_789, ".123456789")]
 )
