@@ -65,7 +65,8 @@ def unplugd_debian_argv(subcommand: str = "inspect") -> list[str]:
     """The same CLI under Debian's python3 and its python3-grpcio/protobuf/psutil/pyroute2 packages."""
     if not Path(DEBIAN_PYTHON).exists():
         raise Skipped(f"{DEBIAN_PYTHON} missing")
-    argv = [DEBIAN_PYTHON, "-c", "from unplugd.agent.cli import main; raise SystemExit(main())", subcommand]
+    # What /usr/bin/unplugd runs (packaging/deb/build.sh's entry_point).
+    argv = [DEBIAN_PYTHON, "-c", "from unplugd.agent.entry import main; raise SystemExit(main())", subcommand]
     _check_help(argv, env=debian_env())
     return argv
 
