@@ -78,6 +78,31 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(line)
 
 
+# What the guest said when a test on it failed: the agent's journal and the unit's state, attached to the
+# failure's report. A guest agent that stops answering is otherwise a mystery by the time anyone looks.
+_GUEST_DIAGNOSTICS = (
+    "systemctl show unplugd.service -p ActiveState,SubState,NRestarts,ExecMainStartTimestampMonotonic; "
+    "journalctl -b -u unplugd.service --no-pager -o short-monotonic | tail -n 60; "
+    "journalctl -b --no-pager -o short-monotonic | grep -E 'virtio_console|unplugd.rules|Failed' | tail -n 20"
+)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed and call.when == "call":
+        from tests.vm.guest import GuestVM
+
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, GuestVM) and value.running:
+                try:
+                    text = value.exec(_GUEST_DIAGNOSTICS, timeout=60).stdout
+                except Exception as exc:  # the guest may be what failed; the test's own error stands
+                    text = f"could not ask the guest: {exc}"
+                report.sections.append((f"guest {name}: unplugd", text))
+    return report
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts

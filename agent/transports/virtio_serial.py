@@ -347,7 +347,9 @@ class VirtioSerialBridge:
 
     If the port cannot be opened (not there yet, EBUSY: another opener) or
     fails (hot-unplugged), the bridge retries after `reopen_delay`, doubling
-    up to `max_reopen_delay` while it stays absent.
+    up to `max_reopen_delay` while it stays absent. That ceiling is what a
+    host waits, at worst, once the port is back: an open() every 5 s costs
+    nothing, and a host's connect attempt (grpc's is 20 s) must outlast it.
 
     While no host is connected the port reads 0 and polls POLLHUP, so there
     is no event to wait for: the bridge looks again after `hup_retry`,
@@ -366,7 +368,7 @@ class VirtioSerialBridge:
         hup_retry: float = 0.05,
         max_hup_retry: float = 0.5,
         reopen_delay: float = 1.0,
-        max_reopen_delay: float = 30.0,
+        max_reopen_delay: float = 5.0,
     ) -> None:
         self._open_port = open_port
         self._backend = str(backend)
