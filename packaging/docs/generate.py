@@ -445,6 +445,11 @@ def _files(tool: Tool) -> list[tuple[str, str]]:
         (str(config.DEFAULT_PATH), "the configuration, read by unplugd serve; see unplugd.conf(5)"),
         (str(defaults.server.socket), "the gRPC service's unix socket (server.socket)"),
         (
+            str(defaults.server.report_socket),
+            "the running agent's report, beside server.socket: unplugd inspect asks it first and scans "
+            "itself only when no agent answers (or with --local); UNPLUGD_REPORT_SOCKET names another",
+        ),
+        (
             f"/dev/virtio-ports/{defaults.transports.virtio_serial.name}",
             "the virtio-serial port the agent bridges when transports.virtio_serial is enabled",
         ),

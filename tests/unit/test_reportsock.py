@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import io
 import json
 import os
 import socket
@@ -341,3 +342,18 @@ def test_the_agent_answered_path_imports_only_builtins_and_its_two_modules(tmp_p
         "unplugd.agent.entry",
         "unplugd.agent.reportsock",
     ]
+
+
+class _Terminal(io.TextIOWrapper):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_on_a_terminal_is_indented_as_the_local_scan_indents_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = io.BytesIO()
+    out = _Terminal(raw, encoding="utf-8")
+    monkeypatch.setattr(sys, "stdout", out)
+    answer = reportsock.check_answer(GOOD)
+    assert isinstance(answer, reportsock.Answer)
+    assert entry.print_answer(answer, as_json=True, show_all=False, verbose=False) == 0
+    assert raw.getvalue().decode() == json.dumps(DOC, indent=2) + "\n"  # cli._json_text's indent
