@@ -66,7 +66,9 @@ def _measure(result: SectionResult, disk_parts: tuple[str, str], runs: int) -> N
         with running_agent(config="[transports.virtio_serial]\nenabled = false\n") as agent:
             env = {**os.environ, reportsock.SOCKET_ENV: str(agent.socket.parent / reportsock.REPORT_SOCKET_NAME)}
             served = time_command([*commands.unplugd_argv("inspect"), "--json"], runs, env=env)
-        result.rows.append(_row(what, served, ours, note="the agent's scan, the CLI waits"))
+        row = _row(what, served, None, note="the agent's scan, the CLI waits")
+        row.versus = compare(served.median_s, ours.median_s, ours="agent") if ours is not None else ""
+        result.rows.append(row)
     except (Skipped, OSError, RuntimeError) as exc:
         result.skip_row(what, str(exc))
     roots = Roots.live_system()
