@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from unplugd.agent import entry, lazylog, reportsock
+from unplugd.agent import entry, lazylog
 from unplugd.agent.errors import AgentError, InvalidArgument, UnknownDevice
 from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
@@ -247,10 +247,9 @@ def _agent_may_answer(args: argparse.Namespace) -> bool:
 
 def _run_inspect(args: argparse.Namespace) -> int:
     if _agent_may_answer(args):
-        answer = reportsock.ask()
-        if isinstance(answer, reportsock.Answer):
-            return entry.print_answer(answer, as_json=args.json, show_all=args.all, verbose=args.every_reason)
-        entry.say_failed(answer)
+        code = entry.answered_by_agent(as_json=args.json, show_all=args.all, verbose=args.every_reason)
+        if code is not None:
+            return code
     # --json prints the report's data as protobuf's JSON mapping would, without importing protobuf.
     data = _inspect(args.root, args.device, probe=not args.no_probe)
     if args.json:

@@ -19,7 +19,7 @@ TYPE_CHECKING = False  # not typing's: see reportsock.py
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["main", "print_answer", "say_failed"]
+__all__ = ["answered_by_agent", "main", "print_answer", "say_failed"]
 
 # `inspect` options that change only how the report is shown, never what it is: with only these
 # the agent's report is the report asked for. Spelled out in full: an abbreviation (--js) goes
@@ -33,24 +33,33 @@ _SHOWING_ONLY = frozenset((_JSON, _ALL, *_VERBOSE))
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["inspect"] and _SHOWING_ONLY.issuperset(args[1:]):
+        rest = set(args[1:])
         try:
-            answer = reportsock.ask()
+            code = answered_by_agent(
+                as_json=_JSON in rest, show_all=_ALL in rest, verbose=not rest.isdisjoint(_VERBOSE)
+            )
         except KeyboardInterrupt:
             from unplugd.stdio import EXIT_INTERRUPTED
 
             return EXIT_INTERRUPTED
-        if isinstance(answer, reportsock.Answer):
-            rest = set(args[1:])
-            return print_answer(
-                answer, as_json=_JSON in rest, show_all=_ALL in rest, verbose=not rest.isdisjoint(_VERBOSE)
-            )
-        say_failed(answer)
+        if code is not None:
+            return code
         from unplugd.agent import cli
 
         return cli.main(args, ask_agent=False)
     from unplugd.agent import cli
 
     return cli.main(args)
+
+
+def answered_by_agent(*, as_json: bool, show_all: bool, verbose: bool) -> int | None:
+    """Print the running agent's report as `inspect` prints its own and return the exit code; None
+    when the agent could not answer (said on stderr if it is there but sick): the caller scans."""
+    answer = reportsock.ask()
+    if isinstance(answer, reportsock.Answer):
+        return print_answer(answer, as_json=as_json, show_all=show_all, verbose=verbose)
+    say_failed(answer)
+    return None
 
 
 def say_failed(failed: reportsock.Failed) -> None:
