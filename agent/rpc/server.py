@@ -246,9 +246,7 @@ class AgentServer:
             server.start()
         finally:
             os.umask(old_umask)
-        os.chmod(path, cfg.socket_mode)
-        st = os.stat(path)
-        self._socket_id = (st.st_dev, st.st_ino)
+        self._socket_id = _own_socket(path, cfg.socket_mode)
         self._server = server
         self._start_report_socket(workers)
         try:
@@ -285,9 +283,7 @@ class AgentServer:
             raise ServeError(f"cannot listen on {path}: {exc}") from exc
         finally:
             os.umask(old_umask)
-        os.chmod(path, cfg.socket_mode)
-        st = os.stat(path)
-        self._report_id = (st.st_dev, st.st_ino)
+        self._report_id = _own_socket(path, cfg.socket_mode)
         # Half the workers that watch streams cannot take (8 of the default 16): GetReport and the
         # other calls keep the rest even while every report slot waits on a client.
         slots = max(1, (cfg.max_workers - cfg.max_watchers) // 2)
@@ -374,6 +370,14 @@ def _prepare_socket_path(path: Path) -> None:
             raise ServeError(f"another agent is listening on {path}")
     log.info("removing stale socket", extra={"socket": str(path)})
     path.unlink(missing_ok=True)
+
+
+def _own_socket(path: Path, mode: int) -> tuple[int, int]:
+    """Give the socket just bound its configured mode; its identity, so that stop removes this
+    socket and never one a later agent made at the same path (_remove_own_socket)."""
+    os.chmod(path, mode)
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _remove_own_socket(path: Path, ident: tuple[int, int]) -> None:
