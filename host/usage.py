@@ -35,6 +35,36 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+# The longest timeout taken (~31 years): a wait is for ever before then, and grpc's deadlines are
+# int64 nanoseconds since the epoch, which overflow ~7e9 s from now (WatchReport then failed at once:
+# a reachable agent reported GUEST_UNREACHABLE).
+MAX_SECONDS = 1e9
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    """argparse's type for a time in seconds: a finite number up to MAX_SECONDS, not negative
+    (nan, inf and -1 parsed as floats and then meant nothing or "no time at all")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    low_ok = value >= 0 if zero else value > 0
+    if not (low_ok and value <= MAX_SECONDS):  # False for nan too
+        least = "at least 0" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"seconds must be {least} and at most {MAX_SECONDS:g}, not {text!r}")
+    return value
+
+
+def _wait_seconds(text: str) -> float:
+    """--timeout: 0 is a valid wait (look once, do not wait)."""
+    return _seconds(text, zero=True)
+
+
+def _call_seconds(text: str) -> float:
+    """A timeout for each call or domain: 0 would fail every call before it is sent."""
+    return _seconds(text, zero=False)
+
+
 EPILOG = """\
 VM is a libvirt domain name (--connect URI, default qemu:///system; the agent is
 found through the domain's <channel> named org.unplugd.agent.0), or a QEMU
@@ -189,14 +219,14 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument("--tls-key", type=_path, metavar="PEM", help="tcp: agents: our client key")
     common.add_argument(
         "--agent-timeout",
-        type=float,
+        type=_call_seconds,
         default=5.0,
         metavar="S",
         help="seconds for each agent call (default %(default)s)",
     )
     common.add_argument(
         "--hypervisor-timeout",
-        type=float,
+        type=_call_seconds,
         default=10.0,
         metavar="S",
         help="seconds for each libvirt or QMP command (default %(default)s)",
@@ -230,7 +260,7 @@ def _unplug(c: argparse.ArgumentParser) -> None:
     _one_device(c)
     c.add_argument("--with-companions", action="store_true", help="also unplug the slot's other functions")
     c.add_argument("--prepare", action="store_true", help="lease the guest's block devices first")
-    c.add_argument("--timeout", type=float, default=30.0, metavar="S", help="wait this long for removal")
+    c.add_argument("--timeout", type=_wait_seconds, default=30.0, metavar="S", help="wait this long for removal")
     c.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     c.add_argument("--force", action="store_true", help="override the verdict (says what it overrides)")
     c.add_argument(
@@ -243,14 +273,14 @@ def _unplug(c: argparse.ArgumentParser) -> None:
 
 def _wait_ready(c: argparse.ArgumentParser) -> None:
     _one_device(c)
-    c.add_argument("--timeout", type=float, required=True, metavar="S", help="give up after this many seconds")
+    c.add_argument("--timeout", type=_wait_seconds, required=True, metavar="S", help="give up after this many seconds")
 
 
 def _release(c: argparse.ArgumentParser) -> None:
     _one_device(c)
     c.add_argument(
         "--timeout",
-        type=float,
+        type=_wait_seconds,
         default=60.0,
         metavar="S",
         help="seconds the guest may take, hooks and the wait (default %(default)s)",
@@ -270,7 +300,7 @@ def _fleet(c: argparse.ArgumentParser) -> None:
     )
     fleet.add_argument(
         "--domain-timeout",
-        type=float,
+        type=_call_seconds,
         default=60.0,
         metavar="S",
         help="give up on one domain after S seconds (default %(default)s)",
@@ -311,7 +341,7 @@ def _plug(pl: argparse.ArgumentParser) -> None:
     pl.add_argument("--netdev", action="append", default=[], metavar="SPEC", help="create this -netdev first")
     pl.add_argument("--blockdev", action="append", default=[], metavar="SPEC", help="create this -blockdev first")
     pl.add_argument("--file", type=_path, metavar="SPECFILE", help="slots to fill, from a JSON or TOML file")
-    pl.add_argument("--timeout", type=float, default=60.0, metavar="S", help="wait this long for the guest")
+    pl.add_argument("--timeout", type=_wait_seconds, default=60.0, metavar="S", help="wait this long for the guest")
     pl.add_argument("--keep-partial", action="store_true", help="on failure keep what was added")
     pl.add_argument("--persistent", action="store_true", help="libvirt: add to the domain's config too")
     pl.add_argument("--dry-run", action="store_true", help="show where everything would go, add nothing")

@@ -106,10 +106,31 @@ def test_check_json(session, capsys) -> None:  # type: ignore[no-untyped-def]
         ["status", "a", "b", "--qmp", "/run/q.sock"],  # fleets are libvirt's
         ["status", "a", "--unpluggable", "colour=red"],  # KEY is alias, target, model or path
         ["unplug", "a", "vdb", "-c", "qemu:///system", "-c", "qemu+ssh://hv/system"],  # one URI to unplug on
+        # seconds that mean nothing: a negative wait, nan, inf, past what grpc's deadlines hold, a 0 per call
+        ["wait-ready", "dom", "vdb", "--timeout", "-1"],
+        ["wait-ready", "dom", "vdb", "--timeout", "nan"],
+        ["wait-ready", "dom", "vdb", "--timeout", "inf"],
+        ["unplug", "dom", "vdb", "--timeout", "1e10"],
+        ["release", "dom", "vdb", "--timeout", "-5"],
+        ["check", "dom", "vdb", "--agent-timeout", "0"],
+        ["status", "dom", "--hypervisor-timeout", "nan"],
+        ["status", "a", "b", "--domain-timeout", "-1"],
     ],
 )
 def test_usage_errors_exit_2(session, capsys, argv: list[str]) -> None:  # type: ignore[no-untyped-def]
     assert cli.main(argv) == 2
+
+
+def test_bad_seconds_say_why(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    """inf reached grpc as a deadline it cannot hold: a reachable agent read GUEST_UNREACHABLE (exit 4)."""
+    assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "inf"]) == 2
+    assert "argument --timeout: seconds must be at least 0 and at most 1e+09, not 'inf'" in capsys.readouterr().err
+    assert "args" not in session  # refused before anything was opened
+
+
+def test_zero_timeout_looks_once(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    session["agent"] = FakeAgent(BUSY)
+    assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "0"]) == 3
 
 
 def test_unknown_device_is_a_usage_error(session, capsys) -> None:  # type: ignore[no-untyped-def]
