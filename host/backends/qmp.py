@@ -744,7 +744,12 @@ class QmpBackend:
     async def connect(self) -> None:
         try:
             await asyncio.wait_for(self._client.connect(self.socket_path), self.timeout)
-        except (OSError, TimeoutError) as e:
+        except TimeoutError as e:  # its text is empty: say what did not come
+            raise DomainNotFound(
+                f"cannot connect to QMP socket {self.socket_path}: no QMP greeting within {self.timeout:g}s "
+                "(is it QEMU's QMP socket?)"
+            ) from e
+        except OSError as e:
             raise DomainNotFound(f"cannot connect to QMP socket {self.socket_path}: {e}") from e
         except Exception as e:  # qemu.qmp wraps socket errors in ConnectError
             raise DomainNotFound(f"cannot connect to QMP socket {self.socket_path}: {e}") from e

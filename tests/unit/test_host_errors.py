@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -41,3 +43,22 @@ def test_any_host_error_is_one_line_and_an_exit_code(
     monkeypatch.setattr(cli, "open_session", broken)
     assert cli.main(["status", "dom"]) == code
     assert capsys.readouterr().err.splitlines() == [f"unplugctl: {error}"]
+
+
+def test_a_silent_qmp_socket_says_what_did_not_come(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A unix socket that accepts and says nothing (another program's): the timeout's own text is
+    empty, and the line ended in "QMP socket PATH: " with no reason."""
+    path = tmp_path / "silent.sock"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(path))
+    listener.listen(1)  # accepted by the kernel's backlog, never answered
+    try:
+        code = cli.main(["status", "--qmp", str(path), "--agent", "unix:/nonexistent", "--hypervisor-timeout", "0.2"])
+    finally:
+        listener.close()
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"unplugctl: cannot connect to QMP socket {path}: no QMP greeting within 0.2s (is it QEMU's QMP socket?)"
+    ]
