@@ -382,7 +382,17 @@ class Orchestrator:
             except BackendError as e:
                 return UnplugResult(Outcome.FAILED, str(e), sp, self._outcomes(sp, removed, None))
             say("requested", f"unplug of {target.name} requested; waiting for {len(leaving)} function(s) to leave")
-            last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
+            try:
+                last, lost = await self._wait_removed(stack, events, leaving, removed, timeout, say=say)
+            except asyncio.CancelledError:
+                # Ctrl-C or SIGTERM mid-wait: a device_del cannot be taken back, so say where things stand
+                # (the lease is released on the way out, in unplug).
+                say(
+                    "note",
+                    f"interrupted: the unplug of {target.name} was requested and {len(removed)} of {len(leaving)} "
+                    "function(s) had left; the hypervisor keeps the rest pending and may still complete it",
+                )
+                raise
         if lost and removed != set(leaving):
             still = _still_there(leaving, removed)
             return UnplugResult(

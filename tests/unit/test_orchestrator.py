@@ -166,6 +166,30 @@ def test_pending_unplug_times_out_with_lease_released() -> None:
     assert be.calls[-1] == "topology"  # one fresh read after the deadline, no polling
 
 
+def test_interrupted_wait_says_the_unplug_is_pending_and_releases_the_lease() -> None:
+    """Ctrl-C (or SIGTERM, cli.py) while waiting for the guest: the device_del stands, so say so."""
+    be, agent = FakeBackend(topo(), lambda fn: []), FakeAgent(BEFORE)
+    seen: list[Progress] = []
+
+    async def interrupted() -> None:
+        task = asyncio.ensure_future(
+            Orchestrator(be, agent).unplug("disk1", prepare=True, timeout=60, progress=seen.append)
+        )
+        while not any(p.event == "requested" for p in seen):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(interrupted())
+    notes = [p.detail for p in seen if p.event == "note"]
+    assert notes == [
+        "interrupted: the unplug of disk1 was requested and 0 of 1 function(s) had left; the hypervisor keeps "
+        "the rest pending and may still complete it"
+    ]
+    assert seen[-1].event == "released" and agent.calls[-1] == "release lease-1"
+
+
 def test_missed_event_is_caught_by_the_final_topology_read() -> None:
     class Silent(FakeBackend):
         async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
