@@ -464,6 +464,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+async def _terminable(args: argparse.Namespace) -> int:
+    """run(args), ended by SIGTERM (systemd, a management daemon stopping us) as asyncio.run ends it on
+    SIGINT: cancelled, so that every `finally` runs (a --prepare lease released, an interrupted wait
+    said), where SIGTERM's default killed the process with the guest's lease held until it expired.
+    A second SIGTERM kills at once."""
+    import asyncio
+    import signal
+
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    assert task is not None
+
+    def terminate() -> None:
+        loop.remove_signal_handler(signal.SIGTERM)
+        task.cancel()
+
+    # not in the main thread (a caller's own thread) there are no signal handlers to add
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    return await run(args)
+
+
 def _command(argv: Sequence[str] | None) -> int:
     p = parser(lazy=True)
     try:
@@ -479,9 +500,11 @@ def _command(argv: Sequence[str] | None) -> int:
     import asyncio
 
     try:
-        code = asyncio.run(run(args))
+        code = asyncio.run(_terminable(args))
         flush_stdout()
         return code
+    except asyncio.CancelledError:  # SIGTERM (_terminable); every `finally` ran
+        return Exit.TERMINATED
     except BrokenPipeError:  # `unplugctl status ... | head -1`: the reader left; end quietly
         return broken_pipe()
     except (DeviceNotFound, AmbiguousDevice, UsageError) as e:

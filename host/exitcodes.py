@@ -7,6 +7,7 @@ may be absent (a package build root). Which verdict exits with which code is
 
 from __future__ import annotations
 
+import signal
 from enum import IntEnum
 
 from unplugd.stdio import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
@@ -30,6 +31,8 @@ class Exit(IntEnum):
     REJECTED = 12
     ROLLBACK_INCOMPLETE = 13
     INTERRUPTED = EXIT_INTERRUPTED
+    # what a shell reports for a command killed by SIGTERM; unplugctl ends as on SIGINT first (cli.py)
+    TERMINATED = 128 + signal.SIGTERM
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
 
@@ -56,6 +59,8 @@ MEANING: dict[Exit, str] = {
     "--keep-partial)",
     Exit.ROLLBACK_INCOMPLETE: "plug: the rollback left something behind (each leftover is listed)",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
+    Exit.TERMINATED: "terminated (SIGTERM), as on SIGINT: a --prepare lease released, a requested unplug said to "
+    "be pending",
     Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 

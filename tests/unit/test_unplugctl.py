@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
 
@@ -237,6 +239,31 @@ def test_unplug_forced_json_lists_overrides(session, capsys) -> None:  # type: i
 def test_unplug_pending_exits_7(session, capsys) -> None:  # type: ignore[no-untyped-def]
     session["backend"] = FakeBackend(topo(), lambda fn: [])
     assert cli.main(["unplug", "dom", "vdb", "--timeout", "0.2"]) == 7
+
+
+def test_sigterm_mid_wait_ends_as_sigint_does(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM while an unplug waits: the lease is released and the pending unplug said, exit 143.
+    SIGTERM's default killed the process on the spot, the guest's lease held until it expired."""
+
+    class Terminated(FakeBackend):
+        async def request_unplug(self, fn: Function, *, via_monitor: bool = False) -> None:
+            await super().request_unplug(fn, via_monitor=via_monitor)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    session["backend"] = Terminated(topo(), lambda fn: [])
+    session["agent"] = agent = FakeAgent(READY)  # the same report before and after the lease
+    received: list[int] = []
+    # before the fix this handler, not the default, would receive it: the test fails instead of the worker dying
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        code = cli.main(["unplug", "dom", "vdb", "--prepare", "--timeout", "5"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert code == 143 and not received
+    err = capsys.readouterr().err
+    assert "interrupted: the unplug of disk1 was requested" in err
+    assert "released: the lease was released" in err
+    assert agent.calls[-1] == "release lease-1"
 
 
 def test_dry_run(session, capsys) -> None:  # type: ignore[no-untyped-def]
