@@ -31,10 +31,10 @@ class Exit(IntEnum):
     REJECTED = 12
     ROLLBACK_INCOMPLETE = 13
     INTERRUPTED = EXIT_INTERRUPTED
-    # what a shell reports for a command killed by SIGTERM; unplugctl ends as on SIGINT first (cli.py)
-    TERMINATED = 128 + signal.SIGTERM
     # stdout's reader left (`| head -1`): what a shell reports for a command killed by SIGPIPE.
     BROKEN_PIPE = EXIT_BROKEN_PIPE
+    # what a shell reports for a command killed by SIGTERM; unplugctl ends as on SIGINT first (cli.py)
+    TERMINATED = 128 + signal.SIGTERM
 
 
 MEANING: dict[Exit, str] = {
@@ -59,9 +59,9 @@ MEANING: dict[Exit, str] = {
     "--keep-partial)",
     Exit.ROLLBACK_INCOMPLETE: "plug: the rollback left something behind (each leftover is listed)",
     Exit.INTERRUPTED: "interrupted (SIGINT)",
+    Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
     Exit.TERMINATED: "terminated (SIGTERM), as on SIGINT: a --prepare lease released, a requested unplug said to "
     "be pending",
-    Exit.BROKEN_PIPE: "stdout closed early (| head): the output was cut short, nothing else went wrong",
 }
 
 # check and wait-ready exit with their verdict's code; unplug too when it refuses.

@@ -328,6 +328,13 @@ the config with --persistent); one function a slot: libvirt cannot hot-add a mul
 slot, which unplugctl refuses and says to use --qmp for.
 
 {exit_codes}
+
+examples:
+  unplugctl slots --qmp /run/vm.qmp --agent serial:/run/vm-agent.sock
+  unplugctl plug --qmp /run/vm.qmp --agent serial:/run/vm-agent.sock --slot br0:0x3 \\
+      --netdev user,id=hn1,restrict=on virtio-net-pci,netdev=hn1
+  unplugctl plug --qmp /run/vm.qmp --agent unix:/run/a.sock --dry-run --netdev user,id=hn1 virtio-net-pci,netdev=hn1
+  unplugctl plug web1 @nic.xml --persistent
 """.replace("{exit_codes}", help_paragraph())
 
 

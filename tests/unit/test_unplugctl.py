@@ -290,6 +290,15 @@ def test_help_has_examples(capsys) -> None:  # type: ignore[no-untyped-def]
     assert "unplugctl check web1 vdb" in out and "tainted" in out and "6 needs companions" in out
 
 
+def test_every_command_help_has_examples(capsys) -> None:  # type: ignore[no-untyped-def]
+    """plug's own epilog replaced the examples of the others and had none."""
+    for command in ("status", "check", "unplug", "wait-ready", "release", "slots", "plug"):
+        assert cli.main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "\nexamples:\n  unplugctl " in out, command
+    assert "unplugctl plug web1 @nic.xml --persistent" in out
+
+
 def test_tls_flags_go_together(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from unplugd.host.cli import UsageError, _tls_files, parser
 
