@@ -22,7 +22,7 @@ import grpc
 from unplugd.host.client import RELEASE_MARGIN, AgentCallFailed, AgentClientError
 from unplugd.host.exitcodes import Exit
 from unplugd.host.orchestrator import Orchestrator, Progress, UnplugResult
-from unplugd.host.planner import GuestReason, SlotPlan
+from unplugd.host.planner import GuestReason, SlotPlan, Verdict
 from unplugd.reason_codes import code_name
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
@@ -226,10 +226,14 @@ async def release_slot(
     devices = sp.guest_devices()
     agent = cast(ReleaseAgent | None, orch.agent)  # AgentClient; AgentLike names only what unplug calls
     if agent is None or not devices:
+        # an agent that did not answer is named with its reason (the plan's finding); one that answered
+        # without the slot's functions is not "unreachable"
+        unreachable = [f.detail for f in sp.findings if f.verdict is Verdict.GUEST_UNREACHABLE]
         return ReleaseResult(
             sp,
-            error="the guest agent is unreachable: "
-            + ("no agent address given" if agent is None else "it reports no function of this slot"),
+            error="the guest agent is unreachable: no agent address given"
+            if agent is None
+            else (unreachable[0] if unreachable else "the guest reports no function of this slot"),
         )
     try:
         response = await asyncio.wait_for(agent.request_release(devices, timeout), timeout + RELEASE_MARGIN + 1)

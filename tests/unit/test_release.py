@@ -45,6 +45,7 @@ from unplugd.host.release import (
     functions_from,
     hook_lines,
     release_exit,
+    release_slot,
     unplug_released,
 )
 from unplugd.v1 import agent_service_pb2 as pb
@@ -347,6 +348,16 @@ def test_unplug_release_unplugs_nothing_unless_released(answer: object) -> None:
     assert release_exit(rel) == (
         Exit.RELEASE_DISABLED if isinstance(answer, AgentCallFailed) else Exit.BLOCKED_BY_GUEST
     )
+
+
+def test_release_with_an_unreachable_agent_says_why() -> None:
+    """The agent's own error, not "it reports no function of this slot" (it reported nothing)."""
+    agent = ReleasingAgent(_response(), BUSY_DISK1)
+    agent.dead = True
+    rel = _run(release_slot(Orchestrator(FakeBackend(topo(), slot_of), agent), "disk1", timeout=30))
+    assert rel.message == "no answer from the guest agent: agent at unix:/fake is unreachable: connection refused"
+    assert release_exit(rel) == Exit.GUEST_UNREACHABLE
+    assert not [c for c in agent.calls if c.startswith("request_release")]
 
 
 def test_hook_outcome_summary() -> None:
