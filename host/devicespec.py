@@ -114,8 +114,8 @@ def parse_device(text: str) -> DeviceSpec:
     placed = sorted(PLACEMENT_KEYS & props.keys())
     if placed:
         raise SpecError(
-            f"{text!r}: {', '.join(placed)} decide where the device goes; give the place with --slot "
-            "(or `slot` in a spec file) and let unplugctl number the functions"
+            f"{text!r}: {', '.join(placed)} {'decides' if len(placed) == 1 else 'decide'} where the device goes; "
+            "give the place with --slot (or `slot` in a spec file) and let unplugctl number the functions"
         )
     qid = props.get("id")
     if qid is not None and not _QEMU_ID.match(qid):

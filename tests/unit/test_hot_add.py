@@ -147,7 +147,8 @@ def test_keyval_follows_qemu() -> None:
 
 def test_device_specs_leave_the_place_to_unplugctl() -> None:
     assert parse_device("driver=e1000,mac=52:54:00:00:00:01").driver == "e1000"
-    for bad, why in (("virtio-net-pci,bus=pci.0", "bus decide"), ("e1000,addr=0x3", "addr decide"),
+    for bad, why in (("virtio-net-pci,bus=pci.0", "bus decides where"), ("e1000,addr=0x3", "addr decides where"),
+                     ("e1000,bus=br1,addr=0x3", "addr, bus decide where"),
                      ("e1000,id=9x", "not a QEMU id"), ("id=x", "no driver")):  # fmt: skip
         with pytest.raises(SpecError, match=why):
             parse_device(bad)
