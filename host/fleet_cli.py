@@ -184,6 +184,8 @@ async def run_fleet_command(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await in_thread(conn.close)
     everything = early + answers
+    if not everything:  # --all-domains where nothing runs: say so rather than print nothing at all
+        print_line(f"unplugctl: no running domain on {', '.join(dict.fromkeys(args.connects))}", sys.stderr)
     if not args.json:
         for a in everything:
             line = answer_line(a, question)

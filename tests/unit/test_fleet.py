@@ -228,3 +228,29 @@ def test_a_busy_guest_is_not_listed_by_the_filter() -> None:
     (a,) = asyncio.run(run_fleet([Target("u", "x")], busy, q))
     assert a.state is State.ANSWERED and a.matches == ()
     assert answer_line(a, q) is None
+
+
+class _Conn:
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_all_domains_with_none_running_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], json_flag: list[str]
+) -> None:
+    """A hypervisor with no running domain: a line on stderr, nothing on stdout, exit 0; it printed nothing."""
+    from unplugd.host import cli, fleet_cli
+
+    async def open_connection(uri: str, timeout: float) -> _Conn:
+        return _Conn()
+
+    async def running_domains(conn: object, timeout: float) -> list[str]:
+        return []
+
+    monkeypatch.setattr(fleet_cli, "open_connection", open_connection)
+    monkeypatch.setattr(fleet_cli, "running_domains", running_domains)
+    assert cli.main(["status", "--all-domains", "-c", "qemu+ssh://hv1/system", *json_flag]) == 0
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "unplugctl: no running domain on qemu+ssh://hv1/system\n"
