@@ -96,8 +96,9 @@ async def open_session(args: argparse.Namespace) -> AsyncIterator[Session]:
                     connect_timeout=args.agent_timeout,
                     tls=_tls_files(args),
                 )
-            except ValueError as e:
-                raise UsageError(f"bad agent address {address!r}: {e}") from e
+            except ValueError as e:  # the parser's reasons begin with the address itself: say it once
+                why = str(e).removeprefix(f"{str(address)!r}: ")
+                raise UsageError(f"bad agent address {str(address)!r}: {why}") from e
             agent = await stack.enter_async_context(client)
             if _reads_report_first(args):
                 await client.start_report(timeout=args.agent_timeout)

@@ -135,6 +135,19 @@ def test_zero_timeout_looks_once(session, capsys) -> None:  # type: ignore[no-un
     assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "0"]) == 3
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("bogus", "expected unix:PATH, vsock:CID:PORT, hvsock:PATH:PORT, serial:PATH or tcp:HOST:PORT"),
+        ("vsock:x:1", "CID must be a number up to 4294967295, not 'x'"),
+    ],
+)
+def test_a_bad_agent_address_is_named_once(capsys, tmp_path, address: str, why: str) -> None:  # type: ignore[no-untyped-def]
+    """It read "bad agent address 'bogus': 'bogus': expected ..."."""
+    assert cli.main(["status", "--qmp", str(tmp_path / "qmp.sock"), "--agent", address]) == 2
+    assert capsys.readouterr().err == f"unplugctl: bad agent address {address!r}: {why}\n"
+
+
 def test_unknown_device_is_a_usage_error(session, capsys) -> None:  # type: ignore[no-untyped-def]
     assert cli.main(["check", "dom", "nope"]) == 2
     assert "no device matches 'nope'" in capsys.readouterr().err
