@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
 from unplugd.host.output import print_line, progress_line
-from unplugd.host.usage import EPILOG, parser
+from unplugd.host.usage import EPILOG, command_parser, parser
 from unplugd.stdio import broken_pipe, flush_stdout
 
 # Start-up is part of every command's time: `--help` and a usage error import only the
@@ -490,7 +490,7 @@ def _command(argv: Sequence[str] | None) -> int:
     p = parser(lazy=True)
     try:
         args = p.parse_args(argv)
-        _split_target(p, args)
+        _split_target(command_parser(p, args.command), args)
     except SystemExit as e:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     import logging  # not before: `--help` and a usage error do without it (~8 ms, see the top)

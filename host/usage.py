@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
-__all__ = ["DEFAULT_JOBS", "EPILOG", "parser"]
+__all__ = ["DEFAULT_JOBS", "EPILOG", "command_parser", "parser"]
 
 # Fleet commands: domains asked at once. Each holds a libvirt call in a thread and an agent session
 # (under a remote URI a virStream with a thread each way), so the bound caps threads. 16 overlaps 16
@@ -189,6 +189,15 @@ def parser(*, lazy: bool = False) -> argparse.ArgumentParser:
         sub.add_command(name, helptext, build, common=common, epilog=epilog)
     if not lazy:
         sub.build_all()
+    return p
+
+
+def command_parser(p: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of command `name`: a usage error found after parsing (cli._split_target) shows its
+    usage line, not the top level's `unplugctl [-h] COMMAND ...`."""
+    for action in p._actions:
+        if isinstance(action, _Commands):
+            return action.build(name)
     return p
 
 

@@ -123,6 +123,20 @@ def test_usage_errors_exit_2(session, capsys, argv: list[str]) -> None:  # type:
     assert cli.main(argv) == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "usage"),
+    [
+        (["unplug", "dom"], "usage: unplugctl unplug "),
+        (["status", "a", "--all-domains"], "usage: unplugctl status "),
+        (["plug", "--qmp", "/run/q.sock"], "usage: unplugctl plug "),
+    ],
+)
+def test_usage_errors_show_the_commands_usage(session, capsys, argv: list[str], usage: str) -> None:  # type: ignore[no-untyped-def]
+    """Not the top level's `usage: unplugctl [-h] COMMAND ...`, which says nothing of the command's arguments."""
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(usage)
+
+
 def test_bad_seconds_say_why(session, capsys) -> None:  # type: ignore[no-untyped-def]
     """inf reached grpc as a deadline it cannot hold: a reachable agent read GUEST_UNREACHABLE (exit 4)."""
     assert cli.main(["wait-ready", "dom", "vdb", "--timeout", "inf"]) == 2
