@@ -286,7 +286,12 @@ async def plug(
     except BackendError as e:
         return PlugResult(PlugOutcome.HYPERVISOR_LOST, f"{e} (added so far: {_names(added)})", slots)
     added_at = time.monotonic()
-    arrivals = await _await_arrival(agent, slots, timeout, agent_timeout, say)
+    try:
+        arrivals = await _await_arrival(agent, slots, timeout, agent_timeout, say)
+    except asyncio.CancelledError:
+        # Ctrl-C or SIGTERM before the guest confirmed: no rollback then (it waits on the guest), so say what stays
+        say("note", f"interrupted: left in place, not confirmed by the guest and not rolled back: {_names(added)}")
+        raise
     if all(a.arrival is Arrival.PRESENT for a in arrivals):
         timings["to_confirmed"] = time.monotonic() - added_at
         n = len(arrivals)

@@ -339,6 +339,25 @@ def test_a_function_that_never_arrives_is_rolled_back_with_its_slot(pc: Topology
     assert dels == ["device_del f0", "netdev_del n0", "netdev_del n1", "blockdev_del b0"]  # f0 takes the slot
 
 
+def test_an_interrupted_plug_says_what_it_leaves(pc: Topology) -> None:
+    """Ctrl-C or SIGTERM while waiting for the guest: what was added stays, and the last line says so."""
+    qemu, agent = FakeQemu(pc), FakeAgent(report())
+    seen: list[str] = []
+
+    async def interrupted() -> None:
+        task = asyncio.ensure_future(plug(qemu, agent, [TWO], timeout=60, progress=lambda p: seen.append(p.detail)))
+        while not seen or not seen[-1].startswith("f0 "):  # function 0 goes in last: then the wait
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(interrupted())
+    assert seen[-1] == "interrupted: left in place, not confirmed by the guest and not rolled back: f1, f0"
+    assert set(qemu.added) >= {"f0", "f1"}
+
+
 def test_keep_partial_keeps(pc: Topology) -> None:
     qemu, agent = FakeQemu(pc), FakeAgent(report())
     r = asyncio.run(plug(qemu, agent, [TWO], timeout=0.1, keep_partial=True))
