@@ -201,14 +201,17 @@ def open_roots(root: str | None) -> Iterator[Roots]:
         yield Roots.under(path)
         return
     if not path.is_file():
-        raise InvalidArgument(f"--root {root}: no such directory or file")
+        what = "not a directory or a regular file" if path.exists() else "no such directory or file"
+        raise InvalidArgument(f"--root {root}: {what}")
     import tempfile  # only text archives need it: every other run skips its import
 
     from unplugd.agent import treetext
 
-    text = treetext.read_archive(path)
     with tempfile.TemporaryDirectory(prefix="unplugd-root-") as tmp:
-        treetext.unpack(text, tmp)
+        try:
+            treetext.unpack(treetext.read_archive(path), tmp)
+        except treetext.TreeTextError as exc:  # "treetext line 3: ..." alone does not say which file
+            raise AgentError(f"--root {root}: {exc}") from exc
         _require_capture(Path(tmp), root)
         yield Roots.under(tmp)
 

@@ -110,6 +110,19 @@ def test_missing_root_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == cli.EXIT_USAGE and "no such directory or file" in err
 
 
+def test_a_root_that_is_neither_directory_nor_file_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "inspect", "--root", "/dev/null")  # it exists: "no such" was untrue
+    assert code == cli.EXIT_USAGE and "--root /dev/null: not a directory or a regular file" in err
+
+
+def test_a_malformed_text_archive_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = tmp_path / "guest.tree"
+    archive.write_bytes(b"# treetext 1\nfile sys/x\n\x1b[2J\n")
+    code, _, err = run(capsys, "inspect", "--root", str(archive))
+    assert code == cli.EXIT_FAILURE
+    assert err.startswith(f"unplugd: --root {archive}: treetext line ") and "\x1b" not in err
+
+
 def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys)[0] == cli.EXIT_USAGE
     assert run(capsys, "check")[0] == cli.EXIT_USAGE
