@@ -313,7 +313,7 @@ def test_malformed_archive_is_a_clear_failure(text: str, tmp_path: Path, capsys:
     archive.write_text(text)
     assert cli.main(["inspect", "--root", str(archive)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
-    assert err.startswith("unplugd: treetext") and "Traceback" not in err
+    assert err.startswith(f"unplugd: --root {archive}: treetext") and "Traceback" not in err
     assert not (tmp_path / "etc").exists()
 
 
