@@ -223,6 +223,27 @@ def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
     assert scan_processes(roots, [ghost]).value.open_refs == []
 
 
+def test_live_a_node_under_a_devtmpfs_mounted_elsewhere_is_stat_ed(tmp_path: Path) -> None:
+    """`unshare -Urm; mount --rbind /dev /tmp/d`: the fd reads "/tmp/d/null", in no dev/ directory.
+    Given the devtmpfs mount points (device_dirs), such a text is stat()ed like a /dev/ one."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    bound = tmp_path / "elsewhere"
+    bound.mkdir()
+    (bound / "null").symlink_to("/dev/null")  # what opening it through the bound /dev reaches
+    (tmp_path / "one-node").symlink_to("/dev/null")  # one node bound onto a file
+    add_process(tmp_path, 600, "hidden", {3: str(bound / "null"), 4: str(tmp_path / "one-node")})
+    roots = _live_roots(tmp_path)
+
+    assert scan_processes(roots, [null]).value.open_refs == []  # the text alone: not a device path
+    dirs = [str(bound), str(tmp_path / "one-node"), "/dev"]
+    refs = scan_processes(roots, [null], device_dirs=dirs).value.open_refs
+    assert [(r.pid, r.fd, r.target) for r in refs] == [
+        (600, 3, str(bound / "null")),
+        (600, 4, str(tmp_path / "one-node")),
+    ]
+
+
 def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = os.stat("/dev/null")
     null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
