@@ -93,7 +93,10 @@ class _Scanner:
         self.roots = roots
         self.live = roots.live
         # Prefixes, not directories: "/tmp/d" also lets "/tmp/dx" through to stat(), which decides.
-        self.device_dirs = tuple(sorted(d for d in device_dirs if "/dev/" not in d + "/"))
+        # Not "/": the kernel's kdevtmpfs thread has a namespace of its own whose root is devtmpfs,
+        # on every machine, and "/" would stat() every open file. So a process whose only root is
+        # a devtmpfs (pivot_root into it) is not seen; chrooted beside a process that is not, it is.
+        self.device_dirs = tuple(sorted(d for d in device_dirs if d != "/" and "/dev/" not in d + "/"))
         # Live, an fd matches by what stat() of it answers: (st_rdev, file type) -> the node.
         self.by_rdev: dict[tuple[int, int], DeviceNode] = {
             (os.makedev(*n.devno), _FILE_TYPE[n.kind]): n for n in wanted if n.kind in _FILE_TYPE

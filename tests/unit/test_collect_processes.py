@@ -244,6 +244,26 @@ def test_live_a_node_under_a_devtmpfs_mounted_elsewhere_is_stat_ed(tmp_path: Pat
     ]
 
 
+def test_live_a_devtmpfs_at_a_namespace_root_does_not_make_every_file_a_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kdevtmpfs's namespace has devtmpfs at "/" on every machine: taken as a prefix, every open
+    file of every process would be stat()ed."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    add_process(tmp_path, 700, "reader", {3: str(tmp_path / "a-file")})
+    statted: list[object] = []
+    real_stat = os.stat
+
+    def counting_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        statted.append(path)
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert scan_processes(_live_roots(tmp_path), [null], device_dirs=["/", "/dev"]).value.open_refs == []
+    assert statted == []
+
+
 def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = os.stat("/dev/null")
     null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
