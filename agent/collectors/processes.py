@@ -94,8 +94,8 @@ class _Scanner:
         self.live = roots.live
         # Prefixes, not directories: "/tmp/d" also lets "/tmp/dx" through to stat(), which decides.
         # Not "/": the kernel's kdevtmpfs thread has a namespace of its own whose root is devtmpfs,
-        # on every machine, and "/" would stat() every open file. So a process whose only root is
-        # a devtmpfs (pivot_root into it) is not seen; chrooted beside a process that is not, it is.
+        # on every machine, and "/" would stat() every open file. So a node held by a process
+        # whose namespace's root is a devtmpfs (pivot_root into a bound /dev) is not seen.
         self.device_dirs = tuple(sorted(d for d in device_dirs if d != "/" and "/dev/" not in d + "/"))
         # Live, an fd matches by what stat() of it answers: (st_rdev, file type) -> the node.
         self.by_rdev: dict[tuple[int, int], DeviceNode] = {
