@@ -22,7 +22,7 @@ from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.helpformat import RawDescriptionHelpFormatter
-from unplugd.stdio import broken_pipe, flush_stdout
+from unplugd.stdio import broken_pipe, flush_stdout, stdout_or_devnull
 from unplugd.text import display_text, wants_colour
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
@@ -321,6 +321,7 @@ def _log_to_stderr(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None, *, ask_agent: bool = True) -> int:
     """ask_agent=False: entry.main asked the agent already (and it could not answer)."""
+    stdout_or_devnull()  # `python -m unplugd.agent.cli` does not pass through entry.main
     parser = build_parser()
     args = parser.parse_args(argv)
     args.ask_agent = ask_agent

@@ -156,3 +156,18 @@ def test_module_entry_point_matches_main() -> None:
         [sys.executable, "-m", "unplugd.agent.cli", "check", "vdb", "--root", MF8], capture_output=True, text=True
     )
     assert out.returncode == cli.EXIT_BUSY
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        ["-m", "unplugd.agent.cli"],
+        ["-c", "import sys; from unplugd.agent import entry; sys.exit(entry.main())"],  # the console script
+    ],
+)
+def test_a_closed_stdout_keeps_the_exit_status(start: list[str]) -> None:
+    """`unplugd check vdb >&-`: sys.stdout is None; the first write was an AttributeError traceback
+    and exit 1 in place of check's 3."""
+    argv = [sys.executable, *start, "check", "vdb", "--root", MF8]
+    out = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *argv], capture_output=True, text=True, check=False)
+    assert out.returncode == cli.EXIT_BUSY and out.stderr == ""
