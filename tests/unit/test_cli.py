@@ -29,9 +29,11 @@ def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
     assert "examples:" in out and "unplugd check" in out and "exit codes" in out
-    for sub in ("inspect", "check", "capture"):
+    for sub in ("inspect", "check", "capture", "serve"):
         code, out, _ = run(capsys, sub, "--help")
         assert code == 0 and "example" in out, sub
+    _, out, _ = run(capsys, "serve", "--help")  # serve's codes are its own: no check verdicts
+    assert "exits 0" in out and "exits 2" in out and "exits 1" in out
 
 
 @pytest.mark.parametrize(
