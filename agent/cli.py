@@ -159,7 +159,9 @@ examples:
 """,
         formatter_class=RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", metavar="DIR", help="a directory that does not exist yet or is empty")
+    p.add_argument(
+        "dir", metavar="DIR", help="a directory that does not exist yet or is empty, that only root (or you) can change"
+    )
     p.add_argument("--text", metavar="FILE", help="also write the tree as a reviewable text archive")
     p.set_defaults(run=_run_capture)
 
