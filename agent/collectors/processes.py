@@ -13,14 +13,14 @@ Captured trees keep only the link text, so there the text is resolved
 inside roots.dev (following the tree's own symlinks, /dev/mapper/x -> dm-0)
 and matched by node path.
 
-Only fds whose link text names a dev/ directory, or lies under a devtmpfs
-mounted elsewhere (`device_dirs`), are stat()ed (and sockets looked up):
-regular files, pipes and anon inodes are skipped on the text alone, which
-keeps a pass over tens of thousands of fds cheap. Any user may make a user and
-mount namespace and bind /dev, or one node, anywhere (`unshare -Urm; mount
---rbind /dev /tmp/d`): a disk opened as /tmp/d/vdb reads "/tmp/d/vdb", so the
-mount points of every devtmpfs mount in every namespace are device paths too
-(tests/integration/test_processes_live.py). A node opened from a path on no
+Only fds whose link text names a dev/ directory are stat()ed (and sockets
+looked up): regular files, pipes and anon inodes are skipped on the text
+alone, which keeps a pass over tens of thousands of fds cheap. But any user
+may make a user and mount namespace and bind /dev, or one node, anywhere
+(`unshare -Urm; mount --rbind /dev /tmp/d`): a disk opened as /tmp/d/vdb reads
+"/tmp/d/vdb". So while a devtmpfs is mounted outside any dev/ directory in
+some namespace (`device_dirs`), every fd whose text is a path is stat()ed
+(tests/integration/test_inspect_live.py). A node opened from a path on no
 devtmpfs at all (root's mknod in /tmp) is not seen.
 
 What vanishes mid-scan (a pid, an fd) is skipped: it no longer holds anything.
@@ -92,11 +92,14 @@ class _Scanner:
     ) -> None:
         self.roots = roots
         self.live = roots.live
-        # Prefixes, not directories: "/tmp/d" also lets "/tmp/dx" through to stat(), which decides.
-        # Not "/": the kernel's kdevtmpfs thread has a namespace of its own whose root is devtmpfs,
-        # on every machine, and "/" would stat() every open file. So a node held by a process
-        # whose namespace's root is a devtmpfs (pivot_root into a bound /dev) is not seen.
-        self.device_dirs = tuple(sorted(d for d in device_dirs if d != "/" and "/dev/" not in d + "/"))
+        # A devtmpfs mounted outside any dev/ directory: then every fd whose text is a path is
+        # stat()ed, one stat() per fd as fuser makes, bounded whatever names or how many such
+        # mounts a user makes (matching texts against thousands of mount points, whose escaping
+        # need not even agree with the link text's, would not be). Not "/": the kernel's kdevtmpfs
+        # thread has a namespace of its own whose root is devtmpfs, on every machine. So a node
+        # held by a process whose namespace's root is a devtmpfs (pivot_root into a bound /dev)
+        # is not seen.
+        self.stat_paths = any(d != "/" and "/dev/" not in d + "/" for d in device_dirs)
         # Live, an fd matches by what stat() of it answers: (st_rdev, file type) -> the node.
         self.by_rdev: dict[tuple[int, int], DeviceNode] = {
             (os.makedev(*n.devno), _FILE_TYPE[n.kind]): n for n in wanted if n.kind in _FILE_TYPE
@@ -158,7 +161,7 @@ class _Scanner:
         rdevs = self.rdevs
         by_rdev = self.by_rdev
         sockets = self.sockets
-        device_dirs = self.device_dirs
+        stat_paths = self.stat_paths
         for name in names:
             try:
                 target = readlink(name, dir_fd=dfd)
@@ -175,9 +178,7 @@ class _Scanner:
                     return
             # Live, a node may also show under another root's dev/ (a container's
             # rootfs seen from here); stat() decides, the text only pre-filters.
-            if ("/dev/" in target or (device_dirs and target.startswith(device_dirs))) and (
-                live or target.startswith("/dev/")
-            ):
+            if ("/dev/" in target or (stat_paths and target.startswith("/"))) and (live or target.startswith("/dev/")):
                 if not want_devices:
                     continue
                 if not live:

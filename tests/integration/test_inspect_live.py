@@ -138,7 +138,8 @@ def test_process_holding_the_node(disk: LoopDisk) -> None:
 def test_a_node_opened_through_a_dev_bound_elsewhere_is_still_held(disk: LoopDisk, tmp_path: Path) -> None:
     """Any user may `unshare -Urm` and bind /dev, or one node, anywhere it can write: /proc/PID/fd
     then names the node by that path ("/tmp/d/loop0p1"), in no dev/ directory. Before the scan took
-    every devtmpfs mount point as a device path, such a holder was not seen and the disk READY."""
+    a devtmpfs mounted outside /dev as a reason to stat() every path fd, such a holder was not seen
+    and the disk READY."""
     bound_dev, bound_node = tmp_path / "d", tmp_path / "node"
     bound_dev.mkdir()
     bound_node.touch()

@@ -244,6 +244,21 @@ def test_live_a_node_under_a_devtmpfs_mounted_elsewhere_is_stat_ed(tmp_path: Pat
     ]
 
 
+def test_live_any_devtmpfs_elsewhere_has_every_path_fd_stat_ed_whatever_its_text(tmp_path: Path) -> None:
+    """The mount point's text need not be a prefix of the fd's: mountinfo escapes what the link
+    text does not, and a user may make thousands of such mounts. So one is enough for a stat() of
+    every path fd, and none of the texts need agree."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    (tmp_path / "odd\nname").symlink_to("/dev/null")
+    (tmp_path / "a-file").write_text("")
+    add_process(tmp_path, 610, "hidden", {3: str(tmp_path / "odd\nname"), 4: str(tmp_path / "a-file")})
+    roots = _live_roots(tmp_path)
+    refs = scan_processes(roots, [null], device_dirs=["/somewhere/else"]).value.open_refs
+    assert [(r.pid, r.fd) for r in refs] == [(610, 3)]
+    assert scan_processes(roots, [null], device_dirs=["/dev/pts", "/"]).value.open_refs == []
+
+
 def test_live_a_devtmpfs_at_a_namespace_root_does_not_make_every_file_a_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
