@@ -390,6 +390,35 @@ def _read_or_none(path: Path) -> bytes | None:
         return None
 
 
+def _only_ours(dest: Path) -> Path:
+    """dest resolved, once no other user can change what lies at it or on the way to it.
+
+    capture writes by path, as root, files and symlinks whose names it chooses: in a directory
+    another user may write to, that user could put a symlink where capture is about to write
+    (dest/netlink.json -> /etc/shadow) or swap dest/sys for one, and root would write through it.
+    So every directory from / to dest must belong to root or to this user, and only dest's
+    ancestors may be writable by others, and then only sticky (/tmp): there nobody else may rename
+    or remove the entry of ours below. Checked after dest exists, so that one made by someone else
+    in the meantime is refused as well.
+    """
+    resolved = Path(os.path.realpath(dest))
+    mine = (0, os.geteuid())
+    for path in (*reversed(resolved.parents), resolved):
+        st = os.lstat(path)
+        writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if st.st_uid not in mine:
+            why = f"{path} belongs to uid {st.st_uid}"
+        elif writable_by_others and (path == resolved or not st.st_mode & stat.S_ISVTX):
+            why = f"{path} is writable by others"
+        else:
+            continue
+        raise InvalidArgument(
+            f"{dest}: {why}, who could redirect what capture writes there; capture into a directory "
+            "that only root (or you) can change"
+        )
+    return resolved
+
+
 def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
     """Write what inspect reads from roots (default: the live system) into dest.
 
@@ -400,6 +429,7 @@ def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not an empty directory")
     out.mkdir(parents=True, exist_ok=True)
+    out = _only_ours(out)
     w = _Writer(src, out)
     with beneath(src):  # a captured source is read like `inspect --root` reads it: nothing outside it
         _capture_sys(w)

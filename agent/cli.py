@@ -22,7 +22,7 @@ from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.helpformat import RawDescriptionHelpFormatter
-from unplugd.stdio import broken_pipe, flush_stdout
+from unplugd.stdio import broken_pipe, flush_stdout, stdout_or_devnull
 from unplugd.text import display_text, wants_colour
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
@@ -159,7 +159,9 @@ examples:
 """,
         formatter_class=RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", metavar="DIR", help="a directory that does not exist yet or is empty")
+    p.add_argument(
+        "dir", metavar="DIR", help="a directory that does not exist yet or is empty, that only root (or you) can change"
+    )
     p.add_argument("--text", metavar="FILE", help="also write the tree as a reviewable text archive")
     p.set_defaults(run=_run_capture)
 
@@ -201,14 +203,17 @@ def open_roots(root: str | None) -> Iterator[Roots]:
         yield Roots.under(path)
         return
     if not path.is_file():
-        raise InvalidArgument(f"--root {root}: no such directory or file")
+        what = "not a directory or a regular file" if path.exists() else "no such directory or file"
+        raise InvalidArgument(f"--root {root}: {what}")
     import tempfile  # only text archives need it: every other run skips its import
 
     from unplugd.agent import treetext
 
-    text = treetext.read_archive(path)
     with tempfile.TemporaryDirectory(prefix="unplugd-root-") as tmp:
-        treetext.unpack(text, tmp)
+        try:
+            treetext.unpack(treetext.read_archive(path), tmp)
+        except treetext.TreeTextError as exc:  # "treetext line 3: ..." alone does not say which file
+            raise AgentError(f"--root {root}: {exc}") from exc
         _require_capture(Path(tmp), root)
         yield Roots.under(tmp)
 
@@ -318,6 +323,7 @@ def _log_to_stderr(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None, *, ask_agent: bool = True) -> int:
     """ask_agent=False: entry.main asked the agent already (and it could not answer)."""
+    stdout_or_devnull()  # `python -m unplugd.agent.cli` does not pass through entry.main
     parser = build_parser()
     args = parser.parse_args(argv)
     args.ask_agent = ask_agent

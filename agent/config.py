@@ -7,6 +7,8 @@ key, so a typo never silently leaves a default (say, mutations) in force.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 import types
 import typing
@@ -55,6 +57,9 @@ MAX_HOOK_SECONDS = 600.0
 # What is kept of each hook's stdout and stderr: enough for a screenful of
 # diagnostics, small enough that a chatty or hostile hook costs little memory.
 MAX_HOOK_OUTPUT_BYTES = 1024 * 1024
+# The packaged file, every key with its comment, is ~6 KiB: a megabyte is no configuration file
+# (`--config /dev/zero` would otherwise read until memory runs out).
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 class ConfigError(AgentError):
@@ -200,7 +205,7 @@ def load_config(path: Path | None = None, *, missing_ok: bool | None = None) -> 
     if missing_ok is None:
         missing_ok = not explicit
     try:
-        raw = target.read_bytes()
+        raw = _read_bounded(target)
     except FileNotFoundError:
         if missing_ok:
             return Config()
@@ -212,6 +217,20 @@ def load_config(path: Path | None = None, *, missing_ok: bool | None = None) -> 
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{target}: not valid TOML: {exc}") from exc
     return parse_config(data, source=str(target))
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The file's bytes, at most MAX_CONFIG_BYTES. O_NONBLOCK: a FIFO named as the file must not
+    stall the start; it is refused right after the open (a character device such as /dev/null
+    reads as it is, and /dev/zero stops at the bound)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    with os.fdopen(fd, "rb") as f:
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ConfigError(f"{path}: a FIFO, not a configuration file")
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not a configuration file")
+    return raw
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<config>") -> Config:

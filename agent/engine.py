@@ -112,7 +112,7 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
 
     wanted = _wanted_nodes(block, [n for f in functions for n in f.device_nodes])
     inodes = [s.inode for s in net.sockets if s.inode and is_active(s)]
-    ps = step("processes", ProcessScan([]), scan_processes, roots, wanted, inodes)
+    ps = step("processes", ProcessScan([]), scan_processes, roots, wanted, inodes, _device_dirs(ms.mounts))
     sockets = _with_owners(net.sockets, ps.socket_owners)
     open_refs = _without_own_claims(roots, ps.open_refs, [block[n].devno for n in own_claims if n in block])
 
@@ -142,6 +142,12 @@ def _scan(roots: Roots, own_claims: Collection[str], exclusive_probe: bool) -> I
         kernel=_first_line(roots, "sys", "kernel", "osrelease"),
         live=roots.live,
     )
+
+
+def _device_dirs(mounts: Sequence[Mount]) -> frozenset[str]:
+    """Mount points of devtmpfs in every namespace: where a device node may be opened (a /dev bound
+    elsewhere, or one node bound onto a file), so where an fd's link text may name one."""
+    return frozenset(m.mount_point for m in mounts if m.fstype == "devtmpfs")
 
 
 def _idle_disks(

@@ -31,6 +31,10 @@ _SHOWING_ONLY = frozenset((_JSON, _ALL, *_VERBOSE))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if sys.stdout is None:  # stdout closed: imported only then (the fast path imports no more than it needs)
+        from unplugd.stdio import stdout_or_devnull
+
+        stdout_or_devnull()
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["inspect"] and _SHOWING_ONLY.issuperset(args[1:]):
         rest = set(args[1:])

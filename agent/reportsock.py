@@ -139,6 +139,11 @@ def check_answer(raw: bytes, path: str = DEFAULT_REPORT_SOCKET) -> Answer | Fail
         whole = end == len(text) and type(doc) is dict
     except (ValueError, StopIteration, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         whole = False
+    except SystemError:
+        # _json reports a malformed document (cut short, a raw control character) by raising
+        # json.decoder.JSONDecodeError, which it looks up in sys.modules without importing it; where
+        # json.decoder is not imported (this path, on purpose) the scanner fails with SystemError.
+        whole = False
     if not whole:
         return Failed(f"the agent at {path} answered with something that is not a whole report", loud=True)
     version = doc.get("agentVersion")

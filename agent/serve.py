@@ -17,7 +17,7 @@ from types import FrameType
 from typing import Any
 
 from unplugd.agent.lazylog import Logger
-from unplugd.helpformat import HelpFormatter
+from unplugd.helpformat import HelpFormatter, RawDescriptionHelpFormatter
 
 __all__ = ["add_serve_parser", "main", "run_serve"]
 
@@ -29,7 +29,16 @@ def add_serve_parser(subparsers: Any) -> None:
         "serve",
         help="run the agent's gRPC service",
         description="Serve AgentService on a root-only unix socket (and the transports the config enables).",
-        formatter_class=HelpFormatter,
+        epilog="""\
+examples:
+  unplugd serve --log-format text                  in a terminal, the log on stderr
+  unplugd serve --config ./test.toml --socket /tmp/unplugd/agent.sock
+
+It serves until SIGTERM or SIGINT, then exits 0. A configuration file that
+cannot be read or states something invalid exits 2 with one line naming the
+file and the key; a socket or transport that cannot be set up exits 1.
+""",
+        formatter_class=RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--config",

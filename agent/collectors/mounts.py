@@ -154,12 +154,14 @@ def _can_pin_a_device(m: Mount) -> bool:
     Mounts of block devices: a real device number, or a /dev path as source
     (btrfs and friends show an anonymous 0:NN number). And bind mounts of
     namespace files (nsfs: /run/netns/X, a pinned mount namespace), which
-    name who holds a NIC or a disk nobody else shows. proc, sysfs, tmpfs,
+    name who holds a NIC or a disk nobody else shows. And devtmpfs: a device
+    node opened through a /dev bound elsewhere reads as that path in
+    /proc/PID/fd (collectors/processes.py). proc, sysfs, tmpfs,
     cgroup... are most of every table and pin nothing; with thousands of
     namespaces, keeping them would cost most of a scan's memory. The
     agent's own namespace is kept whole (swap files, "/").
     """
-    return m.devno[0] != 0 or m.source.startswith("/dev/") or m.fstype == "nsfs"
+    return m.devno[0] != 0 or m.source.startswith("/dev/") or m.fstype in ("nsfs", "devtmpfs")
 
 
 def _shape(text: str) -> tuple[str, list[tuple[int, int]]] | None:

@@ -15,8 +15,13 @@ and matched by node path.
 
 Only fds whose link text names a dev/ directory are stat()ed (and sockets
 looked up): regular files, pipes and anon inodes are skipped on the text
-alone, which keeps a pass over tens of thousands of fds cheap. A device node
-opened from a path outside any dev/ directory (mknod in /tmp) is not seen.
+alone, which keeps a pass over tens of thousands of fds cheap. But any user
+may make a user and mount namespace and bind /dev, or one node, anywhere
+(`unshare -Urm; mount --rbind /dev /tmp/d`): a disk opened as /tmp/d/vdb reads
+"/tmp/d/vdb". So while a devtmpfs is mounted outside any dev/ directory in
+some namespace (`device_dirs`), every fd whose text is a path is stat()ed
+(tests/integration/test_inspect_live.py). A node opened from a path on no
+devtmpfs at all (root's mknod in /tmp) is not seen.
 
 What vanishes mid-scan (a pid, an fd) is skipped: it no longer holds anything.
 What cannot be read (EACCES under hidepid or a non-root agent) becomes a
@@ -78,9 +83,23 @@ def _socket_inode(target: str) -> int | None:
 class _Scanner:
     """State of one pass; split out so the per-fd loop stays flat and fast."""
 
-    def __init__(self, roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int]) -> None:
+    def __init__(
+        self,
+        roots: Roots,
+        wanted: Sequence[DeviceNode],
+        socket_inodes: Collection[int],
+        device_dirs: Collection[str] = (),
+    ) -> None:
         self.roots = roots
         self.live = roots.live
+        # A devtmpfs mounted outside any dev/ directory: then every fd whose text is a path is
+        # stat()ed, one stat() per fd as fuser makes, bounded whatever names or how many such
+        # mounts a user makes (matching texts against thousands of mount points, whose escaping
+        # need not even agree with the link text's, would not be). Not "/": the kernel's kdevtmpfs
+        # thread has a namespace of its own whose root is devtmpfs, on every machine. So a node
+        # held by a process whose namespace's root is a devtmpfs (pivot_root into a bound /dev)
+        # is not seen.
+        self.stat_paths = any(d != "/" and "/dev/" not in d + "/" for d in device_dirs)
         # Live, an fd matches by what stat() of it answers: (st_rdev, file type) -> the node.
         self.by_rdev: dict[tuple[int, int], DeviceNode] = {
             (os.makedev(*n.devno), _FILE_TYPE[n.kind]): n for n in wanted if n.kind in _FILE_TYPE
@@ -142,6 +161,7 @@ class _Scanner:
         rdevs = self.rdevs
         by_rdev = self.by_rdev
         sockets = self.sockets
+        stat_paths = self.stat_paths
         for name in names:
             try:
                 target = readlink(name, dir_fd=dfd)
@@ -158,7 +178,7 @@ class _Scanner:
                     return
             # Live, a node may also show under another root's dev/ (a container's
             # rootfs seen from here); stat() decides, the text only pre-filters.
-            if "/dev/" in target and (live or target.startswith("/dev/")):
+            if ("/dev/" in target or (stat_paths and target.startswith("/"))) and (live or target.startswith("/dev/")):
                 if not want_devices:
                     continue
                 if not live:
@@ -233,10 +253,16 @@ class _Scanner:
 
 
 def scan_processes(
-    roots: Roots, wanted: Sequence[DeviceNode], socket_inodes: Collection[int] = ()
+    roots: Roots,
+    wanted: Sequence[DeviceNode],
+    socket_inodes: Collection[int] = (),
+    device_dirs: Collection[str] = (),
 ) -> Collected[ProcessScan]:
-    """Every process holding one of `wanted` open, and the owners of `socket_inodes`."""
-    scanner = _Scanner(roots, wanted, socket_inodes)
+    """Every process holding one of `wanted` open, and the owners of `socket_inodes`.
+
+    device_dirs: where devtmpfs is mounted besides /dev, in any namespace (engine._device_dirs).
+    """
+    scanner = _Scanner(roots, wanted, socket_inodes, device_dirs)
     proc_dir = str(roots.proc)
     try:
         pids = [int(name) for name in os_listdir(proc_dir) if name.isdigit()]

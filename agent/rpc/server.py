@@ -352,7 +352,10 @@ def _prepare_socket_path(path: Path) -> None:
     """
     if not path.is_absolute():
         raise ServeError(f"socket path must be absolute: {path}")
-    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a directory should be, a read-only /run: say which
+        raise ServeError(f"cannot make the socket's directory {path.parent}: {exc.strerror or exc}") from exc
     try:
         st = os.lstat(path)
     except FileNotFoundError:

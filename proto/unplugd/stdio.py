@@ -13,11 +13,20 @@ import os
 import signal
 import sys
 
-__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "broken_pipe", "flush_stdout"]
+__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "broken_pipe", "flush_stdout", "stdout_or_devnull"]
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 # What a shell reports for a command killed by SIGINT; both CLIs return it on Ctrl-C.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def stdout_or_devnull() -> None:
+    """Started with stdout closed (`unplugd check vdb >&-`: only the exit status wanted), Python's
+    sys.stdout is None and the first write raised AttributeError, a traceback and exit 1 in place
+    of check's 0/3/4. Write into /dev/null instead; it also takes fd 1, so no file the command
+    opens later lands there."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
 
 
 def flush_stdout() -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -130,6 +132,37 @@ def test_process_holding_the_node(disk: LoopDisk) -> None:
     finally:
         proc.kill()
         proc.wait()
+    assert_not_busy(verdict_for(disk))
+
+
+def test_a_node_opened_through_a_dev_bound_elsewhere_is_still_held(disk: LoopDisk, tmp_path: Path) -> None:
+    """Any user may `unshare -Urm` and bind /dev, or one node, anywhere it can write: /proc/PID/fd
+    then names the node by that path ("/tmp/d/loop0p1"), in no dev/ directory. Before the scan took
+    a devtmpfs mounted outside /dev as a reason to stat() every path fd, such a holder was not seen
+    and the disk READY."""
+    bound_dev, bound_node = tmp_path / "d", tmp_path / "node"
+    bound_dev.mkdir()
+    bound_node.touch()
+    script = 'mount --rbind /dev "$1" && mount --bind "$2" "$3" && exec 3<"$1/$4" 4<"$3" && exec sleep 300'
+    argv = ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "hold"]
+    argv += [str(bound_dev), str(disk.part_node(1)), str(bound_node), disk.parts[0]]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        fd4 = Path(f"/proc/{proc.pid}/fd/4")
+        for _ in range(1000):  # up to 10 s for unshare, two mounts and the exec of sleep
+            with contextlib.suppress(OSError):
+                if fd4.exists() and Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep":
+                    break
+            assert proc.poll() is None, "the holder failed to mount or open"
+            time.sleep(0.01)
+        assert os.readlink(f"/proc/{proc.pid}/fd/3") == f"{bound_dev}/{disk.parts[0]}"
+        v = verdict_for(disk)
+        held = {(p.pid, fd) for r in v.reasons if r.code is Code.OPEN_BY_PROCESS for p in r.processes for fd in p.fds}
+        assert held == {(proc.pid, f"{bound_dev}/{disk.parts[0]} (fd 3)"), (proc.pid, f"{bound_node} (fd 4)")}
+        assert v.state is State.BUSY
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
     assert_not_busy(verdict_for(disk))
 
 

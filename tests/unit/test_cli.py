@@ -29,9 +29,11 @@ def test_help_teaches_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--help")
     assert code == 0
     assert "examples:" in out and "unplugd check" in out and "exit codes" in out
-    for sub in ("inspect", "check", "capture"):
+    for sub in ("inspect", "check", "capture", "serve"):
         code, out, _ = run(capsys, sub, "--help")
         assert code == 0 and "example" in out, sub
+    _, out, _ = run(capsys, "serve", "--help")  # serve's codes are its own: no check verdicts
+    assert "exits 0" in out and "exits 2" in out and "exits 1" in out
 
 
 @pytest.mark.parametrize(
@@ -110,6 +112,19 @@ def test_missing_root_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == cli.EXIT_USAGE and "no such directory or file" in err
 
 
+def test_a_root_that_is_neither_directory_nor_file_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "inspect", "--root", "/dev/null")  # it exists: "no such" was untrue
+    assert code == cli.EXIT_USAGE and "--root /dev/null: not a directory or a regular file" in err
+
+
+def test_a_malformed_text_archive_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    archive = tmp_path / "guest.tree"
+    archive.write_bytes(b"# treetext 1\nfile sys/x\n\x1b[2J\n")
+    code, _, err = run(capsys, "inspect", "--root", str(archive))
+    assert code == cli.EXIT_FAILURE
+    assert err.startswith(f"unplugd: --root {archive}: treetext line ") and "\x1b" not in err
+
+
 def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys)[0] == cli.EXIT_USAGE
     assert run(capsys, "check")[0] == cli.EXIT_USAGE
@@ -143,3 +158,18 @@ def test_module_entry_point_matches_main() -> None:
         [sys.executable, "-m", "unplugd.agent.cli", "check", "vdb", "--root", MF8], capture_output=True, text=True
     )
     assert out.returncode == cli.EXIT_BUSY
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        ["-m", "unplugd.agent.cli"],
+        ["-c", "import sys; from unplugd.agent import entry; sys.exit(entry.main())"],  # the console script
+    ],
+)
+def test_a_closed_stdout_keeps_the_exit_status(start: list[str]) -> None:
+    """`unplugd check vdb >&-`: sys.stdout is None; the first write was an AttributeError traceback
+    and exit 1 in place of check's 3."""
+    argv = [sys.executable, *start, "check", "vdb", "--root", MF8]
+    out = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *argv], capture_output=True, text=True, check=False)
+    assert out.returncode == cli.EXIT_BUSY and out.stderr == ""

@@ -223,6 +223,62 @@ def test_live_matches_by_device_number_not_by_name(tmp_path: Path) -> None:
     assert scan_processes(roots, [ghost]).value.open_refs == []
 
 
+def test_live_a_node_under_a_devtmpfs_mounted_elsewhere_is_stat_ed(tmp_path: Path) -> None:
+    """`unshare -Urm; mount --rbind /dev /tmp/d`: the fd reads "/tmp/d/null", in no dev/ directory.
+    Given the devtmpfs mount points (device_dirs), such a text is stat()ed like a /dev/ one."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    bound = tmp_path / "elsewhere"
+    bound.mkdir()
+    (bound / "null").symlink_to("/dev/null")  # what opening it through the bound /dev reaches
+    (tmp_path / "one-node").symlink_to("/dev/null")  # one node bound onto a file
+    add_process(tmp_path, 600, "hidden", {3: str(bound / "null"), 4: str(tmp_path / "one-node")})
+    roots = _live_roots(tmp_path)
+
+    assert scan_processes(roots, [null]).value.open_refs == []  # the text alone: not a device path
+    dirs = [str(bound), str(tmp_path / "one-node"), "/dev"]
+    refs = scan_processes(roots, [null], device_dirs=dirs).value.open_refs
+    assert [(r.pid, r.fd, r.target) for r in refs] == [
+        (600, 3, str(bound / "null")),
+        (600, 4, str(tmp_path / "one-node")),
+    ]
+
+
+def test_live_any_devtmpfs_elsewhere_has_every_path_fd_stat_ed_whatever_its_text(tmp_path: Path) -> None:
+    """The mount point's text need not be a prefix of the fd's: mountinfo escapes what the link
+    text does not, and a user may make thousands of such mounts. So one is enough for a stat() of
+    every path fd, and none of the texts need agree."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    (tmp_path / "odd\nname").symlink_to("/dev/null")
+    (tmp_path / "a-file").write_text("")
+    add_process(tmp_path, 610, "hidden", {3: str(tmp_path / "odd\nname"), 4: str(tmp_path / "a-file")})
+    roots = _live_roots(tmp_path)
+    refs = scan_processes(roots, [null], device_dirs=["/somewhere/else"]).value.open_refs
+    assert [(r.pid, r.fd) for r in refs] == [(610, 3)]
+    assert scan_processes(roots, [null], device_dirs=["/dev/pts", "/"]).value.open_refs == []
+
+
+def test_live_a_devtmpfs_at_a_namespace_root_does_not_make_every_file_a_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kdevtmpfs's namespace has devtmpfs at "/" on every machine: taken as a prefix, every open
+    file of every process would be stat()ed."""
+    st = os.stat("/dev/null")
+    null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")
+    add_process(tmp_path, 700, "reader", {3: str(tmp_path / "a-file")})
+    statted: list[object] = []
+    real_stat = os.stat
+
+    def counting_stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        statted.append(path)
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    assert scan_processes(_live_roots(tmp_path), [null], device_dirs=["/", "/dev"]).value.open_refs == []
+    assert statted == []
+
+
 def test_live_stat_failure_other_than_vanishing_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     st = os.stat("/dev/null")
     null = DeviceNode("/dev/null", (os.major(st.st_rdev), os.minor(st.st_rdev)), "char")

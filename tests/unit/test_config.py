@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
-from unplugd.agent.config import Config, ConfigError, load_config, parse_config
+from unplugd.agent.config import MAX_CONFIG_BYTES, Config, ConfigError, load_config, parse_config
 
 
 def test_packaged_file_states_exactly_the_defaults() -> None:
@@ -111,3 +112,19 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         load_config(binary)
     with pytest.raises(ConfigError):
         load_config(tmp_path)  # a directory
+
+
+def test_a_file_that_is_no_configuration_is_refused_not_read_forever(tmp_path: Path) -> None:
+    """`--config /dev/zero` once read until memory ran out (a MemoryError traceback) and a FIFO
+    with no writer stalled the start: each is now one error naming the file."""
+    with pytest.raises(ConfigError, match=r"^/dev/zero: larger than \d+ bytes"):
+        load_config(Path("/dev/zero"))
+    big = tmp_path / "big.toml"
+    big.write_bytes(b"# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(ConfigError, match="larger than"):
+        load_config(big)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="a FIFO, not a configuration file"):
+        load_config(fifo)
+    assert load_config(Path("/dev/null")) == Config(source="/dev/null")  # empty: every default

@@ -86,3 +86,19 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
             "/run/netns/peer",
         }
     assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504, 1505]
+
+
+def test_other_namespaces_keep_devtmpfs_mounts(tmp_path: Path) -> None:
+    """Where /dev, or one node, is bound in another namespace: processes.py reads fds opened there."""
+    proc = Proc(tmp_path)
+    proc.pid(1, OWN, OWN_TABLE)
+    proc.self_is(1)
+    other = OTHER_TABLE + (
+        "506 500 0:6 / /tmp/d rw - devtmpfs devtmpfs rw\n507 500 0:6 /loop0 /tmp/one-node rw - devtmpfs devtmpfs rw\n"
+    )
+    proc.pid(200, OTHER, other)
+
+    scan, _ = collect_mounts(proc.roots)
+
+    kept = {m.mount_point for m in scan.mounts if m.namespace == OTHER and m.fstype == "devtmpfs"}
+    assert kept == {"/tmp/d", "/tmp/one-node"}

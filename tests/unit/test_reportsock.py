@@ -163,6 +163,20 @@ def test_a_bad_answer_is_one_line_on_stderr_and_the_local_scan(
     assert err.count("\n") == 1 and why in err and "inspecting here instead" in err
 
 
+def test_a_malformed_answer_is_refused_where_json_decoder_was_never_imported() -> None:
+    """In `unplugd inspect` json.decoder is never imported, and then _json's scanner fails on a
+    document cut short or holding a raw control character with SystemError, not JSONDecodeError:
+    a traceback and exit 1, where pytest (which imports json) saw the fallback."""
+    bodies = [GOOD[: len(GOOD) // 2], GOOD.replace(b'"vm"', b'"\x1b[2J"'), b'{"functions": [}']
+    code = (
+        "import sys\nfrom unplugd.agent import reportsock\n"
+        "assert 'json.decoder' not in sys.modules\n"
+        f"print([type(reportsock.check_answer(b)).__name__ for b in {bodies!r}])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == repr(["Failed"] * len(bodies)), done.stderr
+
+
 def test_an_agent_that_never_answers_times_out_into_the_local_scan(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

@@ -276,3 +276,13 @@ def test_stale_socket_replaced_live_one_refused(tmp_path: Path) -> None:
     with pytest.raises(ServeError, match="not a socket"):
         _prepare_socket_path(path)
     assert path.read_text() == "not a socket"
+
+
+def test_a_socket_directory_that_cannot_be_made_is_one_clear_error(tmp_path: Path) -> None:
+    """A file where the socket's directory should be once surfaced as "[Errno 17] File exists" naming
+    only the file, not what serve was doing."""
+    from unplugd.agent.rpc.server import ServeError, _prepare_socket_path
+
+    (tmp_path / "run").write_text("a file, not a directory")
+    with pytest.raises(ServeError, match=rf"^cannot make the socket's directory {tmp_path}/run/sub: "):
+        _prepare_socket_path(tmp_path / "run" / "sub" / "agent.sock")

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require_root
 from tests.fixtures import build_scenarios
 from unplugd.agent import cli, treetext
 
@@ -313,7 +314,7 @@ def test_malformed_archive_is_a_clear_failure(text: str, tmp_path: Path, capsys:
     archive.write_text(text)
     assert cli.main(["inspect", "--root", str(archive)]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
-    assert err.startswith("unplugd: treetext") and "Traceback" not in err
+    assert err.startswith(f"unplugd: --root {archive}: treetext") and "Traceback" not in err
     assert not (tmp_path / "etc").exists()
 
 
@@ -388,3 +389,28 @@ def test_the_agents_own_lease_fd_is_not_a_holder(mf8: Path) -> None:
     reasons = claimed.functions[0].reasons
     assert claimed.functions[0].state == report_pb2.FUNCTION_STATE_READY
     assert [(r.code, r.blocking) for r in reasons] == [(report_pb2.REASON_CODE_LEASED, False)]
+
+
+def test_capture_refuses_a_destination_another_user_could_redirect(mf8: Path, tmp_path: Path) -> None:
+    """As root, `unplugd capture /tmp/guest` into an empty directory a user had made let that user put
+    a symlink where capture was about to write (guest/netlink.json -> /etc/shadow): root wrote
+    through it. A destination anyone else can change, or on a path they can change, is refused."""
+    from unplugd.agent.capture import capture
+    from unplugd.agent.errors import InvalidArgument
+    from unplugd.agent.roots import Roots
+
+    require_root()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody's empty directory
+    with pytest.raises(InvalidArgument, match=f"{theirs} belongs to uid 65534"):
+        capture(theirs, Roots.under(mf8))
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)  # anyone may rename what capture makes in it
+    with pytest.raises(InvalidArgument, match=f"{open_dir} is writable by others"):
+        capture(open_dir / "copy", Roots.under(mf8))
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # as /tmp: nobody else may rename or remove an entry of ours
+    assert capture(sticky / "copy", Roots.under(mf8)).files
