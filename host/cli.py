@@ -18,6 +18,7 @@ from unplugd.host.errors import AmbiguousDevice, DeviceNotFound, HostError
 from unplugd.host.exitcodes import Exit
 from unplugd.host.output import print_line, progress_line
 from unplugd.host.usage import EPILOG, command_parser, parser
+from unplugd.leaselabel import lease_label
 from unplugd.stdio import broken_pipe, flush_stdout
 
 # Start-up is part of every command's time: `--help` and a usage error import only the
@@ -253,7 +254,8 @@ def result_json(r: UnplugResult) -> dict[str, Any]:
             for f in r.functions
         ],
         "overridden": [{"verdict": f.verdict.value, "detail": f.detail} for f in r.overridden],
-        "leaseId": r.lease_id,
+        # the label, never the id: a credential, and this output ends up in logs (unplugd.leaselabel)
+        "leaseLabel": lease_label(r.lease_id) if r.lease_id else "",
         "leaseReleased": r.lease_released,
         "notes": list(r.notes),
         "timings": r.timings,

@@ -14,9 +14,8 @@ only where the kernel refuses the claim: an fd held open does not stop O_EXCL.
 
 Lease ids are credentials: whoever has one may renew or release the lease.
 They are compared in constant time and never written where other clients can
-read them (reports, errors, logs): those name a lease by its label, the first
-12 hex digits of the id's SHA-256, which its holder can match and nobody can
-turn back into the id. hashlib, hmac and secrets are imported by the calls that
+read them (reports, errors, logs): those name a lease by its label
+(unplugd.leaselabel). hashlib, hmac and secrets are imported by the calls that
 need them: each loads OpenSSL's libcrypto (~3.3 MiB resident), which an agent
 that never leases has no use for (daemon/footprint.py).
 """
@@ -37,9 +36,10 @@ from unplugd.agent.mutations.links import LinkControl, LinkError
 from unplugd.agent.readiness.policy import evaluate, in_use
 from unplugd.agent.readiness.reasons import Code
 from unplugd.agent.roots import Roots
+from unplugd.leaselabel import lease_label
 from unplugd.pci import PciAddress
 
-__all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "lease_label", "targets_for"]
+__all__ = ["LeaseGrant", "LeaseManager", "LeaseTarget", "targets_for"]
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,6 @@ class LeaseGrant:
     functions: tuple[PciAddress, ...]
     claimed: tuple[str, ...]
     interfaces_down: tuple[str, ...]
-
-
-def lease_label(lease_id: str) -> str:
-    """How reports and logs name a lease: never the id, which is a credential."""
-    import hashlib  # here, not at the top: libcrypto (module docstring)
-
-    return hashlib.sha256(lease_id.encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def targets_for(

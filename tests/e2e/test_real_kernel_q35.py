@@ -51,7 +51,7 @@ from tests.e2e.real_kernel import (
     unplugctl,
 )
 from tests.vm import PCIE_NATIVE_HOTPLUG, GuestVM
-from unplugd.agent.mutations.leases import lease_label
+from unplugd.leaselabel import lease_label
 
 BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 

@@ -108,7 +108,7 @@ def test_the_example_hook_stops_the_service_unmounts_and_the_disk_is_unplugged(v
     (h,) = fn["hooks"]
     assert (h["name"], h["status"], h["exitCode"]) == ("50-stop-units-and-unmount", "EXITED", 0), h
     assert "data-user.service" in h["stdout"] and "unmounted /srv/data" in h["stdout"]
-    assert doc["unplug"]["outcome"] == "UNPLUGGED" and doc["unplug"]["leaseId"]
+    assert doc["unplug"]["outcome"] == "UNPLUGGED" and doc["unplug"]["leaseLabel"]
     assert "hook 50-stop-units-and-unmount: exit 0" in err  # progress shows each hook's result
     assert "data" not in plugged(vm)
     assert vm.exec("systemctl is-active data-user.service").stdout.strip() == "inactive"

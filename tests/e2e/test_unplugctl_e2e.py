@@ -95,7 +95,7 @@ def test_prepare_leases_then_unplugs(vm: GuestVM) -> None:
     rc, out, err = unplugctl(vm, "unplug", "leased", "--prepare", "--timeout", "120", "--json")
     assert rc == 0, out + err
     doc = json.loads(out)
-    assert doc["outcome"] == "UNPLUGGED" and doc["leaseId"], doc
+    assert doc["outcome"] == "UNPLUGGED" and doc["leaseLabel"], doc
     assert "prepared" in err
 
 

@@ -27,8 +27,9 @@ from tests.integration.netns import NetNS, netns  # noqa: F401 (fixture)
 from unplugd.agent.errors import ClaimConflict
 from unplugd.agent.model import BlockDevice, parse_devno
 from unplugd.agent.mutations.claims import ClaimFailed, claim_block_device, release_claims
-from unplugd.agent.mutations.leases import LeaseManager, LeaseTarget, lease_label
+from unplugd.agent.mutations.leases import LeaseManager, LeaseTarget
 from unplugd.agent.roots import Roots
+from unplugd.leaselabel import lease_label
 from unplugd.pci import PciAddress
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -16,10 +16,11 @@ from unplugd.agent.errors import ClaimConflict, InvalidArgument, LeaseNotFound
 from unplugd.agent.model import Address, BlockDevice, Inventory, Mount, NetInterface, OpenRef
 from unplugd.agent.mutations import leases as leases_mod
 from unplugd.agent.mutations.claims import Claim
-from unplugd.agent.mutations.leases import LeaseManager, lease_label, targets_for
+from unplugd.agent.mutations.leases import LeaseManager, targets_for
 from unplugd.agent.readiness.policy import evaluate
 from unplugd.agent.roots import Roots
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
+from unplugd.leaselabel import lease_label
 from unplugd.v1 import agent_service_pb2 as pb
 
 

@@ -24,8 +24,8 @@ from tests.unit.rpc_fakes import (
     trailing_values,
 )
 from unplugd.agent.errors import NotPermitted, ParseError
-from unplugd.agent.mutations.leases import lease_label
 from unplugd.agent.rpc.errors import REASON_METADATA_KEY
+from unplugd.leaselabel import lease_label
 from unplugd.v1 import agent_service_pb2 as pb
 from unplugd.v1 import report_pb2
 

@@ -16,6 +16,7 @@ from tests.unit.host_fakes import ROOT_Q35, FakeAgent, FakeBackend, func, gfunc,
 from unplugd.host import cli
 from unplugd.host.errors import DomainNotFound
 from unplugd.host.topology import Function, Removal, Topology
+from unplugd.leaselabel import lease_label
 
 RP1, RP2, OFF = port("0000:00/02.0", "rp1"), port("0000:00/02.1", "rp2"), port("0000:00/02.2", "rp3", hotplug=False)
 
@@ -261,6 +262,16 @@ def test_unplug_forced_json_lists_overrides(session, capsys) -> None:  # type: i
     doc = json.loads(capsys.readouterr().out)
     assert doc["outcome"] == "UNPLUGGED"
     assert doc["overridden"][0]["verdict"] == "BLOCKED_BY_GUEST"
+
+
+def test_unplug_json_names_the_lease_by_its_label_never_its_id(session, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A lease id is a credential (renew, release); the JSON ends up in a management system's logs."""
+    session["agent"] = FakeAgent(READY, READY, GONE)  # the check, the check under the lease, the confirmation
+    assert cli.main(["unplug", "dom", "vdb", "--prepare", "--timeout", "5", "--json"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(out)
+    assert doc["outcome"] == "UNPLUGGED" and doc["leaseReleased"] is True
+    assert doc["leaseLabel"] == lease_label("lease-1") and "lease-1" not in out
 
 
 def test_unplug_pending_exits_7(session, capsys) -> None:  # type: ignore[no-untyped-def]
