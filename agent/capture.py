@@ -428,8 +428,15 @@ def capture(dest: Path | str, roots: Roots | None = None) -> CaptureStats:
     out = Path(dest)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidArgument(f"{out} exists and is not an empty directory")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    out = _only_ours(out)
+    try:
+        out = _only_ours(out)
+    except InvalidArgument:
+        if made:  # refused: leave nothing behind (rmdir takes only an empty directory, never a link)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     w = _Writer(src, out)
     with beneath(src):  # a captured source is read like `inspect --root` reads it: nothing outside it
         _capture_sys(w)

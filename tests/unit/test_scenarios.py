@@ -410,6 +410,7 @@ def test_capture_refuses_a_destination_another_user_could_redirect(mf8: Path, tm
     open_dir.chmod(0o777)  # anyone may rename what capture makes in it
     with pytest.raises(InvalidArgument, match=f"{open_dir} is writable by others"):
         capture(open_dir / "copy", Roots.under(mf8))
+    assert not (open_dir / "copy").exists()  # refused: the directory it made is gone again
     sticky = tmp_path / "tmp"
     sticky.mkdir()
     sticky.chmod(0o1777)  # as /tmp: nobody else may rename or remove an entry of ours
