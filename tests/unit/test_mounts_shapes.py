@@ -70,6 +70,9 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
         "503 500 0:30 / /tmp rw - tmpfs tmpfs rw\n"
         "504 500 0:45 /@home /home rw - btrfs /dev/vdc rw\n"  # anonymous number, named by its source
         "505 500 0:4 net:[4026532300] /run/netns/peer rw - nsfs nsfs rw\n"  # who holds a moved NIC
+        # /dev, or one node, bound elsewhere: processes.py stat()s fds while such a mount exists
+        "506 500 0:6 / /tmp/d rw - devtmpfs devtmpfs rw\n"
+        "507 500 0:6 /loop0 /tmp/one-node rw - devtmpfs devtmpfs rw\n"
     )
     proc.pid(200, OTHER, other)
     proc.pid(300, OTHER + 1, _renumbered(other, 1000))  # a copy: the same mounts kept
@@ -84,21 +87,7 @@ def test_other_namespaces_keep_only_mounts_that_can_pin_a_device(tmp_path: Path)
             "/mnt/private data",
             "/home",
             "/run/netns/peer",
+            "/tmp/d",
+            "/tmp/one-node",
         }
-    assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504, 1505]
-
-
-def test_other_namespaces_keep_devtmpfs_mounts(tmp_path: Path) -> None:
-    """Where /dev, or one node, is bound in another namespace: processes.py reads fds opened there."""
-    proc = Proc(tmp_path)
-    proc.pid(1, OWN, OWN_TABLE)
-    proc.self_is(1)
-    other = OTHER_TABLE + (
-        "506 500 0:6 / /tmp/d rw - devtmpfs devtmpfs rw\n507 500 0:6 /loop0 /tmp/one-node rw - devtmpfs devtmpfs rw\n"
-    )
-    proc.pid(200, OTHER, other)
-
-    scan, _ = collect_mounts(proc.roots)
-
-    kept = {m.mount_point for m in scan.mounts if m.namespace == OTHER and m.fstype == "devtmpfs"}
-    assert kept == {"/tmp/d", "/tmp/one-node"}
+    assert [m.mount_id for m in scan.mounts if m.namespace == OTHER + 1] == [1500, 1501, 1504, 1505, 1506, 1507]
