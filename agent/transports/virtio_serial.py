@@ -31,7 +31,7 @@ from unplugd.agent.transports.session import (
     SendFrame,
     ToBackend,
 )
-from unplugd.framing import FrameDecoder, data_frames, encode_frame
+from unplugd.framing import FrameDecoder, FrameKind, data_frames, encode_frame
 from unplugd.splice import close_writer
 
 __all__ = ["DEFAULT_PORT_NAME", "BridgeStats", "DevicePort", "Port", "VirtioSerialBridge", "port_path"]
@@ -266,9 +266,13 @@ class _PortSession:
     def _do(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, SendFrame):
-                if action.frame.session != self.state.current and self.out_bytes > HIGH_WATER:
-                    # a courtesy CLOSE for a stale session; a host that floods
-                    # stale frames and reads nothing must not grow our queue
+                frame = action.frame
+                if (frame.session != self.state.current or frame.kind is FrameKind.ACCEPT) and (
+                    self.out_bytes > HIGH_WATER
+                ):
+                    # a courtesy CLOSE for a stale session, or the ACCEPT that answers a
+                    # retried OPEN (a session's first ACCEPT finds the queue emptied by its
+                    # OPEN): a host that floods either and reads nothing must not grow our queue
                     continue
                 self._send(action.frame.session, encode_frame(action.frame))
             elif isinstance(action, OpenBackend):

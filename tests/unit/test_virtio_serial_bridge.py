@@ -342,3 +342,33 @@ def test_stale_frame_flood_does_not_grow_the_queue(tmp_path: Path) -> None:
                 assert names(await client.get_report(["e"])) == ["e"]
 
     run(main())
+
+
+def test_retried_open_flood_does_not_grow_the_queue(tmp_path: Path) -> None:
+    """OPEN of the current session is a retry answered with ACCEPT; a host that floods
+    such retries and reads nothing cannot make the bridge queue ACCEPTs without bound."""
+
+    async def main() -> None:
+        async with rig(tmp_path) as r:
+            r.port.host_connect()
+            loop = asyncio.get_running_loop()
+            open_frame = encode_frame(Frame(FrameKind.OPEN, 0x1234))
+            await loop.sock_sendall(r.port.host_socket, open_frame)
+            for _ in range(100):
+                if r.bridge.stats.sessions and r.bridge.stats.queued_bytes == 0:
+                    break
+                await asyncio.sleep(0.02)
+            # 40000 retries: 960 kB of ACCEPTs if each were queued
+            flood = open_frame * 40000
+            await loop.sock_sendall(r.port.host_socket, flood)
+            await asyncio.sleep(0.5)
+            assert r.bridge.stats.sessions == 1
+            assert r.bridge.stats.queued_bytes <= HIGH_WATER + 64
+            # what was written is the session's own: ACCEPTs and the agent's first bytes
+            got = FrameDecoder().feed(r.port.host_socket.recv(1 << 22))
+            assert got and {(f.kind, f.session) for f in got} <= {
+                (FrameKind.ACCEPT, 0x1234),
+                (FrameKind.DATA, 0x1234),
+            }
+
+    run(main())
