@@ -22,7 +22,7 @@ from unplugd.agent.exitcodes import Exit, help_paragraph
 from unplugd.agent.roots import CAPTURE_MARKS, Roots, is_capture
 from unplugd.agent.serve import add_serve_parser
 from unplugd.helpformat import RawDescriptionHelpFormatter
-from unplugd.stdio import broken_pipe, flush_stdout, stdout_or_devnull
+from unplugd.stdio import broken_pipe, flush_stdout, log_to_stderr, stdout_or_devnull
 from unplugd.text import display_text, wants_colour
 
 # Building the parser imports no protobuf: `--help`, the manual page and the
@@ -309,16 +309,8 @@ def _run_capture(args: argparse.Namespace) -> int:
 
 def _log_to_stderr(verbose: bool) -> None:
     """Log records to stderr, their messages escaped like the table: they name guest objects (paths,
-    slots, interfaces). A traceback, appended after the message, keeps its lines."""
-    import logging
-
-    class EscapingFormatter(logging.Formatter):
-        def formatMessage(self, record: logging.LogRecord) -> str:
-            return display_text(super().formatMessage(record))
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(EscapingFormatter("unplugd: %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, handlers=[handler])
+    slots, interfaces)."""
+    log_to_stderr("unplugd: %(levelname)s %(name)s: %(message)s", "DEBUG" if verbose else "WARNING")
 
 
 def main(argv: Sequence[str] | None = None, *, ask_agent: bool = True) -> int:

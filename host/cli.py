@@ -19,7 +19,7 @@ from unplugd.host.exitcodes import Exit
 from unplugd.host.output import print_line, progress_line
 from unplugd.host.usage import EPILOG, command_parser, parser
 from unplugd.leaselabel import lease_label
-from unplugd.stdio import broken_pipe, flush_stdout
+from unplugd.stdio import broken_pipe, flush_stdout, log_to_stderr
 
 # Start-up is part of every command's time: `--help` and a usage error import only the
 # standard library and usage.py; asyncio, grpc, protobuf and the planner come with the
@@ -497,7 +497,8 @@ def _command(argv: Sequence[str] | None) -> int:
         return int(e.code) if isinstance(e.code, int) else EXIT_USAGE
     import logging  # not before: `--help` and a usage error do without it (~8 ms, see the top)
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # escaped: with -v, the orchestrator's and the relays' messages carry guest text
+    log_to_stderr("%(levelname)s %(message)s", "INFO" if args.verbose else "WARNING")
     # qemu.qmp logs a failed connect at ERROR before raising; the error we print says it once.
     logging.getLogger("qemu.qmp").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
     import asyncio

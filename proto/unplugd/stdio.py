@@ -13,7 +13,16 @@ import os
 import signal
 import sys
 
-__all__ = ["EXIT_BROKEN_PIPE", "EXIT_INTERRUPTED", "broken_pipe", "flush_stdout", "stdout_or_devnull"]
+from unplugd.text import display_text
+
+__all__ = [
+    "EXIT_BROKEN_PIPE",
+    "EXIT_INTERRUPTED",
+    "broken_pipe",
+    "flush_stdout",
+    "log_to_stderr",
+    "stdout_or_devnull",
+]
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 # What a shell reports for a command killed by SIGINT; both CLIs return it on Ctrl-C.
@@ -43,3 +52,18 @@ def broken_pipe() -> int:
     except (OSError, ValueError):  # no real stdout fd (tests capturing output): nothing left to flush
         pass
     return EXIT_BROKEN_PIPE
+
+
+def log_to_stderr(fmt: str, level: str) -> None:
+    """Both CLIs' log records on stderr, their messages escaped as every line they print: a
+    message may carry guest text (a path, an interface, a reason `--force` overrides, why a guest
+    closed its session). A traceback, appended after the message, keeps its lines."""
+    import logging  # here: `--help` and a usage error do without it
+
+    class EscapingFormatter(logging.Formatter):
+        def formatMessage(self, record: logging.LogRecord) -> str:
+            return display_text(super().formatMessage(record))
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(fmt))
+    logging.basicConfig(level=level, handlers=[handler])

@@ -7,8 +7,10 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -239,6 +241,39 @@ def test_guest_text_is_escaped_in_every_table(session, capsys) -> None:  # type:
         assert "\x1b" not in out and "\u202e" not in out
         assert "\\033[2J" in out
         assert not any(line.startswith("\\033") or line.startswith("OK") for line in out.splitlines())
+
+
+# A fresh process: pytest's own log handlers on the root logger would keep the CLI's from being set.
+_EVIL_UNPLUG = """
+import contextlib, sys
+from tests.unit import test_unplugctl as t
+from tests.unit.host_fakes import FakeAgent, FakeBackend, gfunc, report
+from unplugd.host import cli
+
+evil = "\\n\\x1b[2J\\x1b[31mOK\\u202e"
+busy = gfunc("0000:01:00.0", "0000:00/02.0/00.0", "BUSY", reasons=[("MOUNTED", "on /srv" + evil, True)])
+guest = report(*t.ROOTS, busy, *t.MF, t.OFFG)
+
+@contextlib.asynccontextmanager
+async def fake(args):
+    yield cli.Session(FakeBackend(t.topo(), t.slot_of), FakeAgent(guest, t.GONE), "dom")
+
+cli.open_session = fake
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_verbose_log_lines_escape_guest_text() -> None:
+    """With -v the orchestrator logs what --force overrides, the guest's reason included: escaped
+    as the progress line beside it is, it cannot clear the screen or add a line."""
+    argv = [sys.executable, "-c", _EVIL_UNPLUG, "unplug", "-v", "dom", "vdb", "--force", "--timeout", "5"]
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    logged = [line for line in proc.stderr.splitlines() if line.startswith("INFO note: --force overrides")]
+    assert len(logged) == 1
+    assert logged[0].endswith("on /srv\\012\\033[2J\\033[31mOK\\342\\200\\256")
+    assert "\x1b" not in proc.stderr and "\u202e" not in proc.stderr
 
 
 def test_unplug_progress_on_stderr_outcome_on_stdout(session, capsys) -> None:  # type: ignore[no-untyped-def]
