@@ -199,16 +199,20 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             if not (self._config.mutations.enabled and self._config.release.enabled):
                 raise ReleaseDisabled("RequestRelease", mutations=self._config.mutations.enabled)
             results = self._releaser.release(
-                validate_names(request.devices), request.deadline_seconds, self._report_states
+                validate_names(request.devices), request.deadline_seconds, lambda: self._report_states(context)
             )
             return pb.RequestReleaseResponse(functions=[_release_message(r) for r in results])
 
         return _guard("RequestRelease", context, call)
 
     @contextlib.contextmanager
-    def _report_states(self) -> Iterator[NextStates]:
-        """The watch's reports as the release waits for them: a subscription of its own."""
+    def _report_states(self, context: grpc.ServicerContext) -> Iterator[NextStates]:
+        """The watch's reports as the release waits for them: a subscription of its own, closed
+        (the stream ends, so does the wait) when the caller leaves: nobody would read the answer,
+        and the call would hold a worker thread until its deadline (up to max_wait_seconds)."""
         sub = self._hub.subscribe()
+        if not context.add_callback(sub.close):  # the call has already ended
+            sub.close()
         self._hub.poke()  # the hooks just changed things: a scan now, not at the next event
 
         def next_states(timeout: float) -> Mapping[str, FunctionState] | None:

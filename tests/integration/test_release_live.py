@@ -252,6 +252,24 @@ def test_a_failing_hanging_or_unsafe_hook_leaves_it_busy(
     assert not engine.marker.exists()
 
 
+def test_a_client_that_leaves_ends_the_wait(tmp_path: Path, hooks: Path) -> None:
+    """The wait for READY ends when the caller is gone (its deadline passed, cancelled), not at the
+    call's own deadline: nobody reads the answer, and each such call held a worker thread for up to
+    [release] max_wait_seconds."""
+    hook(hooks, "10-release", "#!/bin/sh\nexit 1\n")  # runs, and the function stays BUSY
+    engine = MarkerEngine(marker=tmp_path / "released")
+    with running_server(tmp_path, engine, config=release_config(hooks)) as (server, stub):
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.RequestRelease(pb.RequestReleaseRequest(devices=["vdb"], deadline_seconds=300), timeout=3)
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        # the wait's subscription is the hub's only one: the watcher stops with it
+        for _ in range(200):
+            if not server.hub.running:
+                break
+            time.sleep(0.1)
+        assert not server.hub.running
+
+
 def test_no_hook_answers_at_once(serve: tuple[MarkerEngine, AgentServiceStub]) -> None:
     _, stub = serve
     t0 = time.monotonic()
