@@ -195,6 +195,10 @@ class _PortSession:
                 log.info("virtio-serial host went away; closing session %08x", self.state.current)
             self.decoder.reset()
             self._do(self.state.on_host_gone())
+            # what was queued for the host that left would go to the next one, before its OPEN
+            # is even read: keep only a frame already begun (session ids are never 0)
+            self._drop_queued(0)
+            self._count()
             return
         self.hup_delay = self.hup_min
         for frame in self.decoder.feed(data):

@@ -4,6 +4,7 @@ a real gRPC server behind it and the host's serial relay + AgentClient in front.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import random
 import socket
@@ -18,7 +19,7 @@ import pytest
 from tests.unit.fake_agent import SLOW_SECONDS, FakeAgent, serve_fake_agent
 from tests.unit.fake_virtio_port import FakeChardev, FakePortHandle, FakeVirtioPort
 from unplugd.agent.transports.virtio_serial import HIGH_WATER, VirtioSerialBridge
-from unplugd.framing import Frame, FrameDecoder, FrameKind, encode_frame
+from unplugd.framing import MAX_FRAME, Frame, FrameDecoder, FrameKind, encode_frame
 from unplugd.host.client import AgentClient, AgentUnreachable
 from unplugd.v1 import report_pb2
 
@@ -370,5 +371,51 @@ def test_retried_open_flood_does_not_grow_the_queue(tmp_path: Path) -> None:
                 (FrameKind.ACCEPT, 0x1234),
                 (FrameKind.DATA, 0x1234),
             }
+
+    run(main())
+
+
+def test_a_host_that_hangs_up_leaves_no_whole_frames_for_the_next(tmp_path: Path) -> None:
+    """What the agent said to a host that hung up is not kept for the next one: only a frame the
+    bridge had begun is finished (PROTOCOL.md), the rest of the ended session's queue is dropped."""
+
+    async def main() -> None:
+        async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(bytes(1 << 20))  # an answer far larger than the port and the queue hold
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+                await reader.read()
+
+        agent = await asyncio.start_unix_server(chatty, path=str(tmp_path / "agent.sock"))
+        try:
+            async with rig(tmp_path, agent=False) as r:
+                r.port.host_connect()
+                host = r.port.host_socket
+                loop = asyncio.get_running_loop()
+                await loop.sock_sendall(host, encode_frame(Frame(FrameKind.OPEN, 0x4321)))
+                for _ in range(200):  # the host reads nothing: the bridge's queue fills
+                    await asyncio.sleep(0.02)
+                    await loop.sock_sendall(host, b"\0")  # a byte of garbage: the bridge reads, counts
+                    if r.bridge.stats.queued_bytes > HIGH_WATER:
+                        break
+                assert r.bridge.stats.queued_bytes > HIGH_WATER
+                r.port.host_disconnect()
+                for _ in range(100):  # the bridge sees the hang-up at its next look
+                    await asyncio.sleep(0.05)
+                    if r.bridge.stats.queued_bytes <= MAX_FRAME:
+                        break
+                with contextlib.suppress(BlockingIOError):  # what was in the port when it hung up
+                    while host.recv(1 << 20):
+                        pass
+                r.port.host_connect()  # the next host
+                await asyncio.sleep(0.5)
+                got = b""
+                with contextlib.suppress(BlockingIOError):
+                    while chunk := host.recv(1 << 20):
+                        got += chunk
+                assert len(got) <= MAX_FRAME  # at most the rest of a frame begun for the old host
+                assert FrameDecoder().feed(got) == []
+        finally:
+            agent.close()
 
     run(main())
