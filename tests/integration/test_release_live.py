@@ -261,7 +261,7 @@ def test_a_client_that_leaves_ends_the_wait(tmp_path: Path, hooks: Path) -> None
     with running_server(tmp_path, engine, config=release_config(hooks)) as (server, stub):
         with pytest.raises(grpc.RpcError) as exc:
             stub.RequestRelease(pb.RequestReleaseRequest(devices=["vdb"], deadline_seconds=300), timeout=3)
-        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         # the wait's subscription is the hub's only one: the watcher stops with it
         for _ in range(200):
             if not server.hub.running:
