@@ -174,11 +174,6 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                 seconds=request.lease_seconds,
                 take_interfaces_down=request.take_interfaces_down,
             )
-            if not request.lease_id and not context.is_active():
-                # The caller left while the lease was taken (cancelled, its deadline passed): nobody
-                # has the id to release or renew it, and it would hold the devices until it expired.
-                # One that leaves after this look is not seen: its lease expires as any other.
-                self._leases.release(grant.lease_id)
             self._hub.poke()
             return _grant_response(grant)
 

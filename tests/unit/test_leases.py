@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
-import threading
-import time
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any, cast
 
@@ -252,37 +249,3 @@ def test_two_live_leases_never_share_a_label(monkeypatch: pytest.MonkeyPatch) ->
     mgr.release(first.lease_id)
     mgr.release(second.lease_id)
     assert mgr.leased() == {}
-
-
-class _HeldScan(FakeEngine):
-    """Each scan waits until `go` is set: the caller can leave meanwhile."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.go = threading.Event()
-
-    def scan(self, roots: Roots, *, own_claims: Collection[str] = ()) -> Inventory:
-        self.go.wait(30)
-        return super().scan(roots, own_claims=own_claims)
-
-
-def test_a_lease_whose_caller_left_is_released(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A caller that leaves while its lease is being taken never learns the id: nobody could release
-    or renew the lease, which held its devices until it expired (up to [mutations] max_lease_seconds)."""
-    caplog.set_level(logging.INFO)
-    engine = _HeldScan()
-    engine.inventory = engine.inventory._replace(interfaces={"eth1": _ETH1_DOWN})
-    with running_server(tmp_path, engine, mutations=True) as (server, stub):
-        with pytest.raises(grpc.RpcError) as err:
-            stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"], lease_seconds=600), timeout=1)
-        assert _code(err.value) == grpc.StatusCode.DEADLINE_EXCEEDED
-        engine.go.set()
-        for _ in range(200):
-            if any(r.getMessage() == "lease prepared" for r in caplog.records) and not server.leases.active():
-                break
-            time.sleep(0.05)
-        assert any(r.getMessage() == "lease prepared" for r in caplog.records)
-        assert server.leases.active() == []
-        # a caller that stays gets its lease
-        grant = stub.PrepareUnplug(pb.PrepareUnplugRequest(devices=["eth1"]), timeout=5)
-        assert server.leases.active() == [lease_label(grant.lease_id)]
