@@ -260,7 +260,8 @@ def scan_processes(
 ) -> Collected[ProcessScan]:
     """Every process holding one of `wanted` open, and the owners of `socket_inodes`.
 
-    device_dirs: where devtmpfs is mounted besides /dev, in any namespace (engine._device_dirs).
+    device_dirs: where devtmpfs is mounted, in any namespace (engine._device_dirs); one outside any
+    dev/ directory makes every fd that names a path stat()ed.
     """
     scanner = _Scanner(roots, wanted, socket_inodes, device_dirs)
     proc_dir = str(roots.proc)
